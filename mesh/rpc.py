@@ -1,0 +1,368 @@
+"""Request/response RPC over one authenticated, ordered message channel.
+
+A :class:`Link` multiplexes calls with ids over a channel (an aiortc data channel after the
+identity handshake). It enforces deadlines (the remaining time travels with the request and
+bounds the handler), cancellation (a cancelled caller tells the peer to stop), backpressure
+(senders wait while the channel's ``bufferedAmount`` is above a high-water mark), per-peer caps
+on in-flight calls in both directions, and liveness (pings measure RTT; a silent peer is
+closed).
+
+Message headers (``t`` = type)::
+
+    req    {id, m, d, p}   method, deadline in ms, params; payload = request bytes
+    res    {id, r}         result; payload = reply bytes
+    err    {id, c, e}      error class name and message
+    cancel {id}
+    ping   {n} / pong {n}
+    bye    {why}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import (
+    DeadlineExceeded,
+    Error,
+    PeerUnavailable,
+    RemoteError,
+    TooManyRequests,
+    WireError,
+)
+from .wire import Encoder, Limits, Message, Reassembler
+
+__all__ = [
+    "Channel",
+    "LinkParams",
+    "Link",
+    "Reply",
+    "CallContext",
+    "Handler",
+    "handlers_of",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Channel(Protocol):
+    """A reliable, ordered message channel. ``RTCDataChannel`` satisfies it.
+
+    ``send`` queues one message without blocking; ``bufferedAmount`` is the number of bytes
+    queued but not yet handed to the network.
+    """
+
+    def send(self, data: bytes) -> None: ...
+
+    @property
+    def bufferedAmount(self) -> int: ...  # noqa: N802 - the WebRTC name
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    call_timeout: float = 30.0
+    max_inflight_out: int = 64
+    max_inflight_in: int = 64
+    high_water: int = 1 << 20
+    low_water: int = 256 << 10
+    ping_interval: float = 1.0
+    dead_after: float = 6.0
+    partial_max_age: float = 60.0
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.low_water >= self.high_water:
+            raise ValueError("low_water must be below high_water")
+        if self.dead_after <= self.ping_interval:
+            raise ValueError("dead_after must exceed ping_interval")
+        if self.max_inflight_in < 1 or self.max_inflight_out < 1:
+            raise ValueError("in-flight caps must be >= 1")
+
+
+@dataclass
+class Reply:
+    result: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    link: Link
+    method: str
+    deadline: float  # monotonic time by which the caller stops waiting
+
+    @property
+    def peer_id(self) -> str:
+        return self.link.peer_id
+
+
+Handler = Callable[[CallContext, dict[str, Any], bytes], Awaitable["Reply | dict[str, Any] | None"]]
+
+
+def handlers_of(*services: object) -> dict[str, Handler]:
+    """RPC handlers discovered from ``rpc_<name>`` methods (hivemind style)."""
+    table: dict[str, Handler] = {}
+    for service in services:
+        for attr in dir(service):
+            if attr.startswith("rpc_"):
+                name = attr[4:]
+                if name in table:
+                    raise ValueError(f"two services define rpc_{name}")
+                table[name] = getattr(service, attr)
+    return table
+
+
+class Link:
+    """An authenticated connection to one peer, carrying RPC. Create after the handshake."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        peer_id: str,
+        public_key: bytes,
+        handlers: Mapping[str, Handler],
+        params: LinkParams | None = None,
+        on_close: Callable[[Link], None] | None = None,
+    ) -> None:
+        self.channel = channel
+        self.peer_id = peer_id
+        self.public_key = public_key
+        self.params = params or LinkParams()
+        self._handlers = handlers
+        self._on_close = on_close
+        self._encoder = Encoder(self.params.limits)
+        self._reassembler = Reassembler(self.params.limits)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._serving: dict[int, asyncio.Task[None]] = {}
+        self._out_slots = asyncio.Semaphore(self.params.max_inflight_out)
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._pings: dict[int, float] = {}
+        self._ping_ids = itertools.count(1)
+        self._keepalive: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+        self.rtt_ms: float | None = None
+        self.last_rx = time.monotonic()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.opened_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._keepalive is None:
+            self._keepalive = asyncio.get_running_loop().create_task(self._keepalive_loop())
+
+    def close(self, reason: str = "closed", *, notify: bool = True) -> None:
+        if self.closed.is_set():
+            return
+        if notify:
+            with contextlib.suppress(Exception):
+                self._send_now({"t": "bye", "why": reason[:200]})
+        self.close_reason = reason
+        self.closed.set()
+        self._drained.set()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PeerUnavailable(f"link to {self.peer_id[:12]} closed: {reason}"))
+        self._pending.clear()
+        for task in self._serving.values():
+            task.cancel()
+        self._serving.clear()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    # -- sending ---------------------------------------------------------------------------
+    def buffer_low(self) -> None:
+        """Called when the channel's buffered amount fell to its low-water threshold."""
+        self._drained.set()
+
+    async def _writable(self) -> None:
+        while self.channel.bufferedAmount > self.params.high_water and self.is_open:
+            self._drained.clear()
+            await self._drained.wait()
+        if not self.is_open:
+            raise PeerUnavailable(f"link to {self.peer_id[:12]} closed: {self.close_reason}")
+
+    def _send_now(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        for frame in self._encoder.encode(header, payload):
+            self.channel.send(frame)
+            self.bytes_sent += len(frame)
+
+    async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        for frame in self._encoder.encode(header, payload):
+            await self._writable()
+            self.channel.send(frame)
+            self.bytes_sent += len(frame)
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply:
+        """Call ``method`` on the peer. Raises DeadlineExceeded, RemoteError, PeerUnavailable."""
+        if not self.is_open:
+            raise PeerUnavailable(f"link to {self.peer_id[:12]} closed: {self.close_reason}")
+        timeout = self.params.call_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._out_slots:
+                    return await self._call(method, params or {}, payload, deadline)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{method} to {self.peer_id[:12]} exceeded {timeout:.3g} s") from None
+
+    async def _call(
+        self, method: str, params: dict[str, Any], payload: bytes, deadline: float
+    ) -> Reply:
+        call_id = next(self._ids)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        sent = False
+        try:
+            await self._send({"t": "req", "id": call_id, "m": method, "d": remaining_ms, "p": params},
+                             payload)
+            sent = True
+            msg = await fut
+        except asyncio.CancelledError:
+            if sent and self.is_open:
+                with contextlib.suppress(Error):
+                    self._send_now({"t": "cancel", "id": call_id})
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+        if msg.header.get("t") == "err":
+            raise RemoteError(str(msg.header.get("c", "Error")), str(msg.header.get("e", "")))
+        result = msg.header.get("r")
+        return Reply(result if isinstance(result, dict) else {}, msg.payload)
+
+    # -- receiving -------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Hand one channel message to the link (synchronous, from the channel callback)."""
+        if not self.is_open:
+            return
+        self.last_rx = time.monotonic()
+        self.bytes_received += len(data)
+        try:
+            msg = self._reassembler.feed(data)
+        except WireError as exc:
+            log.warning("closing link to %s: %s", self.peer_id[:12], exc)
+            self.close(f"protocol error: {exc}")
+            return
+        if msg is not None:
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: Message) -> None:
+        h = msg.header
+        kind = h.get("t")
+        if kind in ("res", "err"):
+            fut = self._pending.get(h.get("id"))  # type: ignore[arg-type]
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif kind == "req":
+            self._serve(msg)
+        elif kind == "cancel":
+            task = self._serving.get(h.get("id"))  # type: ignore[arg-type]
+            if task is not None:
+                task.cancel()
+        elif kind == "ping":
+            with contextlib.suppress(Error):
+                self._send_now({"t": "pong", "n": h.get("n")})
+        elif kind == "pong":
+            sent = self._pings.pop(h.get("n"), None)  # type: ignore[arg-type]
+            if sent is not None:
+                sample = (time.monotonic() - sent) * 1000
+                self.rtt_ms = sample if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * sample
+        elif kind == "bye":
+            self.close(f"peer said bye: {h.get('why')}", notify=False)
+        else:
+            log.debug("ignoring message of type %r from %s", kind, self.peer_id[:12])
+
+    def _serve(self, msg: Message) -> None:
+        h = msg.header
+        call_id, method, budget, params = h.get("id"), h.get("m"), h.get("d"), h.get("p", {})
+        if type(call_id) is not int or not isinstance(method, str) or type(budget) is not int:
+            self.close("protocol error: malformed request")
+            return
+        if not isinstance(params, dict) or call_id in self._serving:
+            self._reply_error(call_id, "WireError", "malformed or duplicate request")
+            return
+        if len(self._serving) >= self.params.max_inflight_in:
+            self._reply_error(call_id, "TooManyRequests",
+                              f"more than {self.params.max_inflight_in} requests in flight")
+            return
+        handler = self._handlers.get(method)
+        if handler is None:
+            self._reply_error(call_id, "NotFound", f"no method {method!r}")
+            return
+        timeout = min(budget / 1000, self.params.call_timeout * 10)
+        ctx = CallContext(self, method, time.monotonic() + timeout)
+        task = asyncio.get_running_loop().create_task(
+            self._run_handler(ctx, call_id, handler, params, msg.payload, timeout)
+        )
+        self._serving[call_id] = task
+
+    async def _run_handler(
+        self, ctx: CallContext, call_id: int, handler: Handler, params: dict[str, Any],
+        payload: bytes, timeout: float,
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                out = await handler(ctx, params, payload)
+            reply = out if isinstance(out, Reply) else Reply(out or {})
+            await self._send({"t": "res", "id": call_id, "r": reply.result}, reply.payload)
+        except asyncio.CancelledError:
+            pass  # the caller cancelled or the link closed: nobody waits for an answer
+        except TimeoutError:
+            self._reply_error(call_id, "DeadlineExceeded", f"{ctx.method} ran past its deadline")
+        except Error as exc:
+            self._reply_error(call_id, type(exc).__name__, str(exc))
+        except Exception as exc:  # a handler bug must not kill the link
+            log.exception("handler %s failed", ctx.method)
+            self._reply_error(call_id, "InternalError", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._serving.pop(call_id, None)
+
+    def _reply_error(self, call_id: Any, code: str, text: str) -> None:
+        with contextlib.suppress(Error):
+            self._send_now({"t": "err", "id": call_id, "c": code, "e": text[:500]})
+
+    @property
+    def inflight_in(self) -> int:
+        return len(self._serving)
+
+    # -- liveness --------------------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        p = self.params
+        while self.is_open:
+            await asyncio.sleep(p.ping_interval)  # a period, not synchronization
+            now = time.monotonic()
+            if now - self.last_rx > p.dead_after:
+                self.close(f"peer silent for {now - self.last_rx:.1f} s")
+                return
+            self._reassembler.purge(p.partial_max_age)
+            n = next(self._ping_ids)
+            self._pings = {k: v for k, v in self._pings.items() if now - v < p.dead_after}
+            self._pings[n] = now
+            with contextlib.suppress(Error):
+                self._send_now({"t": "ping", "n": n})
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else f"closed ({self.close_reason})"
+        return f"Link({self.peer_id[:12]}, {state})"
