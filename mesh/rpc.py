@@ -351,7 +351,6 @@ class Link:
     async def _keepalive_loop(self) -> None:
         p = self.params
         while self.is_open:
-            await asyncio.sleep(p.ping_interval)  # a period, not synchronization
             now = time.monotonic()
             if now - self.last_rx > p.dead_after:
                 self.close(f"peer silent for {now - self.last_rx:.1f} s")
@@ -362,6 +361,7 @@ class Link:
             self._pings[n] = now
             with contextlib.suppress(Error):
                 self._send_now({"t": "ping", "n": n})
+            await asyncio.sleep(p.ping_interval)  # a period, not synchronization
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else f"closed ({self.close_reason})"

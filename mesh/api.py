@@ -1,0 +1,113 @@
+"""The node's HTTP API (aiohttp), bound to loopback by default.
+
+``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
+``GET /v1/info``    this node: id, name, endpoints, counters of refused input
+``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
+``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .errors import Error
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["start_api"]
+
+MAX_REQUEST = 64 * 1024
+MAX_BENCH_BYTES = 1 << 30
+NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+
+
+async def start_api(node: Node, host: str, port: int) -> tuple[web.AppRunner, str]:
+    app = web.Application(client_max_size=MAX_REQUEST)
+    app[NODE_KEY] = node
+    app.router.add_get("/v1/peers", _peers)
+    app.router.add_get("/v1/info", _info)
+    app.router.add_post("/v1/bench/rtt", _bench_rtt)
+    app.router.add_post("/v1/bench/bulk", _bench_bulk)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"
+
+
+async def _peers(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return web.json_response([e.as_dict() for e in node.peers.listed()])
+
+
+async def _info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE_KEY].info())
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+
+def _int(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key, default)
+    if type(value) is not int or not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{key} must be an integer in [{low}, {high}]")
+    return value
+
+
+async def _bench_rtt(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _json_body(request)
+    size = _int(body, "size", 4096, 0, 1 << 20)
+    count = _int(body, "count", 200, 1, 100_000)
+    payload = os.urandom(size)  # random: lz4 must not make the figure look better
+    try:
+        link = node.link(str(body.get("peer", "")))
+        await link.call("echo", {}, payload)  # warm-up
+        samples = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await link.call("echo", {}, payload)
+            samples.append((time.perf_counter() - t0) * 1000)
+    except Error as exc:
+        raise web.HTTPBadGateway(text=str(exc)) from None
+    return web.json_response({"size": size, "count": count, "rtt_ms": samples})
+
+
+async def _bench_bulk(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await _json_body(request)
+    total = _int(body, "bytes", 64 << 20, 1, MAX_BENCH_BYTES)
+    msg = _int(body, "message_size", 1 << 20, 1024, node.config.transport.link.limits.max_message)
+    window = _int(body, "window", 4, 1, 64)
+    block = os.urandom(msg)
+    try:
+        link = node.link(str(body.get("peer", "")))
+        sem = asyncio.Semaphore(window)  # several messages in flight keep the pipe full
+
+        async def one(n: int) -> None:
+            async with sem:
+                await link.call("sink", {}, block[:n], timeout=120)
+
+        t0 = time.perf_counter()
+        sizes = [msg] * (total // msg) + ([total % msg] if total % msg else [])
+        await asyncio.gather(*(one(n) for n in sizes))
+        seconds = time.perf_counter() - t0
+    except Error as exc:
+        raise web.HTTPBadGateway(text=str(exc)) from None
+    return web.json_response({"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6})

@@ -1,0 +1,184 @@
+"""The ``edgemesh`` command: ``node``, ``peers``, ``demo``.
+
+Client subcommands take ``--api URL`` (default: the local node found through the default data
+dir) and ``--json``. Errors print one line on stderr and exit non-zero; ``-v`` adds tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .errors import Error
+
+__all__ = ["main", "default_data_dir"]
+
+log = logging.getLogger("mesh.cli")
+
+
+class CliError(Error):
+    """A user-facing command failure."""
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("EDGEMESH_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "edgemesh"
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgemesh", description="Peer-to-peer edge inference mesh")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    n = sub.add_parser("node", help="run a mesh node")
+    n.add_argument("--data-dir", type=Path, default=None, help="identity and state (default: %(default)s)")
+    n.add_argument("--name", default="", help="human-readable node name (default: host name)")
+    n.add_argument("--api", type=_hostport, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="HTTP API address (default 127.0.0.1:0)")
+    n.add_argument("--signaling", type=_hostport, default=None, metavar="HOST:PORT",
+                   help="signaling endpoint (default: 0.0.0.0:0, or 127.0.0.1:0 for a loopback mesh)")
+    n.add_argument("--mdns-interface", action="append", default=None, metavar="IP",
+                   help="announce and browse on this interface only (repeatable; default all)")
+    n.add_argument("--no-mdns", action="store_true", help="disable LAN discovery")
+    n.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="signaling endpoint of a peer to connect to (repeatable)")
+    n.add_argument("--ice-address", action="append", default=None, metavar="IP",
+                   help="restrict ICE host candidates to these addresses")
+    n.add_argument("--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL")
+    n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
+
+    for name, text in (("peers", "list the peers of a running node"),):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+        c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    d = sub.add_parser("demo", help="start a local mesh and show it working")
+    d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
+    d.add_argument("--dir", type=Path, default=Path(".edgemesh-demo"), help="data dirs of the nodes")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the mesh")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        for noisy in ("aioice", "aiortc", "zeroconf", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "node":
+            return asyncio.run(_run_node(args))
+        if args.command == "peers":
+            return _peers(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(args.peers, args.dir, args.timeout, args.json))
+    except KeyboardInterrupt:
+        return 130
+    except (Error, OSError) as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"edgemesh: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    from .node import Node, NodeConfig
+    from .transport import TransportConfig
+
+    config = NodeConfig(
+        data_dir=args.data_dir or default_data_dir(),
+        name=args.name,
+        api_host=args.api[0],
+        api_port=args.api[1],
+        signaling_host=args.signaling[0] if args.signaling else None,
+        signaling_port=args.signaling[1] if args.signaling else 0,
+        mdns=not args.no_mdns,
+        mdns_interfaces=args.mdns_interface,
+        static_peers=[f"{h}:{p}" for h, p in map(_hostport, args.peer)],
+        ice_addresses=args.ice_address,
+        ready_file=args.ready_file,
+        transport=TransportConfig(ice_servers=tuple(args.stun)),
+    )
+    node = Node(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
+    try:
+        ready = await node.start()
+        print(json.dumps(ready), flush=True)
+        await node.run_until_stopped()
+    finally:
+        await node.stop()
+    return 0
+
+
+def resolve_api(api: str | None) -> str:
+    if api:
+        return api.rstrip("/")
+    info = default_data_dir() / "node.json"
+    try:
+        return str(json.loads(info.read_text())["api"]).rstrip("/")
+    except (OSError, ValueError, KeyError):
+        raise CliError(f"no running node found ({info} missing); start one or pass --api URL") from None
+
+
+def api_get(api: str, path: str) -> Any:
+    try:
+        with urllib.request.urlopen(f"{api}{path}", timeout=10) as resp:
+            return json.loads(resp.read(16 << 20))
+    except urllib.error.HTTPError as exc:
+        raise CliError(f"{api}{path}: HTTP {exc.code}: {exc.read(300).decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach node API at {api}: {exc}") from None
+
+
+def format_peers(peers: list[dict[str, Any]]) -> str:
+    rows = [("PEER", "NAME", "STATE", "RTT MS", "SOURCE")]
+    for p in peers:
+        rtt = p.get("rtt_ms")
+        rows.append((str(p.get("peer_id", ""))[:16], str(p.get("name", ""))[:20],
+                     str(p.get("state", "")), f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
+                     str(p.get("source", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _peers(args: argparse.Namespace) -> int:
+    api = resolve_api(args.api)
+    peers = api_get(api, "/v1/peers")
+    if args.json:
+        print(json.dumps({"api": api, "peers": peers}))
+    else:
+        print(format_peers(peers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Start and drive node processes on this machine: for the demo, tests and benchmarks.
+
+Each node is a separate ``python -m mesh node`` process; readiness is its ready JSON line on
+stdout (the same object it writes to ``--ready-file``), never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .errors import Error
+
+__all__ = ["NodeProcess", "LocalMesh", "wait_for"]
+
+
+class LocalMeshError(Error):
+    """A local node failed to start or the mesh did not form in time."""
+
+
+@dataclass
+class NodeProcess:
+    proc: asyncio.subprocess.Process
+    data_dir: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+    stderr_tail: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.ready["peer_id"])
+
+    @property
+    def api(self) -> str:
+        return str(self.ready["api"])
+
+    @property
+    def signaling(self) -> str:
+        return str(self.ready["signaling"])
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+                   interval: float = 0.1) -> Any:
+    """Poll an async or sync predicate until it returns a truthy value, or raise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)  # polling period of a condition with a deadline
+    raise LocalMeshError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+class LocalMesh:
+    """A set of node processes sharing one loopback mDNS domain."""
+
+    def __init__(self, base_dir: Path, *, mdns_interface: str | None = "127.0.0.1",
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.base_dir = Path(base_dir)
+        self.mdns_interface = mdns_interface
+        self.extra_args = extra_args or []
+        self.env = env
+        self.nodes: list[NodeProcess] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> LocalMesh:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start_node(self, name: str, args: list[str] | None = None,
+                         ready_timeout: float = 30.0) -> NodeProcess:
+        data_dir = self.base_dir / name
+        cmd = [sys.executable, "-m", "mesh", "node", "--data-dir", str(data_dir), "--name", name]
+        if self.mdns_interface:
+            cmd += ["--mdns-interface", self.mdns_interface]
+        cmd += self.extra_args + (args or [])
+        env = dict(os.environ, **(self.env or {}))
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            start_new_session=True,
+        )
+        node = NodeProcess(proc, data_dir)
+        self.nodes.append(node)
+        asyncio.get_running_loop().create_task(self._drain_stderr(node))
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), ready_timeout)
+            node.ready = json.loads(line)
+        except (TimeoutError, ValueError):
+            raise LocalMeshError(
+                f"node {name} did not become ready: {' | '.join(node.stderr_tail[-5:])}"
+            ) from None
+        return node
+
+    async def _drain_stderr(self, node: NodeProcess) -> None:
+        stream = node.proc.stderr
+        if stream is None:
+            return
+        log_path = node.data_dir / "node.log"
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            while line := await stream.readline():
+                text = line.decode(errors="replace").rstrip()
+                fh.write(text + "\n")
+                node.stderr_tail = (node.stderr_tail + [text])[-50:]
+
+    async def get(self, node: NodeProcess, path: str) -> Any:
+        assert self._http is not None, "use LocalMesh as an async context manager"
+        async with self._http.get(node.api + path) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+    async def post(self, node: NodeProcess, path: str, body: dict[str, Any]) -> Any:
+        assert self._http is not None, "use LocalMesh as an async context manager"
+        async with self._http.post(node.api + path, json=body,
+                                   timeout=aiohttp.ClientTimeout(total=600)) as resp:
+            if resp.status != 200:
+                raise LocalMeshError(f"{path}: HTTP {resp.status}: {await resp.text()}")
+            return await resp.json()
+
+    async def connected_ids(self, node: NodeProcess) -> set[str]:
+        peers = await self.get(node, "/v1/peers")
+        return {p["peer_id"] for p in peers if p["state"] == "connected"}
+
+    async def wait_connected(self, timeout: float = 30.0,
+                             nodes: list[NodeProcess] | None = None) -> None:
+        """Wait until every node lists every other as connected."""
+        group = nodes or [n for n in self.nodes if n.proc.returncode is None]
+
+        async def full() -> bool:
+            for n in group:
+                want = {m.peer_id for m in group if m is not n}
+                if not want <= await self.connected_ids(n):
+                    return False
+            return True
+
+        await wait_for(full, timeout, f"{len(group)} nodes to connect")
+
+    def kill(self, node: NodeProcess, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            node.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc.returncode is None:
+                self.kill(node, signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                await asyncio.wait_for(node.proc.wait(), 10)
+            except TimeoutError:
+                self.kill(node, signal.SIGKILL)
+                await node.proc.wait()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
