@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Extras installed for the test suite; runtimes add theirs here.
+TEST_EXTRAS ?= test
+APT_PACKAGES ?= mosquitto clang
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test apt lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[$(TEST_EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Debian packages the tests use; installed only when missing (apt does not start mosquitto:
+# the tests run their own broker on a free loopback port).
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+demo: install
+	$(BIN)/edgemesh demo
+
+test: install-test apt
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check mesh hw runtimes scheduler tests examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .edgemesh-demo .pytest_cache .mypy_cache .hypothesis

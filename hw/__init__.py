@@ -1,0 +1,1 @@
+"""Hardware detection and microbenchmarks (CPU, GPUs, Jetson, Apple silicon)."""

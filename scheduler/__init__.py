@@ -1,0 +1,1 @@
+"""Scheduling: cost model, network coordinates, route planning, placement and simulation."""
