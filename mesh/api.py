@@ -110,4 +110,6 @@ async def _bench_bulk(request: web.Request) -> web.Response:
         seconds = time.perf_counter() - t0
     except Error as exc:
         raise web.HTTPBadGateway(text=str(exc)) from None
-    return web.json_response({"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6})
+    return web.json_response(
+        {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6}
+    )

@@ -50,20 +50,49 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     n = sub.add_parser("node", help="run a mesh node")
-    n.add_argument("--data-dir", type=Path, default=None, help="identity and state (default: %(default)s)")
+    n.add_argument(
+        "--data-dir", type=Path, default=None, help="identity and state (default: %(default)s)"
+    )
     n.add_argument("--name", default="", help="human-readable node name (default: host name)")
-    n.add_argument("--api", type=_hostport, default=("127.0.0.1", 0), metavar="HOST:PORT",
-                   help="HTTP API address (default 127.0.0.1:0)")
-    n.add_argument("--signaling", type=_hostport, default=None, metavar="HOST:PORT",
-                   help="signaling endpoint (default: 0.0.0.0:0, or 127.0.0.1:0 for a loopback mesh)")
-    n.add_argument("--mdns-interface", action="append", default=None, metavar="IP",
-                   help="announce and browse on this interface only (repeatable; default all)")
+    n.add_argument(
+        "--api",
+        type=_hostport,
+        default=("127.0.0.1", 0),
+        metavar="HOST:PORT",
+        help="HTTP API address (default 127.0.0.1:0)",
+    )
+    n.add_argument(
+        "--signaling",
+        type=_hostport,
+        default=None,
+        metavar="HOST:PORT",
+        help="signaling endpoint (default: 0.0.0.0:0, or 127.0.0.1:0 for a loopback mesh)",
+    )
+    n.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=None,
+        metavar="IP",
+        help="announce and browse on this interface only (repeatable; default all)",
+    )
     n.add_argument("--no-mdns", action="store_true", help="disable LAN discovery")
-    n.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
-                   help="signaling endpoint of a peer to connect to (repeatable)")
-    n.add_argument("--ice-address", action="append", default=None, metavar="IP",
-                   help="restrict ICE host candidates to these addresses")
-    n.add_argument("--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL")
+    n.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="signaling endpoint of a peer to connect to (repeatable)",
+    )
+    n.add_argument(
+        "--ice-address",
+        action="append",
+        default=None,
+        metavar="IP",
+        help="restrict ICE host candidates to these addresses",
+    )
+    n.add_argument(
+        "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
+    )
     n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
 
     for name, text in (("peers", "list the peers of a running node"),):
@@ -73,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
-    d.add_argument("--dir", type=Path, default=Path(".edgemesh-demo"), help="data dirs of the nodes")
+    d.add_argument(
+        "--dir", type=Path, default=Path(".edgemesh-demo"), help="data dirs of the nodes"
+    )
     d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the mesh")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -146,7 +177,9 @@ def resolve_api(api: str | None) -> str:
     try:
         return str(json.loads(info.read_text())["api"]).rstrip("/")
     except (OSError, ValueError, KeyError):
-        raise CliError(f"no running node found ({info} missing); start one or pass --api URL") from None
+        raise CliError(
+            f"no running node found ({info} missing); start one or pass --api URL"
+        ) from None
 
 
 def api_get(api: str, path: str) -> Any:
@@ -154,7 +187,9 @@ def api_get(api: str, path: str) -> Any:
         with urllib.request.urlopen(f"{api}{path}", timeout=10) as resp:
             return json.loads(resp.read(16 << 20))
     except urllib.error.HTTPError as exc:
-        raise CliError(f"{api}{path}: HTTP {exc.code}: {exc.read(300).decode(errors='replace')}") from None
+        raise CliError(
+            f"{api}{path}: HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach node API at {api}: {exc}") from None
 
@@ -163,11 +198,19 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     rows = [("PEER", "NAME", "STATE", "RTT MS", "SOURCE")]
     for p in peers:
         rtt = p.get("rtt_ms")
-        rows.append((str(p.get("peer_id", ""))[:16], str(p.get("name", ""))[:20],
-                     str(p.get("state", "")), f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
-                     str(p.get("source", ""))))
+        rows.append(
+            (
+                str(p.get("peer_id", ""))[:16],
+                str(p.get("name", ""))[:20],
+                str(p.get("state", "")),
+                f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
+                str(p.get("source", "")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def _peers(args: argparse.Namespace) -> int:

@@ -29,8 +29,9 @@ async def run_demo(n_peers: int, base_dir: Path, timeout: float, as_json: bool) 
         formed = time.perf_counter() - t0
         print(f"\nmesh of {n_peers} formed in {formed:.1f} s\n", file=out)
         first, second = mesh.nodes[0], mesh.nodes[1]
-        rtt = await mesh.post(first, "/v1/bench/rtt", {"peer": second.peer_id, "size": 4096,
-                                                        "count": 100})
+        rtt = await mesh.post(
+            first, "/v1/bench/rtt", {"peer": second.peer_id, "size": 4096, "count": 100}
+        )
         views = {}
         for node in mesh.nodes:
             peers = await mesh.get(node, "/v1/peers")
@@ -41,6 +42,14 @@ async def run_demo(n_peers: int, base_dir: Path, timeout: float, as_json: bool) 
         median = statistics.median(rtt["rtt_ms"])
         print(f"4 KiB RPC round trip node-0 -> node-1: median {median:.2f} ms", file=out)
         if as_json:
-            print(json.dumps({"peers": n_peers, "formed_s": round(formed, 2),
-                              "rtt_median_ms": round(median, 3), "views": views}))
+            print(
+                json.dumps(
+                    {
+                        "peers": n_peers,
+                        "formed_s": round(formed, 2),
+                        "rtt_median_ms": round(median, 3),
+                        "views": views,
+                    }
+                )
+            )
     return 0

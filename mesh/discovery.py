@@ -55,10 +55,12 @@ def _unb64(text: str) -> bytes:
 
 
 def _signed(pid: str, pk: bytes, port: int, addrs: list[str], name: str) -> bytes:
-    return _CONTEXT + msgpack.packb([pid, pk, port, addrs, name], use_bin_type=True)
+    return _CONTEXT + bytes(msgpack.packb([pid, pk, port, addrs, name], use_bin_type=True))
 
 
-def make_properties(identity: Identity, port: int, addresses: list[str], name: str) -> dict[str, str]:
+def make_properties(
+    identity: Identity, port: int, addresses: list[str], name: str
+) -> dict[str, str]:
     sig = identity.sign(_signed(identity.peer_id, identity.public_key, port, addresses, name))
     return {
         "id": identity.peer_id,

@@ -42,8 +42,10 @@ def fingerprint_from_sdp(sdp: str) -> str:
     """The sha-256 DTLS fingerprint an SDP declares, upper-case; HandshakeError if none or two."""
     found = {m.upper() for m in _FP_RE.findall(sdp)}
     if len(found) != 1:
-        raise HandshakeError(f"SDP must declare exactly one sha-256 fingerprint, found {len(found)}")
-    return found.pop()
+        raise HandshakeError(
+            f"SDP must declare exactly one sha-256 fingerprint, found {len(found)}"
+        )
+    return str(found.pop())
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class HandshakeState:
         off, ans = (mine, theirs) if self.offerer else (theirs, mine)
         role = b"offerer" if signer_is_offerer else b"answerer"
         body = msgpack.packb([off[0], ans[0], off[1], ans[1], off[2], ans[2]], use_bin_type=True)
-        return _CONTEXT + role + b"\x00" + body
+        return _CONTEXT + role + b"\x00" + bytes(body)
 
     def receive_hello(self, header: dict[str, Any]) -> dict[str, Any]:
         """Check the peer's hello; return our proof message."""

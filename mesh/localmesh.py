@@ -49,8 +49,9 @@ class NodeProcess:
         return str(self.ready["signaling"])
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-                   interval: float = 0.1) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
     """Poll an async or sync predicate until it returns a truthy value, or raise."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -67,8 +68,14 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
 class LocalMesh:
     """A set of node processes sharing one loopback mDNS domain."""
 
-    def __init__(self, base_dir: Path, *, mdns_interface: str | None = "127.0.0.1",
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        mdns_interface: str | None = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.base_dir = Path(base_dir)
         self.mdns_interface = mdns_interface
         self.extra_args = extra_args or []
@@ -83,8 +90,9 @@ class LocalMesh:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start_node(self, name: str, args: list[str] | None = None,
-                         ready_timeout: float = 30.0) -> NodeProcess:
+    async def start_node(
+        self, name: str, args: list[str] | None = None, ready_timeout: float = 30.0
+    ) -> NodeProcess:
         data_dir = self.base_dir / name
         cmd = [sys.executable, "-m", "mesh", "node", "--data-dir", str(data_dir), "--name", name]
         if self.mdns_interface:
@@ -92,7 +100,10 @@ class LocalMesh:
         cmd += self.extra_args + (args or [])
         env = dict(os.environ, **(self.env or {}))
         proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
             start_new_session=True,
         )
         node = NodeProcess(proc, data_dir)
@@ -114,7 +125,7 @@ class LocalMesh:
             return
         log_path = node.data_dir / "node.log"
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as fh:
+        with open(log_path, "a", encoding="utf-8") as fh:  # noqa: ASYNC230 - line-buffered log
             while line := await stream.readline():
                 text = line.decode(errors="replace").rstrip()
                 fh.write(text + "\n")
@@ -128,8 +139,9 @@ class LocalMesh:
 
     async def post(self, node: NodeProcess, path: str, body: dict[str, Any]) -> Any:
         assert self._http is not None, "use LocalMesh as an async context manager"
-        async with self._http.post(node.api + path, json=body,
-                                   timeout=aiohttp.ClientTimeout(total=600)) as resp:
+        async with self._http.post(
+            node.api + path, json=body, timeout=aiohttp.ClientTimeout(total=600)
+        ) as resp:
             if resp.status != 200:
                 raise LocalMeshError(f"{path}: HTTP {resp.status}: {await resp.text()}")
             return await resp.json()
@@ -138,8 +150,9 @@ class LocalMesh:
         peers = await self.get(node, "/v1/peers")
         return {p["peer_id"] for p in peers if p["state"] == "connected"}
 
-    async def wait_connected(self, timeout: float = 30.0,
-                             nodes: list[NodeProcess] | None = None) -> None:
+    async def wait_connected(
+        self, timeout: float = 30.0, nodes: list[NodeProcess] | None = None
+    ) -> None:
         """Wait until every node lists every other as connected."""
         group = nodes or [n for n in self.nodes if n.proc.returncode is None]
 

@@ -96,13 +96,17 @@ class CoreService:
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    async def rpc_info(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    async def rpc_info(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
         return {"peer_id": self._node.identity.peer_id, "name": self._node.config.name}
 
     async def rpc_echo(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         return Reply({"n": len(payload)}, payload)
 
-    async def rpc_sink(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    async def rpc_sink(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
         return {"n": len(payload)}
 
 
@@ -153,9 +157,13 @@ class Node:
         self._api_runner, self.api_url = await start_api(self, cfg.api_host, cfg.api_port)
         if cfg.mdns:
             self.discovery = MdnsDiscovery(
-                self.identity, port=self.signaling.port, addresses=self.announced_addresses(),
-                name=cfg.name, interfaces=cfg.mdns_interfaces,
-                on_found=self._on_announcement, on_lost=self._on_unannounced,
+                self.identity,
+                port=self.signaling.port,
+                addresses=self.announced_addresses(),
+                name=cfg.name,
+                interfaces=cfg.mdns_interfaces,
+                on_found=self._on_announcement,
+                on_lost=self._on_unannounced,
             )
             await self.discovery.start()
         for address in cfg.static_peers:
@@ -165,14 +173,18 @@ class Node:
             "peer_id": self.identity.peer_id,
             "name": cfg.name,
             "api": self.api_url,
-            "signaling": f"{self.announced_addresses()[0] if sig_host in ('0.0.0.0', '::') else sig_host}:{self.signaling.port}",
+            "signaling": self._signaling_endpoints()[0],
             "pid": os.getpid(),
         }
         _write_json(cfg.data_dir / "node.json", ready)
         if cfg.ready_file is not None:
             _write_json(Path(cfg.ready_file), ready)
-        log.info("node %s ready: api %s, signaling %s", self.identity.peer_id, self.api_url,
-                 ready["signaling"])
+        log.info(
+            "node %s ready: api %s, signaling %s",
+            self.identity.peer_id,
+            self.api_url,
+            ready["signaling"],
+        )
         return ready
 
     async def stop(self) -> None:
@@ -260,9 +272,13 @@ class Node:
                 if entry.connected or (entry.dialing is not None and not entry.dialing.done()):
                     continue
                 if not entry.announced and not entry.static:
-                    if not entry.proven or entry.failures >= self.config.give_up_after or (
-                        entry.disconnected_at is not None
-                        and now - entry.disconnected_at > self.config.peer_expiry
+                    if (
+                        not entry.proven
+                        or entry.failures >= self.config.give_up_after
+                        or (
+                            entry.disconnected_at is not None
+                            and now - entry.disconnected_at > self.config.peer_expiry
+                        )
                     ):
                         self.peers.remove(entry.peer_id)
                         continue
@@ -271,7 +287,7 @@ class Node:
             await asyncio.sleep(self.config.tick)  # the maintenance period
 
     def _backoff(self, entry: PeerEntry) -> None:
-        delay = min(self.config.backoff_base * 2 ** entry.failures, self.config.backoff_max)
+        delay = min(self.config.backoff_base * 2**entry.failures, self.config.backoff_max)
         entry.failures += 1
         entry.next_attempt = time.monotonic() + delay * (0.75 + 0.5 * random.random())
 
@@ -282,10 +298,17 @@ class Node:
         try:
             pending, offer_sdp = await open_offer(self.identity, self.config.transport, pid)
             oid = os.urandom(16)
-            offer = seal(self.identity, "offer", pid, {
-                "sdp": offer_sdp, "oid": oid, "name": self.config.name,
-                "addrs": self._signaling_endpoints(),
-            })
+            offer = seal(
+                self.identity,
+                "offer",
+                pid,
+                {
+                    "sdp": offer_sdp,
+                    "oid": oid,
+                    "name": self.config.name,
+                    "addrs": self._signaling_endpoints(),
+                },
+            )
             raw = None
             errors = []
             for address in list(entry.addresses):
@@ -393,8 +416,14 @@ class Node:
             raise PeerUnavailable(f"no link to {peer_id[:12]}")
         return entry.link
 
-    async def call(self, peer_id: str, method: str, params: dict[str, Any] | None = None,
-                   payload: bytes = b"", timeout: float | None = None) -> Reply:
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply:
         return await self.link(peer_id).call(method, params, payload, timeout)
 
     def info(self) -> dict[str, Any]:

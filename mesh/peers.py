@@ -101,7 +101,9 @@ class PeerTable:
         for e in self._entries.values():
             if not e.proven:
                 continue
-            if e.connected or (e.disconnected_at is not None and now - e.disconnected_at < self.expiry):
+            if e.connected or (
+                e.disconnected_at is not None and now - e.disconnected_at < self.expiry
+            ):
                 out.append(e)
         return sorted(out, key=lambda e: e.peer_id)
 

@@ -225,7 +225,9 @@ class Link:
                 async with self._out_slots:
                     return await self._call(method, params or {}, payload, deadline)
         except TimeoutError:
-            raise DeadlineExceeded(f"{method} to {self.peer_id[:12]} exceeded {timeout:.3g} s") from None
+            raise DeadlineExceeded(
+                f"{method} to {self.peer_id[:12]} exceeded {timeout:.3g} s"
+            ) from None
 
     async def _call(
         self, method: str, params: dict[str, Any], payload: bytes, deadline: float
@@ -236,8 +238,9 @@ class Link:
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         sent = False
         try:
-            await self._send({"t": "req", "id": call_id, "m": method, "d": remaining_ms, "p": params},
-                             payload)
+            await self._send(
+                {"t": "req", "id": call_id, "m": method, "d": remaining_ms, "p": params}, payload
+            )
             sent = True
             msg = await fut
         except asyncio.CancelledError:
@@ -248,7 +251,12 @@ class Link:
         finally:
             self._pending.pop(call_id, None)
         if msg.header.get("t") == "err":
-            raise RemoteError(str(msg.header.get("c", "Error")), str(msg.header.get("e", "")))
+            code, text = str(msg.header.get("c", "Error")), str(msg.header.get("e", ""))
+            if code == "DeadlineExceeded":  # the remote side ran out of our budget first
+                raise DeadlineExceeded(f"{method} to {self.peer_id[:12]}: {text}")
+            if code == "TooManyRequests":
+                raise TooManyRequests(f"{method} to {self.peer_id[:12]}: {text}")
+            raise RemoteError(code, text)
         result = msg.header.get("r")
         return Reply(result if isinstance(result, dict) else {}, msg.payload)
 
@@ -304,8 +312,11 @@ class Link:
             self._reply_error(call_id, "WireError", "malformed or duplicate request")
             return
         if len(self._serving) >= self.params.max_inflight_in:
-            self._reply_error(call_id, "TooManyRequests",
-                              f"more than {self.params.max_inflight_in} requests in flight")
+            self._reply_error(
+                call_id,
+                "TooManyRequests",
+                f"more than {self.params.max_inflight_in} requests in flight",
+            )
             return
         handler = self._handlers.get(method)
         if handler is None:
@@ -319,8 +330,13 @@ class Link:
         self._serving[call_id] = task
 
     async def _run_handler(
-        self, ctx: CallContext, call_id: int, handler: Handler, params: dict[str, Any],
-        payload: bytes, timeout: float,
+        self,
+        ctx: CallContext,
+        call_id: int,
+        handler: Handler,
+        params: dict[str, Any],
+        payload: bytes,
+        timeout: float,
     ) -> None:
         try:
             async with asyncio.timeout(timeout):

@@ -60,16 +60,25 @@ class Envelope:
 
 
 def _signed_bytes(fields: list[Any]) -> bytes:
-    return _CONTEXT + msgpack.packb(fields, use_bin_type=True)
+    return _CONTEXT + bytes(msgpack.packb(fields, use_bin_type=True))
 
 
-def seal(identity: Identity, kind: str, to: str, body: dict[str, Any],
-         now: float | None = None) -> bytes:
+def seal(
+    identity: Identity, kind: str, to: str, body: dict[str, Any], now: float | None = None
+) -> bytes:
     """Sign and encode one signaling message."""
-    fields = [1, kind, identity.peer_id, identity.public_key, to, os.urandom(16),
-              time.time() if now is None else now, body]
+    fields = [
+        1,
+        kind,
+        identity.peer_id,
+        identity.public_key,
+        to,
+        os.urandom(16),
+        time.time() if now is None else now,
+        body,
+    ]
     sig = identity.sign(_signed_bytes(fields))
-    return msgpack.packb(fields + [sig], use_bin_type=True)
+    return bytes(msgpack.packb(fields + [sig], use_bin_type=True))
 
 
 def parse_envelope(data: bytes) -> Envelope:
@@ -77,9 +86,15 @@ def parse_envelope(data: bytes) -> Envelope:
     if len(data) > MAX_ENVELOPE:
         raise SignalingError(f"signaling message of {len(data)} bytes exceeds {MAX_ENVELOPE}")
     try:
-        items = msgpack.unpackb(data, raw=False, max_str_len=MAX_ENVELOPE,
-                                max_bin_len=MAX_ENVELOPE, max_array_len=64, max_map_len=64,
-                                max_ext_len=0)
+        items = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=MAX_ENVELOPE,
+            max_bin_len=MAX_ENVELOPE,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except Exception as exc:
         raise SignalingError(f"malformed signaling message: {type(exc).__name__}") from None
     if not isinstance(items, list) or len(items) != len(_FIELDS) + 1:
@@ -119,16 +134,18 @@ class ReplayGuard:
             raise SignalingError("replayed signaling message")
         self._seen[key] = env.time
         # Entries older than the window can go: their messages fail the time check anyway.
-        while self._seen and (len(self._seen) > self.capacity
-                              or next(iter(self._seen.values())) < now - self.window):
+        while self._seen and (
+            len(self._seen) > self.capacity or next(iter(self._seen.values())) < now - self.window
+        ):
             self._seen.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._seen)
 
 
-def open_envelope(data: bytes, *, me: str, kind: str, guard: ReplayGuard,
-                  now: float | None = None) -> Envelope:
+def open_envelope(
+    data: bytes, *, me: str, kind: str, guard: ReplayGuard, now: float | None = None
+) -> Envelope:
     """Parse, verify, check addressee, kind, freshness and replay."""
     env = parse_envelope(data)
     if env.to != me:
@@ -145,8 +162,13 @@ OfferHandler = Callable[[Envelope], Awaitable[bytes]]
 class SignalingServer:
     """HTTP endpoint for direct signaling. ``on_offer`` returns the sealed answer."""
 
-    def __init__(self, identity: Identity, on_offer: OfferHandler,
-                 info: Callable[[], dict[str, Any]], guard: ReplayGuard | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        on_offer: OfferHandler,
+        info: Callable[[], dict[str, Any]],
+        guard: ReplayGuard | None = None,
+    ) -> None:
         self.identity = identity
         self.on_offer = on_offer
         self.info = info
@@ -175,8 +197,9 @@ class SignalingServer:
 
     async def _info(self, request: web.Request) -> web.Response:
         to = request.query.get("to", "")
-        return web.Response(body=seal(self.identity, "info", to, self.info()),
-                            content_type="application/msgpack")
+        return web.Response(
+            body=seal(self.identity, "info", to, self.info()), content_type="application/msgpack"
+        )
 
     async def _offer(self, request: web.Request) -> web.Response:
         try:
@@ -217,8 +240,11 @@ async def fetch_info(session: aiohttp.ClientSession, address: str, me: str) -> E
 async def send_offer(session: aiohttp.ClientSession, address: str, offer: bytes) -> bytes:
     """POST a sealed offer; return the raw sealed answer (verify it with open_envelope)."""
     try:
-        async with session.post(f"http://{address}/edgemesh/offer", data=offer,
-                                headers={"Content-Type": "application/msgpack"}) as resp:
+        async with session.post(
+            f"http://{address}/edgemesh/offer",
+            data=offer,
+            headers={"Content-Type": "application/msgpack"},
+        ) as resp:
             if resp.status != 200:
                 text = (await resp.content.read(500)).decode("utf-8", "replace")
                 raise SignalingError(f"{address} refused the offer ({resp.status}): {text}")

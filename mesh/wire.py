@@ -89,8 +89,15 @@ class Message:
     payload: bytes = b""
 
 
+def _pack(obj: Any) -> bytes:
+    try:
+        return bytes(msgpack.packb(obj, use_bin_type=True))
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise WireError(f"header cannot be encoded: {exc}") from None
+
+
 def encode_frame(flags: int, header: dict[str, Any], payload: bytes, limits: Limits) -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed = _pack(header)
     if len(packed) > limits.max_header:
         raise WireError(f"header of {len(packed)} bytes exceeds cap {limits.max_header}")
     size = PREFIX_SIZE + len(packed) + len(payload)
@@ -120,7 +127,8 @@ def parse_frame(data: bytes, limits: Limits) -> Frame:
         raise WireError(f"declared payload of {payload_len} bytes exceeds cap {limits.max_frame}")
     if PREFIX_SIZE + header_len + payload_len != len(data):
         raise WireError(
-            f"length fields say {PREFIX_SIZE + header_len + payload_len} bytes, frame has {len(data)}"
+            f"length fields say {PREFIX_SIZE + header_len + payload_len} bytes, "
+            f"frame has {len(data)}"
         )
     header = _unpack_header(bytes(data[PREFIX_SIZE : PREFIX_SIZE + header_len]))
     payload = bytes(data[PREFIX_SIZE + header_len :])
@@ -212,7 +220,7 @@ class Encoder:
                 flags |= FLAG_LZ4
                 wire_header["_z"] = len(body)
                 body = packed
-        single_room = limits.max_frame - PREFIX_SIZE - len(msgpack.packb(wire_header))
+        single_room = limits.max_frame - PREFIX_SIZE - len(_pack(wire_header))
         if len(body) <= single_room:
             return [encode_frame(flags, wire_header, body, limits)]
         return list(self._chunks(flags, wire_header, body))
@@ -225,7 +233,7 @@ class Encoder:
         if "_z" in header:
             first["_z"] = header["_z"]
         first_room = limits.max_frame - PREFIX_SIZE - _CHUNK_META_ROOM
-        first_room -= len(msgpack.packb(first, use_bin_type=True))
+        first_room -= len(_pack(first))
         room = limits.max_frame - PREFIX_SIZE - _CHUNK_META_ROOM
         if first_room < 1024:
             raise WireError("header too large to leave room for payload in the first chunk")
@@ -274,7 +282,6 @@ class Reassembler:
         return self._feed_chunk(frame)
 
     def _feed_chunk(self, frame: Frame) -> Message | None:
-        limits = self.limits
         h = frame.header
         msg_id = _int_field(h, "_m", 0, 0xFFFFFFFF)
         index = _int_field(h, "_i", 0, 0xFFFFFFFF)
@@ -300,7 +307,9 @@ class Reassembler:
             return None
         self._drop(msg_id)
         if partial.received != partial.total:
-            raise WireError(f"message {msg_id} ended at {partial.received} of {partial.total} bytes")
+            raise WireError(
+                f"message {msg_id} ended at {partial.received} of {partial.total} bytes"
+            )
         body = b"".join(partial.parts)
         if partial.raw_size is not None:
             body = _decompress(body, partial.raw_size)
