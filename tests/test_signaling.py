@@ -1,0 +1,80 @@
+import time
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import SignalingError
+from mesh.identity import Identity
+from mesh.signaling import MAX_ENVELOPE, ReplayGuard, open_envelope, parse_envelope, seal
+
+A, B = Identity.generate(), Identity.generate()
+
+
+def test_roundtrip():
+    raw = seal(A, "offer", B.peer_id, {"sdp": "v=0"})
+    env = open_envelope(raw, me=B.peer_id, kind="offer", guard=ReplayGuard())
+    assert env.sender == A.peer_id and env.body == {"sdp": "v=0"}
+
+
+def test_replay_refused():
+    guard = ReplayGuard()
+    raw = seal(A, "offer", B.peer_id, {"sdp": "v=0"})
+    open_envelope(raw, me=B.peer_id, kind="offer", guard=guard)
+    with pytest.raises(SignalingError, match="replayed"):
+        open_envelope(raw, me=B.peer_id, kind="offer", guard=guard)
+
+
+def test_stale_refused():
+    raw = seal(A, "offer", B.peer_id, {"sdp": "v=0"}, now=time.time() - 3600)
+    with pytest.raises(SignalingError, match="stale"):
+        open_envelope(raw, me=B.peer_id, kind="offer", guard=ReplayGuard())
+
+
+def test_misaddressed_and_wrong_kind():
+    raw = seal(A, "offer", A.peer_id, {"sdp": "v=0"})
+    with pytest.raises(SignalingError, match="addressed"):
+        open_envelope(raw, me=B.peer_id, kind="offer", guard=ReplayGuard())
+    raw = seal(A, "answer", B.peer_id, {"sdp": "v=0"})
+    with pytest.raises(SignalingError, match="expected a offer"):
+        open_envelope(raw, me=B.peer_id, kind="offer", guard=ReplayGuard())
+
+
+def test_altered_sdp_fails_signature():
+    fields = msgpack.unpackb(seal(A, "offer", B.peer_id, {"sdp": "a=fingerprint:sha-256 AA"}))
+    fields[7]["sdp"] = "a=fingerprint:sha-256 BB"
+    with pytest.raises(SignalingError, match="bad signature"):
+        parse_envelope(msgpack.packb(fields))
+
+
+def test_resigned_with_other_key_claiming_sender_fails():
+    fields = msgpack.unpackb(seal(B, "offer", B.peer_id, {"sdp": "x"}))
+    fields[2] = A.peer_id  # claims to be A but carries B's key
+    with pytest.raises(SignalingError, match="not the hash of its key"):
+        parse_envelope(msgpack.packb(fields))
+
+
+def test_oversized_refused():
+    with pytest.raises(SignalingError, match="exceeds"):
+        parse_envelope(b"\x00" * (MAX_ENVELOPE + 1))
+
+
+def test_replay_guard_is_bounded():
+    guard = ReplayGuard(capacity=100)
+    now = time.time()
+    for _ in range(1000):
+        guard.check(parse_envelope(seal(A, "offer", B.peer_id, {}, now=now)), now)
+    assert len(guard) <= 100
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=400),
+                 st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=40), st.text(max_size=10),
+                                    st.floats(), st.dictionaries(st.text(max_size=3), st.integers(0, 9))),
+                          max_size=10).map(msgpack.packb)))
+def test_fuzz_parse_envelope(data):
+    try:
+        parse_envelope(data)
+    except SignalingError:
+        pass
