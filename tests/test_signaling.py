@@ -68,11 +68,17 @@ def test_replay_guard_is_bounded():
     assert len(guard) <= 100
 
 
+SCALARS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.binary(max_size=40),
+    st.text(max_size=10),
+    st.floats(),
+    st.dictionaries(st.text(max_size=3), st.integers(0, 9)),
+)
+
+
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.binary(max_size=400),
-                 st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=40), st.text(max_size=10),
-                                    st.floats(), st.dictionaries(st.text(max_size=3), st.integers(0, 9))),
-                          max_size=10).map(msgpack.packb)))
+@given(st.one_of(st.binary(max_size=400), st.lists(SCALARS, max_size=10).map(msgpack.packb)))
 def test_fuzz_parse_envelope(data):
     try:
         parse_envelope(data)

@@ -1,0 +1,70 @@
+"""Separate node processes on loopback: mDNS discovery, WebRTC links, liveness."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from mesh.localmesh import wait_for
+
+pytestmark = pytest.mark.network
+
+
+async def test_three_nodes_connect_and_a_killed_fourth_disappears(local_mesh, tmp_path):
+    ready_file = tmp_path / "ready-0.json"
+    t0 = time.monotonic()
+    nodes = [await local_mesh.start_node("n0", ["--ready-file", str(ready_file)])]
+    nodes += [await local_mesh.start_node(f"n{i}") for i in (1, 2)]
+    await local_mesh.wait_connected(timeout=20, nodes=nodes)
+    assert time.monotonic() - t0 < 20
+
+    ready = json.loads(ready_file.read_text())
+    assert ready["peer_id"] == nodes[0].peer_id
+    assert ready["api"].startswith("http://127.0.0.1:") and ":" in ready["signaling"]
+    peers = await local_mesh.get(nodes[0], "/v1/peers")
+    assert {p["state"] for p in peers} == {"connected"}
+    assert all(set(p) >= {"peer_id", "state", "rtt_ms"} for p in peers)
+
+    fourth = await local_mesh.start_node("n3")
+    await local_mesh.wait_connected(timeout=20, nodes=nodes + [fourth])
+    local_mesh.kill(fourth, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    async def gone_everywhere():
+        for n in nodes:
+            listed = {p["peer_id"] for p in await local_mesh.get(n, "/v1/peers")}
+            if fourth.peer_id in listed:
+                return False
+        return True
+
+    await wait_for(gone_everywhere, 30, "the killed node to disappear")
+    assert time.monotonic() - killed_at < 30
+    # the survivors are untouched
+    await local_mesh.wait_connected(timeout=5, nodes=nodes)
+
+
+async def test_sigterm_says_goodbye(local_mesh):
+    a = await local_mesh.start_node("a")
+    b = await local_mesh.start_node("b")
+    await local_mesh.wait_connected(timeout=20)
+    local_mesh.kill(b, signal.SIGTERM)
+    assert await b.proc.wait() == 0  # clean shutdown
+
+    async def b_gone():
+        return b.peer_id not in await local_mesh.connected_ids(a)
+
+    # a bye on the link: far quicker than the silence timeout
+    t0 = time.monotonic()
+    await wait_for(b_gone, 5, "b to leave a's list")
+    assert time.monotonic() - t0 < 5
+
+
+async def test_static_peer_without_mdns(local_mesh):
+    a = await local_mesh.start_node("a", ["--no-mdns", "--signaling", "127.0.0.1:0"])
+    b = await local_mesh.start_node("b", ["--no-mdns", "--peer", a.signaling])
+    await local_mesh.wait_connected(timeout=20)
+    peers = await local_mesh.get(b, "/v1/peers")
+    assert peers[0]["peer_id"] == a.peer_id and peers[0]["source"] == "static"
+    rtt = await local_mesh.post(b, "/v1/bench/rtt", {"peer": a.peer_id, "count": 20})
+    assert len(rtt["rtt_ms"]) == 20
