@@ -44,6 +44,7 @@ from .transport import (
     complete_offer,
     open_offer,
     use_candidate_addresses,
+    wait_closed,
 )
 
 __all__ = ["NodeConfig", "Node", "CoreService", "local_addresses"]
@@ -196,6 +197,7 @@ class Node:
         for entry in self.peers:
             if entry.link is not None:
                 entry.link.close("node shutting down")
+        await wait_closed()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.signaling is not None:

@@ -36,12 +36,20 @@ __all__ = [
     "accept_offer",
     "complete_offer",
     "use_candidate_addresses",
+    "wait_closed",
     "CHANNEL_LABEL",
 ]
 
 log = logging.getLogger(__name__)
 CHANNEL_LABEL = "edgemesh"
 _original_host_addresses = aioice.ice.get_host_addresses
+_closing: set[asyncio.Task[None]] = set()  # peer connections being torn down
+
+
+async def wait_closed() -> None:
+    """Wait until every peer connection closed by a link has finished closing."""
+    while _closing:
+        await asyncio.gather(*list(_closing), return_exceptions=True)
 _candidate_addresses: list[str] | None = None
 
 
@@ -184,7 +192,9 @@ class PendingConnection:
         pc = self.pc
 
         def _closed(_: Link) -> None:
-            asyncio.get_running_loop().create_task(pc.close())
+            task = asyncio.get_running_loop().create_task(pc.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
             if on_close is not None:
                 on_close(link)
 
