@@ -47,15 +47,16 @@ class SignalingRelay:
     async def info(self, request):
         if self.mode == "splice":  # introduce itself under its own (valid) identity
             return web.Response(body=seal(self.me, "info", request.query["to"], {"name": "m"}))
-        async with self.session.get(f"http://{self.target}/edgemesh/info",
-                                    params=request.query) as resp:
+        async with self.session.get(
+            f"http://{self.target}/edgemesh/info", params=request.query
+        ) as resp:
             return web.Response(body=await resp.read(), status=resp.status)
 
     async def offer(self, request):
         self.offers += 1
         raw = await request.read()
         fields = msgpack.unpackb(raw)
-        target_id = (await self._target_id())
+        target_id = await self._target_id()
         if self.mode == "swap-fingerprint":
             # keep A's signature, change the DTLS fingerprint so DTLS would end at the relay
             fields[7]["sdp"] = _swap_fp(fields[7]["sdp"])
@@ -74,8 +75,9 @@ class SignalingRelay:
         return web.Response(body=body)
 
     async def _target_id(self):
-        async with self.session.get(f"http://{self.target}/edgemesh/info",
-                                    params={"to": self.me.peer_id}) as resp:
+        async with self.session.get(
+            f"http://{self.target}/edgemesh/info", params={"to": self.me.peer_id}
+        ) as resp:
             return parse_envelope(await resp.read()).sender
 
 
@@ -128,15 +130,32 @@ async def test_spoofed_mdns_announcement_never_connects(local_mesh):
     # 1) another peer's id (b's) with the attacker's key; 2) a victim's id, attacker's key
     for claimed in (b.peer_id, victim.peer_id):
         spoof = dict(props, id=claimed)
-        infos.append(AsyncServiceInfo(SERVICE_TYPE, f"{claimed}.{SERVICE_TYPE}", port=9,
-                                      properties=spoof, parsed_addresses=["127.0.0.1"],
-                                      server=f"spoof-{claimed[:8]}.local."))
+        infos.append(
+            AsyncServiceInfo(
+                SERVICE_TYPE,
+                f"{claimed}.{SERVICE_TYPE}",
+                port=9,
+                properties=spoof,
+                parsed_addresses=["127.0.0.1"],
+                server=f"spoof-{claimed[:8]}.local.",
+            )
+        )
     # 3) a's real record replayed by the attacker, pointing at the attacker's address
-    real = dict(make_properties(attacker, 9, ["127.0.0.1"], "x"),
-                id=a.peer_id, pk=base64.urlsafe_b64encode(b"\0" * 32).decode().rstrip("="))
-    infos.append(AsyncServiceInfo(SERVICE_TYPE, f"{a.peer_id}x.{SERVICE_TYPE}", port=9,
-                                  properties=real, parsed_addresses=["127.0.0.1"],
-                                  server="spoof-a.local."))
+    real = dict(
+        make_properties(attacker, 9, ["127.0.0.1"], "x"),
+        id=a.peer_id,
+        pk=base64.urlsafe_b64encode(b"\0" * 32).decode().rstrip("="),
+    )
+    infos.append(
+        AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{a.peer_id}x.{SERVICE_TYPE}",
+            port=9,
+            properties=real,
+            parsed_addresses=["127.0.0.1"],
+            server="spoof-a.local.",
+        )
+    )
     try:
         for info in infos:
             await zc.async_register_service(info, allow_name_change=True)

@@ -11,9 +11,7 @@ FP_M = ":".join(["CC"] * 32)
 
 def states(a=None, b=None, a_remote=FP_B, b_remote=FP_A):
     a, b = a or Identity.generate(), b or Identity.generate()
-    sa = HandshakeState(
-        a, offerer=True, local_fp=FP_A, remote_fp=a_remote, expected_peer=b.peer_id
-    )
+    sa = HandshakeState(a, offerer=True, local_fp=FP_A, remote_fp=a_remote, expected_peer=b.peer_id)
     sb = HandshakeState(
         b, offerer=False, local_fp=FP_B, remote_fp=b_remote, expected_peer=a.peer_id
     )

@@ -1,0 +1,82 @@
+"""The edgemesh command as a user runs it."""
+
+import asyncio
+import json
+import signal
+import sys
+
+import pytest
+
+from mesh.localmesh import wait_for
+
+pytestmark = pytest.mark.network
+
+
+async def run_cli(*args, env=None):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_peers_command(local_mesh):
+    a = await local_mesh.start_node("a")
+    b = await local_mesh.start_node("b")
+    await local_mesh.wait_connected(timeout=20)
+    code, out, err = await run_cli("peers", "--api", a.api, "--json")
+    assert code == 0, err
+    body = json.loads(out)
+    assert [p["peer_id"] for p in body["peers"]] == [b.peer_id]
+    code, out, _ = await run_cli("peers", "--api", a.api)
+    assert code == 0 and b.peer_id[:16] in out and "connected" in out
+
+
+async def test_peers_command_finds_local_node_through_data_dir(local_mesh, tmp_path):
+    import os
+
+    home = tmp_path / "home"
+    a = await local_mesh.start_node("a", ["--data-dir", str(home)])
+    env = dict(os.environ, EDGEMESH_HOME=str(home))
+    code, out, err = await run_cli("peers", "--json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["api"] == a.api
+
+
+async def test_unreachable_api_is_one_line_error():
+    code, out, err = await run_cli("peers", "--api", "http://127.0.0.1:9")
+    assert code == 1 and out == ""
+    assert err.startswith("edgemesh: cannot reach node API") and err.count("\n") == 1
+
+
+async def test_demo_json(tmp_path):
+    code, out, err = await run_cli("demo", "--peers", "3", "--json", "--dir", str(tmp_path))
+    assert code == 0, err[-2000:]
+    body = json.loads(out)
+    assert body["peers"] == 3 and len(body["views"]) == 3
+    for view in body["views"].values():
+        assert [p["state"] for p in view] == ["connected", "connected"]
+    assert 0 < body["rtt_median_ms"] < 50
+
+
+async def test_link_drop_reconnects(local_mesh):
+    """A frozen peer (a closed laptop lid) is dropped, then rejoins when it wakes."""
+    a = await local_mesh.start_node("a")
+    b = await local_mesh.start_node("b")
+    await local_mesh.wait_connected(timeout=20)
+    local_mesh.kill(b, signal.SIGSTOP)
+    try:
+
+        async def a_lost_b():
+            return b.peer_id not in await local_mesh.connected_ids(a)
+
+        await wait_for(a_lost_b, 20, "a to notice b is silent")
+    finally:
+        local_mesh.kill(b, signal.SIGCONT)
+    await local_mesh.wait_connected(timeout=30)
