@@ -2,6 +2,7 @@
 
 ``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
 ``GET /v1/info``    this node: id, name, endpoints, counters of refused input
+``GET /v1/dht/peer/{id}``  a peer's verified DHT record
 ``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
 ``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
 """
@@ -32,6 +33,7 @@ async def start_api(node: Node, host: str, port: int) -> tuple[web.AppRunner, st
     app[NODE_KEY] = node
     app.router.add_get("/v1/peers", _peers)
     app.router.add_get("/v1/info", _info)
+    app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
     app.router.add_post("/v1/bench/rtt", _bench_rtt)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -51,6 +53,28 @@ async def _peers(request: web.Request) -> web.Response:
 
 async def _info(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].info())
+
+
+async def _dht_peer(request: web.Request) -> web.Response:
+    """A peer's record from the DHT, verified (signature, id, expiry) before it is shown."""
+    node = request.app[NODE_KEY]
+    if node.dht is None:
+        raise web.HTTPNotFound(text="this node runs no DHT")
+    peer_id = request.match_info["peer_id"]
+    if len(peer_id) != 32 or not peer_id.isalnum():
+        raise web.HTTPBadRequest(text="malformed peer id")
+    rec = await node.dht.peer_record(peer_id)
+    if rec is None:
+        raise web.HTTPNotFound(text=f"no valid record for {peer_id}")
+    return web.json_response(
+        {
+            "peer_id": rec.peer_id,
+            "seq": rec.seq,
+            "expires": rec.expires,
+            "body": rec.body,
+            "verified": True,
+        }
+    )
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -94,6 +94,31 @@ def _parser() -> argparse.ArgumentParser:
         "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
     )
     n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
+    n.add_argument("--mesh", default="default", help="mesh name on the broker and in the DHT")
+    n.add_argument(
+        "--mqtt", default=None, metavar="URL", help="rendezvous broker, mqtt://HOST:PORT"
+    )
+    n.add_argument(
+        "--mesh-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="private mesh key (32 bytes or 64 hex): seals broker messages",
+    )
+    n.add_argument("--mqtt-username", default=None, help="broker user name")
+    n.add_argument("--mqtt-ca", default=None, metavar="FILE", help="CA file for mqtts://")
+    n.add_argument(
+        "--dht-port", type=int, default=None, help="run the DHT on this UDP port (0: any)"
+    )
+    n.add_argument("--dht-host", default=None, help="DHT bind address (default: as signaling)")
+    n.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="DHT bootstrap node (repeatable; enables the DHT)",
+    )
 
     for name, text in (("peers", "list the peers of a running node"),):
         c = sub.add_parser(name, help=text)
@@ -120,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("aioice", "aiortc", "zeroconf", "aiohttp.access"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # kademlia warns on every lookup in a one-node DHT and on every lost UDP reply
+        for noisy in ("kademlia", "rpcudp"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         if args.command == "node":
             return asyncio.run(_run_node(args))
@@ -139,6 +167,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _mqtt_config(args: argparse.Namespace) -> Any:
+    from .mqtt import MqttConfig, load_mesh_key
+
+    if args.mqtt is None:
+        if args.mesh_key is not None:
+            raise CliError("--mesh-key needs --mqtt")
+        return None
+    try:
+        return MqttConfig(
+            url=args.mqtt,
+            mesh=args.mesh,
+            mesh_key=load_mesh_key(args.mesh_key) if args.mesh_key else None,
+            username=args.mqtt_username,
+            # never on the command line, where `ps` shows it
+            password=os.environ.get("EDGEMESH_MQTT_PASSWORD"),
+            ca_file=args.mqtt_ca,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 async def _run_node(args: argparse.Namespace) -> int:
     from .node import Node, NodeConfig
     from .transport import TransportConfig
@@ -156,6 +205,11 @@ async def _run_node(args: argparse.Namespace) -> int:
         ice_addresses=args.ice_address,
         ready_file=args.ready_file,
         transport=TransportConfig(ice_servers=tuple(args.stun)),
+        mesh=args.mesh,
+        mqtt=_mqtt_config(args),
+        dht_port=args.dht_port,
+        dht_host=args.dht_host,
+        bootstrap=list(args.bootstrap),
     )
     node = Node(config)
     loop = asyncio.get_running_loop()

@@ -23,9 +23,12 @@ from typing import Any
 import aiohttp
 import ifaddr
 
+from .dht import MeshDHT, Record
 from .discovery import Announcement, MdnsDiscovery
 from .errors import Error, HandshakeError, PeerUnavailable, SignalingError
 from .identity import Identity
+from .membership import DhtMembership, record_addresses
+from .mqtt import MqttConfig, MqttSignaling
 from .peers import PeerEntry, PeerTable
 from .rpc import CallContext, Handler, Link, Reply, handlers_of
 from .signaling import (
@@ -66,6 +69,11 @@ class NodeConfig:
     ice_addresses: list[str] | None = None  # None: loopback for a loopback mesh, else default
     ready_file: Path | None = None
     transport: TransportConfig = field(default_factory=TransportConfig)
+    mesh: str = "default"  # mesh name on the broker and in the DHT
+    mqtt: MqttConfig | None = None
+    dht_port: int | None = None  # None: no DHT (unless bootstrap addresses are given)
+    dht_host: str | None = None  # None: like the signaling host
+    bootstrap: list[tuple[str, int]] = field(default_factory=list)
     # Timing: tests shrink these.
     tick: float = 0.25
     dial_grace: float = 1.5
@@ -121,6 +129,9 @@ class Node:
         self.counters = {"handshake_failures": 0, "signaling_rejected": 0, "dial_failures": 0}
         self.signaling: SignalingServer | None = None
         self.discovery: MdnsDiscovery | None = None
+        self.mqtt: MqttSignaling | None = None
+        self.dht: MeshDHT | None = None
+        self.membership: DhtMembership | None = None
         self.api_url = ""
         self._api_runner: Any = None
         self._http: aiohttp.ClientSession | None = None
@@ -167,6 +178,18 @@ class Node:
                 on_lost=self._on_unannounced,
             )
             await self.discovery.start()
+        if cfg.mqtt is not None:
+            self.mqtt = MqttSignaling(
+                self.identity,
+                cfg.mqtt,
+                on_offer=self._on_offer,
+                on_presence=self._on_presence,
+                on_absence=lambda pid: self.unhint(pid, "mqtt"),
+                presence_body=self._info,
+            )
+            await self.mqtt.start()
+        if cfg.dht_port is not None or cfg.bootstrap:
+            await self._start_dht(sig_host)
         for address in cfg.static_peers:
             self._spawn(self._static_peer(address))
         self._spawn(self._maintain())
@@ -177,6 +200,8 @@ class Node:
             "signaling": self._signaling_endpoints()[0],
             "pid": os.getpid(),
         }
+        if self.dht is not None:
+            ready["dht"] = f"{self.dht.host}:{self.dht.port}"
         _write_json(cfg.data_dir / "node.json", ready)
         if cfg.ready_file is not None:
             _write_json(Path(cfg.ready_file), ready)
@@ -198,6 +223,12 @@ class Node:
             if entry.link is not None:
                 entry.link.close("node shutting down")
         await wait_closed()
+        if self.membership is not None:
+            await self.membership.stop()
+        if self.dht is not None:
+            self.dht.stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.signaling is not None:
@@ -216,32 +247,96 @@ class Node:
         return task
 
     def _info(self) -> dict[str, Any]:
-        return {"name": self.config.name, "addrs": self._signaling_endpoints()}
+        return {
+            "name": self.config.name,
+            "addrs": self._signaling_endpoints(),
+            "mesh": self.config.mesh,
+        }
+
+    async def _start_dht(self, sig_host: str) -> None:
+        cfg = self.config
+        host = cfg.dht_host or sig_host
+        self.dht = MeshDHT(self.identity)
+        await self.dht.start(host, cfg.dht_port or 0, cfg.bootstrap)
+        self.membership = DhtMembership(
+            self.identity,
+            self.dht,
+            cfg.mesh,
+            peer_body=self._info,
+            on_member=self._on_dht_member,
+            on_gone=lambda pid: self.unhint(pid, "dht"),
+        )
+        await self.membership.publish()
+        self.membership.start()
 
     def _signaling_endpoints(self) -> list[str]:
         port = self.signaling.port if self.signaling else 0
         return [f"{a}:{port}" for a in self.announced_addresses()]
 
     # -- discovery hints -------------------------------------------------------------------
-    def _on_announcement(self, ann: Announcement) -> None:
-        entry = self.peers.ensure(ann.peer_id, "mdns")
+    def hint(
+        self,
+        peer_id: str,
+        source: str,
+        addresses: list[str] | None = None,
+        name: str | None = None,
+        *,
+        via_mqtt: bool = False,
+        expires: float | None = None,
+    ) -> None:
+        """A discovery source names ``peer_id``: remember how to reach it, dial if needed."""
+        if peer_id == self.identity.peer_id:
+            return
+        entry = self.peers.ensure(peer_id, source)
         if entry is None:
             return
-        entry.addresses = [f"{a}:{ann.port}" for a in ann.addresses]
-        entry.name = ann.name or entry.name
-        entry.announced = True
-        if not entry.connected and (entry.dialing is None or entry.dialing.done()):
-            grace = 0.0 if self.identity.peer_id < ann.peer_id else self.config.dial_grace
+        fresh = source not in entry.announced_by
+        entry.announced_by.add(source)
+        entry.last_seen = time.time()
+        entry.expires = expires
+        if addresses:
+            entry.addresses = list(dict.fromkeys(addresses))[:8]
+        entry.name = name[:63] if name else entry.name
+        entry.via_mqtt = entry.via_mqtt or via_mqtt
+        if fresh and not entry.connected and (entry.dialing is None or entry.dialing.done()):
+            grace = 0.0 if self.identity.peer_id < peer_id else self.config.dial_grace
             entry.failures = 0
             entry.next_attempt = time.monotonic() + grace
 
-    def _on_unannounced(self, peer_id: str) -> None:
+    def unhint(self, peer_id: str, source: str) -> None:
+        """A discovery source no longer names ``peer_id`` (goodbye, will, expiry)."""
         entry = self.peers.get(peer_id)
         if entry is None:
             return
-        entry.announced = False
-        if not entry.connected and not entry.static:
+        entry.announced_by.discard(source)
+        if source == "mqtt":
+            entry.via_mqtt = False
+        if not entry.announced and not entry.connected and not entry.static:
             self.peers.remove(peer_id)
+
+    def _on_announcement(self, ann: Announcement) -> None:
+        self.hint(ann.peer_id, "mdns", [f"{a}:{ann.port}" for a in ann.addresses], ann.name)
+
+    def _on_unannounced(self, peer_id: str) -> None:
+        self.unhint(peer_id, "mdns")
+
+    def _on_presence(self, peer_id: str, body: dict[str, Any]) -> None:
+        addrs = body.get("addrs")
+        addresses = [a for a in addrs[:8] if isinstance(a, str)] if isinstance(addrs, list) else []
+        name = body.get("name")
+        self.hint(
+            peer_id, "mqtt", addresses, name if isinstance(name, str) else None, via_mqtt=True
+        )
+
+    def _on_dht_member(self, rec: Record) -> None:
+        name = rec.body.get("name")
+        self.hint(
+            rec.peer_id,
+            "dht",
+            record_addresses(rec),
+            name if isinstance(name, str) else None,
+            expires=rec.expires,
+        )
 
     async def _static_peer(self, address: str) -> None:
         """Learn who listens at ``address`` and keep it in the table as a static peer."""
@@ -284,7 +379,7 @@ class Node:
                     ):
                         self.peers.remove(entry.peer_id)
                         continue
-                if entry.addresses and now >= entry.next_attempt:
+                if (entry.addresses or entry.via_mqtt) and now >= entry.next_attempt:
                     entry.dialing = self._spawn(self._dial(entry))
             await asyncio.sleep(self.config.tick)  # the maintenance period
 
@@ -311,16 +406,7 @@ class Node:
                     "addrs": self._signaling_endpoints(),
                 },
             )
-            raw = None
-            errors = []
-            for address in list(entry.addresses):
-                try:
-                    raw = await send_offer(self._http, address, offer)
-                    break
-                except SignalingError as exc:
-                    errors.append(str(exc))
-            if raw is None:
-                raise SignalingError("; ".join(errors) or "no address")
+            raw = await self._exchange(entry, offer, oid)
             answer = open_envelope(raw, me=self.identity.peer_id, kind="answer", guard=self.guard)
             if answer.sender != pid or answer.body.get("re") != oid:
                 raise SignalingError("answer is not from the dialed peer or not for our offer")
@@ -344,6 +430,22 @@ class Node:
             self._backoff(entry)
             return
         self._adopt(entry, link)
+
+    async def _exchange(self, entry: PeerEntry, offer: bytes, oid: bytes) -> bytes:
+        """Deliver a sealed offer by the first route that answers: direct, then the broker."""
+        assert self._http is not None
+        errors = []
+        for address in list(entry.addresses):
+            try:
+                return await send_offer(self._http, address, offer)
+            except SignalingError as exc:
+                errors.append(str(exc))
+        if entry.via_mqtt and self.mqtt is not None:
+            try:
+                return await self.mqtt.exchange(entry.peer_id, offer, oid)
+            except SignalingError as exc:
+                errors.append(str(exc))
+        raise SignalingError("; ".join(errors) or "no route to the peer")
 
     # -- inbound ---------------------------------------------------------------------------
     async def _on_offer(self, env: Envelope) -> bytes:
@@ -439,6 +541,8 @@ class Node:
                 **self.counters,
                 "signaling_rejected": self.signaling.rejected if self.signaling else 0,
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
+                "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
+                "dht_refused": self.dht.store.refused if self.dht else 0,
             },
         }
 

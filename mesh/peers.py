@@ -24,9 +24,12 @@ class PeerEntry:
     peer_id: str
     addresses: list[str] = field(default_factory=list)  # signaling endpoints, "host:port"
     name: str = ""
-    source: str = "mdns"
-    announced: bool = False  # a discovery source currently announces this peer
+    source: str = "mdns"  # the first source that named this peer
+    announced_by: set[str] = field(default_factory=set)  # sources announcing it now
+    via_mqtt: bool = False  # reachable through the broker's inbox
     static: bool = False  # configured with --peer: always redial
+    last_seen: float = field(default_factory=time.time)  # wall clock, any source or link
+    expires: float | None = None  # wall clock, when the announcing record lapses
     proven: bool = False
     link: Link | None = None
     dialing: asyncio.Task[None] | None = None
@@ -35,6 +38,10 @@ class PeerEntry:
     connected_since: float | None = None  # wall clock
     disconnected_at: float | None = None  # monotonic
     last_error: str | None = None
+
+    @property
+    def announced(self) -> bool:
+        return bool(self.announced_by)
 
     @property
     def connected(self) -> bool:
@@ -59,6 +66,9 @@ class PeerEntry:
             "state": self.state,
             "rtt_ms": round(rtt, 3) if rtt is not None else None,
             "source": self.source,
+            "sources": sorted(self.announced_by | ({"static"} if self.static else set())),
+            "last_seen": round(time.time() if self.connected else self.last_seen, 3),
+            "expires": self.expires,
             "addresses": list(self.addresses),
             "connected_since": self.connected_since if self.connected else None,
             "bytes_sent": link.bytes_sent if link is not None else 0,

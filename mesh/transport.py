@@ -50,6 +50,8 @@ async def wait_closed() -> None:
     """Wait until every peer connection closed by a link has finished closing."""
     while _closing:
         await asyncio.gather(*list(_closing), return_exceptions=True)
+
+
 _candidate_addresses: list[str] | None = None
 
 

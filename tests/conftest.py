@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from mesh.localmesh import LocalMesh
+
+from .broker import Broker
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,8 +23,9 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
 
 
 @pytest.fixture
-def mosquitto_bin() -> str:
-    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(path).exists():
-        pytest.fail("mosquitto is not installed: run `make test`, which installs it")
-    return path
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    """A real mosquitto on a free loopback port, stopped after the test."""
+    b = Broker(tmp_path)
+    await b.start()
+    yield b
+    await b.stop()

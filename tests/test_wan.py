@@ -1,0 +1,40 @@
+"""Joining across networks: MQTT rendezvous and the signed DHT, with real node processes."""
+
+import pytest
+
+pytestmark = pytest.mark.network
+
+
+async def test_mqtt_mesh_connects_and_other_mesh_sees_nothing(local_mesh, broker):
+    mqtt = ["--no-mdns", "--mqtt", broker.url, "--mesh", "alpha"]
+    nodes = [await local_mesh.start_node(f"m{i}", mqtt) for i in range(3)]
+    other = await local_mesh.start_node(
+        "other", ["--no-mdns", "--mqtt", broker.url, "--mesh", "beta"]
+    )
+    await local_mesh.wait_connected(timeout=30, nodes=nodes)
+    for n in nodes:
+        peers = await local_mesh.get(n, "/v1/peers")
+        assert all("mqtt" in p["sources"] for p in peers)
+        assert other.peer_id not in {p["peer_id"] for p in peers}
+    assert await local_mesh.get(other, "/v1/peers") == []
+
+
+async def test_dht_bootstrap_mesh_connects_and_finds_peer_records(local_mesh):
+    first = await local_mesh.start_node(
+        "d0", ["--no-mdns", "--dht-port", "0", "--signaling", "127.0.0.1:0"]
+    )
+    assert "dht" in first.ready
+    nodes = [first] + [
+        await local_mesh.start_node(
+            f"d{i}", ["--no-mdns", "--bootstrap", first.ready["dht"], "--signaling", "127.0.0.1:0"]
+        )
+        for i in (1, 2)
+    ]
+    await local_mesh.wait_connected(timeout=30, nodes=nodes)
+    for n in nodes:
+        for m in nodes:
+            if m is n:
+                continue
+            rec = await local_mesh.get(n, f"/v1/dht/peer/{m.peer_id}")
+            assert rec["peer_id"] == m.peer_id and rec["verified"] is True
+            assert any(a.endswith(m.signaling.rsplit(":", 1)[1]) for a in rec["body"]["addrs"])
