@@ -110,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--dht-port", type=int, default=None, help="run the DHT on this UDP port (0: any)"
     )
+    n.add_argument(
+        "--dht-quota",
+        type=int,
+        default=256,
+        metavar="N",
+        help="DHT stores per minute one sender may make before it is cut off",
+    )
     n.add_argument("--dht-host", default=None, help="DHT bind address (default: as signaling)")
     n.add_argument(
         "--bootstrap",
@@ -210,6 +217,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         dht_port=args.dht_port,
         dht_host=args.dht_host,
         bootstrap=list(args.bootstrap),
+        dht_quota=args.dht_quota,
     )
     node = Node(config)
     loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 
 from .errors import SignalingError
 from .identity import Identity
-from .signaling import MAX_ENVELOPE, Envelope, parse_envelope, seal
+from .signaling import MAX_ENVELOPE, Envelope, ReplayGuard, open_envelope, parse_envelope, seal
 
 __all__ = ["MqttConfig", "MqttSignaling", "load_mesh_key", "parse_mqtt_url"]
 
@@ -96,6 +96,7 @@ class MqttSignaling:
         on_presence: PresenceHandler,
         on_absence: Callable[[str], None],
         presence_body: Callable[[], dict[str, Any]],
+        guard: ReplayGuard,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -103,6 +104,7 @@ class MqttSignaling:
         self.on_presence = on_presence
         self.on_absence = on_absence
         self.presence_body = presence_body
+        self.guard = guard
         self.prefix = f"edgemesh/v1/{config.mesh}"
         self._box = nacl.secret.SecretBox(config.mesh_key) if config.mesh_key else None
         self._client: aiomqtt.Client | None = None
@@ -236,10 +238,14 @@ class MqttSignaling:
 
     def _handle_inbox(self, payload: bytes) -> None:
         raw = self._unseal(payload)
-        env = parse_envelope(raw)  # the node re-checks freshness and replay on use
+        env = parse_envelope(raw)
         if env.to != self.identity.peer_id:
             raise SignalingError("inbox message addressed to another peer")
+        if env.kind == "offer":
+            # freshness and replay: the same checks as the direct endpoint
+            env = open_envelope(raw, me=self.identity.peer_id, kind="offer", guard=self.guard)
         if env.kind == "answer":
+            # checked for freshness and replay by the dialer, which matched it to its offer
             fut = self._waiting.get(env.body.get("re"))  # type: ignore[arg-type]
             if fut is None or fut.done():
                 raise SignalingError("answer to no offer of ours")

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import ifaddr
 
-from .dht import MeshDHT, Record
+from .dht import MeshDHT, Record, RecordStore
 from .discovery import Announcement, MdnsDiscovery
 from .errors import Error, HandshakeError, PeerUnavailable, SignalingError
 from .identity import Identity
@@ -74,6 +74,7 @@ class NodeConfig:
     dht_port: int | None = None  # None: no DHT (unless bootstrap addresses are given)
     dht_host: str | None = None  # None: like the signaling host
     bootstrap: list[tuple[str, int]] = field(default_factory=list)
+    dht_quota: int = 256  # stores per minute one sender may make before it is cut off
     # Timing: tests shrink these.
     tick: float = 0.25
     dial_grace: float = 1.5
@@ -186,6 +187,7 @@ class Node:
                 on_presence=self._on_presence,
                 on_absence=lambda pid: self.unhint(pid, "mqtt"),
                 presence_body=self._info,
+                guard=self.guard,
             )
             await self.mqtt.start()
         if cfg.dht_port is not None or cfg.bootstrap:
@@ -256,7 +258,7 @@ class Node:
     async def _start_dht(self, sig_host: str) -> None:
         cfg = self.config
         host = cfg.dht_host or sig_host
-        self.dht = MeshDHT(self.identity)
+        self.dht = MeshDHT(self.identity, RecordStore(quota=cfg.dht_quota))
         await self.dht.start(host, cfg.dht_port or 0, cfg.bootstrap)
         self.membership = DhtMembership(
             self.identity,

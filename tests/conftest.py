@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.localmesh import LocalBroker as Broker
 from mesh.localmesh import LocalMesh
-
-from .broker import Broker
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

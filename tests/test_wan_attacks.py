@@ -1,0 +1,159 @@
+"""Attacks through the broker and the DHT, against real node processes."""
+
+import asyncio
+
+import aiomqtt
+import msgpack
+import pytest
+from kademlia.network import Server
+from kademlia.protocol import KademliaProtocol
+
+from mesh.dht import dht_key, make_record
+from mesh.identity import Identity
+from mesh.localmesh import wait_for
+from mesh.signaling import parse_envelope, seal
+from mesh.transport import (
+    TransportConfig,
+    complete_offer,
+    open_offer,
+    use_candidate_addresses,
+)
+
+pytestmark = pytest.mark.network
+
+
+async def counters(mesh, node):
+    return (await mesh.get(node, "/v1/info"))["counters"]
+
+
+async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mesh, broker):
+    b = await local_mesh.start_node("b", ["--no-mdns", "--mqtt", broker.url, "--mesh", "m"])
+    v, x = Identity.generate(), Identity.generate()
+    use_candidate_addresses(["127.0.0.1"])
+    cfg = TransportConfig(connect_timeout=10, handshake_timeout=5)
+    host, port = broker.url.removeprefix("mqtt://").split(":")
+    inbox_b = f"edgemesh/v1/m/inbox/{b.peer_id}"
+
+    async def make_offer():
+        pending, sdp = await open_offer(v, cfg, b.peer_id)
+        oid = b"o" * 8 + bytes(8)
+        return pending, seal(v, "offer", b.peer_id, {"sdp": sdp, "oid": oid, "addrs": []})
+
+    async with aiomqtt.Client(host, int(port)) as client:
+        await client.subscribe(f"edgemesh/v1/m/inbox/{v.peer_id}", qos=1)
+        # 1) a genuine offer through the broker connects: the control
+        pending, offer = await make_offer()
+        await client.publish(inbox_b, offer, qos=1)
+        async with asyncio.timeout(15):
+            async for message in client.messages:
+                answer = parse_envelope(message.payload)
+                break
+        await complete_offer(pending, answer.body["sdp"])
+        link = await pending.establish({})
+        assert link.peer_id == b.peer_id
+
+        async def b_sees_v(state):
+            peers = {p["peer_id"]: p["state"] for p in await local_mesh.get(b, "/v1/peers")}
+            return (peers.get(v.peer_id) == "connected") == state
+
+        await wait_for(lambda: b_sees_v(True), 10, "b to list v")
+        link.close("test done")
+        await wait_for(lambda: b_sees_v(False), 10, "b to drop v")
+        before = (await counters(local_mesh, b))["mqtt_rejected"]
+
+        # 2) the same offer replayed
+        await client.publish(inbox_b, offer, qos=1)
+        # 3) an offer re-signed by a different key, still claiming to come from v
+        _, fresh = await make_offer()
+        fields = msgpack.unpackb(fresh)
+        fields[3] = x.public_key
+        fields[8] = x.sign(b"edgemesh/signal/v1\x00" + msgpack.packb(fields[:8]))
+        await client.publish(inbox_b, msgpack.packb(fields), qos=1)
+        # 4) v's signed offer with the DTLS fingerprint altered in transit
+        _, fresh = await make_offer()
+        fields = msgpack.unpackb(fresh)
+        sdp = fields[7]["sdp"]
+        start = sdp.index("a=fingerprint:sha-256 ") + len("a=fingerprint:sha-256 ")
+        fields[7]["sdp"] = (
+            sdp[:start] + ("00" if sdp[start : start + 2] != "00" else "11") + sdp[start + 2 :]
+        )
+        await client.publish(inbox_b, msgpack.packb(fields), qos=1)
+
+        async def all_refused():
+            return (await counters(local_mesh, b))["mqtt_rejected"] >= before + 3
+
+        await wait_for(all_refused, 15, "b to refuse the three forged offers")
+        log = "\n".join(b.stderr_tail)
+        assert "replayed" in log and "not the hash of its key" in log and "bad signature" in log
+        assert not await b_sees_v(True)
+        assert (await counters(local_mesh, b))["handshake_failures"] == 0  # nothing got that far
+
+
+class SpyProtocol(KademliaProtocol):
+    """A malicious DHT node: answers every lookup with whatever it holds, unvalidated."""
+
+    find_value_calls = 0
+
+    def rpc_find_value(self, sender, nodeid, key):
+        SpyProtocol.find_value_calls += 1
+        return super().rpc_find_value(sender, nodeid, key)
+
+
+class SpyServer(Server):
+    protocol_class = SpyProtocol
+
+
+async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_mesh):
+    n = await local_mesh.start_node(
+        "n", ["--no-mdns", "--dht-port", "0", "--dht-quota", "20", "--signaling", "127.0.0.1:0"]
+    )
+    host, port = n.ready["dht"].split(":")
+    attacker = SpyServer()
+    await attacker.listen(0, interface="127.0.0.1")
+    try:
+        await attacker.bootstrap([(host, int(port))])
+        (target,) = attacker.protocol.router.find_neighbors(attacker.node)
+        victim, mallory = Identity.generate(), Identity.generate()
+        vkey = f"peer:{victim.peer_id}"
+
+        genuine = make_record(victim, "peer", vkey, {"addrs": ["127.0.0.1:1"]}, 600)
+        fields = msgpack.unpackb(genuine)
+        fields[7] = {"addrs": ["6.6.6.6:666"]}  # valid shape, signature no longer matches
+        forged = msgpack.packb(fields)
+        expired = make_record(victim, "peer", vkey, {}, 10, now=1_000_000.0)
+        oversized = make_record(mallory, "peer", f"peer:{mallory.peer_id}", {}, 600)
+        fields = msgpack.unpackb(oversized)
+        fields[7] = {"pad": "x" * 3000}
+        oversized = msgpack.packb(fields)
+
+        before = (await counters(local_mesh, n))["dht_refused"]
+        for key, raw in ((vkey, forged), (vkey, expired), (f"peer:{mallory.peer_id}", oversized)):
+            ok, answer = await attacker.protocol.call_store(
+                target, dht_key(key), msgpack.packb([raw])
+            )
+            assert ok and answer is False  # the node answered, and refused
+        assert (await counters(local_mesh, n))["dht_refused"] >= before + 3
+
+        # ignored on get: the attacker serves the forged record for the victim's key
+        attacker.storage[dht_key(vkey)] = msgpack.packb([forged])
+        async with local_mesh._http.get(f"{n.api}/v1/dht/peer/{victim.peer_id}") as resp:
+            assert resp.status == 404
+        assert SpyProtocol.find_value_calls >= 1  # the node did ask the attacker
+
+        # a flood beyond the quota (20 stores a minute, 3 used above) cuts the sender off
+        answers = []
+        for i in range(30):
+            raw = make_record(mallory, "prov", f"prov:spam:{i}", {}, 600)
+            ok, answer = await attacker.protocol.call_store(
+                target, dht_key(f"prov:spam:{i}"), msgpack.packb([raw])
+            )
+            answers.append(answer if ok else "no reply")
+            if not ok:
+                break
+        assert answers[:17] == [True] * 17
+        assert answers[17] is False  # the store over quota is refused, and the sender banned
+        assert answers[18] == "no reply"  # from then on the node ignores it entirely
+        ok, _ = await attacker.protocol.ping((host, int(port)), attacker.node.id)
+        assert ok is False
+    finally:
+        attacker.stop()
