@@ -74,6 +74,7 @@ class LinkParams:
     ping_interval: float = 1.0
     dead_after: float = 6.0
     partial_max_age: float = 60.0
+    max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -151,6 +152,9 @@ class Link:
         self.close_reason: str | None = None
         self.rtt_ms: float | None = None
         self.last_rx = time.monotonic()
+        self._serving_bytes = 0
+        self._congested_since: float | None = None
+        self.offerer = False  # set by the transport: whether we sent the offer
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = time.time()
@@ -203,10 +207,22 @@ class Link:
             self.bytes_sent += len(frame)
 
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        for frame in self._encoder.encode(header, payload):
-            await self._writable()
-            self.channel.send(frame)
-            self.bytes_sent += len(frame)
+        frames = self._encoder.encode(header, payload)
+        sent = 0
+        try:
+            for frame in frames:
+                await self._writable()
+                self.channel.send(frame)
+                self.bytes_sent += len(frame)
+                sent += 1
+        except BaseException:
+            # Cut off mid-message (deadline, cancel): let the receiver free the partial bytes.
+            if 0 < sent < len(frames) and self.is_open:
+                abort = self._encoder.abort_frame(frames[0])
+                if abort is not None:
+                    with contextlib.suppress(Exception):
+                        self.channel.send(abort)
+            raise
 
     async def call(
         self,
@@ -279,21 +295,27 @@ class Link:
     def _dispatch(self, msg: Message) -> None:
         h = msg.header
         kind = h.get("t")
+        ident = h.get("id", h.get("n"))
+        if kind in ("res", "err", "cancel", "ping", "pong") and type(ident) is not int:
+            self.close(f"protocol error: {kind} without an integer id")
+            return
         if kind in ("res", "err"):
-            fut = self._pending.get(h.get("id"))  # type: ignore[arg-type]
+            fut = self._pending.get(ident)  # type: ignore[arg-type]
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         elif kind == "req":
             self._serve(msg)
         elif kind == "cancel":
-            task = self._serving.get(h.get("id"))  # type: ignore[arg-type]
+            task = self._serving.get(ident)  # type: ignore[arg-type]
             if task is not None:
                 task.cancel()
         elif kind == "ping":
-            with contextlib.suppress(Error):
-                self._send_now({"t": "pong", "n": h.get("n")})
+            # A peer that does not read its pongs must not grow our send queue.
+            if self.channel.bufferedAmount <= self.params.high_water:
+                with contextlib.suppress(Error):
+                    self._send_now({"t": "pong", "n": ident})
         elif kind == "pong":
-            sent = self._pings.pop(h.get("n"), None)  # type: ignore[arg-type]
+            sent = self._pings.pop(ident, None)  # type: ignore[arg-type]
             if sent is not None:
                 sample = (time.monotonic() - sent) * 1000
                 self.rtt_ms = sample if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * sample
@@ -318,6 +340,13 @@ class Link:
                 f"more than {self.params.max_inflight_in} requests in flight",
             )
             return
+        if self._serving_bytes + len(msg.payload) > self.params.max_serving_bytes:
+            self._reply_error(
+                call_id,
+                "TooManyRequests",
+                f"more than {self.params.max_serving_bytes} request bytes in flight",
+            )
+            return
         handler = self._handlers.get(method)
         if handler is None:
             self._reply_error(call_id, "NotFound", f"no method {method!r}")
@@ -328,6 +357,13 @@ class Link:
             self._run_handler(ctx, call_id, handler, params, msg.payload, timeout)
         )
         self._serving[call_id] = task
+        self._serving_bytes += len(msg.payload)
+        size = len(msg.payload)
+
+        def _done(_: asyncio.Task[None]) -> None:
+            self._serving_bytes -= size
+
+        task.add_done_callback(_done)
 
     async def _run_handler(
         self,
@@ -339,10 +375,12 @@ class Link:
         timeout: float,
     ) -> None:
         try:
+            # The reply is sent under the deadline too: a peer that stops reading must not
+            # make us hold its request and our reply forever.
             async with asyncio.timeout(timeout):
                 out = await handler(ctx, params, payload)
-            reply = out if isinstance(out, Reply) else Reply(out or {})
-            await self._send({"t": "res", "id": call_id, "r": reply.result}, reply.payload)
+                reply = out if isinstance(out, Reply) else Reply(out or {})
+                await self._send({"t": "res", "id": call_id, "r": reply.result}, reply.payload)
         except asyncio.CancelledError:
             pass  # the caller cancelled or the link closed: nobody waits for an answer
         except TimeoutError:
@@ -356,6 +394,8 @@ class Link:
             self._serving.pop(call_id, None)
 
     def _reply_error(self, call_id: Any, code: str, text: str) -> None:
+        if self.channel.bufferedAmount > self.params.high_water:
+            return  # the peer is not reading; its caller will hit its own deadline
         with contextlib.suppress(Error):
             self._send_now({"t": "err", "id": call_id, "c": code, "e": text[:500]})
 
@@ -371,6 +411,13 @@ class Link:
             if now - self.last_rx > p.dead_after:
                 self.close(f"peer silent for {now - self.last_rx:.1f} s")
                 return
+            if self.channel.bufferedAmount > p.high_water:
+                self._congested_since = self._congested_since or now
+                if now - self._congested_since > p.dead_after:
+                    self.close(f"peer has not read for {now - self._congested_since:.1f} s")
+                    return
+            else:
+                self._congested_since = None
             self._reassembler.purge(p.partial_max_age)
             n = next(self._ping_ids)
             self._pings = {k: v for k, v in self._pings.items() if now - v < p.dead_after}

@@ -27,7 +27,7 @@ from .errors import Error, HandshakeError, TransportError, WireError
 from .handshake import HandshakeState, fingerprint_from_sdp
 from .identity import Identity
 from .rpc import Handler, Link, LinkParams
-from .wire import Encoder, Reassembler
+from .wire import Encoder, Limits, Reassembler
 
 __all__ = [
     "TransportConfig",
@@ -42,6 +42,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 CHANNEL_LABEL = "edgemesh"
+# Handshake messages are a few hundred bytes: nothing bigger is accepted before it completes.
+HANDSHAKE_LIMITS = Limits(
+    max_header=1024, max_frame=4096, max_message=4096, max_partial=1, max_partial_bytes=4096
+)
 _original_host_addresses = aioice.ice.get_host_addresses
 _closing: set[asyncio.Task[None]] = set()  # peer connections being torn down
 
@@ -107,6 +111,10 @@ class PendingConnection:
         self._channel_ready: asyncio.Future[RTCDataChannel] = (
             asyncio.get_running_loop().create_future()
         )
+        # Retrieved even when nobody awaits it (a dial abandoned early), so no warning is logged.
+        self._channel_ready.add_done_callback(
+            lambda f: f.exception() if not f.cancelled() else None
+        )
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
         self._link: Link | None = None
         self._failed = asyncio.Event()
@@ -132,7 +140,11 @@ class PendingConnection:
             if isinstance(data, str):
                 data = data.encode()
             if self._link is not None:
-                self._link.feed(data)
+                try:
+                    self._link.feed(data)
+                except Exception as exc:  # never let a peer's message kill aiortc's loop
+                    log.exception("link to %s failed on a message", self._link.peer_id[:12])
+                    self._link.close(f"internal error: {type(exc).__name__}")
             elif self._inbox.full():
                 # A peer flooding before the handshake completes is misbehaving.
                 self._fail_now("too many messages before the handshake completed")
@@ -186,21 +198,22 @@ class PendingConnection:
         except Error:
             await self.pc.close()
             raise
-        link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, on_close)
-        self._link = link
-        # Messages that raced the end of the handshake belong to the link.
-        while not self._inbox.empty():
-            link.feed(self._inbox.get_nowait())
         pc = self.pc
 
-        def _closed(_: Link) -> None:
+        def _closed(closed: Link) -> None:
             task = asyncio.get_running_loop().create_task(pc.close())
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             if on_close is not None:
-                on_close(link)
+                on_close(closed)
 
-        link._on_close = _closed  # close the pc whenever the link closes
+        # The pc closes whenever the link closes, from the first message on.
+        link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
+        link.offerer = self.offerer
+        self._link = link
+        # Messages that raced the end of the handshake belong to the link.
+        while not self._inbox.empty() and link.is_open:
+            link.feed(self._inbox.get_nowait())
         link.start()
         if self._failed.is_set():
             link.close("connection lost during handshake", notify=False)
@@ -216,8 +229,8 @@ class PendingConnection:
             remote_fp=fingerprint_from_sdp(remote_sdp),
             expected_peer=self.expected_peer,
         )
-        encoder = Encoder(self.config.link.limits)
-        reassembler = Reassembler(self.config.link.limits)
+        encoder = Encoder(HANDSHAKE_LIMITS)
+        reassembler = Reassembler(HANDSHAKE_LIMITS)
 
         def send(header: dict[str, Any]) -> None:
             for frame in encoder.encode(header, compress=False):

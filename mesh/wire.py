@@ -8,8 +8,9 @@ Frame layout (big-endian)::
 
 A message larger than one frame travels as FLAG_CHUNK frames: each carries ``_m`` (message id),
 ``_i`` (chunk index), ``_n`` (chunk count) and ``_l`` (total payload bytes on the wire); the
-first chunk also carries the user header as ``_h``. A compressed payload declares its raw size
-in ``_z``. Keys starting with ``_`` are reserved.
+first chunk also carries the user header as ``_h``. A chunk frame ``{_m, _x: 1}`` aborts a
+message whose sender gave up, so the receiver frees its partial bytes at once. A compressed
+payload declares its raw size in ``_z``. Keys starting with ``_`` are reserved.
 
 Every length field is checked against :class:`Limits` before anything is allocated or
 decompressed; parsers are pure functions that raise :class:`~mesh.errors.WireError` only.
@@ -225,6 +226,13 @@ class Encoder:
             return [encode_frame(flags, wire_header, body, limits)]
         return list(self._chunks(flags, wire_header, body))
 
+    def abort_frame(self, first_frame: bytes) -> bytes | None:
+        """A frame telling the receiver to drop a chunked message we stopped sending."""
+        frame = parse_frame(first_frame, self.limits)
+        if not frame.flags & FLAG_CHUNK:
+            return None
+        return encode_frame(FLAG_CHUNK, {"_m": frame.header["_m"], "_x": 1}, b"", self.limits)
+
     def _chunks(self, flags: int, header: dict[str, Any], body: bytes) -> Iterator[bytes]:
         limits = self.limits
         msg_id = self._next_id
@@ -284,6 +292,9 @@ class Reassembler:
     def _feed_chunk(self, frame: Frame) -> Message | None:
         h = frame.header
         msg_id = _int_field(h, "_m", 0, 0xFFFFFFFF)
+        if h.get("_x") == 1:  # the sender gave up on this message (its caller timed out)
+            self._drop(msg_id)
+            return None
         index = _int_field(h, "_i", 0, 0xFFFFFFFF)
         if index == 0:
             partial = self._start(frame, msg_id)

@@ -152,3 +152,62 @@ async def test_ping_measures_rtt():
     await until(lambda: la.rtt_ms is not None)
     assert la.rtt_ms >= 0
     la.close()
+
+
+async def test_timed_out_large_calls_do_not_poison_the_link():
+    """A caller that gives up mid-message aborts it: the receiver frees the partial bytes."""
+    from mesh.wire import Limits
+
+    params = LinkParams(
+        high_water=200_000, low_water=50_000, limits=Limits(max_partial_bytes=8 * 1024 * 1024)
+    )
+    la, lb, sa, sb, ca, cb = make_links(params)
+    for _ in range(4):  # 4 x 5 MB would exceed the 8 MB partial budget without aborts
+        ca.paused = True  # the network stalls: the sender blocks at its high-water mark
+        with pytest.raises(DeadlineExceeded):
+            await la.call("echo", {}, os.urandom(5_000_000), timeout=0.2)
+        ca.paused = False
+        ca.flush()  # what was sent, then the abort, reach the receiver
+        assert lb._reassembler.partial_count == 0
+    assert lb.is_open and la.is_open
+    assert (await la.call("echo", {}, b"ok")).payload == b"ok"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "res", "id": [1]},
+        {"t": "cancel", "id": {"a": 1}},
+        {"t": "pong", "n": [2]},
+        {"t": "req", "id": "x", "m": 1},
+    ],
+)
+async def test_malformed_control_messages_close_cleanly(header):
+    from mesh.wire import Encoder
+
+    la, lb, *_ = make_links()
+    for frame in Encoder().encode(header):
+        lb.feed(frame)
+    assert not lb.is_open and "protocol error" in lb.close_reason
+
+
+async def test_serving_bytes_cap():
+    params = LinkParams(max_serving_bytes=1_000_000)
+    la, lb, sa, sb, *_ = make_links(params)
+    first = asyncio.ensure_future(la.call("block", {}, os.urandom(800_000), timeout=10))
+    await until(lambda: sb.started == 1)
+    with pytest.raises(TooManyRequests, match="request bytes"):
+        await la.call("block", {}, os.urandom(300_000), timeout=10)
+    sb.release.set()
+    await first
+    assert lb._serving_bytes == 0
+
+
+async def test_reply_to_a_peer_that_stops_reading_is_bounded_by_the_deadline():
+    params = LinkParams(high_water=100_000, low_water=10_000)
+    la, lb, sa, sb, ca, cb = make_links(params)
+    cb.paused = True  # b's replies never get delivered: a peer that stopped reading
+    with pytest.raises(DeadlineExceeded):
+        await la.call("echo", {}, os.urandom(2_000_000), timeout=0.3)
+    await until(lambda: lb.inflight_in == 0)
+    assert lb._serving_bytes == 0

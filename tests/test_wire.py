@@ -236,3 +236,14 @@ def test_header_unpack_never_uses_ext():
 def test_unencodable_header_is_wire_error():
     with pytest.raises(WireError, match="cannot be encoded"):
         Encoder().encode({"big": 2**70}, b"")
+
+
+def test_abort_frame_frees_partial_message():
+    enc, r = Encoder(), Reassembler()
+    frames = enc.encode({}, os.urandom(300_000), False)
+    r.feed(frames[0])
+    r.feed(frames[1])
+    assert r.partial_count == 1
+    assert r.feed(enc.abort_frame(frames[0])) is None
+    assert r.partial_count == 0
+    assert enc.abort_frame(enc.encode({}, b"small")[0]) is None
