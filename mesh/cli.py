@@ -222,13 +222,13 @@ async def _run_node(args: argparse.Namespace) -> int:
     node = Node(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: loop.create_task(node.stop()))
+        loop.add_signal_handler(sig, node.stop)
     try:
         ready = await node.start()
         print(json.dumps(ready), flush=True)
         await node.run_until_stopped()
     finally:
-        await node.stop()
+        await node.stop()  # the same shutdown a signal started, awaited to its end
     return 0
 
 

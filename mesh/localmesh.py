@@ -77,8 +77,11 @@ class LocalMesh:
         mdns_interface: str | None = "127.0.0.1",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        mesh: str | None = None,
     ) -> None:
         self.base_dir = Path(base_dir)
+        # A mesh name of its own: local meshes started side by side do not see each other.
+        self.mesh = mesh or f"local-{os.urandom(4).hex()}"
         self.mdns_interface = mdns_interface
         self.extra_args = extra_args or []
         self.env = env
@@ -97,6 +100,7 @@ class LocalMesh:
     ) -> NodeProcess:
         data_dir = self.base_dir / name
         cmd = [sys.executable, "-m", "mesh", "node", "--data-dir", str(data_dir), "--name", name]
+        cmd += ["--mesh", self.mesh]
         if self.mdns_interface:
             cmd += ["--mdns-interface", self.mdns_interface]
         cmd += self.extra_args + (args or [])

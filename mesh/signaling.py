@@ -14,7 +14,9 @@ envelope out) and ``GET /edgemesh/info`` (a signed self-description) on an ephem
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -39,6 +41,8 @@ __all__ = [
     "fetch_info",
     "send_offer",
     "MAX_ENVELOPE",
+    "parse_endpoint",
+    "format_endpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,39 @@ MAX_ENVELOPE = 64 * 1024
 MAX_SKEW = 60.0
 _FIELDS = ("v", "kind", "from", "pk", "to", "nonce", "time", "body")
 _CONTEXT = b"edgemesh/signal/v1\x00"
+
+
+def parse_endpoint(text: Any) -> tuple[str, int] | None:
+    """``"IP:PORT"`` or ``"[IPv6]:PORT"`` from the network, or None if it is anything else
+    (a host name, a path, a bad port): a peer must not choose what URL we request."""
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return None
+    return str(ip), int(port)
+
+
+def format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def clean_endpoints(items: Any, limit: int = 8) -> list[str]:
+    """Valid, de-duplicated endpoints from an untrusted list."""
+    if not isinstance(items, list):
+        return []
+    out: list[str] = []
+    for item in items[: limit * 2]:
+        parsed = parse_endpoint(item)
+        if parsed is not None:
+            text = format_endpoint(*parsed)
+            if text not in out:
+                out.append(text)
+    return out[:limit]
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,8 @@ def parse_envelope(data: bytes) -> Envelope:
         raise SignalingError("bad key or nonce")
     if not isinstance(ts, float | int) or not isinstance(body, dict) or not isinstance(sig, bytes):
         raise SignalingError("bad time, body or signature")
+    if not math.isfinite(ts):
+        raise SignalingError("time is not a finite number")
     try:
         if peer_id_from_key(pk) != sender:
             raise SignalingError(f"sender id {sender[:12]} is not the hash of its key")
@@ -132,12 +171,16 @@ class ReplayGuard:
         key = env.sender.encode() + env.nonce
         if key in self._seen:
             raise SignalingError("replayed signaling message")
-        self._seen[key] = env.time
-        # Entries older than the window can go: their messages fail the time check anyway.
-        while self._seen and (
-            len(self._seen) > self.capacity or next(iter(self._seen.values())) < now - self.window
-        ):
-            self._seen.popitem(last=False)
+        # A message stays acceptable until its time is a window old, and its time may be up to
+        # a window ahead of its arrival: nonces are kept two windows after arrival.
+        for old_key, seen_at in list(self._seen.items()):
+            if seen_at >= now - 2 * self.window:
+                break
+            del self._seen[old_key]
+        if len(self._seen) >= self.capacity:
+            # Fail closed: evicting a live nonce would let its message be replayed.
+            raise SignalingError("too many signaling messages in the replay window")
+        self._seen[key] = now
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -217,10 +260,14 @@ class SignalingServer:
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    data = await resp.content.read(MAX_ENVELOPE + 1)
-    if len(data) > MAX_ENVELOPE:
+    if (resp.content_length or 0) > MAX_ENVELOPE:
         raise SignalingError("signaling reply too large")
-    return data
+    data = bytearray()
+    while chunk := await resp.content.read(MAX_ENVELOPE + 1 - len(data)):
+        data += chunk
+        if len(data) > MAX_ENVELOPE:
+            raise SignalingError("signaling reply too large")
+    return bytes(data)
 
 
 async def fetch_info(session: aiohttp.ClientSession, address: str, me: str) -> Envelope:

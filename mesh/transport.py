@@ -263,6 +263,18 @@ class PendingConnection:
         return proven
 
 
+MAX_CANDIDATES = 16
+
+
+def check_sdp(sdp: str) -> None:
+    """Bound what a remote SDP can make us do: every candidate costs STUN checks."""
+    if len(sdp) > 32 * 1024:
+        raise TransportError("SDP too large")
+    count = sum(1 for line in sdp.splitlines() if line.startswith("a=candidate:"))
+    if count > MAX_CANDIDATES:
+        raise TransportError(f"SDP lists {count} ICE candidates (at most {MAX_CANDIDATES})")
+
+
 def _new_pc(config: TransportConfig) -> RTCPeerConnection:
     return RTCPeerConnection(configuration=config.rtc_configuration())
 
@@ -282,6 +294,7 @@ async def open_offer(
 async def complete_offer(pending: PendingConnection, answer_sdp: str) -> None:
     """Apply the answer SDP on the offering side."""
     try:
+        check_sdp(answer_sdp)
         await pending.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
     except Exception as exc:  # aiortc raises ValueError and others on bad SDP
         await pending.pc.close()
@@ -292,6 +305,7 @@ async def accept_offer(
     identity: Identity, config: TransportConfig, offer_sdp: str, expected_peer: str
 ) -> tuple[PendingConnection, str]:
     """Create the answering side for ``offer_sdp``; returns it and the answer SDP."""
+    check_sdp(offer_sdp)
     pc = _new_pc(config)
     pending = PendingConnection(pc, identity, config, offerer=False, expected_peer=expected_peer)
     pc.on("datachannel", pending.attach_channel)

@@ -124,7 +124,8 @@ async def test_spoofed_mdns_announcement_never_connects(local_mesh):
     await local_mesh.wait_connected(timeout=20)
 
     attacker, victim = Identity.generate(), Identity.generate()
-    props = make_properties(attacker, 9, ["127.0.0.1"], "spoof")
+    mesh = local_mesh.mesh
+    props = make_properties(attacker, 9, ["127.0.0.1"], "spoof", mesh)
     zc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     infos = []
     # 1) another peer's id (b's) with the attacker's key; 2) a victim's id, attacker's key
@@ -142,7 +143,7 @@ async def test_spoofed_mdns_announcement_never_connects(local_mesh):
         )
     # 3) a's real record replayed by the attacker, pointing at the attacker's address
     real = dict(
-        make_properties(attacker, 9, ["127.0.0.1"], "x"),
+        make_properties(attacker, 9, ["127.0.0.1"], "x", mesh),
         id=a.peer_id,
         pk=base64.urlsafe_b64encode(b"\0" * 32).decode().rstrip("="),
     )

@@ -62,7 +62,7 @@ async def test_demo_json(tmp_path):
     assert body["peers"] == 3 and len(body["views"]) == 3
     for view in body["views"].values():
         assert [p["state"] for p in view] == ["connected", "connected"]
-    assert 0 < body["rtt_median_ms"] < 50
+    assert body["rtt_median_ms"] > 0
 
 
 async def test_link_drop_reconnects(local_mesh):

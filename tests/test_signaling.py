@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 
 from mesh.errors import SignalingError
 from mesh.identity import Identity
-from mesh.signaling import MAX_ENVELOPE, ReplayGuard, open_envelope, parse_envelope, seal
+from mesh.signaling import (
+    MAX_ENVELOPE,
+    ReplayGuard,
+    open_envelope,
+    parse_endpoint,
+    parse_envelope,
+    seal,
+)
 
 A, B = Identity.generate(), Identity.generate()
 
@@ -60,12 +67,42 @@ def test_oversized_refused():
         parse_envelope(b"\x00" * (MAX_ENVELOPE + 1))
 
 
-def test_replay_guard_is_bounded():
+def test_replay_guard_is_bounded_and_fails_closed():
     guard = ReplayGuard(capacity=100)
     now = time.time()
-    for _ in range(1000):
+    for _ in range(100):
         guard.check(parse_envelope(seal(A, "offer", B.peer_id, {}, now=now)), now)
-    assert len(guard) <= 100
+    with pytest.raises(SignalingError, match="too many"):
+        guard.check(parse_envelope(seal(A, "offer", B.peer_id, {}, now=now)), now)
+    assert len(guard) == 100
+    # two windows later the old nonces are gone and new messages pass again
+    later = now + 2 * guard.window + 1
+    guard.check(parse_envelope(seal(A, "offer", B.peer_id, {}, now=later)), later)
+    assert len(guard) == 1
+
+
+def test_nan_time_refused():
+    fields = msgpack.unpackb(seal(A, "offer", B.peer_id, {}))
+    fields[6] = float("nan")
+    fields[8] = A.sign(b"edgemesh/signal/v1\x00" + msgpack.packb(fields[:8]))
+    with pytest.raises(SignalingError, match="finite"):
+        parse_envelope(msgpack.packb(fields))
+
+
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("127.0.0.1:80", True),
+        ("[::1]:443", True),
+        ("10.0.0.1:0", False),
+        ("evil.example:80", False),
+        ("1.2.3.4:80/path", False),
+        ("1.2.3.4", False),
+        (5, False),
+    ],
+)
+def test_parse_endpoint(text, ok):
+    assert (parse_endpoint(text) is not None) == ok
 
 
 SCALARS = st.one_of(
