@@ -307,6 +307,11 @@ class RecordStore(IStorage):  # type: ignore[misc]
 class _Protocol(KademliaProtocol):  # type: ignore[misc]
     storage: RecordStore
 
+    def __init__(self, source_node: KadNode, storage: RecordStore, ksize: int) -> None:
+        super().__init__(source_node, storage, ksize)
+        # rpcudp waits 5 s for a reply; one dead contact would stall every lookup that long.
+        self._wait_timeout = 2.0
+
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.storage.is_banned(tuple(addr[0:2])):
             return

@@ -9,6 +9,7 @@ each member's peer record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -71,8 +72,12 @@ class DhtMembership:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop polling and tell the mesh we left (a newer record saying so), briefly."""
         if self._task is not None:
             self._task.cancel()
+        with contextlib.suppress(DiscoveryError, OSError, TimeoutError):
+            left = make_record(self.identity, "prov", self.mesh_key, {"left": True}, 60.0)
+            await asyncio.wait_for(self.dht.put(left), 1.0)
 
     async def _run(self) -> None:
         last_publish = 0.0
@@ -96,7 +101,7 @@ class DhtMembership:
         seen: set[str] = set()
         for prov in await self.dht.lookup(self.mesh_key):
             pid = prov.peer_id
-            if pid == self.identity.peer_id:
+            if pid == self.identity.peer_id or prov.body.get("left"):
                 continue
             rec = await self.dht.peer_record(pid)
             if rec is None or rec.body.get("mesh") != self.mesh:
