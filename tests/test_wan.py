@@ -1,5 +1,8 @@
 """Joining across networks: MQTT rendezvous and the signed DHT, with real node processes."""
 
+import asyncio
+import os
+
 import pytest
 
 pytestmark = pytest.mark.network
@@ -38,3 +41,43 @@ async def test_dht_bootstrap_mesh_connects_and_finds_peer_records(local_mesh):
             rec = await local_mesh.get(n, f"/v1/dht/peer/{m.peer_id}")
             assert rec["peer_id"] == m.peer_id and rec["verified"] is True
             assert any(a.endswith(m.signaling.rsplit(":", 1)[1]) for a in rec["body"]["addrs"])
+
+
+async def test_private_mesh_key_seals_broker_traffic(local_mesh, broker, tmp_path):
+    import aiomqtt
+
+    from mesh.errors import SignalingError
+    from mesh.signaling import parse_envelope
+
+    key = tmp_path / "mesh.key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o600)
+    host, port = broker.url.removeprefix("mqtt://").split(":")
+    seen = []
+    async with aiomqtt.Client(host, int(port)) as spy:
+        await spy.subscribe("edgemesh/v1/secret/#")
+        args = ["--no-mdns", "--mqtt", broker.url, "--mesh", "secret", "--mesh-key", str(key)]
+        a = await local_mesh.start_node("a", args)
+        b = await local_mesh.start_node("b", args)
+        outsider = await local_mesh.start_node(
+            "outsider", ["--no-mdns", "--mqtt", broker.url, "--mesh", "secret"]
+        )
+        await local_mesh.wait_connected(timeout=30, nodes=[a, b])
+
+        async def collected():
+            while True:
+                msg = await anext(spy.messages)
+                seen.append(msg.payload)
+                if len(seen) >= 2:
+                    return True
+
+        await asyncio.wait_for(collected(), 10)
+    # the broker (and anyone subscribed) sees only ciphertext
+    for payload in seen:
+        if payload:
+            with pytest.raises(SignalingError):
+                parse_envelope(payload)
+    assert await local_mesh.get(outsider, "/v1/peers") == []
+    assert a.peer_id not in await local_mesh.connected_ids(outsider)
+    info = await local_mesh.get(outsider, "/v1/info")
+    assert info["counters"]["mqtt_rejected"] >= 2  # it saw sealed presences it cannot open
