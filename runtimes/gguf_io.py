@@ -11,7 +11,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "open_gguf",
     "SHARD_START_KEY",
     "SHARD_END_KEY",
+    "TIED_KEY",
     "SUPPORTED_TYPES",
     "expected_shape",
 ]
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SHARD_START_KEY = "edgemesh.shard.unit_start"
 SHARD_END_KEY = "edgemesh.shard.unit_end"
+TIED_KEY = "edgemesh.shard.tied_embeddings"  # a block-only blob cannot tell from its tensors
 
 _MAX_COUNT = 1 << 20  # tensors or metadata keys: far above any real model
 _LARGE_ARRAY = 1 << 16  # arrays longer than this are not decoded eagerly (tokenizer tables)
@@ -114,6 +116,9 @@ class GGUFFile:
         self.config: ModelConfig = config_from_metadata(
             self.metadata, set(self.tensors), vocab_rows
         )
+        tied = self.metadata.get(TIED_KEY)
+        if isinstance(tied, bool) and tied != self.config.tied_embeddings:
+            self.config = replace(self.config, tied_embeddings=tied)
         n_units = unit_count(self.config.n_layers)
         start = self.metadata.get(SHARD_START_KEY, 0)
         end = self.metadata.get(SHARD_END_KEY, n_units)
