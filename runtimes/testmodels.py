@@ -234,7 +234,8 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     def vec(name: str, n: int, center: float, std: float) -> None:
         w.add_tensor(name, (center + rng.standard_normal(n) * std).astype(np.float32))
 
-    mat("token_embd.weight", "token_embd.weight", vocab, d, 1.0)
+    # tied tables also produce the logits: keep them small so that logits stay in a few units
+    mat("token_embd.weight", "token_embd.weight", vocab, d, 0.15 if spec.tied else 1.0)
     vec("output_norm.weight", d, 1.0, 0.1)
     if not spec.tied:
         mat("output.weight", "output.weight", vocab, d, 1.0 / np.sqrt(d))
