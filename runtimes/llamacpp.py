@@ -46,7 +46,9 @@ class LlamaCppRuntime(Runtime):
     ) -> None:
         super().__init__(shard)
         if not (shard.is_first and shard.is_last) or shard.whole_model_path is None:
-            raise ModelError("llama.cpp runs whole models only: give it a one-file shard of all units")
+            raise ModelError(
+                "llama.cpp runs whole models only: give it a one-file shard of all units"
+            )
         self._logits_all = logits_all
         kwargs: dict[str, Any] = {}
         if kv_f32:  # float32 KV cache: tighter agreement in oracle comparisons
@@ -81,7 +83,9 @@ class LlamaCppRuntime(Runtime):
         if max_tokens > self._n_ctx:
             from .errors import SessionError
 
-            raise SessionError(f"max_tokens {max_tokens} exceeds this context's n_ctx {self._n_ctx}")
+            raise SessionError(
+                f"max_tokens {max_tokens} exceeds this context's n_ctx {self._n_ctx}"
+            )
         return super().open_session(max_tokens)
 
     def _open(self, session: Session) -> None:
@@ -102,8 +106,11 @@ class LlamaCppRuntime(Runtime):
         llm.eval(toks)
         history.extend(toks)
         if self._logits_all:
-            rows = llm.scores[start : start + len(toks)] if all_logits else llm.scores[llm.n_tokens - 1 :
-                                                                                       llm.n_tokens]
+            rows = (
+                llm.scores[start : start + len(toks)]
+                if all_logits
+                else llm.scores[llm.n_tokens - 1 : llm.n_tokens]
+            )
             return np.array(rows, dtype=np.float32)
         ptr = llm._ctx.get_logits()  # the last position's logits (only output of the batch)
         return np.ctypeslib.as_array(ptr, shape=(1, llm.n_vocab())).copy()

@@ -33,7 +33,10 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 
 
 def rope_tables(
-    positions: np.ndarray[Any, Any], head_dim: int, base: float, freq_scale: float = 1.0,
+    positions: np.ndarray[Any, Any],
+    head_dim: int,
+    base: float,
+    freq_scale: float = 1.0,
     freq_factors: np.ndarray[Any, Any] | None = None,
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """cos and signed sin tables [S, 1, head_dim] for rotate-halves RoPE."""
@@ -77,24 +80,32 @@ class OnnxRuntime(Runtime):
     ) -> None:
         super().__init__(shard)
         cfg = self.config
-        model = build_shard_graph(shard, GraphOptions(accuracy_level, fuse_linears))
+        model, weights = build_shard_graph(shard, GraphOptions(accuracy_level, fuse_linears))
         so = ort.SessionOptions()
+        # onnxruntime reads these buffers in place: keep the arrays alive with the session
+        self._weights = weights
+        self._weight_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+        so.add_external_initializers(list(weights), self._weight_values)
         so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         data = model.SerializeToString()
-        del model  # the protobuf holds a copy of every weight; free it before the session grows
+        del model
         try:
-            self._sess = ort.InferenceSession(data, so, providers=providers or
-                                              ["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(
+                data, so, providers=providers or ["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise RuntimeUnavailableError(f"onnxruntime rejected the shard graph: {exc}") from exc
         del data
         self._input_names = {i.name for i in self._sess.get_inputs()}
         self._layers = list(shard.layers)
-        self._freq_factors = (shard.tensor("rope_freqs.weight").dequantize().reshape(-1)
-                              if cfg.has_rope_freqs and self._layers else None)
+        self._freq_factors = (
+            shard.tensor("rope_freqs.weight").dequantize().reshape(-1)
+            if cfg.has_rope_freqs and self._layers
+            else None
+        )
         self._out_names = [o.name for o in self._sess.get_outputs()]
         hk, hd = cfg.n_kv_heads, cfg.head_dim
         self._empty_k = np.zeros((hk, hd, 0), np.float32)
@@ -120,16 +131,19 @@ class OnnxRuntime(Runtime):
         kv: _KV = session.state
         feeds: dict[str, Any] = dict(kv.values)
         feeds["tokens" if self.shard.is_first else "hidden_in"] = ort.OrtValue.ortvalue_from_numpy(
-            inputs)
+            inputs
+        )
         pos = session.n_past + np.arange(n)
         if "cos_g" in self._input_names:
-            c, s = rope_tables(pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale,
-                               self._freq_factors)
+            c, s = rope_tables(
+                pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, self._freq_factors
+            )
             feeds["cos_g"], feeds["sin_g"] = _ov(c), _ov(s)
             feeds["mask_g"] = _ov(attention_masks(session.n_past, n, 0))
         if "cos_l" in self._input_names:
-            c, s = rope_tables(pos, cfg.head_dim, cfg.rope_base_swa, cfg.rope_freq_scale,
-                               self._freq_factors)
+            c, s = rope_tables(
+                pos, cfg.head_dim, cfg.rope_base_swa, cfg.rope_freq_scale, self._freq_factors
+            )
             feeds["cos_l"], feeds["sin_l"] = _ov(c), _ov(s)
             feeds["mask_l"] = _ov(attention_masks(session.n_past, n, cfg.sliding_window))
         if self.shard.is_last:

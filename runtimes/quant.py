@@ -88,8 +88,9 @@ def _q4_0(ref: TensorRef) -> NBitsWeight:
     qs = blk[..., 2:18]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j low, j+16 high
     n, nb = d.shape
-    return NBitsWeight(4, 32, n, nb * 32, pack_nibbles(codes), d,
-                       np.full((n, nb), 8, np.uint8), None)
+    return NBitsWeight(
+        4, 32, n, nb * 32, pack_nibbles(codes), d, np.full((n, nb), 8, np.uint8), None
+    )
 
 
 def _q5_0(ref: TensorRef) -> NBitsWeight:
@@ -107,10 +108,9 @@ def _q5_0(ref: TensorRef) -> NBitsWeight:
 def _q8_0(ref: TensorRef) -> NBitsWeight:
     blk = _blocks(ref, 34)
     d = _f16(blk[..., 0:2])
-    codes = (np.ascontiguousarray(blk[..., 2:34]).view(np.int8).astype(np.int16) + 128)
+    codes = np.bitwise_xor(blk[..., 2:34], np.uint8(0x80))  # int8 q + 128, as uint8
     n, nb = d.shape
-    return NBitsWeight(8, 32, n, nb * 32, codes.astype(np.uint8), d,
-                       np.full((n, nb), 128, np.uint8), None)
+    return NBitsWeight(8, 32, n, nb * 32, codes, d, np.full((n, nb), 128, np.uint8), None)
 
 
 def _q4_k(ref: TensorRef) -> NBitsWeight:
@@ -131,9 +131,16 @@ def _q4_k(ref: TensorRef) -> NBitsWeight:
     nb = blk.shape[1] * 8
     scales = (d * sc.astype(np.float32)).reshape(n, nb)
     offsets = (dmin * mn.astype(np.float32)).reshape(n, nb)
-    return NBitsWeight(4, 32, n, nb * 32, pack_nibbles(codes.reshape(n, nb, 32)),
-                       scales.astype(np.float32), np.zeros((n, nb), np.uint8),
-                       offsets.astype(np.float32))
+    return NBitsWeight(
+        4,
+        32,
+        n,
+        nb * 32,
+        pack_nibbles(codes.reshape(n, nb, 32)),
+        scales.astype(np.float32),
+        np.zeros((n, nb), np.uint8),
+        offsets.astype(np.float32),
+    )
 
 
 def _q6_k(ref: TensorRef) -> NBitsWeight:
@@ -149,13 +156,25 @@ def _q6_k(ref: TensorRef) -> NBitsWeight:
     codes[..., 64:96] = (ql[..., 0:32] >> 4) | (((qh >> 4) & 3) << 4)
     codes[..., 96:128] = (ql[..., 32:64] >> 4) | (((qh >> 6) & 3) << 4)
     nb = nsb * 16
-    return NBitsWeight(8, 16, n, nb * 16, codes.reshape(n, nb, 16),
-                       (d * sc).reshape(n, nb).astype(np.float32),
-                       np.full((n, nb), 32, np.uint8), None)
+    return NBitsWeight(
+        8,
+        16,
+        n,
+        nb * 16,
+        codes.reshape(n, nb, 16),
+        (d * sc).reshape(n, nb).astype(np.float32),
+        np.full((n, nb), 32, np.uint8),
+        None,
+    )
 
 
-_CONVERTERS: dict[Q, Any] = {Q.Q4_0: _q4_0, Q.Q5_0: _q5_0, Q.Q8_0: _q8_0, Q.Q4_K: _q4_k,
-                             Q.Q6_K: _q6_k}
+_CONVERTERS: dict[Q, Any] = {
+    Q.Q4_0: _q4_0,
+    Q.Q5_0: _q5_0,
+    Q.Q8_0: _q8_0,
+    Q.Q4_K: _q4_k,
+    Q.Q6_K: _q6_k,
+}
 
 
 def to_nbits(ref: TensorRef) -> NBitsWeight | None:

@@ -104,21 +104,23 @@ class ShardSpec:
         return sum(t.nbytes for t in self.tensors.values())
 
     @classmethod
-    def from_gguf(cls, model: GGUFFile, start: int | None = None, end: int | None = None) -> ShardSpec:
+    def from_gguf(
+        cls, model: GGUFFile, start: int | None = None, end: int | None = None
+    ) -> ShardSpec:
         s = model.unit_start if start is None else start
         e = model.unit_end if end is None else end
         if not model.unit_start <= s < e <= model.unit_end:
             raise ModelError(
-                f"{model.path} holds units [{model.unit_start}, {model.unit_end}), "
-                f"not [{s}, {e})"
+                f"{model.path} holds units [{model.unit_start}, {model.unit_end}), not [{s}, {e})"
             )
         names = {n for i in range(s, e) for n in unit_tensor_names(model.config, i)}
         whole = model.path if model.is_whole_model else None
         return cls(model.config, s, e, {n: model.tensors[n] for n in names}, [model], whole)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], start: int | None = None,
-             end: int | None = None) -> ShardSpec:
+    def open(
+        cls, path: str | os.PathLike[str], start: int | None = None, end: int | None = None
+    ) -> ShardSpec:
         """A plain GGUF file (whole model or a blob), without hash verification."""
         return cls.from_gguf(open_gguf(path), start, end)
 
@@ -161,8 +163,14 @@ class Manifest:
             "name": self.name,
             "n_layers": self.n_layers,
             "units": [
-                {"index": u.index, "kind": u.kind, "layer": u.layer, "tensors": list(u.tensors),
-                 "nbytes": u.nbytes, "blob": u.blob}
+                {
+                    "index": u.index,
+                    "kind": u.kind,
+                    "layer": u.layer,
+                    "tensors": list(u.tensors),
+                    "nbytes": u.nbytes,
+                    "blob": u.blob,
+                }
                 for u in self.units
             ],
             "blobs": [
@@ -229,28 +237,22 @@ def _parse_manifest(doc: Any) -> Manifest:
         expect = e
     if expect != len(units):
         raise ValueError("blobs do not cover every unit")
-    return Manifest(str(doc["architecture"]), str(doc["name"]), n_layers, tuple(units),
-                    tuple(blobs))
+    return Manifest(
+        str(doc["architecture"]), str(doc["name"]), n_layers, tuple(units), tuple(blobs)
+    )
 
 
 def _copy_metadata(writer: Any, model: GGUFFile, with_tokenizer: bool) -> None:
-    for key, fld in model.raw_fields():
-        if key in _SKIP_KEYS or (key.startswith("tokenizer.") and not with_tokenizer):
+    for kv in model.raw:
+        if kv.key in _SKIP_KEYS or (kv.key.startswith("tokenizer.") and not with_tokenizer):
             continue
-        vtype = fld.types[0]
-        if vtype == GGUFValueType.ARRAY:
-            sub = fld.types[-1]
-            if sub == GGUFValueType.STRING:
-                val: Any = [bytes(fld.parts[i]) for i in fld.data]  # byte-exact
-            else:
-                val = fld.contents()
-            if not val:
+        if kv.vtype == GGUFValueType.ARRAY:
+            val = kv.value if kv.sub_type == GGUFValueType.STRING else kv.value.tolist()
+            if not len(val):
                 continue  # the writer refuses empty arrays
-            writer.add_key_value(key, val, vtype, sub_type=sub)
-        elif vtype == GGUFValueType.STRING:
-            writer.add_key_value(key, bytes(fld.parts[-1]), vtype)
+            writer.add_key_value(kv.key, val, kv.vtype, sub_type=kv.sub_type)
         else:
-            writer.add_key_value(key, fld.contents(), vtype)
+            writer.add_key_value(kv.key, kv.value, kv.vtype)
 
 
 def pack_range(model: GGUFFile, start: int, end: int, out_dir: str | os.PathLike[str]) -> BlobInfo:
@@ -279,7 +281,9 @@ def pack_range(model: GGUFFile, start: int, end: int, out_dir: str | os.PathLike
         w.add_bool(TIED_KEY, cfg.tied_embeddings)
         for n in names:
             t = model.tensors[n]
-            raw = None if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else t.qtype
+            raw = (
+                None if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else t.qtype
+            )
             w.add_tensor(n, t.data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -316,9 +320,13 @@ class ShardStore:
             raise ModelError(f"{path} is a shard, not a whole model")
         n_units = model.config.n_units
         ranges = list(partition) if partition is not None else [(i, i + 1) for i in range(n_units)]
-        if not ranges or ranges[0][0] != 0 or ranges[-1][1] != n_units or any(
-            a[1] != b[0] for a, b in zip(ranges, ranges[1:], strict=False)
-        ) or any(s >= e for s, e in ranges):
+        if (
+            not ranges
+            or ranges[0][0] != 0
+            or ranges[-1][1] != n_units
+            or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            or any(s >= e for s, e in ranges)
+        ):
             raise ValueError(f"partition {ranges} does not cover units 0..{n_units} contiguously")
         blobs = [pack_range(model, s, e, self.blob_dir) for s, e in ranges]
         units = []
@@ -327,8 +335,9 @@ class ShardStore:
                 kind, layer = unit_kind(i, model.config.n_layers)
                 names = tuple(unit_tensor_names(model.config, i))
                 units.append(UnitInfo(i, kind, layer, names, model.unit_nbytes(i), b.sha256))
-        manifest = Manifest(model.config.arch, model.config.name, model.config.n_layers,
-                            tuple(units), tuple(blobs))
+        manifest = Manifest(
+            model.config.arch, model.config.name, model.config.n_layers, tuple(units), tuple(blobs)
+        )
         self.save_manifest(manifest)
         log.info("stored %s as %d blobs, model id %s", path, len(blobs), manifest.model_id)
         return manifest
@@ -390,5 +399,17 @@ class ShardStore:
 
 
 def _hparams(c: ModelConfig) -> tuple[Any, ...]:
-    return (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff,
-            c.vocab_size, c.rope_base, c.sliding_window, c.swa_layers, c.tied_embeddings)
+    return (
+        c.arch,
+        c.n_layers,
+        c.d_model,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.d_ff,
+        c.vocab_size,
+        c.rope_base,
+        c.sliding_window,
+        c.swa_layers,
+        c.tied_embeddings,
+    )

@@ -137,8 +137,18 @@ def _bpe_vocab() -> tuple[list[str], list[int], list[str]]:
     """A GPT-2 byte-level BPE vocab with a few merges (each merge's result is a token)."""
     tokens = _byte_unicode()
     merges: list[str] = []
-    for a, b in [("\u0120", "t"), ("h", "e"), ("i", "n"), ("\u0120t", "he"), ("e", "r"),
-                 ("o", "n"), ("\u0120", "a"), ("a", "n"), ("r", "e"), ("\u0120", "s")]:
+    for a, b in [
+        ("\u0120", "t"),
+        ("h", "e"),
+        ("i", "n"),
+        ("\u0120t", "he"),
+        ("e", "r"),
+        ("o", "n"),
+        ("\u0120", "a"),
+        ("a", "n"),
+        ("r", "e"),
+        ("\u0120", "s"),
+    ]:
         merges.append(f"{a} {b}")
         if a + b not in tokens:
             tokens.append(a + b)
@@ -158,7 +168,9 @@ def _random_k_quant(rng: np.random.Generator, rows: int, cols: int, qtype: Q, st
         raw[:, :, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
         raw[:, :, 2:4] = np.frombuffer(np.float16(std * 7.5 / 140.0).tobytes(), np.uint8)
     elif qtype == Q.Q6_K:
-        raw[:, :, 192:208] = rng.integers(-40, 41, size=(rows, nb, 16)).astype(np.int8).view(np.uint8)
+        raw[:, :, 192:208] = (
+            rng.integers(-40, 41, size=(rows, nb, 16)).astype(np.int8).view(np.uint8)
+        )
         raw[:, :, 208:210] = np.frombuffer(np.float16(std / 500.0).tobytes(), np.uint8)
     else:
         raise ValueError(qtype)
