@@ -250,7 +250,7 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     mat("token_embd.weight", "token_embd.weight", vocab, d, 0.15 if spec.tied else 1.0)
     vec("output_norm.weight", d, 1.0, 0.1)
     if not spec.tied:
-        mat("output.weight", "output.weight", vocab, d, 1.0 / np.sqrt(d))
+        mat("output.weight", "output.weight", vocab, d, 3.0 / np.sqrt(d))  # logits of a few units
     shapes: dict[str, tuple[int, ...]] = {
         "attn_q.weight": (qd, d),
         "attn_k.weight": (kvd, d),
