@@ -51,17 +51,25 @@ def oracle(gemma: Path) -> LlamaCppRuntime:
 def test_config(gemma: Path) -> None:
     c = ShardSpec.open(gemma).config
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim) == (
-        "gemma3", 18, 640, 4, 1, 256)
+        "gemma3",
+        18,
+        640,
+        4,
+        1,
+        256,
+    )
     assert c.vocab_size == 262144 and c.sliding_window == 512 and c.tied_embeddings
     assert [i for i, s in enumerate(c.swa_layers) if not s] == [5, 11, 17]
 
 
-def test_onnx_three_way_split_agrees_with_llama_cpp(gemma: Path,
-                                                    oracle: LlamaCppRuntime) -> None:
+def test_onnx_three_way_split_agrees_with_llama_cpp(gemma: Path, oracle: LlamaCppRuntime) -> None:
     cfg = ShardSpec.open(gemma).config
-    chain = Chain([OnnxRuntime(ShardSpec.open(gemma, *layer_units(a, b, cfg.n_layers)),
-                               threads=2)
-                   for a, b in [(0, 6), (6, 12), (12, 18)]])
+    chain = Chain(
+        [
+            OnnxRuntime(ShardSpec.open(gemma, *layer_units(a, b, cfg.n_layers)), threads=2)
+            for a, b in [(0, 6), (6, 12), (12, 18)]
+        ]
+    )
     for text in PROMPTS:
         prompt = oracle.llama.tokenize(text, add_bos=True)
         c = compare_chain(oracle, chain, prompt, decode_steps=32, max_tokens=64)

@@ -37,7 +37,12 @@ def test_config_from_generated_model(models: dict[str, Path], arch: str) -> None
     m = open_gguf(models[arch])
     c = m.config
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == (
-        arch, spec.n_layers, spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim,
+        arch,
+        spec.n_layers,
+        spec.d_model,
+        spec.n_heads,
+        spec.n_kv_heads,
+        spec.head_dim,
         spec.d_ff,
     )
     assert c.tied_embeddings == spec.tied

@@ -33,19 +33,23 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _oracle(path: Path) -> LlamaCppRuntime:
-    return LlamaCppRuntime(ShardSpec.open(path), n_ctx=64, logits_all=True, kv_f32=True,
-                           threads=2)
+    return LlamaCppRuntime(ShardSpec.open(path), n_ctx=64, logits_all=True, kv_f32=True, threads=2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_two_shards_agree_with_llama_cpp(models: dict[str, Path], arch: str,
-                                         tmp_path: Path) -> None:
+def test_two_shards_agree_with_llama_cpp(
+    models: dict[str, Path], arch: str, tmp_path: Path
+) -> None:
     store = ShardStore(tmp_path / "store")
     manifest = store.add_model(models[arch])
     n = len(manifest.units)
     mid = n // 2
-    chain = Chain([OnnxRuntime(store.open_range(manifest, 0, mid), threads=2),
-                   OnnxRuntime(store.open_range(manifest, mid, n), threads=2)])
+    chain = Chain(
+        [
+            OnnxRuntime(store.open_range(manifest, 0, mid), threads=2),
+            OnnxRuntime(store.open_range(manifest, mid, n), threads=2),
+        ]
+    )
     ref = _oracle(models[arch])
     c = compare_chain(ref, chain, PROMPT, decode_steps=16, max_tokens=64)
     print(arch, c.summary())
@@ -61,13 +65,17 @@ def test_three_way_split_equals_whole(models: dict[str, Path]) -> None:
     p = models["gemma3"]
     n = ShardSpec.open(p).config.n_units
     whole = Chain([OnnxRuntime(ShardSpec.open(p), threads=2)])
-    split = Chain([OnnxRuntime(ShardSpec.open(p, a, b), threads=2)
-                   for a, b in [(0, 3), (3, 5), (5, n)]])
+    split = Chain(
+        [OnnxRuntime(ShardSpec.open(p, a, b), threads=2) for a, b in [(0, 3), (3, 5), (5, n)]]
+    )
     outs = []
     for ch in (whole, split):
         ss = ch.open(64)
-        outs.append(np.concatenate([ch.forward(ss, PROMPT, all_logits=True),
-                                    ch.forward(ss, [4], all_logits=True)]))
+        outs.append(
+            np.concatenate(
+                [ch.forward(ss, PROMPT, all_logits=True), ch.forward(ss, [4], all_logits=True)]
+            )
+        )
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
@@ -75,8 +83,12 @@ def test_float_activations_also_agree(models: dict[str, Path]) -> None:
     """accuracy_level 0 (float32 activations) is within the same bound."""
     p = models["qwen2"]
     n = ShardSpec.open(p).config.n_units
-    chain = Chain([OnnxRuntime(ShardSpec.open(p, 0, 2), threads=2, accuracy_level=0),
-                   OnnxRuntime(ShardSpec.open(p, 2, n), threads=2, accuracy_level=0)])
+    chain = Chain(
+        [
+            OnnxRuntime(ShardSpec.open(p, 0, 2), threads=2, accuracy_level=0),
+            OnnxRuntime(ShardSpec.open(p, 2, n), threads=2, accuracy_level=0),
+        ]
+    )
     ref = _oracle(p)
     c = compare_chain(ref, chain, PROMPT, decode_steps=4, max_tokens=64)
     assert c.relative_diff <= REL_BOUND and c.agreed == c.decided, c.summary()
@@ -99,8 +111,10 @@ def test_batch_prefill_equals_token_by_token(models: dict[str, Path]) -> None:
 def test_sliding_window_mask() -> None:
     m = attention_masks(3, 2, window=2)  # queries at positions 3, 4 over keys 0..4
     allowed = np.isfinite(m)
-    assert allowed.tolist() == [[False, False, True, True, False],
-                                [False, False, False, True, True]]
+    assert allowed.tolist() == [
+        [False, False, True, True, False],
+        [False, False, False, True, True],
+    ]
     assert np.isfinite(attention_masks(0, 3, 0)).sum() == 6
 
 

@@ -83,8 +83,9 @@ def test_whole_range_blob_loads_in_llama_cpp(model: Path, store: ShardStore) -> 
     m = store.add_model(model, partition=[(0, n)])
     spec = store.open_range(m, 0, n)
     assert spec.whole_model_path is not None
-    llm = llama_cpp.Llama(str(spec.whole_model_path), n_ctx=32, n_threads=2, verbose=False,
-                          logits_all=True)
+    llm = llama_cpp.Llama(
+        str(spec.whole_model_path), n_ctx=32, n_threads=2, verbose=False, logits_all=True
+    )
     ref = llama_cpp.Llama(str(model), n_ctx=32, n_threads=2, verbose=False, logits_all=True)
     toks = [1, 5, 9, 40]
     llm.eval(toks)
@@ -133,8 +134,14 @@ def test_tampered_manifest_rejected(model: Path, store: ShardStore) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"{", b"[]", b'{"format":"other"}', b'{"format":"edgemesh-manifest/1","n_layers":-1}',
-     b"\xff\xfe"],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"format":"other"}',
+        b'{"format":"edgemesh-manifest/1","n_layers":-1}',
+        b"\xff\xfe",
+    ],
 )
 def test_malformed_manifest(data: bytes) -> None:
     with pytest.raises(MalformedModelError):
