@@ -153,7 +153,7 @@ def get_runtime(name: str) -> type[Runtime]:
 
 
 def load_runtime(name: str, shard: ShardSpec, **options: Any) -> Runtime:
-    rt: Runtime = get_runtime(name)(shard, **options)  # type: ignore[call-arg]
+    rt: Runtime = get_runtime(name)(shard, **options)
     return rt
 
 

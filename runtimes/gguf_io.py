@@ -313,7 +313,7 @@ class _Cursor:
 
 
 def _parse(path: Path, data: np.memmap[Any, Any]) -> GGUFFile:
-    cur = _Cursor(memoryview(data), path)
+    cur = _Cursor(memoryview(data), path)  # type: ignore[arg-type]  # memmap is a buffer
     magic = bytes(cur.buf[:4]) if len(cur.buf) >= 4 else b""
     if len(cur.buf) < 24:
         raise MalformedModelError(f"{path}: truncated GGUF header ({len(cur.buf)} bytes)")

@@ -97,7 +97,7 @@ class LlamaCppRuntime(Runtime):
         llm = self._llm
         history: list[int] = session.state
         if self._active != session.id or llm.n_tokens != len(history):
-            llm.reset()
+            llm.reset()  # type: ignore[no-untyped-call]
             if history:
                 llm.eval(history)
             self._active = session.id
@@ -112,7 +112,7 @@ class LlamaCppRuntime(Runtime):
                 else llm.scores[llm.n_tokens - 1 : llm.n_tokens]
             )
             return np.array(rows, dtype=np.float32)
-        ptr = llm._ctx.get_logits()  # the last position's logits (only output of the batch)
+        ptr = llm._ctx.get_logits()  # type: ignore[no-untyped-call]  # the last position's logits (only output of the batch)
         return np.ctypeslib.as_array(ptr, shape=(1, llm.n_vocab())).copy()
 
     def close_session(self, session: Session) -> None:

