@@ -77,3 +77,28 @@ def test_onnx_three_way_split_agrees_with_llama_cpp(gemma: Path, oracle: LlamaCp
         assert c.relative_diff <= REL_BOUND, (text, c.summary())
         assert c.agreed == c.decided, (text, c.summary(), c.mismatches)
         assert c.decided >= 24
+
+
+def test_tinygrad_three_way_split_agrees_with_llama_cpp(
+    gemma: Path, oracle: LlamaCppRuntime
+) -> None:
+    """One prompt only: tinygrad decodes Gemma at about 0.7 tok/s on this CPU."""
+    import shutil
+
+    pytest.importorskip("tinygrad")
+    if shutil.which("clang") is None:
+        pytest.skip("tinygrad on CPU needs clang")
+    from runtimes.tinygrad_rt import TinygradRuntime
+
+    cfg = ShardSpec.open(gemma).config
+    chain = Chain(
+        [
+            TinygradRuntime(ShardSpec.open(gemma, *layer_units(a, b, cfg.n_layers)))
+            for a, b in [(0, 6), (6, 12), (12, 18)]
+        ]
+    )
+    prompt = oracle.llama.tokenize(PROMPTS[0], add_bos=True)
+    c = compare_chain(oracle, chain, prompt, decode_steps=32, max_tokens=64)
+    print("tinygrad", c.summary())
+    assert c.relative_diff <= REL_BOUND, c.summary()
+    assert c.agreed == c.decided and c.decided >= 24, (c.summary(), c.mismatches)
