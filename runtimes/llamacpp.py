@@ -49,6 +49,7 @@ class LlamaCppRuntime(Runtime):
             raise ModelError(
                 "llama.cpp runs whole models only: give it a one-file shard of all units"
             )
+        _check_vocab(shard)
         self._logits_all = logits_all
         kwargs: dict[str, Any] = {}
         if kv_f32:  # float32 KV cache: tighter agreement in oracle comparisons
@@ -125,3 +126,13 @@ class LlamaCppRuntime(Runtime):
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()
+
+
+def _check_vocab(shard: ShardSpec) -> None:
+    """llama.cpp aborts the whole process (GGML_ASSERT) on a vocabulary with duplicate tokens;
+    refuse such a file with an error instead."""
+    for f in shard.files:
+        for kv in f.raw:
+            if kv.key == "tokenizer.ggml.tokens" and isinstance(kv.value, list):
+                if len(set(kv.value)) != len(kv.value):
+                    raise ModelError(f"{f.path}: the tokenizer lists a token twice")

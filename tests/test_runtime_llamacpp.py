@@ -41,3 +41,31 @@ def test_sessions_interleave(model: Path) -> None:
     with pytest.raises(ModelError, match="logits_all"):
         rt.forward(a, [3], all_logits=True)
     rt.close()
+
+
+def test_duplicate_tokens_refused_not_aborted(tmp_path: Path) -> None:
+    """llama.cpp would abort the process (GGML_ASSERT) on this file."""
+    import gguf
+
+    from runtimes.gguf_io import open_gguf
+
+    src = open_gguf(write_test_model(tmp_path / "src.gguf", "llama"))
+    w = gguf.GGUFWriter(str(tmp_path / "dup.gguf"), "llama")
+    for kv in src.raw:
+        if kv.key == "general.architecture":
+            continue
+        val = kv.value
+        if kv.key == "tokenizer.ggml.tokens":
+            val = [*val[:-1], val[0]]  # the last token repeats the first
+        elif kv.vtype == gguf.GGUFValueType.ARRAY and kv.sub_type != gguf.GGUFValueType.STRING:
+            val = val.tolist()
+        w.add_key_value(kv.key, val, kv.vtype, sub_type=kv.sub_type)
+    for t in src.tensors.values():
+        raw = None if t.qtype.name in ("F32", "F16") else t.qtype
+        w.add_tensor(t.name, t.data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match="twice"):
+        LlamaCppRuntime(ShardSpec.open(tmp_path / "dup.gguf"))

@@ -121,3 +121,15 @@ def test_sliding_window_mask() -> None:
 def test_memory_estimate_is_positive(models: dict[str, Path]) -> None:
     s = ShardSpec.open(models["llama"])
     assert OnnxRuntime.estimate_memory(s, 128) > s.nbytes()
+
+
+async def test_async_shard_with_onnx(models: dict[str, Path]) -> None:
+    from runtimes.base import AsyncShard
+
+    p = models["llama"]
+    shard = await AsyncShard.load("onnx", ShardSpec.open(p), threads=2)
+    s = await shard.open_session(32)
+    out = await shard.forward(s, [1, 5, 9], all_logits=True)
+    assert out.shape == (3, shard.runtime.config.vocab_size)
+    await shard.close_session(s)
+    await shard.aclose()
