@@ -1,0 +1,153 @@
+"""Prefill and decode speed and peak RSS of each runtime on Gemma 3 270M, beside llama.cpp.
+
+Each runtime runs in its own child process (so peak RSS is its own), all layers in one shard,
+the same prompt and greedy decoding, the same thread count. Usage:
+
+    python examples/bench_runtime.py [--json] [--runtimes onnx,llamacpp] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("bench_runtime")
+
+PROMPT_TEXT = (
+    b"The history of the city begins with a small settlement on the river, where traders met "
+    b"to exchange salt, grain and cloth. Over the centuries the town grew into"
+)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(name: str, threads: int, prompt_len: int, decode: int) -> dict[str, Any]:
+    import numpy as np
+
+    from runtimes.base import load_runtime
+    from runtimes.models import gemma3_270m_path
+    from runtimes.shards import ShardSpec
+
+    path = gemma3_270m_path()
+    shard = ShardSpec.open(path)
+    opts: dict[str, Any] = {"threads": threads}
+    if name == "llamacpp":
+        opts["n_ctx"] = 512
+    t0 = time.perf_counter()
+    rt = load_runtime(name, shard, **opts)
+    load_s = time.perf_counter() - t0
+    # the same token ids for everyone: Gemma's tokenizer via llama.cpp's vocab-only load
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ids = vocab.tokenize(PROMPT_TEXT, add_bos=True)
+    while len(ids) < prompt_len:
+        ids += ids[1:]
+    ids = ids[:prompt_len]
+    # warm-up (first-call allocations), then measure on a fresh session
+    s = rt.open_session(prompt_len + decode + 8)
+    rt.forward(s, np.array(ids[:8]))
+    rt.forward(s, np.array([ids[8]]))
+    rt.close_session(s)
+    s = rt.open_session(prompt_len + decode + 8)
+    t0 = time.perf_counter()
+    logits = rt.forward(s, np.array(ids))
+    prefill_s = time.perf_counter() - t0
+    toks: list[int] = []
+    tok = int(logits[-1].argmax())
+    t0 = time.perf_counter()
+    for _ in range(decode):
+        toks.append(tok)
+        tok = int(rt.forward(s, np.array([tok]))[-1].argmax())
+    decode_s = time.perf_counter() - t0
+    return {
+        "runtime": name,
+        "threads": threads,
+        "load_s": round(load_s, 2),
+        "prompt_tokens": prompt_len,
+        "prefill_tok_s": round(prompt_len / prefill_s, 1),
+        "decode_tokens": decode,
+        "decode_tok_s": round(decode / decode_s, 1),
+        "peak_rss_mb": round(_rss_mb(), 1),
+        "tokens": toks[:16],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--runtimes", default="llamacpp,onnx", help="comma-separated runtimes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--decode", type=int, default=64, help="decode steps")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        out = worker(args.worker, args.threads, args.prompt, args.decode)
+        sys.stdout.write(json.dumps(out) + "\n")
+        return 0
+    names = [n for n in args.runtimes.split(",") if n]
+    if "llamacpp" not in names:
+        names.insert(0, "llamacpp")
+    results: list[dict[str, Any]] = []
+    for n in names:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            n,
+            "--threads",
+            str(args.threads),
+            "--prompt",
+            str(args.prompt),
+            "--decode",
+            str(args.decode),
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            results.append({"runtime": n, "error": p.stderr.strip().splitlines()[-1:]})
+            continue
+        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    base = next((r for r in results if r["runtime"] == "llamacpp" and "error" not in r), None)
+    for r in results:
+        if base is not None and "error" not in r:
+            r["prefill_vs_llamacpp"] = round(r["prefill_tok_s"] / base["prefill_tok_s"], 2)
+            r["decode_vs_llamacpp"] = round(r["decode_tok_s"] / base["decode_tok_s"], 2)
+            r["same_tokens_as_llamacpp"] = r["tokens"] == base["tokens"]
+    doc = {"model": "gemma3-270m Q4_K_M", "cpu_count": os.cpu_count(), "results": results}
+    if args.json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return 0
+    hdr = (
+        f"{'runtime':<10} {'load s':>7} {'prefill t/s':>12} {'decode t/s':>11} {'x llama':>8} "
+        f"{'peak RSS MB':>12}"
+    )
+    lines = [
+        f"Gemma 3 270M Q4_K_M, {args.threads} threads, prompt {args.prompt}, decode {args.decode}",
+        hdr,
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['runtime']:<10} error: {r['error']}")
+            continue
+        lines.append(
+            f"{r['runtime']:<10} {r['load_s']:>7} {r['prefill_tok_s']:>12} "
+            f"{r['decode_tok_s']:>11} {r.get('decode_vs_llamacpp', ''):>8} "
+            f"{r['peak_rss_mb']:>12}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

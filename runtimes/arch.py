@@ -1,0 +1,292 @@
+"""The architecture table: how each supported GGUF architecture computes, and the model
+configuration read from GGUF metadata.
+
+The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma 3's
+embedding scale, per-head q/k norms, post-norms, GELU(tanh) FFN and sliding-window layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import MalformedModelError, UnsupportedModelError
+
+__all__ = [
+    "ArchSpec",
+    "ARCHITECTURES",
+    "ModelConfig",
+    "config_from_metadata",
+    "unit_count",
+    "unit_kind",
+    "unit_tensor_names",
+]
+
+RopeType = Literal["norm", "neox"]
+FfnAct = Literal["silu", "gelu_tanh"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between the decoder-only architectures we run."""
+
+    name: str
+    rope_type: RopeType  # "norm": adjacent pairs rotate (llama); "neox": halves rotate
+    ffn_act: FfnAct
+    qkv_bias: bool  # qwen2 has biases on q, k and v
+    qk_norm: bool  # gemma3 RMS-normalises each q and k head before RoPE
+    post_norms: bool  # gemma3 normalises attention and FFN outputs before the residual add
+    embed_scale_sqrt_d: bool  # gemma3 multiplies embeddings by sqrt(d_model)
+    default_swa_pattern: int  # every n-th layer is global, others local; 0: no sliding window
+    default_rope_base: float
+    block_tensors: tuple[str, ...]  # per-block tensor suffixes, "blk.{i}." prefixed
+
+
+_COMMON_BLOCK = (
+    "attn_norm.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(
+        name="llama",
+        rope_type="norm",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=False,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK,
+    ),
+    "qwen2": ArchSpec(
+        name="qwen2",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=True,
+        qk_norm=False,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    ),
+    "gemma3": ArchSpec(
+        name="gemma3",
+        rope_type="neox",
+        ffn_act="gelu_tanh",
+        qkv_bias=False,
+        qk_norm=True,
+        post_norms=True,
+        embed_scale_sqrt_d=True,
+        default_swa_pattern=6,
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK
+        + (
+            "attn_q_norm.weight",
+            "attn_k_norm.weight",
+            "post_attention_norm.weight",
+            "post_ffw_norm.weight",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of one model, enough to build any layer range's graph."""
+
+    arch: str
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    rms_eps: float
+    rope_base: float
+    rope_base_swa: float
+    rope_freq_scale: float
+    context_length: int
+    sliding_window: int  # 0: none
+    swa_layers: tuple[bool, ...]  # per layer: uses the sliding window (and rope_base_swa)
+    attn_scale: float
+    tied_embeddings: bool
+    has_rope_freqs: bool  # llama3's rope_freqs.weight divides the RoPE frequencies
+    final_logit_softcap: float  # 0: none
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def n_units(self) -> int:
+        return unit_count(self.n_layers)
+
+    @property
+    def embed_scale(self) -> float:
+        # llama.cpp computes sqrtf(n_embd) in float32
+        return math.sqrt(self.d_model) if self.spec.embed_scale_sqrt_d else 1.0
+
+    def rope_base_for(self, layer: int) -> float:
+        return self.rope_base_swa if self.swa_layers[layer] else self.rope_base
+
+    def window_for(self, layer: int) -> int:
+        return self.sliding_window if self.swa_layers[layer] else 0
+
+
+def unit_count(n_layers: int) -> int:
+    """Units are: 0 = token embedding, 1..n = blocks 0..n-1, n+1 = final norm + output head."""
+    return n_layers + 2
+
+
+def unit_kind(index: int, n_layers: int) -> tuple[str, int | None]:
+    """("embed", None), ("block", layer) or ("head", None) for a unit index."""
+    if index == 0:
+        return "embed", None
+    if 1 <= index <= n_layers:
+        return "block", index - 1
+    if index == n_layers + 1:
+        return "head", None
+    raise ValueError(f"unit {index} out of range for {n_layers} layers")
+
+
+def unit_tensor_names(config: ModelConfig, index: int) -> list[str]:
+    """The tensors one unit needs. Tied embeddings serve both the embed and the head unit,
+    and rope_freqs (llama3) is needed by every block."""
+    kind, layer = unit_kind(index, config.n_layers)
+    if kind == "embed":
+        return ["token_embd.weight"]
+    if kind == "head":
+        out = "token_embd.weight" if config.tied_embeddings else "output.weight"
+        return ["output_norm.weight", out]
+    names = [f"blk.{layer}.{suffix}" for suffix in config.spec.block_tensors]
+    if config.has_rope_freqs:
+        names.append("rope_freqs.weight")
+    return names
+
+
+def _get(meta: Mapping[str, Any], key: str, kind: Callable[[Any], Any], default: Any = None) -> Any:
+    if key not in meta:
+        if default is None:
+            raise MalformedModelError(f"GGUF metadata lacks required key {key!r}")
+        return default
+    try:
+        return kind(meta[key])
+    except (TypeError, ValueError) as exc:
+        raise MalformedModelError(f"GGUF metadata key {key!r} has a bad value: {exc}") from exc
+
+
+def _positive(key: str, value: int) -> int:
+    if value <= 0 or value > 1 << 24:
+        raise MalformedModelError(f"GGUF metadata {key!r} = {value} is out of range")
+    return value
+
+
+def config_from_metadata(
+    meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int | None
+) -> ModelConfig:
+    """Build a ModelConfig from decoded GGUF metadata.
+
+    ``tensor_names`` tells whether embeddings are tied and whether rope_freqs exists;
+    ``vocab_rows`` is the row count of the embedding or output tensor, if present.
+    """
+    arch = _get(meta, "general.architecture", str)
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    spec = ARCHITECTURES[arch]
+    p = arch + "."
+    n_layers = _positive("block_count", _get(meta, p + "block_count", int))
+    d_model = _positive("embedding_length", _get(meta, p + "embedding_length", int))
+    n_heads = _positive("head_count", _get(meta, p + "attention.head_count", int))
+    n_kv = _positive("head_count_kv", _get(meta, p + "attention.head_count_kv", int, n_heads))
+    if n_heads % n_kv:
+        raise MalformedModelError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+    head_dim = _get(meta, p + "attention.key_length", int, d_model // n_heads)
+    v_dim = _get(meta, p + "attention.value_length", int, head_dim)
+    if v_dim != head_dim:
+        raise UnsupportedModelError("key_length != value_length is not supported")
+    rope_dims = _get(meta, p + "rope.dimension_count", int, head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedModelError("partial rotary embeddings are not supported")
+    if head_dim % 2:
+        raise MalformedModelError(f"head dim {head_dim} is odd")
+    d_ff = _positive("feed_forward_length", _get(meta, p + "feed_forward_length", int))
+
+    if "tokenizer.ggml.tokens" in meta:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    elif p + "vocab_size" in meta:
+        vocab = int(meta[p + "vocab_size"])
+    elif vocab_rows is not None:
+        vocab = vocab_rows
+    else:
+        raise MalformedModelError("cannot tell the vocabulary size")
+    if vocab_rows is not None and vocab_rows != vocab:
+        raise MalformedModelError(f"vocabulary has {vocab} tokens but embeddings {vocab_rows} rows")
+
+    window = _get(meta, p + "attention.sliding_window", int, 0) if spec.default_swa_pattern else 0
+    swa: tuple[bool, ...]
+    if window > 0:
+        pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
+        if isinstance(pattern, list | tuple):
+            if len(pattern) != n_layers:
+                raise MalformedModelError("sliding_window_pattern length differs from block_count")
+            swa = tuple(bool(x) for x in pattern)
+        else:
+            n = int(pattern)
+            # llama.cpp: layer il is local unless il % n == n - 1
+            swa = tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
+    else:
+        swa = (False,) * n_layers
+
+    rope_base = _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+    scale_type = meta.get(p + "rope.scaling.type", "none")
+    factor = float(meta.get(p + "rope.scaling.factor", 1.0))
+    if scale_type not in ("none", "linear") and factor != 1.0:
+        raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
+    freq_scale = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
+
+    if arch == "gemma3":
+        if n_layers == 62:  # llama.cpp: the 27B model scales by d_model / n_heads
+            attn_scale = 1.0 / math.sqrt(d_model / n_heads)
+        else:
+            attn_scale = 1.0 / math.sqrt(head_dim)
+    else:
+        attn_scale = 1.0 / math.sqrt(head_dim)
+
+    return ModelConfig(
+        arch=arch,
+        name=str(meta.get("general.name", arch)),
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_ff=d_ff,
+        vocab_size=_positive("vocab", vocab),
+        rms_eps=_get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_base=rope_base,
+        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, 10000.0),
+        rope_freq_scale=freq_scale,
+        context_length=_get(meta, p + "context_length", int, 4096),
+        sliding_window=window,
+        swa_layers=swa,
+        attn_scale=attn_scale,
+        tied_embeddings="output.weight" not in tensor_names,
+        has_rope_freqs="rope_freqs.weight" in tensor_names,
+        final_logit_softcap=float(meta.get(p + "final_logit_softcapping", 0.0)),
+    )

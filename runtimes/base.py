@@ -1,0 +1,206 @@
+"""The runtime protocol: load a shard, open/close sessions (each with its KV cache), forward.
+
+A stage's input is token ids (first stage: 1-D int array of length S) or hidden states
+(float32 ``[S, d_model]``); its output is hidden states ``[S, d_model]`` or, for the last stage,
+logits ``[M, vocab]`` (M = S with ``all_logits``, else 1: the last position only).
+
+Inference blocks, so :class:`AsyncShard` runs every call of one loaded shard on its own
+single worker thread, never on the event loop; one thread also serialises the sessions of a
+shard, which the engines need (none of them is safe for concurrent calls on one model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ModelError, RuntimeUnavailableError, SessionError
+from .shards import ShardSpec
+
+__all__ = [
+    "Runtime",
+    "Session",
+    "AsyncShard",
+    "RUNTIME_NAMES",
+    "get_runtime",
+    "load_runtime",
+]
+
+log = logging.getLogger(__name__)
+
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class Session:
+    """One generation's state on one shard. ``n_past`` counts positions already cached."""
+
+    max_tokens: int
+    id: int = field(default_factory=lambda: next(_session_ids))
+    n_past: int = 0
+    closed: bool = False
+    state: Any = None  # the runtime's own KV cache object
+
+
+class Runtime(ABC):
+    """One loaded shard on one engine."""
+
+    name: ClassVar[str]
+
+    def __init__(self, shard: ShardSpec) -> None:
+        self.shard = shard
+        self.config = shard.config
+        self._sessions: dict[int, Session] = {}
+
+    @classmethod
+    @abstractmethod
+    def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
+        """Bytes this shard needs once loaded, with one session of ``max_tokens``."""
+
+    @abstractmethod
+    def _open(self, session: Session) -> None:
+        """Allocate the session's KV cache state."""
+
+    @abstractmethod
+    def _forward(self, session: Session, inputs: np.ndarray[Any, Any], all_logits: bool) -> Any:
+        """Run positions ``n_past .. n_past + S``; ``n_past`` is advanced by the caller."""
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        self._sessions.clear()
+
+    def open_session(self, max_tokens: int = 2048) -> Session:
+        limit = self.config.context_length
+        if not 0 < max_tokens <= max(limit, 1):
+            raise SessionError(f"max_tokens {max_tokens} outside 1..{limit}")
+        s = Session(max_tokens=max_tokens)
+        self._open(s)
+        self._sessions[s.id] = s
+        return s
+
+    def close_session(self, session: Session) -> None:
+        session.closed = True
+        session.state = None
+        self._sessions.pop(session.id, None)
+
+    def forward(
+        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Tokens or hidden states in; hidden states or logits out (see the module doc)."""
+        if session.closed or self._sessions.get(session.id) is not session:
+            raise SessionError(f"session {session.id} is closed or belongs to another shard")
+        x = self._check_inputs(inputs)
+        n = x.shape[0]
+        if session.n_past + n > session.max_tokens:
+            raise SessionError(
+                f"session {session.id}: {session.n_past} + {n} tokens exceed {session.max_tokens}"
+            )
+        out = np.asarray(self._forward(session, x, all_logits), dtype=np.float32)
+        session.n_past += n
+        return out
+
+    def _check_inputs(self, inputs: npt.ArrayLike) -> np.ndarray[Any, Any]:
+        x = np.asarray(inputs)
+        if self.shard.is_first:
+            if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
+                raise ModelError("the first stage takes a non-empty 1-D array of token ids")
+            if x.min() < 0 or x.max() >= self.config.vocab_size:
+                raise ModelError(f"token id out of range 0..{self.config.vocab_size - 1}")
+            return x.astype(np.int64)
+        d = self.config.d_model
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != d:
+            raise ModelError(f"a middle or last stage takes hidden states [S, {d}], got {x.shape}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def output_shape(self, n_inputs: int, all_logits: bool = False) -> tuple[int, int]:
+        if self.shard.is_last:
+            return (n_inputs if all_logits else 1, self.config.vocab_size)
+        return (n_inputs, self.config.d_model)
+
+
+RUNTIME_NAMES: dict[str, str] = {
+    "onnx": "runtimes.onnx_rt:OnnxRuntime",
+    "tinygrad": "runtimes.tinygrad_rt:TinygradRuntime",
+    "llamacpp": "runtimes.llamacpp:LlamaCppRuntime",
+    "fake": "runtimes.fake:FakeRuntime",
+}
+
+
+def get_runtime(name: str) -> type[Runtime]:
+    """The runtime class for a name; RuntimeUnavailableError if its engine is missing."""
+    try:
+        target = RUNTIME_NAMES[name]
+    except KeyError:
+        raise RuntimeUnavailableError(
+            f"unknown runtime {name!r} (known: {', '.join(RUNTIME_NAMES)})"
+        ) from None
+    module, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"runtime {name!r} is not installed: {exc}") from exc
+    cls: type[Runtime] = getattr(mod, attr)
+    return cls
+
+
+def load_runtime(name: str, shard: ShardSpec, **options: Any) -> Runtime:
+    rt: Runtime = get_runtime(name)(shard, **options)
+    return rt
+
+
+class AsyncShard:
+    """A loaded shard whose blocking calls run on its own single worker thread."""
+
+    def __init__(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
+        self.runtime = runtime
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def load(cls, name: str, shard: ShardSpec, **options: Any) -> AsyncShard:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rt-{name}")
+        loop = asyncio.get_running_loop()
+        try:
+            rt = await loop.run_in_executor(executor, lambda: load_runtime(name, shard, **options))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(rt, executor)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise ModelError("shard is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def open_session(self, max_tokens: int = 2048) -> Session:
+        s: Session = await self._call(self.runtime.open_session, max_tokens)
+        return s
+
+    async def close_session(self, session: Session) -> None:
+        await self._call(self.runtime.close_session, session)
+
+    async def forward(
+        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
+    ) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = await self._call(
+            lambda: self.runtime.forward(session, inputs, all_logits=all_logits)
+        )
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.runtime.close)
+        self._closed = True
+        self._executor.shutdown(wait=True)

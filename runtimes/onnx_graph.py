@@ -1,0 +1,466 @@
+"""Builds the ONNX graph of one shard (a unit range) with ``onnx.helper``.
+
+Graph inputs: ``tokens`` int64 [S] (first stage) or ``hidden_in`` float32 [S, d]; RoPE tables
+``cos_g``/``sin_g`` (and ``cos_l``/``sin_l`` for sliding-window layers with their own base),
+float32 [S, 1, head_dim]; additive masks ``mask_g``/``mask_l`` [S, T]; per layer ``past_k_i``
+[Hkv, hd, P] (stored transposed so no per-step transpose of the cache) and ``past_v_i``
+[Hkv, P, hd]; ``out_idx`` int64 [M] (last stage: which positions get logits).
+Outputs: ``hidden_out`` [S, d] or ``logits`` [M, vocab], and ``present_k_i``/``present_v_i``.
+
+Weights stay quantized (MatMulNBits, see quant.py); F16/F32 matrices become float32 MatMul.
+RoPE is always computed in "neox" form (rotate halves): for llama's adjacent-pair layout the
+rows of Wq and Wk are permuted within each head, which leaves q.k unchanged. The attention
+scale is folded into Wq (or Gemma's q-norm weight).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .arch import ModelConfig
+from .errors import UnsupportedModelError
+from .gguf_io import TensorRef
+from .quant import NBitsWeight, to_nbits
+from .shards import ShardSpec
+
+__all__ = ["GraphOptions", "build_shard_graph", "OPSET"]
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+_F = TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 0 = float32
+    fuse_linears: bool = True  # one MatMulNBits for q|k|v and for gate|up when layouts match
+
+
+@dataclass
+class _Builder:
+    cfg: ModelConfig
+    opts: GraphOptions
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    external: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    _n: int = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        hint: str = "",
+        n_out: int = 1,
+        domain: str = "",
+        **attrs: Any,
+    ) -> Any:
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(
+            helper.make_node(
+                op_type,
+                list(inputs),
+                outs,
+                domain=domain or None,
+                name=self.name("n_" + op_type),
+                **attrs,
+            )
+        )
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: Any, hint: str) -> str:
+        if isinstance(value, np.ndarray):
+            arr = value
+        else:
+            arr = np.asarray(value, dtype=np.int64 if isinstance(value, int | list) else np.float32)
+        n = self.name(hint)
+        self.inits[n] = numpy_helper.from_array(np.ascontiguousarray(arr), n)
+        return n
+
+    def init(self, name: str, arr: np.ndarray[Any, Any]) -> str:
+        """A weight: large ones are handed to onnxruntime as external initializers, so the
+        bytes are neither copied into the protobuf nor serialized."""
+        if name in self.inits:
+            return name
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < 4096:
+            self.inits[name] = numpy_helper.from_array(arr, name)
+            return name
+        t = onnx.TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (
+            ("location", "edgemesh-external"),
+            ("offset", "0"),
+            ("length", str(arr.nbytes)),
+        ):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.inits[name] = t
+        self.external[name] = arr
+        return name
+
+    # -- building blocks ---------------------------------------------------------------
+    def rms_norm(self, x: str, weight: np.ndarray[Any, Any], wname: str) -> str:
+        w = self.init(wname, weight.astype(np.float32))
+        return str(
+            self.op(
+                "SimplifiedLayerNormalization",
+                [x, w],
+                "rms",
+                axis=-1,
+                epsilon=float(self.cfg.rms_eps),
+            )
+        )
+
+    def linear(
+        self,
+        x: str,
+        weights: list[tuple[str, TensorRef, np.ndarray[Any, Any] | None]],
+        row_scale: dict[str, float] | None = None,
+        perm: dict[str, np.ndarray[Any, Any]] | None = None,
+    ) -> list[str]:
+        """y_i = x @ W_i.T (+ b_i) for each (name, weight, bias); fused when layouts match."""
+        row_scale = row_scale or {}
+        perm = perm or {}
+        prepared: list[tuple[str, NBitsWeight | np.ndarray[Any, Any], Any]] = []
+        for name, ref, bias in weights:
+            nb = to_nbits(ref)
+            s = row_scale.get(name, 1.0)
+            p = perm.get(name)
+            if nb is None:
+                w = ref.dequantize()
+                if p is not None:
+                    w = w[p]
+                prepared.append((name, (w * np.float32(s)).astype(np.float32), bias))
+            else:
+                if p is not None:
+                    nb = _permute_rows(nb, p)
+                if s != 1.0:
+                    nb.scales = (nb.scales * np.float32(s)).astype(np.float32)
+                    if nb.offsets is not None:
+                        nb.offsets = (nb.offsets * np.float32(s)).astype(np.float32)
+                prepared.append((name, nb, bias))
+        groups: list[list[tuple[str, Any, Any]]] = []
+        for item in prepared:
+            g = groups[-1] if groups else None
+            if self.opts.fuse_linears and g is not None and _fusable(g[0][1], item[1]):
+                g.append(item)
+            else:
+                groups.append([item])
+        outs: list[str] = []
+        for g in groups:
+            y = self._linear_group(x, g)
+            if len(g) == 1:
+                outs.append(y)
+                continue
+            sizes = [_rows(w) for _, w, _ in g]
+            outs.extend(
+                self.op("Split", [y, self.const(sizes, "split")], "part", n_out=len(g), axis=-1)
+            )
+        return outs
+
+    def _linear_group(self, x: str, g: list[tuple[str, Any, Any]]) -> str:
+        key = "+".join(n for n, _, _ in g)
+        first = g[0][1]
+        if isinstance(first, np.ndarray):
+            w = np.concatenate([w for _, w, _ in g], axis=0)
+            y = self.op("MatMul", [x, self.init(key + ".T", np.ascontiguousarray(w.T))], "mm")
+        else:
+            nbs: list[NBitsWeight] = [w for _, w, _ in g]
+            b = np.concatenate([w.b for w in nbs], axis=0)
+            sc = np.concatenate([w.scales for w in nbs], axis=0)
+            zp = np.concatenate([w.zero_points for w in nbs], axis=0)
+            n_total = b.shape[0]
+            ins = [x, self.init(key + ".qb", b), self.init(key + ".qs", sc.reshape(-1))]
+            default_zp = 1 << (first.bits - 1)
+            if not np.all(zp == default_zp):
+                packed = NBitsWeight(
+                    first.bits, first.block, n_total, first.k, b, sc, zp, None
+                ).packed_zero_points()
+                ins.append(self.init(key + ".qz", packed))
+            y = self.op(
+                "MatMulNBits",
+                ins,
+                "mmq",
+                domain="com.microsoft",
+                K=first.k,
+                N=n_total,
+                bits=first.bits,
+                block_size=first.block,
+                accuracy_level=self.opts.accuracy_level,
+            )
+            if first.offsets is not None:
+                # Q4_K mins: subtract blocksum(x) @ offsets.T
+                off = np.concatenate([w.offsets for w in nbs if w.offsets is not None], axis=0)
+                xb = self.op("Reshape", [x, self.const([-1, first.n_blocks, first.block], "shp")])
+                bs = self.op("ReduceSum", [xb, self.const([2], "ax")], "bsum", keepdims=0)
+                corr = self.op("MatMul", [bs, self.init(key + ".qo", np.ascontiguousarray(off.T))])
+                y = self.op("Sub", [y, corr])
+        biases = [bias for _, _, bias in g]
+        if any(bias is not None for bias in biases):
+            full = np.concatenate(
+                [
+                    bias if bias is not None else np.zeros(_rows(w), np.float32)
+                    for (_, w, _), bias in zip(g, biases, strict=True)
+                ]
+            )
+            y = self.op("Add", [y, self.init(key + ".bias", full.astype(np.float32))])
+        return str(y)
+
+    def embedding(self, tokens: str, ref: TensorRef, shared_name: str) -> str:
+        d = self.cfg.d_model
+        nb = to_nbits(ref)
+        if nb is None:
+            table = self.init("token_embd.f32", ref.dequantize())
+            return str(self.op("Gather", [table, tokens], "emb", axis=0))
+        # same initializer names as the head's MatMulNBits: a tied model stores it once
+        qb = self.init(shared_name + ".qb", nb.b)
+        rows = self.op("Gather", [qb, tokens], "embq", axis=0)  # [S, nb, bytes]
+        if nb.bits == 4:
+            lo = self.op("BitwiseAnd", [rows, self.const(np.array(15, np.uint8), "c15")])
+            hi = self.op(
+                "BitShift", [rows, self.const(np.array(4, np.uint8), "c4")], direction="RIGHT"
+            )
+            pair = self.op(
+                "Concat",
+                [
+                    self.op("Unsqueeze", [lo, self.const([-1], "ax")]),
+                    self.op("Unsqueeze", [hi, self.const([-1], "ax")]),
+                ],
+                axis=-1,
+            )
+            rows = self.op("Reshape", [pair, self.const([-1, nb.n_blocks, nb.block], "shp")])
+        vals = self.op("Cast", [rows], "embf", to=_F)
+        zp = float(nb.zero_points.flat[0])
+        if not np.all(nb.zero_points == nb.zero_points.flat[0]):
+            raise UnsupportedModelError("embedding zero points must be uniform")
+        if zp:
+            vals = self.op("Sub", [vals, self.const(np.array(zp, np.float32), "zp")])
+        sc = self.init("token_embd.emb_scales", nb.scales[..., None])
+        vals = self.op("Mul", [vals, self.op("Gather", [sc, tokens], axis=0)])
+        if nb.offsets is not None:
+            off = self.init("token_embd.emb_offsets", nb.offsets[..., None])
+            vals = self.op("Sub", [vals, self.op("Gather", [off, tokens], axis=0)])
+        return str(self.op("Reshape", [vals, self.const([-1, d], "shp")], "emb"))
+
+
+def _rows(w: Any) -> int:
+    return int(w.shape[0]) if isinstance(w, np.ndarray) else int(w.n)
+
+
+def _fusable(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+    return bool(
+        a.bits == b.bits
+        and a.block == b.block
+        and a.k == b.k
+        and (a.offsets is None) == (b.offsets is None)
+    )
+
+
+def _permute_rows(w: NBitsWeight, p: np.ndarray[Any, Any]) -> NBitsWeight:
+    return NBitsWeight(
+        w.bits,
+        w.block,
+        w.n,
+        w.k,
+        w.b[p],
+        w.scales[p],
+        w.zero_points[p],
+        None if w.offsets is None else w.offsets[p],
+    )
+
+
+def _neox_perm(n_heads: int, hd: int) -> np.ndarray[Any, Any]:
+    """Row order turning adjacent-pair RoPE into rotate-halves RoPE within each head."""
+    within = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
+    out: np.ndarray[Any, Any] = (np.arange(n_heads)[:, None] * hd + within[None, :]).reshape(-1)
+    return out
+
+
+def _vec(shard: ShardSpec, name: str) -> np.ndarray[Any, Any]:
+    return shard.tensor(name).dequantize().reshape(-1)
+
+
+def build_shard_graph(
+    shard: ShardSpec, opts: GraphOptions | None = None
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray[Any, Any]]]:
+    """The graph and its external initializers (name -> array, kept alive by the caller)."""
+    opts = opts or GraphOptions()
+    cfg = shard.config
+    spec = cfg.spec
+    b = _Builder(cfg, opts)
+    d, hd, hq, hk = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    g = hq // hk
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+
+    if shard.is_first:
+        inputs.append(helper.make_tensor_value_info("tokens", TensorProto.INT64, ["S"]))
+        emb_name = "token_embd.weight"
+        x = b.embedding("tokens", shard.tensor(emb_name), emb_name)
+        if cfg.embed_scale != 1.0:
+            x = b.op("Mul", [x, b.const(np.array(cfg.embed_scale, np.float32), "escale")])
+    else:
+        inputs.append(helper.make_tensor_value_info("hidden_in", _F, ["S", d]))
+        x = "hidden_in"
+
+    layers = list(shard.layers)
+    need_local = any(cfg.swa_layers[i] for i in layers)
+    need_global = any(not cfg.swa_layers[i] for i in layers)
+    if layers:
+        for tag, needed in (("g", need_global), ("l", need_local)):
+            if needed:
+                inputs += [
+                    helper.make_tensor_value_info(f"cos_{tag}", _F, ["S", 1, hd]),
+                    helper.make_tensor_value_info(f"sin_{tag}", _F, ["S", 1, hd]),
+                    helper.make_tensor_value_info(f"mask_{tag}", _F, ["S", "T"]),
+                ]
+    perm = _neox_perm(hq, hd), _neox_perm(hk, hd)
+    for i in layers:
+        p = f"blk.{i}."
+        tag = "l" if cfg.swa_layers[i] else "g"
+        inputs += [
+            helper.make_tensor_value_info(f"past_k_{i}", _F, [hk, hd, "P"]),
+            helper.make_tensor_value_info(f"past_v_{i}", _F, [hk, "P", hd]),
+        ]
+        outputs += [
+            helper.make_tensor_value_info(f"present_k_{i}", _F, [hk, hd, "T"]),
+            helper.make_tensor_value_info(f"present_v_{i}", _F, [hk, "T", hd]),
+        ]
+        h = b.rms_norm(x, _vec(shard, p + "attn_norm.weight"), p + "attn_norm")
+        bias = {
+            n: (_vec(shard, p + n + ".bias") if spec.qkv_bias else None)
+            for n in ("attn_q", "attn_k", "attn_v")
+        }
+        qscale = 1.0 if spec.qk_norm else cfg.attn_scale
+        perms: dict[str, np.ndarray[Any, Any]] = {}
+        if spec.rope_type == "norm":
+            perms = {p + "attn_q.weight": perm[0], p + "attn_k.weight": perm[1]}
+            for n, pp in (("attn_q", perm[0]), ("attn_k", perm[1])):
+                bn = bias[n]
+                if bn is not None:
+                    bias[n] = bn[pp]
+        bq = bias["attn_q"]
+        if bq is not None and qscale != 1.0:
+            bias["attn_q"] = bq * np.float32(qscale)
+        q, k, v = b.linear(
+            h,
+            [
+                (p + "attn_q.weight", shard.tensor(p + "attn_q.weight"), bias["attn_q"]),
+                (p + "attn_k.weight", shard.tensor(p + "attn_k.weight"), bias["attn_k"]),
+                (p + "attn_v.weight", shard.tensor(p + "attn_v.weight"), bias["attn_v"]),
+            ],
+            row_scale={p + "attn_q.weight": qscale},
+            perm=perms,
+        )
+        q = b.op("Reshape", [q, b.const([-1, hq, hd], "shp")])
+        k = b.op("Reshape", [k, b.const([-1, hk, hd], "shp")])
+        if spec.qk_norm:
+            qn = _vec(shard, p + "attn_q_norm.weight") * np.float32(cfg.attn_scale)
+            q = b.rms_norm(q, qn, p + "attn_q_norm")
+            k = b.rms_norm(k, _vec(shard, p + "attn_k_norm.weight"), p + "attn_k_norm")
+        q = _rope(b, q, tag)
+        k = _rope(b, k, tag)
+        k_t = b.op("Transpose", [k], perm=[1, 2, 0])  # [hk, hd, S]
+        v_t = b.op(
+            "Transpose", [b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])], perm=[1, 0, 2]
+        )  # [hk, S, hd]
+        pk = b.op("Concat", [f"past_k_{i}", k_t], axis=2)
+        pv = b.op("Concat", [f"past_v_{i}", v_t], axis=1)
+        b.nodes.append(helper.make_node("Identity", [pk], [f"present_k_{i}"]))
+        b.nodes.append(helper.make_node("Identity", [pv], [f"present_v_{i}"]))
+        qh = b.op(
+            "Transpose", [b.op("Reshape", [q, b.const([-1, hk, g, hd], "shp")])], perm=[1, 2, 0, 3]
+        )  # [hk, g, S, hd]
+        scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
+        scores = b.op("Add", [scores, f"mask_{tag}"])
+        probs = b.op("Softmax", [scores], axis=-1)
+        att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])
+        att = b.op(
+            "Reshape", [b.op("Transpose", [att], perm=[2, 0, 1, 3]), b.const([-1, hq * hd], "shp")]
+        )
+        (o,) = b.linear(
+            att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)]
+        )
+        if spec.post_norms:
+            o = b.rms_norm(o, _vec(shard, p + "post_attention_norm.weight"), p + "post_attn_norm")
+        x = b.op("Add", [x, o], "resid")
+        h = b.rms_norm(x, _vec(shard, p + "ffn_norm.weight"), p + "ffn_norm")
+        gate, up = b.linear(
+            h,
+            [
+                (p + "ffn_gate.weight", shard.tensor(p + "ffn_gate.weight"), None),
+                (p + "ffn_up.weight", shard.tensor(p + "ffn_up.weight"), None),
+            ],
+        )
+        if spec.ffn_act == "silu":
+            act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+        else:
+            act = b.op("Gelu", [gate], approximate="tanh")
+        (f,) = b.linear(
+            b.op("Mul", [act, up]),
+            [(p + "ffn_down.weight", shard.tensor(p + "ffn_down.weight"), None)],
+        )
+        if spec.post_norms:
+            f = b.rms_norm(f, _vec(shard, p + "post_ffw_norm.weight"), p + "post_ffw_norm")
+        x = b.op("Add", [x, f], "resid")
+
+    if shard.is_last:
+        inputs.append(helper.make_tensor_value_info("out_idx", TensorProto.INT64, ["M"]))
+        x = b.op("Gather", [x, "out_idx"], axis=0)
+        x = b.rms_norm(x, _vec(shard, "output_norm.weight"), "output_norm")
+        out_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        (logits,) = b.linear(x, [(out_name, shard.tensor(out_name), None)])
+        if cfg.final_logit_softcap:
+            c = cfg.final_logit_softcap
+            logits = b.op(
+                "Mul",
+                [
+                    b.op(
+                        "Tanh", [b.op("Mul", [logits, b.const(np.array(1.0 / c, np.float32), "c")])]
+                    ),
+                    b.const(np.array(c, np.float32), "c"),
+                ],
+            )
+        b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        outputs.insert(0, helper.make_tensor_value_info("logits", _F, ["M", cfg.vocab_size]))
+    else:
+        b.nodes.append(helper.make_node("Identity", [x], ["hidden_out"]))
+        outputs.insert(0, helper.make_tensor_value_info("hidden_out", _F, ["S", d]))
+
+    graph = helper.make_graph(
+        b.nodes,
+        f"edgemesh_{cfg.arch}_{shard.start}_{shard.end}",
+        inputs,
+        outputs,
+        list(b.inits.values()),
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 10
+    return model, b.external
+
+
+def _rope(b: _Builder, x: str, tag: str) -> str:
+    """x * cos + swap_halves(x) * sin_signed, x: [S, H, hd]; the tables carry the signs."""
+    lo, hi = b.op("Split", [x], "half", n_out=2, axis=-1, num_outputs=2)
+    swapped = b.op("Concat", [hi, lo], axis=-1)
+    return str(b.op("Add", [b.op("Mul", [x, f"cos_{tag}"]), b.op("Mul", [swapped, f"sin_{tag}"])]))

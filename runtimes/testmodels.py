@@ -1,0 +1,283 @@
+"""Tiny random-weight GGUF models for tests: no downloads, loadable by llama.cpp.
+
+Each architecture gets a small but complete model (valid tokenizer metadata, every tensor its
+graph needs) and a mix of tensor types so that every supported type (F32, F16, Q8_0, Q4_0,
+Q5_0, Q4_K, Q6_K) is exercised. K-quant rows need multiples of 256 values, hence d_model 256.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .arch import ARCHITECTURES
+
+__all__ = ["TestModelSpec", "DEFAULT_SPECS", "write_test_model"]
+
+log = logging.getLogger(__name__)
+
+import gguf  # noqa: E402  (after the module docstring and __all__ on purpose)
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+_FloatArray = np.ndarray[Any, np.dtype[np.float32]]
+
+
+@dataclass(frozen=True)
+class TestModelSpec:
+    """Shape and tensor types of one generated model."""
+
+    __test__ = False  # not a pytest class
+
+    arch: str
+    n_layers: int = 2
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    d_ff: int = 512
+    sliding_window: int = 0
+    tied: bool = True
+    rope_base: float = 10000.0
+    # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
+    types: Mapping[str, Q] = field(default_factory=dict)
+    seed: int = 0
+
+
+DEFAULT_SPECS: dict[str, TestModelSpec] = {
+    "llama": TestModelSpec(
+        arch="llama",
+        n_layers=2,
+        tied=False,
+        types={
+            "token_embd.weight": Q.Q4_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.F16,
+            "ffn_gate.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_0,
+            "ffn_down.weight": Q.Q6_K,
+            "output.weight": Q.Q6_K,
+        },
+    ),
+    "qwen2": TestModelSpec(
+        arch="qwen2",
+        n_layers=2,
+        n_kv_heads=1,
+        tied=True,
+        rope_base=1000000.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q5_0,
+            "attn_k.weight": Q.Q4_K,
+            "attn_v.weight": Q.Q6_K,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.F16,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
+    "gemma3": TestModelSpec(
+        arch="gemma3",
+        n_layers=6,  # llama.cpp's default pattern: layers 0-4 local, layer 5 global
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=128,  # q width 512 != d_model, as in the real 270M model
+        sliding_window=5,
+        tied=True,
+        rope_base=1000000.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q5_0,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_K,
+            "ffn_gate.weight": Q.Q5_0,
+            "ffn_up.weight": Q.Q4_0,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
+}
+
+
+def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocab: unk, bos, eos, 256 byte tokens, then word pieces."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [int(gguf.TokenType.BYTE)] * 256
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = ["\u2581" + c for c in letters] + list(letters)
+    pieces += ["\u2581the", "\u2581of", "\u2581and", "in", "er", "on", "\u2581"]
+    tokens += pieces
+    types += [int(gguf.TokenType.NORMAL)] * len(pieces)
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def _byte_unicode() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out: dict[int, str] = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+def _bpe_vocab() -> tuple[list[str], list[int], list[str]]:
+    """A GPT-2 byte-level BPE vocab with a few merges (each merge's result is a token)."""
+    tokens = _byte_unicode()
+    merges: list[str] = []
+    for a, b in [
+        ("\u0120", "t"),
+        ("h", "e"),
+        ("i", "n"),
+        ("\u0120t", "he"),
+        ("e", "r"),
+        ("o", "n"),
+        ("\u0120", "a"),
+        ("a", "n"),
+        ("r", "e"),
+        ("\u0120", "s"),
+    ]:
+        merges.append(f"{a} {b}")
+        if a + b not in tokens:
+            tokens.append(a + b)
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tokens.append("<|endoftext|>")
+    types.append(int(gguf.TokenType.CONTROL))
+    return tokens, types, merges
+
+
+def _random_k_quant(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> Any:
+    """Random but well-formed Q4_K / Q6_K blocks (gguf-py cannot quantize K types)."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    nb = cols // block_elems
+    raw = rng.integers(0, 256, size=(rows, nb, block_bytes), dtype=np.uint8)
+    if qtype == Q.Q4_K:
+        d = np.float16(std / 140.0)
+        raw[:, :, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+        raw[:, :, 2:4] = np.frombuffer(np.float16(std * 7.5 / 140.0).tobytes(), np.uint8)
+    elif qtype == Q.Q6_K:
+        raw[:, :, 192:208] = (
+            rng.integers(-40, 41, size=(rows, nb, 16)).astype(np.int8).view(np.uint8)
+        )
+        raw[:, :, 208:210] = np.frombuffer(np.float16(std / 500.0).tobytes(), np.uint8)
+    else:
+        raise ValueError(qtype)
+    return raw.reshape(rows, nb * block_bytes)
+
+
+def _encode(rng: np.random.Generator, values: _FloatArray, qtype: Q, std: float) -> Any:
+    if qtype == Q.F32:
+        return values.astype(np.float32)
+    if qtype == Q.F16:
+        return values.astype(np.float16)
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        return _random_k_quant(rng, values.shape[0], values.shape[1], qtype, std)
+    return gguf.quants.quantize(values, qtype)
+
+
+def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) -> Path:
+    """Write a random-weight GGUF for ``spec`` (or a DEFAULT_SPECS key); returns the path."""
+    if isinstance(spec, str):
+        spec = DEFAULT_SPECS[spec]
+    arch = ARCHITECTURES[spec.arch]
+    out = Path(path)
+    rng = np.random.default_rng(spec.seed)
+    w = gguf.GGUFWriter(str(out), spec.arch)
+    w.add_name(f"edgemesh-test-{spec.arch}")
+    w.add_context_length(256)
+    w.add_embedding_length(spec.d_model)
+    w.add_block_count(spec.n_layers)
+    w.add_feed_forward_length(spec.d_ff)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(spec.rope_base)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
+    w.add_file_type(1)
+
+    if spec.arch == "qwen2":
+        tokens, types, merges = _bpe_vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        eos = len(tokens) - 1
+        w.add_bos_token_id(eos)
+        w.add_eos_token_id(eos)
+        w.add_add_bos_token(False)
+    else:
+        tokens, scores, types = _spm_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+    vocab = len(tokens)
+
+    d, hd, ff = spec.d_model, spec.head_dim, spec.d_ff
+    qd, kvd = spec.n_heads * hd, spec.n_kv_heads * hd
+
+    def mat(name: str, suffix: str, rows: int, cols: int, std: float) -> None:
+        qtype = spec.types.get(suffix, Q.Q8_0)
+        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        data = _encode(rng, values, qtype, std)
+        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+
+    def vec(name: str, n: int, center: float, std: float) -> None:
+        w.add_tensor(name, (center + rng.standard_normal(n) * std).astype(np.float32))
+
+    # tied tables also produce the logits: keep them small so that logits stay in a few units
+    mat("token_embd.weight", "token_embd.weight", vocab, d, 0.15 if spec.tied else 1.0)
+    vec("output_norm.weight", d, 1.0, 0.1)
+    if not spec.tied:
+        mat("output.weight", "output.weight", vocab, d, 3.0 / np.sqrt(d))  # logits of a few units
+    shapes: dict[str, tuple[int, ...]] = {
+        "attn_q.weight": (qd, d),
+        "attn_k.weight": (kvd, d),
+        "attn_v.weight": (kvd, d),
+        "attn_output.weight": (d, qd),
+        "ffn_gate.weight": (ff, d),
+        "ffn_up.weight": (ff, d),
+        "ffn_down.weight": (d, ff),
+        "attn_q.bias": (qd,),
+        "attn_k.bias": (kvd,),
+        "attn_v.bias": (kvd,),
+        "attn_q_norm.weight": (hd,),
+        "attn_k_norm.weight": (hd,),
+    }
+    for i in range(spec.n_layers):
+        for suffix in arch.block_tensors:
+            name = f"blk.{i}.{suffix}"
+            shape = shapes.get(suffix, (d,))
+            if len(shape) == 2:
+                mat(name, suffix, shape[0], shape[1], 1.0 / np.sqrt(shape[1]))
+            elif suffix.endswith(".bias"):
+                vec(name, shape[0], 0.0, 0.5)
+            else:
+                vec(name, shape[0], 1.0, 0.2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    log.debug("wrote test model %s (%s)", out, spec.arch)
+    return out

@@ -1,0 +1,42 @@
+"""``edgemesh model inspect`` / ``shard`` (mesh/cli_model.py), driven through argparse."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from mesh.cli_model import add_model_commands, run_model_command  # noqa: E402
+from runtimes.testmodels import write_test_model  # noqa: E402
+
+
+def _run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    add_model_commands(sub)
+    return run_model_command(p.parse_args(argv))
+
+
+def test_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_test_model(tmp_path / "g.gguf", "gemma3")
+    assert _run(["model", "inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "gemma3" and info["layers"] == 6
+    assert len(info["units"]) == 8
+    assert info["units"][0]["kind"] == "embed" and info["units"][-1]["kind"] == "head"
+    assert info["units"][-1]["types"] == {"F32": 1, "Q8_0": 1}  # tied Q8_0 embedding as head
+
+
+def test_inspect_text_and_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_test_model(tmp_path / "l.gguf", "llama")
+    assert _run(["model", "inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "llama" in text and "Q4_K" in text and "head" in text
+    assert _run(["model", "shard", str(path), "--store", str(tmp_path / "s"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["blobs"] == 4 and len(doc["model_id"]) == 64
+    assert (tmp_path / "s" / "manifests" / f"{doc['model_id']}.json").is_file()
