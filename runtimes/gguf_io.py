@@ -8,6 +8,7 @@ inside the file, and the tensors a unit needs must have the shapes its config im
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -106,6 +107,7 @@ class GGUFFile:
         data_start: int,
     ) -> None:
         self.path = path
+        self._data = data
         self.raw = raw
         self.metadata: dict[str, Any] = {kv.key: _decode(kv) for kv in raw}
         self.tensors: dict[str, TensorRef] = {}
@@ -188,6 +190,17 @@ class GGUFFile:
             return self.tensors[name]
         except KeyError:
             raise ModelError(f"{self.path}: no tensor {name!r}") from None
+
+    def release_pages(self) -> None:
+        """Drop this file's mapped pages from the resident set (they are clean and re-read from
+        the page cache if touched again): a runtime that has re-laid out the weights calls this
+        so that the raw bytes and its own copy are not both counted."""
+        mm = getattr(self._data, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                log.debug("madvise failed for %s", self.path)
 
     def unit_nbytes(self, index: int) -> int:
         return sum(self.tensors[n].nbytes for n in unit_tensor_names(self.config, index))

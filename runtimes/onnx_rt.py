@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from .base import Runtime, Session
-from .positions import attention_masks, rope_tables
 from .errors import RuntimeUnavailableError
+from .positions import attention_masks, rope_tables
 from .shards import ShardSpec
 
 __all__ = ["OnnxRuntime", "rope_tables", "attention_masks"]
@@ -53,6 +53,8 @@ class OnnxRuntime(Runtime):
         super().__init__(shard)
         cfg = self.config
         model, weights = build_shard_graph(shard, GraphOptions(accuracy_level, fuse_linears))
+        for f in shard.files:
+            f.release_pages()
         so = ort.SessionOptions()
         # onnxruntime reads these buffers in place: keep the arrays alive with the session
         self._weights = weights

@@ -28,7 +28,8 @@ _BUCKET = 64
 log = logging.getLogger(__name__)
 
 try:
-    from tinygrad import Tensor, dtypes
+    from tinygrad.dtype import dtypes
+    from tinygrad.tensor import Tensor
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise RuntimeUnavailableError(
         "the tinygrad runtime needs tinygrad (pip install 'edgemesh[tinygrad]')"
@@ -185,6 +186,6 @@ class TinygradRuntime(Runtime):
             x = x[n - 1 :]
         logits = self._norm(x, self._out_norm).matmul(self._head)
         if cfg.final_logit_softcap:
-            c = cfg.final_logit_softcap
-            logits = (logits / c).tanh() * c
+            cap = cfg.final_logit_softcap
+            logits = (logits / cap).tanh() * cap
         return logits.cast(dtypes.float32).numpy()
