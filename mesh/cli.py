@@ -132,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
         c.add_argument("--json", action="store_true", help="print one JSON object")
 
+    from .cli_model import add_model_commands
+
+    add_model_commands(sub)
+
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
     d.add_argument(
@@ -160,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run_node(args))
         if args.command == "peers":
             return _peers(args)
+        if args.command == "model":
+            from .cli_model import run_model_command
+
+            return run_model_command(args)
         if args.command == "demo":
             from .demo import run_demo
 
