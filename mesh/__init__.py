@@ -5,6 +5,7 @@ The public façade. Submodules are private by convention; import from here::
     from mesh import Node, NodeConfig, Identity, Error
 """
 
+from .client import ClientError, MeshClient
 from .errors import (
     DeadlineExceeded,
     DiscoveryError,
@@ -27,6 +28,8 @@ from .wire import Limits
 
 __all__ = [
     "CallContext",
+    "ClientError",
+    "MeshClient",
     "DeadlineExceeded",
     "DiscoveryError",
     "Error",

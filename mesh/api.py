@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["start_api"]
 
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 1024 * 1024  # prompts and token lists
 MAX_BENCH_BYTES = 1 << 30
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 
@@ -35,6 +35,9 @@ async def start_api(node: Node, host: str, port: int) -> tuple[web.AppRunner, st
     app.router.add_get("/v1/info", _info)
     app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
     app.router.add_post("/v1/bench/rtt", _bench_rtt)
+    from .api_generate import add_routes
+
+    add_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

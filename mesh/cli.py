@@ -37,6 +37,19 @@ def default_data_dir() -> Path:
     return Path(base) / "edgemesh"
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "KMG" else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -94,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
         "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
     )
     n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
+    n.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory for loaded shards, e.g. 512M or 2G (default: no limit)",
+    )
+    n.add_argument("--runtime", default="onnx", help="layer runtime: onnx, tinygrad, fake")
+    n.add_argument("--threads", type=int, default=None, help="inference threads per shard")
     n.add_argument("--mesh", default="default", help="mesh name on the broker and in the DHT")
     n.add_argument(
         "--mqtt", default=None, metavar="URL", help="rendezvous broker, mqtt://HOST:PORT"
@@ -132,9 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
         c.add_argument("--json", action="store_true", help="print one JSON object")
 
+    from .cli_gen import add_generate_command
     from .cli_model import add_model_commands
 
     add_model_commands(sub)
+    add_generate_command(sub)
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
@@ -143,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the mesh")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.add_argument("--prompt", default="The capital of France is", help="prompt to complete")
+    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--runtime", default="onnx")
+    d.add_argument("--no-baseline", action="store_true", help="skip the single-peer run")
     return p
 
 
@@ -164,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run_node(args))
         if args.command == "peers":
             return _peers(args)
+        if args.command == "generate":
+            from .cli_gen import run_generate
+
+            return asyncio.run(run_generate(args))
         if args.command == "model":
             from .cli_model import run_model_command
 
@@ -204,6 +238,7 @@ def _mqtt_config(args: argparse.Namespace) -> Any:
 
 
 async def _run_node(args: argparse.Namespace) -> int:
+    from .compute import ComputeConfig
     from .node import Node, NodeConfig
     from .transport import TransportConfig
 
@@ -226,6 +261,9 @@ async def _run_node(args: argparse.Namespace) -> int:
         dht_host=args.dht_host,
         bootstrap=list(args.bootstrap),
         dht_quota=args.dht_quota,
+        compute=ComputeConfig(
+            memory_limit=args.memory_limit, runtime=args.runtime, threads=args.threads
+        ),
     )
     node = Node(config)
     loop = asyncio.get_running_loop()
@@ -260,6 +298,23 @@ def api_get(api: str, path: str) -> Any:
         raise CliError(
             f"{api}{path}: HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
         ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach node API at {api}: {exc}") from None
+
+
+def api_post(api: str, path: str, body: dict[str, Any], timeout: float = 60) -> Any:
+    req = urllib.request.Request(
+        f"{api}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read(16 << 20))
+    except urllib.error.HTTPError as exc:
+        text = exc.read(300).decode(errors="replace")
+        raise CliError(f"{api}{path}: HTTP {exc.code}: {text}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach node API at {api}: {exc}") from None
 

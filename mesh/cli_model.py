@@ -22,6 +22,14 @@ def add_model_commands(subparsers: Any) -> None:
     i = msub.add_parser("inspect", help="architecture, units, sizes and tensor types of a GGUF")
     i.add_argument("path", help="a .gguf file (whole model or shard blob)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    a = msub.add_parser("add", help="shard a GGUF into a running node's store and announce it")
+    a.add_argument("path", help="a whole-model .gguf file (on the node's host)")
+    a.add_argument("--name", default=None, help="name to use in generate (default: the GGUF's)")
+    a.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    ls = msub.add_parser("list", help="models known in the mesh")
+    ls.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
     s = msub.add_parser("shard", help="split a GGUF into hash-named blobs and a manifest")
     s.add_argument("path", help="a whole-model .gguf file")
     s.add_argument("--store", required=True, help="store directory (blobs/ and manifests/)")
@@ -99,6 +107,31 @@ def run_model_command(args: argparse.Namespace) -> int:
             out.write(
                 f"{u['index']:>4}  {u['kind']:<6} {layer:>5} {_mib(u['nbytes']):>12}  {types}\n"
             )
+        return 0
+    if args.model_command in ("add", "list"):
+        import os
+
+        from .cli import api_get, api_post, resolve_api
+
+        api = resolve_api(args.api)
+        if args.model_command == "add":
+            body = {"path": os.path.abspath(args.path), "name": args.name}
+            doc = api_post(api, "/v1/models", body, timeout=600)
+            out.write(
+                json.dumps(doc) + "\n"
+                if args.json
+                else f"added {doc['name']} ({doc['arch']}, {doc['n_layers']} layers) as "
+                f"{doc['model_id']} in {doc['blobs']} blobs\n"
+            )
+        else:
+            doc = api_get(api, "/v1/models")
+            if args.json:
+                out.write(json.dumps(doc) + "\n")
+            for m in [] if args.json else doc.get("data", []):
+                out.write(
+                    f"{m['id']:<28} {m['arch'] or '':<8} {m['n_layers'] or '':>3} layers  "
+                    f"{m['model_id'][:16]}  held by {len(m['holders'])} peer(s)\n"
+                )
         return 0
     if args.model_command == "shard":
         from runtimes.shards import ShardStore

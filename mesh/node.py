@@ -19,9 +19,11 @@ from typing import Any
 
 import ifaddr
 
+from .compute import ComputeConfig, ComputeService
 from .connections import ConnectionParams, Connections
 from .dht import MeshDHT, Record, RecordStore
 from .discovery import Announcement, MdnsDiscovery
+from .errors import DeadlineExceeded, RemoteError
 from .identity import Identity
 from .membership import DhtMembership, record_addresses
 from .mqtt import MqttConfig, MqttSignaling
@@ -55,6 +57,7 @@ class NodeConfig:
     dht_host: str | None = None  # None: like the signaling host
     bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_quota: int = 256  # stores per minute one sender may make before it is cut off
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -96,7 +99,14 @@ class Node:
     def __init__(self, config: NodeConfig, services: list[object] | None = None) -> None:
         self.config = config
         self.identity = Identity.load_or_create(config.data_dir)
-        self.handlers: dict[str, Handler] = handlers_of(CoreService(self), *(services or []))
+        self.me = self.identity.peer_id
+        self.compute = ComputeService(self, self.me, config.data_dir / "store", config.compute)
+        self.handlers: dict[str, Handler] = handlers_of(
+            CoreService(self), self.compute, self.compute.storage, *(services or [])
+        )
+        from .generate import Coordinator  # generation sits on top of compute and links
+
+        self.coordinator = Coordinator(self, self.compute)
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
@@ -143,6 +153,7 @@ class Node:
         self.signaling = SignalingServer(self.identity, self.conns.on_offer, self._info, self.guard)
         await self.signaling.start(sig_host, cfg.signaling_port)
         self.conns.start()
+        self.compute.start()
         from .api import start_api  # the API sits on top of the node
 
         self._api_runner, self.api_url = await start_api(self, cfg.api_host, cfg.api_port)
@@ -213,6 +224,7 @@ class Node:
             self.dht.stop()
         await self.conns.stop()  # says bye on every link
         await wait_closed()
+        await self.compute.stop()
         if self.discovery is not None:
             await self.discovery.stop()  # the mDNS goodbye
         if self._api_runner is not None:
@@ -278,6 +290,9 @@ class Node:
     def link(self, peer_id: str) -> Link:
         return self.conns.link(peer_id)
 
+    def connected_peer_ids(self) -> list[str]:
+        return [link.peer_id for link in self.peers.links()]
+
     async def call(
         self,
         peer_id: str,
@@ -286,7 +301,20 @@ class Node:
         payload: bytes = b"",
         timeout: float | None = None,
     ) -> Reply:
-        return await self.link(peer_id).call(method, params, payload, timeout)
+        """Call a peer's RPC; a call to ourselves runs the handler in place (same contract)."""
+        if peer_id != self.identity.peer_id:
+            return await self.link(peer_id).call(method, params, payload, timeout)
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise RemoteError("NotFound", f"no method {method!r}")
+        budget = self.config.transport.link.call_timeout if timeout is None else timeout
+        ctx = CallContext(None, method, time.monotonic() + budget, peer_id)
+        try:
+            async with asyncio.timeout(budget):
+                out = await handler(ctx, dict(params or {}), payload)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{method} on this node exceeded {budget:.3g} s") from None
+        return out if isinstance(out, Reply) else Reply(out or {})
 
     def info(self) -> dict[str, Any]:
         return {

@@ -94,13 +94,10 @@ class Reply:
 
 @dataclass(frozen=True)
 class CallContext:
-    link: Link
+    link: Link | None  # None for a call a node makes to its own services
     method: str
     deadline: float  # monotonic time by which the caller stops waiting
-
-    @property
-    def peer_id(self) -> str:
-        return self.link.peer_id
+    peer_id: str
 
 
 Handler = Callable[[CallContext, dict[str, Any], bytes], Awaitable["Reply | dict[str, Any] | None"]]
@@ -352,7 +349,7 @@ class Link:
             self._reply_error(call_id, "NotFound", f"no method {method!r}")
             return
         timeout = min(budget / 1000, self.params.call_timeout * 10)
-        ctx = CallContext(self, method, time.monotonic() + timeout)
+        ctx = CallContext(self, method, time.monotonic() + timeout, self.peer_id)
         task = asyncio.get_running_loop().create_task(
             self._run_handler(ctx, call_id, handler, params, msg.payload, timeout)
         )
@@ -385,6 +382,8 @@ class Link:
             pass  # the caller cancelled or the link closed: nobody waits for an answer
         except TimeoutError:
             self._reply_error(call_id, "DeadlineExceeded", f"{ctx.method} ran past its deadline")
+        except RemoteError as exc:  # relayed from a further hop: keep its code
+            self._reply_error(call_id, exc.code, exc.message)
         except Error as exc:
             self._reply_error(call_id, type(exc).__name__, str(exc))
         except Exception as exc:  # a handler bug must not kill the link

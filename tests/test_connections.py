@@ -60,7 +60,7 @@ async def test_concurrent_offers_cannot_overrun_the_handshake_cap():
 
 
 async def test_announcement_flood_is_bounded(monkeypatch):
-    me, conns = make_conns(max_unproven=64, max_dials=8, tick=0.01)
+    me, conns = make_conns(max_unproven=64, max_dials=8, tick=0.01, backoff_base=60.0)
     running = 0
     peak = 0
     release = asyncio.Event()

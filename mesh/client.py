@@ -1,0 +1,137 @@
+"""The embeddable client: ``from mesh import MeshClient``.
+
+    async with MeshClient() as client:          # the local node (found through its data dir)
+        async for text in client.generate("gemma3", "The capital of France is"):
+            print(text, end="")
+
+``MeshClient.embedded(data_dir)`` starts a node inside the application instead. Leaving the
+loop early (``break``) or cancelling the task closes the request, and the node frees the
+sessions on every stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .errors import Error
+
+__all__ = ["MeshClient", "ClientError"]
+
+MAX_LINE = 16 << 20
+
+
+class ClientError(Error):
+    """The node refused the request or the generation failed."""
+
+
+class MeshClient:
+    def __init__(self, api: str | None = None, *, timeout: float = 600.0) -> None:
+        if api is None:
+            from .cli import resolve_api
+
+            api = resolve_api(None)
+        self.api = api.rstrip("/")
+        self.timeout = timeout
+        self.last_summary: dict[str, Any] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._node: Any = None
+
+    @classmethod
+    async def embedded(cls, data_dir: str | Path, **config: Any) -> MeshClient:
+        """Start a node in this process (``config``: NodeConfig fields) and connect to it."""
+        from .node import Node, NodeConfig
+
+        node = Node(NodeConfig(data_dir=Path(data_dir), **config))
+        ready = await node.start()
+        client = cls(ready["api"])
+        client._node = node
+        return client
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._node is not None:
+            await self._node.stop()
+            self._node = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), read_bufsize=1 << 20
+            )
+        return self._session
+
+    async def models(self) -> list[dict[str, Any]]:
+        async with self._http().get(f"{self.api}/v1/models") as resp:
+            if resp.status != 200:
+                raise ClientError(f"models: HTTP {resp.status}: {await resp.text()}")
+            data: list[dict[str, Any]] = (await resp.json())["data"]
+            return data
+
+    async def peers(self) -> list[dict[str, Any]]:
+        async with self._http().get(f"{self.api}/v1/peers") as resp:
+            result: list[dict[str, Any]] = await resp.json()
+            return result
+
+    async def stream(
+        self, model: str, prompt: str = "", **options: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Raw events: one per token, then the summary (also kept in ``last_summary``)."""
+        body = {
+            "model": model,
+            "prompt": prompt,
+            **{k: v for k, v in options.items() if v is not None},
+        }
+        async with self._http().post(f"{self.api}/v1/generate", json=body) as resp:
+            if resp.status != 200:
+                raise ClientError(f"generate: HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if len(line) > MAX_LINE:
+                    raise ClientError("oversized event from the node")
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if "error" in event:
+                    raise ClientError(f"{event.get('type', 'Error')}: {event['error']}")
+                if event.get("done"):
+                    self.last_summary = event
+                yield event
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: list[str] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[str]:
+        """Text pieces as tokens arrive; greedy when ``temperature`` is 0."""
+        async for event in self.stream(
+            model,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop or [],
+            **options,
+        ):
+            if not event.get("done"):
+                yield str(event.get("text", ""))

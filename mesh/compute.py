@@ -1,0 +1,456 @@
+"""The compute service every node runs: models it stores, shards it loads, stage sessions.
+
+A stage session is one generation's KV cache on one shard. ``stage_forward`` runs the shard
+and pushes its output straight to the next stage (as Petals servers do); the last stage samples
+the token and the reply travels back along the chain, each stage adding its compute time to a
+trace so the coordinator can tell compute from network time. A stage that cannot reach the
+next one answers ``StageUnavailable`` naming that peer, so the coordinator knows which layer
+range to re-route.
+
+Shards are loaded under a memory budget (``--memory-limit``): idle sessions are evicted after
+``session_ttl`` and unused shards unloaded, least recently used first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtimes.base import AsyncShard, Session, get_runtime
+from runtimes.errors import ModelError
+from runtimes.shards import Manifest, ShardStore
+
+from .errors import Error, RemoteError, RPCError
+from .rpc import CallContext, Reply
+from .sampling import SamplingParams, sample, top_logits
+from .storage import BlobError, StorageService, Transfer, fetch_blob
+
+__all__ = ["ComputeConfig", "ComputeService", "CapacityError", "StageUnavailable"]
+
+log = logging.getLogger(__name__)
+_SID = re.compile(r"^[0-9a-f]{8,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_SESSION_TOKENS = 8192
+
+
+class CapacityError(Error):
+    """The node's memory budget or session cap cannot take this shard or session."""
+
+
+class StageUnavailable(Error):
+    """The next stage could not be reached; the message is its peer id."""
+
+
+class Caller(Protocol):
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply: ...
+
+    def connected_peer_ids(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    memory_limit: int | None = None  # bytes for loaded shards and their sessions
+    runtime: str = "onnx"
+    threads: int | None = None
+    session_ttl: float = 300.0
+    max_sessions: int = 64
+    forward_timeout: float = 20.0  # below the coordinator's, so the culprit is named
+    runtime_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("delay_s", 0.01),) for fake
+
+
+@dataclass
+class _Loaded:
+    shard: AsyncShard
+    memory: int
+    last_used: float = field(default_factory=time.monotonic)
+    sessions: int = 0
+
+
+@dataclass
+class _StageSession:
+    key: tuple[str, int, int, str]
+    session: Session
+    next_peer: str | None
+    next_sid: str | None
+    owner: str
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ComputeService:
+    def __init__(self, caller: Caller, me: str, root: Path, config: ComputeConfig) -> None:
+        self.caller = caller
+        self.me = me
+        self.config = config
+        self.store = ShardStore(root)
+        self.storage = StorageService(self.store.blob_dir)
+        self.names: dict[str, str] = {}
+        self.manifests: dict[str, Manifest] = {}
+        self.loaded: dict[tuple[str, int, int, str], _Loaded] = {}
+        self.sessions: dict[str, _StageSession] = {}
+        self.transfers: dict[str, Transfer] = {}
+        self.penalized: set[str] = set()
+        self._load_lock = asyncio.Lock()
+        self._blob_locks: dict[str, asyncio.Lock] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self._names_file = Path(root) / "names.json"
+        self._load_registry()
+
+    # -- registry --------------------------------------------------------------------------
+    def _load_registry(self) -> None:
+        if self._names_file.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                names = json.loads(self._names_file.read_text())
+                self.names = {str(k): str(v) for k, v in names.items()}
+        if self.store.manifest_dir.is_dir():
+            for p in self.store.manifest_dir.glob("*.json"):
+                with contextlib.suppress(ModelError, ValueError):
+                    self.manifests[p.stem] = self.store.load_manifest(p.stem)
+
+    async def add_model(self, path: str, name: str | None = None) -> Manifest:
+        manifest = await asyncio.to_thread(self.store.add_model, path)
+        mid = manifest.model_id
+        self.manifests[mid] = manifest
+        self.names[name or manifest.name or Path(path).stem] = mid
+        self._names_file.parent.mkdir(parents=True, exist_ok=True)
+        self._names_file.write_text(json.dumps(self.names))
+        return manifest
+
+    def resolve(self, model: str) -> str:
+        """A model id from a name or an id this node knows."""
+        if model in self.manifests:
+            return model
+        if model in self.names:
+            return self.names[model]
+        raise ModelError(f"unknown model {model!r}")
+
+    def held_blobs(self, mid: str) -> list[str]:
+        m = self.manifests.get(mid)
+        return [b.sha256 for b in m.blobs if self.storage.has(b.sha256)] if m else []
+
+    def start(self) -> None:
+        self._janitor = asyncio.get_running_loop().create_task(self._evict_loop())
+
+    async def stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for loaded in list(self.loaded.values()):
+            await loaded.shard.aclose()
+        self.loaded.clear()
+        self.sessions.clear()
+
+    # -- RPCs: what we hold ----------------------------------------------------------------
+    async def rpc_models(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        by_id = {mid: n for n, mid in self.names.items()}
+        return {
+            "models": [
+                {
+                    "model_id": mid,
+                    "name": by_id.get(mid, m.name),
+                    "arch": m.architecture,
+                    "n_layers": m.n_layers,
+                    "n_units": len(m.units),
+                    "unit_bytes": [u.nbytes for u in m.units],
+                    "held": self.held_blobs(mid),
+                }
+                for mid, m in self.manifests.items()
+            ]
+        }
+
+    async def rpc_manifest(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
+        mid = params.get("model_id")
+        if not isinstance(mid, str) or mid not in self.manifests:
+            raise ModelError(f"no manifest for {str(mid)[:70]!r}")
+        return Reply({}, self.manifests[mid].to_json())
+
+    async def rpc_capacity(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        return {
+            "memory_limit": self.config.memory_limit,
+            "memory_used": self.memory_used(),
+            "runtime": self.config.runtime,
+            "sessions": len(self.sessions),
+        }
+
+    def memory_used(self) -> int:
+        return sum(x.memory for x in self.loaded.values())
+
+    # -- shards ----------------------------------------------------------------------------
+    async def _manifest(self, mid: str, source: str) -> Manifest:
+        if mid in self.manifests:
+            return self.manifests[mid]
+        if not _HEX64.match(mid):
+            raise ModelError("malformed model id")
+        reply = await self.caller.call(source, "manifest", {"model_id": mid}, timeout=30)
+        manifest = Manifest.from_json(reply.payload, expected_id=mid)  # verified by its hash
+        self.store.save_manifest(manifest)
+        self.manifests[mid] = manifest
+        return manifest
+
+    async def ensure_blobs(
+        self, manifest: Manifest, start: int, end: int, hint: dict[str, list[str]] | None = None
+    ) -> int:
+        """Pull the blobs of units [start, end) we lack; returns the bytes pulled."""
+        pulled = 0
+        for blob in manifest.blobs_for(start, end):
+            lock = self._blob_locks.setdefault(blob.sha256, asyncio.Lock())
+            async with lock:  # two sessions wanting one blob pull it once
+                if self.storage.has(blob.sha256):
+                    continue
+                holders = [h for h in (hint or {}).get(blob.sha256, []) if h != self.me]
+                if not holders:
+                    holders = await self._find_holders(blob.sha256)
+                transfer = Transfer(blob.sha256, blob.size)
+                self.transfers[blob.sha256] = transfer
+                try:
+                    await fetch_blob(
+                        self.caller,
+                        blob.sha256,
+                        blob.size,
+                        holders,
+                        self.store.blob_path(blob.sha256),
+                        transfer=transfer,
+                        penalized=self.penalized,
+                    )
+                finally:
+                    self.transfers.pop(blob.sha256, None)
+                pulled += blob.size
+        return pulled
+
+    async def _find_holders(self, sha: str) -> list[str]:
+        async def ask(peer: str) -> str | None:
+            try:
+                reply = await self.caller.call(peer, "blob_has", {"shas": [sha]}, timeout=5)
+            except RPCError:
+                return None
+            return peer if sha in reply.result.get("has", []) else None
+
+        found = await asyncio.gather(*(ask(p) for p in self.caller.connected_peer_ids()))
+        holders = [p for p in found if p is not None]
+        if not holders:
+            raise BlobError(f"no connected peer holds blob {sha[:12]}")
+        return holders
+
+    async def _load(self, mid: str, start: int, end: int, runtime: str) -> _Loaded:
+        key = (mid, start, end, runtime)
+        async with self._load_lock:
+            if key in self.loaded:
+                return self.loaded[key]
+            spec = await asyncio.to_thread(self.store.open_range, self.manifests[mid], start, end)
+            memory = get_runtime(runtime).estimate_memory(spec, 2048)
+            self._make_room(memory)
+            options = dict(self.config.runtime_options)
+            if runtime == "onnx" and self.config.threads:
+                options["threads"] = self.config.threads
+            t0 = time.perf_counter()
+            shard = await AsyncShard.load(runtime, spec, **options)
+            log.info(
+                "loaded %s units [%d, %d) on %s in %.2f s",
+                mid[:12],
+                start,
+                end,
+                runtime,
+                time.perf_counter() - t0,
+            )
+            loaded = self.loaded[key] = _Loaded(shard, memory)
+            return loaded
+
+    def _make_room(self, memory: int) -> None:
+        limit = self.config.memory_limit
+        if limit is None:
+            return
+        if memory > limit:
+            raise CapacityError(f"shard needs {memory >> 20} MiB, the limit is {limit >> 20} MiB")
+        idle = sorted((x.last_used, k) for k, x in self.loaded.items() if x.sessions == 0)
+        while self.memory_used() + memory > limit and idle:
+            _, key = idle.pop(0)
+            loaded = self.loaded.pop(key)
+            asyncio.get_running_loop().create_task(loaded.shard.aclose())
+        if self.memory_used() + memory > limit:
+            raise CapacityError(
+                f"shard needs {memory >> 20} MiB; {self.memory_used() >> 20} of "
+                f"{limit >> 20} MiB are held by running sessions"
+            )
+
+    # -- RPCs: stage sessions --------------------------------------------------------------
+    async def rpc_stage_open(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        sid, mid = params.get("sid"), params.get("model_id")
+        units, runtime = params.get("units"), params.get("runtime") or self.config.runtime
+        max_tokens = params.get("max_tokens", 2048)
+        nxt, next_sid = params.get("next"), params.get("next_sid")
+        if not isinstance(sid, str) or not _SID.match(sid) or not isinstance(mid, str):
+            raise ModelError("stage_open needs a session id and a model id")
+        if not (isinstance(units, list) and len(units) == 2 and all(type(u) is int for u in units)):
+            raise ModelError("units must be [start, end]")
+        if type(max_tokens) is not int or not 0 < max_tokens <= MAX_SESSION_TOKENS:
+            raise ModelError(f"max_tokens must be in 1..{MAX_SESSION_TOKENS}")
+        if not isinstance(runtime, str) or (nxt is not None and not isinstance(nxt, str)):
+            raise ModelError("bad runtime or next stage")
+        if sid in self.sessions:
+            raise ModelError("session id in use")
+        if len(self.sessions) >= self.config.max_sessions:
+            raise CapacityError(f"more than {self.config.max_sessions} sessions")
+        hint = params.get("holders") if isinstance(params.get("holders"), dict) else None
+        t0 = time.perf_counter()
+        manifest = await self._manifest(mid, params.get("source") or ctx.peer_id)
+        start, end = units
+        if not 0 <= start < end <= len(manifest.units):
+            raise ModelError(f"units [{start}, {end}) outside the model")
+        pulled = await self.ensure_blobs(manifest, start, end, hint)
+        loaded = await self._load(mid, start, end, runtime)
+        if end == len(manifest.units) or start == 0:
+            # The last stage returns each token's bytes; the first tokenizes prompts.
+            with contextlib.suppress(ModelError):
+                await self.tokenizer(mid)
+        # The coordinator asks generously; the model's context length is the ceiling.
+        context = loaded.shard.runtime.config.context_length or max_tokens
+        session = await loaded.shard.open_session(min(max_tokens, context))
+        loaded.sessions += 1
+        self.sessions[sid] = _StageSession(
+            (mid, start, end, runtime),
+            session,
+            nxt,
+            next_sid if isinstance(next_sid, str) else None,
+            ctx.peer_id,
+        )
+        return {"pulled": pulled, "open_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    async def rpc_stage_close(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        sid = params.get("sid")
+        st = self.sessions.pop(sid, None) if isinstance(sid, str) else None
+        if st is not None:
+            await self._close(st)
+        return {"closed": st is not None}
+
+    async def _close(self, st: _StageSession) -> None:
+        loaded = self.loaded.get(st.key)
+        if loaded is not None:
+            loaded.sessions -= 1
+            loaded.last_used = time.monotonic()
+            with contextlib.suppress(Error):
+                await loaded.shard.close_session(st.session)
+
+    async def rpc_stage_forward(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        sid, n = params.get("sid"), params.get("n")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None:
+            raise ModelError("no such stage session (expired or never opened)")
+        loaded = self.loaded.get(st.key)
+        if loaded is None:
+            raise ModelError("the session's shard was unloaded")
+        st.last_used = loaded.last_used = time.monotonic()
+        spec = loaded.shard.runtime.shard
+        if type(n) is not int or n <= 0:
+            raise ModelError("n must be a positive integer")
+        if spec.is_first:
+            if len(payload) != 4 * n:
+                raise ModelError("token payload size does not match n")
+            x: Any = np.frombuffer(payload, dtype="<i4").astype(np.int64)
+        else:
+            d = spec.config.d_model
+            if len(payload) != 4 * n * d:
+                raise ModelError("hidden-state payload size does not match n x d_model")
+            x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
+        t0 = time.perf_counter()
+        out = await loaded.shard.forward(st.session, x)
+        compute_ms = (time.perf_counter() - t0) * 1000
+        own = {"peer": self.me, "ms": round(compute_ms, 3)}
+        if spec.is_last:
+            return self._finish(st.key[0], out, params, own)
+        if st.next_peer is None or st.next_sid is None:
+            raise ModelError("a middle stage without a next stage")
+        body = np.ascontiguousarray(out, dtype="<f4").tobytes()
+        fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top")}
+        fwd["sid"] = st.next_sid
+        try:
+            reply = await self.caller.call(
+                st.next_peer, "stage_forward", fwd, body, timeout=self.config.forward_timeout
+            )
+        except RemoteError:
+            raise  # a further stage failed: its code names the culprit
+        except RPCError as exc:
+            raise StageUnavailable(st.next_peer) from exc
+        reply.result["trace"] = [own] + list(reply.result.get("trace", []))
+        return reply
+
+    def _finish(self, mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Reply:
+        logits = np.asarray(out, dtype=np.float32)[-1]
+        try:
+            sp = SamplingParams.from_wire(params.get("sample", {}))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        pos = params.get("pos", 0)
+        token = sample(logits, sp, pos if type(pos) is int else 0)
+        result: dict[str, Any] = {"token": token, "trace": [own]}
+        top = params.get("top", 0)
+        if type(top) is int and 0 < top <= 64:
+            result["top"] = top_logits(logits, top)
+        tok = self._tokenizers.get(mid)
+        if tok is not None:
+            result["eos"] = token == tok.eos_id
+            return Reply(result, tok.token_bytes(token))
+        return Reply(result)
+
+    # -- tokenizer -------------------------------------------------------------------------
+    async def tokenizer(self, mid: str) -> Any:
+        """llama.cpp's tokenizer from a blob holding the embedding or the head."""
+        if mid in self._tokenizers:
+            return self._tokenizers[mid]
+        from runtimes.tokenizer import Tokenizer
+
+        m = self.manifests[mid]
+        n = len(m.units)
+        for blob in m.blobs_for(0, 1) + m.blobs_for(n - 1, n):
+            if self.storage.has(blob.sha256):
+                tok = await asyncio.to_thread(Tokenizer, self.store.blob_path(blob.sha256))
+                self._tokenizers[mid] = tok
+                return tok
+        raise ModelError("this node holds no blob with the tokenizer")
+
+    async def rpc_tokenize(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        mid, text = params.get("model_id"), params.get("text")
+        if not isinstance(mid, str) or mid not in self.manifests or not isinstance(text, str):
+            raise ModelError("tokenize needs a known model id and a text")
+        tok = await self.tokenizer(mid)
+        return {
+            "tokens": tok.encode(text, add_bos=bool(params.get("add_bos", True))),
+            "eos": tok.eos_id,
+        }
+
+    # -- housekeeping ----------------------------------------------------------------------
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.config.session_ttl / 2))  # eviction period
+            cutoff = time.monotonic() - self.config.session_ttl
+            for sid, st in list(self.sessions.items()):
+                if st.last_used < cutoff:
+                    log.info("evicting idle session %s", sid[:8])
+                    self.sessions.pop(sid, None)
+                    await self._close(st)

@@ -1,0 +1,474 @@
+"""Sharded generation, coordinated by the node an application talks to.
+
+1. **Route**: an ordered list of stages (peer, unit range, runtime) covering the model. A model
+   that one peer can hold runs on that peer alone unless a split is asked for; otherwise the
+   units are split contiguously by free memory, preferring peers that already hold the bytes.
+2. **Sessions**: one per stage, opened last stage first so each knows where to push.
+3. **Steps**: the coordinator sends token ids to the first stage; activations flow stage to
+   stage; the last stage samples and the token travels back with a per-stage compute trace.
+4. **Failover**: the coordinator keeps the token history. When a stage dies or misses its
+   deadline it re-plans that stage's units on another peer (which pulls the shard if needed),
+   reopens the route and replays the history in the same chunks as the original run (prompt
+   as one batch, then token by token), so the continuation is exactly the fault-free one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtimes.errors import ModelError
+from runtimes.shards import Manifest
+
+from .errors import Error, PeerUnavailable, RemoteError, RPCError
+from .rpc import Reply
+from .sampling import SamplingParams
+
+__all__ = ["Stage", "GenerationRequest", "Coordinator", "RouteError", "plan_route"]
+
+log = logging.getLogger(__name__)
+SHARD_OVERHEAD = 32 << 20  # per loaded shard, as the onnx runtime estimates it
+MAX_FAILOVERS = 3
+
+
+class RouteError(Error):
+    """No set of connected peers can hold and run the model (or the requested split)."""
+
+
+class Mesh(Protocol):
+    me: str
+
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply: ...
+
+    def connected_peer_ids(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Stage:
+    peer_id: str
+    units: tuple[int, int]
+    runtime: str
+
+    def as_dict(self, n_layers: int) -> dict[str, Any]:
+        a, b = self.units
+        layers = [max(a, 1) - 1, min(b, n_layers + 1) - 1]
+        return {
+            "peer_id": self.peer_id,
+            "units": list(self.units),
+            "layers": layers,
+            "runtime": self.runtime,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    prompt: str = ""
+    tokens: list[int] | None = None
+    max_tokens: int = 32
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    split: int | None = None
+    runtime: str | None = None
+    top: int = 0  # return the top-k logits of every step (tests check margins)
+
+
+@dataclass
+class PeerView:
+    peer_id: str
+    free: float  # bytes available for shards (inf without a limit)
+    held: set[str]
+    runtime: str
+
+
+def unit_memory(unit_bytes: list[int], a: int, b: int) -> int:
+    return 2 * sum(unit_bytes[a:b]) + SHARD_OVERHEAD
+
+
+def plan_route(
+    manifest: Manifest,
+    peers: list[PeerView],
+    *,
+    split: int | None,
+    prefer: str,
+    runtime: str | None = None,
+    units: tuple[int, int] | None = None,
+) -> list[Stage]:
+    """Stages covering ``units`` (default: the whole model) on ``peers``."""
+    ub = [u.nbytes for u in manifest.units]
+    a0, b0 = units or (0, len(ub))
+    blob_of = {u.index: u.blob for u in manifest.units}
+
+    def held_bytes(p: PeerView, a: int, b: int) -> int:
+        return sum(ub[i] for i in range(a, b) if blob_of[i] in p.held)
+
+    def rank(p: PeerView, a: int, b: int) -> tuple[int, bool, float]:
+        return (held_bytes(p, a, b), p.peer_id == prefer, p.free)
+
+    if not peers:
+        raise RouteError("no peers to run the model on")
+    n = split or 1
+    if n == 1:
+        fits = [p for p in peers if p.free >= unit_memory(ub, a0, b0)]
+        if fits:
+            best = max(fits, key=lambda p: rank(p, a0, b0))
+            return [Stage(best.peer_id, (a0, b0), runtime or best.runtime)]
+        if split == 1:
+            raise RouteError("no single peer has the memory for the whole model")
+    if n > len(peers) or n > b0 - a0:
+        raise RouteError(f"cannot split {b0 - a0} units over {len(peers)} peers {n} ways")
+    if split is None:
+        return _greedy_split(ub, peers, a0, b0, rank, runtime)
+    return _even_split(ub, peers, a0, b0, n, rank, runtime)
+
+
+def _greedy_split(
+    ub: list[int], peers: list[PeerView], a0: int, b0: int, rank: Any, runtime: str | None
+) -> list[Stage]:
+    """Fewest stages: each peer in turn takes as many units as its memory holds."""
+    stages: list[Stage] = []
+    left = list(peers)
+    a = a0
+    while a < b0:
+        usable = [p for p in left if p.free >= unit_memory(ub, a, a + 1)]
+        if not usable:
+            raise RouteError(f"no connected peer has memory for unit {a}")
+
+        # the peer that gets furthest, preferring bytes already held
+        reach = {p.peer_id: _reach(ub, a, b0, p.free) for p in usable}
+        best = max(usable, key=lambda p: (reach[p.peer_id], rank(p, a, reach[p.peer_id])))
+        b = reach[best.peer_id]
+        stages.append(Stage(best.peer_id, (a, b), runtime or best.runtime))
+        left.remove(best)
+        a = b
+    return stages
+
+
+def _reach(ub: list[int], a: int, b0: int, free: float) -> int:
+    """The end of the longest range starting at ``a`` that fits in ``free`` bytes."""
+    b = a + 1
+    while b < b0 and unit_memory(ub, a, b + 1) <= free:
+        b += 1
+    return b
+
+
+def _even_split(
+    ub: list[int], peers: list[PeerView], a0: int, b0: int, n: int, rank: Any, runtime: str | None
+) -> list[Stage]:
+    """Exactly n stages with about equal bytes each, each on a peer that can hold it."""
+    total = sum(ub[a0:b0])
+    cuts = [a0]
+    acc = 0
+    for i in range(a0, b0):
+        acc += ub[i]
+        if len(cuts) < n and acc >= total * len(cuts) / n and i + 1 < b0 - (n - len(cuts)) + 1:
+            cuts.append(i + 1)
+    while len(cuts) < n:  # tiny models: one unit each from the end
+        cuts.append(cuts[-1] + 1)
+    cuts.append(b0)
+    stages: list[Stage] = []
+    left = list(peers)
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        fits = [p for p in left if p.free >= unit_memory(ub, a, b)]
+        if not fits:
+            raise RouteError(f"no peer left with memory for units [{a}, {b})")
+        best = max(fits, key=lambda p: rank(p, a, b))
+        stages.append(Stage(best.peer_id, (a, b), runtime or best.runtime))
+        left.remove(best)
+    return stages
+
+
+class Coordinator:
+    def __init__(self, mesh: Mesh, compute: Any, forward_timeout: float = 45.0) -> None:
+        self.mesh = mesh
+        self.compute = compute
+        self.forward_timeout = forward_timeout
+
+    async def views(self, mid: str, exclude: set[str]) -> tuple[list[PeerView], Manifest]:
+        """What every reachable peer (and this node) can hold, and the model's manifest."""
+        views: list[PeerView] = []
+        manifest: Manifest | None = self.compute.manifests.get(mid)
+        source = None
+        for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
+            if pid in exclude:
+                continue
+            try:
+                cap = (await self.mesh.call(pid, "capacity", timeout=5)).result
+                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+            except RPCError as exc:
+                log.info("peer %s left out of the route: %s", pid[:12], exc)
+                continue
+            held: set[str] = set()
+            for m in models if isinstance(models, list) else []:
+                if isinstance(m, dict) and m.get("model_id") == mid:
+                    held = {h for h in m.get("held", []) if isinstance(h, str)}
+                    source = source or pid
+            limit, used = cap.get("memory_limit"), cap.get("memory_used", 0)
+            free = float("inf") if not isinstance(limit, int) else float(limit - int(used or 0))
+            views.append(PeerView(pid, free, held, str(cap.get("runtime") or "onnx")))
+        if manifest is None:
+            if source is None:
+                raise RouteError(f"no reachable peer knows model {mid[:12]}")
+            manifest = await self.compute._manifest(mid, source)
+        return views, manifest
+
+    async def resolve(self, model: str) -> str:
+        try:
+            return str(self.compute.resolve(model))
+        except ModelError:
+            pass
+        for pid in self.mesh.connected_peer_ids():
+            try:
+                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+            except RPCError:
+                continue
+            for m in models:
+                if isinstance(m, dict) and model in (m.get("name"), m.get("model_id")):
+                    return str(m["model_id"])
+        raise ModelError(f"no peer knows a model named {model!r}")
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
+            try:
+                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+            except RPCError:
+                continue
+            for m in models:
+                if isinstance(m, dict) and isinstance(m.get("model_id"), str):
+                    entry = seen.setdefault(
+                        m["model_id"],
+                        {
+                            "model_id": m["model_id"],
+                            "name": m.get("name"),
+                            "arch": m.get("arch"),
+                            "n_layers": m.get("n_layers"),
+                            "holders": [],
+                        },
+                    )
+                    if m.get("held"):
+                        entry["holders"].append(pid)
+        return list(seen.values())
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[dict[str, Any], None]:
+        """Yields ``{"token", "text"}`` per token, then one ``{"done": True, ...}`` summary."""
+        run = _Run(self, req)
+        async for event in run.run():
+            yield event
+
+
+class _Run:
+    """One generation: its route, sessions, history and statistics."""
+
+    def __init__(self, coord: Coordinator, req: GenerationRequest) -> None:
+        self.c = coord
+        self.req = req
+        self.mid = ""
+        self.manifest: Manifest | None = None
+        self.stages: list[Stage] = []
+        self.sids: list[str] = []
+        self.prompt: list[int] = []
+        self.generated: list[int] = []
+        self.excluded: set[str] = set()
+        self.reroutes: list[dict[str, Any]] = []
+        self.step_ms: list[float] = []
+        self.hop_ms: list[float] = []
+        self.compute_ms: dict[str, list[float]] = {}
+        self.bytes_pulled = 0
+
+    async def run(self) -> AsyncIterator[dict[str, Any]]:
+        req = self.req
+        t_start = time.perf_counter()
+        self.mid = await self.c.resolve(req.model)
+        views, self.manifest = await self.c.views(self.mid, self.excluded)
+        self.stages = plan_route(
+            self.manifest, views, split=req.split, prefer=self.c.mesh.me, runtime=req.runtime
+        )
+        await self._open()
+        try:
+            if req.tokens is not None:
+                self.prompt = list(req.tokens)
+            else:
+                tok = await self.c.mesh.call(
+                    self.stages[0].peer_id, "tokenize", {"model_id": self.mid, "text": req.prompt}
+                )
+                self.prompt = [int(t) for t in tok.result["tokens"]]
+            pending = b""
+            text = ""
+            ttft = None
+            feed = self.prompt
+            for i in range(req.max_tokens):
+                pos = len(self.prompt) + i
+                reply = await self._step(feed, pos)
+                token = int(reply.result["token"])
+                self.generated.append(token)
+                if ttft is None:
+                    ttft = (time.perf_counter() - t_start) * 1000
+                piece, pending = _utf8(pending + reply.payload)
+                text += piece
+                event: dict[str, Any] = {"token": token, "text": piece}
+                if "top" in reply.result:
+                    event["top"] = reply.result["top"]
+                yield event
+                if reply.result.get("eos") or any(s and s in text for s in req.stop):
+                    break
+                feed = [token]
+            total_s = time.perf_counter() - t_start
+            decode = self.step_ms[1:]
+            yield {
+                "done": True,
+                "model_id": self.mid,
+                "prompt_tokens": len(self.prompt),
+                "tokens": list(self.generated),
+                "text": text + pending.decode("utf-8", "replace"),
+                "stages": [s.as_dict(self.manifest.n_layers) for s in self.stages],
+                "ttft_ms": round(ttft or 0.0, 2),
+                "tokens_per_s": round(len(decode) / (sum(decode) / 1000), 2) if decode else 0.0,
+                "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,
+                "stage_ms": {p: round(float(np.median(v)), 3) for p, v in self.compute_ms.items()},
+                "reroutes": self.reroutes,
+                "bytes_pulled": self.bytes_pulled,
+                "total_s": round(total_s, 3),
+            }
+        finally:
+            await self._close()
+
+    # -- sessions --------------------------------------------------------------------------
+    async def _open(self) -> None:
+        base = os.urandom(8).hex()
+        self.sids = [f"{base}{i:02x}{len(self.reroutes):02x}" for i in range(len(self.stages))]
+        for i in reversed(range(len(self.stages))):
+            st = self.stages[i]
+            nxt = self.stages[i + 1].peer_id if i + 1 < len(self.stages) else None
+            params = {
+                "sid": self.sids[i],
+                "model_id": self.mid,
+                "units": list(st.units),
+                "runtime": st.runtime,
+                "next": nxt,
+                "next_sid": self.sids[i + 1] if nxt else None,
+                "max_tokens": min(8192, len(self.prompt) + self.req.max_tokens + 512),
+                "source": self.c.mesh.me if self.mid in self.c.compute.manifests else None,
+            }
+            reply = await self.c.mesh.call(st.peer_id, "stage_open", params, timeout=600)
+            self.bytes_pulled += int(reply.result.get("pulled", 0))
+
+    async def _close(self) -> None:
+        for st, sid in zip(self.stages, self.sids, strict=False):
+            try:
+                await self.c.mesh.call(st.peer_id, "stage_close", {"sid": sid}, timeout=5)
+            except RPCError:
+                pass  # a dead stage has nothing left to free
+
+    # -- steps -----------------------------------------------------------------------------
+    async def _step(self, feed: list[int], pos: int) -> Reply:
+        for attempt in range(MAX_FAILOVERS + 1):
+            try:
+                return await self._forward(feed, pos)
+            except RPCError as exc:
+                failed = self._culprit(exc)
+                if failed is None or attempt == MAX_FAILOVERS:
+                    raise
+                await self._reroute(failed, str(exc))
+        raise RouteError("unreachable")  # the loop either returns or raises
+
+    async def _forward(self, feed: list[int], pos: int) -> Reply:
+        body = np.asarray(feed, dtype="<i4").tobytes()
+        params = {
+            "sid": self.sids[0],
+            "n": len(feed),
+            "pos": pos,
+            "sample": self.req.sampling.to_wire(),
+        }
+        if self.req.top:
+            params["top"] = self.req.top
+        t0 = time.perf_counter()
+        reply = await self.c.mesh.call(
+            self.stages[0].peer_id, "stage_forward", params, body, timeout=self.c.forward_timeout
+        )
+        ms = (time.perf_counter() - t0) * 1000
+        trace = reply.result.get("trace", [])
+        compute = 0.0
+        for t in trace if isinstance(trace, list) else []:
+            if isinstance(t, dict) and isinstance(t.get("ms"), float | int):
+                compute += float(t["ms"])
+                self.compute_ms.setdefault(str(t.get("peer")), []).append(float(t["ms"]))
+        self.step_ms.append(ms)
+        self.hop_ms.append(max(ms - compute, 0.0) / len(self.stages))
+        return reply
+
+    def _culprit(self, exc: RPCError) -> str | None:
+        if isinstance(exc, RemoteError):
+            if exc.code == "StageUnavailable":
+                return exc.message.strip()
+            return None  # the stage answered: a bug or bad input, not a dead peer
+        if isinstance(exc, PeerUnavailable) or isinstance(exc, TimeoutError):
+            return self.stages[0].peer_id
+        return None
+
+    async def _reroute(self, failed: str, why: str) -> None:
+        assert self.manifest is not None
+        log.warning("stage %s failed (%s): re-routing", failed[:12], why)
+        index = next((i for i, s in enumerate(self.stages) if s.peer_id == failed), None)
+        if index is None:
+            raise RouteError(f"failed peer {failed[:12]} is not on the route")
+        self.excluded.add(failed)
+        await self._close()
+        views, _ = await self.c.views(self.mid, self.excluded)
+        on_route = {s.peer_id for i, s in enumerate(self.stages) if i != index}
+        spare = [v for v in views if v.peer_id not in on_route]
+        old = self.stages[index]
+        replacement = plan_route(
+            self.manifest,
+            spare,
+            split=None,
+            prefer=self.c.mesh.me,
+            runtime=old.runtime,
+            units=old.units,
+        )
+        self.stages = self.stages[:index] + replacement + self.stages[index + 1 :]
+        self.reroutes.append(
+            {
+                "failed": failed,
+                "units": list(old.units),
+                "replacement": [s.peer_id for s in replacement],
+                "after_tokens": len(self.generated),
+                "reason": why[:200],
+            }
+        )
+        await self._open()
+        # Replay in the original chunks: the same computations give the same cache.
+        # Every chunk fed before the one that failed (which _step then sends again).
+        history = [self.prompt] + [[t] for t in self.generated[:-1]] if self.generated else []
+        for k, chunk in enumerate(history):
+            reply = await self._forward(chunk, len(self.prompt) + k)
+            if k < len(self.generated) and int(reply.result["token"]) != self.generated[k]:
+                log.warning(
+                    "replay step %d gave token %s, the original run %s",
+                    k,
+                    reply.result["token"],
+                    self.generated[k],
+                )
+
+
+def _utf8(data: bytes) -> tuple[str, bytes]:
+    """Decode what is complete; hold back a trailing partial UTF-8 sequence."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode("utf-8"), data[cut:]
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", "replace"), b""

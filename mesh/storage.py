@@ -1,0 +1,239 @@
+"""Content-addressed blobs on peers: serving byte ranges, and pulling a blob from its holders.
+
+A blob is named by the SHA-256 of its bytes. A pull splits it into ``CHUNK`` ranges fetched
+in parallel from every holder that has it (a few ranges in flight per holder), moves on to
+another holder when one fails or dies, and verifies the whole blob against its name before it
+becomes visible in the store: nothing unverified is ever used. A holder whose bytes fail the
+hash is penalized (tried last) and the blob is fetched again from the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import Error, RPCError
+from .rpc import CallContext, Reply
+
+__all__ = ["BlobError", "StorageService", "Transfer", "fetch_blob", "CHUNK"]
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+MAX_READ = 4 * CHUNK
+PER_HOLDER = 3  # ranges in flight per holder: keeps each link busy without flooding it
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(Error):
+    """A blob is missing, malformed, or no holder could deliver bytes that match its hash."""
+
+
+class Caller(Protocol):
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply: ...
+
+
+@dataclass
+class Transfer:
+    """Progress of one pull, shown on the API and by the demo's progress bar."""
+
+    sha256: str
+    size: int
+    done: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # bytes per holder
+    started: float = field(default_factory=time.monotonic)
+    failed_sources: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return {
+            "sha256": self.sha256,
+            "size": self.size,
+            "done": self.done,
+            "sources": dict(self.sources),
+            "mb_per_s": round(self.done / elapsed / 1e6, 2),
+        }
+
+
+class StorageService:
+    """Serves the blobs under ``blob_dir`` (files named ``<sha256><suffix>``)."""
+
+    def __init__(self, blob_dir: Path, suffix: str = ".gguf") -> None:
+        self.blob_dir = Path(blob_dir)
+        self.suffix = suffix
+        self.bytes_served: dict[str, int] = {}  # per peer
+
+    def path(self, sha256: str) -> Path:
+        if not isinstance(sha256, str) or not _HEX64.match(sha256):
+            raise BlobError(f"not a sha256: {str(sha256)[:80]!r}")
+        return self.blob_dir / f"{sha256}{self.suffix}"
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    async def rpc_blob_has(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        shas = params.get("shas")
+        if not isinstance(shas, list) or len(shas) > 1024:
+            raise BlobError("shas must be a list of at most 1024 hashes")
+        return {"has": [s for s in shas if isinstance(s, str) and _HEX64.match(s) and self.has(s)]}
+
+    async def rpc_blob_read(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        path = self.path(params.get("sha256"))  # type: ignore[arg-type]
+        offset, length = params.get("offset"), params.get("length")
+        if type(offset) is not int or type(length) is not int or offset < 0:
+            raise BlobError("offset and length must be non-negative integers")
+        if not 0 < length <= MAX_READ:
+            raise BlobError(f"length must be in 1..{MAX_READ}")
+        try:
+            data = await asyncio.to_thread(_read_range, path, offset, length)
+        except FileNotFoundError:
+            raise BlobError(f"no blob {path.stem}") from None
+        self.bytes_served[ctx.peer_id] = self.bytes_served.get(ctx.peer_id, 0) + len(data)
+        return Reply({"n": len(data)}, data)
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
+
+
+def _write_range(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+async def fetch_blob(
+    caller: Caller,
+    sha256: str,
+    size: int,
+    holders: list[str],
+    dest: Path,
+    *,
+    transfer: Transfer | None = None,
+    penalized: set[str] | None = None,
+    on_progress: Callable[[Transfer], Awaitable[None] | None] | None = None,
+    timeout: float = 60.0,
+) -> Transfer:
+    """Pull a blob from ``holders`` into ``dest`` (atomically, verified). Raises BlobError."""
+    if not _HEX64.match(sha256) or size < 0:
+        raise BlobError("bad blob name or size")
+    if not holders:
+        raise BlobError(f"no peer holds blob {sha256[:12]}")
+    penalized = penalized if penalized is not None else set()
+    transfer = transfer or Transfer(sha256, size)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(len(holders)):
+        order = sorted(holders, key=lambda h: (h in penalized, holders.index(h)))
+        live = [h for h in order if h not in transfer.failed_sources] or order
+        await asyncio.to_thread(_preallocate, tmp, size)
+        transfer.done = 0
+        await _pull_ranges(caller, sha256, size, live, tmp, transfer, on_progress, timeout)
+        got = await asyncio.to_thread(_hash_file, tmp)
+        if got == sha256:
+            os.replace(tmp, dest)
+            return transfer
+        # Some holder sent wrong bytes: penalize every holder that contributed, retry the rest.
+        log.warning(
+            "blob %s from %s hashed to %s: refetching",
+            sha256[:12],
+            list(transfer.sources),
+            got[:12],
+        )
+        penalized.update(transfer.sources)
+        transfer.failed_sources.extend(transfer.sources)
+        transfer.sources.clear()
+        if attempt + 1 >= len(holders):
+            break
+    tmp.unlink(missing_ok=True)
+    raise BlobError(f"no holder delivered blob {sha256[:12]} intact")
+
+
+def _preallocate(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+
+
+async def _pull_ranges(
+    caller: Caller,
+    sha256: str,
+    size: int,
+    holders: list[str],
+    tmp: Path,
+    transfer: Transfer,
+    on_progress: Callable[[Transfer], Awaitable[None] | None] | None,
+    timeout: float,
+) -> None:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for offset in range(0, size, CHUNK):
+        queue.put_nowait(offset)
+    dead: set[str] = set()
+
+    async def worker(holder: str) -> None:
+        while holder not in dead:
+            try:
+                offset = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            length = min(CHUNK, size - offset)
+            try:
+                reply = await caller.call(
+                    holder,
+                    "blob_read",
+                    {"sha256": sha256, "offset": offset, "length": length},
+                    timeout=timeout,
+                )
+                if len(reply.payload) != length:
+                    raise BlobError(f"{holder[:12]} sent {len(reply.payload)} of {length} bytes")
+            except (RPCError, BlobError) as exc:
+                log.info(
+                    "blob %s: holder %s failed (%s); others take over",
+                    sha256[:12],
+                    holder[:12],
+                    exc,
+                )
+                dead.add(holder)
+                transfer.failed_sources.append(holder)
+                queue.put_nowait(offset)  # resume this range elsewhere
+                return
+            await asyncio.to_thread(_write_range, tmp, offset, reply.payload)
+            transfer.done += length
+            transfer.sources[holder] = transfer.sources.get(holder, 0) + length
+            if on_progress is not None:
+                maybe = on_progress(transfer)
+                if maybe is not None:
+                    await maybe
+
+    while not queue.empty():
+        alive = [h for h in holders if h not in dead]
+        if not alive:
+            raise BlobError(f"every holder of blob {sha256[:12]} failed")
+        await asyncio.gather(*(worker(h) for h in alive for _ in range(PER_HOLDER)))
