@@ -7,7 +7,7 @@ TEST_EXTRAS ?= test,onnx,tinygrad,llamacpp,gemma3
 # llama-cpp-python builds from source: a portable x86-64-v3 build. The native build enables
 # ggml's AMX kernels on this CPU, and they segfault here in the first matmul.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-APT_PACKAGES ?= mosquitto clang
+APT_PACKAGES ?= mosquitto clang chromium
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-test apt lint clean

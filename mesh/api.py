@@ -1,5 +1,6 @@
 """The node's HTTP API (aiohttp), bound to loopback by default.
 
+``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
 ``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
 ``GET /v1/info``    this node: id, name, endpoints, counters of refused input
 ``GET /v1/dht/peer/{id}``  a peer's verified DHT record
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .errors import Error
+from .web import add_web_routes
 
 if TYPE_CHECKING:
     from .node import Node
@@ -39,6 +41,7 @@ async def start_api(node: Node, host: str, port: int) -> tuple[web.AppRunner, st
 
     add_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
+    add_web_routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

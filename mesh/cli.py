@@ -1,4 +1,4 @@
-"""The ``edgemesh`` command: ``node``, ``peers``, ``demo``.
+"""The ``edgemesh`` command: ``node``, ``peers``, ``hw``, ``demo``.
 
 Client subcommands take ``--api URL`` (default: the local node found through the default data
 dir) and ``--json``. Errors print one line on stderr and exit non-zero; ``-v`` adds tracebacks.
@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .cli_hw import add_hw_command, run_hw_command
 from .errors import Error
 
 __all__ = ["main", "default_data_dir"]
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_generate_command(sub)
+    add_hw_command(sub)
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             from .cli_model import run_model_command
 
             return run_model_command(args)
+        if args.command == "hw":
+            return run_hw_command(args)
         if args.command == "demo":
             from .demo import run_demo
 
