@@ -77,7 +77,9 @@ class Network(Protocol):
         ...
 
 
-def _as_array(x: Sequence[float] | Array, name: str, shape: tuple[int, ...]) -> Array:
+def _as_array(
+    x: Sequence[float] | Sequence[Sequence[float]] | Array, name: str, shape: tuple[int, ...]
+) -> Array:
     arr = np.asarray(x, dtype=np.float64)
     if arr.shape != shape:
         raise SchedulerError(f"{name}: expected shape {shape}, got {arr.shape}")

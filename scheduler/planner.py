@@ -284,8 +284,12 @@ def plan_route(
     mem_units[1:L + 1] += model.layer_overhead_bytes
     free_all = np.array([p.free_memory for p in peers], dtype=np.int64)
     speed = np.array([p.speed for p in peers], dtype=np.float64)
-    narrowest = int(min(mem_units[0] + mem_units[1], *mem_units[2:L], mem_units[L] + mem_units[L + 1])
-                    if L > 1 else mem_units.sum())
+    # The smallest stage any route must contain; peers below it are never usable.
+    if L > 1:
+        narrowest = int(min(mem_units[0] + mem_units[1], *mem_units[2:L],
+                            mem_units[L] + mem_units[L + 1]))
+    else:
+        narrowest = int(mem_units.sum())
     usable = np.nonzero((speed > 0) & (free_all >= narrowest))[0]
     if len(usable) == 0:
         raise PlanningError("no peer can compute and hold even one layer")
@@ -432,13 +436,11 @@ def plan_placement(
             better = c < transfer
             transfer[better], source[better] = c[better], h
         total = load + compute + transfer
-        local = [h for h in holders if capable[h]]
-        if local:
-            mask = np.full(n, np.inf)
-            mask[local] = 0.0
-            ranked = np.argsort(total + mask, kind="stable")
-        else:
-            ranked = np.argsort(total, kind="stable")
+        # Capable holders first (the task must run where its data is when it can), each
+        # group ordered by its estimated finish; the rest are standby choices.
+        is_local = np.zeros(n, dtype=bool)
+        is_local[[h for h in holders if capable[h]]] = True
+        ranked = np.lexsort((total, ~is_local))
         chosen = int(ranked[0])
         if not np.isfinite(total[chosen]):
             raise PlanningError(f"task {t.id}: no capable peer can reach its data")

@@ -70,7 +70,8 @@ def random_instance(rng: np.random.Generator, zoned: bool
     lb = [int(x) for x in rng.integers(1, 10, L)]
     model = ModelSpec(tuple(lb), tuple(float(x) for x in rng.uniform(0.5, 5, L)),
                       embed_bytes=int(rng.integers(0, 5)), head_bytes=int(rng.integers(0, 5)),
-                      head_cost=float(rng.uniform(0, 2)), activation_bytes=float(rng.uniform(0, 5e4)),
+                      head_cost=float(rng.uniform(0, 2)),
+                      activation_bytes=float(rng.uniform(0, 5e4)),
                       layer_overhead_bytes=int(rng.integers(0, 2)))
     total = model.total_memory
     zones = ["a", "b", "c"][: int(rng.integers(1, 4))]
