@@ -261,6 +261,7 @@ def plan_route(
     max_stages: int | None = None,
     max_tracked: int = 10,
     candidates: int = 64,
+    refuse_slower_split: bool = True,
 ) -> RoutePlan:
     """The optimal route (see the module docstring) for one client, whose links are part of
     ``network``; ``peers[i]`` is the network's peer i.
@@ -269,6 +270,11 @@ def plan_route(
     asks for exactly N, as ``--split N``). ``candidates`` only tunes speed: how many peers
     (lowest lower bound first) the first exact pass over a pruned set considers. Raises
     :class:`PlanningError` when no route fits, :class:`SchedulerError` on invalid input.
+
+    ``refuse_slower_split`` (default on) applies the single-peer rule of the module
+    docstring. With a locality term it can pick a single peer that must pull the whole model
+    over a split that pulls nothing; pass False to keep the pure objective optimum (the
+    optimum is then never worse than any single peer *by objective*, by construction).
     """
     params = params or CostParams()
     if len(peers) != network.n_peers:
@@ -356,7 +362,7 @@ def plan_route(
             route = [(single, 0, L)]
         log.debug("planner: relaxed %.3f, %d rounds", relaxed, rounds)
     plan = finish(route, exact, False, rounds)
-    if min_stages == 1 and len(plan.stages) > 1 and single >= 0:
+    if refuse_slower_split and min_stages == 1 and len(plan.stages) > 1 and single >= 0:
         alone = finish([(single, 0, L)], exact, True, rounds)
         if plan.latency_ms > alone.latency_ms:
             return alone
