@@ -219,6 +219,8 @@ async def _openai(
     count = 0
     try:
         async for event in events:
+            if "route" in event:
+                continue
             if event.get("done"):
                 finish = "length" if count >= req.max_tokens else "stop"
                 data = {

@@ -42,7 +42,7 @@ async def run_generate(args: argparse.Namespace) -> int:
             split=args.split,
         )
         async for event in stream:
-            if not args.json and "text" in event and not event.get("done"):
+            if not args.json and "token" in event:
                 sys.stdout.write(event["text"])
                 sys.stdout.flush()
         summary = client.last_summary

@@ -133,5 +133,5 @@ class MeshClient:
             stop=stop or [],
             **options,
         ):
-            if not event.get("done"):
+            if "token" in event:
                 yield str(event.get("text", ""))

@@ -26,6 +26,7 @@ import numpy as np
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
+from .compute import StageUnavailable
 from .errors import Error, PeerUnavailable, RemoteError, RPCError
 from .rpc import Reply
 from .sampling import SamplingParams
@@ -264,7 +265,8 @@ class Coordinator:
         return list(seen.values())
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[dict[str, Any], None]:
-        """Yields ``{"token", "text"}`` per token, then one ``{"done": True, ...}`` summary."""
+        """Yields ``{"route"}`` first, ``{"token", "text"}`` per token, then one
+        ``{"done": True, ...}`` summary (route, timings, re-routes)."""
         run = _Run(self, req)
         async for event in run.run():
             yield event
@@ -299,6 +301,10 @@ class _Run:
         )
         await self._open()
         try:
+            yield {
+                "route": [s.as_dict(self.manifest.n_layers) for s in self.stages],
+                "model_id": self.mid,
+            }
             if req.tokens is not None:
                 self.prompt = list(req.tokens)
             else:
@@ -378,7 +384,7 @@ class _Run:
         for attempt in range(MAX_FAILOVERS + 1):
             try:
                 return await self._forward(feed, pos)
-            except RPCError as exc:
+            except (RPCError, StageUnavailable) as exc:
                 failed = self._culprit(exc)
                 if failed is None or attempt == MAX_FAILOVERS:
                     raise
@@ -410,7 +416,9 @@ class _Run:
         self.hop_ms.append(max(ms - compute, 0.0) / len(self.stages))
         return reply
 
-    def _culprit(self, exc: RPCError) -> str | None:
+    def _culprit(self, exc: RPCError | StageUnavailable) -> str | None:
+        if isinstance(exc, StageUnavailable):  # raised here: the first stage is this node
+            return str(exc).strip()
         if isinstance(exc, RemoteError):
             if exc.code == "StageUnavailable":
                 return exc.message.strip()

@@ -324,6 +324,22 @@ class Node:
             "api": self.api_url,
             "signaling": self._signaling_endpoints(),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "compute": {
+                "runtime": self.config.compute.runtime,
+                "memory_limit": self.config.compute.memory_limit,
+                "memory_used": self.compute.memory_used(),
+                "sessions": len(self.compute.sessions),
+                "shards": [
+                    {
+                        "model_id": k[0],
+                        "units": [k[1], k[2]],
+                        "runtime": k[3],
+                        "sessions": v.sessions,
+                    }
+                    for k, v in self.compute.loaded.items()
+                ],
+                "models": sorted(self.compute.names),
+            },
             "counters": {
                 **self.conns.counters,
                 "signaling_rejected": self.signaling.rejected if self.signaling else 0,

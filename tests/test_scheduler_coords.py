@@ -29,8 +29,12 @@ def test_converges_on_geometric_network() -> None:
             if j != i:
                 sample = true_rtt(i, j) * rng.uniform(0.95, 1.05)
                 assert nodes[i].update(sample, nodes[j].coordinate, str(j))
-    errors = [abs(estimate_rtt(nodes[i].coordinate, nodes[j].coordinate) - true_rtt(i, j))
-              / true_rtt(i, j) for i in range(n) for j in range(i + 1, n)]
+    errors = [
+        abs(estimate_rtt(nodes[i].coordinate, nodes[j].coordinate) - true_rtt(i, j))
+        / true_rtt(i, j)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     assert statistics.median(errors) < 0.10
     # Each node's own error estimate has come down from the initial maximum.
     assert statistics.median(node.coordinate.error for node in nodes) < 0.5

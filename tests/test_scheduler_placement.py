@@ -21,12 +21,22 @@ from scheduler import (
 
 def two_zone_mesh() -> tuple[list[Peer], ZoneNetwork]:
     # Zone 0: two storage-only holders and one compute peer; zone 1: three fast compute peers.
-    peers = [Peer("s0", "a", 0, 0.0, egress_price=1.0), Peer("s1", "a", 0, 0.0, egress_price=1.0),
-             Peer("c0", "a", 1 << 30, 1e9, egress_price=1.0)]
+    peers = [
+        Peer("s0", "a", 0, 0.0, egress_price=1.0),
+        Peer("s1", "a", 0, 0.0, egress_price=1.0),
+        Peer("c0", "a", 1 << 30, 1e9, egress_price=1.0),
+    ]
     peers += [Peer(f"f{i}", "b", 1 << 30, 4e9, egress_price=1.0) for i in range(3)]
     zone = [0, 0, 0, 1, 1, 1]
-    net = ZoneNetwork.build(zone, [1.0] * 6, [1e7] * 6, [1e7] * 6, [[0.2, 40.0], [40.0, 0.2]],
-                            [[1e9, 1e7], [1e7, 1e9]], ClientLink(0))
+    net = ZoneNetwork.build(
+        zone,
+        [1.0] * 6,
+        [1e7] * 6,
+        [1e7] * 6,
+        [[0.2, 40.0], [40.0, 0.2]],
+        [[1e9, 1e7], [1e7, 1e9]],
+        ClientLink(0),
+    )
     return peers, net
 
 

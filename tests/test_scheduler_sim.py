@@ -32,11 +32,24 @@ def test_world_is_deterministic() -> None:
 
 def test_example_json_shape() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sim_egress.py"), "--json", "--no-docs",
-         "--peers", "1000", "--instances", "2"],
-        capture_output=True, text=True, check=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "sim_egress.py"),
+            "--json",
+            "--no-docs",
+            "--peers",
+            "1000",
+            "--instances",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     data = json.loads(out.stdout)
     names = [p["policy"] for p in data["policies"]]
     assert {"random", "memory", "latency", "ours"} <= set(names)
-    assert all(isinstance(p["egress_bytes"], int) and p["token_latency_ms"] > 0
-               for p in data["policies"])
+    assert all(
+        isinstance(p["egress_bytes"], int) and p["token_latency_ms"] > 0 for p in data["policies"]
+    )
