@@ -5,7 +5,8 @@ The public façade. Submodules are private by convention; import from here::
     from mesh import Node, NodeConfig, Identity, Error
 """
 
-from .client import ClientError, MeshClient
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     DeadlineExceeded,
     DiscoveryError,
@@ -21,10 +22,36 @@ from .errors import (
     WireError,
 )
 from .identity import Identity, peer_id_from_key
-from .node import Node, NodeConfig
-from .rpc import CallContext, Link, LinkParams, Reply
-from .transport import TransportConfig
 from .wire import Limits
+
+if TYPE_CHECKING:
+    from .client import ClientError, MeshClient
+    from .node import Node, NodeConfig
+    from .rpc import CallContext, Link, LinkParams, Reply
+    from .transport import TransportConfig
+
+# Heavy parts load on first use: importing mesh.errors (as runtimes/ does) must not pull in
+# the node, aiortc and the runtimes, and nothing is wired at import time.
+_LAZY = {
+    "ClientError": "client",
+    "MeshClient": "client",
+    "Node": "node",
+    "NodeConfig": "node",
+    "CallContext": "rpc",
+    "Link": "rpc",
+    "LinkParams": "rpc",
+    "Reply": "rpc",
+    "TransportConfig": "transport",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mesh' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 __all__ = [
     "CallContext",

@@ -175,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--runtime", default="onnx")
     d.add_argument("--no-baseline", action="store_true", help="skip the single-peer run")
+    d.add_argument("--threads", type=int, default=None, help="inference threads per stage")
+    d.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of Gemma 3 270M")
     return p
 
 
@@ -209,7 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return asyncio.run(run_demo(args.peers, args.dir, args.timeout, args.json))
+            return asyncio.run(
+                run_demo(
+                    args.peers,
+                    args.dir,
+                    args.timeout,
+                    args.json,
+                    prompt=args.prompt,
+                    max_tokens=args.max_tokens,
+                    temperature=args.temperature,
+                    seed=args.seed,
+                    runtime=args.runtime,
+                    baseline=not args.no_baseline,
+                    model_path=args.model,
+                )
+            )
     except KeyboardInterrupt:
         return 130
     except (Error, OSError) as exc:

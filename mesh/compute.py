@@ -70,6 +70,7 @@ class ComputeConfig:
     threads: int | None = None
     session_ttl: float = 300.0
     max_sessions: int = 64
+    spin: bool = False  # onnx worker threads busy-wait between runs (faster alone, not shared)
     forward_timeout: float = 20.0  # below the coordinator's, so the culprit is named
     runtime_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("delay_s", 0.01),) for fake
 
@@ -184,9 +185,11 @@ class ComputeService:
     async def rpc_capacity(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
+        # Idle shards do not count: they are unloaded on demand (or reused as they are).
+        busy = sum(x.memory for x in self.loaded.values() if x.sessions > 0)
         return {
             "memory_limit": self.config.memory_limit,
-            "memory_used": self.memory_used(),
+            "memory_used": busy,
             "runtime": self.config.runtime,
             "sessions": len(self.sessions),
         }
@@ -259,8 +262,10 @@ class ComputeService:
             memory = get_runtime(runtime).estimate_memory(spec, 2048)
             self._make_room(memory)
             options = dict(self.config.runtime_options)
-            if runtime == "onnx" and self.config.threads:
-                options["threads"] = self.config.threads
+            if runtime == "onnx":
+                if self.config.threads:
+                    options["threads"] = self.config.threads
+                options.setdefault("spin", self.config.spin)
             t0 = time.perf_counter()
             shard = await AsyncShard.load(runtime, spec, **options)
             log.info(

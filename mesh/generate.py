@@ -26,7 +26,7 @@ import numpy as np
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-from .compute import StageUnavailable
+from .compute import CapacityError, StageUnavailable
 from .errors import Error, PeerUnavailable, RemoteError, RPCError
 from .rpc import Reply
 from .sampling import SamplingParams
@@ -95,8 +95,14 @@ class PeerView:
     runtime: str
 
 
+KV_PER_BLOCK = 8 << 20  # KV cache allowance per block unit (2048 positions of a small model)
+
+
 def unit_memory(unit_bytes: list[int], a: int, b: int) -> int:
-    return 2 * sum(unit_bytes[a:b]) + SHARD_OVERHEAD
+    """Memory a stage of units [a, b) needs: the onnx runtime keeps quantized weights plus a
+    prepacked copy (2x bytes), a fixed overhead, and each block's KV cache."""
+    blocks = max(0, min(b, len(unit_bytes) - 1) - max(a, 1))
+    return 2 * sum(unit_bytes[a:b]) + SHARD_OVERHEAD + KV_PER_BLOCK * blocks
 
 
 def plan_route(
@@ -290,6 +296,7 @@ class _Run:
         self.hop_ms: list[float] = []
         self.compute_ms: dict[str, list[float]] = {}
         self.bytes_pulled = 0
+        self._last_opened = ""
 
     async def run(self) -> AsyncIterator[dict[str, Any]]:
         req = self.req
@@ -354,6 +361,29 @@ class _Run:
 
     # -- sessions --------------------------------------------------------------------------
     async def _open(self) -> None:
+        """Open the route's sessions; a peer short of memory is replaced (re-planned)."""
+        for _ in range(MAX_FAILOVERS + 1):
+            try:
+                await self._open_once()
+                return
+            except (RemoteError, CapacityError) as exc:
+                if isinstance(exc, RemoteError) and exc.code != "CapacityError":
+                    raise
+                log.warning("%s lacked memory (%s): re-planning", self._last_opened[:12], exc)
+                await self._close()
+                self.excluded.add(self._last_opened)
+                assert self.manifest is not None
+                views, _ = await self.c.views(self.mid, self.excluded)
+                self.stages = plan_route(
+                    self.manifest,
+                    views,
+                    split=self.req.split,
+                    prefer=self.c.mesh.me,
+                    runtime=self.req.runtime,
+                )
+        raise RouteError("no route whose peers have the memory for their stages")
+
+    async def _open_once(self) -> None:
         base = os.urandom(8).hex()
         self.sids = [f"{base}{i:02x}{len(self.reroutes):02x}" for i in range(len(self.stages))]
         for i in reversed(range(len(self.stages))):
@@ -369,6 +399,7 @@ class _Run:
                 "max_tokens": min(8192, len(self.prompt) + self.req.max_tokens + 512),
                 "source": self.c.mesh.me if self.mid in self.c.compute.manifests else None,
             }
+            self._last_opened = st.peer_id
             reply = await self.c.mesh.call(st.peer_id, "stage_open", params, timeout=600)
             self.bytes_pulled += int(reply.result.get("pulled", 0))
 

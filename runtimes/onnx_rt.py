@@ -49,6 +49,7 @@ class OnnxRuntime(Runtime):
         accuracy_level: int = 4,
         fuse_linears: bool = True,
         providers: list[str] | None = None,
+        spin: bool = True,
     ) -> None:
         super().__init__(shard)
         cfg = self.config
@@ -63,6 +64,11 @@ class OnnxRuntime(Runtime):
         so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not spin:
+            # Idle worker threads otherwise busy-wait after every run, taking the cores from
+            # the next stage of a pipeline that shares the machine (a local mesh, a laptop
+            # serving two stages).
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         data = model.SerializeToString()
         del model
