@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
+
 from runtimes.gguf_io import open_gguf
 
 from .generate import SHARD_OVERHEAD
@@ -67,7 +69,9 @@ async def _progress(mesh: LocalMesh, done: asyncio.Event, out: TextIO) -> None:
 async def _generate(mesh: LocalMesh, node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
     assert mesh._http is not None
     events: list[dict[str, Any]] = []
-    async with mesh._http.post(node.api + "/v1/generate", json=body) as resp:
+    # Shard pulls and loading can take minutes on a slow machine: no total deadline here.
+    no_total = aiohttp.ClientTimeout(total=None, sock_read=900)
+    async with mesh._http.post(node.api + "/v1/generate", json=body, timeout=no_total) as resp:
         if resp.status != 200:
             raise RuntimeError(f"generate: HTTP {resp.status}: {await resp.text()}")
         async for line in resp.content:
