@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_generate_command(sub)
     add_hw_command(sub)
+    from .cli_bench import add_bench_command
+
+    add_bench_command(sub)
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
@@ -208,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_model_command(args)
         if args.command == "hw":
             return run_hw_command(args)
+        if args.command == "bench":
+            from .cli_bench import run_bench
+
+            return run_bench(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Error, OSError) as exc:
         if args.verbose:
             log.exception("failed")
-        print(f"edgemesh: {exc}", file=sys.stderr)
+        print(f"edgemesh: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     return 2
 

@@ -1,0 +1,139 @@
+"""The example scripts and ``edgemesh bench``, run as a user runs them (fast: tiny models)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.client import MeshClient
+from mesh.localmesh import LocalMesh
+from runtimes.testmodels import write_test_model
+
+pytestmark = pytest.mark.network
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("examples") / "llama.gguf", "llama")
+
+
+async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[
+    int, str, str
+]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=ROOT, env=dict(os.environ, **(env or {})),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_embed_client_lists_models_and_streams_the_greedy_completion(
+    tmp_path: Path, tiny: Path
+) -> None:
+    async with LocalMesh(tmp_path / "mesh", mdns_interface=None) as mesh:
+        node = await mesh.start_node("app", ["--no-mdns"])
+        await mesh.post(node, "/v1/models", {"path": str(tiny), "name": "tiny"})
+        async with MeshClient(node.api) as client:
+            expected = "".join([t async for t in client.generate("tiny", "hello", max_tokens=6)])
+        code, out, err = await run(
+            str(EXAMPLES / "embed_client.py"), "--api", node.api, "--model", "tiny",
+            "--prompt", "hello", "--max-tokens", "6",
+        )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "models: tiny"
+    assert ("hello" + expected) in out  # the prompt, then the same greedy continuation
+    assert "[tiny: 6 tokens over 1 stage(s), TTFT" in out
+
+
+async def test_bench_latency_quick_writes_json_table_and_plot(tmp_path: Path, tiny: Path) -> None:
+    docs = tmp_path / "docs"
+    code, out, err = await run(
+        str(EXAMPLES / "bench_latency.py"), "--quick", "--peers", "1,2", "--model", str(tiny),
+        "--json", env={"EDGEMESH_BENCH_DOCS": str(docs)},
+    )
+    assert code == 0, err[-2000:]
+    result = json.loads(out)
+    assert {"machine", "model", "runtime", "max_tokens", "baseline", "runs"} <= set(result)
+    runs = result["runs"]
+    assert [r["peers"] for r in runs] == [1, 2]
+    assert [r["n_stages"] for r in runs] == [1, 2]
+    for r in runs:
+        assert {"ttft_ms", "tokens_per_s", "hop_ms", "stages", "step_ms", "compute_ms",
+                "tokens_per_s_ratio", "ttft_ratio", "same_tokens_as_1_peer"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and len(r["tokens"]) == 16
+        assert all(s["ms"] > 0 for s in r["stages"])
+    assert runs[0]["tokens_per_s_ratio"] == 1.0
+    assert runs[1]["split_by"] == "count"  # a tiny model cannot be split by memory limits
+    assert runs[1]["same_tokens_as_1_peer"]  # a split must not change greedy output
+    assert runs[1]["hop_ms"] > 0 and runs[1]["activation_bytes_per_token"] > 0
+    assert json.loads((docs / "bench" / "latency.json").read_text())["runs"] == runs
+    assert (docs / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (docs / "benchmarks.md").read_text()
+    assert "## Latency vs peers (examples/bench_latency.py)" in md
+    assert "Where the per-hop time goes" in md and "| 2 | 2 |" in md
+
+
+async def test_edgemesh_bench_quick_runs_sim_egress_and_refreshes_the_docs(
+    tmp_path: Path,
+) -> None:
+    docs = tmp_path / "docs"
+    code, out, err = await run(
+        "-m", "mesh", "bench", "--only", "sim_egress", "--quick", "--docs", str(docs), "--json"
+    )
+    assert code == 0, err[-2000:]
+    summary = json.loads(out)
+    assert summary["ok"] and summary["quick"]
+    assert [(s["name"], s["status"]) for s in summary["scripts"]] == [("sim_egress", "ok")]
+    md = (docs / "benchmarks.md").read_text()
+    assert "## Egress simulation (examples/sim_egress.py)" in md
+    assert "## Last `edgemesh bench` run" in md and "| examples/sim_egress.py | ok |" in md
+
+
+FAKE_RUNTIME = """import json, sys
+print(json.dumps({"model": "m", "cpu_count": 2, "results": [
+    {"runtime": "llamacpp", "load_s": 0.4, "prefill_tok_s": 400.0, "decode_tok_s": 40.0,
+     "peak_rss_mb": 400.0, "decode_vs_llamacpp": 1.0, "same_tokens_as_llamacpp": True},
+    {"runtime": "onnx", "load_s": 2.0, "prefill_tok_s": 800.0, "decode_tok_s": 48.0,
+     "peak_rss_mb": 900.0, "decode_vs_llamacpp": 1.2, "same_tokens_as_llamacpp": True}]}))
+"""
+
+
+async def test_edgemesh_bench_order_quick_args_missing_and_failing_scripts(
+    tmp_path: Path,
+) -> None:
+    ex, docs, log = tmp_path / "ex", tmp_path / "docs", tmp_path / "argv.log"
+    ex.mkdir()
+    record = f"import sys\nopen({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    (ex / "bench_join.py").write_text(record)
+    (ex / "bench_transport.py").write_text(record + "sys.exit(3)\n")
+    (ex / "bench_runtime.py").write_text(FAKE_RUNTIME)
+    code, out, err = await run(
+        "-m", "mesh", "bench", "--quick", "--examples", str(ex), "--docs", str(docs), "--json"
+    )
+    assert code == 1, err  # one script failed
+    summary = json.loads(out)
+    assert [(s["name"], s["status"]) for s in summary["scripts"]] == [
+        ("bench_transport", "failed"), ("bench_join", "ok"), ("bench_runtime", "ok"),
+        ("bench_latency", "missing"), ("sim_egress", "missing"),
+    ]
+    assert not summary["ok"]
+    assert log.read_text().splitlines() == ["--count 100 --bulk-mib 8", "--members 3 --joins 2"]
+    md = (docs / "benchmarks.md").read_text()
+    assert "| onnx | 2 | 800 | 48 | 1.2 | 900 | yes |" in md
+    assert "| examples/bench_transport.py | failed |" in md
+    assert "| examples/bench_latency.py | missing |" in md
+
+
+async def test_edgemesh_bench_rejects_an_unknown_script() -> None:
+    code, _, err = await run("-m", "mesh", "bench", "--only", "nonsense")
+    assert code == 2 and "invalid choice" in err
