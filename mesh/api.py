@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,8 +32,40 @@ MAX_BENCH_BYTES = 1 << 30
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 
 
-async def start_api(node: Node, host: str, port: int) -> tuple[web.AppRunner, str]:
-    app = web.Application(client_max_size=MAX_REQUEST)
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _token_guard(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        # Constant-time comparison; the page and its assets stay public (they hold no data).
+        given = request.headers.get("Authorization", "").encode()
+        if request.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+            raise web.HTTPUnauthorized(text="this API needs 'Authorization: Bearer <token>'")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return guard
+
+
+async def start_api(
+    node: Node, host: str, port: int, token: str | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve the API. Bound beyond loopback it must have a token: the API can read local
+    files (model add) and drive the node."""
+    if not _is_loopback(host) and not token:
+        raise Error(
+            f"the API on {host} would be reachable from the network: set EDGEMESH_API_TOKEN "
+            "(or keep --api on 127.0.0.1)"
+        )
+    middlewares = [_token_guard(token)] if token else []
+    app = web.Application(client_max_size=MAX_REQUEST, middlewares=middlewares)
     app[NODE_KEY] = node
     app.router.add_get("/v1/peers", _peers)
     app.router.add_get("/v1/info", _info)

@@ -12,6 +12,7 @@ sessions on every stage.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,16 @@ class ClientError(Error):
 
 
 class MeshClient:
-    def __init__(self, api: str | None = None, *, timeout: float = 600.0) -> None:
+    def __init__(
+        self, api: str | None = None, *, timeout: float = 600.0, token: str | None = None
+    ) -> None:
         if api is None:
             from .cli import resolve_api
 
             api = resolve_api(None)
         self.api = api.rstrip("/")
         self.timeout = timeout
+        self.token = token
         self.last_summary: dict[str, Any] = {}
         self._session: aiohttp.ClientSession | None = None
         self._node: Any = None
@@ -68,8 +72,12 @@ class MeshClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
+            token = self.token or os.environ.get("EDGEMESH_API_TOKEN")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout), read_bufsize=1 << 20
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                read_bufsize=1 << 20,
+                headers=headers,
             )
         return self._session
 

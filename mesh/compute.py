@@ -70,6 +70,7 @@ class ComputeConfig:
     threads: int | None = None
     session_ttl: float = 300.0
     max_sessions: int = 64
+    max_sessions_per_peer: int = 16  # one peer cannot take every session slot
     spin: bool = False  # onnx worker threads busy-wait between runs (faster alone, not shared)
     forward_timeout: float = 20.0  # below the coordinator's, so the culprit is named
     runtime_options: tuple[tuple[str, Any], ...] = ()  # e.g. (("delay_s", 0.01),) for fake
@@ -316,6 +317,9 @@ class ComputeService:
             raise ModelError("session id in use")
         if len(self.sessions) >= self.config.max_sessions:
             raise CapacityError(f"more than {self.config.max_sessions} sessions")
+        mine = sum(1 for st in self.sessions.values() if st.owner == ctx.peer_id)
+        if mine >= self.config.max_sessions_per_peer:
+            raise CapacityError(f"peer holds {mine} sessions here already")
         hint = params.get("holders") if isinstance(params.get("holders"), dict) else None
         t0 = time.perf_counter()
         manifest = await self._manifest(mid, params.get("source") or ctx.peer_id)

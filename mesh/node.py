@@ -58,6 +58,8 @@ class NodeConfig:
     bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_quota: int = 256  # stores per minute one sender may make before it is cut off
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # Required when the API listens beyond loopback; from the environment, never argv.
+    api_token: str | None = field(default_factory=lambda: os.environ.get("EDGEMESH_API_TOKEN"))
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -156,7 +158,9 @@ class Node:
         self.compute.start()
         from .api import start_api  # the API sits on top of the node
 
-        self._api_runner, self.api_url = await start_api(self, cfg.api_host, cfg.api_port)
+        self._api_runner, self.api_url = await start_api(
+            self, cfg.api_host, cfg.api_port, cfg.api_token
+        )
         if cfg.mdns:
             self.discovery = MdnsDiscovery(
                 self.identity,
