@@ -62,6 +62,15 @@ class Caller(Protocol):
 
     def connected_peer_ids(self) -> list[str]: ...
 
+    async def notify(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> None: ...
+
 
 @dataclass(frozen=True)
 class ComputeConfig:
@@ -362,9 +371,52 @@ class ComputeService:
             with contextlib.suppress(Error):
                 await loaded.shard.close_session(st.session)
 
-    async def rpc_stage_forward(
+    async def rpc_stage_push(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
-    ) -> Reply:
+    ) -> None:
+        """One step, one way: compute, push to the next stage; the last stage sends the token
+        straight to the coordinator (the session's owner). Failures are reported to it too."""
+        sid, rid = params.get("sid"), params.get("rid")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        owner = st.owner if st is not None else ctx.peer_id
+        trace = params.get("trace", [])
+        trace = list(trace)[:64] if isinstance(trace, list) else []
+        try:
+            cur, spec, out, own = await self._compute(params, payload)
+            trace.append(own)
+            if spec.is_last:
+                reply = self._finish(cur.key[0], out, params, own)
+                result = dict(reply.result, trace=trace, rid=rid, pos=params.get("pos"))
+                await self.caller.notify(owner, "stage_token", result, reply.payload)
+                return
+            if cur.next_peer is None or cur.next_sid is None:
+                raise ModelError("a middle stage without a next stage")
+            body = np.ascontiguousarray(out, dtype="<f4").tobytes()
+            fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top", "rid")}
+            fwd.update(sid=cur.next_sid, trace=trace)
+            try:
+                await self.caller.notify(
+                    cur.next_peer, "stage_push", fwd, body, timeout=self.config.forward_timeout
+                )
+            except RPCError as exc:
+                raise StageUnavailable(cur.next_peer) from exc
+        except (Error, ValueError) as exc:
+            failed = str(exc) if isinstance(exc, StageUnavailable) else None
+            report = {
+                "rid": rid,
+                "pos": params.get("pos"),
+                "failed": failed,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+            }
+            try:
+                await self.caller.notify(owner, "stage_failed", report, timeout=5)
+            except Error:
+                log.warning("could not report a failed step to %s", owner[:12])
+
+    async def _compute(
+        self, params: dict[str, Any], payload: bytes
+    ) -> tuple[_StageSession, Any, Any, dict[str, Any]]:
+        """Validate one step's input and run it on the session's shard."""
         sid, n = params.get("sid"), params.get("n")
         st = self.sessions.get(sid) if isinstance(sid, str) else None
         if st is None:
@@ -387,8 +439,15 @@ class ComputeService:
             x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
         t0 = time.perf_counter()
         out = await loaded.shard.forward(st.session, x)
-        compute_ms = (time.perf_counter() - t0) * 1000
-        own = {"peer": self.me, "ms": round(compute_ms, 3)}
+        own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return st, spec, out, own
+
+    async def rpc_stage_forward(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        """One step as a chain of calls (each stage awaits the rest): simpler to debug than
+        ``stage_push`` and one more traversal per step."""
+        st, spec, out, own = await self._compute(params, payload)
         if spec.is_last:
             return self._finish(st.key[0], out, params, own)
         if st.next_peer is None or st.next_sid is None:

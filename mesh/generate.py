@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -27,8 +28,8 @@ from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
 from .compute import CapacityError, StageUnavailable
-from .errors import Error, PeerUnavailable, RemoteError, RPCError
-from .rpc import Reply
+from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
+from .rpc import CallContext, Reply
 from .sampling import SamplingParams
 
 __all__ = ["Stage", "GenerationRequest", "Coordinator", "RouteError", "plan_route"]
@@ -55,6 +56,15 @@ class Mesh(Protocol):
     ) -> Reply: ...
 
     def connected_peer_ids(self) -> list[str]: ...
+
+    async def notify(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -198,11 +208,49 @@ def _even_split(
     return stages
 
 
+@dataclass
+class _Waiting:
+    future: asyncio.Future[Reply]
+    last: str  # only the last stage may deliver the token
+    route: frozenset[str]  # only stages on the route may report a failure
+
+
 class Coordinator:
+    """Runs generations. Also a service: the last stage delivers each step's token here."""
+
     def __init__(self, mesh: Mesh, compute: Any, forward_timeout: float = 45.0) -> None:
         self.mesh = mesh
         self.compute = compute
         self.forward_timeout = forward_timeout
+        self.waiting: dict[tuple[str, int], _Waiting] = {}
+
+    async def rpc_stage_token(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> None:
+        w = self._waiter(params)
+        if w is None or ctx.peer_id != w.last:
+            log.info("ignored a token from %s for no step of ours", ctx.peer_id[:12])
+            return
+        if not w.future.done() and type(params.get("token")) is int:
+            w.future.set_result(Reply(params, payload))
+
+    async def rpc_stage_failed(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> None:
+        w = self._waiter(params)
+        if w is None or ctx.peer_id not in w.route or w.future.done():
+            return
+        failed, error = params.get("failed"), str(params.get("error", "stage failed"))
+        if isinstance(failed, str) and failed in w.route:
+            w.future.set_exception(StageUnavailable(failed))
+        else:
+            w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"))
+
+    def _waiter(self, params: dict[str, Any]) -> _Waiting | None:
+        rid, pos = params.get("rid"), params.get("pos")
+        if not isinstance(rid, str) or type(pos) is not int:
+            return None
+        return self.waiting.get((rid, pos))
 
     async def views(self, mid: str, exclude: set[str]) -> tuple[list[PeerView], Manifest]:
         """What every reachable peer (and this node) can hold, and the model's manifest."""
@@ -423,19 +471,36 @@ class _Run:
         raise RouteError("unreachable")  # the loop either returns or raises
 
     async def _forward(self, feed: list[int], pos: int) -> Reply:
+        """One step: tokens go to the first stage, activations flow stage to stage, and the
+        last stage sends the token straight back here (no reply travels the chain)."""
         body = np.asarray(feed, dtype="<i4").tobytes()
+        rid = self.sids[0]
         params = {
-            "sid": self.sids[0],
+            "sid": rid,
+            "rid": rid,
             "n": len(feed),
             "pos": pos,
             "sample": self.req.sampling.to_wire(),
         }
         if self.req.top:
             params["top"] = self.req.top
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        route = frozenset(s.peer_id for s in self.stages)
+        self.c.waiting[(rid, pos)] = _Waiting(fut, self.stages[-1].peer_id, route)
         t0 = time.perf_counter()
-        reply = await self.c.mesh.call(
-            self.stages[0].peer_id, "stage_forward", params, body, timeout=self.c.forward_timeout
-        )
+        try:
+            await self.c.mesh.notify(
+                self.stages[0].peer_id, "stage_push", params, body, timeout=self.c.forward_timeout
+            )
+            try:
+                reply = await asyncio.wait_for(fut, self._deadline())
+            except TimeoutError:
+                culprit = await self._probe()
+                if culprit is None:
+                    raise DeadlineExceeded(f"step {pos} got no token in time") from None
+                raise StageUnavailable(culprit) from None
+        finally:
+            self.c.waiting.pop((rid, pos), None)
         ms = (time.perf_counter() - t0) * 1000
         trace = reply.result.get("trace", [])
         compute = 0.0
@@ -444,8 +509,25 @@ class _Run:
                 compute += float(t["ms"])
                 self.compute_ms.setdefault(str(t.get("peer")), []).append(float(t["ms"]))
         self.step_ms.append(ms)
+        # hops: coordinator -> first, between stages, last -> coordinator
         self.hop_ms.append(max(ms - compute, 0.0) / len(self.stages))
         return reply
+
+    def _deadline(self) -> float:
+        """Generous while warming up; then a multiple of the usual step, so a dead stage is
+        noticed in seconds, not after the long RPC deadline."""
+        if len(self.step_ms) < 3:
+            return self.c.forward_timeout
+        return min(self.c.forward_timeout, max(3.0, 20 * float(np.median(self.step_ms)) / 1000))
+
+    async def _probe(self) -> str | None:
+        """The first stage on the route that does not answer, if any."""
+        for st in self.stages:
+            try:
+                await self.c.mesh.call(st.peer_id, "capacity", timeout=2.0)
+            except RPCError:
+                return st.peer_id
+        return None
 
     def _culprit(self, exc: RPCError | StageUnavailable) -> str | None:
         if isinstance(exc, StageUnavailable):  # raised here: the first stage is this node
@@ -454,7 +536,7 @@ class _Run:
             if exc.code == "StageUnavailable":
                 return exc.message.strip()
             return None  # the stage answered: a bug or bad input, not a dead peer
-        if isinstance(exc, PeerUnavailable) or isinstance(exc, TimeoutError):
+        if isinstance(exc, PeerUnavailable):  # the first stage could not even be reached
             return self.stages[0].peer_id
         return None
 

@@ -109,6 +109,7 @@ class Node:
         from .generate import Coordinator  # generation sits on top of compute and links
 
         self.coordinator = Coordinator(self, self.compute)
+        self.handlers.update(handlers_of(self.coordinator))
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
@@ -128,6 +129,7 @@ class Node:
         self.api_url = ""
         self._api_runner: Any = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._local_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.started_at = time.time()
 
@@ -319,6 +321,35 @@ class Node:
         except TimeoutError:
             raise DeadlineExceeded(f"{method} on this node exceeded {budget:.3g} s") from None
         return out if isinstance(out, Reply) else Reply(out or {})
+
+    async def notify(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> None:
+        """One-way call (no reply); to ourselves it runs as a task of its own."""
+        if peer_id != self.identity.peer_id:
+            await self.link(peer_id).notify(method, params, payload, timeout)
+            return
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise RemoteError("NotFound", f"no method {method!r}")
+        budget = self.config.transport.link.call_timeout if timeout is None else timeout
+        ctx = CallContext(None, method, time.monotonic() + budget, peer_id)
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(budget):
+                    await handler(ctx, dict(params or {}), payload)
+            except Exception:  # a one-way handler reports its failures itself
+                log.exception("local one-way %s failed", method)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._local_tasks.add(task)
+        task.add_done_callback(self._local_tasks.discard)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -242,6 +242,28 @@ class Link:
                 f"{method} to {self.peer_id[:12]} exceeded {timeout:.3g} s"
             ) from None
 
+    async def notify(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> None:
+        """One-way: the peer runs ``method`` and sends nothing back (no reply on the wire).
+        Returns once the message is queued; delivery is as reliable as the channel."""
+        if not self.is_open:
+            raise PeerUnavailable(f"link to {self.peer_id[:12]} closed: {self.close_reason}")
+        budget = self.params.call_timeout if timeout is None else timeout
+        header = {
+            "t": "req",
+            "id": next(self._ids),
+            "m": method,
+            "d": int(budget * 1000),
+            "p": params or {},
+            "o": 1,
+        }
+        await self._send(header, payload)
+
     async def _call(
         self, method: str, params: dict[str, Any], payload: bytes, deadline: float
     ) -> Reply:
@@ -351,7 +373,9 @@ class Link:
         timeout = min(budget / 1000, self.params.call_timeout * 10)
         ctx = CallContext(self, method, time.monotonic() + timeout, self.peer_id)
         task = asyncio.get_running_loop().create_task(
-            self._run_handler(ctx, call_id, handler, params, msg.payload, timeout)
+            self._run_handler(
+                ctx, call_id, handler, params, msg.payload, timeout, oneway=h.get("o") == 1
+            )
         )
         self._serving[call_id] = task
         self._serving_bytes += len(msg.payload)
@@ -370,27 +394,36 @@ class Link:
         params: dict[str, Any],
         payload: bytes,
         timeout: float,
+        oneway: bool = False,
     ) -> None:
         try:
             # The reply is sent under the deadline too: a peer that stops reading must not
             # make us hold its request and our reply forever.
             async with asyncio.timeout(timeout):
                 out = await handler(ctx, params, payload)
+                if oneway:
+                    return
                 reply = out if isinstance(out, Reply) else Reply(out or {})
                 await self._send({"t": "res", "id": call_id, "r": reply.result}, reply.payload)
         except asyncio.CancelledError:
             pass  # the caller cancelled or the link closed: nobody waits for an answer
         except TimeoutError:
-            self._reply_error(call_id, "DeadlineExceeded", f"{ctx.method} ran past its deadline")
+            self._fail(call_id, oneway, "DeadlineExceeded", f"{ctx.method} ran past its deadline")
         except RemoteError as exc:  # relayed from a further hop: keep its code
-            self._reply_error(call_id, exc.code, exc.message)
+            self._fail(call_id, oneway, exc.code, exc.message)
         except Error as exc:
-            self._reply_error(call_id, type(exc).__name__, str(exc))
+            self._fail(call_id, oneway, type(exc).__name__, str(exc))
         except Exception as exc:  # a handler bug must not kill the link
             log.exception("handler %s failed", ctx.method)
-            self._reply_error(call_id, "InternalError", f"{type(exc).__name__}: {exc}")
+            self._fail(call_id, oneway, "InternalError", f"{type(exc).__name__}: {exc}")
         finally:
             self._serving.pop(call_id, None)
+
+    def _fail(self, call_id: Any, oneway: bool, code: str, text: str) -> None:
+        if oneway:  # nobody waits for an answer: the handler reports failures its own way
+            log.info("one-way call from %s failed: %s: %s", self.peer_id[:12], code, text)
+        else:
+            self._reply_error(call_id, code, text)
 
     def _reply_error(self, call_id: Any, code: str, text: str) -> None:
         if self.channel.bufferedAmount > self.params.high_water:

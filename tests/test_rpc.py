@@ -211,3 +211,16 @@ async def test_reply_to_a_peer_that_stops_reading_is_bounded_by_the_deadline():
         await la.call("echo", {}, os.urandom(2_000_000), timeout=0.3)
     await until(lambda: lb.inflight_in == 0)
     assert lb._serving_bytes == 0
+
+
+async def test_notify_runs_the_handler_and_sends_no_reply():
+    la, lb, sa, sb, ca, cb = make_links()
+    frames_before = cb.sent_frames
+    await la.notify("block", {"x": 1}, b"payload")
+    await until(lambda: sb.started == 1)
+    sb.release.set()
+    await until(lambda: lb.inflight_in == 0)
+    assert cb.sent_frames == frames_before  # nothing came back
+    await la.notify("boom")  # a failing one-way handler answers nothing either
+    await until(lambda: lb.inflight_in == 0)
+    assert cb.sent_frames == frames_before and lb.is_open
