@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="DHT bootstrap node (repeatable; enables the DHT)",
     )
+    from .cli_storage import add_node_storage_args, add_storage_commands
+
+    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
 
     for name, text in (("peers", "list the peers of a running node"),):
         c = sub.add_parser(name, help=text)
@@ -161,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_generate_command(sub)
     add_hw_command(sub)
+    add_storage_commands(sub)  # put, get, job
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
@@ -206,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_model_command(args)
         if args.command == "hw":
             return run_hw_command(args)
+        if args.command in ("put", "get", "job"):
+            from .cli_storage import run_storage_command
+
+            return run_storage_command(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -242,6 +250,7 @@ def _mqtt_config(args: argparse.Namespace) -> Any:
 
 
 async def _run_node(args: argparse.Namespace) -> int:
+    from .cli_storage import storage_config
     from .compute import ComputeConfig
     from .node import Node, NodeConfig
     from .transport import TransportConfig
@@ -268,6 +277,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         compute=ComputeConfig(
             memory_limit=args.memory_limit, runtime=args.runtime, threads=args.threads
         ),
+        storage=storage_config(args),
     )
     node = Node(config)
     loop = asyncio.get_running_loop()
