@@ -1,6 +1,7 @@
 """HTTP endpoints for objects, replication, network coordinates, accounting and batch jobs.
 
-``POST /v1/objects?name=&format=raw|jsonl&replicas=R``  body = the bytes (streamed) -> manifest
+``POST /v1/objects?name=&format=raw|jsonl&replicas=R&chunk_size=N``
+                                          body = the bytes (streamed) -> manifest
 ``GET  /v1/objects``                      objects in this node's store
 ``GET  /v1/objects/{id}``                 the bytes (fetched first when missing here)
 ``POST /v1/objects/{id}/fetch?pin=0|1``   pull into this store; NDJSON progress, then a summary
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .blobstore import QuotaExceeded, is_id
+from .blobstore import CHUNK_MAX, QuotaExceeded, is_id
 from .errors import Error
 from .fetch import FetchState
 
@@ -53,8 +54,9 @@ def add_storage_routes(app: web.Application, key: web.AppKey[Node]) -> None:
         if fmt not in ("raw", "jsonl"):
             raise web.HTTPBadRequest(text="format must be raw or jsonl")
         replicas = _query_int(request, "replicas", 1, 1, 64)
+        chunk_size = _query_int(request, "chunk_size", CHUNK_MAX, 64 << 10, CHUNK_MAX)
         try:
-            m = await node.objects.put_stream(request.content, name, fmt, replicas)
+            m = await node.objects.put_stream(request.content, name, fmt, replicas, chunk_size)
         except QuotaExceeded as exc:
             raise web.HTTPInsufficientStorage(text=str(exc)) from None
         except Error as exc:

@@ -68,6 +68,8 @@ def add_storage_commands(sub: Any) -> None:
     p.add_argument("--format", choices=("raw", "jsonl"), default=None,
                    help="jsonl: chunks end at line ends (a dataset); default from the suffix")
     p.add_argument("--name", default=None)
+    p.add_argument("--chunk-size", type=int, default=2 << 20,
+                   help="bytes per chunk (64 KiB..2 MiB; a batch task is one chunk)")
     common(p)
     g = sub.add_parser("get", help="fetch an object from its nearest holders")
     g.add_argument("id")
@@ -129,7 +131,7 @@ def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
         raise CliError(f"cannot read {path}: {exc}") from None
     fmt = args.format or ("jsonl" if path.suffix in (".jsonl", ".ndjson") else "raw")
     query = urllib.parse.urlencode({"name": args.name or path.name, "format": fmt,
-                                    "replicas": args.replicas})
+                                    "replicas": args.replicas, "chunk_size": args.chunk_size})
     bar = _Bar("put", size, show)
     with open(path, "rb") as fh:
         req = urllib.request.Request(

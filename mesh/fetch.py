@@ -124,7 +124,7 @@ async def fetch_chunks(
         async def worker(src: str, order: list[int], tiers: dict[int, set[str]]) -> None:
             while src not in dead:
                 pick = next((i for i in order if i in pending and i not in inflight
-                             and src in tiers[i]), None)
+                             and src in tiers[i] and src not in bad[i]), None)
                 if pick is None:
                     return
                 sha, size = chunks[pick]

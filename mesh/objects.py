@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .blobstore import BlobStore, Manifest, StoreError, is_id, parse_manifest
+from .blobstore import CHUNK_SIZE, BlobStore, Manifest, StoreError, is_id, parse_manifest
 from .errors import RPCError
 from .fetch import FetchState, fetch_chunks
 from .netview import NetConfig, NetView
@@ -133,14 +133,15 @@ class ObjectService:
             await asyncio.sleep(self.config.repair_interval)  # maintenance period
 
     # -- local operations ------------------------------------------------------------------
-    async def put_stream(self, reader: Any, name: str, fmt: str, replicas: int) -> Manifest:
+    async def put_stream(self, reader: Any, name: str, fmt: str, replicas: int,
+                         chunk_size: int = CHUNK_SIZE) -> Manifest:
         """Store an object from an async ``reader`` (aiohttp StreamReader-like) and pin it."""
         # Spool through a bounded queue into the store's chunker in a thread.
         r = _Pipe()
 
         def run() -> Manifest:
             try:
-                return self.store.put_stream(r, name, fmt)  # type: ignore[arg-type]
+                return self.store.put_stream(r, name, fmt, chunk_size)  # type: ignore[arg-type]
             finally:
                 r.reader_done = True
 

@@ -66,6 +66,7 @@ class Replicator:
         missing = want - len(durable) - len(waiting)
         if missing <= 0:
             return 0
+        await svc.net.ensure(svc.node.connected_peer_ids())  # zones before choosing
         cached = {p.peer_id for p in svc.providers.holders(oid) if not p.durable}
         zones = {svc.net.zone_of(p) for p in durable}
         candidates = [
