@@ -59,6 +59,12 @@ def manifest_chunks(node: NodeProcess, oid: str) -> list[str]:
     return [c[0] for c in doc["chunks"]]
 
 
+def corrupt_chunk(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))  # the same length: only the hash can tell
+
+
 async def test_two_zones_nearest_fetch_corruption_failover_and_repair(local_mesh: LocalMesh):
     mesh = local_mesh
     a = [await mesh.start_node(f"a{i}", ["--zone", "a", *ZONE_ARGS]) for i in range(3)]
@@ -74,11 +80,7 @@ async def test_two_zones_nearest_fetch_corruption_failover_and_repair(local_mesh
     )
     other = next(h["peer_id"] for h in holders if h["peer_id"] != b[0].peer_id)
     assert zone[other] == "a"  # replicas spread over zones
-    first = manifest_chunks(b[0], y)[0]
-    path: Path = b[0].data_dir / "objects" / "chunks" / first
-    raw = bytearray(path.read_bytes())
-    raw[100] ^= 0xFF
-    path.write_bytes(bytes(raw))  # the same length: only the hash can tell
+    corrupt_chunk(b[0].data_dir / "objects" / "chunks" / manifest_chunks(b[0], y)[0])
 
     done = None
     async for event in fetch_events(b[1], y):
