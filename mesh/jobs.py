@@ -209,10 +209,11 @@ class JobService:
             runs.append(run.as_dict())
             results.append(data)
         result = await objs.put_bytes(results[0], name=f"job-{input_id[:12]}", fmt="jsonl")
-        for run in runs:
+        for summary in runs:
             log.info("job %s policy %s: %d cross-zone bytes, %d moved, placement %s",
-                     result.id[:12], run["policy"], run["cross_zone_bytes"], run["bytes_moved"],
-                     {p[:8]: n for p, n in run["placement"].items()})
+                     result.id[:12], summary["policy"], summary["cross_zone_bytes"],
+                     summary["bytes_moved"],
+                     {p[:8]: n for p, n in summary["placement"].items()})
         return {
             "id": result.id,
             "model": model,
