@@ -74,6 +74,9 @@ async def start_api(
     from .api_generate import add_routes
 
     add_routes(app, NODE_KEY)
+    from .api_storage import add_storage_routes  # objects, accounting, coordinates, jobs
+
+    add_storage_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     add_web_routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="DHT bootstrap node (repeatable; enables the DHT)",
     )
+    from .cli_storage import add_node_storage_args, add_storage_commands
+
+    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
 
     for name, text in (("peers", "list the peers of a running node"),):
         c = sub.add_parser(name, help=text)
@@ -164,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_bench import add_bench_command
 
     add_bench_command(sub)
+    add_storage_commands(sub)  # put, get, job
 
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
@@ -215,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cli_bench import run_bench
 
             return run_bench(args)
+        if args.command in ("put", "get", "job"):
+            from .cli_storage import run_storage_command
+
+            return run_storage_command(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -265,6 +273,7 @@ def _mqtt_config(args: argparse.Namespace) -> Any:
 
 
 async def _run_node(args: argparse.Namespace) -> int:
+    from .cli_storage import storage_config
     from .compute import ComputeConfig
     from .node import Node, NodeConfig
     from .transport import TransportConfig
@@ -291,6 +300,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         compute=ComputeConfig(
             memory_limit=args.memory_limit, runtime=args.runtime, threads=args.threads
         ),
+        storage=storage_config(args),
     )
     node = Node(config)
     loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from .errors import DeadlineExceeded, RemoteError
 from .identity import Identity
 from .membership import DhtMembership, record_addresses
 from .mqtt import MqttConfig, MqttSignaling
+from .objects import ObjectService, StorageConfig
 from .rpc import CallContext, Handler, Link, Reply, handlers_of
 from .signaling import ReplayGuard, SignalingServer, format_endpoint
 from .transport import TransportConfig, use_candidate_addresses, wait_closed
@@ -60,6 +61,7 @@ class NodeConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     # Required when the API listens beyond loopback; from the environment, never argv.
     api_token: str | None = field(default_factory=lambda: os.environ.get("EDGEMESH_API_TOKEN"))
+    storage: StorageConfig = field(default_factory=StorageConfig)  # objects, zone, jobs
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -103,8 +105,19 @@ class Node:
         self.identity = Identity.load_or_create(config.data_dir)
         self.me = self.identity.peer_id
         self.compute = ComputeService(self, self.me, config.data_dir / "store", config.compute)
+        # -- storage and jobs (mesh/objects.py, mesh/jobs.py) --
+        from .jobs import JobService
+
+        self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
+        self.jobs = JobService(self, self.objects)
+        # -- end storage and jobs --
         self.handlers: dict[str, Handler] = handlers_of(
-            CoreService(self), self.compute, self.compute.storage, *(services or [])
+            CoreService(self),
+            self.compute,
+            self.compute.storage,
+            *self.objects.services(),
+            self.jobs,
+            *(services or []),
         )
         from .generate import Coordinator  # generation sits on top of compute and links
 
@@ -158,6 +171,7 @@ class Node:
         await self.signaling.start(sig_host, cfg.signaling_port)
         self.conns.start()
         self.compute.start()
+        await self.objects.start()
         from .api import start_api  # the API sits on top of the node
 
         self._api_runner, self.api_url = await start_api(
@@ -231,6 +245,7 @@ class Node:
         await self.conns.stop()  # says bye on every link
         await wait_closed()
         await self.compute.stop()
+        await self.objects.stop()
         if self.discovery is not None:
             await self.discovery.stop()  # the mDNS goodbye
         if self._api_runner is not None:

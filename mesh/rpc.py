@@ -148,6 +148,8 @@ class Link:
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
         self.rtt_ms: float | None = None
+        # Called with (peer id, sample in ms) on every ping RTT sample (network coordinates).
+        self.on_rtt: Callable[[str, float], None] | None = None
         self.last_rx = time.monotonic()
         self._serving_bytes = 0
         self._congested_since: float | None = None
@@ -338,6 +340,8 @@ class Link:
             if sent is not None:
                 sample = (time.monotonic() - sent) * 1000
                 self.rtt_ms = sample if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * sample
+                if self.on_rtt is not None:
+                    self.on_rtt(self.peer_id, sample)
         elif kind == "bye":
             self.close(f"peer said bye: {h.get('why')}", notify=False)
         else:
