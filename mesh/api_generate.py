@@ -167,7 +167,12 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
         )
     except (TypeError, ValueError) as exc:
         raise web.HTTPBadRequest(text=f"bad sampling parameters: {exc}") from None
-    return GenerationRequest(model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top)
+    mode = body.get("mode", "push")
+    if mode not in ("push", "chain"):
+        raise web.HTTPBadRequest(text="mode must be 'push' or 'chain'")
+    return GenerationRequest(
+        model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode
+    )
 
 
 async def _openai(

@@ -183,6 +183,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--runtime", default="onnx")
     d.add_argument("--no-baseline", action="store_true", help="skip the single-peer run")
     d.add_argument("--threads", type=int, default=None, help="inference threads per stage")
+    d.add_argument(
+        "--mode",
+        choices=["push", "chain"],
+        default="push",
+        help="push: activations flow one way and the token comes straight back; "
+        "chain: nested calls (one more traversal per step)",
+    )
     d.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of Gemma 3 270M")
     return p
 
@@ -302,6 +309,9 @@ async def _run_node(args: argparse.Namespace) -> int:
         ),
         storage=storage_config(args),
     )
+    # The inference thread and the event loop hand the GIL back and forth on every step;
+    # the default 5 ms switch interval would add up to that much to each handoff.
+    sys.setswitchinterval(float(os.environ.get("EDGEMESH_SWITCH_INTERVAL", "0.0005")))
     node = Node(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

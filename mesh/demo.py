@@ -103,6 +103,7 @@ async def run_demo(
     baseline: bool = True,
     model_path: Path | None = None,
     threads: int | None = None,
+    mode: str = "push",
 ) -> int:
     if n_peers < 2:
         raise ValueError("a mesh needs at least 2 peers")
@@ -118,6 +119,7 @@ async def run_demo(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "seed": seed,
+        "mode": mode,
     }
     extra = ["--threads", str(threads)] if threads else []
     args = ["--memory-limit", str(limit), "--runtime", runtime, *extra]

@@ -95,6 +95,7 @@ class GenerationRequest:
     split: int | None = None
     runtime: str | None = None
     top: int = 0  # return the top-k logits of every step (tests check margins)
+    mode: str = "push"  # "push": one-way stage to stage; "chain": nested calls
 
 
 @dataclass
@@ -471,6 +472,29 @@ class _Run:
         raise RouteError("unreachable")  # the loop either returns or raises
 
     async def _forward(self, feed: list[int], pos: int) -> Reply:
+        if self.req.mode == "chain":
+            return await self._forward_chain(feed, pos)
+        return await self._forward_push(feed, pos)
+
+    async def _forward_chain(self, feed: list[int], pos: int) -> Reply:
+        """One step as nested calls: each stage awaits the rest and relays the reply."""
+        body = np.asarray(feed, dtype="<i4").tobytes()
+        params = {
+            "sid": self.sids[0],
+            "n": len(feed),
+            "pos": pos,
+            "sample": self.req.sampling.to_wire(),
+        }
+        if self.req.top:
+            params["top"] = self.req.top
+        t0 = time.perf_counter()
+        reply = await self.c.mesh.call(
+            self.stages[0].peer_id, "stage_forward", params, body, timeout=self.c.forward_timeout
+        )
+        self._account(reply, (time.perf_counter() - t0) * 1000)
+        return reply
+
+    async def _forward_push(self, feed: list[int], pos: int) -> Reply:
         """One step: tokens go to the first stage, activations flow stage to stage, and the
         last stage sends the token straight back here (no reply travels the chain)."""
         body = np.asarray(feed, dtype="<i4").tobytes()
@@ -501,7 +525,10 @@ class _Run:
                 raise StageUnavailable(culprit) from None
         finally:
             self.c.waiting.pop((rid, pos), None)
-        ms = (time.perf_counter() - t0) * 1000
+        self._account(reply, (time.perf_counter() - t0) * 1000)
+        return reply
+
+    def _account(self, reply: Reply, ms: float) -> None:
         trace = reply.result.get("trace", [])
         compute = 0.0
         for t in trace if isinstance(trace, list) else []:
@@ -511,7 +538,6 @@ class _Run:
         self.step_ms.append(ms)
         # hops: coordinator -> first, between stages, last -> coordinator
         self.hop_ms.append(max(ms - compute, 0.0) / len(self.stages))
-        return reply
 
     def _deadline(self) -> float:
         """Generous while warming up; then a multiple of the usual step, so a dead stage is
