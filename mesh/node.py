@@ -59,6 +59,7 @@ class NodeConfig:
     bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_quota: int = 256  # stores per minute one sender may make before it is cut off
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    profile_hardware: bool = True  # detect and benchmark the machine (cached in DATA_DIR)
     # Required when the API listens beyond loopback; from the environment, never argv.
     api_token: str | None = field(default_factory=lambda: os.environ.get("EDGEMESH_API_TOKEN"))
     storage: StorageConfig = field(default_factory=StorageConfig)  # objects, zone, jobs
@@ -143,6 +144,8 @@ class Node:
         self._api_runner: Any = None
         self._stop_task: asyncio.Task[None] | None = None
         self._local_tasks: set[asyncio.Task[None]] = set()
+        self.hw_summary: dict[str, Any] | None = None
+        self._hw_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.started_at = time.time()
 
@@ -205,6 +208,8 @@ class Node:
             await self._start_dht(sig_host)
         for address in cfg.static_peers:
             self.conns.add_static(address)
+        if cfg.profile_hardware:
+            self._hw_task = asyncio.get_running_loop().create_task(self._profile_hardware())
         ready = {
             "peer_id": self.identity.peer_id,
             "name": cfg.name,
@@ -255,11 +260,32 @@ class Node:
         self._stopped.set()
 
     def _info(self) -> dict[str, Any]:
-        return {
+        """What we announce (broker presence, DHT peer record, signaling info)."""
+        info: dict[str, Any] = {
             "name": self.config.name,
             "addrs": self._signaling_endpoints(),
             "mesh": self.config.mesh,
         }
+        if self.hw_summary is not None:
+            info["hw"] = self.hw_summary
+        return info
+
+    async def _profile_hardware(self) -> None:
+        """Detect and (once, then cached) benchmark this machine, off the start-up path."""
+        from hw import load_profile, summary
+
+        try:
+            profile, _ = await asyncio.to_thread(load_profile, self.config.data_dir)
+        except Exception:  # hardware probing must never take the node down
+            log.exception("hardware profiling failed")
+            return
+        self.hw_summary = summary(profile)
+        # Re-announce now rather than at the next refresh, so planners see it soon.
+        with contextlib.suppress(Exception):
+            if self.membership is not None:
+                await self.membership.publish()
+            if self.mqtt is not None:
+                await self.mqtt._publish_presence()
 
     async def _start_dht(self, sig_host: str) -> None:
         cfg = self.config
@@ -374,6 +400,7 @@ class Node:
             "api": self.api_url,
             "signaling": self._signaling_endpoints(),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "hw": self.hw_summary,
             "compute": {
                 "runtime": self.config.compute.runtime,
                 "memory_limit": self.config.compute.memory_limit,

@@ -81,3 +81,24 @@ async def test_private_mesh_key_seals_broker_traffic(local_mesh, broker, tmp_pat
     assert a.peer_id not in await local_mesh.connected_ids(outsider)
     info = await local_mesh.get(outsider, "/v1/info")
     assert info["counters"]["mqtt_rejected"] >= 2  # it saw sealed presences it cannot open
+
+
+async def test_peer_record_carries_the_hardware_summary(local_mesh):
+    first = await local_mesh.start_node(
+        "h0", ["--no-mdns", "--dht-port", "0", "--signaling", "127.0.0.1:0"]
+    )
+    second = await local_mesh.start_node(
+        "h1", ["--no-mdns", "--bootstrap", first.ready["dht"], "--signaling", "127.0.0.1:0"]
+    )
+    await local_mesh.wait_connected(timeout=30)
+
+    async def hw_in_record():
+        async with local_mesh._http.get(f"{second.api}/v1/dht/peer/{first.peer_id}") as resp:
+            if resp.status != 200:
+                return None
+            return (await resp.json())["body"].get("hw")
+
+    from mesh.localmesh import wait_for
+
+    hw = await wait_for(hw_in_record, 30, "the hardware summary in the peer record")
+    assert hw["cores"] >= 1 and hw["ram_mb"] > 0
