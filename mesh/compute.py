@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from runtimes.shards import Manifest, ShardStore
 
 from .errors import Error, RemoteError, RPCError
 from .rpc import CallContext, Reply
+from .rpc import MeshCaller as Caller
 from .sampling import SamplingParams, sample, top_logits
 from .storage import BlobError, StorageService, Transfer, fetch_blob
 
@@ -48,28 +49,6 @@ class CapacityError(Error):
 
 class StageUnavailable(Error):
     """The next stage could not be reached; the message is its peer id."""
-
-
-class Caller(Protocol):
-    async def call(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> Reply: ...
-
-    def connected_peer_ids(self) -> list[str]: ...
-
-    async def notify(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +95,8 @@ class ComputeService:
         self.sessions: dict[str, _StageSession] = {}
         self.transfers: dict[str, Transfer] = {}
         self.penalized: set[str] = set()
+        # Set by the node when a direct fast path exists (mesh/fastpath.py); else RPC.
+        self.range_reader: Any = None
         self._load_lock = asyncio.Lock()
         self._blob_locks: dict[str, asyncio.Lock] = {}
         self._tokenizers: dict[str, Any] = {}
@@ -243,6 +224,7 @@ class ComputeService:
                         self.store.blob_path(blob.sha256),
                         transfer=transfer,
                         penalized=self.penalized,
+                        reader=self.range_reader,
                     )
                 finally:
                     self.transfers.pop(blob.sha256, None)

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -59,8 +60,13 @@ class FastPathError(Error):
 
 
 class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 tx_key: bytes, rx_key: bytes) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tx_key: bytes,
+        rx_key: bytes,
+    ) -> None:
         self.reader, self.writer = reader, writer
         self._tx = sodium.crypto_secretstream_xchacha20poly1305_state()
         self._rx = sodium.crypto_secretstream_xchacha20poly1305_state()
@@ -111,6 +117,8 @@ class FastPath:
         self._unreachable: set[str] = set()
         self.served = 0
         self.fetched = 0
+        # Serves byte ranges of shard blobs: (peer, sha256, offset, length) -> bytes.
+        self.blob_reader: Callable[[str, Any, Any, Any], Awaitable[bytes]] | None = None
 
     async def start(self, host: str) -> None:
         node = self.node
@@ -135,12 +143,24 @@ class FastPath:
         try:
             conn, peer = await asyncio.wait_for(self._accept(reader, writer), HANDSHAKE_TIMEOUT)
             while True:
-                req = msgpack.unpackb(await conn.recv(), raw=False, max_str_len=128,
-                                      max_map_len=4, max_array_len=0, max_bin_len=0)
+                req = msgpack.unpackb(
+                    await conn.recv(),
+                    raw=False,
+                    max_str_len=128,
+                    max_map_len=4,  # {"sha"} or {"blob", "off", "len"}
+                    max_array_len=0,
+                    max_bin_len=0,
+                )
                 sha = req.get("sha") if isinstance(req, dict) else None
                 try:
-                    data = await self.svc.serve_chunk(peer, sha)  # type: ignore[arg-type]
-                except StoreError as exc:
+                    if isinstance(req, dict) and "blob" in req and self.blob_reader is not None:
+                        # a byte range of a model shard blob (mesh/storage.py)
+                        data = await self.blob_reader(
+                            peer, req.get("blob"), req.get("off"), req.get("len")
+                        )
+                    else:
+                        data = await self.svc.serve_chunk(peer, sha)  # type: ignore[arg-type]
+                except (StoreError, Error) as exc:
                     await conn.send(b"\x01" + str(exc).encode()[:500])
                     continue
                 self.served += len(data)
@@ -152,8 +172,9 @@ class FastPath:
         finally:
             writer.close()
 
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> tuple[_Conn, str]:
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[_Conn, str]:
         hello = await reader.readexactly(80)
         c_pk, c_eph, nonce = hello[:32], hello[32:64], hello[64:]
         peer = None
@@ -201,14 +222,66 @@ class FastPath:
             writer.close()
             raise
 
+    async def read_blob_range(self, peer: str, sha: str, offset: int, length: int) -> bytes:
+        """Part of a shard blob from ``peer``: fast path when it has one, else the link."""
+        request = {"blob": sha, "off": offset, "len": length}
+        data = await self._request(peer, request)
+        if data is not None:
+            return data
+        reply = await self.node.call(
+            peer,
+            "blob_read",
+            {"sha256": sha, "offset": offset, "length": length},
+            timeout=REQUEST_TIMEOUT,
+        )
+        return reply.payload
+
+    async def _request(self, peer: str, request: dict[str, Any]) -> bytes | None:
+        """One request over the fast path; None when there is none to this peer."""
+        if peer in self._unreachable or not (info := self.svc.net.peers.get(peer)) or not info.fast:
+            return None
+        pool = self._pool.setdefault(peer, [])
+        try:
+            conn = pool.pop() if pool else await self._dial(peer)
+        except (
+            OSError,
+            TimeoutError,
+            FastPathError,
+            IdentityError,
+            asyncio.IncompleteReadError,
+        ) as exc:
+            log.info("no fast path to %s (%s): using the link", peer[:12], exc)
+            self._unreachable.add(peer)
+            return None
+        try:
+            await conn.send(msgpack.packb(request))
+            reply = await asyncio.wait_for(conn.recv(), REQUEST_TIMEOUT)
+        except (OSError, TimeoutError, FastPathError, asyncio.IncompleteReadError) as e:
+            conn.close()
+            raise PeerUnavailable(f"fast path to {peer[:12]} failed: {e}") from None
+        if reply[:1] != b"\x00":
+            pool.append(conn)
+            raise StoreError(reply[1:].decode(errors="replace"))
+        if len(pool) < POOL_PER_PEER:
+            pool.append(conn)
+        else:
+            conn.close()
+        self.fetched += len(reply) - 1
+        return reply[1:]
+
     async def read_chunk(self, peer: str, sha: str, size: int) -> bytes:
         """A chunk from ``peer``: over the fast path when it has one, else over the link."""
         if peer not in self._unreachable and (info := self.svc.net.peers.get(peer)) and info.fast:
             pool = self._pool.setdefault(peer, [])
             try:
                 conn = pool.pop() if pool else await self._dial(peer)
-            except (OSError, TimeoutError, FastPathError, IdentityError,
-                    asyncio.IncompleteReadError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                FastPathError,
+                IdentityError,
+                asyncio.IncompleteReadError,
+            ) as exc:
                 log.info("no fast path to %s (%s): using the link", peer[:12], exc)
                 self._unreachable.add(peer)
             else:
@@ -237,4 +310,3 @@ class FastPath:
 
     def as_dict(self) -> dict[str, Any]:
         return {"address": self.address, "served": self.served, "fetched": self.fetched}
-

@@ -19,26 +19,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .blobstore import CHUNK_MAX, StoreError
 from .errors import RPCError
-from .rpc import Reply
+from .rpc import Caller
 
 __all__ = ["FetchState", "fetch_chunks", "Caller"]
 
 log = logging.getLogger(__name__)
-
-
-class Caller(Protocol):
-    async def call(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> Reply: ...
 
 
 @dataclass
@@ -123,8 +112,17 @@ async def fetch_chunks(
 
         async def worker(src: str, order: list[int], tiers: dict[int, set[str]]) -> None:
             while src not in dead:
-                pick = next((i for i in order if i in pending and i not in inflight
-                             and src in tiers[i] and src not in bad[i]), None)
+                pick = next(
+                    (
+                        i
+                        for i in order
+                        if i in pending
+                        and i not in inflight
+                        and src in tiers[i]
+                        and src not in bad[i]
+                    ),
+                    None,
+                )
                 if pick is None:
                     return
                 sha, size = chunks[pick]
@@ -133,8 +131,12 @@ async def fetch_chunks(
                     try:
                         data = await reader(src, sha, size)
                     except (RPCError, StoreError, OSError) as exc:
-                        log.info("fetch %s: source %s failed (%s); others take over",
-                                 state.oid[:12], src[:12], exc)
+                        log.info(
+                            "fetch %s: source %s failed (%s); others take over",
+                            state.oid[:12],
+                            src[:12],
+                            exc,
+                        )
                         dead.add(src)
                         state.failed.append(src)
                         return

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from runtimes.shards import Manifest
 from .compute import CapacityError, StageUnavailable
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
 from .rpc import CallContext, Reply
+from .rpc import MeshCaller as Mesh
 from .sampling import SamplingParams
 
 __all__ = ["Stage", "GenerationRequest", "Coordinator", "RouteError", "plan_route"]
@@ -41,30 +42,6 @@ MAX_FAILOVERS = 3
 
 class RouteError(Error):
     """No set of connected peers can hold and run the model (or the requested split)."""
-
-
-class Mesh(Protocol):
-    me: str
-
-    async def call(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> Reply: ...
-
-    def connected_peer_ids(self) -> list[str]: ...
-
-    async def notify(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,10 @@ class Node:
         self.conns.start()
         self.compute.start()
         await self.objects.start()
+        if self.objects.fast is not None:
+            # Shard blobs travel the direct encrypted path too; WebRTC stays the fallback.
+            self.objects.fast.blob_reader = self.compute.storage.read_range
+            self.compute.range_reader = self.objects.fast.read_blob_range
         from .api import start_api  # the API sits on top of the node
 
         self._api_runner, self.api_url = await start_api(

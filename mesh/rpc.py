@@ -46,6 +46,8 @@ __all__ = [
     "CallContext",
     "Handler",
     "handlers_of",
+    "Caller",
+    "MeshCaller",
 ]
 
 log = logging.getLogger(__name__)
@@ -465,3 +467,33 @@ class Link:
     def __repr__(self) -> str:
         state = "open" if self.is_open else f"closed ({self.close_reason})"
         return f"Link({self.peer_id[:12]}, {state})"
+
+
+class Caller(Protocol):
+    """Something that calls a peer's RPC by peer id (a Node; tests pass fakes)."""
+
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply: ...
+
+
+class MeshCaller(Caller, Protocol):
+    """A Caller that also knows itself and its links, and can send one-way calls."""
+
+    me: str
+
+    def connected_peer_ids(self) -> list[str]: ...
+
+    async def notify(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> None: ...

@@ -18,10 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import Error, RPCError
-from .rpc import CallContext, Reply
+from .rpc import CallContext, Caller, Reply
 
 __all__ = ["BlobError", "StorageService", "Transfer", "fetch_blob", "CHUNK"]
 
@@ -34,17 +34,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 class BlobError(Error):
     """A blob is missing, malformed, or no holder could deliver bytes that match its hash."""
-
-
-class Caller(Protocol):
-    async def call(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> Reply: ...
 
 
 @dataclass
@@ -93,11 +82,9 @@ class StorageService:
             raise BlobError("shas must be a list of at most 1024 hashes")
         return {"has": [s for s in shas if isinstance(s, str) and _HEX64.match(s) and self.has(s)]}
 
-    async def rpc_blob_read(
-        self, ctx: CallContext, params: dict[str, Any], payload: bytes
-    ) -> Reply:
-        path = self.path(params.get("sha256"))  # type: ignore[arg-type]
-        offset, length = params.get("offset"), params.get("length")
+    async def read_range(self, peer: str, sha256: Any, offset: Any, length: Any) -> bytes:
+        """A byte range of a blob for ``peer`` (the RPC and the fast path both use this)."""
+        path = self.path(sha256)
         if type(offset) is not int or type(length) is not int or offset < 0:
             raise BlobError("offset and length must be non-negative integers")
         if not 0 < length <= MAX_READ:
@@ -106,7 +93,15 @@ class StorageService:
             data = await asyncio.to_thread(_read_range, path, offset, length)
         except FileNotFoundError:
             raise BlobError(f"no blob {path.stem}") from None
-        self.bytes_served[ctx.peer_id] = self.bytes_served.get(ctx.peer_id, 0) + len(data)
+        self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
+        return data
+
+    async def rpc_blob_read(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        data = await self.read_range(
+            ctx.peer_id, params.get("sha256"), params.get("offset"), params.get("length")
+        )
         return Reply({"n": len(data)}, data)
 
 
@@ -141,6 +136,7 @@ async def fetch_blob(
     penalized: set[str] | None = None,
     on_progress: Callable[[Transfer], Awaitable[None] | None] | None = None,
     timeout: float = 60.0,
+    reader: RangeReader | None = None,
 ) -> Transfer:
     """Pull a blob from ``holders`` into ``dest`` (atomically, verified). Raises BlobError."""
     if not _HEX64.match(sha256) or size < 0:
@@ -156,7 +152,8 @@ async def fetch_blob(
         live = [h for h in order if h not in transfer.failed_sources] or order
         await asyncio.to_thread(_preallocate, tmp, size)
         transfer.done = 0
-        await _pull_ranges(caller, sha256, size, live, tmp, transfer, on_progress, timeout)
+        read = reader or _rpc_reader(caller, timeout)
+        await _pull_ranges(read, sha256, size, live, tmp, transfer, on_progress)
         got = await asyncio.to_thread(_hash_file, tmp)
         if got == sha256:
             os.replace(tmp, dest)
@@ -182,15 +179,25 @@ def _preallocate(path: Path, size: int) -> None:
         fh.truncate(size)
 
 
+RangeReader = Callable[[str, str, int, int], Awaitable[bytes]]
+
+
+def _rpc_reader(caller: Caller, timeout: float) -> RangeReader:
+    async def read(holder: str, sha256: str, offset: int, length: int) -> bytes:
+        params = {"sha256": sha256, "offset": offset, "length": length}
+        return (await caller.call(holder, "blob_read", params, timeout=timeout)).payload
+
+    return read
+
+
 async def _pull_ranges(
-    caller: Caller,
+    read: RangeReader,
     sha256: str,
     size: int,
     holders: list[str],
     tmp: Path,
     transfer: Transfer,
     on_progress: Callable[[Transfer], Awaitable[None] | None] | None,
-    timeout: float,
 ) -> None:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for offset in range(0, size, CHUNK):
@@ -205,15 +212,10 @@ async def _pull_ranges(
                 return
             length = min(CHUNK, size - offset)
             try:
-                reply = await caller.call(
-                    holder,
-                    "blob_read",
-                    {"sha256": sha256, "offset": offset, "length": length},
-                    timeout=timeout,
-                )
-                if len(reply.payload) != length:
-                    raise BlobError(f"{holder[:12]} sent {len(reply.payload)} of {length} bytes")
-            except (RPCError, BlobError) as exc:
+                data = await read(holder, sha256, offset, length)
+                if len(data) != length:
+                    raise BlobError(f"{holder[:12]} sent {len(data)} of {length} bytes")
+            except (RPCError, Error) as exc:
                 log.info(
                     "blob %s: holder %s failed (%s); others take over",
                     sha256[:12],
@@ -224,7 +226,7 @@ async def _pull_ranges(
                 transfer.failed_sources.append(holder)
                 queue.put_nowait(offset)  # resume this range elsewhere
                 return
-            await asyncio.to_thread(_write_range, tmp, offset, reply.payload)
+            await asyncio.to_thread(_write_range, tmp, offset, data)
             transfer.done += length
             transfer.sources[holder] = transfer.sources.get(holder, 0) + length
             if on_progress is not None:
