@@ -103,8 +103,9 @@ def add_storage_routes(app: web.Application, key: web.AppKey[Node]) -> None:
             m = store.manifest(oid)
             if m is None:
                 raise web.HTTPNotFound(text=f"no object {oid}")
-            resp = web.StreamResponse(headers={
-                "Content-Type": "application/octet-stream", "Content-Length": str(m.size)})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(m.size)}
+            )
             await resp.prepare(request)
             with store.hold(oid):
                 for sha, _ in m.chunks:
@@ -167,7 +168,8 @@ def add_storage_routes(app: web.Application, key: web.AppKey[Node]) -> None:
             raise web.HTTPBadRequest(text="policies must be a list, seed an integer")
         try:
             report = await node.jobs.run_job(
-                str(body.get("model", "")), str(body.get("input", "")), policies, seed)
+                str(body.get("model", "")), str(body.get("input", "")), policies, seed
+            )
         except Error as exc:
             raise web.HTTPBadRequest(text=f"{type(exc).__name__}: {exc}") from None
         return web.json_response(report)

@@ -52,8 +52,9 @@ class BenchScript:
 SCRIPTS: list[BenchScript] = [
     BenchScript("bench_transport", ["--count", "100", "--bulk-mib", "8"]),
     BenchScript("bench_join", ["--members", "3", "--joins", "2"]),
-    BenchScript("bench_runtime", ["--prompt", "32", "--decode", "16"], no_docs=False,
-                json_to_docs=True),
+    BenchScript(
+        "bench_runtime", ["--prompt", "32", "--decode", "16"], no_docs=False, json_to_docs=True
+    ),
     BenchScript("bench_latency", ["--quick"]),
     BenchScript("sim_egress", ["--peers", "1000", "--instances", "5"]),
 ]
@@ -97,15 +98,30 @@ def _runtime_section(doc: dict[str, Any], quick: bool) -> str:
         if "error" in r:
             rows.append([r["runtime"], "error", "", "", "", "", " ".join(r["error"])])
             continue
-        rows.append([
-            r["runtime"], r["load_s"], r["prefill_tok_s"], r["decode_tok_s"],
-            r.get("decode_vs_llamacpp", ""), r["peak_rss_mb"],
-            "yes" if r.get("same_tokens_as_llamacpp", True) else "no",
-        ])
+        rows.append(
+            [
+                r["runtime"],
+                r["load_s"],
+                r["prefill_tok_s"],
+                r["decode_tok_s"],
+                r.get("decode_vs_llamacpp", ""),
+                r["peak_rss_mb"],
+                "yes" if r.get("same_tokens_as_llamacpp", True) else "no",
+            ]
+        )
     lib = _benchlib()
     table: str = lib.markdown_table(
-        ["runtime", "load s", "prefill tok/s", "decode tok/s", "decode x llama.cpp",
-         "peak RSS MB", "same tokens"], rows)
+        [
+            "runtime",
+            "load s",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode x llama.cpp",
+            "peak RSS MB",
+            "same tokens",
+        ],
+        rows,
+    )
     return (
         f"Written by `edgemesh bench{' --quick' if quick else ''}` from `bench_runtime.py "
         f"--json` ({doc.get('model', '?')}, {doc.get('cpu_count', '?')} cores): each runtime "
@@ -138,11 +154,18 @@ def _run_one(
             stdout=subprocess.PIPE if capture else (sys.stderr if args.json else None),
         )
     except subprocess.TimeoutExpired:
-        return {"name": script.name, "status": "timeout",
-                "seconds": round(time.perf_counter() - t0, 1)}
+        return {
+            "name": script.name,
+            "status": "timeout",
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     seconds = round(time.perf_counter() - t0, 1)
-    result: dict[str, Any] = {"name": script.name, "rc": proc.returncode, "seconds": seconds,
-                              "status": "ok" if proc.returncode == 0 else "failed"}
+    result: dict[str, Any] = {
+        "name": script.name,
+        "rc": proc.returncode,
+        "seconds": seconds,
+        "status": "ok" if proc.returncode == 0 else "failed",
+    }
     if capture and proc.returncode == 0:
         try:
             result["output"] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -175,8 +198,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if r["status"] != "ok":
             log.warning("bench: %s %s (exit %s)", script.name, r["status"], r.get("rc"))
         elif "output" in r and lib is not None:
-            lib.update_benchmarks_md(RUNTIME_SECTION, _runtime_section(r["output"], args.quick),
-                                     md)
+            lib.update_benchmarks_md(RUNTIME_SECTION, _runtime_section(r["output"], args.quick), md)
     if lib is not None:
         lib.update_benchmarks_md(RUN_SECTION, _run_section(results, args.quick, lib), md)
     failed = [r["name"] for r in results if r["status"] not in ("ok", "missing")]
@@ -205,6 +227,6 @@ def _run_section(results: list[dict[str, Any]], quick: bool, lib: ModuleType) ->
     kind = "`edgemesh bench --quick` (small sizes: a smoke run)" if quick else "`edgemesh bench`"
     return (
         f"{kind} on {when}, {platform.machine()} with {os.cpu_count()} cores. Each script "
-        "rewrote its own section of this page; \"missing\" ones are not in this checkout."
+        'rewrote its own section of this page; "missing" ones are not in this checkout.'
         "\n\n" + table
     )

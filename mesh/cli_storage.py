@@ -33,15 +33,33 @@ def add_node_storage_args(n: argparse.ArgumentParser) -> None:
     from .cli import _size
 
     n.add_argument("--zone", default="default", help="this peer's network (e.g. home-lan)")
-    n.add_argument("--egress-price", type=float, default=0.0, metavar="PER_GB",
-                   help="price per GB of bytes leaving this peer's zone (default 0)")
-    n.add_argument("--store-quota", type=_size, default=None, metavar="SIZE",
-                   help="disk for stored objects, e.g. 10G (default: no limit)")
-    n.add_argument("--serve-rate", type=_size, default=None, metavar="BYTES_PER_S",
-                   help="cap on the bytes per second this node serves to others")
+    n.add_argument(
+        "--egress-price",
+        type=float,
+        default=0.0,
+        metavar="PER_GB",
+        help="price per GB of bytes leaving this peer's zone (default 0)",
+    )
+    n.add_argument(
+        "--store-quota",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="disk for stored objects, e.g. 10G (default: no limit)",
+    )
+    n.add_argument(
+        "--serve-rate",
+        type=_size,
+        default=None,
+        metavar="BYTES_PER_S",
+        help="cap on the bytes per second this node serves to others",
+    )
     n.add_argument("--no-jobs", action="store_true", help="run no batch tasks for others")
-    n.add_argument("--no-fast-path", action="store_true",
-                   help="move bulk chunks over WebRTC only (no direct encrypted TCP)")
+    n.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="move bulk chunks over WebRTC only (no direct encrypted TCP)",
+    )
 
 
 def storage_config(args: argparse.Namespace) -> Any:
@@ -51,9 +69,14 @@ def storage_config(args: argparse.Namespace) -> Any:
         from .cli import CliError
 
         raise CliError("--zone must be 1..63 characters")
-    return StorageConfig(zone=args.zone, egress_price=args.egress_price,
-                         quota=args.store_quota, serve_rate=args.serve_rate,
-                         jobs=not args.no_jobs, fast_path=not args.no_fast_path)
+    return StorageConfig(
+        zone=args.zone,
+        egress_price=args.egress_price,
+        quota=args.store_quota,
+        serve_rate=args.serve_rate,
+        jobs=not args.no_jobs,
+        fast_path=not args.no_fast_path,
+    )
 
 
 def add_storage_commands(sub: Any) -> None:
@@ -65,11 +88,19 @@ def add_storage_commands(sub: Any) -> None:
     p = sub.add_parser("put", help="store a file in the mesh; prints its object id")
     p.add_argument("file", type=Path)
     p.add_argument("--replicas", type=int, default=1, help="copies kept in the mesh")
-    p.add_argument("--format", choices=("raw", "jsonl"), default=None,
-                   help="jsonl: chunks end at line ends (a dataset); default from the suffix")
+    p.add_argument(
+        "--format",
+        choices=("raw", "jsonl"),
+        default=None,
+        help="jsonl: chunks end at line ends (a dataset); default from the suffix",
+    )
     p.add_argument("--name", default=None)
-    p.add_argument("--chunk-size", type=int, default=2 << 20,
-                   help="bytes per chunk (64 KiB..2 MiB; a batch task is one chunk)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=2 << 20,
+        help="bytes per chunk (64 KiB..2 MiB; a batch task is one chunk)",
+    )
     common(p)
     g = sub.add_parser("get", help="fetch an object from its nearest holders")
     g.add_argument("id")
@@ -130,14 +161,22 @@ def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc}") from None
     fmt = args.format or ("jsonl" if path.suffix in (".jsonl", ".ndjson") else "raw")
-    query = urllib.parse.urlencode({"name": args.name or path.name, "format": fmt,
-                                    "replicas": args.replicas, "chunk_size": args.chunk_size})
+    query = urllib.parse.urlencode(
+        {
+            "name": args.name or path.name,
+            "format": fmt,
+            "replicas": args.replicas,
+            "chunk_size": args.chunk_size,
+        }
+    )
     bar = _Bar("put", size, show)
     with open(path, "rb") as fh:
         req = urllib.request.Request(
-            f"{api}/v1/objects?{query}", data=_Reader(fh, bar),
-            method="POST", headers={"Content-Length": str(size),
-                                    "Content-Type": "application/octet-stream"})
+            f"{api}/v1/objects?{query}",
+            data=_Reader(fh, bar),
+            method="POST",
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
         doc = _open_json(req, api)
     bar.show(size, force=True)
     bar.end()
@@ -185,8 +224,10 @@ def _get(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
         bar.end()
     tmp = args.output.with_name(f".{args.output.name}.part")
     try:
-        with urllib.request.urlopen(f"{api}/v1/objects/{args.id}", timeout=600) as resp, \
-                open(tmp, "wb") as out:
+        with (
+            urllib.request.urlopen(f"{api}/v1/objects/{args.id}", timeout=600) as resp,
+            open(tmp, "wb") as out,
+        ):
             while block := resp.read(1 << 20):
                 out.write(block)
         os.replace(tmp, args.output)
@@ -211,17 +252,25 @@ def run_storage_command(args: argparse.Namespace) -> int:
             print(json.dumps(doc))
         else:
             srcs = ", ".join(f"{k[:12]} {v / 1e6:.1f} MB" for k, v in doc["sources"].items())
-            print(f"{doc['output']}: {doc.get('size', 0)} bytes in {doc.get('seconds', 0)} s"
-                  + (f" from {srcs}" if srcs else " (already here)"))
+            print(
+                f"{doc['output']}: {doc.get('size', 0)} bytes in {doc.get('seconds', 0)} s"
+                + (f" from {srcs}" if srcs else " (already here)")
+            )
         return 0
     policies = ["ours", "random"] if args.compare else ["ours"]
-    doc = api_post(api, "/v1/jobs", {"model": args.model, "input": args.input,
-                                     "policies": policies, "seed": args.seed}, timeout=3600)
+    doc = api_post(
+        api,
+        "/v1/jobs",
+        {"model": args.model, "input": args.input, "policies": policies, "seed": args.seed},
+        timeout=3600,
+    )
     if args.json:
         print(json.dumps(doc))
     else:
         print(f"result {doc['id']}: {doc['records']} records in {doc['tasks']} tasks")
         for run in doc["policies"]:
-            print(f"  {run['policy']:<7} cross-zone {run['cross_zone_bytes'] / 1e6:8.2f} MB, "
-                  f"moved {run['bytes_moved'] / 1e6:8.2f} MB, {run['seconds']:.2f} s")
+            print(
+                f"  {run['policy']:<7} cross-zone {run['cross_zone_bytes'] / 1e6:8.2f} MB, "
+                f"moved {run['bytes_moved'] / 1e6:8.2f} MB, {run['seconds']:.2f} s"
+            )
     return 0

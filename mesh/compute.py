@@ -97,6 +97,7 @@ class ComputeService:
         self.penalized: set[str] = set()
         # Set by the node when a direct fast path exists (mesh/fastpath.py); else RPC.
         self.range_reader: Any = None
+        self.mem_gbps: float | None = None  # measured memory bandwidth (the node sets it)
         self._load_lock = asyncio.Lock()
         self._blob_locks: dict[str, asyncio.Lock] = {}
         self._tokenizers: dict[str, Any] = {}
@@ -183,6 +184,7 @@ class ComputeService:
             "memory_used": busy,
             "runtime": self.config.runtime,
             "sessions": len(self.sessions),
+            "gbps": self.mem_gbps,
         }
 
     def memory_used(self) -> int:

@@ -81,9 +81,61 @@ class PeerView:
     free: float  # bytes available for shards (inf without a limit)
     held: set[str]
     runtime: str
+    rtt_ms: float = 0.0  # from the coordinator (0 for itself)
+    mem_bytes_per_s: float = 10e9  # decode reads every weight once per token
+
+
+def plan_with_scheduler(
+    manifest: Manifest, peers: list[PeerView], *, split: int | None, runtime: str | None
+) -> list[Stage]:
+    """The exact planner of :mod:`scheduler`: per-token latency (each stage's weight bytes
+    over its memory bandwidth, plus the hops) under every peer's memory limit; a split only
+    when one peer cannot do it faster (or when asked for exactly ``split`` stages)."""
+    from runtimes.shards import layer_units
+    from scheduler import MatrixNetwork, ModelSpec, Peer
+    from scheduler import plan_route as exact_plan
+
+    ub = [u.nbytes for u in manifest.units]
+    n = manifest.n_layers
+    blob_of = {u.index: u.blob for u in manifest.units}
+    model = ModelSpec(
+        layer_bytes=tuple(2 * b + KV_PER_BLOCK for b in ub[1 : n + 1]),
+        layer_cost=tuple(float(b) for b in ub[1 : n + 1]),
+        embed_bytes=2 * ub[0],
+        head_bytes=2 * ub[n + 1],
+        embed_cost=float(ub[0]) / 16,  # a row lookup, not a full read
+        head_cost=float(ub[n + 1]),
+        activation_bytes=4.0 * 1024,
+        io_bytes=64.0,
+    )
+    cap = 1 << 50
+    sched_peers = [
+        Peer(
+            v.peer_id,
+            "local",
+            int(min(max(v.free - SHARD_OVERHEAD, 0), cap)),
+            max(v.mem_bytes_per_s, 1.0),
+            frozenset(i - 1 for i in range(1, n + 1) if blob_of[i] in v.held),
+            blob_of[0] in v.held,
+            blob_of[n + 1] in v.held,
+        )
+        for v in peers
+    ]
+    # The coordinator measures its own links; between two other peers, the mean of their
+    # RTTs to it is the estimate (coordinates would refine it).
+    rtt = [[0.0 if a is b else max(0.2, (a.rtt_ms + b.rtt_ms) / 2) for b in peers] for a in peers]
+    bw = [[WEBRTC_BYTES_PER_S] * len(peers) for _ in peers]
+    net = MatrixNetwork.build(rtt, bw, [v.rtt_ms for v in peers], [WEBRTC_BYTES_PER_S] * len(peers))
+    plan = exact_plan(model, sched_peers, net, min_stages=split or 1, max_stages=split)
+    by_id = {v.peer_id: v for v in peers}
+    return [
+        Stage(st.peer_id, layer_units(st.start, st.end, n), runtime or by_id[st.peer_id].runtime)
+        for st in plan.stages
+    ]
 
 
 KV_PER_BLOCK = 8 << 20  # KV cache allowance per block unit (2048 positions of a small model)
+WEBRTC_BYTES_PER_S = 12e6  # what one aiortc link moves (docs/benchmarks.md)
 
 
 def unit_memory(unit_bytes: list[int], a: int, b: int) -> int:
@@ -251,12 +303,25 @@ class Coordinator:
                     source = source or pid
             limit, used = cap.get("memory_limit"), cap.get("memory_used", 0)
             free = float("inf") if not isinstance(limit, int) else float(limit - int(used or 0))
-            views.append(PeerView(pid, free, held, str(cap.get("runtime") or "onnx")))
+            gbps = cap.get("gbps")
+            bw = float(gbps) * 1e9 if isinstance(gbps, int | float) and gbps > 0 else 10e9
+            runtime = str(cap.get("runtime") or "onnx")
+            views.append(PeerView(pid, free, held, runtime, self._rtt(pid), bw))
         if manifest is None:
             if source is None:
                 raise RouteError(f"no reachable peer knows model {mid[:12]}")
             manifest = await self.compute._manifest(mid, source)
         return views, manifest
+
+    def _rtt(self, pid: str) -> float:
+        if pid == self.mesh.me:
+            return 0.0
+        link_of = getattr(self.mesh, "link", None)
+        try:
+            rtt = link_of(pid).rtt_ms if link_of is not None else None
+        except Error:
+            rtt = None
+        return float(rtt) if rtt is not None else 1.0
 
     async def resolve(self, model: str) -> str:
         try:
@@ -329,9 +394,7 @@ class _Run:
         t_start = time.perf_counter()
         self.mid = await self.c.resolve(req.model)
         views, self.manifest = await self.c.views(self.mid, self.excluded)
-        self.stages = plan_route(
-            self.manifest, views, split=req.split, prefer=self.c.mesh.me, runtime=req.runtime
-        )
+        self.stages = self._plan(views)
         await self._open()
         try:
             yield {
@@ -385,6 +448,22 @@ class _Run:
         finally:
             await self._close()
 
+    def _plan(self, views: list[PeerView]) -> list[Stage]:
+        assert self.manifest is not None
+        try:
+            return plan_with_scheduler(
+                self.manifest, views, split=self.req.split, runtime=self.req.runtime
+            )
+        except Error as exc:  # the scheduler's errors share the root
+            log.info("exact planner found no route (%s); splitting by memory", exc)
+            return plan_route(
+                self.manifest,
+                views,
+                split=self.req.split,
+                prefer=self.c.mesh.me,
+                runtime=self.req.runtime,
+            )
+
     # -- sessions --------------------------------------------------------------------------
     async def _open(self) -> None:
         """Open the route's sessions; a peer short of memory is replaced (re-planned)."""
@@ -400,13 +479,7 @@ class _Run:
                 self.excluded.add(self._last_opened)
                 assert self.manifest is not None
                 views, _ = await self.c.views(self.mid, self.excluded)
-                self.stages = plan_route(
-                    self.manifest,
-                    views,
-                    split=self.req.split,
-                    prefer=self.c.mesh.me,
-                    runtime=self.req.runtime,
-                )
+                self.stages = self._plan(views)
         raise RouteError("no route whose peers have the memory for their stages")
 
     async def _open_once(self) -> None:

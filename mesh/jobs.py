@@ -126,29 +126,31 @@ class JobService:
         if model not in self._sessions:
             import onnxruntime as ort
 
-            data = b"".join(await asyncio.to_thread(lambda: list(
-                self.objects.store.iter_object(model))))
+            data = b"".join(
+                await asyncio.to_thread(lambda: list(self.objects.store.iter_object(model)))
+            )
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             try:
                 self._sessions[model] = await asyncio.to_thread(
-                    ort.InferenceSession, data, opts, providers=["CPUExecutionProvider"])
+                    ort.InferenceSession, data, opts, providers=["CPUExecutionProvider"]
+                )
             except Exception as exc:  # onnxruntime raises its own types for bad graphs
                 raise JobError(f"model {model[:12]} is not a usable ONNX graph: {exc}") from None
         return self._sessions[model], state
 
-    async def rpc_job_task(
-        self, ctx: CallContext, params: dict[str, Any], payload: bytes
-    ) -> Reply:
+    async def rpc_job_task(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         if not self.capable:
             raise JobError("this node runs no batch tasks")
         model, sha, size = params.get("model"), params.get("sha"), params.get("size")
         sources = params.get("sources")
-        if not is_id(model) or not is_id(sha) or type(size) is not int \
-                or not 0 < size <= CHUNK_MAX:
+        if not is_id(model) or not is_id(sha) or type(size) is not int or not 0 < size <= CHUNK_MAX:
             raise JobError("job_task needs model, sha and size")
-        if not isinstance(sources, list) or len(sources) > 64 \
-                or not all(isinstance(s, str) and len(s) < 64 for s in sources):
+        if (
+            not isinstance(sources, list)
+            or len(sources) > 64
+            or not all(isinstance(s, str) and len(s) < 64 for s in sources)
+        ):
             raise JobError("sources must be a list of peer ids")
         session, model_state = await self._session(model)
         me = self.node.me
@@ -165,10 +167,18 @@ class JobService:
             order = [s for s in sources if s != me]
             # The planned source first: the planner chose it; the rest only if it fails.
             await fetch_chunks(
-                self.node, [(sha, size)], [0], order,
+                self.node,
+                [(sha, size)],
+                [0],
+                order,
                 lambda s, n: 0.0 if s == order[0] else self.objects.net.cost_ms(s, n) + 1e6,
-                sink, state, penalize=self.objects.net.penalize, per_source=1,
-                near_factor=1.0, near_slack_ms=0.0, read=self.objects.read_chunk_from,
+                sink,
+                state,
+                penalize=self.objects.net.penalize,
+                per_source=1,
+                near_factor=1.0,
+                near_slack_ms=0.0,
+                read=self.objects.read_chunk_from,
             )
             data, pulled_from = got["data"], got["src"].decode()
             self.objects.net.account(pulled_from, me, len(data), "job-input")
@@ -176,20 +186,25 @@ class JobService:
         if len(out) > MAX_RESULT:
             raise JobError("task result too large")
         net = self.objects.net
-        model_cross = sum(n for s, n in model_state.sources.items()
-                          if net.zone_of(s) != net.zone_of(me))
-        return Reply({
-            "pulled_from": pulled_from,
-            "pulled_bytes": len(data) if pulled_from else 0,
-            "cross_zone": bool(pulled_from and net.zone_of(pulled_from) != net.zone_of(me)),
-            "model_bytes": sum(model_state.sources.values()),
-            "model_cross_zone_bytes": model_cross,
-            "records": out.count(b"\n"),
-        }, out)
+        model_cross = sum(
+            n for s, n in model_state.sources.items() if net.zone_of(s) != net.zone_of(me)
+        )
+        return Reply(
+            {
+                "pulled_from": pulled_from,
+                "pulled_bytes": len(data) if pulled_from else 0,
+                "cross_zone": bool(pulled_from and net.zone_of(pulled_from) != net.zone_of(me)),
+                "model_bytes": sum(model_state.sources.values()),
+                "model_cross_zone_bytes": model_cross,
+                "records": out.count(b"\n"),
+            },
+            out,
+        )
 
     # -- coordinator side ------------------------------------------------------------------
-    async def run_job(self, model: str, input_id: str, policies: list[str],
-                      seed: int = 0) -> dict[str, Any]:
+    async def run_job(
+        self, model: str, input_id: str, policies: list[str], seed: int = 0
+    ) -> dict[str, Any]:
         if not is_id(model) or not is_id(input_id):
             raise JobError("model and input must be object ids")
         if not policies or any(p not in POLICIES for p in policies):
@@ -210,10 +225,14 @@ class JobService:
             results.append(data)
         result = await objs.put_bytes(results[0], name=f"job-{input_id[:12]}", fmt="jsonl")
         for summary in runs:
-            log.info("job %s policy %s: %d cross-zone bytes, %d moved, placement %s",
-                     result.id[:12], summary["policy"], summary["cross_zone_bytes"],
-                     summary["bytes_moved"],
-                     {p[:8]: n for p, n in summary["placement"].items()})
+            log.info(
+                "job %s policy %s: %d cross-zone bytes, %d moved, placement %s",
+                result.id[:12],
+                summary["policy"],
+                summary["cross_zone_bytes"],
+                summary["bytes_moved"],
+                {p[:8]: n for p, n in summary["placement"].items()},
+            )
         return {
             "id": result.id,
             "model": model,
@@ -243,12 +262,16 @@ class JobService:
 
     def _capable(self) -> list[str]:
         net = self.objects.net
-        peers = [p for p in self.node.connected_peer_ids()
-                 if (info := net.peers.get(p)) is not None and info.compute]
+        peers = [
+            p
+            for p in self.node.connected_peer_ids()
+            if (info := net.peers.get(p)) is not None and info.compute
+        ]
         return ([self.node.me] if self.capable else []) + sorted(peers)
 
-    def _plan(self, policy: str, chunks: tuple[tuple[str, int], ...],
-              holders: list[set[str]], seed: int) -> list[tuple[str, list[str]]]:
+    def _plan(
+        self, policy: str, chunks: tuple[tuple[str, int], ...], holders: list[set[str]], seed: int
+    ) -> list[tuple[str, list[str]]]:
         """Per task: the peer that runs it and its sources (planned first)."""
         net = self.objects.net
         capable = self._capable()
@@ -266,28 +289,39 @@ class JobService:
                 peer = rng.choice(capable)
                 out.append((peer, sources_for(peer, hs)))
             return out
-        speed = {p: (net.config.speed if p == self.node.me else net.peers[p].speed)
-                 for p in capable}
+        speed = {
+            p: (net.config.speed if p == self.node.me else net.peers[p].speed) for p in capable
+        }
         peers = [
-            Peer(p, net.zone_of(p), 1 << 40, speed.get(p, 0.0),
-                 egress_price=net.egress_of(p) / 1e9)  # per byte, as CostParams expects
+            Peer(
+                p, net.zone_of(p), 1 << 40, speed.get(p, 0.0), egress_price=net.egress_of(p) / 1e9
+            )  # per byte, as CostParams expects
             for p in everyone
         ]
         n = len(everyone)
         rtt = np.array([[net.rtt_between(a, b) for b in everyone] for a in everyone])
         network = MatrixNetwork.build(rtt, np.full((n, n), 15e6), np.ones(n), np.full(n, 15e6))
-        tasks = [Task(str(i), size, frozenset(hs), float(size))
-                 for i, ((_, size), hs) in enumerate(zip(chunks, holders, strict=True))]
-        plan = plan_placement(tasks, peers, network,
-                              CostParams(locality_weight=net.config.price_weight_ms))
+        tasks = [
+            Task(str(i), size, frozenset(hs), float(size))
+            for i, ((_, size), hs) in enumerate(zip(chunks, holders, strict=True))
+        ]
+        plan = plan_placement(
+            tasks, peers, network, CostParams(locality_weight=net.config.price_weight_ms)
+        )
         out = []
         for a, hs in zip(plan, holders, strict=True):
             rest = [h for h in sources_for(a.peer_id, hs) if h != a.source_id]
             out.append((a.peer_id, ([a.source_id] if a.source_id else []) + rest))
         return out
 
-    async def _run(self, policy: str, model: str, chunks: tuple[tuple[str, int], ...],
-                   holders: list[set[str]], seed: int) -> tuple[_Run, bytes]:
+    async def _run(
+        self,
+        policy: str,
+        model: str,
+        chunks: tuple[tuple[str, int], ...],
+        holders: list[set[str]],
+        seed: int,
+    ) -> tuple[_Run, bytes]:
         net, me = self.objects.net, self.node.me
         run = _Run(policy)
         t0 = time.monotonic()
@@ -309,9 +343,17 @@ class JobService:
                 sem = slots.setdefault(peer, asyncio.Semaphore(PER_PEER))
                 try:
                     async with sem:
-                        reply = await self.node.call(peer, "job_task", {
-                            "model": model, "sha": chunks[i][0], "size": chunks[i][1],
-                            "sources": srcs}, timeout=300)
+                        reply = await self.node.call(
+                            peer,
+                            "job_task",
+                            {
+                                "model": model,
+                                "sha": chunks[i][0],
+                                "size": chunks[i][1],
+                                "sources": srcs,
+                            },
+                            timeout=300,
+                        )
                     break
                 except (RPCError, StoreError, JobError) as exc:
                     tried.append(peer)
@@ -319,9 +361,14 @@ class JobService:
                     others = [p for p in self._capable() if p not in tried]
                     if len(tried) >= MAX_TRIES or not others:
                         raise JobError(
-                            f"task {i} failed on {[t[:12] for t in tried]}: {exc}") from None
-                    peer = min(others, key=lambda p: min(
-                        (net.cost_ms(h, chunks[i][1], dst=p) for h in holders[i]), default=0))
+                            f"task {i} failed on {[t[:12] for t in tried]}: {exc}"
+                        ) from None
+                    peer = min(
+                        others,
+                        key=lambda p: min(
+                            (net.cost_ms(h, chunks[i][1], dst=p) for h in holders[i]), default=0
+                        ),
+                    )
                     log.info("task %d: retrying on %s (%s)", i, peer[:12], exc)
             r = reply.result
             pulled = int(r.get("pulled_bytes", 0))
@@ -342,7 +389,8 @@ class JobService:
             outputs[i] = reply.payload
 
         await asyncio.gather(*(one(i) for i in range(len(chunks))))
-        run.cross_zone_bytes = (run.input_cross_zone_bytes + run.result_cross_zone_bytes
-                                + run.model_cross_zone_bytes)
+        run.cross_zone_bytes = (
+            run.input_cross_zone_bytes + run.result_cross_zone_bytes + run.model_cross_zone_bytes
+        )
         run.seconds = time.monotonic() - t0
         return run, b"".join(outputs)

@@ -60,8 +60,9 @@ def coord_from(value: Any) -> Coordinate:
     ):
         raise NetViewError("coordinate must be 5 finite numbers")
     try:
-        c = Coordinate((float(value[0]), float(value[1])), float(value[2]), float(value[3]),
-                       float(value[4]))
+        c = Coordinate(
+            (float(value[0]), float(value[1])), float(value[2]), float(value[3]), float(value[4])
+        )
     except Error as exc:
         raise NetViewError(str(exc)) from None
     return c

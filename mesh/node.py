@@ -284,6 +284,7 @@ class Node:
             log.exception("hardware profiling failed")
             return
         self.hw_summary = summary(profile)
+        self.compute.mem_gbps = self.hw_summary.get("gbps")
         # Re-announce now rather than at the next refresh, so planners see it soon.
         with contextlib.suppress(Exception):
             if self.membership is not None:

@@ -74,8 +74,12 @@ class ObjectService:
         self.store = BlobStore(root, config.quota)
         self.net = NetView(
             node,
-            NetConfig(zone=config.zone, egress_price=config.egress_price,
-                      compute=config.jobs, speed=config.job_speed),
+            NetConfig(
+                zone=config.zone,
+                egress_price=config.egress_price,
+                compute=config.jobs,
+                speed=config.job_speed,
+            ),
         )
         self.providers = Providers(node, config.zone)
         self.transfers: dict[str, FetchState] = {}
@@ -133,8 +137,9 @@ class ObjectService:
             await asyncio.sleep(self.config.repair_interval)  # maintenance period
 
     # -- local operations ------------------------------------------------------------------
-    async def put_stream(self, reader: Any, name: str, fmt: str, replicas: int,
-                         chunk_size: int = CHUNK_SIZE) -> Manifest:
+    async def put_stream(
+        self, reader: Any, name: str, fmt: str, replicas: int, chunk_size: int = CHUNK_SIZE
+    ) -> Manifest:
         """Store an object from an async ``reader`` (aiohttp StreamReader-like) and pin it."""
         # Spool through a bounded queue into the store's chunker in a thread.
         r = _Pipe()
@@ -161,8 +166,9 @@ class ObjectService:
             self.spawn(self.replicator.repair_object(manifest.id))
         return manifest
 
-    async def put_bytes(self, data: bytes, name: str = "", fmt: str = "raw",
-                        replicas: int = 1) -> Manifest:
+    async def put_bytes(
+        self, data: bytes, name: str = "", fmt: str = "raw", replicas: int = 1
+    ) -> Manifest:
         manifest = await asyncio.to_thread(self.store.put_bytes, data, name, fmt)
         self.store.pin(manifest.id, replicas)
         await self.providers.announce(manifest.id, durable=True)
@@ -174,8 +180,9 @@ class ObjectService:
         """Live holders of an object (not us): provider records, the DHT, then asking."""
         found = [p.peer_id for p in self.providers.holders(oid) if p.peer_id != self.me]
         if not found:
-            found = [p.peer_id for p in await self.providers.lookup_dht(oid)
-                     if p.peer_id != self.me]
+            found = [
+                p.peer_id for p in await self.providers.lookup_dht(oid) if p.peer_id != self.me
+            ]
         return found
 
     async def get_manifest(self, oid: str, holders: list[str]) -> Manifest:
@@ -228,8 +235,14 @@ class ObjectService:
             await self.providers.announce(oid, durable=oid in self.store.pins)
             return state
 
-    async def _pull(self, m: Manifest, need: list[int], holders: list[str],
-                    state: FetchState, on_progress: Callable[[FetchState], None] | None) -> None:
+    async def _pull(
+        self,
+        m: Manifest,
+        need: list[int],
+        holders: list[str],
+        state: FetchState,
+        on_progress: Callable[[FetchState], None] | None,
+    ) -> None:
         async def sink(i: int, data: bytes, src: str) -> None:
             sha = m.chunks[i][0]
             await asyncio.to_thread(self.store.write_chunk, sha, data)
@@ -238,7 +251,13 @@ class ObjectService:
                 on_progress(state)
 
         await fetch_chunks(
-            self.node, list(m.chunks), need, holders, self.net.cost_ms, sink, state,
+            self.node,
+            list(m.chunks),
+            need,
+            holders,
+            self.net.cost_ms,
+            sink,
+            state,
             penalize=self.net.penalize,
             read=self.fast.read_chunk if self.fast is not None else None,
         )
@@ -307,13 +326,15 @@ class ObjectService:
     def holders_view(self, oid: str) -> list[dict[str, Any]]:
         out = []
         for p in self.providers.holders(oid):
-            out.append({
-                "peer_id": p.peer_id,
-                "durable": p.durable,
-                "zone": p.zone,
-                "cost_ms": round(self.net.cost_ms(p.peer_id, 2 << 20), 3),
-                "me": p.peer_id == self.me,
-            })
+            out.append(
+                {
+                    "peer_id": p.peer_id,
+                    "durable": p.durable,
+                    "zone": p.zone,
+                    "cost_ms": round(self.net.cost_ms(p.peer_id, 2 << 20), 3),
+                    "me": p.peer_id == self.me,
+                }
+            )
         return sorted(out, key=lambda d: d["cost_ms"])
 
     def status(self) -> dict[str, Any]:
@@ -361,4 +382,3 @@ class _Pipe:
                 self._buf += item
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
-

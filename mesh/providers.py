@@ -85,8 +85,11 @@ class Providers:
             with contextlib.suppress(DiscoveryError):
                 if parse_record(raw).expires - now < PROVIDER_TTL / 3:
                     self._mine[oid] = raw = make_record(
-                        self.node.identity, "prov", object_key(oid),
-                        parse_record(raw).body, PROVIDER_TTL,
+                        self.node.identity,
+                        "prov",
+                        object_key(oid),
+                        parse_record(raw).body,
+                        PROVIDER_TTL,
                     )
                     new = peers  # everyone needs the refreshed records
         if not new or not self._mine:
@@ -121,7 +124,9 @@ class Providers:
             holders = self.table[oid] = {}
         zone = rec.body.get("z")
         holders[rec.peer_id] = Provider(
-            rec.peer_id, bool(rec.body.get("d")), zone if isinstance(zone, str) else "?",
+            rec.peer_id,
+            bool(rec.body.get("d")),
+            zone if isinstance(zone, str) else "?",
             rec.expires,
         )
         return rec
@@ -136,8 +141,13 @@ class Providers:
     ) -> dict[str, Any]:
         try:
             raws = msgpack.unpackb(
-                payload, raw=False, max_bin_len=MAX_RECORD, max_array_len=MAX_SYNC,
-                max_str_len=0, max_map_len=0, max_ext_len=0,
+                payload,
+                raw=False,
+                max_bin_len=MAX_RECORD,
+                max_array_len=MAX_SYNC,
+                max_str_len=0,
+                max_map_len=0,
+                max_ext_len=0,
             )
         except Exception:
             raise DiscoveryError("malformed provider sync") from None

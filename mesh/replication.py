@@ -72,19 +72,22 @@ class Replicator:
         candidates = [
             p for p in svc.node.connected_peer_ids() if p not in durable and p not in waiting
         ]
-        candidates.sort(key=lambda p: (
-            svc.net.zone_of(p) in zones,
-            p not in cached,
-            svc.net.cost_ms(svc.me, m.size, dst=p),
-            p,
-        ))
+        candidates.sort(
+            key=lambda p: (
+                svc.net.zone_of(p) in zones,
+                p not in cached,
+                svc.net.cost_ms(svc.me, m.size, dst=p),
+                p,
+            )
+        )
         sent = 0
         for peer in candidates:
             if sent >= missing:
                 break
             try:
-                await svc.node.call(peer, "obj_replicate", {"id": oid, "replicas": want},
-                                    timeout=10)
+                await svc.node.call(
+                    peer, "obj_replicate", {"id": oid, "replicas": want}, timeout=10
+                )
             except RPCError as exc:
                 log.info("replica request for %s to %s refused: %s", oid[:12], peer[:12], exc)
                 continue
@@ -92,6 +95,7 @@ class Replicator:
             zones.add(svc.net.zone_of(peer))
             sent += 1
             self.repairs += 1
-            log.info("asked %s to replicate %s (%d of %d live)", peer[:12], oid[:12],
-                     len(durable), want)
+            log.info(
+                "asked %s to replicate %s (%d of %d live)", peer[:12], oid[:12], len(durable), want
+            )
         return sent
