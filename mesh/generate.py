@@ -92,7 +92,7 @@ def plan_with_scheduler(
     over its memory bandwidth, plus the hops) under every peer's memory limit; a split only
     when one peer cannot do it faster (or when asked for exactly ``split`` stages)."""
     from runtimes.shards import layer_units
-    from scheduler import MatrixNetwork, ModelSpec, Peer
+    from scheduler import CostParams, MatrixNetwork, ModelSpec, Peer
     from scheduler import plan_route as exact_plan
 
     ub = [u.nbytes for u in manifest.units]
@@ -126,7 +126,10 @@ def plan_with_scheduler(
     rtt = [[0.0 if a is b else max(0.2, (a.rtt_ms + b.rtt_ms) / 2) for b in peers] for a in peers]
     bw = [[WEBRTC_BYTES_PER_S] * len(peers) for _ in peers]
     net = MatrixNetwork.build(rtt, bw, [v.rtt_ms for v in peers], [WEBRTC_BYTES_PER_S] * len(peers))
-    plan = exact_plan(model, sched_peers, net, min_stages=split or 1, max_stages=split)
+    # A small price on bytes a stage must pull: among routes about as fast, the one whose
+    # peers already hold their shards wins (a one-off pull of ~170 MB weighs ~7 ms/token).
+    params = CostParams(locality_weight=1.0, intra_zone_price=PULL_PRICE_MS_PER_BYTE)
+    plan = exact_plan(model, sched_peers, net, params, min_stages=split or 1, max_stages=split)
     by_id = {v.peer_id: v for v in peers}
     return [
         Stage(st.peer_id, layer_units(st.start, st.end, n), runtime or by_id[st.peer_id].runtime)
@@ -136,6 +139,7 @@ def plan_with_scheduler(
 
 KV_PER_BLOCK = 8 << 20  # KV cache allowance per block unit (2048 positions of a small model)
 WEBRTC_BYTES_PER_S = 12e6  # what one aiortc link moves (docs/benchmarks.md)
+PULL_PRICE_MS_PER_BYTE = 2e-8  # planner tie-breaker for shard bytes a stage lacks
 
 
 def unit_memory(unit_bytes: list[int], a: int, b: int) -> int:
