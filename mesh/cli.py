@@ -38,6 +38,15 @@ def default_data_dir() -> Path:
     return Path(base) / "edgemesh"
 
 
+def _default_memory_limit() -> int | None:
+    """Without --memory-limit a node offers 70 % of physical memory: a peer must never be
+    able to make it load shards until the machine swaps."""
+    try:
+        return int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -113,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         default=None,
         metavar="SIZE",
-        help="memory for loaded shards, e.g. 512M or 2G (default: no limit)",
+        help="memory for loaded shards, e.g. 512M or 2G (default: 70%% of RAM)",
     )
     n.add_argument("--runtime", default="onnx", help="layer runtime: onnx, tinygrad, fake")
     n.add_argument("--threads", type=int, default=None, help="inference threads per shard")
@@ -305,7 +314,9 @@ async def _run_node(args: argparse.Namespace) -> int:
         bootstrap=list(args.bootstrap),
         dht_quota=args.dht_quota,
         compute=ComputeConfig(
-            memory_limit=args.memory_limit, runtime=args.runtime, threads=args.threads
+            memory_limit=args.memory_limit or _default_memory_limit(),
+            runtime=args.runtime,
+            threads=args.threads,
         ),
         storage=storage_config(args),
     )
