@@ -79,6 +79,7 @@ class _StageSession:
     next_peer: str | None
     next_sid: str | None
     owner: str
+    prev: str = ""  # the only peer whose steps this stage accepts
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -94,6 +95,7 @@ class ComputeService:
         self.loaded: dict[tuple[str, int, int, str], _Loaded] = {}
         self.sessions: dict[str, _StageSession] = {}
         self.transfers: dict[str, Transfer] = {}
+        self._opening: dict[str, str] = {}  # session ids being opened -> owner
         self.penalized: set[str] = set()
         # Set by the node when a direct fast path exists (mesh/fastpath.py); else RPC.
         self.range_reader: Any = None
@@ -251,6 +253,7 @@ class ComputeService:
         key = (mid, start, end, runtime)
         async with self._load_lock:
             if key in self.loaded:
+                self.loaded[key].sessions += 1  # pinned until the caller opens or gives up
                 return self.loaded[key]
             spec = await asyncio.to_thread(self.store.open_range, self.manifests[mid], start, end)
             memory = get_runtime(runtime).estimate_memory(spec, 2048)
@@ -270,7 +273,7 @@ class ComputeService:
                 runtime,
                 time.perf_counter() - t0,
             )
-            loaded = self.loaded[key] = _Loaded(shard, memory)
+            loaded = self.loaded[key] = _Loaded(shard, memory, sessions=1)
             return loaded
 
     def _make_room(self, memory: int) -> None:
@@ -306,13 +309,39 @@ class ComputeService:
             raise ModelError(f"max_tokens must be in 1..{MAX_SESSION_TOKENS}")
         if not isinstance(runtime, str) or (nxt is not None and not isinstance(nxt, str)):
             raise ModelError("bad runtime or next stage")
-        if sid in self.sessions:
+        prev = params.get("prev")
+        if prev is not None and not isinstance(prev, str):
+            raise ModelError("bad previous stage")
+        if sid in self.sessions or sid in self._opening:
             raise ModelError("session id in use")
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) + len(self._opening) >= self.config.max_sessions:
             raise CapacityError(f"more than {self.config.max_sessions} sessions")
         mine = sum(1 for st in self.sessions.values() if st.owner == ctx.peer_id)
+        mine += sum(1 for owner in self._opening.values() if owner == ctx.peer_id)
         if mine >= self.config.max_sessions_per_peer:
             raise CapacityError(f"peer holds {mine} sessions here already")
+        # The slot is taken before the first await: concurrent opens cannot overrun the caps.
+        self._opening[sid] = ctx.peer_id
+        try:
+            return await self._open_stage(
+                ctx, params, sid, mid, units, runtime, max_tokens, nxt, next_sid, prev
+            )
+        finally:
+            self._opening.pop(sid, None)
+
+    async def _open_stage(
+        self,
+        ctx: CallContext,
+        params: dict[str, Any],
+        sid: str,
+        mid: str,
+        units: list[int],
+        runtime: str,
+        max_tokens: int,
+        nxt: str | None,
+        next_sid: Any,
+        prev: str | None,
+    ) -> dict[str, Any]:
         hint = params.get("holders") if isinstance(params.get("holders"), dict) else None
         t0 = time.perf_counter()
         manifest = await self._manifest(mid, params.get("source") or ctx.peer_id)
@@ -320,21 +349,25 @@ class ComputeService:
         if not 0 <= start < end <= len(manifest.units):
             raise ModelError(f"units [{start}, {end}) outside the model")
         pulled = await self.ensure_blobs(manifest, start, end, hint)
-        loaded = await self._load(mid, start, end, runtime)
-        if end == len(manifest.units) or start == 0:
-            # The last stage returns each token's bytes; the first tokenizes prompts.
-            with contextlib.suppress(ModelError):
-                await self.tokenizer(mid)
-        # The coordinator asks generously; the model's context length is the ceiling.
-        context = loaded.shard.runtime.config.context_length or max_tokens
-        session = await loaded.shard.open_session(min(max_tokens, context))
-        loaded.sessions += 1
+        loaded = await self._load(mid, start, end, runtime)  # pinned: sessions counted
+        try:
+            if end == len(manifest.units) or start == 0:
+                # The last stage returns each token's bytes; the first tokenizes prompts.
+                with contextlib.suppress(ModelError):
+                    await self.tokenizer(mid)
+            # The coordinator asks generously; the model's context length is the ceiling.
+            context = loaded.shard.runtime.config.context_length or max_tokens
+            session = await loaded.shard.open_session(min(max_tokens, context))
+        except BaseException:
+            loaded.sessions -= 1
+            raise
         self.sessions[sid] = _StageSession(
             (mid, start, end, runtime),
             session,
             nxt,
             next_sid if isinstance(next_sid, str) else None,
             ctx.peer_id,
+            prev=prev or ctx.peer_id,
         )
         return {"pulled": pulled, "open_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -342,10 +375,12 @@ class ComputeService:
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
         sid = params.get("sid")
-        st = self.sessions.pop(sid, None) if isinstance(sid, str) else None
-        if st is not None:
-            await self._close(st)
-        return {"closed": st is not None}
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None or st.owner != ctx.peer_id:  # only who opened a session may close it
+            return {"closed": False}
+        self.sessions.pop(str(sid), None)
+        await self._close(st)
+        return {"closed": True}
 
     async def _close(self, st: _StageSession) -> None:
         loaded = self.loaded.get(st.key)
@@ -366,7 +401,7 @@ class ComputeService:
         trace = params.get("trace", [])
         trace = list(trace)[:64] if isinstance(trace, list) else []
         try:
-            cur, spec, out, own = await self._compute(params, payload)
+            cur, spec, out, own = await self._compute(params, payload, ctx.peer_id)
             trace.append(own)
             if spec.is_last:
                 reply = self._finish(cur.key[0], out, params, own)
@@ -384,7 +419,7 @@ class ComputeService:
                 )
             except RPCError as exc:
                 raise StageUnavailable(cur.next_peer) from exc
-        except (Error, ValueError) as exc:
+        except Exception as exc:  # every failure is reported, or the coordinator just waits
             failed = str(exc) if isinstance(exc, StageUnavailable) else None
             report = {
                 "rid": rid,
@@ -398,13 +433,15 @@ class ComputeService:
                 log.warning("could not report a failed step to %s", owner[:12])
 
     async def _compute(
-        self, params: dict[str, Any], payload: bytes
+        self, params: dict[str, Any], payload: bytes, sender: str | None = None
     ) -> tuple[_StageSession, Any, Any, dict[str, Any]]:
         """Validate one step's input and run it on the session's shard."""
         sid, n = params.get("sid"), params.get("n")
         st = self.sessions.get(sid) if isinstance(sid, str) else None
         if st is None:
             raise ModelError("no such stage session (expired or never opened)")
+        if sender is not None and sender not in (st.prev, st.owner):
+            raise ModelError("steps of this session come from its previous stage only")
         loaded = self.loaded.get(st.key)
         if loaded is None:
             raise ModelError("the session's shard was unloaded")
@@ -431,7 +468,7 @@ class ComputeService:
     ) -> Reply:
         """One step as a chain of calls (each stage awaits the rest): simpler to debug than
         ``stage_push`` and one more traversal per step."""
-        st, spec, out, own = await self._compute(params, payload)
+        st, spec, out, own = await self._compute(params, payload, ctx.peer_id)
         if spec.is_last:
             return self._finish(st.key[0], out, params, own)
         if st.next_peer is None or st.next_sid is None:

@@ -243,14 +243,8 @@ class FastPath:
         pool = self._pool.setdefault(peer, [])
         try:
             conn = pool.pop() if pool else await self._dial(peer)
-        except (
-            OSError,
-            TimeoutError,
-            FastPathError,
-            IdentityError,
-            asyncio.IncompleteReadError,
-        ) as exc:
-            log.info("no fast path to %s (%s): using the link", peer[:12], exc)
+        except Exception as exc:  # a bad advertised address included: use the link
+            log.info("no fast path to %s (%r): using the link", peer[:12], exc)
             self._unreachable.add(peer)
             return None
         try:
@@ -275,14 +269,8 @@ class FastPath:
             pool = self._pool.setdefault(peer, [])
             try:
                 conn = pool.pop() if pool else await self._dial(peer)
-            except (
-                OSError,
-                TimeoutError,
-                FastPathError,
-                IdentityError,
-                asyncio.IncompleteReadError,
-            ) as exc:
-                log.info("no fast path to %s (%s): using the link", peer[:12], exc)
+            except Exception as exc:  # a bad advertised address included: use the link
+                log.info("no fast path to %s (%r): using the link", peer[:12], exc)
                 self._unreachable.add(peer)
             else:
                 try:

@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +251,35 @@ class _Waiting:
     route: frozenset[str]  # only stages on the route may report a failure
 
 
+MAX_GBPS = 10_000.0  # a self-reported bandwidth above this is a lie
+
+
+def _peer_view(
+    pid: str, mid: str, cap: Any, models: Any, rtt: float
+) -> tuple[PeerView | None, bool]:
+    """A peer's capacity and models replies, type-checked (they are self-reported)."""
+    if not isinstance(cap, dict):
+        return None, False
+    held: set[str] = set()
+    knows = False
+    for m in models if isinstance(models, list) else []:
+        if isinstance(m, dict) and m.get("model_id") == mid:
+            raw = m.get("held")
+            held = {h for h in raw if isinstance(h, str)} if isinstance(raw, list) else set()
+            knows = True
+    limit, used = cap.get("memory_limit"), cap.get("memory_used", 0)
+    used = used if type(used) is int and used >= 0 else 0
+    free = float(limit - used) if type(limit) is int else float("inf")
+    gbps = cap.get("gbps")
+    bw = 10e9
+    if isinstance(gbps, int | float) and math.isfinite(gbps) and 0 < gbps <= MAX_GBPS:
+        bw = float(gbps) * 1e9
+    runtime = cap.get("runtime")
+    return PeerView(
+        pid, free, held, runtime if isinstance(runtime, str) else "onnx", rtt, bw
+    ), knows
+
+
 class Coordinator:
     """Runs generations. Also a service: the last stage delivers each step's token here."""
 
@@ -291,26 +322,24 @@ class Coordinator:
         views: list[PeerView] = []
         manifest: Manifest | None = self.compute.manifests.get(mid)
         source = None
-        for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
-            if pid in exclude:
-                continue
+
+        async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
             try:
                 cap = (await self.mesh.call(pid, "capacity", timeout=5)).result
-                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models")
+                return pid, *_peer_view(pid, mid, cap, models, self._rtt(pid))
             except RPCError as exc:
                 log.info("peer %s left out of the route: %s", pid[:12], exc)
-                continue
-            held: set[str] = set()
-            for m in models if isinstance(models, list) else []:
-                if isinstance(m, dict) and m.get("model_id") == mid:
-                    held = {h for h in m.get("held", []) if isinstance(h, str)}
-                    source = source or pid
-            limit, used = cap.get("memory_limit"), cap.get("memory_used", 0)
-            free = float("inf") if not isinstance(limit, int) else float(limit - int(used or 0))
-            gbps = cap.get("gbps")
-            bw = float(gbps) * 1e9 if isinstance(gbps, int | float) and gbps > 0 else 10e9
-            runtime = str(cap.get("runtime") or "onnx")
-            views.append(PeerView(pid, free, held, runtime, self._rtt(pid), bw))
+            except Exception as exc:  # a peer's malformed answer must not stop the route
+                log.warning("peer %s sent a malformed capacity/models reply: %r", pid[:12], exc)
+            return pid, None, False
+
+        asked = [p for p in [self.mesh.me, *self.mesh.connected_peer_ids()] if p not in exclude]
+        for pid, view, knows in await asyncio.gather(*(ask(p) for p in asked)):
+            if view is not None:
+                views.append(view)
+                if knows and source is None:
+                    source = pid
         if manifest is None:
             if source is None:
                 raise RouteError(f"no reachable peer knows model {mid[:12]}")
@@ -369,8 +398,10 @@ class Coordinator:
         """Yields ``{"route"}`` first, ``{"token", "text"}`` per token, then one
         ``{"done": True, ...}`` summary (route, timings, re-routes)."""
         run = _Run(self, req)
-        async for event in run.run():
-            yield event
+        # aclosing: a client that leaves frees every stage now, not when the GC gets to it
+        async with contextlib.aclosing(run.run()) as events:
+            async for event in events:
+                yield event
 
 
 class _Run:
@@ -392,8 +423,9 @@ class _Run:
         self.compute_ms: dict[str, list[float]] = {}
         self.bytes_pulled = 0
         self._last_opened = ""
+        self._warm = 0  # steps since the route was (re)opened
 
-    async def run(self) -> AsyncIterator[dict[str, Any]]:
+    async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         req = self.req
         t_start = time.perf_counter()
         self.mid = await self.c.resolve(req.model)
@@ -487,8 +519,16 @@ class _Run:
         raise RouteError("no route whose peers have the memory for their stages")
 
     async def _open_once(self) -> None:
-        base = os.urandom(8).hex()
-        self.sids = [f"{base}{i:02x}{len(self.reroutes):02x}" for i in range(len(self.stages))]
+        # Independent random ids: a stage cannot derive the other stages' sessions.
+        self.sids = [os.urandom(12).hex() for _ in self.stages]
+        self._warm = 0
+        try:
+            await self._open_stages()
+        except BaseException:
+            await self._close()  # the stages already opened must not wait for their TTL
+            raise
+
+    async def _open_stages(self) -> None:
         for i in reversed(range(len(self.stages))):
             st = self.stages[i]
             nxt = self.stages[i + 1].peer_id if i + 1 < len(self.stages) else None
@@ -499,7 +539,9 @@ class _Run:
                 "runtime": st.runtime,
                 "next": nxt,
                 "next_sid": self.sids[i + 1] if nxt else None,
-                "max_tokens": min(8192, len(self.prompt) + self.req.max_tokens + 512),
+                "prev": self.stages[i - 1].peer_id if i > 0 else None,
+                # the prompt's length is not known yet: each stage caps this at the context
+                "max_tokens": 8192,
                 "source": self.c.mesh.me if self.mid in self.c.compute.manifests else None,
             }
             self._last_opened = st.peer_id
@@ -522,7 +564,17 @@ class _Run:
                 failed = self._culprit(exc)
                 if failed is None or attempt == MAX_FAILOVERS:
                     raise
-                await self._reroute(failed, str(exc))
+                # A second fault during the re-route (or its replay) is handled the same way.
+                while True:
+                    try:
+                        await self._reroute(failed, str(exc))
+                        break
+                    except (RPCError, StageUnavailable) as again:
+                        failed = self._culprit(again)
+                        attempt += 1
+                        if failed is None or attempt >= MAX_FAILOVERS:
+                            raise
+                        exc = again
         raise RouteError("unreachable")  # the loop either returns or raises
 
     async def _forward(self, feed: list[int], pos: int) -> Reply:
@@ -583,6 +635,7 @@ class _Run:
         return reply
 
     def _account(self, reply: Reply, ms: float) -> None:
+        self._warm += 1
         trace = reply.result.get("trace", [])
         compute = 0.0
         for t in trace if isinstance(trace, list) else []:
@@ -596,7 +649,7 @@ class _Run:
     def _deadline(self) -> float:
         """Generous while warming up; then a multiple of the usual step, so a dead stage is
         noticed in seconds, not after the long RPC deadline."""
-        if len(self.step_ms) < 3:
+        if self._warm < 3:  # fresh sessions, loading shards, replays: no short deadline
             return self.c.forward_timeout
         return min(self.c.forward_timeout, max(3.0, 20 * float(np.median(self.step_ms)) / 1000))
 

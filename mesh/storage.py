@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Error, RPCError
+from .errors import Error
 from .rpc import CallContext, Caller, Reply
 
 __all__ = ["BlobError", "StorageService", "Transfer", "fetch_blob", "CHUNK"]
@@ -147,30 +147,41 @@ async def fetch_blob(
     transfer = transfer or Transfer(sha256, size)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(len(holders)):
-        order = sorted(holders, key=lambda h: (h in penalized, holders.index(h)))
-        live = [h for h in order if h not in transfer.failed_sources] or order
-        await asyncio.to_thread(_preallocate, tmp, size)
-        transfer.done = 0
-        read = reader or _rpc_reader(caller, timeout)
-        await _pull_ranges(read, sha256, size, live, tmp, transfer, on_progress)
-        got = await asyncio.to_thread(_hash_file, tmp)
-        if got == sha256:
-            os.replace(tmp, dest)
-            return transfer
-        # Some holder sent wrong bytes: penalize every holder that contributed, retry the rest.
-        log.warning(
-            "blob %s from %s hashed to %s: refetching",
-            sha256[:12],
-            list(transfer.sources),
-            got[:12],
-        )
-        penalized.update(transfer.sources)
-        transfer.failed_sources.extend(transfer.sources)
-        transfer.sources.clear()
-        if attempt + 1 >= len(holders):
-            break
-    tmp.unlink(missing_ok=True)
+    read = reader or _rpc_reader(caller, timeout)
+    holders = list(dict.fromkeys(holders))
+    # First every holder in parallel; if the bytes do not match, one holder at a time, so a
+    # holder that serves wrong bytes is singled out and cannot spoil the others' transfers.
+    rounds = [holders] + [[h] for h in sorted(holders, key=lambda h: h in penalized)]
+    bad: set[str] = set()
+    try:
+        for group in rounds:
+            live = [h for h in group if h not in bad]
+            if not live:
+                continue
+            await asyncio.to_thread(_preallocate, tmp, size)
+            transfer.done = 0
+            transfer.sources.clear()
+            try:
+                await _pull_ranges(read, sha256, size, live, tmp, transfer, on_progress)
+            except BlobError as exc:
+                log.info("blob %s from %s: %s", sha256[:12], [h[:12] for h in live], exc)
+                continue
+            got = await asyncio.to_thread(_hash_file, tmp)
+            if got == sha256:
+                os.replace(tmp, dest)
+                return transfer
+            log.warning(
+                "blob %s from %s hashed to %s: trying holders one by one",
+                sha256[:12],
+                [h[:12] for h in transfer.sources],
+                got[:12],
+            )
+            if len(live) == 1:
+                bad.add(live[0])
+                penalized.add(live[0])
+                transfer.failed_sources.append(live[0])
+    finally:
+        tmp.unlink(missing_ok=True)
     raise BlobError(f"no holder delivered blob {sha256[:12]} intact")
 
 
@@ -215,7 +226,7 @@ async def _pull_ranges(
                 data = await read(holder, sha256, offset, length)
                 if len(data) != length:
                     raise BlobError(f"{holder[:12]} sent {len(data)} of {length} bytes")
-            except (RPCError, Error) as exc:
+            except Exception as exc:  # any holder failure: the others take over its ranges
                 log.info(
                     "blob %s: holder %s failed (%s); others take over",
                     sha256[:12],
