@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from runtimes.base import AsyncShard, Session, get_runtime
@@ -35,7 +36,27 @@ from .rpc import MeshCaller as Caller
 from .sampling import SamplingParams, sample, top_logits
 from .storage import BlobError, StorageService, Transfer, fetch_blob
 
-__all__ = ["ComputeConfig", "ComputeService", "CapacityError", "StageUnavailable"]
+__all__ = [
+    "ComputeConfig",
+    "ComputeService",
+    "CapacityError",
+    "StageUnavailable",
+    "models_of",
+]
+
+MAX_MODELS_REPLY = 1 << 20
+
+
+def models_of(reply: Reply) -> list[dict[str, Any]]:
+    """The listing of a ``models`` reply, size-capped and type-checked (it is untrusted)."""
+    if len(reply.payload) > MAX_MODELS_REPLY:
+        return []
+    try:
+        items = msgpack.unpackb(reply.payload, raw=False, max_ext_len=0)
+    except Exception:  # msgpack raises several types on bad input
+        return []
+    return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+
 
 log = logging.getLogger(__name__)
 _SID = re.compile(r"^[0-9a-f]{8,64}$")
@@ -151,24 +172,23 @@ class ComputeService:
         self.sessions.clear()
 
     # -- RPCs: what we hold ----------------------------------------------------------------
-    async def rpc_models(
-        self, ctx: CallContext, params: dict[str, Any], payload: bytes
-    ) -> dict[str, Any]:
+    async def rpc_models(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
+        """The models we know, as a msgpack list in the payload (a header holds only 4 KiB;
+        a few models with their held blobs outgrow it)."""
         by_id = {mid: n for n, mid in self.names.items()}
-        return {
-            "models": [
-                {
-                    "model_id": mid,
-                    "name": by_id.get(mid, m.name),
-                    "arch": m.architecture,
-                    "n_layers": m.n_layers,
-                    "n_units": len(m.units),
-                    "unit_bytes": [u.nbytes for u in m.units],
-                    "held": self.held_blobs(mid),
-                }
-                for mid, m in self.manifests.items()
-            ]
-        }
+        listing = [
+            {
+                "model_id": mid,
+                "name": by_id.get(mid, m.name),
+                "arch": m.architecture,
+                "n_layers": m.n_layers,
+                "n_units": len(m.units),
+                "unit_bytes": [u.nbytes for u in m.units],
+                "held": self.held_blobs(mid),
+            }
+            for mid, m in self.manifests.items()
+        ]
+        return Reply({"n": len(listing)}, bytes(msgpack.packb(listing, use_bin_type=True)))
 
     async def rpc_manifest(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         mid = params.get("model_id")

@@ -29,7 +29,7 @@ import numpy as np
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-from .compute import CapacityError, StageUnavailable
+from .compute import CapacityError, StageUnavailable, models_of
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
 from .rpc import CallContext, Reply
 from .rpc import MeshCaller as Mesh
@@ -326,7 +326,7 @@ class Coordinator:
         async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
             try:
                 cap = (await self.mesh.call(pid, "capacity", timeout=5)).result
-                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models")
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
                 return pid, *_peer_view(pid, mid, cap, models, self._rtt(pid))
             except RPCError as exc:
                 log.info("peer %s left out of the route: %s", pid[:12], exc)
@@ -363,7 +363,7 @@ class Coordinator:
             pass
         for pid in self.mesh.connected_peer_ids():
             try:
-                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
             except RPCError:
                 continue
             for m in models:
@@ -375,7 +375,7 @@ class Coordinator:
         seen: dict[str, dict[str, Any]] = {}
         for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
             try:
-                models = (await self.mesh.call(pid, "models", timeout=5)).result.get("models", [])
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
             except RPCError:
                 continue
             for m in models:
