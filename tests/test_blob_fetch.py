@@ -24,8 +24,15 @@ async def test_poisoning_holder_is_singled_out(tmp_path):
     calls: list[str] = []
     penalized: set[str] = set()
     dest = tmp_path / "blob"
-    t = await fetch_blob(None, SHA, len(DATA), ["evil", "good"], dest, penalized=penalized,
-                         reader=reader({"evil"}, calls))
+    t = await fetch_blob(
+        None,
+        SHA,
+        len(DATA),
+        ["evil", "good"],
+        dest,
+        penalized=penalized,
+        reader=reader({"evil"}, calls),
+    )
     assert dest.read_bytes() == DATA
     assert "evil" in penalized and "good" not in penalized
     assert set(t.sources) == {"good"}
@@ -34,6 +41,7 @@ async def test_poisoning_holder_is_singled_out(tmp_path):
 
 async def test_all_holders_bad_fails_cleanly(tmp_path):
     with pytest.raises(BlobError, match="intact"):
-        await fetch_blob(None, SHA, len(DATA), ["a", "b"], tmp_path / "blob",
-                         reader=reader({"a", "b"}, []))
+        await fetch_blob(
+            None, SHA, len(DATA), ["a", "b"], tmp_path / "blob", reader=reader({"a", "b"}, [])
+        )
     assert not list(tmp_path.iterdir())

@@ -59,13 +59,31 @@ async def test_unreachable_api_is_one_line_error():
 async def test_demo_json(tmp_path):
     """The main job as `make demo` runs it: Gemma 3 270M split over 3 local peers."""
     code, out, err = await run_cli(
-        "demo", "--peers", "3", "--prompt", "The capital of France is", "--max-tokens", "16",
-        "--temperature", "0", "--json", "--dir", str(tmp_path),
+        "demo",
+        "--peers",
+        "3",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--json",
+        "--dir",
+        str(tmp_path),
     )
     assert code == 0, err[-3000:]
     body = json.loads(out)
-    for key in ("prompt_tokens", "tokens", "text", "stages", "ttft_ms", "tokens_per_s",
-                "single_peer_tokens_per_s", "hop_ms"):
+    for key in (
+        "prompt_tokens",
+        "tokens",
+        "text",
+        "stages",
+        "ttft_ms",
+        "tokens_per_s",
+        "single_peer_tokens_per_s",
+        "hop_ms",
+    ):
         assert key in body, key
     assert len(body["stages"]) >= 2  # the memory limits force a split
     assert len({s["peer_id"] for s in body["stages"]}) == len(body["stages"])

@@ -24,12 +24,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_test_model(tmp_path_factory.mktemp("examples") / "llama.gguf", "llama")
 
 
-async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[
-    int, str, str
-]:
+async def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=ROOT, env=dict(os.environ, **(env or {})),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        *args,
+        cwd=ROOT,
+        env=dict(os.environ, **(env or {})),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
@@ -45,8 +49,15 @@ async def test_embed_client_lists_models_and_streams_the_greedy_completion(
         async with MeshClient(node.api) as client:
             expected = "".join([t async for t in client.generate("tiny", "hello", max_tokens=6)])
         code, out, err = await run(
-            str(EXAMPLES / "embed_client.py"), "--api", node.api, "--model", "tiny",
-            "--prompt", "hello", "--max-tokens", "6",
+            str(EXAMPLES / "embed_client.py"),
+            "--api",
+            node.api,
+            "--model",
+            "tiny",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "6",
         )
     assert code == 0, err
     lines = out.splitlines()
@@ -58,8 +69,14 @@ async def test_embed_client_lists_models_and_streams_the_greedy_completion(
 async def test_bench_latency_quick_writes_json_table_and_plot(tmp_path: Path, tiny: Path) -> None:
     docs = tmp_path / "docs"
     code, out, err = await run(
-        str(EXAMPLES / "bench_latency.py"), "--quick", "--peers", "1,2", "--model", str(tiny),
-        "--json", env={"EDGEMESH_BENCH_DOCS": str(docs)},
+        str(EXAMPLES / "bench_latency.py"),
+        "--quick",
+        "--peers",
+        "1,2",
+        "--model",
+        str(tiny),
+        "--json",
+        env={"EDGEMESH_BENCH_DOCS": str(docs)},
     )
     assert code == 0, err[-2000:]
     result = json.loads(out)
@@ -68,8 +85,17 @@ async def test_bench_latency_quick_writes_json_table_and_plot(tmp_path: Path, ti
     assert [r["peers"] for r in runs] == [1, 2]
     assert [r["n_stages"] for r in runs] == [1, 2]
     for r in runs:
-        assert {"ttft_ms", "tokens_per_s", "hop_ms", "stages", "step_ms", "compute_ms",
-                "tokens_per_s_ratio", "ttft_ratio", "same_tokens_as_1_peer"} <= set(r)
+        assert {
+            "ttft_ms",
+            "tokens_per_s",
+            "hop_ms",
+            "stages",
+            "step_ms",
+            "compute_ms",
+            "tokens_per_s_ratio",
+            "ttft_ratio",
+            "same_tokens_as_1_peer",
+        } <= set(r)
         assert r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 and len(r["tokens"]) == 16
         assert all(s["ms"] > 0 for s in r["stages"])
     assert runs[0]["tokens_per_s_ratio"] == 1.0
@@ -123,8 +149,11 @@ async def test_edgemesh_bench_order_quick_args_missing_and_failing_scripts(
     assert code == 1, err  # one script failed
     summary = json.loads(out)
     assert [(s["name"], s["status"]) for s in summary["scripts"]] == [
-        ("bench_transport", "failed"), ("bench_join", "ok"), ("bench_runtime", "ok"),
-        ("bench_latency", "missing"), ("sim_egress", "missing"),
+        ("bench_transport", "failed"),
+        ("bench_join", "ok"),
+        ("bench_runtime", "ok"),
+        ("bench_latency", "missing"),
+        ("sim_egress", "missing"),
     ]
     assert not summary["ok"]
     assert log.read_text().splitlines() == ["--count 100 --bulk-mib 8", "--members 3 --joins 2"]

@@ -18,8 +18,11 @@ class FakeNode:
         self.identity = identity
         self.me = identity.peer_id
         self.config = SimpleNamespace(signaling_host="127.0.0.1")
-        self.peers = SimpleNamespace(links=lambda: [
-            SimpleNamespace(peer_id=k.peer_id, public_key=k.public_key) for k in known])
+        self.peers = SimpleNamespace(
+            links=lambda: [
+                SimpleNamespace(peer_id=k.peer_id, public_key=k.public_key) for k in known
+            ]
+        )
         self._link_keys = link_keys
         self.link_calls = 0
 
@@ -29,8 +32,14 @@ class FakeNode:
     def link(self, peer: str) -> Any:
         return SimpleNamespace(public_key=self._link_keys[peer])
 
-    async def call(self, peer: str, method: str, params: dict[str, Any] | None = None,
-                   payload: bytes = b"", timeout: float | None = None) -> Reply:
+    async def call(
+        self,
+        peer: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply:
         self.link_calls += 1
         return Reply({}, b"via-link")
 
@@ -43,8 +52,12 @@ def make(identity: Identity, known: list[Identity], link_keys: dict[str, bytes])
         served.append(peer)
         return b"chunk:" + sha.encode()
 
-    svc = SimpleNamespace(node=node, serve_chunk=serve_chunk, served=served,
-                          net=SimpleNamespace(config=SimpleNamespace(extra={}), peers={}))
+    svc = SimpleNamespace(
+        node=node,
+        serve_chunk=serve_chunk,
+        served=served,
+        net=SimpleNamespace(config=SimpleNamespace(extra={}), peers={}),
+    )
     return FastPath(svc)  # type: ignore[arg-type]
 
 

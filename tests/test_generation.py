@@ -107,6 +107,7 @@ async def test_middle_stage_killed_mid_generation_same_tokens(local_mesh, tiny):
 
 async def test_openai_client_streaming_and_not(local_mesh, tiny):
     import openai
+
     node = await local_mesh.start_node("o0")
     await local_mesh.post(node, "/v1/models", {"path": str(tiny), "name": "tiny"})
     client = openai.AsyncOpenAI(base_url=node.api + "/v1", api_key="unused")

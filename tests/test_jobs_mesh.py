@@ -9,6 +9,7 @@ results must equal running the model locally. Uses the CLI end to end (put, job 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ import pytest
 from mesh.localmesh import LocalMesh
 
 pytestmark = pytest.mark.network
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+onnx = importlib.import_module("onnx")
+ort = importlib.import_module("onnxruntime")
 
 D, K = 8, 3
 
@@ -32,8 +33,10 @@ def classifier(path: Path, seed: int = 1) -> None:
     w = numpy_helper.from_array(rng.normal(size=(D, K)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.normal(size=(K,)).astype(np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "B"], ["z"]),
-         helper.make_node("Softmax", ["z"], ["p"], axis=1)],
+        [
+            helper.make_node("Gemm", ["x", "W", "B"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["p"], axis=1),
+        ],
         "clf",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
         [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n", K])],
@@ -46,8 +49,15 @@ def classifier(path: Path, seed: int = 1) -> None:
 
 async def cli(*args: str, api: str) -> dict:  # type: ignore[type-arg]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh", *args, "--api", api, "--json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "mesh",
+        *args,
+        "--api",
+        api,
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-2000:]
@@ -71,8 +81,9 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
     data_id = (await cli("put", str(dataset), "--chunk-size", str(64 << 10), api=store.api))["id"]
     model_id = (await cli("put", str(model_path), api=store.api))["id"]
 
-    report = await cli("job", "run", "--model", model_id, "--input", data_id, "--compare",
-                       api=a[0].api)
+    report = await cli(
+        "job", "run", "--model", model_id, "--input", data_id, "--compare", api=a[0].api
+    )
     ours, rand = report["policies"]
     assert (ours["policy"], rand["policy"]) == ("ours", "random")
     assert report["tasks"] >= 6 and report["records"] == len(x)

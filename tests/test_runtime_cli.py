@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gguf")
+importlib.import_module("gguf")
 
 from mesh.cli_model import add_model_commands, run_model_command  # noqa: E402
 from runtimes.testmodels import write_test_model  # noqa: E402

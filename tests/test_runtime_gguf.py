@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+gguf = importlib.import_module("gguf")
 
 from runtimes.arch import ARCHITECTURES, unit_count, unit_kind, unit_tensor_names  # noqa: E402
 from runtimes.errors import MalformedModelError, ModelError, UnsupportedModelError  # noqa: E402
@@ -89,7 +90,7 @@ def test_nbits_relayout_is_lossless(models: dict[str, Path], arch: str) -> None:
 
 
 def test_llama_cpp_loads_generated_models(models: dict[str, Path]) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = importlib.import_module("llama_cpp")
     for arch in ARCHS:
         llm = llama_cpp.Llama(str(models[arch]), n_ctx=32, n_threads=2, verbose=False)
         assert llm.n_vocab() == open_gguf(models[arch]).config.vocab_size

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
+importlib.import_module("llama_cpp")
 
 from runtimes.errors import ModelError  # noqa: E402
 from runtimes.llamacpp import LlamaCppRuntime  # noqa: E402

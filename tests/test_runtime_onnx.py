@@ -7,13 +7,14 @@ differently), and the same argmax wherever llama.cpp's top-2 margin exceeds 0.25
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("llama_cpp")
+importlib.import_module("onnxruntime")
+importlib.import_module("llama_cpp")
 
 from runtimes.llamacpp import LlamaCppRuntime  # noqa: E402
 from runtimes.onnx_rt import OnnxRuntime, attention_masks  # noqa: E402

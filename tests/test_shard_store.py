@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("gguf")
+importlib.import_module("gguf")
 
 from runtimes.errors import MalformedModelError, ModelError, ShardIntegrityError  # noqa: E402
 from runtimes.gguf_io import open_gguf  # noqa: E402
@@ -78,7 +79,7 @@ def test_partition_and_range_loading(model: Path, store: ShardStore) -> None:
 
 
 def test_whole_range_blob_loads_in_llama_cpp(model: Path, store: ShardStore) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = importlib.import_module("llama_cpp")
     n = open_gguf(model).config.n_units
     m = store.add_model(model, partition=[(0, n)])
     spec = store.open_range(m, 0, n)

@@ -141,8 +141,14 @@ class FakeCaller:
         self.die_after: dict[str, int] = {}
         self.calls: dict[str, int] = {}
 
-    async def call(self, peer_id: str, method: str, params: dict[str, Any] | None = None,
-                   payload: bytes = b"", timeout: float | None = None) -> Reply:
+    async def call(
+        self,
+        peer_id: str,
+        method: str,
+        params: dict[str, Any] | None = None,
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Reply:
         assert method == "chunk_read" and params is not None
         n = self.calls[peer_id] = self.calls.get(peer_id, 0) + 1
         await asyncio.sleep(0)
@@ -176,8 +182,9 @@ async def test_fetch_prefers_near_sources_bypasses_corruption_and_survives_death
 
     state = FetchState("obj", sum(n for _, n in chunks), chunks_total=len(chunks))
     need = [i for i in range(12) if i != 5]  # chunk 5 is already here (resume)
-    await fetch_chunks(caller, chunks, need, ["far", "near1", "near2"], cost_of, sink, state,
-                       penalize=penalize)
+    await fetch_chunks(
+        caller, chunks, need, ["far", "near1", "near2"], cost_of, sink, state, penalize=penalize
+    )
     assert sorted(got) == need and all(got[i] == blobs[i] for i in need)
     # near1 was caught (at most once per worker in flight), penalized and then bypassed.
     assert 1 <= state.corrupt["near1"] <= 3 and penalties["near1"] > 0
@@ -198,8 +205,15 @@ async def test_fetch_fails_cleanly_when_no_source_is_left() -> None:
         raise AssertionError("nothing unverified reaches the sink")
 
     with pytest.raises(StoreError, match="no source left"):
-        await fetch_chunks(caller, [(sha256(blob), 100)], [0], ["only"],
-                           lambda s, n: 1.0, sink, FetchState("o", 100))
+        await fetch_chunks(
+            caller,
+            [(sha256(blob), 100)],
+            [0],
+            ["only"],
+            lambda s, n: 1.0,
+            sink,
+            FetchState("o", 100),
+        )
 
 
 # -- Vivaldi wiring ----------------------------------------------------------------------
@@ -239,16 +253,19 @@ async def test_net_info_teaches_both_sides_and_rtt_moves_coordinates() -> None:
     assert a.cost_ms("pb", 1 << 20) > a.rtt_ms("pb") + 0.09 * 1e6 * (1 << 20) / 1e9 - 1
 
 
-@pytest.mark.parametrize("bad", [
-    {"zone": "", "price": 0, "coord": [0, 0, 0.01, 1, 0]},
-    {"zone": "z" * 100, "price": 0, "coord": [0, 0, 0.01, 1, 0]},
-    {"zone": "a", "price": math.nan, "coord": [0, 0, 0.01, 1, 0]},
-    {"zone": "a", "price": -1, "coord": [0, 0, 0.01, 1, 0]},
-    {"zone": "a", "price": 0, "coord": [0, 0, -1, 1, 0]},
-    {"zone": "a", "price": 0, "coord": [math.inf, 0, 0.01, 1, 0]},
-    {"zone": "a", "price": 0, "coord": [0, 0]},
-    {"zone": "a", "price": 0, "coord": [0, 0, 0.01, 1, 0], "fast": "x" * 100},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"zone": "", "price": 0, "coord": [0, 0, 0.01, 1, 0]},
+        {"zone": "z" * 100, "price": 0, "coord": [0, 0, 0.01, 1, 0]},
+        {"zone": "a", "price": math.nan, "coord": [0, 0, 0.01, 1, 0]},
+        {"zone": "a", "price": -1, "coord": [0, 0, 0.01, 1, 0]},
+        {"zone": "a", "price": 0, "coord": [0, 0, -1, 1, 0]},
+        {"zone": "a", "price": 0, "coord": [math.inf, 0, 0.01, 1, 0]},
+        {"zone": "a", "price": 0, "coord": [0, 0]},
+        {"zone": "a", "price": 0, "coord": [0, 0, 0.01, 1, 0], "fast": "x" * 100},
+    ],
+)
 def test_malformed_peer_info_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(NetViewError):
         parse_info(bad)
