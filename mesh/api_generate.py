@@ -25,6 +25,7 @@ from aiohttp import web
 
 from runtimes.errors import ModelError
 
+from .api import _json_body as _body
 from .errors import Error
 from .generate import GenerationRequest
 from .sampling import SamplingParams
@@ -118,16 +119,6 @@ def add_routes(app: web.Application, key: web.AppKey[Node]) -> None:
     app.router.add_post("/v1/generate", generate)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="body must be JSON") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="body must be a JSON object")
-    return body
 
 
 def _request(body: dict[str, Any]) -> GenerationRequest:

@@ -265,31 +265,11 @@ class FastPath:
 
     async def read_chunk(self, peer: str, sha: str, size: int) -> bytes:
         """A chunk from ``peer``: over the fast path when it has one, else over the link."""
-        if peer not in self._unreachable and (info := self.svc.net.peers.get(peer)) and info.fast:
-            pool = self._pool.setdefault(peer, [])
-            try:
-                conn = pool.pop() if pool else await self._dial(peer)
-            except Exception as exc:  # a bad advertised address included: use the link
-                log.info("no fast path to %s (%r): using the link", peer[:12], exc)
-                self._unreachable.add(peer)
-            else:
-                try:
-                    await conn.send(msgpack.packb({"sha": sha}))
-                    reply = await asyncio.wait_for(conn.recv(), REQUEST_TIMEOUT)
-                except (OSError, TimeoutError, FastPathError, asyncio.IncompleteReadError) as e:
-                    conn.close()
-                    raise PeerUnavailable(f"fast path to {peer[:12]} failed: {e}") from None
-                if reply[:1] != b"\x00":
-                    pool.append(conn)
-                    raise StoreError(reply[1:].decode(errors="replace"))
-                if len(pool) < POOL_PER_PEER:
-                    pool.append(conn)
-                else:
-                    conn.close()
-                self.fetched += len(reply) - 1
-                return reply[1:]
-        reply_ = await self.node.call(peer, "chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT)
-        return reply_.payload
+        data = await self._request(peer, {"sha": sha})
+        if data is not None:
+            return data
+        reply = await self.node.call(peer, "chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT)
+        return reply.payload
 
     def forget(self, peer: str) -> None:
         for c in self._pool.pop(peer, []):

@@ -356,17 +356,27 @@ class Node:
         """Call a peer's RPC; a call to ourselves runs the handler in place (same contract)."""
         if peer_id != self.identity.peer_id:
             return await self.link(peer_id).call(method, params, payload, timeout)
+        try:
+            out = await self._local(method, params, payload, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{method} on this node exceeded its deadline") from None
+        return out if isinstance(out, Reply) else Reply(out or {})
+
+    def _local(
+        self, method: str, params: dict[str, Any] | None, payload: bytes, timeout: float | None
+    ) -> Any:
+        """A call to our own handler under its deadline (the contract a link gives a peer)."""
         handler = self.handlers.get(method)
         if handler is None:
             raise RemoteError("NotFound", f"no method {method!r}")
         budget = self.config.transport.link.call_timeout if timeout is None else timeout
-        ctx = CallContext(None, method, time.monotonic() + budget, peer_id)
-        try:
+        ctx = CallContext(None, method, time.monotonic() + budget, self.identity.peer_id)
+
+        async def run() -> Any:
             async with asyncio.timeout(budget):
-                out = await handler(ctx, dict(params or {}), payload)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{method} on this node exceeded {budget:.3g} s") from None
-        return out if isinstance(out, Reply) else Reply(out or {})
+                return await handler(ctx, dict(params or {}), payload)
+
+        return run()
 
     async def notify(
         self,
@@ -380,16 +390,11 @@ class Node:
         if peer_id != self.identity.peer_id:
             await self.link(peer_id).notify(method, params, payload, timeout)
             return
-        handler = self.handlers.get(method)
-        if handler is None:
-            raise RemoteError("NotFound", f"no method {method!r}")
-        budget = self.config.transport.link.call_timeout if timeout is None else timeout
-        ctx = CallContext(None, method, time.monotonic() + budget, peer_id)
+        call = self._local(method, params, payload, timeout)
 
         async def run() -> None:
             try:
-                async with asyncio.timeout(budget):
-                    await handler(ctx, dict(params or {}), payload)
+                await call
             except Exception:  # a one-way handler reports its failures itself
                 log.exception("local one-way %s failed", method)
 
