@@ -3,8 +3,10 @@
 ``GET  /v1/models``            models known in the mesh (OpenAI list shape, plus our fields)
 ``POST /v1/models``            {path, name}: shard a local GGUF into this node's store
 ``POST /v1/generate``          {model, prompt | tokens, max_tokens, temperature, top_k, top_p,
-                               seed, stop, split, runtime, top}: NDJSON, one event per token,
-                               then a summary (route, TTFT, tokens/s, hop latency)
+                               seed, stop, split, runtime, top, verify, verify_tolerance,
+                               verify_seed}: NDJSON, one event per token, ``restart`` events
+                               when a spot check bans a stage, then a summary (route, TTFT,
+                               tokens/s, hop latency, verification)
 ``POST /v1/completions``       OpenAI completions (``stream`` as server-sent events)
 ``POST /v1/chat/completions``  OpenAI chat completions (messages joined into a plain prompt:
                                the models are base models without a chat template)
@@ -29,6 +31,7 @@ from .api import _json_body as _body
 from .errors import Error
 from .generate import GenerationRequest
 from .sampling import SamplingParams
+from .verify import VerifyParams
 
 if TYPE_CHECKING:
     from .node import Node
@@ -161,8 +164,14 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
     mode = body.get("mode", "push")
     if mode not in ("push", "chain"):
         raise web.HTTPBadRequest(text="mode must be 'push' or 'chain'")
+    try:
+        verify = VerifyParams.from_json(body)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    if verify.rate > 0 and mode != "push":
+        raise web.HTTPBadRequest(text="verify (spot checks) needs mode 'push'")
     return GenerationRequest(
-        model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode
+        model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify
     )
 
 
@@ -215,8 +224,14 @@ async def _openai(
     count = 0
     try:
         async for event in events:
-            if "route" in event:
+            if "route" in event and "restart" not in event:
                 continue
+            if event.get("restart"):
+                # Streamed text cannot be taken back: say so and stop (the NDJSON API and
+                # non-streaming requests carry the verified text).
+                msg = f"a stage failed a spot check and was banned ({event['reason']})"
+                await resp.write(f"data: {json.dumps({'error': {'message': msg}})}\n\n".encode())
+                break
             if event.get("done"):
                 finish = "length" if count >= req.max_tokens else "stop"
                 data = {

@@ -141,5 +141,8 @@ class MeshClient:
             stop=stop or [],
             **options,
         ):
+            if event.get("restart"):
+                # Pieces already yielded cannot be taken back (``stream`` shows restarts).
+                raise ClientError(f"generation restarted after a failed spot check: {event}")
             if "token" in event:
                 yield str(event.get("text", ""))

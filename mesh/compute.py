@@ -30,7 +30,9 @@ from runtimes.base import AsyncShard, Session, get_runtime
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest, ShardStore
 
-from .errors import Error, RemoteError, RPCError
+from .audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, pack_entries, step_message
+from .errors import Error, IdentityError, RemoteError, RPCError
+from .identity import verify
 from .rpc import CallContext, Reply
 from .rpc import MeshCaller as Caller
 from .sampling import SamplingParams, sample, top_logits
@@ -102,6 +104,8 @@ class _StageSession:
     owner: str
     prev: str = ""  # the only peer whose steps this stage accepts
     last_used: float = field(default_factory=time.monotonic)
+    sid: str = ""
+    audit: AuditLog | None = None  # inputs kept (with signatures) for spot checks
 
 
 class ComputeService:
@@ -388,6 +392,8 @@ class ComputeService:
             next_sid if isinstance(next_sid, str) else None,
             ctx.peer_id,
             prev=prev or ctx.peer_id,
+            sid=sid,
+            audit=AuditLog(MAX_AUDIT_BYTES) if params.get("audit") is True else None,
         )
         return {"pulled": pulled, "open_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -433,6 +439,9 @@ class ComputeService:
             body = np.ascontiguousarray(out, dtype="<f4").tobytes()
             fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top", "rid")}
             fwd.update(sid=cur.next_sid, trace=trace)
+            if cur.audit is not None:  # evidence the next stage keeps: we cannot deny it
+                pos, n = int(params["pos"]), int(params["n"])
+                fwd["sig"] = self.caller.sign(step_message(cur.next_sid, pos, n, body))
             try:
                 await self.caller.notify(
                     cur.next_peer, "stage_push", fwd, body, timeout=self.config.forward_timeout
@@ -478,10 +487,85 @@ class ComputeService:
             if len(payload) != 4 * n * d:
                 raise ModelError("hidden-state payload size does not match n x d_model")
             x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
+        if st.audit is not None:
+            self._record(st.audit, st.sid, spec.is_first, params, payload, sender)
         t0 = time.perf_counter()
         out = await loaded.shard.forward(st.session, x)
         own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
         return st, spec, out, own
+
+    def _record(
+        self,
+        audit: AuditLog,
+        sid: str,
+        first: bool,
+        params: dict[str, Any],
+        payload: bytes,
+        sender: str | None,
+    ) -> None:
+        """Keep an audited step's input; from a previous stage only with its valid signature
+        (an honest stage refuses what it could not later prove it received)."""
+        pos, n, sig = params.get("pos"), int(params["n"]), params.get("sig", b"")
+        if type(pos) is not int or not n <= pos < 1 << 40:
+            raise ModelError("an audited step needs its position")
+        if not first:
+            if not isinstance(sig, bytes) or sender is None:
+                raise ModelError("an audited step arrived without its sender's signature")
+            try:
+                verify(self.caller.peer_key(sender), step_message(sid, pos, n, payload), sig)
+            except (IdentityError, RPCError) as exc:
+                msg = f"step signature from {sender[:12]} does not verify: {exc}"
+                raise ModelError(msg) from None
+        audit.add(AuditEntry(pos, n, payload, sig if not first else b""))
+
+    async def rpc_stage_audit(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        """The inputs an audited session received at positions [since, upto] (its owner only)."""
+        sid, upto, since = params.get("sid"), params.get("upto"), params.get("since", 0)
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None or st.owner != ctx.peer_id or st.audit is None:
+            raise ModelError("no audited session of yours by that id")
+        if type(upto) is not int or type(since) is not int:
+            raise ModelError("upto and since must be positions")
+        entries = [e for e in st.audit.upto(upto) if e.pos >= since]
+        return Reply({"n": len(entries)}, pack_entries(entries, st.audit.overflowed))
+
+    async def rpc_stage_recompute(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        """A verifier's step: run a whole input history as one chunk on a fresh session and
+        return the last ``rows`` outputs (a last stage: its token under the same sampling,
+        the top logits and the logit of the token to check)."""
+        sid, rows = params.get("sid"), params.get("rows")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None or st.owner != ctx.peer_id:
+            raise ModelError("no session of yours by that id")
+        if type(rows) is not int or rows <= 0:
+            raise ModelError("rows must be a positive integer")
+        cur, spec, out, own = await self._compute({"sid": sid, "n": params.get("n")}, payload)
+        out = np.asarray(out, dtype=np.float32)
+        if not spec.is_last:
+            tail = np.ascontiguousarray(out[-rows:], dtype="<f4")
+            return Reply({"rows": int(tail.shape[0]), "ms": own["ms"]}, tail.tobytes())
+        logits = out[-1]
+        try:
+            sp = SamplingParams.from_wire(params.get("sample", {}))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        pos, claimed = params.get("pos", 0), params.get("claimed")
+        if type(claimed) is not int or not 0 <= claimed < logits.shape[-1]:
+            raise ModelError("claimed must be a token id")
+        token = sample(logits, sp, pos if type(pos) is int else 0)
+        return Reply(
+            {
+                "token": token,
+                "token_logit": float(logits[token]),
+                "claimed_logit": float(logits[claimed]),
+                "top": top_logits(logits, 8),
+                "ms": own["ms"],
+            }
+        )
 
     async def rpc_stage_forward(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes

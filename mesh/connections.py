@@ -63,6 +63,7 @@ class ConnectionParams:
     max_pending_inbound: int = 16  # handshakes in progress (slowloris bound)
     max_dials: int = 8  # concurrent outbound dials
     max_unproven: int = 64  # peers named by hints but never proven by a handshake
+    max_banned: int = 4096  # oldest bans are forgotten first beyond this
 
 
 class Connections:
@@ -88,7 +89,13 @@ class Connections:
         self.my_name = my_name
         self.peers = PeerTable(params.peer_expiry)
         self.mqtt_exchange: Exchange | None = None  # set when a broker is configured
-        self.counters = {"handshake_failures": 0, "dial_failures": 0, "inbound_refused": 0}
+        self.counters = {
+            "handshake_failures": 0,
+            "dial_failures": 0,
+            "inbound_refused": 0,
+            "banned_refused": 0,
+        }
+        self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dial_slots = asyncio.Semaphore(params.max_dials)
@@ -147,6 +154,9 @@ class Connections:
     ) -> None:
         """A discovery source names ``peer_id``: remember how to reach it, dial if needed."""
         if peer_id == self.me:
+            return
+        if peer_id in self.banned:  # its mDNS, broker and DHT records are ignored
+            self.counters["banned_refused"] += 1
             return
         entry = self._ensure(peer_id, source)
         if entry is None:
@@ -313,6 +323,9 @@ class Connections:
         pid = env.sender
         if self.closing:
             raise SignalingError("node is shutting down")
+        if pid in self.banned:
+            self.counters["banned_refused"] += 1
+            raise SignalingError("banned")
         sdp, oid = env.body.get("sdp"), env.body.get("oid")
         if not isinstance(sdp, str) or not isinstance(oid, bytes) or len(oid) > 32:
             raise SignalingError("offer carries no SDP or offer id")
@@ -365,6 +378,9 @@ class Connections:
         return link.offerer == (self.me < link.peer_id)
 
     def _adopt(self, pid: str, link: Link) -> None:
+        if pid in self.banned:  # banned while its handshake was in flight
+            link.close("banned")
+            return
         entry = self.peers.get(pid) or self.peers.ensure(pid, "inbound")
         if entry is None:
             link.close("peer table full")
@@ -393,6 +409,23 @@ class Connections:
         entry.last_error = link.close_reason
         log.info("link to %s closed: %s", link.peer_id[:12], link.close_reason)
         entry.next_attempt = time.monotonic() + self._grace(link.peer_id)
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Refuse ``peer_id`` from now on: close its link, forget its addresses."""
+        if peer_id == self.me:
+            return
+        self.banned.pop(peer_id, None)
+        self.banned[peer_id] = reason[:200]
+        while len(self.banned) > self.params.max_banned:
+            self.banned.pop(next(iter(self.banned)))
+        entry = self.peers.get(peer_id)
+        if entry is not None:
+            if entry.link is not None:
+                entry.link.close(f"banned: {reason[:100]}")
+            if entry.dialing is not None and not entry.dialing.done():
+                entry.dialing.cancel()
+            self.peers.remove(peer_id)
+        log.warning("banned %s: %s", peer_id[:12], reason)
 
     def link(self, peer_id: str) -> Link:
         entry = self.peers.get(peer_id)

@@ -96,10 +96,15 @@ class LocalMesh:
         await self.stop()
 
     async def start_node(
-        self, name: str, args: list[str] | None = None, ready_timeout: float = 30.0
+        self,
+        name: str,
+        args: list[str] | None = None,
+        ready_timeout: float = 30.0,
+        module: str = "mesh",
     ) -> NodeProcess:
+        """``module``: what ``python -m`` runs (tests start misbehaving nodes this way)."""
         data_dir = self.base_dir / name
-        cmd = [sys.executable, "-m", "mesh", "node", "--data-dir", str(data_dir), "--name", name]
+        cmd = [sys.executable, "-m", module, "node", "--data-dir", str(data_dir), "--name", name]
         cmd += ["--mesh", self.mesh]
         if self.mdns_interface:
             cmd += ["--mdns-interface", self.mdns_interface]

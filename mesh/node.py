@@ -135,6 +135,8 @@ class Node:
             my_name=config.name,
         )
         self.peers = self.conns.peers
+        self._bans_file = Path(config.data_dir) / "banned.json"
+        self._load_bans()
         self.signaling: SignalingServer | None = None
         self.discovery: MdnsDiscovery | None = None
         self.mqtt: MqttSignaling | None = None
@@ -338,6 +340,32 @@ class Node:
             expires=rec.expires,
         )
 
+    # -- trust ---------------------------------------------------------------------------
+    def sign(self, message: bytes) -> bytes:
+        return self.identity.sign(message)
+
+    def peer_key(self, peer_id: str) -> bytes:
+        if peer_id == self.me:
+            return self.identity.public_key
+        return self.link(peer_id).public_key
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Refuse ``peer_id`` (a failed spot check): its link, its discovery records and its
+        provider records are ignored from now on, across restarts (``banned.json``)."""
+        if peer_id == self.me:
+            return
+        self.conns.ban(peer_id, reason)
+        self.objects.providers.forget_peer(peer_id)
+        with contextlib.suppress(OSError):
+            _write_json(self._bans_file, {"banned": self.conns.banned})
+
+    def _load_bans(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            raw = json.loads(self._bans_file.read_text()).get("banned", {})
+            for pid, why in list(raw.items())[: self.conns.params.max_banned]:
+                if isinstance(pid, str) and isinstance(why, str):
+                    self.conns.banned[pid] = why
+
     # -- calls -----------------------------------------------------------------------------
     def link(self, peer_id: str) -> Link:
         return self.conns.link(peer_id)
@@ -434,6 +462,7 @@ class Node:
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
                 "dht_refused": self.dht.store.refused if self.dht else 0,
             },
+            "banned": dict(self.conns.banned),
         }
 
     async def run_until_stopped(self) -> None:

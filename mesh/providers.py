@@ -112,6 +112,8 @@ class Providers:
             return None
         if not rec.key.startswith("prov:obj:"):
             return None
+        if rec.peer_id in self.node.conns.banned:  # a banned peer's records are ignored
+            return None
         oid = rec.key.removeprefix("prov:obj:")
         holders = self.table.get(oid)
         if rec.body.get("gone"):
@@ -159,13 +161,19 @@ class Providers:
     def holders(self, oid: str, *, live_only: bool = True) -> list[Provider]:
         now = time.time()
         connected = set(self.node.connected_peer_ids()) | {self.node.me}
+        banned = self.node.conns.banned
         out = []
         for p in list(self.table.get(oid, {}).values()):
-            if p.expires <= now:
+            if p.expires <= now or p.peer_id in banned:
                 self.table[oid].pop(p.peer_id, None)
             elif not live_only or p.peer_id in connected:
                 out.append(p)
         return out
+
+    def forget_peer(self, peer_id: str) -> None:
+        """Drop every record of ``peer_id`` (it was banned)."""
+        for holders in self.table.values():
+            holders.pop(peer_id, None)
 
     async def lookup_dht(self, oid: str) -> list[Provider]:
         dht = self.node.dht

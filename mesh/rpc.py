@@ -497,3 +497,16 @@ class MeshCaller(Caller, Protocol):
         payload: bytes = b"",
         timeout: float | None = None,
     ) -> None: ...
+
+    def sign(self, message: bytes) -> bytes:
+        """This node's Ed25519 signature over ``message``."""
+        ...
+
+    def peer_key(self, peer_id: str) -> bytes:
+        """The public key a linked peer proved in its handshake (ours for ``me``); raises
+        :class:`PeerUnavailable` without a link."""
+        ...
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Stop trusting ``peer_id``: drop its link, refuse it, ignore its records."""
+        ...
