@@ -114,6 +114,7 @@ SCALARS = st.one_of(
 )
 
 
+@pytest.mark.badinput
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(st.binary(max_size=400), st.lists(SCALARS, max_size=10).map(msgpack.packb)))
 def test_fuzz_parse_envelope(data):
