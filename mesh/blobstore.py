@@ -327,13 +327,29 @@ class BlobStore:
             yield self.read_chunk(sha)
 
     # -- pins, holds, GC -------------------------------------------------------------------
-    def pin(self, oid: str, replicas: int | None = None) -> None:
+    def pin(self, oid: str, replicas: int | None = None, for_peer: str | None = None) -> None:
+        """Pin ``oid``; ``for_peer`` charges its bytes to the peer that asked us to keep it
+        (a pin without it is this node's own and charges nobody)."""
         if self.manifest(oid) is None:
             raise StoreError(f"no object {oid[:12]} here")
+        fresh = oid not in self.pins
         entry = self.pins.setdefault(oid, {})
         if replicas is not None:
             entry["replicas"] = replicas
+        if for_peer is None:
+            entry.pop("for", None)
+        elif fresh:
+            entry["for"] = for_peer
         self._save_pins()
+
+    def pinned_for(self, peer: str) -> int:
+        """Bytes of the objects pinned here at ``peer``'s request."""
+        total = 0
+        for oid, entry in self.pins.items():
+            m = self._manifests.get(oid)
+            if entry.get("for") == peer and m is not None:
+                total += m.size
+        return total
 
     def unpin(self, oid: str) -> bool:
         if self.pins.pop(oid, None) is None:

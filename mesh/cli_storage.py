@@ -48,6 +48,13 @@ def add_node_storage_args(n: argparse.ArgumentParser) -> None:
         help="disk for stored objects, e.g. 10G (default: no limit)",
     )
     n.add_argument(
+        "--peer-quota",
+        type=_size,
+        default=4 << 30,
+        metavar="SIZE",
+        help="bytes one peer may ask this node to keep as replicas (default 4G)",
+    )
+    n.add_argument(
         "--serve-rate",
         type=_size,
         default=None,
@@ -73,6 +80,7 @@ def storage_config(args: argparse.Namespace) -> Any:
         zone=args.zone,
         egress_price=args.egress_price,
         quota=args.store_quota,
+        peer_quota=args.peer_quota,
         serve_rate=args.serve_rate,
         jobs=not args.no_jobs,
         fast_path=not args.no_fast_path,

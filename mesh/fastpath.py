@@ -18,6 +18,12 @@ the X25519 shared secret and the transcript; frames are libsodium secretstream
 (XChaCha20-Poly1305) messages, each prefixed by its 4-byte length, capped before reading.
 
 **Requests**: ``{"sha": hex}`` (msgpack) -> ``0x00 | chunk bytes`` or ``0x01 | error text``.
+
+**Bounds** (slowloris): at most ``max_connections`` connections served at once, of which at
+most ``max_handshaking`` not yet authenticated (each must finish its handshake within
+``HANDSHAKE_TIMEOUT``) and at most ``max_per_peer`` per authenticated peer; a connection with
+no complete request for ``idle_timeout`` seconds is closed. Refused connections are closed at
+once: the peer's client falls back to its WebRTC link.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -43,7 +51,7 @@ from .identity import verify
 if TYPE_CHECKING:
     from .objects import ObjectService
 
-__all__ = ["FastPath", "FastPathError"]
+__all__ = ["FastPath", "FastPathError", "FastLimits", "parse_request"]
 
 log = logging.getLogger(__name__)
 _CTX = b"edgemesh/fast/v1\x00"
@@ -53,6 +61,51 @@ MAX_FRAME = CHUNK_MAX + 4096
 HANDSHAKE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 60.0
 POOL_PER_PEER = 4
+
+
+@dataclass(frozen=True)
+class FastLimits:
+    max_connections: int = 256  # connections served at once, all peers together
+    max_handshaking: int = 32  # of them, not yet authenticated
+    max_per_peer: int = 8  # authenticated connections per peer (a client pools 4)
+    idle_timeout: float = 30.0  # no complete request for this long: closed
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if min(self.max_connections, self.max_handshaking, self.max_per_peer) < 1:
+            raise ValueError("fast-path caps must be >= 1")
+        if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
+            raise ValueError("fast-path deadlines must be positive")
+
+
+def parse_request(data: bytes) -> dict[str, Any]:
+    """A fast-path request from a peer: ``{"sha": str}`` or ``{"blob": str, "off": int,
+    "len": int}``. Raises :class:`FastPathError` only."""
+    try:
+        req = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=128,
+            max_map_len=4,  # {"sha"} or {"blob", "off", "len"}
+            max_array_len=0,
+            max_bin_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types on bad input
+        raise FastPathError(f"malformed request: {type(exc).__name__}") from None
+    if not isinstance(req, dict):
+        raise FastPathError("a request must be a map")
+    if "blob" in req:
+        sha, off, length = req.get("blob"), req.get("off"), req.get("len")
+        if not isinstance(sha, str) or type(off) is not int or type(length) is not int:
+            raise FastPathError("a blob request needs blob (str), off and len (int)")
+        if off < 0 or not 0 < length <= MAX_FRAME:
+            raise FastPathError(f"blob range off={off} len={length} out of bounds")
+        return {"blob": sha, "off": off, "len": length}
+    sha = req.get("sha")
+    if not isinstance(sha, str):
+        raise FastPathError("a chunk request needs sha (str)")
+    return {"sha": sha}
 
 
 class FastPathError(Error):
@@ -72,6 +125,7 @@ class _Conn:
         self._rx = sodium.crypto_secretstream_xchacha20poly1305_state()
         self._tx_key, self._rx_key = tx_key, rx_key
         self._rx_ready = False
+        self.last_used = time.monotonic()
         header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._tx, tx_key)
         writer.write(header)
 
@@ -108,8 +162,13 @@ def _keys(shared: bytes, transcript: bytes) -> tuple[bytes, bytes]:
 
 
 class FastPath:
-    def __init__(self, svc: ObjectService) -> None:
+    def __init__(self, svc: ObjectService, limits: FastLimits | None = None) -> None:
         self.svc = svc
+        self.limits = limits or FastLimits()
+        self._open = 0  # connections being served
+        self._handshaking = 0
+        self._per_peer: dict[str, int] = {}
+        self.refused = 0  # connections closed at once by a cap
         self.node = svc.node
         self.server: asyncio.Server | None = None
         self.address: str | None = None
@@ -139,27 +198,38 @@ class FastPath:
 
     # -- server ----------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lim = self.limits
+        if self._open >= lim.max_connections or self._handshaking >= lim.max_handshaking:
+            self.refused += 1
+            writer.close()
+            return
+        self._open += 1
+        self._handshaking += 1
         peer = "?"
+        counted = False
         try:
-            conn, peer = await asyncio.wait_for(self._accept(reader, writer), HANDSHAKE_TIMEOUT)
-            while True:
-                req = msgpack.unpackb(
-                    await conn.recv(),
-                    raw=False,
-                    max_str_len=128,
-                    max_map_len=4,  # {"sha"} or {"blob", "off", "len"}
-                    max_array_len=0,
-                    max_bin_len=0,
+            try:
+                conn, peer = await asyncio.wait_for(
+                    self._accept(reader, writer), lim.handshake_timeout
                 )
-                sha = req.get("sha") if isinstance(req, dict) else None
+            finally:
+                self._handshaking -= 1
+            if self._per_peer.get(peer, 0) >= lim.max_per_peer:
+                self.refused += 1
+                raise FastPathError(f"more than {lim.max_per_peer} connections from this peer")
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            counted = True
+            while True:
+                # A peer that sends nothing (or a frame byte by byte) is closed: slowloris.
+                req = parse_request(await asyncio.wait_for(conn.recv(), lim.idle_timeout))
                 try:
-                    if isinstance(req, dict) and "blob" in req and self.blob_reader is not None:
+                    if "blob" in req and self.blob_reader is not None:
                         # a byte range of a model shard blob (mesh/storage.py)
-                        data = await self.blob_reader(
-                            peer, req.get("blob"), req.get("off"), req.get("len")
-                        )
+                        data = await self.blob_reader(peer, req["blob"], req["off"], req["len"])
+                    elif "sha" in req:
+                        data = await self.svc.serve_chunk(peer, req["sha"])
                     else:
-                        data = await self.svc.serve_chunk(peer, sha)  # type: ignore[arg-type]
+                        raise FastPathError("this node serves no blob ranges")
                 except (StoreError, Error) as exc:
                     await conn.send(b"\x01" + str(exc).encode()[:500])
                     continue
@@ -170,7 +240,18 @@ class FastPath:
         except (FastPathError, IdentityError, ValueError) as exc:
             log.info("fast path from %s closed: %s", peer[:12], exc)
         finally:
+            self._open -= 1
+            if counted:
+                left = self._per_peer.get(peer, 1) - 1
+                if left > 0:
+                    self._per_peer[peer] = left
+                else:
+                    self._per_peer.pop(peer, None)
             writer.close()
+
+    def stats(self) -> dict[str, int]:
+        """Connections served now, of them unauthenticated, and those refused by a cap."""
+        return {"open": self._open, "handshaking": self._handshaking, "refused": self.refused}
 
     async def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -241,18 +322,27 @@ class FastPath:
         if peer in self._unreachable or not (info := self.svc.net.peers.get(peer)) or not info.fast:
             return None
         pool = self._pool.setdefault(peer, [])
-        try:
-            conn = pool.pop() if pool else await self._dial(peer)
-        except Exception as exc:  # a bad advertised address included: use the link
-            log.info("no fast path to %s (%r): using the link", peer[:12], exc)
-            self._unreachable.add(peer)
-            return None
-        try:
-            await conn.send(msgpack.packb(request))
-            reply = await asyncio.wait_for(conn.recv(), REQUEST_TIMEOUT)
-        except (OSError, TimeoutError, FastPathError, asyncio.IncompleteReadError) as e:
-            conn.close()
-            raise PeerUnavailable(f"fast path to {peer[:12]} failed: {e}") from None
+        stale = time.monotonic() - self.limits.idle_timeout / 2
+        while pool and pool[-1].last_used < stale:  # the server may have closed it by now
+            pool.pop().close()
+        for attempt in range(2):
+            pooled = bool(pool)
+            try:
+                conn = pool.pop() if pool else await self._dial(peer)
+            except Exception as exc:  # a bad advertised address included: use the link
+                log.info("no fast path to %s (%r): using the link", peer[:12], exc)
+                self._unreachable.add(peer)
+                return None
+            try:
+                await conn.send(msgpack.packb(request))
+                reply = await asyncio.wait_for(conn.recv(), REQUEST_TIMEOUT)
+                conn.last_used = time.monotonic()
+                break
+            except (OSError, TimeoutError, FastPathError, asyncio.IncompleteReadError) as e:
+                conn.close()
+                if pooled and attempt == 0 and not isinstance(e, TimeoutError):
+                    continue  # a pooled connection the server closed (idle): dial afresh
+                raise PeerUnavailable(f"fast path to {peer[:12]} failed: {e}") from None
         if reply[:1] != b"\x00":
             pool.append(conn)
             raise StoreError(reply[1:].decode(errors="replace"))

@@ -30,7 +30,7 @@ from .rpc import CallContext, Reply
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["StorageConfig", "ObjectService"]
+__all__ = ["StorageConfig", "ObjectService", "PeerQuotaExceeded"]
 
 log = logging.getLogger(__name__)
 MAX_HAS = 4096
@@ -46,6 +46,9 @@ class StorageConfig:
     job_speed: float = 1e8  # record bytes per second it claims for the planner
     repair_interval: float = 2.0
     fast_path: bool = True  # direct encrypted TCP for bulk chunks where peers can reach it
+    # Bytes of objects one peer may make us pin through ``obj_replicate`` (None: only the
+    # store's quota bounds it). One peer cannot fill the disk this node offers the mesh.
+    peer_quota: int | None = 4 << 30
 
 
 class _Pacer:
@@ -65,6 +68,10 @@ class _Pacer:
             self._next = start + n / self.rate
             if start > now:
                 await asyncio.sleep(start - now)  # pacing, not synchronization
+
+
+class PeerQuotaExceeded(StoreError):
+    """A peer asked us to keep more bytes than its per-peer quota."""
 
 
 class ObjectService:
@@ -88,6 +95,8 @@ class ObjectService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.fast: Any = None  # mesh.fastpath.FastPath when enabled
+        self._reserved: dict[str, tuple[str, int]] = {}  # oid -> (peer, bytes) being pulled
+        self.quota_refused = 0  # replica requests refused by the per-peer quota
         from .replication import Replicator
 
         self.replicator = Replicator(self)
@@ -209,6 +218,7 @@ class ObjectService:
         pin: bool = False,
         replicas: int | None = None,
         on_progress: Callable[[FetchState], None] | None = None,
+        for_peer: str | None = None,
     ) -> FetchState:
         """Make object ``oid`` complete here, pulling what is missing from its holders."""
         lock = self._locks.setdefault(oid, asyncio.Lock())
@@ -231,7 +241,7 @@ class ObjectService:
                         self.transfers.pop(oid, None)
                 state.finished = time.monotonic()
                 if pin:
-                    self.store.pin(oid, replicas)
+                    self.store.pin(oid, replicas, for_peer=for_peer)
             await self.providers.announce(oid, durable=oid in self.store.pins)
             return state
 
@@ -300,6 +310,23 @@ class ObjectService:
             raise StoreError(f"shas must be a list of at most {MAX_HAS} hashes")
         return {"has": [s for s in shas if is_id(s) and self.store.has_chunk(s)]}
 
+    def peer_bytes(self, peer: str) -> int:
+        """Bytes ``peer`` makes us keep: objects pinned at its request and pulls under way."""
+        pending = sum(n for p, n in self._reserved.values() if p == peer)
+        return self.store.pinned_for(peer) + pending
+
+    def _charge(self, peer: str, oid: str, size: int) -> None:
+        """Refuse (PeerQuotaExceeded) if keeping ``size`` more bytes puts ``peer`` over its
+        quota. Synchronous: concurrent requests cannot overrun it together."""
+        quota = self.config.peer_quota
+        used = self.peer_bytes(peer)
+        if quota is not None and used + size > quota:
+            self.quota_refused += 1
+            raise PeerQuotaExceeded(
+                f"peer quota: {peer[:12]} keeps {used} bytes here, {size} more for "
+                f"{oid[:12]} would exceed {quota}"
+            )
+
     async def rpc_obj_replicate(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
@@ -308,16 +335,34 @@ class ObjectService:
             raise StoreError("replicate needs an object id and replicas in 1..64")
         if oid in self.store.pins:
             return {"accepted": True, "held": True}
+        known = self.store.manifest(oid)
+        if known is not None:  # the size is known now: refuse over quota with a clear error
+            self._charge(ctx.peer_id, oid, known.size)
+        elif (quota := self.config.peer_quota) is not None and self.peer_bytes(
+            ctx.peer_id
+        ) >= quota:
+            self.quota_refused += 1
+            raise PeerQuotaExceeded(f"peer quota: {ctx.peer_id[:12]} is at its {quota} bytes")
         if self.store.complete(oid):
-            self.store.pin(oid, replicas)
+            self.store.pin(oid, replicas, for_peer=ctx.peer_id)
             await self.providers.announce(oid, durable=True)
             return {"accepted": True, "held": True}
-        self.spawn(self._replicate(oid, replicas))
+        self.spawn(self._replicate(oid, replicas, ctx.peer_id))
         return {"accepted": True, "held": False}
 
-    async def _replicate(self, oid: str, replicas: int) -> None:
+    async def _replicate(self, oid: str, replicas: int, peer: str | None = None) -> None:
         try:
-            await self.fetch(oid, pin=True, replicas=replicas)
+            if peer is not None:  # the manifest first: its size is charged before any pull
+                m = await self.get_manifest(oid, await self.find_holders(oid))
+                if oid in self._reserved:
+                    raise StoreError("a replica pull of this object is under way")
+                self._charge(peer, oid, m.size)
+                self._reserved[oid] = (peer, m.size)
+            try:
+                await self.fetch(oid, pin=True, replicas=replicas, for_peer=peer)
+            finally:
+                if peer is not None:
+                    self._reserved.pop(oid, None)
             log.info("now a replica of %s", oid[:12])
         except (StoreError, RPCError) as exc:
             log.warning("replicating %s failed: %s", oid[:12], exc)
@@ -345,6 +390,9 @@ class ObjectService:
             "transfers": [t.as_dict() for t in self.transfers.values()],
             "penalties": dict(self.net.penalties),
             "fast_path": self.fast.address if self.fast is not None else None,
+            "fast_path_conns": self.fast.stats() if self.fast is not None else None,
+            "peer_quota": self.config.peer_quota,
+            "quota_refused": self.quota_refused,
         }
 
 

@@ -93,6 +93,7 @@ def test_store_refuses_bad_and_keeps_good():
     assert not store.accept(dht_key("peer:someone-else"), msgpack.packb([good]))
 
 
+@pytest.mark.badinput
 def test_newer_seq_replaces_older():
     store = RecordStore()
     key = dht_key(f"peer:{A.peer_id}")
@@ -113,6 +114,7 @@ def test_provider_records_merge_and_are_bounded():
     assert len(store.records(dht_key(key))) == MAX_RECORDS_PER_KEY
 
 
+@pytest.mark.badinput
 def test_quota_cuts_sender_off():
     store = RecordStore(quota=5)
     sender = ("127.0.0.1", 4000)
@@ -129,6 +131,7 @@ def test_merge_keeps_highest_seq_per_peer():
     assert [r.seq for r in merge(recs)] == [9]
 
 
+@pytest.mark.badinput
 @settings(max_examples=400, deadline=None)
 @given(
     st.one_of(

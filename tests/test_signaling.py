@@ -25,6 +25,7 @@ def test_roundtrip():
     assert env.sender == A.peer_id and env.body == {"sdp": "v=0"}
 
 
+@pytest.mark.badinput
 def test_replay_refused():
     guard = ReplayGuard()
     raw = seal(A, "offer", B.peer_id, {"sdp": "v=0"})
@@ -33,6 +34,7 @@ def test_replay_refused():
         open_envelope(raw, me=B.peer_id, kind="offer", guard=guard)
 
 
+@pytest.mark.badinput
 def test_stale_refused():
     raw = seal(A, "offer", B.peer_id, {"sdp": "v=0"}, now=time.time() - 3600)
     with pytest.raises(SignalingError, match="stale"):
@@ -114,6 +116,7 @@ SCALARS = st.one_of(
 )
 
 
+@pytest.mark.badinput
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(st.binary(max_size=400), st.lists(SCALARS, max_size=10).map(msgpack.packb)))
 def test_fuzz_parse_envelope(data):

@@ -188,6 +188,7 @@ SAMPLE = Encoder().encode({"t": "req", "id": 1}, bytes(3000))[0]
 CHUNK = Encoder().encode({"t": "req"}, os.urandom(100_000), False)[0]
 
 
+@pytest.mark.badinput
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(_mutations(SAMPLE), _mutations(CHUNK)))
 def test_fuzz_frames_only_raise_wire_error(data):
@@ -198,6 +199,7 @@ def test_fuzz_frames_only_raise_wire_error(data):
         pass
 
 
+@pytest.mark.badinput
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=20))
 def test_fuzz_chunk_sequences(parts):
@@ -211,6 +213,7 @@ def test_fuzz_chunk_sequences(parts):
     assert r.partial_count <= 2
 
 
+@pytest.mark.badinput
 @settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
