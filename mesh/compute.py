@@ -105,6 +105,7 @@ class _StageSession:
     prev: str = ""  # the only peer whose steps this stage accepts
     last_used: float = field(default_factory=time.monotonic)
     sid: str = ""
+    pos: int = 0  # positions taken by steps accepted so far (set before each step runs)
     audit: AuditLog | None = None  # inputs kept (with signatures) for spot checks
 
 
@@ -487,8 +488,13 @@ class ComputeService:
             if len(payload) != 4 * n * d:
                 raise ModelError("hidden-state payload size does not match n x d_model")
             x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
+        pos = params.get("pos")
+        if type(pos) is not int or pos != st.pos + n:
+            # A repeated, skipped or reordered step would corrupt the KV cache.
+            raise ModelError(f"step ends at position {pos!r}; the session is at {st.pos}")
         if st.audit is not None:
             self._record(st.audit, st.sid, spec.is_first, params, payload, sender)
+        st.pos = pos  # before the await: a concurrent duplicate is refused too
         t0 = time.perf_counter()
         out = await loaded.shard.forward(st.session, x)
         own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
@@ -543,7 +549,8 @@ class ComputeService:
             raise ModelError("no session of yours by that id")
         if type(rows) is not int or rows <= 0:
             raise ModelError("rows must be a positive integer")
-        cur, spec, out, own = await self._compute({"sid": sid, "n": params.get("n")}, payload)
+        n = params.get("n")
+        cur, spec, out, own = await self._compute({"sid": sid, "n": n, "pos": n}, payload)
         out = np.asarray(out, dtype=np.float32)
         if not spec.is_last:
             tail = np.ascontiguousarray(out[-rows:], dtype="<f4")

@@ -341,6 +341,11 @@ class Node:
         )
 
     # -- trust ---------------------------------------------------------------------------
+    @property
+    def banned(self) -> dict[str, str]:
+        """Banned peer ids and why (read-only view for services)."""
+        return self.conns.banned
+
     def sign(self, message: bytes) -> bytes:
         return self.identity.sign(message)
 

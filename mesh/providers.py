@@ -112,7 +112,7 @@ class Providers:
             return None
         if not rec.key.startswith("prov:obj:"):
             return None
-        if rec.peer_id in self.node.conns.banned:  # a banned peer's records are ignored
+        if rec.peer_id in self.node.banned:  # a banned peer's records are ignored
             return None
         oid = rec.key.removeprefix("prov:obj:")
         holders = self.table.get(oid)
@@ -161,7 +161,7 @@ class Providers:
     def holders(self, oid: str, *, live_only: bool = True) -> list[Provider]:
         now = time.time()
         connected = set(self.node.connected_peer_ids()) | {self.node.me}
-        banned = self.node.conns.banned
+        banned = self.node.banned
         out = []
         for p in list(self.table.get(oid, {}).values()):
             if p.expires <= now or p.peer_id in banned:

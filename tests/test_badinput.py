@@ -178,9 +178,9 @@ def test_fuzz_mqtt_presence_and_inbox(payload: bytes, sealed: bool, inbox: bool)
 @given(
     st.one_of(
         msgpack_or_bytes(),
-        st.fixed_dictionaries(
-            {"blob": ANY, "off": ANY, "len": ANY}, optional={"sha": ANY}
-        ).map(lambda d: bytes(msgpack.packb(d))),
+        st.fixed_dictionaries({"blob": ANY, "off": ANY, "len": ANY}, optional={"sha": ANY}).map(
+            lambda d: bytes(msgpack.packb(d))
+        ),
         st.fixed_dictionaries({"sha": ANY}).map(lambda d: bytes(msgpack.packb(d))),
     )
 )
@@ -295,6 +295,7 @@ class _FakeNode:
         self.identity = ME
         self.me = ME.peer_id
         self.dht = None
+        self.banned: dict[str, str] = {}
         self.config = SimpleNamespace(signaling_host="127.0.0.1", api_host="127.0.0.1")
 
     def connected_peer_ids(self) -> list[str]:

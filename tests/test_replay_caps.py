@@ -219,11 +219,6 @@ def _step(svc: ComputeService, sid: str, tokens: list[int], pos: int) -> Any:
     return svc.rpc_stage_forward(ctx, {"sid": sid, "n": len(tokens), "pos": pos}, body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh/compute.py does not check a step's pos against the session's position: "
-    "a repeated step is computed again and advances the KV cache (lead owns compute.py)",
-)
 async def test_repeated_stage_step_is_refused_and_cache_untouched(tmp_path: Path) -> None:
     svc, sid, session = await _stage(tmp_path)
     await _step(svc, sid, [1, 2, 3], pos=3)  # the prompt: positions 0..2, next token at 3
@@ -234,17 +229,22 @@ async def test_repeated_stage_step_is_refused_and_cache_untouched(tmp_path: Path
     assert session.n_past == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh/compute.py does not check a step's pos against the session's position: "
-    "a skipped step is not detected (lead owns compute.py)",
-)
 async def test_skipped_stage_step_is_refused(tmp_path: Path) -> None:
     svc, sid, session = await _stage(tmp_path)
     await _step(svc, sid, [1, 2, 3], pos=3)
     with pytest.raises(ModelError):
         await _step(svc, sid, [7], pos=6)  # positions 4 and 5 never sent
     assert session.n_past == 3
+
+
+async def test_concurrent_duplicate_steps_run_once(tmp_path: Path) -> None:
+    svc, sid, session = await _stage(tmp_path)
+    await _step(svc, sid, [1, 2, 3], pos=3)
+    results = await asyncio.gather(
+        _step(svc, sid, [7], pos=4), _step(svc, sid, [7], pos=4), return_exceptions=True
+    )
+    assert sum(isinstance(r, ModelError) for r in results) == 1
+    assert session.n_past == 4
 
 
 # -- per-peer caps ------------------------------------------------------------------------------
@@ -290,6 +290,7 @@ class _ObjNode:
     identity = A
     me = A.peer_id
     dht = None
+    banned: dict[str, str] = {}
     config = SimpleNamespace(signaling_host="127.0.0.1", api_host="127.0.0.1")
 
     def connected_peer_ids(self) -> list[str]:
