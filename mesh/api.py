@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .errors import Error
+from .signaling import HTTP_IDLE_DEADLINE
 from .web import add_web_routes
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ async def start_api(
     add_storage_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     add_web_routes(app)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -48,6 +48,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 MAX_ENVELOPE = 64 * 1024
 MAX_SKEW = 60.0
+# A connection must finish a request within this long, and idle ones close after it: aiohttp
+# arms its keep-alive timer at connect, so it doubles as a header deadline (slowloris).
+HTTP_IDLE_DEADLINE = 10.0
 _FIELDS = ("v", "kind", "from", "pk", "to", "nonce", "time", "body")
 _CONTEXT = b"edgemesh/signal/v1\x00"
 
@@ -225,7 +228,9 @@ class SignalingServer:
         app = web.Application(client_max_size=MAX_ENVELOPE)
         app.router.add_post("/edgemesh/offer", self._offer)
         app.router.add_get("/edgemesh/info", self._info)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
