@@ -431,6 +431,7 @@ class Node:
             },
             "counters": {
                 **self.conns.counters,
+                "handshakes_in_progress": self.conns.handshakes_in_progress,
                 "signaling_rejected": self.signaling.rejected if self.signaling else 0,
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
