@@ -112,6 +112,7 @@ class Node:
         from .jobs import JobService
 
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
+        self.compute.storage.pace = self.objects.pacer.take  # one serve rate for all bytes
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
         self.handlers: dict[str, Handler] = handlers_of(
