@@ -96,10 +96,16 @@ class LocalMesh:
         await self.stop()
 
     async def start_node(
-        self, name: str, args: list[str] | None = None, ready_timeout: float = 30.0
+        self,
+        name: str,
+        args: list[str] | None = None,
+        ready_timeout: float = 30.0,
+        wrap: list[str] | None = None,
     ) -> NodeProcess:
+        """``wrap`` prefixes the command (e.g. ``nsenter -t PID -n``: a node in a namespace)."""
         data_dir = self.base_dir / name
         cmd = [sys.executable, "-m", "mesh", "node", "--data-dir", str(data_dir), "--name", name]
+        cmd = (wrap or []) + cmd
         cmd += ["--mesh", self.mesh]
         if self.mdns_interface:
             cmd += ["--mdns-interface", self.mdns_interface]
