@@ -99,21 +99,20 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
         by_id = {n.peer_id: n for n in nodes}
         route: list[str] = []
         killed: list[NodeProcess] = []
-        held_before = 0
+        for n in nodes:
+            n.stderr_tail = []  # the clean run's hook lines must not time the kill
 
         async def fault(event: dict[str, Any]) -> None:
-            nonlocal held_before
             if "route" in event:
                 route[:] = [s["peer_id"] for s in event["route"]]
+                assert route[1] != nodes[0].peer_id, "the coordinator must not be the victim"
                 middle = by_id[route[1]]
                 if phase == "prefill":
-                    # count the hook's lines first: the clean run left some too
-                    held_before = sum("prefill held" in x for x in middle.stderr_tail)
-
-                    async def in_prefill() -> bool:
-                        return sum("prefill held" in x for x in middle.stderr_tail) > held_before
-
-                    await wait_for(in_prefill, 20, "the middle stage to enter its prefill")
+                    await wait_for(
+                        lambda: logged(middle, "prefill held"),
+                        20,
+                        "the middle stage to enter its prefill",
+                    )
                     mesh.kill(middle, signal.SIGKILL)
                     killed.append(middle)
             tokens = sum("token" in e for e in events_seen)
