@@ -151,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     n.add_argument("--dht-host", default=None, help="DHT bind address (default: as signaling)")
     n.add_argument(
+        "--step-timeout",
+        type=float,
+        default=45.0,
+        metavar="SECONDS",
+        help="longest wait for a generation step before the route is probed and re-planned",
+    )
+    n.add_argument(
         "--bootstrap",
         action="append",
         default=[],
@@ -313,6 +320,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         dht_host=args.dht_host,
         bootstrap=list(args.bootstrap),
         dht_quota=args.dht_quota,
+        step_timeout=args.step_timeout,
         compute=ComputeConfig(
             memory_limit=args.memory_limit or _default_memory_limit(),
             runtime=args.runtime,

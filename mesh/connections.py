@@ -47,6 +47,25 @@ from .transport import (
 __all__ = ["ConnectionParams", "Connections"]
 
 log = logging.getLogger(__name__)
+
+# Test hook, off by default: seconds this node's first dial waits between the answer and the
+# identity handshake, so the fault suite can kill or stop a peer in the middle of connecting.
+DIAL_HOLD_ENV = "EDGEMESH_TEST_DIAL_HOLD"
+_dial_held = False
+
+
+async def _test_dial_hold() -> None:
+    global _dial_held
+    try:
+        hold = float(os.environ.get(DIAL_HOLD_ENV, "0"))
+    except ValueError:
+        hold = 0.0
+    if hold > 0 and not _dial_held:
+        _dial_held = True  # once per process: its retries connect normally
+        log.warning("test hook: dial held for %.1f s before the handshake", hold)
+        await asyncio.sleep(hold)
+
+
 Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
 
 
@@ -260,6 +279,11 @@ class Connections:
         entry.failures += 1
         entry.next_attempt = time.monotonic() + delay * (0.75 + 0.5 * random.random())
 
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Inbound handshakes holding a slot now (at most ``max_pending_inbound``)."""
+        return len(self._pending_inbound)
+
     # -- dialing ---------------------------------------------------------------------------
     async def _dial(self, entry: PeerEntry) -> None:
         pid = entry.peer_id
@@ -282,6 +306,7 @@ class Connections:
                 if not isinstance(sdp, str):
                     raise SignalingError("answer carries no SDP")
                 await complete_offer(pending, sdp)
+                await _test_dial_hold()
                 link = await pending.establish(self.handlers, self._on_link_closed)
         except asyncio.CancelledError:
             if pending is not None:

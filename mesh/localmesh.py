@@ -101,10 +101,13 @@ class LocalMesh:
         args: list[str] | None = None,
         ready_timeout: float = 30.0,
         module: str = "mesh",
+        wrap: list[str] | None = None,
     ) -> NodeProcess:
-        """``module``: what ``python -m`` runs (tests start misbehaving nodes this way)."""
+        """``module``: what ``python -m`` runs (tests start misbehaving nodes this way);
+        ``wrap`` prefixes the command (e.g. ``nsenter -t PID -n``: a node in a namespace)."""
         data_dir = self.base_dir / name
         cmd = [sys.executable, "-m", module, "node", "--data-dir", str(data_dir), "--name", name]
+        cmd = (wrap or []) + cmd
         cmd += ["--mesh", self.mesh]
         if self.mdns_interface:
             cmd += ["--mdns-interface", self.mdns_interface]

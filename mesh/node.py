@@ -59,6 +59,8 @@ class NodeConfig:
     bootstrap: list[tuple[str, int]] = field(default_factory=list)
     dht_quota: int = 256  # stores per minute one sender may make before it is cut off
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # Longest wait for one generation step's token before the coordinator probes the route.
+    step_timeout: float = 45.0
     profile_hardware: bool = True  # detect and benchmark the machine (cached in DATA_DIR)
     # Required when the API listens beyond loopback; from the environment, never argv.
     api_token: str | None = field(default_factory=lambda: os.environ.get("EDGEMESH_API_TOKEN"))
@@ -110,6 +112,7 @@ class Node:
         from .jobs import JobService
 
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
+        self.compute.storage.pace = self.objects.pacer.take  # one serve rate for all bytes
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
         self.handlers: dict[str, Handler] = handlers_of(
@@ -122,7 +125,7 @@ class Node:
         )
         from .generate import Coordinator  # generation sits on top of compute and links
 
-        self.coordinator = Coordinator(self, self.compute)
+        self.coordinator = Coordinator(self, self.compute, forward_timeout=config.step_timeout)
         self.handlers.update(handlers_of(self.coordinator))
         self.guard = ReplayGuard()
         self.conns = Connections(
@@ -462,6 +465,7 @@ class Node:
             },
             "counters": {
                 **self.conns.counters,
+                "handshakes_in_progress": self.conns.handshakes_in_progress,
                 "signaling_rejected": self.signaling.rejected if self.signaling else 0,
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,

@@ -65,6 +65,8 @@ class StorageService:
         self.blob_dir = Path(blob_dir)
         self.suffix = suffix
         self.bytes_served: dict[str, int] = {}  # per peer
+        # The node's serve-rate pacer (--serve-rate): model shards count against it as objects do.
+        self.pace: Callable[[int], Awaitable[None]] | None = None
 
     def path(self, sha256: str) -> Path:
         if not isinstance(sha256, str) or not _HEX64.match(sha256):
@@ -94,6 +96,8 @@ class StorageService:
         except FileNotFoundError:
             raise BlobError(f"no blob {path.stem}") from None
         self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
+        if self.pace is not None:
+            await self.pace(len(data))
         return data
 
     async def rpc_blob_read(

@@ -15,6 +15,7 @@ import asyncio
 import importlib
 import itertools
 import logging
+import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,6 +153,18 @@ def get_runtime(name: str) -> type[Runtime]:
     return cls
 
 
+# Test hook, off by default: seconds to hold every multi-row forward (the prompt's prefill)
+# before it runs, so the fault suite can kill or stop a stage while it is in prefill.
+PREFILL_DELAY_ENV = "EDGEMESH_TEST_PREFILL_DELAY"
+
+
+def _prefill_delay() -> float:
+    try:
+        return max(0.0, float(os.environ.get(PREFILL_DELAY_ENV, "0")))
+    except ValueError:
+        return 0.0
+
+
 def load_runtime(name: str, shard: ShardSpec, **options: Any) -> Runtime:
     rt: Runtime = get_runtime(name)(shard, **options)
     return rt
@@ -192,6 +205,10 @@ class AsyncShard:
     async def forward(
         self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
     ) -> npt.NDArray[np.float32]:
+        delay = _prefill_delay()
+        if delay and np.shape(inputs)[0] > 1:  # several rows: a prompt chunk, not one token
+            log.warning("test hook: prefill held for %.1f s (%s)", delay, PREFILL_DELAY_ENV)
+            await asyncio.sleep(delay)  # test hook only: opens a window for a fault to land
         out: npt.NDArray[np.float32] = await self._call(
             lambda: self.runtime.forward(session, inputs, all_logits=all_logits)
         )
