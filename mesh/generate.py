@@ -57,6 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MAX_FAILOVERS = 3
+PROBE_EVERY = 3.0  # seconds between route probes while a step is awaited
 
 
 @dataclass
@@ -488,17 +489,29 @@ class _Run:
             await self.c.mesh.notify(
                 self.stages[0].peer_id, "stage_push", params, body, timeout=self.c.forward_timeout
             )
-            try:
-                reply = await asyncio.wait_for(fut, self._deadline())
-            except TimeoutError:
-                culprit = await self._probe()
-                if culprit is None:
-                    raise DeadlineExceeded(f"step {pos} got no token in time") from None
-                raise StageUnavailable(culprit) from None
+            reply = await self._await_token(fut, pos)
         finally:
             self.c.waiting.pop((rid, pos), None)
         self._account(reply, (time.perf_counter() - t0) * 1000)
         return reply
+
+    async def _await_token(self, fut: asyncio.Future[Reply], pos: int) -> Reply:
+        """The step's token. While the deadline is long (warm-up, a long prefill) the route is
+        probed every PROBE_EVERY s: a dead stage is found in seconds, a slow live one (its
+        event loop answers while its compute thread works) is waited for."""
+        end = time.monotonic() + self._deadline()
+        while True:
+            try:
+                wait = max(0.0, min(end - time.monotonic(), PROBE_EVERY))
+                return await asyncio.wait_for(asyncio.shield(fut), wait)
+            except TimeoutError:
+                culprit = await self._probe()
+                if culprit is not None:
+                    raise StageUnavailable(culprit) from None
+                if fut.done():
+                    return fut.result()
+                if time.monotonic() >= end:
+                    raise DeadlineExceeded(f"step {pos} got no token in time") from None
 
     def _account(self, reply: Reply, ms: float) -> None:
         self._warm += 1
