@@ -1,6 +1,7 @@
 """Spot checks: how soon a lying stage is caught, and what checking costs an honest route.
 
-Node processes on loopback, a generated tiny llama model split in two stages. (1) A node that
+Node processes on loopback, a generated tiny llama model. (1) Split in three stages, one run
+by a node that
 perturbs every output it computes (tests/fixtures/evil_node.py) is put on the route; for each
 of ``--trials`` generations with a fresh secret seed, the token at which it was banned. (2) An
 honest route's decode tokens/s with spot checks off (the baseline, same run), at the given
@@ -52,9 +53,9 @@ async def catch_trials(model: Path, work: Path, rate: float, trials: int, n: int
                 await mesh.start_node(f"h{i}")
             evil = await mesh.start_node("evil", module="tests.fixtures.evil_node")
             await mesh.wait_connected(timeout=60)
-            for node in (coord, evil):
-                await mesh.post(node, "/v1/models", {"path": str(model), "name": "tiny"})
-            body = {"model": "tiny", "tokens": PROMPT, "max_tokens": n, "split": 2, "verify": rate}
+            await mesh.post(coord, "/v1/models", {"path": str(model), "name": "tiny"})
+            # Three capable peers and three stages: the liar is always on the route.
+            body = {"model": "tiny", "tokens": PROMPT, "max_tokens": n, "split": 3, "verify": rate}
             events = await generate(mesh, coord, body)
             v = events[-1]["verification"]
             on_route = evil.peer_id in {s["peer_id"] for s in events[0]["route"]}

@@ -308,7 +308,10 @@ class _Run:
         self.excluded.add(exc.peer)
         await self._close()
         views, _ = await self.c.views(self.mid, self.excluded)
-        self.stages = self._plan(views)
+        try:
+            self.stages = self._plan(views)
+        except RouteError:  # the requested split needed the banned peer: any route will do
+            self.stages = self._plan(views, relax=True)
         self.reroutes.append(
             {
                 "failed": exc.peer,
@@ -342,7 +345,9 @@ class _Run:
             out["verification"] = self.checker.summary()
         return out
 
-    def _plan(self, views: list[PeerView]) -> list[Stage]:
+    def _plan(self, views: list[PeerView], relax: bool = False) -> list[Stage]:
+        """``relax``: ignore the requested split (after a ban there may be too few peers)."""
+        split = None if relax else self.req.split
         assert self.manifest is not None
         log.info(
             "planning over %s",
@@ -354,14 +359,14 @@ class _Run:
         )
         try:
             return plan_with_scheduler(
-                self.manifest, views, split=self.req.split, runtime=self.req.runtime
+                self.manifest, views, split=split, runtime=self.req.runtime
             )
         except Error as exc:  # the scheduler's errors share the root
             log.info("exact planner found no route (%s); splitting by memory", exc)
             return plan_route(
                 self.manifest,
                 views,
-                split=self.req.split,
+                split=split,
                 prefer=self.c.mesh.me,
                 runtime=self.req.runtime,
             )

@@ -49,19 +49,17 @@ def local_tokens(path: Path, store_dir: Path, stages: list[dict[str, Any]], n: i
 async def test_perturbing_stage_is_caught_banned_and_routed_around(
     local_mesh: LocalMesh, tiny: Path, tmp_path: Path
 ) -> None:
-    # The coordinator cannot run a stage itself (1 MiB): every stage is a remote peer.
+    # The coordinator cannot run a stage itself (1 MiB): the route is h0, h1 and the liar.
     coord = await local_mesh.start_node("coord", ["--memory-limit", "1M"])
     honest = [await local_mesh.start_node(f"h{i}") for i in range(2)]
     evil = await local_mesh.start_node("evil", module="tests.fixtures.evil_node")
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(coord, "/v1/models", {"path": str(tiny), "name": "tiny"})
-    # The liar holds the bytes and brags about its bandwidth: the planner wants it.
-    await local_mesh.post(evil, "/v1/models", {"path": str(tiny), "name": "tiny"})
     body = {
         "model": "tiny",
         "tokens": PROMPT,
         "max_tokens": BOUND + 8,
-        "split": 2,
+        "split": 3,  # three peers can run stages: the liar is one of them
         "verify": RATE,
         "verify_seed": SEED,
     }
@@ -90,7 +88,8 @@ async def test_perturbing_stage_is_caught_banned_and_routed_around(
     await wait_for(refused, timeout=30, what="the banned peer's records to be refused")
     assert evil.peer_id not in await local_mesh.connected_ids(coord)
     # A later generation, without spot checks, never routes through it.
-    again = (await collect(local_mesh, coord, dict(body, verify=0, max_tokens=4)))[-1]
+    later = {k: v for k, v in body.items() if k != "split"}  # two peers are left
+    again = (await collect(local_mesh, coord, dict(later, verify=0, max_tokens=4)))[-1]
     assert evil.peer_id not in {s["peer_id"] for s in again["stages"]}
     assert {h.peer_id for h in honest} >= {s["peer_id"] for s in again["stages"]}
 
