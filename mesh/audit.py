@@ -86,8 +86,8 @@ class AuditLog:
         if len(self.entries) >= MAX_AUDIT_ENTRIES:
             self.overflowed = True
             return
-        # A replayed step (after a re-route reopens the session it starts afresh; within
-        # one session positions only grow) replaces nothing: drop entries at or after it.
+        # Sessions refuse steps out of order (compute.py), so positions only grow; should an
+        # earlier position arrive anyway, the tail it contradicts goes: the log stays contiguous.
         while self.entries and self.entries[-1].pos >= entry.pos:
             old = self.entries.pop()
             self.size -= len(old.body) + len(old.sig) + 32
@@ -97,8 +97,6 @@ class AuditLog:
     def upto(self, pos: int) -> list[AuditEntry]:
         return [e for e in self.entries if e.pos <= pos]
 
-    def at(self, pos: int) -> AuditEntry | None:
-        return next((e for e in self.entries if e.pos == pos), None)
 
 
 def pack_entries(entries: list[AuditEntry], overflowed: bool) -> bytes:

@@ -43,7 +43,7 @@ from .routes import (
 from .rpc import CallContext, Reply
 from .rpc import MeshCaller as Mesh
 from .sampling import SamplingParams
-from .verify import SpotChecker, VerificationFailed, VerifyParams
+from .verify import SpotChecker, Step, VerificationFailed, VerifyParams
 
 __all__ = [
     "Stage",
@@ -289,7 +289,7 @@ class _Run:
             if self.checker is not None:
                 tokens = self.prompt + self.generated
                 await self.checker.after_step(
-                    self.stages, self.sids, tokens, pos, len(feed), req.sampling, i
+                    Step(self.stages, self.sids, tokens, pos, len(feed), req.sampling, i)
                 )
             if self.ttft is None:
                 self.ttft = (time.perf_counter() - self.t_start) * 1000
@@ -358,9 +358,7 @@ class _Run:
             ),
         )
         try:
-            return plan_with_scheduler(
-                self.manifest, views, split=split, runtime=self.req.runtime
-            )
+            return plan_with_scheduler(self.manifest, views, split=split, runtime=self.req.runtime)
         except Error as exc:  # the scheduler's errors share the root
             log.info("exact planner found no route (%s); splitting by memory", exc)
             return plan_route(

@@ -27,7 +27,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +46,7 @@ from .identity import verify
 from .routes import Stage, unit_memory
 from .sampling import SamplingParams
 
-__all__ = ["VerifyParams", "VerificationFailed", "SpotChecker"]
+__all__ = ["VerifyParams", "VerificationFailed", "SpotChecker", "Step"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,20 @@ class _Stats:
     first_failure_token: int | None = None
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a generation, as a check needs it: the route, and the step that consumed
+    ``tokens[:pos]`` (its last chunk ``rows`` long) and produced ``tokens[pos]``."""
+
+    stages: list[Stage]
+    sids: list[str]
+    tokens: list[int]
+    pos: int
+    rows: int
+    sampling: SamplingParams
+    index: int  # tokens generated before this one
+
+
 @dataclass
 class _Outcome:
     ok: bool
@@ -120,6 +134,7 @@ class SpotChecker:
         )
         self.stats = _Stats()
         self.excluded: set[str] = set()
+        self._candidates: dict[tuple[int, int], list[str]] = {}  # per unit range, this run
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -137,62 +152,38 @@ class SpotChecker:
             "first_failure_token": s.first_failure_token,
         }
 
-    async def after_step(
-        self,
-        stages: list[Stage],
-        sids: list[str],
-        tokens: list[int],
-        pos: int,
-        rows: int,
-        sampling: SamplingParams,
-        step: int,
-    ) -> None:
-        """Maybe check the step that consumed ``tokens[:pos]`` (its last chunk ``rows``
-        long) and produced ``tokens[pos]``; raises :class:`VerificationFailed` after a ban."""
-        for s in range(len(stages)):
+    async def after_step(self, step: Step) -> None:
+        """Maybe check each stage's part in ``step``; raises :class:`VerificationFailed`
+        after banning a stage of the route."""
+        for s in range(len(step.stages)):
             if self.rng.random() >= self.params.rate:
                 continue
             t0 = time.perf_counter()
             try:
-                await self._check(stages, sids, s, tokens, pos, rows, sampling, step)
+                await self._check(step, s)
             finally:
                 self.stats.ms += (time.perf_counter() - t0) * 1000
 
     # -- one check -------------------------------------------------------------------------
-    async def _check(
-        self,
-        stages: list[Stage],
-        sids: list[str],
-        s: int,
-        tokens: list[int],
-        pos: int,
-        rows: int,
-        sampling: SamplingParams,
-        step: int,
-    ) -> None:
-        suspect = stages[s].peer_id
+    async def _check(self, step: Step, s: int) -> None:
+        stage = step.stages[s]
+        suspect = stage.peer_id
         if suspect == self.c.mesh.me:
             return  # our own stage: nothing to gain from checking ourselves
-        try:
-            inputs, n_last = await self._inputs(stages, sids, s, tokens, pos, rows)
-        except _Blame as blame:
-            self._ban(blame.peer, blame.reason, step)
         claimed: Any
-        if s == len(stages) - 1:
-            claimed = tokens[pos]
-        else:
-            try:
-                claimed = await self._output(stages, sids, s, pos)
-            except _Blame as blame:
-                self._ban(blame.peer, blame.reason, step)
-        self.stats.checks += 1
-        verifiers = await self._verifiers(stages[s], suspect)
-        if not verifiers:
-            self.stats.unchecked.append(f"no verifier for units {list(stages[s].units)}")
+        try:
+            inputs, rows = await self._inputs(step, s)
+            last = s == len(step.stages) - 1
+            claimed = step.tokens[step.pos] if last else await self._output(step, s)
+        except _Blame as blame:
+            self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
             return
-        first = await self._recompute(
-            verifiers[0], stages[s], inputs, pos, n_last, claimed, sampling
-        )
+        self.stats.checks += 1
+        verifiers = await self._verifiers(stage, suspect)
+        if not verifiers:
+            self.stats.unchecked.append(f"no verifier for units {list(stage.units)}")
+            return
+        first = await self._recompute(verifiers[0], stage, inputs, step, rows, claimed)
         if first is None:
             return
         if first.ok:
@@ -200,24 +191,15 @@ class SpotChecker:
             return
         second = None
         if len(verifiers) > 1:
-            second = await self._recompute(
-                verifiers[1], stages[s], inputs, pos, n_last, claimed, sampling
-            )
+            second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
         if second is not None and second.ok:
             # The stage agrees with an independent verifier: the first verifier lied.
             self._passed(second)
-            if any(st.peer_id == verifiers[0] for st in stages):
-                # The liar also runs a stage of this route: its tokens cannot be trusted.
-                self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
-            self.stats.banned.append(
-                {"peer": verifiers[0], "reason": f"verifier disagreed: {first.what}"}
-            )
-            self.c.mesh.ban(verifiers[0], f"spot check verifier disagreed: {first.what}")
-            self.excluded.add(verifiers[0])
+            self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
             return
         self.stats.failed += 1
         self._ban(
-            suspect, f"stage units {list(stages[s].units)} at position {pos}: {first.what}", step
+            suspect, f"stage units {list(stage.units)} at position {step.pos}: {first.what}", step
         )
 
     def _passed(self, outcome: _Outcome) -> None:
@@ -227,13 +209,17 @@ class SpotChecker:
         else:
             self.stats.max_error = max(self.stats.max_error, outcome.deviation)
 
-    def _ban(self, peer: str, reason: str, step: int) -> NoReturn:
+    def _ban(self, peer: str, reason: str, step: Step) -> None:
+        """Ban ``peer``; if it runs a stage of the route, its tokens cannot be trusted:
+        raise :class:`VerificationFailed` so the generation restarts without it."""
         self.stats.banned.append({"peer": peer, "reason": reason})
-        if self.stats.first_failure_token is None:
-            self.stats.first_failure_token = step
         self.c.mesh.ban(peer, f"spot check: {reason}")
         self.excluded.add(peer)
-        raise VerificationFailed(peer, reason)
+        self._candidates.clear()
+        if any(st.peer_id == peer for st in step.stages):
+            if self.stats.first_failure_token is None:
+                self.stats.first_failure_token = step.index
+            raise VerificationFailed(peer, reason)
 
     async def _audit(self, peer: str, sid: str, upto: int, since: int = 0) -> list[AuditEntry]:
         try:
@@ -246,13 +232,13 @@ class SpotChecker:
         except RPCError as exc:
             raise _Blame(peer, f"refused its audit log: {exc}") from None
 
-    async def _inputs(
-        self, stages: list[Stage], sids: list[str], s: int, tokens: list[int], pos: int, rows: int
-    ) -> tuple[bytes, int]:
-        """Stage ``s``'s whole input history up to ``pos``: token ids for the first stage (we
-        sent them), else its log, every entry signed by the previous stage."""
+    async def _inputs(self, step: Step, s: int) -> tuple[bytes, int]:
+        """Stage ``s``'s whole input history up to the step, and the step's rows: token ids
+        for the first stage (we sent them), else its log, each entry signed by the stage
+        before it."""
+        stages, sids, pos = step.stages, step.sids, step.pos
         if s == 0:
-            return np.asarray(tokens[:pos], dtype="<i4").tobytes(), rows
+            return np.asarray(step.tokens[:pos], dtype="<i4").tobytes(), step.rows
         peer = stages[s].peer_id
         entries = await self._audit(peer, sids[s], pos)
         if not entries or entries[-1].pos != pos:
@@ -265,10 +251,9 @@ class SpotChecker:
                 raise _Blame(peer, f"logged input at {e.pos} not signed by its sender") from None
         return b"".join(e.body for e in entries), entries[-1].n
 
-    async def _output(
-        self, stages: list[Stage], sids: list[str], s: int, pos: int
-    ) -> np.ndarray[Any, Any]:
-        """What stage ``s`` sent at ``pos``, as the next stage logged it under ``s``'s key."""
+    async def _output(self, step: Step, s: int) -> np.ndarray[Any, Any]:
+        """What stage ``s`` sent at the step, as the next stage logged it under ``s``'s key."""
+        stages, sids, pos = step.stages, step.sids, step.pos
         nxt = stages[s + 1].peer_id
         entries = await self._audit(nxt, sids[s + 1], pos, since=pos)
         if not entries or entries[-1].pos != pos:
@@ -284,8 +269,12 @@ class SpotChecker:
         return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
 
     async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
-        """Up to two peers that can hold ``stage``'s units, those holding the bytes first."""
-        skip = self.excluded | {suspect}
+        """Up to two peers that can hold ``stage``'s units, those holding the bytes first
+        (asked once per unit range and run; a ban or a verifier that fails asks again)."""
+        cached = self._candidates.get(stage.units)
+        if cached is not None:
+            return [p for p in cached if p != suspect][:2]
+        skip = set(self.excluded)
         try:
             views, manifest = await self.c.views(self.mid, skip)
         except Error as exc:
@@ -298,19 +287,21 @@ class SpotChecker:
         fits = [v for v in views if v.free >= need and v.peer_id not in skip]
         # This node first (we trust ourselves), then peers that need not pull the bytes.
         fits.sort(key=lambda v: (v.peer_id != self.c.mesh.me, -len(blobs & v.held)))
-        return [v.peer_id for v in fits[:2]]
+        # Three kept: whichever is the suspect at a later check, two remain.
+        self._candidates[stage.units] = [v.peer_id for v in fits[:3]]
+        return [p for p in self._candidates[stage.units] if p != suspect][:2]
 
     async def _recompute(
         self,
         verifier: str,
         stage: Stage,
         inputs: bytes,
-        pos: int,
+        step: Step,
         rows: int,
         claimed: Any,
-        sampling: SamplingParams,
     ) -> _Outcome | None:
         """The verifier's verdict, or None when it could not run the check."""
+        pos = step.pos
         sid = os.urandom(12).hex()
         mesh = self.c.mesh
         opened = False
@@ -331,10 +322,11 @@ class SpotChecker:
             opened = True
             params: dict[str, Any] = {"sid": sid, "n": pos, "rows": rows}
             if not isinstance(claimed, np.ndarray):
-                params.update(claimed=int(claimed), pos=pos, sample=sampling.to_wire())
+                params.update(claimed=int(claimed), pos=pos, sample=step.sampling.to_wire())
             reply = await mesh.call(verifier, "stage_recompute", params, inputs, timeout=120)
         except (RPCError, ModelError) as exc:
             self.stats.unchecked.append(f"verifier {verifier[:12]}: {exc}"[:200])
+            self._candidates.pop(stage.units, None)  # ask the mesh again next time
             return None
         finally:
             if opened:

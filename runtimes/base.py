@@ -177,6 +177,7 @@ class AsyncShard:
         self.runtime = runtime
         self._executor = executor
         self._closed = False
+        self._prefill_delay = _prefill_delay()  # read once, not on every step
 
     @classmethod
     async def load(cls, name: str, shard: ShardSpec, **options: Any) -> AsyncShard:
@@ -205,7 +206,7 @@ class AsyncShard:
     async def forward(
         self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
     ) -> npt.NDArray[np.float32]:
-        delay = _prefill_delay()
+        delay = self._prefill_delay
         if delay and np.shape(inputs)[0] > 1:  # several rows: a prompt chunk, not one token
             log.warning("test hook: prefill held for %.1f s (%s)", delay, PREFILL_DELAY_ENV)
             await asyncio.sleep(delay)  # test hook only: opens a window for a fault to land

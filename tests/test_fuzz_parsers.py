@@ -23,22 +23,10 @@ from runtimes.errors import ModelError
 from runtimes.gguf_io import open_gguf
 from runtimes.shards import Manifest
 
+from .strategies import ANY
+
 pytestmark = pytest.mark.badinput
 CORPUS = Path(__file__).parent / "corpus"
-ANY = st.recursive(
-    st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**63), 2**64 - 1),
-        st.floats(),
-        st.text(max_size=20),
-        st.binary(max_size=40),
-    ),
-    lambda kids: st.one_of(
-        st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=6), kids, max_size=5)
-    ),
-    max_leaves=12,
-)
 
 
 @settings(max_examples=400, deadline=None)
