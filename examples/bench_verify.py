@@ -104,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[f"{r}", tps, round(tps / base, 2)] for r, tps in speed.items()]
     table = markdown_table(["spot-check rate", "tokens/s end to end", "x no checks"], rows)
     text = (
-        f"Tiny generated llama, 2 stages on loopback ({result['machine']}). A stage perturbing "
-        f"every output is banned at token {sorted(caught)} over {len(caught)} trials at rate "
-        f"{args.rate} (expected 1/rate = {1 / args.rate:.0f} per stage; the chance to escape "
-        "n tokens is (1-rate)^n; the liar also lies when asked to verify, which gets it caught "
-        "sooner). "
-        "Honest route, generation speed (checks included) against no checks, same run:\n\n" + table
+        f"Tiny generated llama on loopback ({result['machine']}). A stage of a 3-stage route "
+        "that lies on every output (30 % noise on activations; as the last stage, an arbitrary "
+        f"token made the best) is banned at token {sorted(caught)} over {len(caught)} trials "
+        f"at rate {args.rate} (expected 1/rate = {1 / args.rate:.0f} per stage; the chance to "
+        "escape n tokens is (1-rate)^n; the liar also lies when asked to verify, which gets it "
+        "caught sooner). "
+        "Honest 2-stage route, generation speed (checks included) against no checks, "
+        "same run:\n\n" + table
     )
     if not args.no_docs:
         write_json(docs_dir() / "bench" / "verify.json", result)
