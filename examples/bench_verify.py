@@ -10,7 +10,8 @@ rate and at rate 1.
 Writes docs/bench/verify.json and the "Spot checks" section of docs/benchmarks.md
 (``--no-docs``: neither).
 
-    python examples/bench_verify.py [--rate 0.25] [--trials 8] [--max-tokens 32] [--no-docs]
+    python examples/bench_verify.py [--rate 0.25] [--trials 8] [--max-tokens 32] [--gemma]
+                                    [--no-docs]
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ async def overhead(model: Path, work: Path, rate: float, n: int) -> dict[str, fl
     async with LocalMesh(work / "honest") as mesh:
         nodes = [await mesh.start_node(f"n{i}") for i in range(3)]
         await mesh.wait_connected(timeout=60)
-        await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "tiny"})
-        body = {"model": "tiny", "tokens": PROMPT, "max_tokens": n, "split": 2}
+        await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "m"})
+        body = {"model": "m", "tokens": PROMPT, "max_tokens": n, "split": 2}
         await generate(mesh, nodes[0], dict(body, max_tokens=2))  # warm-up: pulls, loads
         for r in (0.0, rate, 1.0):
             runs = [(await generate(mesh, nodes[0], dict(body, verify=r)))[-1] for _ in range(3)]
@@ -87,15 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument(
+        "--gemma", action="store_true", help="measure the cost on Gemma 3 270M (the real model)"
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = write_test_model(work / "llama.gguf", "llama")
         caught = asyncio.run(catch_trials(model, work, args.rate, args.trials, args.max_tokens))
+        if args.gemma:
+            from runtimes.models import gemma3_270m_path
+
+            model = gemma3_270m_path()
         speed = asyncio.run(overhead(model, work, args.rate, args.max_tokens))
     result = {
         "machine": machine(),
         "rate": args.rate,
+        "cost_model": "gemma3-270m" if args.gemma else "tiny",
         "caught_at_token": caught,
         "escaped": sum(1 for c in caught if c >= args.max_tokens),
         "tokens_per_s": speed,
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         f"at rate {args.rate} (expected 1/rate = {1 / args.rate:.0f} per stage; the chance to "
         "escape n tokens is (1-rate)^n; the liar also lies when asked to verify, which gets it "
         "caught sooner). "
-        "Honest 2-stage route, generation speed (checks included) against no checks, "
+        f"Honest 2-stage route ({'Gemma 3 270M' if args.gemma else 'the same tiny model'}), "
+        "generation speed (checks included) against no checks, "
         "same run:\n\n" + table
     )
     if not args.no_docs:
