@@ -73,9 +73,15 @@ def parse_records(data: bytes) -> np.ndarray:
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     try:
-        return np.asarray(rows, dtype=np.float32)
-    except (ValueError, TypeError):
+        with np.errstate(over="ignore"):  # checked just below
+            out = np.asarray(rows, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
         raise JobError("records must have equal-length numeric x") from None
+    if out.ndim != 2:
+        raise JobError("each x must be a flat list of numbers")
+    if not np.all(np.isfinite(out)):
+        raise JobError("record values must be finite float32 numbers (no NaN, inf or 1e300)")
+    return out
 
 
 def run_records(session: Any, data: bytes) -> bytes:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -205,7 +206,6 @@ def test_fuzz_sampling_params(value: Any) -> None:
         pass
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e300 -> inf, not an error
 @settings(max_examples=200, deadline=None)
 @given(
     st.one_of(
@@ -221,9 +221,16 @@ def test_fuzz_sampling_params(value: Any) -> None:
 )
 def test_fuzz_job_records(data: bytes) -> None:
     try:
-        parse_records(data)
+        x = parse_records(data)
     except JobError:
-        pass
+        return
+    assert x.dtype == np.float32 and x.ndim == 2 and bool(np.all(np.isfinite(x)))
+
+
+@pytest.mark.parametrize("x", ["[1e300]", "[NaN]", "[-Infinity]", "[[1]]", "[[1, 2], [3, 4]]"])
+def test_job_records_refuse_values_that_are_not_finite_float32(x: str) -> None:
+    with pytest.raises(JobError):
+        parse_records(b'{"x": %s}' % x.encode())
 
 
 @settings(max_examples=200, deadline=None)
