@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory for loaded shards, e.g. 512M or 2G (default: 70%% of RAM)",
     )
+    n.add_argument(
+        "--disk-limit",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="disk for model shards pulled from peers (default: all but 1 GiB free)",
+    )
     n.add_argument("--runtime", default="onnx", help="layer runtime: onnx, tinygrad, fake")
     n.add_argument("--threads", type=int, default=None, help="inference threads per shard")
     n.add_argument("--mesh", default="default", help="mesh name on the broker and in the DHT")
@@ -323,6 +330,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         step_timeout=args.step_timeout,
         compute=ComputeConfig(
             memory_limit=args.memory_limit or _default_memory_limit(),
+            disk_limit=args.disk_limit,
             runtime=args.runtime,
             threads=args.threads,
         ),

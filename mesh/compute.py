@@ -31,6 +31,7 @@ from runtimes.errors import ModelError
 from runtimes.shards import Manifest, ShardStore
 
 from .audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, pack_entries, step_message
+from .diskquota import disk_shortfall
 from .errors import Error, IdentityError, RemoteError, RPCError
 from .identity import verify
 from .rpc import CallContext, Reply
@@ -77,6 +78,7 @@ class StageUnavailable(Error):
 @dataclass(frozen=True)
 class ComputeConfig:
     memory_limit: int | None = None  # bytes for loaded shards and their sessions
+    disk_limit: int | None = None  # bytes of shard blobs on disk (always: 1 GiB left free)
     runtime: str = "onnx"
     threads: int | None = None
     session_ttl: float = 300.0
@@ -239,6 +241,7 @@ class ComputeService:
             async with lock:  # two sessions wanting one blob pull it once
                 if self.storage.has(blob.sha256):
                     continue
+                self._disk_room(blob.size)
                 holders = [h for h in (hint or {}).get(blob.sha256, []) if h != self.me]
                 if not holders:
                     holders = await self._find_holders(blob.sha256)
@@ -259,6 +262,21 @@ class ComputeService:
                     self.transfers.pop(blob.sha256, None)
                 pulled += blob.size
         return pulled
+
+    def _disk_room(self, size: int) -> None:
+        """Evict blobs we do not need, or refuse the pull (a peer must not fill our disk)."""
+        keep = set(self.transfers)
+        for mid in set(self.names.values()):  # models added here are never evicted
+            if mid in self.manifests:
+                keep.update(b.sha256 for b in self.manifests[mid].blobs)
+        for mid, start, end, _ in self.loaded:
+            if mid in self.manifests:
+                keep.update(b.sha256 for b in self.manifests[mid].blobs_for(start, end))
+        short = disk_shortfall(self.store.blob_dir, size, self.config.disk_limit, keep)
+        if short > 0:
+            raise CapacityError(
+                f"no disk room for a {size >> 20} MiB shard ({short >> 20} MiB short)"
+            )
 
     async def _find_holders(self, sha: str) -> list[str]:
         async def ask(peer: str) -> str | None:
