@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ __all__ = ["BlobError", "StorageService", "Transfer", "fetch_blob", "CHUNK"]
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+RANGE_DEADLINE_FACTOR = 4.0  # x the median range time, with another holder left
+RANGE_DEADLINE_FLOOR = 1.5  # seconds
 MAX_READ = 4 * CHUNK
 PER_HOLDER = 3  # ranges in flight per holder: keeps each link busy without flooding it
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -218,6 +221,32 @@ async def _pull_ranges(
     for offset in range(0, size, CHUNK):
         queue.put_nowait(offset)
     dead: set[str] = set()
+    took: list[float] = []  # seconds per range served, any holder
+
+    def deadline(holder: str) -> float | None:
+        """A range far slower than the ones served so far means a dead or stalled holder:
+        give its range to the others rather than wait out the RPC deadline. Only while
+        another holder is left, and only once there is something to compare with."""
+        if len(took) < 3 or not [h for h in holders if h not in dead and h != holder]:
+            return None
+        return max(RANGE_DEADLINE_FLOOR, RANGE_DEADLINE_FACTOR * statistics.median(took[-32:]))
+
+    async def within_deadline(coro: Awaitable[bytes], holder: str, t0: float) -> bytes:
+        # The deadline is looked at again while the read runs: reads started before any
+        # sample existed are judged too.
+        task = asyncio.ensure_future(coro)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=RANGE_DEADLINE_FLOOR / 3)
+                if done:
+                    return task.result()
+                if holder in dead:  # its other ranges timed out: this one goes elsewhere too
+                    raise TimeoutError("holder left behind")
+                limit = deadline(holder)
+                if limit is not None and time.monotonic() - t0 > limit:
+                    raise TimeoutError(f"range not served in {limit:.1f} s")
+        finally:
+            task.cancel()
 
     async def worker(holder: str) -> None:
         while holder not in dead:
@@ -226,8 +255,9 @@ async def _pull_ranges(
             except asyncio.QueueEmpty:
                 return
             length = min(CHUNK, size - offset)
+            t0 = time.monotonic()
             try:
-                data = await read(holder, sha256, offset, length)
+                data = await within_deadline(read(holder, sha256, offset, length), holder, t0)
                 if len(data) != length:
                     raise BlobError(f"{holder[:12]} sent {len(data)} of {length} bytes")
             except Exception as exc:  # any holder failure: the others take over its ranges
@@ -237,10 +267,12 @@ async def _pull_ranges(
                     holder[:12],
                     exc,
                 )
-                dead.add(holder)
-                transfer.failed_sources.append(holder)
+                if holder not in dead:
+                    dead.add(holder)
+                    transfer.failed_sources.append(holder)
                 queue.put_nowait(offset)  # resume this range elsewhere
                 return
+            took.append(time.monotonic() - t0)
             await asyncio.to_thread(_write_range, tmp, offset, data)
             transfer.done += length
             transfer.sources[holder] = transfer.sources.get(holder, 0) + length

@@ -45,3 +45,33 @@ async def test_all_holders_bad_fails_cleanly(tmp_path):
             None, SHA, len(DATA), ["a", "b"], tmp_path / "blob", reader=reader({"a", "b"}, [])
         )
     assert not list(tmp_path.iterdir())
+
+
+async def test_a_stalled_holder_is_left_behind_without_waiting_out_the_rpc_deadline(tmp_path):
+    """The stalled holder answers two ranges, then never again: its range goes to the other
+    holder after a few times the usual range time, not after the 60 s RPC deadline."""
+    import asyncio
+
+    data = os.urandom(12 * CHUNK)
+    served = {"stall": 0}
+    forever = asyncio.Event()
+
+    async def read(holder, sha, offset, length):
+        if holder == "stall":
+            served["stall"] += 1
+            if served["stall"] > 2:
+                await forever.wait()  # a holder that died without closing its link
+        await asyncio.sleep(0.01)
+        return data[offset : offset + length]
+
+    async with asyncio.timeout(15):  # the RPC deadline would be 60 s
+        t = await fetch_blob(
+            None,
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+            ["stall", "good"],
+            tmp_path / "blob",
+            reader=read,
+        )
+    assert (tmp_path / "blob").read_bytes() == data
+    assert "stall" in t.failed_sources and t.sources["good"] >= 10 * CHUNK
