@@ -159,18 +159,35 @@ class Coordinator:
         return float(rtt) if rtt is not None else 1.0
 
     async def resolve(self, model: str) -> str:
+        """A model id from a name or id: ours first; else the one id the peers give for it.
+        Names are self-reported: when peers claim one name for different models, the name
+        is refused as ambiguous (a peer must not hijack a popular name)."""
         try:
             return str(self.compute.resolve(model))
         except ModelError:
             pass
-        for pid in self.mesh.connected_peer_ids():
+
+        async def ask(pid: str) -> set[str]:
             try:
                 models = models_of(await self.mesh.call(pid, "models", timeout=5))
             except RPCError:
-                continue
-            for m in models:
-                if isinstance(m, dict) and model in (m.get("name"), m.get("model_id")):
-                    return str(m["model_id"])
+                return set()
+            return {
+                m["model_id"]
+                for m in models
+                if isinstance(m.get("model_id"), str) and model in (m.get("name"), m["model_id"])
+            }
+
+        found = set().union(*await asyncio.gather(*map(ask, self.mesh.connected_peer_ids())))
+        if model in found:  # asked by id: ids are hashes of the manifest, nothing to hijack
+            return model
+        if len(found) > 1:
+            ids = ", ".join(sorted(f[:12] for f in found))
+            raise ModelError(
+                f"peers give the name {model!r} to different models ({ids}): ask by id"
+            )
+        if found:
+            return found.pop()
         raise ModelError(f"no peer knows a model named {model!r}")
 
     async def list_models(self) -> list[dict[str, Any]]:
