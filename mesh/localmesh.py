@@ -50,6 +50,22 @@ class NodeProcess:
     def signaling(self) -> str:
         return str(self.ready["signaling"])
 
+    def log_text(self) -> str:
+        """Everything the node has logged so far (its stderr, drained line by line)."""
+        path = self.data_dir / "node.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def wait_logged(self, *texts: str, timeout: float = 10.0) -> None:
+        """Wait until every text appears in the log: stderr is drained by another task, so a
+        counter read over HTTP can be ahead of the lines that explain it."""
+        try:
+            await wait_for(lambda: all(t in self.log_text() for t in texts), timeout, "log")
+        except LocalMeshError:
+            missing = [t for t in texts if t not in self.log_text()]
+            raise LocalMeshError(
+                f"node never logged {missing}; last lines: {self.stderr_tail[-10:]}"
+            ) from None
+
 
 async def wait_for(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
@@ -139,7 +155,7 @@ class LocalMesh:
             return
         log_path = node.data_dir / "node.log"
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as fh:  # noqa: ASYNC230 - line-buffered log
+        with open(log_path, "a", encoding="utf-8", buffering=1) as fh:  # noqa: ASYNC230 - line-buffered log
             while line := await stream.readline():
                 text = line.decode(errors="replace").rstrip()
                 fh.write(text + "\n")
