@@ -233,6 +233,9 @@ class PendingConnection:
         reassembler = Reassembler(HANDSHAKE_LIMITS)
 
         def send(header: dict[str, Any]) -> None:
+            if channel.readyState != "open":
+                # e.g. a dialer frozen past the peer's deadline: the peer closed the channel
+                raise TransportError("connection closed during the handshake")
             for frame in encoder.encode(header, compress=False):
                 channel.send(frame)
 

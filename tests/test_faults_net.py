@@ -61,7 +61,9 @@ async def test_peer_lost_mid_handshake_frees_the_slot(local_mesh: LocalMesh, sig
         if sig == signal.SIGSTOP:
             mesh.kill(dialer, signal.SIGCONT)
     if sig == signal.SIGSTOP:  # woken, its retry (no hold) proves the survivor took it back
-        await mesh.wait_connected(timeout=60, nodes=[survivor, dialer])
+        # bound: the rest of the 30 s hold, then the held dial fails (connect 20 s +
+        # handshake 10 s at most), backoff (<= 1 s) and a fresh dial
+        await mesh.wait_connected(timeout=90, nodes=[survivor, dialer])
     log.warning("FAULT dialer %s mid-handshake: slot freed in %.1f s", dialer.peer_id[:8], freed_s)
 
 
