@@ -45,9 +45,11 @@ __all__ = [
     "CapacityError",
     "StageUnavailable",
     "models_of",
+    "tokens_of",
 ]
 
 MAX_MODELS_REPLY = 1 << 20
+MAX_PROMPT_BYTES = 1 << 20  # as the HTTP API's request cap
 
 
 def models_of(reply: Reply) -> list[dict[str, Any]]:
@@ -59,6 +61,18 @@ def models_of(reply: Reply) -> list[dict[str, Any]]:
     except Exception:  # msgpack raises several types on bad input
         return []
     return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+
+
+def tokens_of(reply: Reply) -> list[int]:
+    """The tokens of a ``tokenize`` reply, size-capped and checked (it is untrusted)."""
+    n, data = reply.result.get("n"), reply.payload
+    # llama.cpp gives at most one token per byte of text, plus BOS
+    if len(data) % 4 or len(data) > 4 * (MAX_PROMPT_BYTES + 1) or n != len(data) // 4:
+        raise ModelError("malformed tokenize reply")
+    tokens = np.frombuffer(data, "<i4")
+    if tokens.size and int(tokens.min()) < 0:
+        raise ModelError("tokenize reply holds a negative token id")
+    return [int(t) for t in tokens]
 
 
 log = logging.getLogger(__name__)
@@ -650,17 +664,21 @@ class ComputeService:
                 return tok
         raise ModelError("this node holds no blob with the tokenizer")
 
-    async def rpc_tokenize(
-        self, ctx: CallContext, params: dict[str, Any], payload: bytes
-    ) -> dict[str, Any]:
-        mid, text = params.get("model_id"), params.get("text")
-        if not isinstance(mid, str) or mid not in self.manifests or not isinstance(text, str):
-            raise ModelError("tokenize needs a known model id and a text")
+    async def rpc_tokenize(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
+        """The payload's UTF-8 text as tokens, int32 little-endian in the reply's payload: a
+        prompt and its tokens outgrow the 4 KiB header (``tokens_of`` reads the reply)."""
+        mid = params.get("model_id")
+        if not isinstance(mid, str) or mid not in self.manifests:
+            raise ModelError("tokenize needs a known model id")
+        if len(payload) > MAX_PROMPT_BYTES:
+            raise ModelError(f"a prompt of {len(payload)} bytes exceeds {MAX_PROMPT_BYTES}")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError("the prompt is not UTF-8") from None
         tok = await self.tokenizer(mid)
-        return {
-            "tokens": tok.encode(text, add_bos=bool(params.get("add_bos", True))),
-            "eos": tok.eos_id,
-        }
+        tokens = tok.encode(text, add_bos=bool(params.get("add_bos", True)))
+        return Reply({"n": len(tokens), "eos": tok.eos_id}, np.asarray(tokens, "<i4").tobytes())
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _evict_loop(self) -> None:

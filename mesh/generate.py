@@ -28,7 +28,7 @@ import numpy as np
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-from .compute import CapacityError, StageUnavailable, models_of
+from .compute import CapacityError, StageUnavailable, models_of, tokens_of
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
 from .routes import (
     KV_PER_BLOCK,
@@ -269,9 +269,12 @@ class _Run:
                 self.prompt = list(req.tokens)
             else:
                 tok = await self.c.mesh.call(
-                    self.stages[0].peer_id, "tokenize", {"model_id": self.mid, "text": req.prompt}
+                    self.stages[0].peer_id,
+                    "tokenize",
+                    {"model_id": self.mid},
+                    req.prompt.encode(),
                 )
-                self.prompt = [int(t) for t in tok.result["tokens"]]
+                self.prompt = tokens_of(tok)
             for restarts in range(MAX_FAILOVERS + 1):
                 try:
                     async for event in self._decode():

@@ -44,6 +44,7 @@ class TestModelSpec:
     sliding_window: int = 0
     tied: bool = True
     rope_base: float = 10000.0
+    context_length: int = 256
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
@@ -196,7 +197,7 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     rng = np.random.default_rng(spec.seed)
     w = gguf.GGUFWriter(str(out), spec.arch)
     w.add_name(f"edgemesh-test-{spec.arch}")
-    w.add_context_length(256)
+    w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.d_model)
     w.add_block_count(spec.n_layers)
     w.add_feed_forward_length(spec.d_ff)

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.blobstore import StoreError, parse_manifest
-from mesh.compute import ComputeConfig, ComputeService, models_of
+from mesh.compute import ComputeConfig, ComputeService, models_of, tokens_of
 from mesh.dht import parse_record, parse_value
 from mesh.discovery import parse_announcement
 from mesh.errors import (
@@ -238,6 +238,24 @@ def test_job_records_refuse_values_that_are_not_finite_float32(x: str) -> None:
 def test_fuzz_models_listing(payload: bytes) -> None:
     """A ``models`` reply from a peer: never raises, always a list of maps."""
     assert all(isinstance(m, dict) for m in models_of(Reply({}, payload)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.one_of(ANY, st.integers(-2, 20)))
+def test_fuzz_tokenize_reply(payload: bytes, n: Any) -> None:
+    """A ``tokenize`` reply from a peer: non-negative int32 ids, as many as it says, or
+    ModelError."""
+    try:
+        tokens = tokens_of(Reply({"n": n}, payload))
+    except ModelError:
+        return
+    assert len(tokens) == n == len(payload) // 4 and all(t >= 0 for t in tokens)
+
+
+def test_tokenize_reply_over_the_cap_is_refused_before_decoding() -> None:
+    big = bytes(4 * ((1 << 20) + 2))
+    with pytest.raises(ModelError):
+        tokens_of(Reply({"n": len(big) // 4}, big))
 
 
 # -- RPC framing on a link -------------------------------------------------------------------
@@ -469,6 +487,10 @@ def _replay_rpc(data: bytes) -> None:
         raise WireError(reason)
 
 
+def _replay_tokens(data: bytes) -> None:
+    tokens_of(Reply({"n": len(data) // 4}, data))
+
+
 # parser prefix of a corpus file -> (replay function, the error class it must raise)
 REPLAY: dict[str, tuple[Callable[[bytes], None], type[Exception]]] = {
     "frame": (_replay_frame, WireError),
@@ -482,6 +504,7 @@ REPLAY: dict[str, tuple[Callable[[bytes], None], type[Exception]]] = {
     "fastpath": (parse_request, FastPathError),
     "jobrecords": (parse_records, JobError),
     "rpc": (_replay_rpc, WireError),
+    "tokens": (_replay_tokens, ModelError),
 }
 
 

@@ -126,3 +126,34 @@ async def test_client_cancellation_frees_every_stage(local_mesh, tiny):
 
     await wait_for(all_free, 15, "every stage to free its session")
     assert len(got) == 3 and np.all([isinstance(t, str) for t in got])
+
+
+async def test_long_prompt_tokenized_by_a_remote_first_stage(local_mesh, tmp_path):
+    """A prompt far over the 4 KiB RPC header: the text goes to the remote first stage and its
+    tokens come back as payloads, and the generation equals the one given the same tokens."""
+    from dataclasses import replace
+
+    from runtimes.testmodels import DEFAULT_SPECS
+    from runtimes.tokenizer import Tokenizer
+
+    spec = replace(DEFAULT_SPECS["llama"], context_length=8192)
+    path = write_test_model(tmp_path / "long.gguf", spec)
+    text = " ".join(f"word{i % 97} and more text" for i in range(320))  # ~8 KB
+    tokens = Tokenizer(path).encode(text)
+    # the text and the token list are each over the 4 KiB header, and fit the context
+    assert len(text) > 4096 and 2000 < len(tokens) < 8000
+
+    # The coordinator cannot run a stage itself (1 MiB): the first stage is remote.
+    coord = await local_mesh.start_node("lc", ["--memory-limit", "1M"])
+    worker = await local_mesh.start_node("lw")
+    await local_mesh.wait_connected(timeout=20)
+    await local_mesh.post(coord, "/v1/models", {"path": str(path), "name": "long"})
+    by_text = await collect(
+        local_mesh, coord, {"model": "long", "prompt": text, "max_tokens": 4, "temperature": 0}
+    )
+    assert {s["peer_id"] for s in by_text[-1]["stages"]} == {worker.peer_id}
+    assert by_text[-1]["prompt_tokens"] == len(tokens)
+    by_tokens = await collect(
+        local_mesh, coord, {"model": "long", "tokens": tokens, "max_tokens": 4, "temperature": 0}
+    )
+    assert by_text[-1]["tokens"] == by_tokens[-1]["tokens"]
