@@ -11,7 +11,7 @@ seconds). So the RTT between peers that never talked can be estimated from coord
     est_rtt(p) + n / bandwidth + price_weight_ms * price(p -> me) * n / 1e9 + penalty(p)
 
 ``price`` is 0 inside a zone and ``p``'s egress price (per GB) across zones; ``penalty`` grows
-when ``p`` served bytes that failed their hash.
+when ``p`` served bytes that failed their hash, and halves every 10 minutes.
 
 **Accounting.** Every storage or job byte moved through this node is recorded with its source,
 destination and their zones (``GET /v1/accounting``).
@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from .rpc import CallContext
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["NetView", "PeerNet", "Accounting"]
+__all__ = ["NetView", "PeerNet", "Accounting", "Penalties"]
 
 log = logging.getLogger(__name__)
 MAX_ZONE = 63
@@ -46,6 +47,54 @@ PENALTY_MS = 2000.0
 
 class NetViewError(Error):
     """A peer's network description is malformed."""
+
+
+class Penalties:
+    """Milliseconds added to the cost of pulling from peers that served bytes failing their
+    hash. A penalty halves every ``half_life`` seconds, so a peer whose disk was mended is
+    used again rather than shunned for the node's lifetime; at most ``capacity`` peers are
+    kept (identities are free to mint), the least penalized dropped first."""
+
+    def __init__(
+        self,
+        half_life: float = 600.0,
+        capacity: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if half_life <= 0 or capacity < 1:
+            raise ValueError("half_life and capacity must be positive")
+        self.half_life = half_life
+        self.capacity = capacity
+        self._clock = clock
+        self._entries: dict[str, tuple[float, float]] = {}  # peer -> (ms, as of)
+
+    def _decayed(self, ms: float, since: float, now: float) -> float:
+        return float(ms * 0.5 ** (max(0.0, now - since) / self.half_life))
+
+    def get(self, pid: str, default: float = 0.0) -> float:
+        entry = self._entries.get(pid)
+        if entry is None:
+            return default
+        value = self._decayed(*entry, self._clock())
+        if value < 1.0:  # under a millisecond: forgiven
+            del self._entries[pid]
+            return default
+        return value
+
+    def add(self, pid: str, ms: float) -> float:
+        now = self._clock()
+        value = self.get(pid) + ms
+        self._entries[pid] = (value, now)
+        if len(self._entries) > self.capacity:
+            weakest = min(self._entries, key=lambda p: self._decayed(*self._entries[p], now))
+            del self._entries[weakest]
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def as_dict(self) -> dict[str, float]:
+        return {pid: v for pid in list(self._entries) if (v := self.get(pid)) > 0}
 
 
 def coord_to_list(c: Coordinate) -> list[float]:
@@ -151,7 +200,7 @@ class NetView:
         self.config = config
         self.vivaldi = VivaldiNode()
         self.peers: dict[str, PeerNet] = {}
-        self.penalties: dict[str, float] = defaultdict(float)
+        self.penalties = Penalties()
         self.accounting = Accounting()
         self._task: asyncio.Task[None] | None = None
         self._hooked: set[int] = set()
@@ -286,8 +335,8 @@ class NetView:
         )
 
     def penalize(self, pid: str, reason: str) -> None:
-        self.penalties[pid] += PENALTY_MS
-        log.warning("penalized %s: %s (penalty %.0f ms)", pid[:12], reason, self.penalties[pid])
+        total = self.penalties.add(pid, PENALTY_MS)
+        log.warning("penalized %s: %s (penalty %.0f ms)", pid[:12], reason, total)
 
     def account(self, src: str, dst: str, n: int, kind: str) -> None:
         self.accounting.record(src, dst, self.zone_of(src), self.zone_of(dst), n, kind)
@@ -311,5 +360,5 @@ class NetView:
                 }
                 for pid, p in self.peers.items()
             },
-            "penalties": dict(self.penalties),
+            "penalties": self.penalties.as_dict(),
         }

@@ -388,7 +388,7 @@ class ObjectService:
             "zone": self.config.zone,
             "egress_price": self.config.egress_price,
             "transfers": [t.as_dict() for t in self.transfers.values()],
-            "penalties": dict(self.net.penalties),
+            "penalties": self.net.penalties.as_dict(),
             "fast_path": self.fast.address if self.fast is not None else None,
             "fast_path_conns": self.fast.stats() if self.fast is not None else None,
             "peer_quota": self.config.peer_quota,

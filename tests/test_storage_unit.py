@@ -276,3 +276,29 @@ def test_coordinate_roundtrip() -> None:
     v.update(10.0, VivaldiNode(seed=3).coordinate, "x")
     info = parse_info({"zone": "a", "price": 0, "coord": coord_to_list(v.coordinate)})
     assert info.coord == v.coordinate
+
+
+def test_penalties_decay_so_a_mended_holder_is_used_again() -> None:
+    from mesh.netview import Penalties
+
+    now = [0.0]
+    p = Penalties(half_life=600.0, clock=lambda: now[0])
+    assert p.add("bad", 2000.0) == 2000.0
+    assert p.add("bad", 2000.0) == 4000.0  # repeat offences add up
+    now[0] = 600.0
+    assert p.get("bad") == pytest.approx(2000.0)
+    assert p.add("bad", 2000.0) == pytest.approx(4000.0)
+    now[0] = 600.0 + 600.0 * 12  # 4000 ms / 2**12 < 1 ms: forgiven and forgotten
+    assert p.get("bad") == 0.0 and len(p) == 0 and p.as_dict() == {}
+
+
+def test_penalties_are_bounded_and_keep_the_worst_offenders() -> None:
+    from mesh.netview import Penalties
+
+    p = Penalties(capacity=8, clock=lambda: 0.0)
+    p.add("worst", 1e6)
+    for i in range(1000):  # minted identities, each penalized once
+        p.add(f"sybil{i}", 2000.0 + i)
+    assert len(p) == 8
+    assert p.get("worst") == 1e6  # the least penalized went first
+    assert p.get("sybil999") == 2999.0 and p.get("sybil0") == 0.0
