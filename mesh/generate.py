@@ -33,6 +33,7 @@ from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCEr
 from .routes import (
     KV_PER_BLOCK,
     SHARD_OVERHEAD,
+    PairRtt,
     PeerView,
     RouteError,
     Stage,
@@ -85,10 +86,17 @@ class _Waiting:
 class Coordinator:
     """Runs generations. Also a service: the last stage delivers each step's token here."""
 
-    def __init__(self, mesh: Mesh, compute: Any, forward_timeout: float = 45.0) -> None:
+    def __init__(
+        self,
+        mesh: Mesh,
+        compute: Any,
+        forward_timeout: float = 45.0,
+        pair_rtt: PairRtt | None = None,
+    ) -> None:
         self.mesh = mesh
         self.compute = compute
         self.forward_timeout = forward_timeout
+        self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
         self.waiting: dict[tuple[str, int], _Waiting] = {}
 
     async def rpc_stage_token(
@@ -378,7 +386,13 @@ class _Run:
             ),
         )
         try:
-            return plan_with_scheduler(self.manifest, views, split=split, runtime=self.req.runtime)
+            return plan_with_scheduler(
+                self.manifest,
+                views,
+                split=split,
+                runtime=self.req.runtime,
+                pair_rtt=self.c.pair_rtt,
+            )
         except Error as exc:  # the scheduler's errors share the root
             log.info("exact planner found no route (%s); splitting by memory", exc)
             return plan_route(

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_ZONE = 63
 DEFAULT_BANDWIDTH = 15e6  # bytes/s of one WebRTC link here (docs/benchmarks.md)
 PENALTY_MS = 2000.0
+CONFIDENT_ERROR = 0.5  # a coordinate's relative error under which its estimates are used
 
 
 class NetViewError(Error):
@@ -312,6 +313,25 @@ class NetView:
             if rtt is not None:
                 return rtt
         return 5.0
+
+    def pair_rtt(self, a: str, b: str) -> float | None:
+        """The RTT between two peers where it is known: measured on our own links, else from
+        both peers' coordinates once they are confident (relative error <= 0.5); else None."""
+        if a == b:
+            return 0.0
+        if self.me in (a, b):
+            other = b if a == self.me else a
+            with contextlib.suppress(Error):
+                rtt = self.node.link(other).rtt_ms
+                if rtt is not None:
+                    return float(rtt)
+            return None
+        pa, pb = self.peers.get(a), self.peers.get(b)
+        if pa is None or pb is None or pa.coord is None or pb.coord is None:
+            return None
+        if max(pa.coord.error, pb.coord.error) > CONFIDENT_ERROR:
+            return None
+        return estimate_rtt(pa.coord, pb.coord)
 
     def rtt_between(self, a: str, b: str) -> float:
         if a == b:

@@ -125,7 +125,9 @@ class Node:
         )
         from .generate import Coordinator  # generation sits on top of compute and links
 
-        self.coordinator = Coordinator(self, self.compute, forward_timeout=config.step_timeout)
+        self.coordinator = Coordinator(
+            self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
+        )
         self.handlers.update(handlers_of(self.coordinator))
         self.guard = ReplayGuard()
         self.conns = Connections(

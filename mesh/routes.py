@@ -8,6 +8,7 @@ hold the bytes) is the fallback, and also re-plans a failed stage's range.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +62,23 @@ class PeerView:
     mem_bytes_per_s: float = 10e9  # decode reads every weight once per token
 
 
+PairRtt = Callable[[str, str], float | None]
+
+
 def plan_with_scheduler(
-    manifest: Manifest, peers: list[PeerView], *, split: int | None, runtime: str | None
+    manifest: Manifest,
+    peers: list[PeerView],
+    *,
+    split: int | None,
+    runtime: str | None,
+    pair_rtt: PairRtt | None = None,
 ) -> list[Stage]:
     """The exact planner of :mod:`scheduler`: per-token latency (each stage's weight bytes
     over its memory bandwidth, plus the hops) under every peer's memory limit; a split only
-    when one peer cannot do it faster (or when asked for exactly ``split`` stages)."""
+    when one peer cannot do it faster (or when asked for exactly ``split`` stages).
+
+    ``pair_rtt(a, b)``: the RTT between two peers in ms where known (network coordinates),
+    else None; two peers on one LAN far from the coordinator are then seen as near."""
     from runtimes.shards import layer_units
     from scheduler import CostParams, MatrixNetwork, ModelSpec, Peer
     from scheduler import plan_route as exact_plan
@@ -97,9 +109,16 @@ def plan_with_scheduler(
         )
         for v in peers
     ]
-    # The coordinator measures its own links; between two other peers, the mean of their
-    # RTTs to it is the estimate (coordinates would refine it).
-    rtt = [[0.0 if a is b else max(0.2, (a.rtt_ms + b.rtt_ms) / 2) for b in peers] for a in peers]
+
+    def hop(a: PeerView, b: PeerView) -> float:
+        if a is b:
+            return 0.0
+        known = pair_rtt(a.peer_id, b.peer_id) if pair_rtt is not None else None
+        # The coordinator measures its own links; between two other peers with no better
+        # estimate, the mean of their RTTs to it.
+        return max(0.2, known if known is not None else (a.rtt_ms + b.rtt_ms) / 2)
+
+    rtt = [[hop(a, b) for b in peers] for a in peers]
     bw = [[WEBRTC_BYTES_PER_S] * len(peers) for _ in peers]
     net = MatrixNetwork.build(rtt, bw, [v.rtt_ms for v in peers], [WEBRTC_BYTES_PER_S] * len(peers))
     # A small price on bytes a stage must pull: among routes about as fast, the one whose
