@@ -123,6 +123,7 @@ class _StageSession:
     sid: str = ""
     pos: int = 0  # positions taken by steps accepted so far (set before each step runs)
     audit: AuditLog | None = None  # inputs kept (with signatures) for spot checks
+    kv: int = 0  # bytes reserved against the memory limit for its KV cache
 
 
 class ComputeService:
@@ -138,6 +139,7 @@ class ComputeService:
         self.sessions: dict[str, _StageSession] = {}
         self.transfers: dict[str, Transfer] = {}
         self._opening: dict[str, str] = {}  # session ids being opened -> owner
+        self.kv_reserved = 0  # bytes of KV cache reserved by open sessions
         self.penalized: set[str] = set()
         # Set by the node when a direct fast path exists (mesh/fastpath.py); else RPC.
         self.range_reader: Any = None
@@ -221,7 +223,7 @@ class ComputeService:
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
         # Idle shards do not count: they are unloaded on demand (or reused as they are).
-        busy = sum(x.memory for x in self.loaded.values() if x.sessions > 0)
+        busy = sum(x.memory for x in self.loaded.values() if x.sessions > 0) + self.kv_reserved
         return {
             "memory_limit": self.config.memory_limit,
             "memory_used": busy,
@@ -231,7 +233,7 @@ class ComputeService:
         }
 
     def memory_used(self) -> int:
-        return sum(x.memory for x in self.loaded.values())
+        return sum(x.memory for x in self.loaded.values()) + self.kv_reserved
 
     # -- shards ----------------------------------------------------------------------------
     async def _manifest(self, mid: str, source: str) -> Manifest:
@@ -313,8 +315,8 @@ class ComputeService:
                 self.loaded[key].sessions += 1  # pinned until the caller opens or gives up
                 return self.loaded[key]
             spec = await asyncio.to_thread(self.store.open_range, self.manifests[mid], start, end)
-            memory = get_runtime(runtime).estimate_memory(spec, 2048)
-            self._make_room(memory)
+            memory = get_runtime(runtime).estimate_memory(spec, 0)  # sessions reserve KV
+            self._make_room(memory, "shard")
             options = dict(self.config.runtime_options)
             if runtime == "onnx":
                 if self.config.threads:
@@ -333,12 +335,12 @@ class ComputeService:
             loaded = self.loaded[key] = _Loaded(shard, memory, sessions=1)
             return loaded
 
-    def _make_room(self, memory: int) -> None:
+    def _make_room(self, memory: int, what: str) -> None:
         limit = self.config.memory_limit
         if limit is None:
             return
         if memory > limit:
-            raise CapacityError(f"shard needs {memory >> 20} MiB, the limit is {limit >> 20} MiB")
+            raise CapacityError(f"{what} needs {memory >> 20} MiB, the limit is {limit >> 20} MiB")
         idle = sorted((x.last_used, k) for k, x in self.loaded.items() if x.sessions == 0)
         while self.memory_used() + memory > limit and idle:
             _, key = idle.pop(0)
@@ -346,7 +348,7 @@ class ComputeService:
             asyncio.get_running_loop().create_task(loaded.shard.aclose())
         if self.memory_used() + memory > limit:
             raise CapacityError(
-                f"shard needs {memory >> 20} MiB; {self.memory_used() >> 20} of "
+                f"{what} needs {memory >> 20} MiB; {self.memory_used() >> 20} of "
                 f"{limit >> 20} MiB are held by running sessions"
             )
 
@@ -407,16 +409,24 @@ class ComputeService:
             raise ModelError(f"units [{start}, {end}) outside the model")
         pulled = await self.ensure_blobs(manifest, start, end, hint)
         loaded = await self._load(mid, start, end, runtime)  # pinned: sessions counted
+        kv = 0
         try:
             if end == len(manifest.units) or start == 0:
                 # The last stage returns each token's bytes; the first tokenizes prompts.
                 with contextlib.suppress(ModelError):
                     await self.tokenizer(mid)
-            # The coordinator asks generously; the model's context length is the ceiling.
-            context = loaded.shard.runtime.config.context_length or max_tokens
-            session = await loaded.shard.open_session(min(max_tokens, context))
+            # The model's context length is the ceiling; the KV cache of every position the
+            # session may take is reserved now, so sessions cannot grow past the memory limit.
+            rt = loaded.shard.runtime
+            positions = min(max_tokens, rt.config.context_length or max_tokens)
+            need = type(rt).kv_bytes(rt.shard, positions)
+            self._make_room(need, f"a session of {positions} positions")
+            self.kv_reserved += need
+            kv = need
+            session = await loaded.shard.open_session(positions)
         except BaseException:
             loaded.sessions -= 1
+            self.kv_reserved -= kv
             raise
         self.sessions[sid] = _StageSession(
             (mid, start, end, runtime),
@@ -427,6 +437,7 @@ class ComputeService:
             prev=prev or ctx.peer_id,
             sid=sid,
             audit=AuditLog(MAX_AUDIT_BYTES) if params.get("audit") is True else None,
+            kv=kv,
         )
         return {"pulled": pulled, "open_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -442,6 +453,8 @@ class ComputeService:
         return {"closed": True}
 
     async def _close(self, st: _StageSession) -> None:
+        self.kv_reserved -= st.kv
+        st.kv = 0  # closing twice must not release twice
         loaded = self.loaded.get(st.key)
         if loaded is not None:
             loaded.sessions -= 1

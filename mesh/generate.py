@@ -28,7 +28,13 @@ import numpy as np
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-from .compute import CapacityError, StageUnavailable, models_of, tokens_of
+from .compute import (
+    MAX_SESSION_TOKENS,
+    CapacityError,
+    StageUnavailable,
+    models_of,
+    tokens_of,
+)
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
 from .routes import (
     KV_PER_BLOCK,
@@ -74,6 +80,13 @@ class GenerationRequest:
     top: int = 0  # return the top-k logits of every step (tests check margins)
     mode: str = "push"  # "push": one-way stage to stage; "chain": nested calls
     verify: VerifyParams = field(default_factory=VerifyParams)  # spot checks (push mode)
+
+    def positions(self) -> int:
+        """Positions a stage session must hold, known before the prompt is tokenized: the
+        prompt's tokens (at most one per byte of text, plus BOS and a dummy-prefix space) and
+        the tokens to generate. Each stage reserves its KV cache for this many."""
+        prompt = len(self.tokens) if self.tokens is not None else len(self.prompt.encode()) + 2
+        return min(prompt + self.max_tokens, MAX_SESSION_TOKENS)
 
 
 @dataclass
@@ -443,8 +456,8 @@ class _Run:
                 "next": nxt,
                 "next_sid": self.sids[i + 1] if nxt else None,
                 "prev": self.stages[i - 1].peer_id if i > 0 else None,
-                # the prompt's length is not known yet: each stage caps this at the context
-                "max_tokens": 8192,
+                # a bound on prompt + generation; each stage caps it at the context
+                "max_tokens": self.req.positions(),
                 "source": self.c.mesh.me if self.mid in self.c.compute.manifests else None,
                 "audit": self.checker is not None,
             }

@@ -67,6 +67,13 @@ class Runtime(ABC):
     def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
         """Bytes this shard needs once loaded, with one session of ``max_tokens``."""
 
+    @classmethod
+    def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
+        """Bytes one session of ``positions`` positions adds: float32 keys and values of
+        every layer of the shard (a node reserves this when the session opens)."""
+        c = shard.config
+        return 2 * len(shard.layers) * c.n_kv_heads * c.head_dim * positions * 4
+
     @abstractmethod
     def _open(self, session: Session) -> None:
         """Allocate the session's KV cache state."""

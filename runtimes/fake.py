@@ -73,6 +73,10 @@ class FakeRuntime(Runtime):
         d = shard.config.d_model
         return 4 * (shard.config.vocab_size * d + len(shard.layers) * (d * d + d))
 
+    @classmethod
+    def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
+        return 8 * shard.config.d_model * len(shard.layers)  # a running sum, not per position
+
     def _open(self, session: Session) -> None:
         # per layer: running sum of the block's inputs over all cached positions
         session.state = {layer: np.zeros(self.config.d_model, np.float64) for layer in self._mats}

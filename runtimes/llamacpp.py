@@ -75,6 +75,11 @@ class LlamaCppRuntime(Runtime):
         kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * max_tokens * 2  # f16 cache
         return shard.nbytes() + kv + 4 * c.vocab_size * 512 + (64 << 20)
 
+    @classmethod
+    def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
+        c = shard.config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * 2  # f16 cache
+
     @property
     def llama(self) -> Any:
         """The underlying ``llama_cpp.Llama`` (tests read its tokenizer)."""

@@ -1,0 +1,90 @@
+"""The memory limit holds for sessions too: each stage session reserves its KV cache for every
+position it may take, so peers opening long sessions cannot grow a node past its limit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.compute import CapacityError, ComputeConfig, ComputeService
+from mesh.errors import PeerUnavailable
+from mesh.generate import GenerationRequest
+from mesh.rpc import CallContext, Reply
+from runtimes.onnx_rt import OnnxRuntime
+from runtimes.testmodels import write_test_model
+
+PEERS = ["p" * 32, "q" * 32]
+
+
+class _Caller:
+    def connected_peer_ids(self) -> list[str]:
+        return []
+
+    async def call(self, peer: str, method: str, *a: Any, **k: Any) -> Reply:
+        raise PeerUnavailable("nothing is fetched in this test")
+
+    async def notify(self, peer: str, method: str, *a: Any, **k: Any) -> None:
+        return None
+
+
+def ctx(peer: str, method: str = "stage_open") -> CallContext:
+    return CallContext(None, method, 1e18, peer)
+
+
+async def test_sessions_reserve_their_kv_cache_against_the_memory_limit(tmp_path: Path) -> None:
+    path = write_test_model(tmp_path / "tiny.gguf", "llama")  # context 256
+    probe = ComputeService(_Caller(), "me", tmp_path / "probe", ComputeConfig())  # type: ignore[arg-type]
+    manifest = await probe.add_model(str(path))
+    spec = probe.store.open_range(manifest, 0, len(manifest.units))
+    weights = OnnxRuntime.estimate_memory(spec, 0)
+    kv = OnnxRuntime.kv_bytes(spec, 256)
+    assert kv == 2 * 2 * 2 * 64 * 256 * 4  # K and V, 2 layers, 2 KV heads of 64, float32
+
+    limit = weights + 3 * kv + kv // 2  # the shard and three full-context sessions
+    svc = ComputeService(
+        _Caller(),  # type: ignore[arg-type]
+        "me",
+        tmp_path / "node",
+        ComputeConfig(memory_limit=limit, max_sessions_per_peer=64),
+    )
+    await svc.add_model(str(path))
+    mid, units = manifest.model_id, [0, len(manifest.units)]
+
+    def open_(peer: str, positions: int) -> Any:
+        sid = os.urandom(8).hex()
+        params = {"sid": sid, "model_id": mid, "units": units, "max_tokens": positions}
+        return sid, svc.rpc_stage_open(ctx(peer), params, b"")
+
+    opened = []
+    for i in range(3):
+        sid, call = open_(PEERS[i % 2], 8192)  # asked for more than the context: capped at 256
+        await call
+        opened.append(sid)
+    assert svc.kv_reserved == 3 * kv
+    cap = await svc.rpc_capacity(ctx(PEERS[0], "capacity"), {}, b"")
+    assert cap["memory_used"] == weights + 3 * kv
+    with pytest.raises(CapacityError, match="a session of 256 positions"):
+        await open_(PEERS[1], 256)[1]
+    assert svc.kv_reserved == 3 * kv  # the refused open reserved nothing
+    _, short = open_(PEERS[1], 64)  # a short session still fits in what is left
+    await short
+    assert svc.kv_reserved == 3 * kv + kv // 4
+
+    # closing gives the reservation back (a second close changes nothing)
+    owner = svc.sessions[opened[0]].owner
+    for _ in range(2):
+        await svc.rpc_stage_close(ctx(owner, "stage_close"), {"sid": opened[0]}, b"")
+    assert svc.kv_reserved == 2 * kv + kv // 4
+    await open_(PEERS[0], 256)[1]
+    await svc.stop()
+    await probe.stop()
+
+
+def test_a_generation_asks_for_its_prompt_and_output_not_the_whole_context() -> None:
+    assert GenerationRequest("m", tokens=[1, 2, 3], max_tokens=10).positions() == 13
+    text = GenerationRequest("m", prompt="héllo", max_tokens=10)  # 6 bytes: <= 6 tokens + BOS
+    assert text.positions() == 6 + 2 + 10
+    assert GenerationRequest("m", prompt="x" * 100_000, max_tokens=10).positions() == 8192
