@@ -259,6 +259,8 @@ class _Run:
         self.excluded: set[str] = set()
         self.reroutes: list[dict[str, Any]] = []
         self.step_ms: list[float] = []
+        self.decode_ms: list[float] = []  # one-token steps of the generation itself
+        self._replaying = False
         self.hop_ms: list[float] = []
         self.compute_ms: dict[str, list[float]] = {}
         self.bytes_pulled = 0
@@ -366,7 +368,7 @@ class _Run:
 
     def _summary(self) -> dict[str, Any]:
         assert self.manifest is not None
-        decode = self.step_ms[1:]
+        decode = self.decode_ms
         out = {
             "done": True,
             "model_id": self.mid,
@@ -376,6 +378,7 @@ class _Run:
             "stages": [s.as_dict(self.manifest.n_layers) for s in self.stages],
             "ttft_ms": round(self.ttft or 0.0, 2),
             "tokens_per_s": round(len(decode) / (sum(decode) / 1000), 2) if decode else 0.0,
+            "decode_steps": len(decode),
             "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,
             "stage_ms": {p: round(float(np.median(v)), 3) for p, v in self.compute_ms.items()},
             "reroutes": self.reroutes,
@@ -514,7 +517,7 @@ class _Run:
         reply = await self.c.mesh.call(
             self.stages[0].peer_id, "stage_forward", params, body, timeout=self.c.forward_timeout
         )
-        self._account(reply, (time.perf_counter() - t0) * 1000)
+        self._account(reply, (time.perf_counter() - t0) * 1000, len(feed))
         return reply
 
     async def _forward_push(self, feed: list[int], pos: int) -> Reply:
@@ -542,7 +545,7 @@ class _Run:
             reply = await self._await_token(fut, pos)
         finally:
             self.c.waiting.pop((rid, pos), None)
-        self._account(reply, (time.perf_counter() - t0) * 1000)
+        self._account(reply, (time.perf_counter() - t0) * 1000, len(feed))
         return reply
 
     async def _await_token(self, fut: asyncio.Future[Reply], pos: int) -> Reply:
@@ -563,8 +566,10 @@ class _Run:
                 if time.monotonic() >= end:
                     raise DeadlineExceeded(f"step {pos} got no token in time") from None
 
-    def _account(self, reply: Reply, ms: float) -> None:
+    def _account(self, reply: Reply, ms: float, n: int) -> None:
         self._warm += 1
+        if n == 1 and not self._replaying:  # the decode rate: no prefills, no replays
+            self.decode_ms.append(ms)
         trace = reply.result.get("trace", [])
         compute = 0.0
         for t in trace if isinstance(trace, list) else []:
@@ -636,15 +641,19 @@ class _Run:
         # Replay in the original chunks: the same computations give the same cache.
         # Every chunk fed before the one that failed (which _step then sends again).
         history = [self.prompt] + [[t] for t in self.generated[:-1]] if self.generated else []
-        for k, chunk in enumerate(history):
-            reply = await self._forward(chunk, len(self.prompt) + k)
-            if k < len(self.generated) and int(reply.result["token"]) != self.generated[k]:
-                log.warning(
-                    "replay step %d gave token %s, the original run %s",
-                    k,
-                    reply.result["token"],
-                    self.generated[k],
-                )
+        self._replaying = True
+        try:
+            for k, chunk in enumerate(history):
+                reply = await self._forward(chunk, len(self.prompt) + k)
+                if k < len(self.generated) and int(reply.result["token"]) != self.generated[k]:
+                    log.warning(
+                        "replay step %d gave token %s, the original run %s",
+                        k,
+                        reply.result["token"],
+                        self.generated[k],
+                    )
+        finally:
+            self._replaying = False
 
 
 def _utf8(data: bytes) -> tuple[str, bytes]:

@@ -138,6 +138,8 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
         assert victim.peer_id not in {s["peer_id"] for s in summary["stages"]}
         want_after = 0 if phase == "prefill" else 5
         assert summary["reroutes"][0]["after_tokens"] == want_after
+        # the decode rate counts the generation's own steps: no replayed ones, no prefill
+        assert summary["decode_steps"] == len(summary["tokens"]) - 1
         log.warning(
             "FAULT stage killed in %s: generation done in %.1f s, %d tokens as the clean run",
             phase,
