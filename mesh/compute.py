@@ -34,6 +34,7 @@ from .audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, pack_entries, step_mes
 from .diskquota import disk_shortfall
 from .errors import Error, IdentityError, RemoteError, RPCError
 from .identity import verify
+from .prompts import Tokenizers
 from .rpc import CallContext, Reply
 from .rpc import MeshCaller as Caller
 from .sampling import SamplingParams, sample, top_logits
@@ -45,11 +46,9 @@ __all__ = [
     "CapacityError",
     "StageUnavailable",
     "models_of",
-    "tokens_of",
 ]
 
 MAX_MODELS_REPLY = 1 << 20
-MAX_PROMPT_BYTES = 1 << 20  # as the HTTP API's request cap
 
 
 def models_of(reply: Reply) -> list[dict[str, Any]]:
@@ -61,18 +60,6 @@ def models_of(reply: Reply) -> list[dict[str, Any]]:
     except Exception:  # msgpack raises several types on bad input
         return []
     return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
-
-
-def tokens_of(reply: Reply) -> list[int]:
-    """The tokens of a ``tokenize`` reply, size-capped and checked (it is untrusted)."""
-    n, data = reply.result.get("n"), reply.payload
-    # llama.cpp gives at most one token per byte of text, plus BOS
-    if len(data) % 4 or len(data) > 4 * (MAX_PROMPT_BYTES + 1) or n != len(data) // 4:
-        raise ModelError("malformed tokenize reply")
-    tokens = np.frombuffer(data, "<i4")
-    if tokens.size and int(tokens.min()) < 0:
-        raise ModelError("tokenize reply holds a negative token id")
-    return [int(t) for t in tokens]
 
 
 log = logging.getLogger(__name__)
@@ -146,7 +133,7 @@ class ComputeService:
         self.mem_gbps: float | None = None  # measured memory bandwidth (the node sets it)
         self._load_lock = asyncio.Lock()
         self._blob_locks: dict[str, asyncio.Lock] = {}
-        self._tokenizers: dict[str, Any] = {}
+        self.tokenizers = Tokenizers(self.manifests, self._held_path)
         self._janitor: asyncio.Task[None] | None = None
         self._names_file = Path(root) / "names.json"
         self._load_registry()
@@ -178,6 +165,9 @@ class ComputeService:
         if model in self.names:
             return self.names[model]
         raise ModelError(f"unknown model {model!r}")
+
+    def _held_path(self, sha: str) -> Path | None:
+        return self.store.blob_path(sha) if self.storage.has(sha) else None
 
     def held_blobs(self, mid: str) -> list[str]:
         m = self.manifests.get(mid)
@@ -414,7 +404,7 @@ class ComputeService:
             if end == len(manifest.units) or start == 0:
                 # The last stage returns each token's bytes; the first tokenizes prompts.
                 with contextlib.suppress(ModelError):
-                    await self.tokenizer(mid)
+                    await self.tokenizers.get(mid)
             # The model's context length is the ceiling; the KV cache of every position the
             # session may take is reserved now, so sessions cannot grow past the memory limit.
             rt = loaded.shard.runtime
@@ -655,43 +645,11 @@ class ComputeService:
         top = params.get("top", 0)
         if type(top) is int and 0 < top <= 64:
             result["top"] = top_logits(logits, top)
-        tok = self._tokenizers.get(mid)
+        tok = self.tokenizers.cached(mid)
         if tok is not None:
             result["eos"] = token == tok.eos_id
             return Reply(result, tok.token_bytes(token))
         return Reply(result)
-
-    # -- tokenizer -------------------------------------------------------------------------
-    async def tokenizer(self, mid: str) -> Any:
-        """llama.cpp's tokenizer from a blob holding the embedding or the head."""
-        if mid in self._tokenizers:
-            return self._tokenizers[mid]
-        from runtimes.tokenizer import Tokenizer
-
-        m = self.manifests[mid]
-        n = len(m.units)
-        for blob in m.blobs_for(0, 1) + m.blobs_for(n - 1, n):
-            if self.storage.has(blob.sha256):
-                tok = await asyncio.to_thread(Tokenizer, self.store.blob_path(blob.sha256))
-                self._tokenizers[mid] = tok
-                return tok
-        raise ModelError("this node holds no blob with the tokenizer")
-
-    async def rpc_tokenize(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
-        """The payload's UTF-8 text as tokens, int32 little-endian in the reply's payload: a
-        prompt and its tokens outgrow the 4 KiB header (``tokens_of`` reads the reply)."""
-        mid = params.get("model_id")
-        if not isinstance(mid, str) or mid not in self.manifests:
-            raise ModelError("tokenize needs a known model id")
-        if len(payload) > MAX_PROMPT_BYTES:
-            raise ModelError(f"a prompt of {len(payload)} bytes exceeds {MAX_PROMPT_BYTES}")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelError("the prompt is not UTF-8") from None
-        tok = await self.tokenizer(mid)
-        tokens = tok.encode(text, add_bos=bool(params.get("add_bos", True)))
-        return Reply({"n": len(tokens), "eos": tok.eos_id}, np.asarray(tokens, "<i4").tobytes())
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _evict_loop(self) -> None:

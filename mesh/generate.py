@@ -33,9 +33,9 @@ from .compute import (
     CapacityError,
     StageUnavailable,
     models_of,
-    tokens_of,
 )
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
+from .prompts import tokens_of
 from .routes import (
     KV_PER_BLOCK,
     SHARD_OVERHEAD,

@@ -118,6 +118,7 @@ class Node:
         self.handlers: dict[str, Handler] = handlers_of(
             CoreService(self),
             self.compute,
+            self.compute.tokenizers,
             self.compute.storage,
             *self.objects.services(),
             self.jobs,

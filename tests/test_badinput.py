@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.blobstore import StoreError, parse_manifest
-from mesh.compute import ComputeConfig, ComputeService, models_of, tokens_of
+from mesh.compute import ComputeConfig, ComputeService, models_of
 from mesh.dht import parse_record, parse_value
 from mesh.discovery import parse_announcement
 from mesh.errors import (
@@ -44,6 +44,7 @@ from mesh.jobs import JobError, parse_records
 from mesh.mqtt import MqttConfig, MqttSignaling
 from mesh.netview import NetViewError, parse_info
 from mesh.objects import ObjectService, StorageConfig
+from mesh.prompts import tokens_of
 from mesh.rpc import CallContext, Link, Reply
 from mesh.sampling import SamplingParams
 from mesh.signaling import ReplayGuard, clean_endpoints, parse_endpoint, parse_envelope, seal
@@ -344,7 +345,7 @@ def _handlers(root: Path) -> dict[str, Callable[..., Any]]:
         "stage_close": c.rpc_stage_close,
         "stage_push": c.rpc_stage_push,
         "stage_forward": c.rpc_stage_forward,
-        "tokenize": c.rpc_tokenize,
+        "tokenize": c.tokenizers.rpc_tokenize,
         "manifest": c.rpc_manifest,
         "obj_manifest": o.rpc_obj_manifest,
         "chunk_read": o.rpc_chunk_read,
