@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         default=None,
         metavar="SIZE",
-        help="memory for loaded shards, e.g. 512M or 2G (default: 70%% of RAM)",
+        help="memory for loaded shards and their sessions' KV caches, e.g. 512M or 2G "
+        "(default: 70%% of RAM)",
     )
     n.add_argument(
         "--disk-limit",
