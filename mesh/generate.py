@@ -307,10 +307,14 @@ class _Run:
                     if restarts == MAX_FAILOVERS:
                         raise
                     # Tokens since the liar joined may be wrong: start over without it.
-                    await self._restart(exc)
+                    try:
+                        await self._restart(exc)
+                    except RouteError as no_route:
+                        raise RouteError(f"{exc}; no route is left: {no_route}") from None
                     yield {
                         "restart": True,
-                        "banned": exc.peer,
+                        "banned": exc.peer if exc.banned else None,
+                        "disputed": None if exc.banned else exc.peer,
                         "reason": exc.reason,
                         "route": [s.as_dict(self.manifest.n_layers) for s in self.stages],
                     }
@@ -349,6 +353,8 @@ class _Run:
     async def _restart(self, exc: VerificationFailed) -> None:
         log.warning("restarting the generation without %s: %s", exc.peer[:12], exc.reason)
         self.excluded.add(exc.peer)
+        if exc.accuser is not None:
+            self.excluded.add(exc.accuser)
         await self._close()
         views, _ = await self.c.views(self.mid, self.excluded)
         try:

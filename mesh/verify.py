@@ -10,10 +10,14 @@ input history on a fresh session. Activations must agree within ``tolerance`` (r
 error); a token must be the verifier's choice or a near-tie.
 
 A mismatch is put to a second verifier when one exists: if it agrees with the stage, the first
-verifier is the liar and is banned; otherwise the stage is. A stage whose log or signatures do
-not hold up is banned outright: an honest stage refuses unsigned input and never loses its
-log. Banning (:meth:`Node.ban`) drops the peer's link and ignores its discovery and provider
-records; the generation then restarts on a route without it.
+verifier is the liar and is banned; otherwise the stage is. This node's own recomputation is
+trusted alone. With no second opinion, one peer's word stands against another's: neither is
+banned (a lone liar could otherwise get honest peers banned mesh-wide); the stage is left out
+of this generation and so is the verifier (its word is worth no more than the stage's). A
+stage whose log or signatures do not hold up is banned outright: an honest stage refuses
+unsigned input and never loses its log. Banning (:meth:`Node.ban`) drops the peer's link
+and ignores its discovery and provider records; the generation then restarts on a route
+without it.
 
 A peer perturbing every step is caught after 1/rate checked steps on average, and escapes
 ``n`` steps with probability (1 - rate) ** n.
@@ -52,12 +56,17 @@ log = logging.getLogger(__name__)
 
 
 class VerificationFailed(Error):
-    """A stage's output did not survive a spot check; ``peer`` has been banned."""
+    """A stage's output did not survive a spot check: ``peer`` has been banned, or (``banned``
+    false) only one other peer said so, and it is left out of this generation."""
 
-    def __init__(self, peer: str, reason: str) -> None:
+    def __init__(
+        self, peer: str, reason: str, banned: bool = True, accuser: str | None = None
+    ) -> None:
         super().__init__(f"{peer[:12]} failed a spot check: {reason}")
         self.peer = peer
         self.reason = reason
+        self.banned = banned
+        self.accuser = accuser  # a dispute's verifier: no more trusted than the stage
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class _Stats:
     failed: int = 0
     unchecked: list[str] = field(default_factory=list)
     banned: list[dict[str, Any]] = field(default_factory=list)
+    disputes: list[dict[str, Any]] = field(default_factory=list)  # one verifier's word only
     max_error: float = 0.0  # largest relative error among passed activation checks
     max_token_deviation: float = 0.0
     ms: float = 0.0
@@ -146,6 +156,7 @@ class SpotChecker:
             "failed": s.failed,
             "unchecked": s.unchecked[:20],
             "banned": s.banned,
+            "disputes": s.disputes[:20],
             "max_error": round(s.max_error, 6),
             "max_token_deviation": round(s.max_token_deviation, 6),
             "check_ms": round(s.ms, 1),
@@ -189,8 +200,9 @@ class SpotChecker:
         if first.ok:
             self._passed(first)
             return
+        trusted = verifiers[0] == self.c.mesh.me  # our own recomputation needs no second
         second = None
-        if len(verifiers) > 1:
+        if not trusted and len(verifiers) > 1:
             second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
         if second is not None and second.ok:
             # The stage agrees with an independent verifier: the first verifier lied.
@@ -198,8 +210,19 @@ class SpotChecker:
             self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
             return
         self.stats.failed += 1
-        self._ban(
-            suspect, f"stage units {list(stage.units)} at position {step.pos}: {first.what}", step
+        reason = f"stage units {list(stage.units)} at position {step.pos}: {first.what}"
+        if trusted or second is not None:
+            self._ban(suspect, reason, step)  # raises: the suspect runs a stage of the route
+            return
+        # One peer's word against another's: banning on it would let a lone verifier get
+        # honest peers banned mesh-wide. Neither runs or checks the rest of this generation.
+        self.stats.disputes.append({"stage": suspect, "verifier": verifiers[0], "reason": reason})
+        self.excluded.update((suspect, verifiers[0]))
+        self._candidates.clear()
+        if self.stats.first_failure_token is None:
+            self.stats.first_failure_token = step.index
+        raise VerificationFailed(
+            suspect, f"disputed by {verifiers[0][:12]}: {reason}", False, verifiers[0]
         )
 
     def _passed(self, outcome: _Outcome) -> None:

@@ -111,3 +111,28 @@ async def test_honest_route_passes_every_check(
     assert v["failed"] == 0 and not v["banned"] and not v["unchecked"], v
     assert v["max_error"] < 0.01, v
     assert summary["tokens"] == local_tokens(tiny, tmp_path / "store", summary["stages"], 8)
+
+
+async def test_a_lone_verifier_cannot_get_a_peer_banned(local_mesh: LocalMesh, tiny: Path) -> None:
+    """Two peers can run stages and the coordinator cannot check them itself: when they
+    disagree, there is no second opinion. Neither is banned; both leave the generation, which
+    then has no route and fails cleanly instead of returning unchecked tokens."""
+    coord = await local_mesh.start_node("coord", ["--memory-limit", "1M"])
+    honest = await local_mesh.start_node("h0")
+    evil = await local_mesh.start_node("evil", module="tests.fixtures.evil_node")
+    await local_mesh.wait_connected(timeout=30)
+    await local_mesh.post(coord, "/v1/models", {"path": str(tiny), "name": "tiny"})
+    body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 4, "split": 2, "verify": 1.0}
+    assert local_mesh._http is not None
+    events = []
+    async with local_mesh._http.post(coord.api + "/v1/generate", json=body) as resp:
+        async for line in resp.content:
+            if line.strip():
+                events.append(json.loads(line))
+    assert {s["peer_id"] for s in events[0]["route"]} == {honest.peer_id, evil.peer_id}
+    assert not [e for e in events if "token" in e]  # the disputed step's token never went out
+    error = events[-1].get("error", "")
+    assert "disputed by" in error and "no route is left" in error, events[-1]
+    info = await local_mesh.get(coord, "/v1/info")
+    assert not info["banned"], info["banned"]
+    assert {honest.peer_id, evil.peer_id} <= set(await local_mesh.connected_ids(coord))
