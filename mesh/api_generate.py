@@ -4,9 +4,9 @@
 ``POST /v1/models``            {path, name}: shard a local GGUF into this node's store
 ``POST /v1/generate``          {model, prompt | tokens, max_tokens, temperature, top_k, top_p,
                                seed, stop, split, runtime, top, verify, verify_tolerance,
-                               verify_seed}: NDJSON, one event per token, ``restart`` events
-                               when a spot check bans a stage, then a summary (route, TTFT,
-                               tokens/s, hop latency, verification)
+                               verify_seed, prefill_chunk}: NDJSON, one event per token,
+                               ``restart`` events when a spot check fails, then a summary
+                               (route, TTFT, tokens/s, hop latency, verification)
 ``POST /v1/completions``       OpenAI completions (``stream`` as server-sent events)
 ``POST /v1/chat/completions``  OpenAI chat completions (messages joined into a plain prompt:
                                the models are base models without a chat template)
@@ -28,6 +28,7 @@ from aiohttp import web
 from runtimes.errors import ModelError
 
 from .api import _json_body as _body
+from .compute import MAX_SESSION_TOKENS, PREFILL_CHUNK
 from .errors import Error
 from .generate import GenerationRequest
 from .sampling import SamplingParams
@@ -170,8 +171,11 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
         raise web.HTTPBadRequest(text=str(exc)) from None
     if verify.rate > 0 and mode != "push":
         raise web.HTTPBadRequest(text="verify (spot checks) needs mode 'push'")
+    chunk = body.get("prefill_chunk", PREFILL_CHUNK)
+    if type(chunk) is not int or not 1 <= chunk <= MAX_SESSION_TOKENS:
+        raise web.HTTPBadRequest(text=f"prefill_chunk must be in 1..{MAX_SESSION_TOKENS}")
     return GenerationRequest(
-        model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify
+        model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify, chunk
     )
 
 

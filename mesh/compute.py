@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 _SID = re.compile(r"^[0-9a-f]{8,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SESSION_TOKENS = 8192
+# Prompt positions per step: a stage's attention scores are chunk x context at most.
+PREFILL_CHUNK = 512
 
 
 class CapacityError(Error):
@@ -585,8 +587,18 @@ class ComputeService:
         if type(rows) is not int or rows <= 0:
             raise ModelError("rows must be a positive integer")
         n = params.get("n")
-        cur, spec, out, own = await self._compute({"sid": sid, "n": n, "pos": n}, payload)
-        out = np.asarray(out, dtype=np.float32)
+        if type(n) is not int or not 0 < n <= MAX_SESSION_TOKENS or len(payload) % n:
+            raise ModelError("n must be a positive integer dividing the payload")
+        row, outs, ms = len(payload) // n, [], 0.0
+        for a in range(0, n, PREFILL_CHUNK):  # chunked as a prefill: bounded attention memory
+            b = min(n, a + PREFILL_CHUNK)
+            step = {"sid": sid, "n": b - a, "pos": b}
+            cur, spec, chunk_out, own = await self._compute(step, payload[a * row : b * row])
+            chunk_out = np.asarray(chunk_out, dtype=np.float32)
+            outs.append(chunk_out.reshape(-1, chunk_out.shape[-1]))
+            ms += own["ms"]
+        own = dict(own, ms=round(ms, 3))
+        out = np.concatenate(outs)
         if not spec.is_last:
             tail = np.ascontiguousarray(out[-rows:], dtype="<f4")
             return Reply({"rows": int(tail.shape[0]), "ms": own["ms"]}, tail.tobytes())

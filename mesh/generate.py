@@ -30,6 +30,7 @@ from runtimes.shards import Manifest
 
 from .compute import (
     MAX_SESSION_TOKENS,
+    PREFILL_CHUNK,
     CapacityError,
     StageUnavailable,
     models_of,
@@ -80,6 +81,9 @@ class GenerationRequest:
     top: int = 0  # return the top-k logits of every step (tests check margins)
     mode: str = "push"  # "push": one-way stage to stage; "chain": nested calls
     verify: VerifyParams = field(default_factory=VerifyParams)  # spot checks (push mode)
+    # Prompt positions per step: each stage's attention scores for a step are chunk x context,
+    # not prompt x prompt (an 8192-token prompt of Gemma: 1 GiB of scores per layer at once).
+    prefill_chunk: int = PREFILL_CHUNK
 
     def positions(self) -> int:
         """Positions a stage session must hold, known before the prompt is tokenized: the
@@ -256,6 +260,8 @@ class _Run:
         self.sids: list[str] = []
         self.prompt: list[int] = []
         self.generated: list[int] = []
+        # chunks fed so far, each with the token it gave (None: a prompt chunk before the last)
+        self.fed: list[tuple[list[int], int | None]] = []
         self.excluded: set[str] = set()
         self.reroutes: list[dict[str, Any]] = []
         self.step_ms: list[float] = []
@@ -326,13 +332,21 @@ class _Run:
         """The token loop from the prompt; a checked step's token is released only after its
         check passed."""
         req = self.req
-        self.generated, self.text, self.pending = [], "", b""
-        feed = self.prompt
+        self.generated, self.text, self.pending, self.fed = [], "", b"", []
+        size = max(1, req.prefill_chunk)
+        chunks = [self.prompt[i : i + size] for i in range(0, len(self.prompt), size)]
+        end = 0
+        for chunk in chunks[:-1]:  # the tokens these give are not wanted
+            end += len(chunk)
+            await self._step(chunk, end)
+            self.fed.append((chunk, None))
+        feed = chunks[-1] if chunks else self.prompt
         for i in range(req.max_tokens):
             pos = len(self.prompt) + i
             reply = await self._step(feed, pos)
             token = int(reply.result["token"])
             self.generated.append(token)
+            self.fed.append((feed, token))
             if self.checker is not None:
                 tokens = self.prompt + self.generated
                 await self.checker.after_step(
@@ -385,6 +399,7 @@ class _Run:
             "ttft_ms": round(self.ttft or 0.0, 2),
             "tokens_per_s": round(len(decode) / (sum(decode) / 1000), 2) if decode else 0.0,
             "decode_steps": len(decode),
+            "steps": len(self.step_ms),  # prompt chunks, decode steps and replays
             "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,
             "stage_ms": {p: round(float(np.median(v)), 3) for p, v in self.compute_ms.items()},
             "reroutes": self.reroutes,
@@ -646,17 +661,18 @@ class _Run:
         await self._open()
         # Replay in the original chunks: the same computations give the same cache.
         # Every chunk fed before the one that failed (which _step then sends again).
-        history = [self.prompt] + [[t] for t in self.generated[:-1]] if self.generated else []
         self._replaying = True
         try:
-            for k, chunk in enumerate(history):
-                reply = await self._forward(chunk, len(self.prompt) + k)
-                if k < len(self.generated) and int(reply.result["token"]) != self.generated[k]:
+            end = 0
+            for chunk, token in list(self.fed):
+                end += len(chunk)
+                reply = await self._forward(chunk, end)
+                if token is not None and int(reply.result["token"]) != token:
                     log.warning(
-                        "replay step %d gave token %s, the original run %s",
-                        k,
+                        "replay step at %d gave token %s, the original run %s",
+                        end,
                         reply.result["token"],
-                        self.generated[k],
+                        token,
                     )
         finally:
             self._replaying = False

@@ -63,8 +63,9 @@ async def generate(
     return events
 
 
-def logged(node: NodeProcess, text: str) -> bool:
-    return any(text in line for line in node.stderr_tail)
+def logged(node: NodeProcess, text: str) -> int:
+    """How many lines of the node's recent log hold ``text``."""
+    return sum(text in line for line in node.stderr_tail)
 
 
 async def start_route_mesh(mesh: LocalMesh, tiny: Path, n: int = 4) -> list[NodeProcess]:
@@ -84,17 +85,20 @@ async def sessions_freed(mesh: LocalMesh, nodes: list[NodeProcess]) -> None:
     await wait_for(all_free, 20, "every live stage to free its session")
 
 
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("phase", ["prefill", "prefill-chunk2", "decode"])
 async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) -> None:
-    """A middle stage SIGKILLed while it processes the prompt, or after 5 decoded tokens:
-    the coordinator re-routes its layers, replays the history, and the tokens are exactly
-    those of the fault-free run."""
+    """A middle stage SIGKILLed while it processes the prompt (in one chunk, or in the second
+    of three chunks), or after 5 decoded tokens: the coordinator re-routes its layers, replays
+    the history, and the tokens are exactly those of the fault-free run."""
     # The prefill hook holds every prompt chunk for a moment on every stage (replays too),
     # so the kill lands inside the middle stage's prefill, as its own log shows.
-    env = {PREFILL_DELAY_ENV: "1.0"} if phase == "prefill" else None
+    prefill = phase.startswith("prefill")
+    env = {PREFILL_DELAY_ENV: "1.0"} if prefill else None
     async with LocalMesh(tmp_path / "mesh", env=env) as mesh:
         nodes = await start_route_mesh(mesh, tiny)
         body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 16, "split": 3}
+        if phase == "prefill-chunk2":
+            body["prefill_chunk"] = 4  # the 10-token prompt in chunks of 4, 4 and 2
         clean = (await generate(mesh, nodes[0], body))[-1]
         by_id = {n.peer_id: n for n in nodes}
         route: list[str] = []
@@ -107,11 +111,12 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
                 route[:] = [s["peer_id"] for s in event["route"]]
                 assert route[1] != nodes[0].peer_id, "the coordinator must not be the victim"
                 middle = by_id[route[1]]
-                if phase == "prefill":
+                if prefill:
+                    chunk = 2 if phase == "prefill-chunk2" else 1
                     await wait_for(
-                        lambda: logged(middle, "prefill held"),
+                        lambda: logged(middle, "prefill held") >= chunk,
                         20,
-                        "the middle stage to enter its prefill",
+                        f"the middle stage to enter prompt chunk {chunk}",
                     )
                     mesh.kill(middle, signal.SIGKILL)
                     killed.append(middle)
@@ -131,12 +136,12 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
         elapsed = time.monotonic() - t0
         assert killed, "the fault was never injected"
         victim = killed[0]
-        if phase == "prefill":
+        if prefill:
             assert sum("token" in e for e in events_seen[:-1]) == len(clean["tokens"])
         assert summary["tokens"] == clean["tokens"]
         assert [r["failed"] for r in summary["reroutes"]] == [victim.peer_id]
         assert victim.peer_id not in {s["peer_id"] for s in summary["stages"]}
-        want_after = 0 if phase == "prefill" else 5
+        want_after = 0 if prefill else 5
         assert summary["reroutes"][0]["after_tokens"] == want_after
         # the decode rate counts the generation's own steps: no replayed ones, no prefill
         assert summary["decode_steps"] == len(summary["tokens"]) - 1

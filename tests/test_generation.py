@@ -157,3 +157,45 @@ async def test_long_prompt_tokenized_by_a_remote_first_stage(local_mesh, tmp_pat
         local_mesh, coord, {"model": "long", "tokens": tokens, "max_tokens": 4, "temperature": 0}
     )
     assert by_text[-1]["tokens"] == by_tokens[-1]["tokens"]
+
+
+async def test_long_prompt_prefilled_in_chunks_with_spot_checks(local_mesh, tmp_path):
+    """A 600-token prompt through 3 stages in chunks of 128: the tokens equal one process fed
+    the same chunks, and every stage step survives a spot check (the verifier recomputes the
+    history in chunks of its own)."""
+    from dataclasses import replace
+
+    from runtimes.testmodels import DEFAULT_SPECS
+
+    path = write_test_model(
+        tmp_path / "long.gguf", replace(DEFAULT_SPECS["llama"], context_length=2048)
+    )
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(600)]
+    nodes = [await local_mesh.start_node(f"p{i}") for i in range(4)]
+    await local_mesh.wait_connected(timeout=30)
+    await local_mesh.post(nodes[0], "/v1/models", {"path": str(path), "name": "long"})
+    body = {
+        "model": "long",
+        "tokens": prompt,
+        "max_tokens": 3,
+        "split": 3,
+        "temperature": 0,
+        "prefill_chunk": 128,
+        "verify": 1.0,
+    }
+    summary = (await collect(local_mesh, nodes[0], body))[-1]
+    # 4 chunks of 128, the last 88 (giving the first token), 2 decode steps
+    assert summary["steps"] == 7 and summary["decode_steps"] == 2
+    v = summary["verification"]
+    assert v["checks"] > 0 and v["passed"] == v["checks"] and not v["banned"], v
+
+    store = ShardStore(tmp_path / "store")
+    manifest = store.add_model(path)
+    chain = Chain([OnnxRuntime(store.open_range(manifest, *s["units"])) for s in summary["stages"]])
+    sessions = chain.open(700)
+    for a in range(0, 512, 128):
+        chain.forward(sessions, prompt[a : a + 128])
+    tokens = [int(np.argmax(chain.forward(sessions, prompt[512:])[-1]))]
+    for _ in range(2):
+        tokens.append(int(np.argmax(chain.forward(sessions, [tokens[-1]])[-1])))
+    assert summary["tokens"] == tokens
