@@ -65,7 +65,7 @@ def models_of(reply: Reply) -> list[dict[str, Any]]:
 log = logging.getLogger(__name__)
 _SID = re.compile(r"^[0-9a-f]{8,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-MAX_SESSION_TOKENS = 8192
+MAX_SESSION_TOKENS = 32768  # Gemma 3's context; memory is bounded by KV reservations
 # Prompt positions per step: a stage's attention scores are chunk x context at most.
 PREFILL_CHUNK = 512
 

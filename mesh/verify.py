@@ -45,6 +45,7 @@ from .audit import (
     token_deviation,
     unpack_entries,
 )
+from .compute import MAX_SESSION_TOKENS
 from .errors import Error, IdentityError, RPCError
 from .identity import verify
 from .routes import Stage, unit_memory
@@ -337,7 +338,7 @@ class SpotChecker:
                     "model_id": self.mid,
                     "units": list(stage.units),
                     "next": None,
-                    "max_tokens": min(8192, pos + 1),
+                    "max_tokens": min(MAX_SESSION_TOKENS, pos + 1),
                     "source": mesh.me if self.mid in self.c.compute.manifests else None,
                 },
                 timeout=600,

@@ -87,4 +87,4 @@ def test_a_generation_asks_for_its_prompt_and_output_not_the_whole_context() -> 
     assert GenerationRequest("m", tokens=[1, 2, 3], max_tokens=10).positions() == 13
     text = GenerationRequest("m", prompt="héllo", max_tokens=10)  # 6 bytes: <= 6 tokens + BOS
     assert text.positions() == 6 + 2 + 10
-    assert GenerationRequest("m", prompt="x" * 100_000, max_tokens=10).positions() == 8192
+    assert GenerationRequest("m", prompt="x" * 100_000, max_tokens=10).positions() == 32768
