@@ -538,7 +538,7 @@ class _Run:
         reply = await self.c.mesh.call(
             self.stages[0].peer_id, "stage_forward", params, body, timeout=self.c.forward_timeout
         )
-        self._account(reply, (time.perf_counter() - t0) * 1000, len(feed))
+        self._account(reply, (time.perf_counter() - t0) * 1000, pos)
         return reply
 
     async def _forward_push(self, feed: list[int], pos: int) -> Reply:
@@ -566,7 +566,7 @@ class _Run:
             reply = await self._await_token(fut, pos)
         finally:
             self.c.waiting.pop((rid, pos), None)
-        self._account(reply, (time.perf_counter() - t0) * 1000, len(feed))
+        self._account(reply, (time.perf_counter() - t0) * 1000, pos)
         return reply
 
     async def _await_token(self, fut: asyncio.Future[Reply], pos: int) -> Reply:
@@ -587,9 +587,9 @@ class _Run:
                 if time.monotonic() >= end:
                     raise DeadlineExceeded(f"step {pos} got no token in time") from None
 
-    def _account(self, reply: Reply, ms: float, n: int) -> None:
+    def _account(self, reply: Reply, ms: float, pos: int) -> None:
         self._warm += 1
-        if n == 1 and not self._replaying:  # the decode rate: no prefills, no replays
+        if pos > len(self.prompt) and not self._replaying:  # decode: no prompt, no replays
             self.decode_ms.append(ms)
         trace = reply.result.get("trace", [])
         compute = 0.0
