@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,7 +43,8 @@ def peak_rss_mb(node: NodeProcess) -> float:
 
 async def generate(mesh: LocalMesh, node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
     assert mesh._http is not None
-    async with mesh._http.post(node.api + "/v1/generate", json=body) as resp:
+    timeout = aiohttp.ClientTimeout(total=900)  # long prompts on a slow CPU
+    async with mesh._http.post(node.api + "/v1/generate", json=body, timeout=timeout) as resp:
         events = [json.loads(line) async for line in resp.content if line.strip()]
     if "error" in events[-1]:
         raise RuntimeError(events[-1]["error"])
