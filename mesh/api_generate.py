@@ -28,7 +28,7 @@ from aiohttp import web
 from runtimes.errors import ModelError
 
 from .api import _json_body as _body
-from .compute import MAX_SESSION_TOKENS, PREFILL_CHUNK
+from .compute import MAX_STEP_ROWS, PREFILL_CHUNK
 from .errors import Error
 from .generate import GenerationRequest
 from .sampling import SamplingParams
@@ -172,8 +172,8 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
     if verify.rate > 0 and mode != "push":
         raise web.HTTPBadRequest(text="verify (spot checks) needs mode 'push'")
     chunk = body.get("prefill_chunk", PREFILL_CHUNK)
-    if type(chunk) is not int or not 1 <= chunk <= MAX_SESSION_TOKENS:
-        raise web.HTTPBadRequest(text=f"prefill_chunk must be in 1..{MAX_SESSION_TOKENS}")
+    if type(chunk) is not int or not 1 <= chunk <= MAX_STEP_ROWS:
+        raise web.HTTPBadRequest(text=f"prefill_chunk must be in 1..{MAX_STEP_ROWS}")
     return GenerationRequest(
         model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify, chunk
     )
@@ -233,7 +233,8 @@ async def _openai(
             if event.get("restart"):
                 # Streamed text cannot be taken back: say so and stop (the NDJSON API and
                 # non-streaming requests carry the verified text).
-                msg = f"a stage failed a spot check and was banned ({event['reason']})"
+                fate = "was banned" if event.get("banned") else "left the generation"
+                msg = f"a stage failed a spot check and {fate} ({event['reason']})"
                 await resp.write(f"data: {json.dumps({'error': {'message': msg}})}\n\n".encode())
                 break
             if event.get("done"):

@@ -27,6 +27,7 @@ from .errors import Error
 
 __all__ = [
     "AuditError",
+    "AuditOverflow",
     "AuditEntry",
     "AuditLog",
     "step_message",
@@ -44,6 +45,16 @@ _DOMAIN = b"edgemesh/stage-step/v1\0"
 
 class AuditError(Error, ValueError):
     """An audit log or a signed step is malformed, incomplete or does not verify."""
+
+
+class AuditOverflow(AuditError):
+    """The stage's log filled its cap before the positions asked for: ``kept`` bytes and
+    ``count`` entries are what it holds from position 0 (an honest log stops only when full)."""
+
+    def __init__(self, kept: int, count: int) -> None:
+        super().__init__(f"the stage's audit log is incomplete ({kept} bytes, {count} entries)")
+        self.kept = kept
+        self.count = count
 
 
 def step_message(sid: str, pos: int, n: int, body: bytes) -> bytes:
@@ -117,8 +128,6 @@ def unpack_entries(
         raise AuditError(f"malformed audit reply: {type(exc).__name__}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
         raise AuditError("audit reply has no entry list")
-    if obj.get("overflowed") is True:
-        raise AuditError("the stage's audit log is incomplete (over its size cap)")
     out: list[AuditEntry] = []
     for item in obj["entries"]:
         if not (isinstance(item, list) and len(item) == 4):
@@ -133,6 +142,9 @@ def unpack_entries(
         out.append(AuditEntry(pos, n, body, sig))
     if complete and out and out[0].pos != out[0].n:
         raise AuditError("audit entries do not start at position 0")
+    if obj.get("overflowed") is True:
+        kept = sum(len(e.body) + len(e.sig) + 32 for e in out)
+        raise AuditOverflow(kept, len(out))
     return out
 
 

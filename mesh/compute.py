@@ -68,6 +68,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SESSION_TOKENS = 32768  # Gemma 3's context; memory is bounded by KV reservations
 # Prompt positions per step: a stage's attention scores are chunk x context at most.
 PREFILL_CHUNK = 512
+# Rows one step may carry, from any peer: bounds a step's attention temporaries (scores and
+# masks are rows x context) whatever the coordinator chose as its chunk.
+MAX_STEP_ROWS = 2048
 
 
 class CapacityError(Error):
@@ -185,6 +188,7 @@ class ComputeService:
             await loaded.shard.aclose()
         self.loaded.clear()
         self.sessions.clear()
+        self.kv_reserved = 0
 
     # -- RPCs: what we hold ----------------------------------------------------------------
     async def rpc_models(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
@@ -416,6 +420,7 @@ class ComputeService:
             self.kv_reserved += need
             kv = need
             session = await loaded.shard.open_session(positions)
+            log.info("session %s: units [%d, %d), %d positions", sid[:8], start, end, positions)
         except BaseException:
             loaded.sessions -= 1
             self.kv_reserved -= kv
@@ -514,8 +519,8 @@ class ComputeService:
             raise ModelError("the session's shard was unloaded")
         st.last_used = loaded.last_used = time.monotonic()
         spec = loaded.shard.runtime.shard
-        if type(n) is not int or n <= 0:
-            raise ModelError("n must be a positive integer")
+        if type(n) is not int or not 0 < n <= MAX_STEP_ROWS:
+            raise ModelError(f"n must be an integer in 1..{MAX_STEP_ROWS} (rows of one step)")
         if spec.is_first:
             if len(payload) != 4 * n:
                 raise ModelError("token payload size does not match n")
@@ -571,8 +576,11 @@ class ComputeService:
             raise ModelError("no audited session of yours by that id")
         if type(upto) is not int or type(since) is not int:
             raise ModelError("upto and since must be positions")
-        entries = [e for e in st.audit.upto(upto) if e.pos >= since]
-        return Reply({"n": len(entries)}, pack_entries(entries, st.audit.overflowed))
+        audit = st.audit
+        entries = [e for e in audit.upto(upto) if e.pos >= since]
+        # Incomplete only if the positions asked for go past what the full log kept.
+        short = audit.overflowed and (not audit.entries or upto > audit.entries[-1].pos)
+        return Reply({"n": len(entries)}, pack_entries(entries, short))
 
     async def rpc_stage_recompute(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -669,7 +677,8 @@ class ComputeService:
             await asyncio.sleep(min(10.0, self.config.session_ttl / 2))  # eviction period
             cutoff = time.monotonic() - self.config.session_ttl
             for sid, st in list(self.sessions.items()):
-                if st.last_used < cutoff:
+                # Still ours: a stage_close during an await below may have closed it already.
+                if st.last_used < cutoff and self.sessions.get(sid) is st:
                     log.info("evicting idle session %s", sid[:8])
-                    self.sessions.pop(sid, None)
+                    del self.sessions[sid]
                     await self._close(st)

@@ -85,12 +85,6 @@ class GenerationRequest:
     # not prompt x prompt (an 8192-token prompt of Gemma: 1 GiB of scores per layer at once).
     prefill_chunk: int = PREFILL_CHUNK
 
-    def positions(self) -> int:
-        """Positions a stage session must hold, known before the prompt is tokenized: the
-        prompt's tokens (at most one per byte of text, plus BOS and a dummy-prefix space) and
-        the tokens to generate. Each stage reserves its KV cache for this many."""
-        prompt = len(self.tokens) if self.tokens is not None else len(self.prompt.encode()) + 2
-        return min(prompt + self.max_tokens, MAX_SESSION_TOKENS)
 
 
 @dataclass
@@ -288,22 +282,14 @@ class _Run:
             self.checker = SpotChecker(self.c, self.mid, req.verify)
         views, self.manifest = await self.c.views(self.mid, self.excluded)
         self.stages = self._plan(views)
+        # Before any session opens: each reserves its KV cache for the prompt and the output.
+        self.prompt = list(req.tokens) if req.tokens is not None else await self._tokenize(views)
         await self._open()
         try:
             yield {
                 "route": [s.as_dict(self.manifest.n_layers) for s in self.stages],
                 "model_id": self.mid,
             }
-            if req.tokens is not None:
-                self.prompt = list(req.tokens)
-            else:
-                tok = await self.c.mesh.call(
-                    self.stages[0].peer_id,
-                    "tokenize",
-                    {"model_id": self.mid},
-                    req.prompt.encode(),
-                )
-                self.prompt = tokens_of(tok)
             for restarts in range(MAX_FAILOVERS + 1):
                 try:
                     async for event in self._decode():
@@ -333,6 +319,7 @@ class _Run:
         check passed."""
         req = self.req
         self.generated, self.text, self.pending, self.fed = [], "", b"", []
+        self.decode_ms = []  # the rate of this run (a spot-check restart starts over)
         size = max(1, req.prefill_chunk)
         chunks = [self.prompt[i : i + size] for i in range(0, len(self.prompt), size)]
         end = 0
@@ -440,6 +427,28 @@ class _Run:
                 runtime=self.req.runtime,
             )
 
+    async def _tokenize(self, views: list[PeerView]) -> list[int]:
+        """The prompt's tokens from a peer holding the model's embedding or head blob (the
+        tokenizer travels with them): this node first, then the route's first stage."""
+        assert self.manifest is not None
+        n = len(self.manifest.units)
+        ends = {b.sha256 for b in self.manifest.blobs_for(0, 1) + self.manifest.blobs_for(n - 1, n)}
+        first = self.stages[0].peer_id
+        holders = sorted(
+            (v.peer_id for v in views if ends & v.held),
+            key=lambda p: (p != self.c.mesh.me, p != first),
+        )
+        failure: Exception | None = None
+        for peer in holders[:3]:
+            try:
+                params = {"model_id": self.mid}
+                reply = await self.c.mesh.call(peer, "tokenize", params, self.req.prompt.encode())
+                return tokens_of(reply)
+            except (RPCError, ModelError) as exc:
+                failure = exc
+                log.info("tokenizing on %s failed: %s", peer[:12], exc)
+        raise RouteError(f"no peer could tokenize the prompt ({failure or 'no tokenizer held'})")
+
     # -- sessions --------------------------------------------------------------------------
     async def _open(self) -> None:
         """Open the route's sessions; a peer short of memory is replaced (re-planned)."""
@@ -480,8 +489,8 @@ class _Run:
                 "next": nxt,
                 "next_sid": self.sids[i + 1] if nxt else None,
                 "prev": self.stages[i - 1].peer_id if i > 0 else None,
-                # a bound on prompt + generation; each stage caps it at the context
-                "max_tokens": self.req.positions(),
+                # prompt + output; each stage caps it at the context
+                "max_tokens": min(len(self.prompt) + self.req.max_tokens, MAX_SESSION_TOKENS),
                 "source": self.c.mesh.me if self.mid in self.c.compute.manifests else None,
                 "audit": self.checker is not None,
             }

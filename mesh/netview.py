@@ -86,8 +86,9 @@ class Penalties:
         now = self._clock()
         value = self.get(pid) + ms
         self._entries[pid] = (value, now)
-        if len(self._entries) > self.capacity:
-            weakest = min(self._entries, key=lambda p: self._decayed(*self._entries[p], now))
+        if len(self._entries) > self.capacity:  # the newest offender is kept
+            others = (p for p in self._entries if p != pid)
+            weakest = min(others, key=lambda p: self._decayed(*self._entries[p], now))
             del self._entries[weakest]
         return value
 

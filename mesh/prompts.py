@@ -72,6 +72,8 @@ class Tokenizers:
         mid = params.get("model_id")
         if not isinstance(mid, str) or mid not in self._manifests:
             raise ModelError("tokenize needs a known model id")
+        if "text" in params:  # an older peer: its prompt would be read as empty
+            raise ModelError("tokenize takes the text as its payload, not as a parameter")
         if len(payload) > MAX_PROMPT_BYTES:
             raise ModelError(f"a prompt of {len(payload)} bytes exceeds {MAX_PROMPT_BYTES}")
         try:
@@ -79,5 +81,6 @@ class Tokenizers:
         except UnicodeDecodeError:
             raise ModelError("the prompt is not UTF-8") from None
         tok = await self.get(mid)
-        tokens = tok.encode(text, add_bos=bool(params.get("add_bos", True)))
+        # Up to 1 MiB of text takes llama.cpp about a second: never on the event loop.
+        tokens = await asyncio.to_thread(tok.encode, text, bool(params.get("add_bos", True)))
         return Reply({"n": len(tokens), "eos": tok.eos_id}, np.asarray(tokens, "<i4").tobytes())

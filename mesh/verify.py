@@ -38,8 +38,11 @@ import numpy as np
 from runtimes.errors import ModelError
 
 from .audit import (
+    MAX_AUDIT_BYTES,
+    MAX_AUDIT_ENTRIES,
     AuditEntry,
     AuditError,
+    AuditOverflow,
     relative_error,
     step_message,
     token_deviation,
@@ -190,6 +193,9 @@ class SpotChecker:
         except _Blame as blame:
             self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
             return
+        except _Skip as skip:
+            self.stats.unchecked.append(str(skip))
+            return
         self.stats.checks += 1
         verifiers = await self._verifiers(stage, suspect)
         if not verifiers:
@@ -251,6 +257,13 @@ class SpotChecker:
                 peer, "stage_audit", {"sid": sid, "upto": upto, "since": since}, timeout=30
             )
             return unpack_entries(reply.payload, complete=since == 0)
+        except AuditOverflow as full:
+            if since:  # measure what it kept: ask for the log from position 0
+                return await self._audit(peer, sid, upto, 0)
+            # An honest log stops only when (nearly) full; a short one is a dodge.
+            if full.kept >= MAX_AUDIT_BYTES // 2 or full.count >= MAX_AUDIT_ENTRIES - 1:
+                raise _Skip(f"audit log of {peer[:12]} full at {full.kept} bytes") from None
+            raise _Blame(peer, f"claims a full audit log of {full.kept} bytes") from None
         except AuditError as exc:
             raise _Blame(peer, f"bad audit log: {exc}") from None
         except RPCError as exc:
@@ -386,6 +399,10 @@ class SpotChecker:
         return _Outcome(
             ok, dev, f"token {claimed} deviates {dev:.3f} from the verifier's {result.get('token')}"
         )
+
+
+class _Skip(Exception):
+    """Internal: the check cannot be made (an honest limit, not misbehaviour)."""
 
 
 class _Blame(Exception):

@@ -71,14 +71,15 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
+        # One f16 cache of n_ctx (2048 by default) positions is allocated at load, whatever
+        # the sessions: it is part of the load, not of each session (kv_bytes is 0).
         c = shard.config
-        kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * max_tokens * 2  # f16 cache
+        kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * max(max_tokens, 2048) * 2
         return shard.nbytes() + kv + 4 * c.vocab_size * 512 + (64 << 20)
 
     @classmethod
     def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
-        c = shard.config
-        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * positions * 2  # f16 cache
+        return 0  # the shared cache is counted by estimate_memory
 
     @property
     def llama(self) -> Any:

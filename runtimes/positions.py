@@ -35,8 +35,8 @@ def rope_tables(
 
 def attention_masks(n_past: int, n_new: int, window: int) -> np.ndarray[Any, Any]:
     """Additive mask [S, T]: causal, and (window > 0) keys at most window-1 positions back."""
-    qpos = n_past + np.arange(n_new)[:, None]
-    kpos = np.arange(n_past + n_new)[None, :]
+    qpos = n_past + np.arange(n_new, dtype=np.int32)[:, None]  # int32: S x T temporaries
+    kpos = np.arange(n_past + n_new, dtype=np.int32)[None, :]
     ok = kpos <= qpos
     if window > 0:
         ok &= (qpos - kpos) < window  # llama.cpp: masked when p1 - p0 >= n_swa

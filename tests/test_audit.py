@@ -162,3 +162,46 @@ async def test_bans_are_bounded_persisted_and_drop_provider_records(tmp_path: Pa
     assert node.me not in node.conns.banned
     again = Node(cfg)  # a restart keeps the bans
     assert set(again.conns.banned) == {"p3", "p4", "p1"}
+
+
+async def test_a_full_audit_log_leaves_a_check_undone_a_short_claim_is_blamed() -> None:
+    """An honest stage's log stops at its cap: the check is skipped, nobody is banned. A log
+    that claims to be full while holding little is a dodge and blames its stage."""
+    from types import SimpleNamespace
+
+    from mesh.audit import MAX_AUDIT_BYTES, AuditEntry
+    from mesh.rpc import Reply
+    from mesh.verify import SpotChecker, _Blame, _Skip
+
+    row = bytes(1 << 20)
+    full = AuditLog()
+    pos = 0
+    while not full.overflowed:
+        pos += 256
+        full.add(AuditEntry(pos, 256, row, b"s" * 64))
+    assert full.size > MAX_AUDIT_BYTES // 2
+    short = AuditLog()
+    short.add(AuditEntry(4, 4, bytes(64), b"s" * 64))
+
+    calls: list[dict[str, int]] = []
+
+    class Mesh:
+        log = full
+
+        async def call(self, peer: str, method: str, params: dict, **kw: object) -> Reply:
+            calls.append(params)
+            kept = self.log.upto(params["upto"])
+            picked = [e for e in kept if e.pos >= params["since"]]
+            return Reply({}, pack_entries(picked, True))
+
+    mesh = Mesh()
+    checker = SpotChecker(SimpleNamespace(mesh=mesh), "m" * 64, VerifyParams(rate=1.0))
+    with pytest.raises(_Skip):
+        await checker._audit("p" * 32, "ab" * 8, upto=pos + 256)
+    # asked for a tail only: the whole log is fetched to measure what it kept
+    with pytest.raises(_Skip):
+        await checker._audit("p" * 32, "ab" * 8, upto=pos + 256, since=pos)
+    assert [c["since"] for c in calls] == [0, pos, 0]
+    mesh.log = short
+    with pytest.raises(_Blame, match="claims a full audit log"):
+        await checker._audit("p" * 32, "ab" * 8, upto=100)

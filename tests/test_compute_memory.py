@@ -11,7 +11,6 @@ import pytest
 
 from mesh.compute import CapacityError, ComputeConfig, ComputeService
 from mesh.errors import PeerUnavailable
-from mesh.generate import GenerationRequest
 from mesh.rpc import CallContext, Reply
 from runtimes.onnx_rt import OnnxRuntime
 from runtimes.testmodels import write_test_model
@@ -81,10 +80,3 @@ async def test_sessions_reserve_their_kv_cache_against_the_memory_limit(tmp_path
     await open_(PEERS[0], 256)[1]
     await svc.stop()
     await probe.stop()
-
-
-def test_a_generation_asks_for_its_prompt_and_output_not_the_whole_context() -> None:
-    assert GenerationRequest("m", tokens=[1, 2, 3], max_tokens=10).positions() == 13
-    text = GenerationRequest("m", prompt="héllo", max_tokens=10)  # 6 bytes: <= 6 tokens + BOS
-    assert text.positions() == 6 + 2 + 10
-    assert GenerationRequest("m", prompt="x" * 100_000, max_tokens=10).positions() == 32768

@@ -153,6 +153,8 @@ async def test_long_prompt_tokenized_by_a_remote_first_stage(local_mesh, tmp_pat
     )
     assert {s["peer_id"] for s in by_text[-1]["stages"]} == {worker.peer_id}
     assert by_text[-1]["prompt_tokens"] == len(tokens)
+    # tokenized before the session opened: its KV cache is reserved for prompt + output only
+    await worker.wait_logged(f"{len(tokens) + 4} positions")
     by_tokens = await collect(
         local_mesh, coord, {"model": "long", "tokens": tokens, "max_tokens": 4, "temperature": 0}
     )

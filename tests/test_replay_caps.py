@@ -327,3 +327,17 @@ async def test_per_peer_replica_quota(tmp_path: Path) -> None:
     svc.store.pin(objs[0].id)
     assert svc.peer_bytes(B.peer_id) == 0
     assert svc.quota_refused == 2
+
+
+async def test_a_step_carrying_too_many_rows_is_refused_before_running(tmp_path: Path) -> None:
+    """Any peer may send a step: its rows are capped (attention temporaries are rows x
+    context) whatever the coordinator's prefill chunk; the session is untouched."""
+    from mesh.compute import MAX_STEP_ROWS
+
+    svc, sid, session = await _stage(tmp_path)
+    session.max_tokens = 4 * MAX_STEP_ROWS
+    with pytest.raises(ModelError, match="rows of one step"):
+        await _step(svc, sid, [1] * (MAX_STEP_ROWS + 1), pos=MAX_STEP_ROWS + 1)
+    assert session.n_past == 0
+    await _step(svc, sid, [1] * MAX_STEP_ROWS, pos=MAX_STEP_ROWS)
+    assert session.n_past == MAX_STEP_ROWS
