@@ -156,7 +156,7 @@ class FakeCaller:
             raise PeerUnavailable(f"{peer_id} died")
         data = self.chunks[params["sha"]]
         if params["sha"] in self.corrupt.get(peer_id, set()):
-            data = b"\x00" + data[1:]
+            data = bytes([data[0] ^ 0xFF]) + data[1:]  # always differs (0x00 might not)
         return Reply({}, data)
 
 
