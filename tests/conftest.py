@@ -4,9 +4,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from mesh.localmesh import LocalBroker as Broker
 from mesh.localmesh import LocalMesh
+
+# `make test` (and CI) fuzz with the same examples every run: a landing must not hang on a
+# random draw. `pytest -m badinput --hypothesis-profile=explore` draws new ones; a failure it
+# finds goes into tests/corpus/ and gets fixed.
+settings.register_profile("default", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("default")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
