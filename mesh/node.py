@@ -124,7 +124,7 @@ class Node:
             self.jobs,
             *(services or []),
         )
-        from .generate import Coordinator  # generation sits on top of compute and links
+        from .coordinator import Coordinator  # generation sits on top of compute and links
 
         self.coordinator = Coordinator(
             self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt

@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh.generate import Coordinator
+from mesh.coordinator import Coordinator
 from mesh.rpc import Reply
 from runtimes.errors import ModelError
 
