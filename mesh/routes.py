@@ -65,6 +65,18 @@ class PeerView:
 PairRtt = Callable[[str, str], float | None]
 
 
+def hop_rtt(a: PeerView, b: PeerView, pair_rtt: PairRtt | None) -> float:
+    """The RTT (ms) planned for a hop from ``a`` to ``b``: ``pair_rtt``'s estimate where it
+    has one, else the mean of their RTTs to the coordinator, which measures its own links."""
+    known = pair_rtt(a.peer_id, b.peer_id) if pair_rtt is not None else None
+    if known is None:
+        known = (a.rtt_ms + b.rtt_ms) / 2
+    # Coordinates are the peers' own claims: keep them within what the triangle through the
+    # coordinator allows, so a peer cannot pose as everyone's neighbour.
+    known = min(max(known, abs(a.rtt_ms - b.rtt_ms)), a.rtt_ms + b.rtt_ms)
+    return max(0.2, known)
+
+
 def plan_with_scheduler(
     manifest: Manifest,
     peers: list[PeerView],
@@ -109,16 +121,7 @@ def plan_with_scheduler(
         )
         for v in peers
     ]
-
-    def hop(a: PeerView, b: PeerView) -> float:
-        if a is b:
-            return 0.0
-        known = pair_rtt(a.peer_id, b.peer_id) if pair_rtt is not None else None
-        # The coordinator measures its own links; between two other peers with no better
-        # estimate, the mean of their RTTs to it.
-        return max(0.2, known if known is not None else (a.rtt_ms + b.rtt_ms) / 2)
-
-    rtt = [[hop(a, b) for b in peers] for a in peers]
+    rtt = [[0.0 if a is b else hop_rtt(a, b, pair_rtt) for b in peers] for a in peers]
     bw = [[WEBRTC_BYTES_PER_S] * len(peers) for _ in peers]
     net = MatrixNetwork.build(rtt, bw, [v.rtt_ms for v in peers], [WEBRTC_BYTES_PER_S] * len(peers))
     # A small price on bytes a stage must pull: among routes about as fast, the one whose

@@ -9,7 +9,7 @@ import pytest
 
 from mesh.errors import Error
 from mesh.netview import NetConfig, NetView, PeerNet
-from mesh.routes import PeerView, plan_with_scheduler
+from mesh.routes import PeerView, hop_rtt, plan_with_scheduler
 from runtimes.shards import ShardStore
 from runtimes.testmodels import write_test_model
 from scheduler import Coordinate
@@ -68,3 +68,18 @@ def test_netview_pair_rtt_uses_own_links_and_only_confident_coordinates() -> Non
     assert net.pair_rtt("A", "B") is None  # B's coordinate is not settled yet
     net.peers["B"] = PeerNet(coord=Coordinate(vec=(3.0, 4.0), height=0.5, error=0.3))
     assert net.pair_rtt("A", "B") == pytest.approx(6.0)  # 5 in the plane + both heights
+
+
+def test_pair_rtts_are_held_to_the_triangle_through_the_coordinator() -> None:
+    """Peers report their own coordinates: a claimed 0 ms between D (30 ms from us) and A
+    (40 ms) is planned as 10 ms, a claimed 500 ms as 70 ms; a claimed 1 ms between A and B
+    (both 40 ms away) stands."""
+    a, b, d = views()
+
+    def claims(ms: float):
+        return lambda x, y: ms
+
+    assert hop_rtt(a, d, claims(0.0)) == 10.0
+    assert hop_rtt(a, d, claims(500.0)) == 70.0
+    assert hop_rtt(a, b, claims(1.0)) == 1.0
+    assert hop_rtt(a, d, None) == 35.0  # no estimate: the mean
