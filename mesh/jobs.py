@@ -331,6 +331,9 @@ class JobService:
         net, me = self.objects.net, self.node.me
         run = _Run(policy)
         t0 = time.monotonic()
+        # Peers connected since the last net_info round count too: learn their zone, price,
+        # speed and whether they run jobs before placing anything.
+        await net.ensure(self.node.connected_peer_ids())
         plan = self._plan(policy, chunks, holders, seed)
         for i, ((peer, srcs), hs) in enumerate(zip(plan, holders, strict=True)):
             run.placement[peer] = run.placement.get(peer, 0) + 1

@@ -66,7 +66,9 @@ async def cli(*args: str, api: str) -> dict:  # type: ignore[type-arg]
 
 async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tmp_path: Path):
     mesh = local_mesh
-    price = ["--egress-price", "0.1"]
+    # 1 per GB: a 64 KiB input chunk costs ~6.5 ms to pull across zones, ten times its compute
+    # (at 0.1 the two were even, and a peer's measured speed could tip a task across)
+    price = ["--egress-price", "1.0"]
     store = await mesh.start_node("a0", ["--zone", "a", "--no-jobs", *price])
     a = [await mesh.start_node(f"a{i}", ["--zone", "a", *price]) for i in (1, 2)]
     b = [await mesh.start_node(f"b{i}", ["--zone", "b", *price]) for i in (0, 1)]
