@@ -37,7 +37,7 @@ from .compute import (
     StageUnavailable,
 )
 from .errors import DeadlineExceeded, Error, PeerUnavailable, RemoteError, RPCError
-from .prompts import tokens_of
+from .prompts import tokenizer_blobs, tokens_of
 from .routes import (
     KV_PER_BLOCK,
     SHARD_OVERHEAD,
@@ -285,8 +285,7 @@ class GenerationRun:
         """The prompt's tokens from a peer holding the model's embedding or head blob (the
         tokenizer travels with them): this node first, then the route's first stage."""
         assert self.manifest is not None
-        n = len(self.manifest.units)
-        ends = {b.sha256 for b in self.manifest.blobs_for(0, 1) + self.manifest.blobs_for(n - 1, n)}
+        ends = tokenizer_blobs(self.manifest)
         first = self.stages[0].peer_id
         holders = sorted(
             (v.peer_id for v in views if ends & v.held),

@@ -18,9 +18,15 @@ from runtimes.shards import Manifest
 
 from .rpc import CallContext, Reply
 
-__all__ = ["MAX_PROMPT_BYTES", "Tokenizers", "tokens_of"]
+__all__ = ["MAX_PROMPT_BYTES", "Tokenizers", "tokenizer_blobs", "tokens_of"]
 
 MAX_PROMPT_BYTES = 1 << 20  # as the HTTP API's request cap
+
+
+def tokenizer_blobs(manifest: Manifest) -> set[str]:
+    """The blobs that carry the model's tokenizer: those of the embedding and of the head."""
+    n = len(manifest.units)
+    return {b.sha256 for b in manifest.blobs_for(0, 1) + manifest.blobs_for(n - 1, n)}
 
 
 def tokens_of(reply: Reply) -> list[int]:
@@ -57,10 +63,8 @@ class Tokenizers:
             return self._loaded[mid]
         from runtimes.tokenizer import Tokenizer
 
-        m = self._manifests[mid]
-        n = len(m.units)
-        for blob in m.blobs_for(0, 1) + m.blobs_for(n - 1, n):
-            path = self._blob_path(blob.sha256)
+        for sha in sorted(tokenizer_blobs(self._manifests[mid])):
+            path = self._blob_path(sha)
             if path is not None:
                 tok = await asyncio.to_thread(Tokenizer, path)
                 self._loaded[mid] = tok
