@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import ROOT, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.localmesh import LocalBroker, LocalMesh, wait_for  # noqa: E402
+from mesh.launch.localmesh import LocalBroker, LocalMesh, wait_for  # noqa: E402
 
 
 async def join_times(method: str, members: int, joins: int) -> list[float]:
@@ -45,8 +45,9 @@ async def join_times(method: str, members: int, joins: int) -> list[float]:
             first = await mesh.start_node("m0", args + loop_args)
             if method == "dht":
                 args = ["--no-mdns", "--bootstrap", first.ready["dht"]]
-            group = [first] + [await mesh.start_node(f"m{i}", args + loop_args)
-                               for i in range(1, members)]
+            group = [first] + [
+                await mesh.start_node(f"m{i}", args + loop_args) for i in range(1, members)
+            ]
             await mesh.wait_connected(60, nodes=group)
             want = {n.peer_id for n in group}
             samples = []
@@ -83,14 +84,17 @@ def main() -> int:
     for row in rows:
         row.append(row[1] / base)
     write_json(ROOT / "docs" / "bench" / "join.json", result)
-    table = markdown_table(["join via", "median (s)", "min (s)", "max (s)", "ratio to mDNS"],
-                           rows)
+    table = markdown_table(["join via", "median (s)", "min (s)", "max (s)", "ratio to mDNS"], rows)
     if not args.no_docs:
-        update_benchmarks_md("Joining a mesh (examples/bench_join.py)", (
-            f"A fresh node process joins a {args.members}-node mesh on loopback "
-            f"({result['machine']}); time from spawning it until it lists all members as "
-            f"connected, median of {args.joins}, process start-up included. mDNS is the LAN "
-            "baseline measured in the same run.\n\n" + table))
+        update_benchmarks_md(
+            "Joining a mesh (examples/bench_join.py)",
+            (
+                f"A fresh node process joins a {args.members}-node mesh on loopback "
+                f"({result['machine']}); time from spawning it until it lists all members as "
+                f"connected, median of {args.joins}, process start-up included. mDNS is the LAN "
+                "baseline measured in the same run.\n\n" + table
+            ),
+        )
     print(json.dumps(result) if args.json else table)
     return 0
 

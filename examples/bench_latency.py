@@ -41,10 +41,10 @@ from benchlib import (  # noqa: E402
     write_json,
 )
 
+from mesh.cli.demo import demo_memory_limit  # noqa: E402
 from mesh.client import MeshClient  # noqa: E402
-from mesh.demo import demo_memory_limit  # noqa: E402
-from mesh.generate import KV_PER_BLOCK, SHARD_OVERHEAD  # noqa: E402
-from mesh.localmesh import LocalMesh  # noqa: E402
+from mesh.inference.run import KV_PER_BLOCK, SHARD_OVERHEAD  # noqa: E402
+from mesh.launch.localmesh import LocalMesh  # noqa: E402
 
 SECTION = "Latency vs peers (examples/bench_latency.py)"
 PROMPT = (
@@ -152,7 +152,8 @@ async def measure(n: int, model: Path, base: Path, opts: argparse.Namespace) -> 
         "hop_ms": best["hop_ms"],
         "overhead_ms": round(max(step_ms - compute_ms, 0.0), 3),
         "client_gap_median_ms": round(statistics.median(best["gaps_ms"]), 3)
-        if best["gaps_ms"] else None,
+        if best["gaps_ms"]
+        else None,
         "client_gap_p90_ms": round(percentile(best["gaps_ms"], 90), 3) if best["gaps_ms"] else None,
         "prompt_tokens": best["prompt_tokens"],
         "tokens": best["tokens"],
@@ -223,16 +224,41 @@ def write_docs(result: dict[str, Any]) -> None:
     runs = result["runs"]
     base = next(r for r in runs if r["peers"] == 1)
     table = markdown_table(
-        ["peers", "stages", "TTFT (ms)", "decode tok/s", "x 1 peer", "TTFT x 1 peer",
-         "ms/token", "stage compute (ms)", "hop (ms)", "same tokens"],
-        [[r["peers"], r["n_stages"], r["ttft_ms"], r["tokens_per_s"], r["tokens_per_s_ratio"],
-          r["ttft_ratio"], r["step_ms"], r["compute_ms"], r["hop_ms"],
-          "yes" if r["same_tokens_as_1_peer"] else "no"] for r in runs],
+        [
+            "peers",
+            "stages",
+            "TTFT (ms)",
+            "decode tok/s",
+            "x 1 peer",
+            "TTFT x 1 peer",
+            "ms/token",
+            "stage compute (ms)",
+            "hop (ms)",
+            "same tokens",
+        ],
+        [
+            [
+                r["peers"],
+                r["n_stages"],
+                r["ttft_ms"],
+                r["tokens_per_s"],
+                r["tokens_per_s_ratio"],
+                r["ttft_ratio"],
+                r["step_ms"],
+                r["compute_ms"],
+                r["hop_ms"],
+                "yes" if r["same_tokens_as_1_peer"] else "no",
+            ]
+            for r in runs
+        ],
     )
     stages = markdown_table(
         ["peers", "stage", "units", "runtime", "ms per token"],
-        [[r["peers"], i, f"{s['units'][0]}-{s['units'][1] - 1}", s["runtime"], s["ms"]]
-         for r in runs for i, s in enumerate(r["stages"])],
+        [
+            [r["peers"], i, f"{s['units'][0]}-{s['units'][1] - 1}", s["runtime"], s["ms"]]
+            for r in runs
+            for i, s in enumerate(r["stages"])
+        ],
     )
     widest = max(runs, key=lambda r: r["peers"])
     verdict = ""
@@ -244,11 +270,15 @@ def write_docs(result: dict[str, Any]) -> None:
             f"(bar >= 0.8x, goal >= 0.9x: {met})."
         )
     if result["split_by"] == "memory":
-        how = ("each node gets the `--memory-limit` that `edgemesh demo` uses for N peers, so "
-               "the planner needs N of them")
+        how = (
+            "each node gets the `--memory-limit` that `edgemesh demo` uses for N peers, so "
+            "the planner needs N of them"
+        )
     else:
-        how = ('the request asks for `"split": N` (this model is smaller than a shard\'s fixed '
-               "memory overhead, so memory limits cannot force a split)")
+        how = (
+            'the request asks for `"split": N` (this model is smaller than a shard\'s fixed '
+            "memory overhead, so memory limits cannot force a split)"
+        )
     n_gen = result["repeats"]
     runs_word = "one generation" if n_gen == 1 else f"the median of {n_gen} generations"
     body = (
@@ -285,11 +315,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         [
             ("decode tokens/s", {"mesh": [r["tokens_per_s"] for r in runs]}),
             ("TTFT (ms)", {"mesh": [r["ttft_ms"] for r in runs]}),
-            ("ms per token", {
-                "step": [r["step_ms"] for r in runs],
-                "stage compute": [r["compute_ms"] for r in runs],
-                "hops + coordination": [r["overhead_ms"] for r in runs],
-            }),
+            (
+                "ms per token",
+                {
+                    "step": [r["step_ms"] for r in runs],
+                    "stage compute": [r["compute_ms"] for r in runs],
+                    "hops + coordination": [r["overhead_ms"] for r in runs],
+                },
+            ),
         ],
         xlabel="peers",
         title=f"{Path(result['model']).name}, {result['runtime']}, loopback",
@@ -310,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds for the mesh to form")
     ap.add_argument("--quick", action="store_true", help="16 tokens, one generation each")
     ap.add_argument("--no-docs", action="store_true", help="write no files under docs/")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="measure nothing: redraw the plot and section from a result file")
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: redraw the plot and section from a result file",
+    )
     opts = ap.parse_args(argv)
     if opts.render:
         result = json.loads(opts.render.read_text())
@@ -334,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             say(f"{n} peer(s)...")
             r = asyncio.run(measure(n, model, Path(tmp), opts))
-            say(f"  {r['n_stages']} stage(s), TTFT {r['ttft_ms']:.0f} ms, "
-                f"{r['tokens_per_s']:.1f} tokens/s, hop {r['hop_ms']:.2f} ms")
+            say(
+                f"  {r['n_stages']} stage(s), TTFT {r['ttft_ms']:.0f} ms, "
+                f"{r['tokens_per_s']:.1f} tokens/s, hop {r['hop_ms']:.2f} ms"
+            )
             runs.append(r)
     base = runs[0]
     for r in runs:
@@ -364,11 +404,23 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         print(json.dumps(result))
     else:
-        print(markdown_table(
-            ["peers", "stages", "TTFT (ms)", "tok/s", "x 1 peer", "hop (ms)", "stage ms"],
-            [[r["peers"], r["n_stages"], r["ttft_ms"], r["tokens_per_s"],
-              r["tokens_per_s_ratio"], r["hop_ms"],
-              " / ".join(f"{s['ms']:.2f}" for s in r["stages"])] for r in runs]))
+        print(
+            markdown_table(
+                ["peers", "stages", "TTFT (ms)", "tok/s", "x 1 peer", "hop (ms)", "stage ms"],
+                [
+                    [
+                        r["peers"],
+                        r["n_stages"],
+                        r["ttft_ms"],
+                        r["tokens_per_s"],
+                        r["tokens_per_s_ratio"],
+                        r["hop_ms"],
+                        " / ".join(f"{s['ms']:.2f}" for s in r["stages"]),
+                    ]
+                    for r in runs
+                ],
+            )
+        )
     return 0
 
 

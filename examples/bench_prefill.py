@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import docs_dir, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.localmesh import LocalMesh, NodeProcess  # noqa: E402
+from mesh.launch.localmesh import LocalMesh, NodeProcess  # noqa: E402
 
 
 def peak_rss_mb(node: NodeProcess) -> float:
@@ -58,8 +58,9 @@ async def measure(model: Path, work: Path, prompt: list[int], chunk: int, repeat
         await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "gemma"})
         body = {"model": "gemma", "tokens": prompt, "max_tokens": 1, "split": 2}
         await generate(mesh, nodes[0], dict(body, tokens=prompt[:8]))  # pulls and loads
-        runs = [await generate(mesh, nodes[0], dict(body, prefill_chunk=chunk))
-                for _ in range(repeats)]
+        runs = [
+            await generate(mesh, nodes[0], dict(body, prefill_chunk=chunk)) for _ in range(repeats)
+        ]
         return {
             "chunk": chunk,
             "steps": runs[0]["steps"],
@@ -95,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(
         ["chunk", "steps", "TTFT ms", "x one step", "peak RSS MB (2 stages)", "x one step"],
         [
-            [r["chunk"], r["steps"], r["ttft_ms"], r["ttft_x_one_step"],
-             " / ".join(map(str, r["peak_rss_mb"])), r["peak_rss_x_one_step"]]
+            [
+                r["chunk"],
+                r["steps"],
+                r["ttft_ms"],
+                r["ttft_x_one_step"],
+                " / ".join(map(str, r["peak_rss_mb"])),
+                r["peak_rss_x_one_step"],
+            ]
             for r in rows
         ],
     )

@@ -27,7 +27,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.localmesh import LocalMesh, NodeProcess  # noqa: E402
+from mesh.launch.localmesh import LocalMesh, NodeProcess  # noqa: E402
 
 log = logging.getLogger("bench_storage")
 
@@ -104,14 +104,27 @@ async def main() -> int:
     doc = {"machine": machine(), "runs": [fast, slow]}
     write_json(ROOT / "docs" / "bench" / "storage.json", doc)
     rows = [
-        [r["path"], f"{r['bytes'] / 1e6:.0f}", round(r["one_seed_s"], 2),
-         round(r["one_seed_mb_s"], 1), round(r["several_holders_s"], 2),
-         round(r["several_holders_mb_s"], 1)]
+        [
+            r["path"],
+            f"{r['bytes'] / 1e6:.0f}",
+            round(r["one_seed_s"], 2),
+            round(r["one_seed_mb_s"], 1),
+            round(r["several_holders_s"], 2),
+            round(r["several_holders_mb_s"], 1),
+        ]
         for r in (fast, slow)
     ]
     table = markdown_table(
-        ["path", "MB per peer", "1 seed -> 3 peers (s)", "aggregate MB/s",
-         "4 holders -> 3 fresh peers (s)", "aggregate MB/s"], rows)
+        [
+            "path",
+            "MB per peer",
+            "1 seed -> 3 peers (s)",
+            "aggregate MB/s",
+            "4 holders -> 3 fresh peers (s)",
+            "aggregate MB/s",
+        ],
+        rows,
+    )
     body = (
         f"Seven node processes on loopback ({machine()}), 2 shared cores. A seed holds one "
         f"object of {args.mb} MB (the size of Gemma 3 270M's shards); 3 fresh peers fetch it "

@@ -33,14 +33,17 @@ from benchlib import (  # noqa: E402
     write_json,
 )
 
-from mesh.localmesh import LocalMesh  # noqa: E402
+from mesh.launch.localmesh import LocalMesh  # noqa: E402
 
 
 def tcp_baseline(size: int, count: int, bulk: int, message: int) -> dict[str, float]:
     from tcp_echo import recv_exact
 
-    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "tcp_echo.py")],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "tcp_echo.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
@@ -65,8 +68,11 @@ def tcp_baseline(size: int, count: int, bulk: int, message: int) -> dict[str, fl
     finally:
         server.wait(timeout=10)
     s = summarize(samples)
-    return {"rtt_median_ms": s["median"], "rtt_p99_ms": s["p99"],
-            "bulk_mb_per_s": bulk / seconds / 1e6}
+    return {
+        "rtt_median_ms": s["median"],
+        "rtt_p99_ms": s["p99"],
+        "bulk_mb_per_s": bulk / seconds / 1e6,
+    }
 
 
 async def mesh_figures(size: int, count: int, bulk: int, message: int) -> dict[str, float]:
@@ -77,13 +83,19 @@ async def mesh_figures(size: int, count: int, bulk: int, message: int) -> dict[s
             t0 = time.perf_counter()
             await mesh.wait_connected(timeout=30)
             connect_s = time.perf_counter() - t0
-            rtt = await mesh.post(b, "/v1/bench/rtt", {"peer": a.peer_id, "size": size,
-                                                       "count": count})
-            bulk_res = await mesh.post(b, "/v1/bench/bulk", {"peer": a.peer_id, "bytes": bulk,
-                                                             "message_size": message})
+            rtt = await mesh.post(
+                b, "/v1/bench/rtt", {"peer": a.peer_id, "size": size, "count": count}
+            )
+            bulk_res = await mesh.post(
+                b, "/v1/bench/bulk", {"peer": a.peer_id, "bytes": bulk, "message_size": message}
+            )
     s = summarize(rtt["rtt_ms"])
-    return {"rtt_median_ms": s["median"], "rtt_p99_ms": s["p99"],
-            "bulk_mb_per_s": bulk_res["mb_per_s"], "connect_s": connect_s}
+    return {
+        "rtt_median_ms": s["median"],
+        "rtt_p99_ms": s["p99"],
+        "bulk_mb_per_s": bulk_res["mb_per_s"],
+        "connect_s": connect_s,
+    }
 
 
 def main() -> int:
@@ -113,18 +125,30 @@ def main() -> int:
     }
     write_json(ROOT / "docs" / "bench" / "transport.json", result)
     rows = [
-        [f"{args.size // 1024} KiB RPC round trip, median (ms)", mesh["rtt_median_ms"],
-         tcp["rtt_median_ms"], result["ratio"]["rtt_median"]],
+        [
+            f"{args.size // 1024} KiB RPC round trip, median (ms)",
+            mesh["rtt_median_ms"],
+            tcp["rtt_median_ms"],
+            result["ratio"]["rtt_median"],
+        ],
         ["same, p99 (ms)", mesh["rtt_p99_ms"], tcp["rtt_p99_ms"], result["ratio"]["rtt_p99"]],
-        [f"bulk {args.bulk_mib} MiB in {args.message_kib} KiB messages (MB/s)",
-         mesh["bulk_mb_per_s"], tcp["bulk_mb_per_s"], result["ratio"]["bulk"]],
+        [
+            f"bulk {args.bulk_mib} MiB in {args.message_kib} KiB messages (MB/s)",
+            mesh["bulk_mb_per_s"],
+            tcp["bulk_mb_per_s"],
+            result["ratio"]["bulk"],
+        ],
     ]
     table = markdown_table(["figure", "edgemesh link", "TCP baseline", "ratio"], rows)
     if not args.no_docs:
-        update_benchmarks_md("Transport (examples/bench_transport.py)", (
-            f"Two node processes on loopback ({result['machine']}); baseline: a TCP socket "
-            f"pair between two processes, same run. Link set-up {mesh['connect_s']:.2f} s.\n\n"
-            + table))
+        update_benchmarks_md(
+            "Transport (examples/bench_transport.py)",
+            (
+                f"Two node processes on loopback ({result['machine']}); baseline: a TCP socket "
+                f"pair between two processes, same run. Link set-up {mesh['connect_s']:.2f} s.\n\n"
+                + table
+            ),
+        )
     print(json.dumps(result) if args.json else table)
     return 0
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import docs_dir, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.localmesh import LocalMesh  # noqa: E402
+from mesh.launch.localmesh import LocalMesh  # noqa: E402
 from runtimes.testmodels import write_test_model  # noqa: E402
 
 PROMPT = [1, 5, 9, 40, 77, 100, 3, 8, 200, 7]

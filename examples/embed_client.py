@@ -22,8 +22,10 @@ async def main(api: str | None, model: str | None, prompt: str, max_tokens: int)
             print(text, end="", flush=True)  # greedy (temperature 0) unless you ask otherwise
         s = client.last_summary
         hops = len(s["stages"])
-        print(f"\n[{model}: {len(s['tokens'])} tokens over {hops} stage(s), "
-              f"TTFT {s['ttft_ms']:.0f} ms, {s['tokens_per_s']:.1f} tokens/s]")
+        print(
+            f"\n[{model}: {len(s['tokens'])} tokens over {hops} stage(s), "
+            f"TTFT {s['ttft_ms']:.0f} ms, {s['tokens_per_s']:.1f} tokens/s]"
+        )
 
 
 if __name__ == "__main__":

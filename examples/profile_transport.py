@@ -1,6 +1,6 @@
 """Where the time of an RPC goes: cProfile over a real aiortc link inside one process.
 
-    python examples/profile_transport.py [rtt|bulk] [--top 20] [--filter 'mesh/|aiortc']
+python examples/profile_transport.py [rtt|bulk] [--top 20] [--filter 'mesh/|aiortc']
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.identity import Identity  # noqa: E402
-from mesh.rpc import CallContext, Reply  # noqa: E402
-from mesh.transport import (  # noqa: E402
+from mesh.net.identity import Identity  # noqa: E402
+from mesh.net.rpc import CallContext, Reply  # noqa: E402
+from mesh.net.transport import (  # noqa: E402
     TransportConfig,
     accept_offer,
     complete_offer,

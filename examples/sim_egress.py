@@ -31,11 +31,24 @@ SECTION = "Egress simulation (examples/sim_egress.py)"
 def write_docs(cfg: SimConfig, rows: list[dict[str, float | int | str]], seconds: float) -> None:
     memory = next(r for r in rows if r["policy"] == "memory")
     table = markdown_table(
-        ["policy", "egress per generation (GB)", "x memory-proportional",
-         "per-token latency (ms)", "instances"],
-        [[r["policy"], float(r["egress_bytes"]) / 1e9,
-          float(r["egress_bytes"]) / max(1.0, float(memory["egress_bytes"])),
-          float(r["token_latency_ms"]), r["instances"]] for r in rows])
+        [
+            "policy",
+            "egress per generation (GB)",
+            "x memory-proportional",
+            "per-token latency (ms)",
+            "instances",
+        ],
+        [
+            [
+                r["policy"],
+                float(r["egress_bytes"]) / 1e9,
+                float(r["egress_bytes"]) / max(1.0, float(memory["egress_bytes"])),
+                float(r["token_latency_ms"]),
+                r["instances"],
+            ]
+            for r in rows
+        ],
+    )
     body = f"""Simulated mesh ({machine()}, {seconds:.0f} s): {cfg.n_peers} peers in
 {cfg.n_regions * cfg.zones_per_region} zones over {cfg.n_regions} regions; laptops, GPU
 desktops, Jetsons, workstations and storage-only boxes; a 70B-class 4-bit model ({cfg.n_layers}
@@ -66,8 +79,12 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cfg = SimConfig(n_peers=args.peers, instances=args.instances, seed=args.seed,
-                    locality_ms_per_price=args.locality)
+    cfg = SimConfig(
+        n_peers=args.peers,
+        instances=args.instances,
+        seed=args.seed,
+        locality_ms_per_price=args.locality,
+    )
     t0 = time.perf_counter()
     rows = run_policies(make_world(cfg))
     seconds = time.perf_counter() - t0
@@ -76,9 +93,15 @@ def main() -> None:
     if args.json:
         print(json.dumps({"policies": rows}))
     else:
-        print(markdown_table(["policy", "egress_bytes", "token_latency_ms", "instances"],
-                             [[r["policy"], r["egress_bytes"], r["token_latency_ms"],
-                               r["instances"]] for r in rows]))
+        print(
+            markdown_table(
+                ["policy", "egress_bytes", "token_latency_ms", "instances"],
+                [
+                    [r["policy"], r["egress_bytes"], r["token_latency_ms"], r["instances"]]
+                    for r in rows
+                ],
+            )
+        )
         print(f"({seconds:.1f} s)")
 
 

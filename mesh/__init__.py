@@ -7,7 +7,7 @@ The public façade. Submodules are private by convention; import from here::
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from mesh.errors import (
     DeadlineExceeded,
     DiscoveryError,
     Error,
@@ -21,14 +21,14 @@ from .errors import (
     TransportError,
     WireError,
 )
-from .identity import Identity, peer_id_from_key
-from .wire import Limits
+from mesh.net.identity import Identity, peer_id_from_key
+from mesh.net.wire import Limits
 
 if TYPE_CHECKING:
-    from .client import ClientError, MeshClient
-    from .node import Node, NodeConfig
-    from .rpc import CallContext, Link, LinkParams, Reply
-    from .transport import TransportConfig
+    from mesh.client import ClientError, MeshClient
+    from mesh.net.rpc import CallContext, Link, LinkParams, Reply
+    from mesh.net.transport import TransportConfig
+    from mesh.node import Node, NodeConfig
 
 # Heavy parts load on first use: importing mesh.errors (as runtimes/ does) must not pull in
 # the node, aiortc and the runtimes, and nothing is wired at import time.
@@ -37,11 +37,11 @@ _LAZY = {
     "MeshClient": "client",
     "Node": "node",
     "NodeConfig": "node",
-    "CallContext": "rpc",
-    "Link": "rpc",
-    "LinkParams": "rpc",
-    "Reply": "rpc",
-    "TransportConfig": "transport",
+    "CallContext": "net.rpc",
+    "Link": "net.rpc",
+    "LinkParams": "net.rpc",
+    "Reply": "net.rpc",
+    "TransportConfig": "net.transport",
 }
 
 

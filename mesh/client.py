@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from .errors import Error
+from mesh.errors import Error
 
 __all__ = ["MeshClient", "ClientError"]
 
@@ -35,7 +35,7 @@ class MeshClient:
         self, api: str | None = None, *, timeout: float = 600.0, token: str | None = None
     ) -> None:
         if api is None:
-            from .cli import resolve_api
+            from mesh.local import resolve_api
 
             api = resolve_api(None)
         self.api = api.rstrip("/")
@@ -48,7 +48,7 @@ class MeshClient:
     @classmethod
     async def embedded(cls, data_dir: str | Path, **config: Any) -> MeshClient:
         """Start a node in this process (``config``: NodeConfig fields) and connect to it."""
-        from .node import Node, NodeConfig
+        from mesh.node import Node, NodeConfig
 
         node = Node(NodeConfig(data_dir=Path(data_dir), **config))
         ready = await node.start()

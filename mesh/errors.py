@@ -1,12 +1,21 @@
 """The one exception root of edgemesh and its precise subclasses.
 
-Everything that fails because of the network, a peer, or bad input raises a subclass of
-:class:`Error`, so embedding applications can catch one type.
+Everything in mesh/ that fails because of the network, a peer, or bad input raises a subclass
+of :class:`Error`, so embedding applications can catch one type. The layers below (runtimes/,
+scheduler/) never import mesh/ and keep roots of their own, :class:`ModelError` and
+:class:`SchedulingError`; :data:`EXPECTED` names all three, and mesh/ catches that wherever a
+lower layer's error may arrive (an RPC turns any of them into a coded error reply).
 """
 
 from __future__ import annotations
 
+from runtimes.errors import ModelError
+from scheduler.errors import SchedulingError
+
 __all__ = [
+    "EXPECTED",
+    "ModelError",
+    "SchedulingError",
     "Error",
     "IdentityError",
     "WireError",
@@ -74,3 +83,7 @@ class TooManyRequests(RPCError):
 
 class PeerUnavailable(RPCError):
     """No open link to the requested peer."""
+
+
+# Every error edgemesh raises on purpose; anything else is a bug.
+EXPECTED: tuple[type[Exception], ...] = (Error, ModelError, SchedulingError)

@@ -1,7 +1,7 @@
 """The running peer: identity, signaling endpoints, discovery sources, links, HTTP API.
 
 The node wires sources of hints (mDNS, the MQTT broker, the DHT, ``--peer``) into one
-:class:`~mesh.connections.Connections`, which dials, accepts and keeps the links.
+:class:`~mesh.net.connections.Connections`, which dials, accepts and keeps the links.
 """
 
 from __future__ import annotations
@@ -19,18 +19,22 @@ from typing import Any
 
 import ifaddr
 
-from .compute import ComputeConfig, ComputeService
-from .connections import ConnectionParams, Connections
-from .dht import MeshDHT, Record, RecordStore
-from .discovery import Announcement, MdnsDiscovery
-from .errors import DeadlineExceeded, RemoteError
-from .identity import Identity
-from .membership import DhtMembership, record_addresses
-from .mqtt import MqttConfig, MqttSignaling
-from .objects import ObjectService, StorageConfig
-from .rpc import CallContext, Handler, Link, Reply, handlers_of
-from .signaling import ReplayGuard, SignalingServer, format_endpoint
-from .transport import TransportConfig, use_candidate_addresses, wait_closed
+from hw import load_profile, summary
+from mesh.api.server import start_api
+from mesh.discovery.dht import MeshDHT, Record, RecordStore
+from mesh.discovery.mdns import Announcement, MdnsDiscovery
+from mesh.discovery.membership import DhtMembership, record_addresses
+from mesh.discovery.mqtt import MqttConfig, MqttSignaling
+from mesh.errors import DeadlineExceeded, RemoteError
+from mesh.inference.compute import ComputeConfig, ComputeService
+from mesh.inference.coordinator import Coordinator
+from mesh.jobs.service import JobService
+from mesh.net.connections import ConnectionParams, Connections
+from mesh.net.identity import Identity
+from mesh.net.rpc import CallContext, Handler, Link, Reply, handlers_of
+from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
+from mesh.net.transport import TransportConfig, use_candidate_addresses, wait_closed
+from mesh.storage.service import ObjectService, StorageConfig
 
 __all__ = ["NodeConfig", "Node", "CoreService", "local_addresses"]
 
@@ -109,8 +113,6 @@ class Node:
         self.me = self.identity.peer_id
         self.compute = ComputeService(self, self.me, config.data_dir / "store", config.compute)
         # -- storage and jobs (mesh/objects.py, mesh/jobs.py) --
-        from .jobs import JobService
-
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
         self.compute.storage.pace = self.objects.pacer.take  # one serve rate for all bytes
         self.jobs = JobService(self, self.objects)
@@ -124,8 +126,6 @@ class Node:
             self.jobs,
             *(services or []),
         )
-        from .coordinator import Coordinator  # generation sits on top of compute and links
-
         self.coordinator = Coordinator(
             self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
         )
@@ -182,13 +182,15 @@ class Node:
         await self.signaling.start(sig_host, cfg.signaling_port)
         self.conns.start()
         self.compute.start()
-        await self.objects.start()
+        # The fast path binds like signaling: loopback for a loopback API, all interfaces else.
+        fast_bind = cfg.signaling_host or (
+            "127.0.0.1" if cfg.api_host == "127.0.0.1" else "0.0.0.0"
+        )
+        await self.objects.start(fast_bind, self.announced_addresses()[0])
         if self.objects.fast is not None:
             # Shard blobs travel the direct encrypted path too; WebRTC stays the fallback.
             self.objects.fast.blob_reader = self.compute.storage.read_range
             self.compute.range_reader = self.objects.fast.read_blob_range
-        from .api import start_api  # the API sits on top of the node
-
         self._api_runner, self.api_url = await start_api(
             self, cfg.api_host, cfg.api_port, cfg.api_token
         )
@@ -284,8 +286,6 @@ class Node:
 
     async def _profile_hardware(self) -> None:
         """Detect and (once, then cached) benchmark this machine, off the start-up path."""
-        from hw import load_profile, summary
-
         try:
             profile, _ = await asyncio.to_thread(load_profile, self.config.data_dir)
         except Exception:  # hardware probing must never take the node down
@@ -376,6 +376,10 @@ class Node:
             for pid, why in list(raw.items())[: self.conns.params.max_banned]:
                 if isinstance(pid, str) and isinstance(why, str):
                     self.conns.banned[pid] = why
+
+    @property
+    def max_message(self) -> int:
+        return self.config.transport.link.limits.max_message
 
     # -- calls -----------------------------------------------------------------------------
     def link(self, peer_id: str) -> Link:

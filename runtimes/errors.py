@@ -1,8 +1,10 @@
-"""Errors raised by the model runtimes; all subclass :class:`mesh.errors.Error`."""
+"""Errors raised by the model runtimes, under their own root :class:`ModelError`.
+
+runtimes/ sits below mesh/ and never imports it; mesh.errors names this root among the
+errors it expects (``mesh.errors.EXPECTED``).
+"""
 
 from __future__ import annotations
-
-from mesh.errors import Error
 
 __all__ = [
     "ModelError",
@@ -14,7 +16,7 @@ __all__ = [
 ]
 
 
-class ModelError(Error):
+class ModelError(Exception):
     """A model file, shard blob or manifest cannot be used."""
 
 

@@ -1,6 +1,6 @@
 """Scheduling: cost model, network coordinates, route planning, placement and simulation.
 
-Depends only on numpy and :mod:`mesh.errors` (never on the node or the transport), so it can
+Depends only on numpy (never on mesh/: the house test keeps it so), so it can
 be imported by the node, the client and offline tools alike.
 """
 

@@ -175,8 +175,9 @@ class VivaldiNode:
         wrongness = abs(dist - rtt) / rtt
         total_error = max(local.error + remote_error, _ZERO)
         weight = local.error / total_error
-        error = min(cfg.ce * weight * wrongness + local.error * (1 - cfg.ce * weight),
-                    cfg.error_max)
+        error = min(
+            cfg.ce * weight * wrongness + local.error * (1 - cfg.ce * weight), cfg.error_max
+        )
         force = cfg.cc * weight * (rtt - dist)
         vec, height = self._apply_force(local, remote, force)
 

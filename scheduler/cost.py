@@ -63,19 +63,24 @@ class ModelSpec:
         ints = (*self.layer_bytes, self.embed_bytes, self.head_bytes, self.layer_overhead_bytes)
         if any(not isinstance(b, int | np.integer) or b < 0 for b in ints):
             raise SchedulerError("byte counts must be non-negative integers")
-        floats = (*self.layer_cost, self.embed_cost, self.head_cost, self.activation_bytes,
-                  self.io_bytes)
+        floats = (
+            *self.layer_cost,
+            self.embed_cost,
+            self.head_cost,
+            self.activation_bytes,
+            self.io_bytes,
+        )
         if any(not math.isfinite(c) or c < 0 for c in floats):
             raise SchedulerError("costs and message sizes must be finite and >= 0")
 
     @classmethod
-    def uniform(cls, n_layers: int, bytes_per_layer: int, cost_per_layer: float,
-                **kwargs: int | float) -> ModelSpec:
+    def uniform(
+        cls, n_layers: int, bytes_per_layer: int, cost_per_layer: float, **kwargs: int | float
+    ) -> ModelSpec:
         """Every layer alike; other fields as keyword arguments."""
         if n_layers < 1:
             raise SchedulerError("n_layers must be >= 1")
-        return cls((bytes_per_layer,) * n_layers, (float(cost_per_layer),) * n_layers,
-                   **kwargs)  # type: ignore[arg-type]
+        return cls((bytes_per_layer,) * n_layers, (float(cost_per_layer),) * n_layers, **kwargs)  # type: ignore[arg-type]
 
     @property
     def n_layers(self) -> int:
@@ -84,8 +89,12 @@ class ModelSpec:
     @property
     def total_memory(self) -> int:
         """Memory one peer needs to run the whole model."""
-        return (sum(self.layer_bytes) + self.layer_overhead_bytes * self.n_layers
-                + self.embed_bytes + self.head_bytes)
+        return (
+            sum(self.layer_bytes)
+            + self.layer_overhead_bytes * self.n_layers
+            + self.embed_bytes
+            + self.head_bytes
+        )
 
     def unit_bytes(self) -> npt.NDArray[np.int64]:
         """Bytes of units ``[embed, layer 0..L-1, head]``."""
@@ -194,8 +203,9 @@ class RouteCost:
     pull_cost: tuple[float, ...]
 
 
-def _pull_price_reference(peers: Sequence[Peer], params: CostParams, p: int, unit: int,
-                          n_layers: int) -> float:
+def _pull_price_reference(
+    peers: Sequence[Peer], params: CostParams, p: int, unit: int, n_layers: int
+) -> float:
     """Scalar, loop-based price of unit for peer p (the reference for :func:`unit_prices`)."""
     if peers[p].holds_unit(unit, n_layers):
         return 0.0
@@ -251,13 +261,21 @@ def evaluate_route(
         if prices is not None:
             pcost.append(sum(int(ubytes[u]) * float(prices[p, u]) for u in missing))
         else:
-            pcost.append(sum(int(ubytes[u]) * _pull_price_reference(peers, params, p, u, L)
-                             for u in missing))
+            pcost.append(
+                sum(int(ubytes[u]) * _pull_price_reference(peers, params, p, u, L) for u in missing)
+            )
     hops = [float(network.from_client_ms(model.io_bytes)[stages[0][0]])]
     for (q, _, _), (p, _, _) in zip(stages, stages[1:], strict=False):
         hops.append(network.hop_ms(q, p, model.activation_bytes))
     hops.append(float(network.to_client_ms(model.io_bytes)[stages[-1][0]]))
     latency = sum(compute) + sum(hops)
     locality = float(sum(pcost))
-    return RouteCost(latency, locality, latency + params.locality_weight * locality,
-                     tuple(compute), tuple(hops), tuple(pbytes), tuple(pcost))
+    return RouteCost(
+        latency,
+        locality,
+        latency + params.locality_weight * locality,
+        tuple(compute),
+        tuple(hops),
+        tuple(pbytes),
+        tuple(pcost),
+    )

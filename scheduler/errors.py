@@ -1,15 +1,21 @@
-"""Errors raised by the scheduler; all subclass :class:`mesh.errors.Error`."""
+"""Errors raised by the scheduler, under their own root :class:`SchedulingError`.
+
+scheduler/ sits below mesh/ and never imports it; mesh.errors names this root among the
+errors it expects (``mesh.errors.EXPECTED``).
+"""
 
 from __future__ import annotations
 
-from mesh.errors import Error
-
-__all__ = ["SchedulerError", "PlanningError"]
+__all__ = ["SchedulingError", "SchedulerError", "PlanningError"]
 
 
-class SchedulerError(Error, ValueError):
+class SchedulingError(Exception):
+    """Root of every scheduler error."""
+
+
+class SchedulerError(SchedulingError, ValueError):
     """Invalid input to the scheduler (a model, peer, link or coordinate that makes no sense)."""
 
 
-class PlanningError(Error):
+class PlanningError(SchedulingError):
     """No route or placement satisfies the constraints (memory, stage count, capable peers)."""

@@ -180,13 +180,21 @@ class MatrixNetwork:
 
     def subset(self, indices: npt.NDArray[np.int64]) -> MatrixNetwork:
         ix = np.ix_(indices, indices)
-        return MatrixNetwork(self.rtt_ms[ix], self.bandwidth_bps[ix],
-                             self.client_rtt_ms[indices], self.client_bandwidth_bps[indices])
+        return MatrixNetwork(
+            self.rtt_ms[ix],
+            self.bandwidth_bps[ix],
+            self.client_rtt_ms[indices],
+            self.client_bandwidth_bps[indices],
+        )
 
     def reversed(self) -> MatrixNetwork:
         # The client link is the same both ways in this model.
-        return MatrixNetwork(self.rtt_ms.T.copy(), self.bandwidth_bps.T.copy(),
-                             self.client_rtt_ms, self.client_bandwidth_bps)
+        return MatrixNetwork(
+            self.rtt_ms.T.copy(),
+            self.bandwidth_bps.T.copy(),
+            self.client_rtt_ms,
+            self.client_bandwidth_bps,
+        )
 
 
 @dataclass(frozen=True)
@@ -234,8 +242,11 @@ class ZoneNetwork:
             raise SchedulerError("client zone out of range")
         if (self.access_rtt_ms < 0).any() or (self.zone_rtt_ms < 0).any():
             raise SchedulerError("RTTs must be >= 0")
-        if (self.up_bps <= 0).any() or (self.down_bps <= 0).any() \
-                or (self.zone_bandwidth_bps <= 0).any():
+        if (
+            (self.up_bps <= 0).any()
+            or (self.down_bps <= 0).any()
+            or (self.zone_bandwidth_bps <= 0).any()
+        ):
             raise SchedulerError("bandwidths must be > 0 (bytes/s)")
 
     @classmethod
@@ -297,9 +308,12 @@ class ZoneNetwork:
     def hop_ms(self, q: int, p: int, nbytes: float) -> float:
         zq, zp = self.zone[q], self.zone[p]
         return float(
-            self.access_rtt_ms[q] / 2 + nbytes / self.up_bps[q] * 1e3
-            + self.zone_rtt_ms[zq, zp] / 2 + nbytes / self.zone_bandwidth_bps[zq, zp] * 1e3
-            + self.access_rtt_ms[p] / 2 + nbytes / self.down_bps[p] * 1e3
+            self.access_rtt_ms[q] / 2
+            + nbytes / self.up_bps[q] * 1e3
+            + self.zone_rtt_ms[zq, zp] / 2
+            + nbytes / self.zone_bandwidth_bps[zq, zp] * 1e3
+            + self.access_rtt_ms[p] / 2
+            + nbytes / self.down_bps[p] * 1e3
         )
 
     def hops_into_ms(self, p: int, nbytes: float) -> Array:
@@ -372,13 +386,24 @@ class ZoneNetwork:
         remap[keep] = np.arange(len(keep))
         ix = np.ix_(keep, keep)
         c = self.client
-        return ZoneNetwork(remap[self.zone[indices]], self.access_rtt_ms[indices],
-                           self.up_bps[indices], self.down_bps[indices],
-                           self.zone_rtt_ms[ix], self.zone_bandwidth_bps[ix],
-                           ClientLink(int(remap[c.zone]), c.access_rtt_ms, c.up_bps, c.down_bps))
+        return ZoneNetwork(
+            remap[self.zone[indices]],
+            self.access_rtt_ms[indices],
+            self.up_bps[indices],
+            self.down_bps[indices],
+            self.zone_rtt_ms[ix],
+            self.zone_bandwidth_bps[ix],
+            ClientLink(int(remap[c.zone]), c.access_rtt_ms, c.up_bps, c.down_bps),
+        )
 
     def reversed(self) -> ZoneNetwork:
         c = self.client
-        return ZoneNetwork(self.zone, self.access_rtt_ms, self.down_bps, self.up_bps,
-                           self.zone_rtt_ms.T.copy(), self.zone_bandwidth_bps.T.copy(),
-                           ClientLink(c.zone, c.access_rtt_ms, c.down_bps, c.up_bps))
+        return ZoneNetwork(
+            self.zone,
+            self.access_rtt_ms,
+            self.down_bps,
+            self.up_bps,
+            self.zone_rtt_ms.T.copy(),
+            self.zone_bandwidth_bps.T.copy(),
+            ClientLink(c.zone, c.access_rtt_ms, c.down_bps, c.up_bps),
+        )

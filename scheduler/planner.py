@@ -115,8 +115,7 @@ def _forward_tables(ctx: _Ctx, tracked: Sequence[int] = ()) -> Array:
     return _tables(ctx, list(tracked))[0]
 
 
-def _tables(ctx: _Ctx, tracked: list[int]) -> tuple[Array, Array, dict[int, int],
-                                                      dict[int, Array]]:
+def _tables(ctx: _Ctx, tracked: list[int]) -> tuple[Array, Array, dict[int, int], dict[int, Array]]:
     """The DP tables F and G, shape (L+1, K * 2^|tracked|, N) (see the module docstring)."""
     L, n = ctx.L, ctx.Y.shape[1]
     r = len(tracked)
@@ -136,7 +135,7 @@ def _tables(ctx: _Ctx, tracked: list[int]) -> tuple[Array, Array, dict[int, int]
         h = G[b - 1] - ctx.Y[b - 1][None, :]
         lo = int(ctx.amin[b].min())
         if lo < b - 1:
-            np.minimum(suffix[lo:b - 1], h[None], out=suffix[lo:b - 1])
+            np.minimum(suffix[lo : b - 1], h[None], out=suffix[lo : b - 1])
         suffix[b - 1] = h
         F[b] = ctx.Y[b][None, :] + suffix[ctx.amin[b], :, cols].T
         if b == L:
@@ -145,8 +144,11 @@ def _tables(ctx: _Ctx, tracked: list[int]) -> tuple[Array, Array, dict[int, int]
         for k in range(ctx.K):
             nk = _next_bucket(ctx, k)
             if nk is not None:
-                np.minimum(fin[nk * M:(nk + 1) * M], F[b, k * M:(k + 1) * M],
-                           out=fin[nk * M:(nk + 1) * M])
+                np.minimum(
+                    fin[nk * M : (nk + 1) * M],
+                    F[b, k * M : (k + 1) * M],
+                    out=fin[nk * M : (nk + 1) * M],
+                )
         g = ctx.net.relax(fin, ctx.act)
         for p, bp in bit.items():
             g[:, p] = np.inf
@@ -158,8 +160,7 @@ def _tables(ctx: _Ctx, tracked: list[int]) -> tuple[Array, Array, dict[int, int]
     return F, G, bit, hin
 
 
-def _solve(ctx: _Ctx, tracked: list[int]
-           ) -> tuple[float, list[tuple[int, int, int]], Array]:
+def _solve(ctx: _Ctx, tracked: list[int]) -> tuple[float, list[tuple[int, int, int]], Array]:
     """Relaxed DP with the peers in ``tracked`` used at most once; returns (objective, route
     as (index, start, end), G table) or (inf, [], G)."""
     F, G, bit, hin = _tables(ctx, tracked)
@@ -202,9 +203,17 @@ def _solve(ctx: _Ctx, tracked: list[int]
 
 
 def _make_ctx(
-    mem_units: IntArray, cost_units: Array, pull_units: Array, free: IntArray,
-    inv_ms: Array, locality_weight: float, net: Network, io_bytes: float, act: float,
-    min_stages: int, max_stages: int | None,
+    mem_units: IntArray,
+    cost_units: Array,
+    pull_units: Array,
+    free: IntArray,
+    inv_ms: Array,
+    locality_weight: float,
+    net: Network,
+    io_bytes: float,
+    act: float,
+    min_stages: int,
+    max_stages: int | None,
 ) -> _Ctx:
     """Prefix tables for units in the given order (reverse them for costs-to-go)."""
     L = len(mem_units) - 2
@@ -213,20 +222,41 @@ def _make_ctx(
     ub = np.array([0, *range(2, L + 1), L + 2])
     mem_at = np.concatenate([[0], np.cumsum(mem_units)])[ub]
     cost_at = np.concatenate([[0.0], np.cumsum(cost_units)])[ub]
-    pull_at = np.concatenate([np.zeros((pull_units.shape[0], 1)),
-                              np.cumsum(pull_units, axis=1)], axis=1)[:, ub]
+    pull_at = np.concatenate(
+        [np.zeros((pull_units.shape[0], 1)), np.cumsum(pull_units, axis=1)], axis=1
+    )[:, ub]
     Y = cost_at[:, None] * inv_ms[None, :] + locality_weight * pull_at.T
     thr = mem_at[:, None] - free[None, :]
     amin = np.searchsorted(mem_at, thr.ravel(), side="left").reshape(thr.shape)
     amin = np.minimum(amin, np.arange(L + 1)[:, None]).astype(np.int64)
     saturate = max_stages is None
-    return _Ctx(L, net, Y, amin, net.from_client_ms(io_bytes), net.to_client_ms(io_bytes), act,
-                min_stages if max_stages is None else max_stages, saturate, min_stages)
+    return _Ctx(
+        L,
+        net,
+        Y,
+        amin,
+        net.from_client_ms(io_bytes),
+        net.to_client_ms(io_bytes),
+        act,
+        min_stages if max_stages is None else max_stages,
+        saturate,
+        min_stages,
+    )
 
 
 def _sub(ctx: _Ctx, idx: IntArray) -> _Ctx:
-    return _Ctx(ctx.L, ctx.net.subset(idx), ctx.Y[:, idx], ctx.amin[:, idx], ctx.from_c[idx],
-                ctx.to_c[idx], ctx.act, ctx.K, ctx.saturate, ctx.min_stages)
+    return _Ctx(
+        ctx.L,
+        ctx.net.subset(idx),
+        ctx.Y[:, idx],
+        ctx.amin[:, idx],
+        ctx.from_c[idx],
+        ctx.to_c[idx],
+        ctx.act,
+        ctx.K,
+        ctx.saturate,
+        ctx.min_stages,
+    )
 
 
 def _solve_simple(ctx: _Ctx, max_tracked: int) -> tuple[float, list[tuple[int, int, int]], int]:
@@ -287,13 +317,14 @@ def plan_route(
         raise SchedulerError("max_tracked must be >= 0 and candidates >= 1")
     L = model.n_layers
     mem_units = model.unit_bytes().copy()
-    mem_units[1:L + 1] += model.layer_overhead_bytes
+    mem_units[1 : L + 1] += model.layer_overhead_bytes
     free_all = np.array([p.free_memory for p in peers], dtype=np.int64)
     speed = np.array([p.speed for p in peers], dtype=np.float64)
     # The smallest stage any route must contain; peers below it are never usable.
     if L > 1:
-        narrowest = int(min(mem_units[0] + mem_units[1], *mem_units[2:L],
-                            mem_units[L] + mem_units[L + 1]))
+        narrowest = int(
+            min(mem_units[0] + mem_units[1], *mem_units[2:L], mem_units[L] + mem_units[L + 1])
+        )
     else:
         narrowest = int(mem_units.sum())
     usable = np.nonzero((speed > 0) & (free_all >= narrowest))[0]
@@ -305,22 +336,37 @@ def plan_route(
     net = network.subset(usable)
     cost_units = model.unit_cost()
     lam = params.locality_weight
-    ctx = _make_ctx(mem_units, cost_units, pull_units, free, inv_ms, lam, net, model.io_bytes,
-                    model.activation_bytes, min_stages, max_stages)
+    ctx = _make_ctx(
+        mem_units,
+        cost_units,
+        pull_units,
+        free,
+        inv_ms,
+        lam,
+        net,
+        model.io_bytes,
+        model.activation_bytes,
+        min_stages,
+        max_stages,
+    )
 
     # Best single-peer plan: the baseline a split must beat on latency.
     fits_alone = int(mem_units.sum()) <= free
     single_obj = np.where(fits_alone, ctx.from_c + ctx.Y[L] + ctx.to_c, np.inf)
     single = int(np.argmin(single_obj)) if np.isfinite(single_obj).any() else -1
 
-    def finish(route: list[tuple[int, int, int]], exact: bool, refused: bool,
-               rounds: int) -> RoutePlan:
+    def finish(
+        route: list[tuple[int, int, int]], exact: bool, refused: bool, rounds: int
+    ) -> RoutePlan:
         full = [(int(usable[p]), a, b) for p, a, b in route]
         rc = evaluate_route(model, peers, network, full, params, all_prices)
-        stages = tuple(Stage(peers[p].id, p, a, b, c, pb) for (p, a, b), c, pb
-                       in zip(full, rc.compute_ms, rc.pull_bytes, strict=True))
-        return RoutePlan(stages, rc.latency_ms, rc.locality_cost, rc.objective, rc.hop_ms,
-                         exact, refused, rounds)
+        stages = tuple(
+            Stage(peers[p].id, p, a, b, c, pb)
+            for (p, a, b), c, pb in zip(full, rc.compute_ms, rc.pull_bytes, strict=True)
+        )
+        return RoutePlan(
+            stages, rc.latency_ms, rc.locality_cost, rc.objective, rc.hop_ms, exact, refused, rounds
+        )
 
     exact, rounds = True, 1
     relaxed, route, G = _solve(ctx, [])
@@ -332,12 +378,33 @@ def plan_route(
         # (cost to reach its stage + cost of its stage and all after, from the reversed
         # problem); a peer whose bound exceeds a feasible route's cost is in no optimum.
         if not ctx.saturate or ctx.K > 1:
-            base = _make_ctx(mem_units, cost_units, pull_units, free, inv_ms, lam, net,
-                             model.io_bytes, model.activation_bytes, 1, None)
+            base = _make_ctx(
+                mem_units,
+                cost_units,
+                pull_units,
+                free,
+                inv_ms,
+                lam,
+                net,
+                model.io_bytes,
+                model.activation_bytes,
+                1,
+                None,
+            )
             _, _, G = _solve(base, [])
-        back = _make_ctx(mem_units[::-1].copy(), cost_units[::-1].copy(),
-                         pull_units[:, ::-1].copy(), free, inv_ms, lam, net.reversed(),
-                         model.io_bytes, model.activation_bytes, 1, None)
+        back = _make_ctx(
+            mem_units[::-1].copy(),
+            cost_units[::-1].copy(),
+            pull_units[:, ::-1].copy(),
+            free,
+            inv_ms,
+            lam,
+            net.reversed(),
+            model.io_bytes,
+            model.activation_bytes,
+            1,
+            None,
+        )
         F_back = _forward_tables(back)
         bound = np.min(G[:L, 0, :] + F_back[L - np.arange(L), 0, :], axis=0)
         order = np.argsort(bound, kind="stable")
@@ -435,8 +502,9 @@ def plan_placement(
         source = np.full(n, -1, dtype=np.int64)
         for h in holders:
             move = network.hops_from_ms(h, float(t.nbytes))
-            price = np.where(zone_arr == zone_arr[h], params.intra_zone_price,
-                             peers[h].egress_price)
+            price = np.where(
+                zone_arr == zone_arr[h], params.intra_zone_price, peers[h].egress_price
+            )
             c = move + params.locality_weight * t.nbytes * price
             c[h] = 0.0
             better = c < transfer
@@ -451,12 +519,18 @@ def plan_placement(
         if not np.isfinite(total[chosen]):
             raise PlanningError(f"task {t.id}: no capable peer can reach its data")
         load[chosen] += compute[chosen]
-        standby = tuple(peers[int(i)].id for i in ranked[1:1 + replicas]
-                        if np.isfinite(total[int(i)]))
+        standby = tuple(
+            peers[int(i)].id for i in ranked[1 : 1 + replicas] if np.isfinite(total[int(i)])
+        )
         src = int(source[chosen])
         local_run = src == chosen
         cross = 0 if local_run or zones[src] == zones[chosen] else t.nbytes
-        out[t.id] = Assignment(t.id, peers[chosen].id, None if local_run else peers[src].id,
-                               standby, float(load[chosen] + transfer[chosen]), cross)
+        out[t.id] = Assignment(
+            t.id,
+            peers[chosen].id,
+            None if local_run else peers[src].id,
+            standby,
+            float(load[chosen] + transfer[chosen]),
+            cross,
+        )
     return [out[t.id] for t in tasks]
-

@@ -122,9 +122,16 @@ def make_world(config: SimConfig) -> World:
     kind = rng.choice(len(_DEVICES), n, p=shares / shares.sum())
     L = config.n_layers
     model = ModelSpec.uniform(
-        L, config.layer_bytes, float(config.layer_bytes), embed_bytes=config.layer_bytes,
-        head_bytes=config.layer_bytes, head_cost=float(config.layer_bytes),
-        layer_overhead_bytes=16 * MIB, activation_bytes=16384.0, io_bytes=16.0)
+        L,
+        config.layer_bytes,
+        float(config.layer_bytes),
+        embed_bytes=config.layer_bytes,
+        head_bytes=config.layer_bytes,
+        head_cost=float(config.layer_bytes),
+        layer_overhead_bytes=16 * MIB,
+        activation_bytes=16384.0,
+        io_bytes=16.0,
+    )
     # Shards: each held by peers in a few zones (where someone seeded them).
     n_shards = -(-L // config.shard_layers)
     held: list[set[int]] = [set() for _ in range(n)]
@@ -148,8 +155,18 @@ def make_world(config: SimConfig) -> World:
         up[i] = rng.uniform(*upr) * 1e6
         down[i] = rng.uniform(*dnr) * 1e6
         device.append(name)
-        peers.append(Peer(f"p{i}", f"z{zone[i]}", free, speed, frozenset(held[i]),
-                          bool(embed[i]), bool(head[i]), price * rng.uniform(0.5, 1.5)))
+        peers.append(
+            Peer(
+                f"p{i}",
+                f"z{zone[i]}",
+                free,
+                speed,
+                frozenset(held[i]),
+                bool(embed[i]),
+                bool(head[i]),
+                price * rng.uniform(0.5, 1.5),
+            )
+        )
     return World(config, model, peers, pos, height, zone, zone_center, up, down, device)
 
 
@@ -181,9 +198,15 @@ def _zone_network(world: World, inst: Instance) -> ZoneNetwork:
     zc = world.zone_center
     zrtt = np.linalg.norm(zc[:, None] - zc[None], axis=2)
     cdist = float(np.linalg.norm(inst.client_pos - zc[inst.client_zone]))
-    return ZoneNetwork(world.zone[idx], world.height[idx] + d, world.up[idx], world.down[idx],
-                       zrtt, np.full(zrtt.shape, 1e9),
-                       ClientLink(inst.client_zone, inst.client_height + cdist, 12.5e6, 12.5e6))
+    return ZoneNetwork(
+        world.zone[idx],
+        world.height[idx] + d,
+        world.up[idx],
+        world.down[idx],
+        zrtt,
+        np.full(zrtt.shape, 1e9),
+        ClientLink(inst.client_zone, inst.client_height + cdist, 12.5e6, 12.5e6),
+    )
 
 
 def _split_proportional(world: World, order: list[int]) -> Route | None:
@@ -232,19 +255,25 @@ def policy_memory(world: World, inst: Instance, rng: np.random.Generator) -> Rou
     return _greedy_until_fits(world, capable)
 
 
-def _planned(weight: float, refuse: bool = True
-             ) -> Callable[[World, Instance, np.random.Generator], Route]:
+def _planned(
+    weight: float, refuse: bool = True
+) -> Callable[[World, Instance, np.random.Generator], Route]:
     def policy(world: World, inst: Instance, rng: np.random.Generator) -> Route:
         peers = [world.peers[p] for p in inst.online]
-        plan = plan_route(world.model, peers, _zone_network(world, inst),
-                          CostParams(locality_weight=weight), refuse_slower_split=refuse)
+        plan = plan_route(
+            world.model,
+            peers,
+            _zone_network(world, inst),
+            CostParams(locality_weight=weight),
+            refuse_slower_split=refuse,
+        )
         return [(int(inst.online[s.peer_index]), s.start, s.end) for s in plan.stages]
+
     return policy
 
 
 def _rtt(world: World, p: int, q: int) -> float:
-    return float(np.linalg.norm(world.pos[p] - world.pos[q]) + world.height[p]
-                 + world.height[q])
+    return float(np.linalg.norm(world.pos[p] - world.pos[q]) + world.height[p] + world.height[q])
 
 
 def evaluate(world: World, inst: Instance, route: Route) -> tuple[float, int]:
@@ -268,17 +297,20 @@ def evaluate(world: World, inst: Instance, route: Route) -> tuple[float, int]:
                 egress += int(ubytes[u])
     first, last = route[0][0], route[-1][0]
     cdist = float(np.linalg.norm(world.pos[first] - inst.client_pos))
-    latency += (cdist + world.height[first] + inst.client_height) / 2 \
-        + model.io_bytes / min(client_up, world.down[first]) * 1e3
+    latency += (cdist + world.height[first] + inst.client_height) / 2 + model.io_bytes / min(
+        client_up, world.down[first]
+    ) * 1e3
     cdist = float(np.linalg.norm(world.pos[last] - inst.client_pos))
-    latency += (cdist + world.height[last] + inst.client_height) / 2 \
-        + model.io_bytes / min(world.up[last], client_down) * 1e3
+    latency += (cdist + world.height[last] + inst.client_height) / 2 + model.io_bytes / min(
+        world.up[last], client_down
+    ) * 1e3
     per_token_cross = 0.0
     per_token_cross += model.io_bytes * (world.zone[first] != inst.client_zone)
     per_token_cross += model.io_bytes * (world.zone[last] != inst.client_zone)
     for (q, _, _), (p, _, _) in zip(route, route[1:], strict=False):
-        latency += _rtt(world, q, p) / 2 + model.activation_bytes / min(world.up[q],
-                                                                        world.down[p]) * 1e3
+        latency += (
+            _rtt(world, q, p) / 2 + model.activation_bytes / min(world.up[q], world.down[p]) * 1e3
+        )
         per_token_cross += model.activation_bytes * (world.zone[q] != world.zone[p])
     egress += int(per_token_cross * cfg.tokens)
     return latency, egress
@@ -300,7 +332,8 @@ def run_policies(world: World) -> list[dict[str, float | int | str]]:
     # latency per price unit": 10 means pulling 1 GiB across zones weighs like 10 ms/token.
     weight = cfg.locality_ms_per_price
     policies: dict[str, Callable[[World, Instance, np.random.Generator], Route]] = {
-        "random": policy_random, "memory": policy_memory,
+        "random": policy_random,
+        "memory": policy_memory,
         "latency": _planned(0.0),
         # The pure objective optimum: the single-peer rule would pick one big peer that pulls
         # the whole model across zones; shown separately as "ours+single-peer-rule".
@@ -319,10 +352,12 @@ def run_policies(world: World) -> list[dict[str, float | int | str]]:
             results[name].append(evaluate(world, inst, route))
     out: list[dict[str, float | int | str]] = []
     for name, rows in results.items():
-        out.append({
-            "policy": name,
-            "egress_bytes": int(np.mean([e for _, e in rows])) if rows else 0,
-            "token_latency_ms": float(np.mean([t for t, _ in rows])) if rows else float("nan"),
-            "instances": len(rows),
-        })
+        out.append(
+            {
+                "policy": name,
+                "egress_bytes": int(np.mean([e for _, e in rows])) if rows else 0,
+                "token_latency_ms": float(np.mean([t for t, _ in rows])) if rows else float("nan"),
+                "instances": len(rows),
+            }
+        )
     return out

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from mesh.localmesh import LocalBroker as Broker
-from mesh.localmesh import LocalMesh
+from mesh.launch.localmesh import LocalBroker as Broker
+from mesh.launch.localmesh import LocalMesh
 
 # `make test` (and CI) fuzz with the same examples every run: a landing must not hang on a
 # random draw. `pytest -m badinput --hypothesis-profile=explore` draws new ones; a failure it

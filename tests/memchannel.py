@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh.rpc import Link
+from mesh.net.rpc import Link
 
 
 class MemChannel:
@@ -44,6 +44,6 @@ def pair() -> tuple[MemChannel, MemChannel]:
 
 async def until(predicate, timeout: float = 5.0) -> None:
     """Poll a condition with a deadline (tests never sleep to synchronize)."""
-    from mesh.localmesh import wait_for
+    from mesh.launch.localmesh import wait_for
 
     await wait_for(predicate, timeout, "condition", interval=0.005)

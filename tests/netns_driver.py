@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from mesh.localmesh import LocalMesh, NodeProcess, wait_for
+from mesh.launch.localmesh import LocalMesh, NodeProcess, wait_for
 from runtimes.testmodels import write_test_model
 
 log = logging.getLogger(__name__)

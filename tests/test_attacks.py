@@ -9,10 +9,10 @@ from aiohttp import web
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from mesh.discovery import SERVICE_TYPE, make_properties
-from mesh.identity import Identity
-from mesh.localmesh import wait_for
-from mesh.signaling import parse_envelope, seal
+from mesh.discovery.mdns import SERVICE_TYPE, make_properties
+from mesh.launch.localmesh import wait_for
+from mesh.net.identity import Identity
+from mesh.net.signaling import parse_envelope, seal
 
 pytestmark = pytest.mark.network
 

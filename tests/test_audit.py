@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.audit import (
+from mesh.errors import IdentityError
+from mesh.inference.audit import (
     AuditEntry,
     AuditError,
     AuditLog,
@@ -22,11 +23,10 @@ from mesh.audit import (
     token_deviation,
     unpack_entries,
 )
-from mesh.connections import ConnectionParams
-from mesh.errors import IdentityError
-from mesh.identity import Identity, verify
+from mesh.inference.verify import VerifyParams
+from mesh.net.connections import ConnectionParams
+from mesh.net.identity import Identity, verify
 from mesh.node import Node, NodeConfig
-from mesh.verify import VerifyParams
 
 
 def entries(n: int, d: int = 4) -> list[AuditEntry]:
@@ -148,7 +148,7 @@ async def test_bans_are_bounded_persisted_and_drop_provider_records(tmp_path: Pa
     cfg = NodeConfig(data_dir=tmp_path / "n", connections=ConnectionParams(max_banned=3))
     node = Node(cfg)
     oid = "ab" * 32
-    from mesh.providers import Provider
+    from mesh.storage.providers import Provider
 
     node.objects.providers.table[oid] = {"p1": Provider("p1", True, "z", 1e12)}
     for i in range(5):
@@ -169,9 +169,9 @@ async def test_a_full_audit_log_leaves_a_check_undone_a_short_claim_is_blamed() 
     that claims to be full while holding little is a dodge and blames its stage."""
     from types import SimpleNamespace
 
-    from mesh.audit import MAX_AUDIT_BYTES, AuditEntry
-    from mesh.rpc import Reply
-    from mesh.verify import SpotChecker, _Blame, _Skip
+    from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry
+    from mesh.inference.verify import SpotChecker, _Blame, _Skip
+    from mesh.net.rpc import Reply
 
     row = bytes(1 << 20)
     full = AuditLog()

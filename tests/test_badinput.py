@@ -25,10 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.blobstore import StoreError, parse_manifest
-from mesh.compute import ComputeConfig, ComputeService, models_of
-from mesh.dht import parse_record, parse_value
-from mesh.discovery import parse_announcement
+from mesh.discovery.dht import parse_record, parse_value
+from mesh.discovery.mdns import parse_announcement
+from mesh.discovery.mqtt import MqttConfig, MqttSignaling
 from mesh.errors import (
     DiscoveryError,
     Error,
@@ -37,19 +36,20 @@ from mesh.errors import (
     SignalingError,
     WireError,
 )
-from mesh.fastpath import FastPathError, parse_request
-from mesh.handshake import fingerprint_from_sdp, parse_hello, parse_proof
-from mesh.identity import Identity
-from mesh.jobs import JobError, parse_records
-from mesh.mqtt import MqttConfig, MqttSignaling
-from mesh.netview import NetViewError, parse_info
-from mesh.objects import ObjectService, StorageConfig
-from mesh.prompts import tokens_of
-from mesh.rpc import CallContext, Link, Reply
-from mesh.sampling import SamplingParams
-from mesh.signaling import ReplayGuard, clean_endpoints, parse_endpoint, parse_envelope, seal
-from mesh.storage import StorageService
-from mesh.wire import Encoder, Reassembler
+from mesh.inference.compute import ComputeConfig, ComputeService, models_of
+from mesh.inference.prompts import tokens_of
+from mesh.inference.sampling import SamplingParams
+from mesh.jobs.service import JobError, parse_records
+from mesh.net.handshake import fingerprint_from_sdp, parse_hello, parse_proof
+from mesh.net.identity import Identity
+from mesh.net.rpc import CallContext, Link, Reply
+from mesh.net.signaling import ReplayGuard, clean_endpoints, parse_endpoint, parse_envelope, seal
+from mesh.net.view import NetViewError, parse_info
+from mesh.net.wire import Encoder, Reassembler
+from mesh.storage.blobs import StorageService
+from mesh.storage.fastpath import FastPathError, parse_request
+from mesh.storage.service import ObjectService, StorageConfig
+from mesh.storage.store import StoreError, parse_manifest
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mesh.storage import CHUNK, BlobError, fetch_blob
+from mesh.storage.blobs import CHUNK, BlobError, fetch_blob
 
 DATA = os.urandom(3 * CHUNK + 123)
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mesh.localmesh import wait_for
+from mesh.launch.localmesh import wait_for
 
 pytestmark = pytest.mark.network
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from mesh.compute import CapacityError, ComputeConfig, ComputeService
 from mesh.errors import PeerUnavailable
-from mesh.rpc import CallContext, Reply
+from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService
+from mesh.net.rpc import CallContext, Reply
 from runtimes.onnx_rt import OnnxRuntime
 from runtimes.testmodels import write_test_model
 

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from mesh import connections as conn_mod
-from mesh.connections import ConnectionParams, Connections
+from mesh.net import connections as conn_mod
 from mesh.errors import SignalingError
-from mesh.identity import Identity
-from mesh.signaling import ReplayGuard, open_envelope, seal
-from mesh.transport import TransportConfig, open_offer, use_candidate_addresses
+from mesh.net.connections import ConnectionParams, Connections
+from mesh.net.identity import Identity
+from mesh.net.signaling import ReplayGuard, open_envelope, seal
+from mesh.net.transport import TransportConfig, open_offer, use_candidate_addresses
 
 from .memchannel import until
 

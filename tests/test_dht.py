@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.dht import (
+from mesh.discovery.dht import (
     MAX_RECORD,
     MAX_RECORDS_PER_KEY,
     RecordStore,
@@ -17,7 +17,7 @@ from mesh.dht import (
     parse_value,
 )
 from mesh.errors import DiscoveryError
-from mesh.identity import Identity
+from mesh.net.identity import Identity
 
 A, B = Identity.generate(), Identity.generate()
 

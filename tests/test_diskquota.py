@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from mesh.compute import CapacityError, ComputeConfig, ComputeService
-from mesh.diskquota import disk_shortfall
-from mesh.rpc import Reply
+from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService
+from mesh.net.rpc import Reply
+from mesh.storage.quota import disk_shortfall
 from runtimes.shards import ShardStore
 from runtimes.testmodels import write_test_model
 

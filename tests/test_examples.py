@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mesh.client import MeshClient
-from mesh.localmesh import LocalMesh
+from mesh.launch.localmesh import LocalMesh
 from runtimes.testmodels import write_test_model
 
 pytestmark = pytest.mark.network

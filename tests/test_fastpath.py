@@ -7,10 +7,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from mesh.fastpath import FastPath
-from mesh.identity import Identity
-from mesh.netview import PeerNet
-from mesh.rpc import Reply
+from mesh.net.identity import Identity
+from mesh.net.rpc import Reply
+from mesh.net.view import PeerNet
+from mesh.storage.fastpath import FastPath
 
 
 class FakeNode:

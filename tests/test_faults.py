@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mesh.localmesh import LocalMesh, NodeProcess, wait_for
+from mesh.launch.localmesh import LocalMesh, NodeProcess, wait_for
 from runtimes.base import PREFILL_DELAY_ENV
 from runtimes.testmodels import write_test_model
 

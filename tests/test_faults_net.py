@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.connections import DIAL_HOLD_ENV
-from mesh.localmesh import LocalBroker, LocalMesh, NodeProcess, wait_for
+from mesh.launch.localmesh import LocalBroker, LocalMesh, NodeProcess, wait_for
+from mesh.net.connections import DIAL_HOLD_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.network]
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.blobstore import StoreError, build_manifest, parse_manifest, sha256
-from mesh.discovery import make_properties, parse_announcement
+from mesh.discovery.mdns import make_properties, parse_announcement
 from mesh.errors import DiscoveryError, Error, HandshakeError
-from mesh.handshake import parse_hello, parse_proof
-from mesh.identity import Identity
+from mesh.net.handshake import parse_hello, parse_proof
+from mesh.net.identity import Identity
+from mesh.storage.store import StoreError, build_manifest, parse_manifest, sha256
 from runtimes.errors import ModelError
 from runtimes.gguf_io import open_gguf
 from runtimes.shards import Manifest
@@ -129,7 +129,7 @@ def test_fuzz_gguf_headers(gguf_bytes, tmp_path_factory, data):
 def test_regression_corpus(path):
     """Inputs that once mattered; each must be refused with the parser's own error."""
     from mesh.errors import WireError
-    from mesh.wire import Reassembler
+    from mesh.net.wire import Reassembler
 
     data = path.read_bytes()
     with pytest.raises(WireError):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mesh.client import MeshClient
-from mesh.localmesh import wait_for
+from mesh.launch.localmesh import wait_for
 from runtimes.llamacpp import LlamaCppRuntime
 from runtimes.onnx_rt import OnnxRuntime
 from runtimes.oracle import Chain, greedy_continuation

@@ -1,8 +1,8 @@
 import pytest
 
 from mesh.errors import HandshakeError
-from mesh.handshake import HandshakeState, fingerprint_from_sdp, parse_hello
-from mesh.identity import Identity
+from mesh.net.handshake import HandshakeState, fingerprint_from_sdp, parse_hello
+from mesh.net.identity import Identity
 
 FP_A = ":".join(["AA"] * 32)
 FP_B = ":".join(["BB"] * 32)

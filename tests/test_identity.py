@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from mesh.errors import IdentityError
-from mesh.identity import KEY_FILE_NAME, Identity, peer_id_from_key, verify
+from mesh.net.identity import KEY_FILE_NAME, Identity, peer_id_from_key, verify
 
 
 def test_key_file_created_0600_and_stable(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh.localmesh import LocalMesh
+from mesh.launch.localmesh import LocalMesh
 
 pytestmark = pytest.mark.network
 onnx = importlib.import_module("onnx")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mesh.localmesh import wait_for
+from mesh.launch.localmesh import wait_for
 
 pytestmark = pytest.mark.network
 

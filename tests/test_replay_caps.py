@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mesh import discovery as disc_mod
-from mesh.compute import CapacityError, ComputeConfig, ComputeService, _StageSession
-from mesh.discovery import Announcement, MdnsDiscovery, make_properties
+from mesh.discovery import mdns as disc_mod
+from mesh.discovery.mdns import Announcement, MdnsDiscovery, make_properties
 from mesh.errors import HandshakeError, PeerUnavailable, RemoteError
-from mesh.handshake import HandshakeState
-from mesh.identity import Identity
-from mesh.objects import ObjectService, PeerQuotaExceeded, StorageConfig
-from mesh.rpc import CallContext, Link, Reply, handlers_of
-from mesh.wire import Encoder, Reassembler
+from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService, _StageSession
+from mesh.net.handshake import HandshakeState
+from mesh.net.identity import Identity
+from mesh.net.rpc import CallContext, Link, Reply, handlers_of
+from mesh.net.wire import Encoder, Reassembler
+from mesh.storage.service import ObjectService, PeerQuotaExceeded, StorageConfig
 from runtimes.base import AsyncShard
 from runtimes.errors import ModelError
 from runtimes.fake import fake_shard
@@ -204,7 +204,7 @@ async def _stage(tmp_path: Path) -> tuple[ComputeService, str, Any]:
     svc = ComputeService(_Caller(), A.peer_id, tmp_path, ComputeConfig(runtime="fake"))
     shard = await AsyncShard.load("fake", fake_shard(0, 6))
     key = ("m" * 64, 0, 6, "fake")
-    from mesh.compute import _Loaded
+    from mesh.inference.compute import _Loaded
 
     svc.loaded[key] = _Loaded(shard, 0, sessions=1)
     session = await shard.open_session(64)
@@ -332,7 +332,7 @@ async def test_per_peer_replica_quota(tmp_path: Path) -> None:
 async def test_a_step_carrying_too_many_rows_is_refused_before_running(tmp_path: Path) -> None:
     """Any peer may send a step: its rows are capped (attention temporaries are rows x
     context) whatever the coordinator's prefill chunk; the session is untouched."""
-    from mesh.compute import MAX_STEP_ROWS
+    from mesh.inference.compute import MAX_STEP_ROWS
 
     svc, sid, session = await _stage(tmp_path)
     session.max_tokens = 4 * MAX_STEP_ROWS

@@ -8,8 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh.coordinator import Coordinator
-from mesh.rpc import Reply
+from mesh.inference.coordinator import Coordinator
+from mesh.net.rpc import Reply
 from runtimes.errors import ModelError
 
 REAL, FAKE = "a" * 64, "b" * 64

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from mesh.errors import Error
-from mesh.netview import NetConfig, NetView, PeerNet
-from mesh.routes import PeerView, hop_rtt, plan_with_scheduler
+from mesh.inference.routes import PeerView, hop_rtt, plan_with_scheduler
+from mesh.net.view import NetConfig, NetView, PeerNet
 from runtimes.shards import ShardStore
 from runtimes.testmodels import write_test_model
 from scheduler import Coordinate

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from mesh.errors import DeadlineExceeded, PeerUnavailable, RemoteError, TooManyRequests
-from mesh.rpc import Link, LinkParams, Reply, handlers_of
+from mesh.net.rpc import Link, LinkParams, Reply, handlers_of
 
 from .memchannel import pair, until
 
@@ -156,7 +156,7 @@ async def test_ping_measures_rtt():
 
 async def test_timed_out_large_calls_do_not_poison_the_link():
     """A caller that gives up mid-message aborts it: the receiver frees the partial bytes."""
-    from mesh.wire import Limits
+    from mesh.net.wire import Limits
 
     params = LinkParams(
         high_water=200_000, low_water=50_000, limits=Limits(max_partial_bytes=8 * 1024 * 1024)
@@ -183,7 +183,7 @@ async def test_timed_out_large_calls_do_not_poison_the_link():
     ],
 )
 async def test_malformed_control_messages_close_cleanly(header):
-    from mesh.wire import Encoder
+    from mesh.net.wire import Encoder
 
     la, lb, *_ = make_links()
     for frame in Encoder().encode(header):

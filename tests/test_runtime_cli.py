@@ -11,7 +11,7 @@ import pytest
 
 importlib.import_module("gguf")
 
-from mesh.cli_model import add_model_commands, run_model_command  # noqa: E402
+from mesh.cli.model import add_model_commands, run_model_command  # noqa: E402
 from runtimes.testmodels import write_test_model  # noqa: E402
 
 

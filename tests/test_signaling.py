@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import SignalingError
-from mesh.identity import Identity
-from mesh.signaling import (
+from mesh.net.identity import Identity
+from mesh.net.signaling import (
     MAX_ENVELOPE,
     ReplayGuard,
     open_envelope,

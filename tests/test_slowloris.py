@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.fastpath import FastLimits
-from mesh.localmesh import LocalMesh, wait_for
-from mesh.signaling import HTTP_IDLE_DEADLINE
+from mesh.launch.localmesh import LocalMesh, wait_for
+from mesh.net.signaling import HTTP_IDLE_DEADLINE
+from mesh.storage.fastpath import FastLimits
 
 pytestmark = [pytest.mark.network, pytest.mark.badinput]
 log = logging.getLogger(__name__)

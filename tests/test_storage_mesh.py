@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.localmesh import LocalMesh, NodeProcess, wait_for
+from mesh.launch.localmesh import LocalMesh, NodeProcess, wait_for
 
 pytestmark = pytest.mark.network
 

@@ -14,7 +14,11 @@ from typing import Any
 
 import pytest
 
-from mesh.blobstore import (
+from mesh.errors import PeerUnavailable
+from mesh.net.rpc import Reply
+from mesh.net.view import NetConfig, NetView, NetViewError, coord_to_list, parse_info
+from mesh.storage.fetch import FetchState, fetch_chunks
+from mesh.storage.store import (
     CHUNK_MAX,
     MAX_MANIFEST,
     BlobStore,
@@ -25,10 +29,6 @@ from mesh.blobstore import (
     parse_manifest,
     sha256,
 )
-from mesh.errors import PeerUnavailable
-from mesh.fetch import FetchState, fetch_chunks
-from mesh.netview import NetConfig, NetView, NetViewError, coord_to_list, parse_info
-from mesh.rpc import Reply
 from scheduler import VivaldiNode
 
 from .memchannel import until
@@ -218,7 +218,7 @@ async def test_fetch_fails_cleanly_when_no_source_is_left() -> None:
 
 # -- Vivaldi wiring ----------------------------------------------------------------------
 async def test_link_reports_every_ping_sample() -> None:
-    from mesh.rpc import LinkParams
+    from mesh.net.rpc import LinkParams
 
     la, lb, *_ = make_links(LinkParams(ping_interval=0.02, dead_after=1.0))
     samples: list[tuple[str, float]] = []
@@ -279,7 +279,7 @@ def test_coordinate_roundtrip() -> None:
 
 
 def test_penalties_decay_so_a_mended_holder_is_used_again() -> None:
-    from mesh.netview import Penalties
+    from mesh.net.view import Penalties
 
     now = [0.0]
     p = Penalties(half_life=600.0, clock=lambda: now[0])
@@ -293,7 +293,7 @@ def test_penalties_decay_so_a_mended_holder_is_used_again() -> None:
 
 
 def test_penalties_are_bounded_and_keep_the_worst_offenders() -> None:
-    from mesh.netview import Penalties
+    from mesh.net.view import Penalties
 
     p = Penalties(capacity=8, clock=lambda: 0.0)
     p.add("worst", 1e6)

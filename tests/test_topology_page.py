@@ -146,7 +146,7 @@ async def test_page_renders_shards_zone_and_rates_from_untrusted_fields(tmp_path
     """Fields the mesh does not fill yet (zone, shards, running, tokens/s) and bad values."""
     from aiohttp import web
 
-    from mesh.web import add_web_routes
+    from mesh.api.web import add_web_routes
 
     polls = [0]
 

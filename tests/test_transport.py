@@ -6,9 +6,9 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from mesh.errors import Error, HandshakeError
-from mesh.identity import Identity
-from mesh.rpc import Reply
-from mesh.transport import (
+from mesh.net.identity import Identity
+from mesh.net.rpc import Reply
+from mesh.net.transport import (
     CHANNEL_LABEL,
     TransportConfig,
     accept_offer,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mesh.localmesh import LocalMesh, wait_for
+from mesh.launch.localmesh import LocalMesh, wait_for
 from runtimes.onnx_rt import OnnxRuntime
 from runtimes.oracle import Chain, greedy_continuation
 from runtimes.shards import ShardStore

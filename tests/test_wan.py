@@ -47,7 +47,7 @@ async def test_private_mesh_key_seals_broker_traffic(local_mesh, broker, tmp_pat
     import aiomqtt
 
     from mesh.errors import SignalingError
-    from mesh.signaling import parse_envelope
+    from mesh.net.signaling import parse_envelope
 
     key = tmp_path / "mesh.key"
     key.write_text(os.urandom(32).hex())
@@ -98,7 +98,7 @@ async def test_peer_record_carries_the_hardware_summary(local_mesh):
                 return None
             return (await resp.json())["body"].get("hw")
 
-    from mesh.localmesh import wait_for
+    from mesh.launch.localmesh import wait_for
 
     hw = await wait_for(hw_in_record, 30, "the hardware summary in the peer record")
     assert hw["cores"] >= 1 and hw["ram_mb"] > 0

@@ -8,11 +8,11 @@ import pytest
 from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
 
-from mesh.dht import dht_key, make_record
-from mesh.identity import Identity
-from mesh.localmesh import wait_for
-from mesh.signaling import parse_envelope, seal
-from mesh.transport import (
+from mesh.discovery.dht import dht_key, make_record
+from mesh.launch.localmesh import wait_for
+from mesh.net.identity import Identity
+from mesh.net.signaling import parse_envelope, seal
+from mesh.net.transport import (
     TransportConfig,
     complete_offer,
     open_offer,

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import WireError
-from mesh.wire import (
+from mesh.net.wire import (
     FLAG_CHUNK,
     FLAG_LZ4,
     PREFIX_SIZE,

@@ -1,0 +1,167 @@
+"""The node's HTTP API (aiohttp), bound to loopback by default.
+
+``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
+``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
+``GET /v1/info``    this node: id, name, endpoints, counters of refused input
+``GET /v1/dht/peer/{id}``  a peer's verified DHT record
+``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
+``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mesh.api.bodies import int_field, json_body
+from mesh.api.generate import add_routes
+from mesh.api.storage import add_storage_routes  # objects, accounting, coordinates, jobs
+from mesh.api.web import add_web_routes
+from mesh.errors import EXPECTED, Error
+from mesh.net.signaling import HTTP_IDLE_DEADLINE
+
+if TYPE_CHECKING:
+    from mesh.api.context import ApiNode
+
+__all__ = ["start_api"]
+
+MAX_REQUEST = 1024 * 1024  # prompts and token lists
+MAX_BENCH_BYTES = 1 << 30
+NODE_KEY: web.AppKey[ApiNode] = web.AppKey("node")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _token_guard(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        # Constant-time comparison; the page and its assets stay public (they hold no data).
+        given = request.headers.get("Authorization", "").encode()
+        if request.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+            raise web.HTTPUnauthorized(text="this API needs 'Authorization: Bearer <token>'")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return guard
+
+
+async def start_api(
+    node: ApiNode, host: str, port: int, token: str | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve the API. Bound beyond loopback it must have a token: the API can read local
+    files (model add) and drive the node."""
+    if not _is_loopback(host) and not token:
+        raise Error(
+            f"the API on {host} would be reachable from the network: set EDGEMESH_API_TOKEN "
+            "(or keep --api on 127.0.0.1)"
+        )
+    middlewares = [_token_guard(token)] if token else []
+    app = web.Application(client_max_size=MAX_REQUEST, middlewares=middlewares)
+    app[NODE_KEY] = node
+    app.router.add_get("/v1/peers", _peers)
+    app.router.add_get("/v1/info", _info)
+    app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
+    app.router.add_post("/v1/bench/rtt", _bench_rtt)
+    add_routes(app, NODE_KEY)
+    add_storage_routes(app, NODE_KEY)
+    app.router.add_post("/v1/bench/bulk", _bench_bulk)
+    add_web_routes(app)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"
+
+
+async def _peers(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return web.json_response([e.as_dict() for e in node.peers.listed()])
+
+
+async def _info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE_KEY].info())
+
+
+async def _dht_peer(request: web.Request) -> web.Response:
+    """A peer's record from the DHT, verified (signature, id, expiry) before it is shown."""
+    node = request.app[NODE_KEY]
+    if node.dht is None:
+        raise web.HTTPNotFound(text="this node runs no DHT")
+    peer_id = request.match_info["peer_id"]
+    if len(peer_id) != 32 or not peer_id.isalnum():
+        raise web.HTTPBadRequest(text="malformed peer id")
+    rec = await node.dht.peer_record(peer_id)
+    if rec is None:
+        raise web.HTTPNotFound(text=f"no valid record for {peer_id}")
+    return web.json_response(
+        {
+            "peer_id": rec.peer_id,
+            "seq": rec.seq,
+            "expires": rec.expires,
+            "body": rec.body,
+            "verified": True,
+        }
+    )
+
+
+async def _bench_rtt(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await json_body(request)
+    size = int_field(body, "size", 4096, 0, 1 << 20)
+    count = int_field(body, "count", 200, 1, 100_000)
+    payload = os.urandom(size)  # random: lz4 must not make the figure look better
+    try:
+        link = node.link(str(body.get("peer", "")))
+        await link.call("echo", {}, payload)  # warm-up
+        samples = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await link.call("echo", {}, payload)
+            samples.append((time.perf_counter() - t0) * 1000)
+    except EXPECTED as exc:
+        raise web.HTTPBadGateway(text=str(exc)) from None
+    return web.json_response({"size": size, "count": count, "rtt_ms": samples})
+
+
+async def _bench_bulk(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await json_body(request)
+    total = int_field(body, "bytes", 64 << 20, 1, MAX_BENCH_BYTES)
+    msg = int_field(body, "message_size", 1 << 20, 1024, node.max_message)
+    window = int_field(body, "window", 4, 1, 64)
+    block = os.urandom(msg)
+    try:
+        link = node.link(str(body.get("peer", "")))
+        sem = asyncio.Semaphore(window)  # several messages in flight keep the pipe full
+
+        async def one(n: int) -> None:
+            async with sem:
+                await link.call("sink", {}, block[:n], timeout=120)
+
+        t0 = time.perf_counter()
+        sizes = [msg] * (total // msg) + ([total % msg] if total % msg else [])
+        await asyncio.gather(*(one(n) for n in sizes))
+        seconds = time.perf_counter() - t0
+    except EXPECTED as exc:
+        raise web.HTTPBadGateway(text=str(exc)) from None
+    return web.json_response(
+        {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6}
+    )

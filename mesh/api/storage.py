@@ -1,0 +1,188 @@
+"""HTTP endpoints for objects, replication, network coordinates, accounting and batch jobs.
+
+``POST /v1/objects?name=&format=raw|jsonl&replicas=R&chunk_size=N``
+                                          body = the bytes (streamed) -> manifest
+``GET  /v1/objects``                      objects in this node's store
+``GET  /v1/objects/{id}``                 the bytes (fetched first when missing here)
+``POST /v1/objects/{id}/fetch?pin=0|1``   pull into this store; NDJSON progress, then a summary
+``GET  /v1/objects/{id}/holders``         live providers (durable = pinned replica), by cost
+``POST /v1/objects/{id}/pin`` ``DELETE /v1/objects/{id}/pin``
+``POST /v1/storage/gc``                   collect unpinned objects
+``GET  /v1/storage``                      usage, quota, transfers, penalties, fast path
+``GET  /v1/accounting``                   bytes moved per source, destination, zone pair
+``GET  /v1/netcoords``                    our Vivaldi coordinate, peers' and estimated RTTs
+``POST /v1/jobs``                         {model, input, policies, seed} -> job report
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mesh.errors import EXPECTED
+from mesh.storage.fetch import FetchState
+from mesh.storage.store import CHUNK_MAX, QuotaExceeded, is_id
+
+if TYPE_CHECKING:
+    from mesh.api.context import ApiNode
+
+__all__ = ["add_storage_routes"]
+
+
+def _oid(request: web.Request) -> str:
+    oid = request.match_info["oid"]
+    if not is_id(oid):
+        raise web.HTTPBadRequest(text="object ids are 64 hex digits")
+    return oid
+
+
+def _query_int(request: web.Request, key: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(key, str(default))
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise web.HTTPBadRequest(text=f"{key} must be an integer in [{low}, {high}]")
+    return int(text)
+
+
+def add_storage_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
+    async def put(request: web.Request) -> web.Response:
+        node = request.app[key]
+        name = request.query.get("name", "")[:200]
+        fmt = request.query.get("format", "raw")
+        if fmt not in ("raw", "jsonl"):
+            raise web.HTTPBadRequest(text="format must be raw or jsonl")
+        replicas = _query_int(request, "replicas", 1, 1, 64)
+        chunk_size = _query_int(request, "chunk_size", CHUNK_MAX, 64 << 10, CHUNK_MAX)
+        try:
+            m = await node.objects.put_stream(request.content, name, fmt, replicas, chunk_size)
+        except QuotaExceeded as exc:
+            raise web.HTTPInsufficientStorage(text=str(exc)) from None
+        except EXPECTED as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return web.json_response({**m.as_dict(), "replicas": replicas})
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response(request.app[key].objects.store.objects())
+
+    async def fetch(request: web.Request) -> web.StreamResponse:
+        node, oid = request.app[key], _oid(request)
+        pin = request.query.get("pin", "0") == "1"
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
+
+        def progress(state: FetchState) -> None:
+            if queue.empty():
+                queue.put_nowait({"progress": state.as_dict()})
+
+        task = asyncio.ensure_future(node.objects.fetch(oid, pin=pin, on_progress=progress))
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await resp.write(json.dumps(getter.result()).encode() + b"\n")
+            else:
+                getter.cancel()
+        try:
+            state = task.result()
+            final: dict[str, Any] = {"done": state.as_dict()}
+        except EXPECTED as exc:
+            final = {"error": str(exc), "type": type(exc).__name__}
+        await resp.write(json.dumps(final).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def data(request: web.Request) -> web.StreamResponse:
+        node, oid = request.app[key], _oid(request)
+        store = node.objects.store
+        try:
+            if not store.complete(oid):
+                await node.objects.fetch(oid)
+            m = store.manifest(oid)
+            if m is None:
+                raise web.HTTPNotFound(text=f"no object {oid}")
+            resp = web.StreamResponse(
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(m.size)}
+            )
+            await resp.prepare(request)
+            with store.hold(oid):
+                for sha, _ in m.chunks:
+                    await resp.write(await asyncio.to_thread(store.read_chunk, sha))
+        except EXPECTED as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        await resp.write_eof()
+        return resp
+
+    async def holders(request: web.Request) -> web.Response:
+        node, oid = request.app[key], _oid(request)
+        return web.json_response(node.objects.holders_view(oid))
+
+    async def pin(request: web.Request) -> web.Response:
+        node, oid = request.app[key], _oid(request)
+        try:
+            node.objects.store.pin(oid, _query_int(request, "replicas", 1, 1, 64))
+        except EXPECTED as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        await node.objects.providers.announce(oid, durable=True)
+        return web.json_response({"id": oid, "pinned": True})
+
+    async def unpin(request: web.Request) -> web.Response:
+        node, oid = request.app[key], _oid(request)
+        was = node.objects.store.unpin(oid)
+        if node.objects.store.complete(oid):
+            await node.objects.providers.announce(oid, durable=False)
+        return web.json_response({"id": oid, "pinned": False, "was_pinned": was})
+
+    async def gc(request: web.Request) -> web.Response:
+        node = request.app[key]
+        before = {o["id"] for o in node.objects.store.objects()}
+        out = await asyncio.to_thread(node.objects.store.gc)
+        after = {o["id"] for o in node.objects.store.objects()}
+        for oid in before - after:
+            await node.objects.providers.announce(oid, durable=False, gone=True)
+        return web.json_response(out)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(request.app[key].objects.status())
+
+    async def accounting(request: web.Request) -> web.Response:
+        net = request.app[key].objects.net
+        return web.json_response({"zone": net.config.zone, **net.accounting.as_dict()})
+
+    async def coords(request: web.Request) -> web.Response:
+        return web.json_response(request.app[key].objects.net.as_dict())
+
+    async def job(request: web.Request) -> web.Response:
+        node = request.app[key]
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="body must be JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        policies = body.get("policies", ["ours"])
+        seed = body.get("seed", 0)
+        if not isinstance(policies, list) or type(seed) is not int:
+            raise web.HTTPBadRequest(text="policies must be a list, seed an integer")
+        try:
+            report = await node.jobs.run_job(
+                str(body.get("model", "")), str(body.get("input", "")), policies, seed
+            )
+        except EXPECTED as exc:
+            raise web.HTTPBadRequest(text=f"{type(exc).__name__}: {exc}") from None
+        return web.json_response(report)
+
+    app.router.add_post("/v1/objects", put)
+    app.router.add_get("/v1/objects", listing)
+    app.router.add_get("/v1/objects/{oid}", data)
+    app.router.add_post("/v1/objects/{oid}/fetch", fetch)
+    app.router.add_get("/v1/objects/{oid}/holders", holders)
+    app.router.add_post("/v1/objects/{oid}/pin", pin)
+    app.router.add_delete("/v1/objects/{oid}/pin", unpin)
+    app.router.add_post("/v1/storage/gc", gc)
+    app.router.add_get("/v1/storage", status)
+    app.router.add_get("/v1/accounting", accounting)
+    app.router.add_get("/v1/netcoords", coords)
+    app.router.add_post("/v1/jobs", job)

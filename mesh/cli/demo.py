@@ -1,0 +1,226 @@
+"""``edgemesh demo``: the main job, on one machine.
+
+Starts N node processes on loopback (mDNS, WebRTC links), gives them memory limits that no
+single one can fit Gemma 3 270M into, adds the model on the first node, and generates: the
+peers that lack their shard pull it from the first node (a progress bar shows it; a second run
+reuses what they stored). It prints the text, the stages, TTFT, tokens/s, per-hop latency and
+bytes moved, then runs the same prompt on one peer holding the whole model and prints the
+ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from mesh.inference.run import SHARD_OVERHEAD
+from mesh.launch.localmesh import LocalMesh, NodeProcess
+from runtimes.gguf_io import open_gguf
+
+__all__ = ["run_demo", "demo_memory_limit"]
+
+
+def demo_memory_limit(gguf: Path, peers: int) -> int:
+    """A per-node limit that forces a split into about ``peers`` stages."""
+    f = open_gguf(gguf)
+    units = [f.unit_nbytes(i) for i in range(f.config.n_units)]
+    need = [2 * b + SHARD_OVERHEAD for b in units]
+    total = 2 * sum(units) + SHARD_OVERHEAD
+    return int(max(total / peers + max(need) / 2, max(need) * 1.05))
+
+
+async def _progress(mesh: LocalMesh, done: asyncio.Event, out: TextIO) -> None:
+    """One line of shard-pull progress across every node, until the first token."""
+    shown = False
+    while not done.is_set():
+        moving = []
+        for node in mesh.nodes:
+            try:
+                moving += [(node.ready["name"], t) for t in await mesh.get(node, "/v1/transfers")]
+            except Exception:  # noqa: BLE001 - a progress bar must never break the demo
+                continue
+        if moving:
+            size = sum(t["size"] for _, t in moving)
+            got = sum(t["done"] for _, t in moving)
+            width = 30
+            bar = "#" * int(width * got / max(size, 1))
+            who = ", ".join(sorted({n for n, _ in moving}))
+            out.write(
+                f"\r  pulling shards [{bar:<{width}}] {got / 1e6:6.1f}/{size / 1e6:.1f} MB"
+                f" ({who})   "
+            )
+            out.flush()
+            shown = True
+        try:
+            await asyncio.wait_for(done.wait(), 0.5)  # refresh period of the bar
+        except TimeoutError:
+            pass
+    if shown:
+        out.write("\n")
+
+
+async def _generate(mesh: LocalMesh, node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
+    assert mesh._http is not None
+    events: list[dict[str, Any]] = []
+    # Shard pulls and loading can take minutes on a slow machine: no total deadline here.
+    no_total = aiohttp.ClientTimeout(total=None, sock_read=900)
+    async with mesh._http.post(node.api + "/v1/generate", json=body, timeout=no_total) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"generate: HTTP {resp.status}: {await resp.text()}")
+        async for line in resp.content:
+            if line.strip():
+                events.append(json.loads(line))
+    if not events or "error" in events[-1]:
+        raise RuntimeError(f"generation failed: {events[-1] if events else 'no answer'}")
+    return events[-1]
+
+
+async def _bytes_sent(mesh: LocalMesh) -> int:
+    total = 0
+    for node in mesh.nodes:
+        for p in await mesh.get(node, "/v1/peers"):
+            total += int(p.get("bytes_sent", 0))
+    return total
+
+
+async def run_demo(
+    n_peers: int,
+    base_dir: Path,
+    timeout: float,
+    as_json: bool,
+    prompt: str = "The capital of France is",
+    max_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    runtime: str = "onnx",
+    baseline: bool = True,
+    model_path: Path | None = None,
+    threads: int | None = None,
+    mode: str = "push",
+) -> int:
+    if n_peers < 2:
+        raise ValueError("a mesh needs at least 2 peers")
+    out = sys.stderr if as_json else sys.stdout
+    if model_path is None:
+        from runtimes.models import gemma3_270m_path
+
+        model_path = gemma3_270m_path()
+    limit = demo_memory_limit(model_path, n_peers)
+    body = {
+        "model": "demo-model",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "mode": mode,
+    }
+    extra = ["--threads", str(threads)] if threads else []
+    args = ["--memory-limit", str(limit), "--runtime", runtime, *extra]
+    t0 = time.perf_counter()
+    async with LocalMesh(base_dir) as mesh:
+        for i in range(n_peers):
+            node = await mesh.start_node(f"node-{i}", args)
+            print(
+                f"started node-{i}: {node.peer_id[:16]}  (memory limit {limit >> 20} MiB)", file=out
+            )
+        await mesh.wait_connected(timeout)
+        print(f"mesh of {n_peers} connected in {time.perf_counter() - t0:.1f} s", file=out)
+        first = mesh.nodes[0]
+        added = await mesh.post(
+            first, "/v1/models", {"path": str(model_path), "name": "demo-model"}
+        )
+        print(
+            f"added {added['name']} ({added['arch']}, {added['n_layers']} layers) on node-0",
+            file=out,
+        )
+
+        # Warm-up: route, shard pulls (with a progress bar), loading. Measured separately.
+        done = asyncio.Event()
+        bar = asyncio.create_task(_progress(mesh, done, out))
+        t_setup = time.perf_counter()
+        try:
+            warm = await _generate(mesh, first, dict(body, max_tokens=1))
+        finally:
+            done.set()
+            await bar
+        setup_s = time.perf_counter() - t_setup
+
+        sent_before = await _bytes_sent(mesh)
+        summary = await _generate(mesh, first, body)
+        moved = await _bytes_sent(mesh) - sent_before
+        names = {n.peer_id: n.ready["name"] for n in mesh.nodes}
+        print(f"\n{prompt}{summary['text']}\n", file=out)
+        print(f"{'stage':<6} {'peer':<8} {'layers':<18} {'runtime':<8} {'ms/token':>8}", file=out)
+        for i, st in enumerate(summary["stages"]):
+            ms = summary["stage_ms"].get(st["peer_id"], 0.0)
+            a, b = st["layers"]
+            layers = f"{a}-{b - 1}" if b > a else "-"
+            layers += " +embed" if st["units"][0] == 0 else ""
+            layers += " +head" if st["units"][1] == added["n_layers"] + 2 else ""
+            print(
+                f"{i:<6} {names.get(st['peer_id'], '?'):<8} {layers:<10} {st['runtime']:<8} "
+                f"{ms:>8.2f}",
+                file=out,
+            )
+        print(
+            f"\nsetup (route, shard pulls, loading): {setup_s:.1f} s, "
+            f"{warm['bytes_pulled'] / 1e6:.1f} MB pulled",
+            file=out,
+        )
+        print(
+            f"TTFT {summary['ttft_ms']:.0f} ms, {summary['tokens_per_s']:.1f} tokens/s, "
+            f"per-hop {summary['hop_ms']:.2f} ms, {moved / 1e3:.0f} kB of activations and "
+            f"control moved",
+            file=out,
+        )
+        single: dict[str, Any] | None = None
+        if baseline:
+            single = await _single_peer(base_dir, model_path, [*extra, "--runtime", runtime], body)
+            ratio = summary["tokens_per_s"] / max(single["tokens_per_s"], 1e-9)
+            same = single["tokens"] == summary["tokens"]
+            print(
+                f"one peer, whole model: {single['tokens_per_s']:.1f} tokens/s -> mesh/single "
+                f"= {ratio:.2f}x; same tokens: {'yes' if same else 'no'}",
+                file=out,
+            )
+        if as_json:
+            result = {
+                "prompt": prompt,
+                "prompt_tokens": summary["prompt_tokens"],
+                "tokens": summary["tokens"],
+                "text": summary["text"],
+                "stages": [
+                    {"peer_id": s["peer_id"], "layers": s["layers"], "runtime": s["runtime"]}
+                    for s in summary["stages"]
+                ],
+                "ttft_ms": summary["ttft_ms"],
+                "tokens_per_s": summary["tokens_per_s"],
+                "single_peer_tokens_per_s": single["tokens_per_s"] if single else None,
+                "single_peer_tokens": single["tokens"] if single else None,
+                "ratio": (summary["tokens_per_s"] / single["tokens_per_s"]) if single else None,
+                "hop_ms": summary["hop_ms"],
+                "stage_ms": summary["stage_ms"],
+                "setup_s": round(setup_s, 2),
+                "bytes_pulled": warm["bytes_pulled"],
+                "activation_bytes": moved,
+                "memory_limit": limit,
+            }
+            print(json.dumps(result))
+    return 0
+
+
+async def _single_peer(
+    base_dir: Path, model_path: Path, args: list[str], body: dict[str, Any]
+) -> dict[str, Any]:
+    """The same prompt on one peer that holds and runs the whole model."""
+    async with LocalMesh(base_dir / "single", mdns_interface=None) as mesh:
+        node = await mesh.start_node("single", ["--no-mdns", *args])
+        await mesh.post(node, "/v1/models", {"path": str(model_path), "name": "demo-model"})
+        await _generate(mesh, node, dict(body, max_tokens=1))  # load, like the mesh's warm-up
+        return await _generate(mesh, node, body)

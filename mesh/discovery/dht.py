@@ -1,0 +1,383 @@
+"""A Kademlia DHT (the ``kademlia`` package) that stores only signed, fresh, bounded records.
+
+The package stores any value from anyone, so validation is ours, on store and on get:
+
+* a **record** is ``[v, kind, key, peer_id, pk, seq, expires, body]`` plus an Ed25519 signature,
+  msgpack-encoded, at most ``MAX_RECORD`` bytes. ``peer_id`` must be the hash of ``pk``; a
+  ``peer`` record lives only under ``peer:<its own id>``; ``prov`` records (providers of a blob,
+  members of a mesh) live under any ``prov:`` key. Expired records are refused; a newer
+  ``seq`` from the same peer replaces an older one.
+* a stored **value** is a msgpack list of records under one key (merged per peer), capped at
+  ``MAX_RECORDS_PER_KEY`` and ``MAX_VALUE`` bytes.
+* every sender has a **quota** of stores per window; a sender that exceeds it, or sends
+  datagrams over ``MAX_DATAGRAM``, is cut off (all its datagrams dropped) for ``ban_seconds``.
+
+Node ids are the 20 bytes behind the peer id, so a DHT contact and a mesh peer share one id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from kademlia.crawling import ValueSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node as KadNode
+from kademlia.protocol import KademliaProtocol
+from kademlia.storage import IStorage
+
+from mesh.errors import DiscoveryError, IdentityError
+from mesh.net.identity import Identity, peer_id_from_key, verify
+
+__all__ = [
+    "Record",
+    "make_record",
+    "parse_record",
+    "parse_value",
+    "RecordStore",
+    "MeshDHT",
+    "dht_key",
+    "MAX_RECORD",
+]
+
+log = logging.getLogger(__name__)
+MAX_RECORD = 1024
+MAX_RECORDS_PER_KEY = 32
+MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
+MAX_DATAGRAM = MAX_VALUE + 1024
+MAX_TTL = 24 * 3600.0
+MAX_KEYS = 4096  # keys one node stores for others
+_CONTEXT = b"edgemesh/dht/v1\x00"
+_KINDS = ("peer", "prov")
+
+
+def dht_key(key: str) -> bytes:
+    """The 160-bit DHT key of a record key (kademlia's own digest: SHA-1)."""
+    return hashlib.sha1(key.encode()).digest()
+
+
+def node_id_of(peer_id: str) -> bytes:
+    return base64.b32decode(peer_id.upper() + "=" * (-len(peer_id) % 8))
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str
+    key: str
+    peer_id: str
+    public_key: bytes
+    seq: int
+    expires: float
+    body: dict[str, Any]
+    raw: bytes
+
+
+def make_record(
+    identity: Identity,
+    kind: str,
+    key: str,
+    body: dict[str, Any],
+    ttl: float,
+    seq: int | None = None,
+    now: float | None = None,
+) -> bytes:
+    now = time.time() if now is None else now
+    fields = [
+        1,
+        kind,
+        key,
+        identity.peer_id,
+        identity.public_key,
+        int(now * 1000) if seq is None else seq,
+        now + ttl,
+        body,
+    ]
+    sig = identity.sign(_CONTEXT + msgpack.packb(fields, use_bin_type=True))
+    raw = bytes(msgpack.packb(fields + [sig], use_bin_type=True))
+    if len(raw) > MAX_RECORD:
+        raise DiscoveryError(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
+    return raw
+
+
+def parse_record(raw: Any, now: float | None = None) -> Record:
+    """Validate one record (pure). Raises DiscoveryError."""
+    if not isinstance(raw, bytes):
+        raise DiscoveryError("record must be bytes")
+    if len(raw) > MAX_RECORD:
+        raise DiscoveryError(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
+    try:
+        items = msgpack.unpackb(
+            raw,
+            raw=False,
+            max_str_len=MAX_RECORD,
+            max_bin_len=MAX_RECORD,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise DiscoveryError(f"malformed record: {type(exc).__name__}") from None
+    if not isinstance(items, list) or len(items) != 9:
+        raise DiscoveryError("record must be a list of 9 fields")
+    v, kind, key, pid, pk, seq, expires, body, sig = items
+    if v != 1 or kind not in _KINDS:
+        raise DiscoveryError(f"unknown record version/kind {v!r}/{kind!r}")
+    if not (
+        isinstance(key, str)
+        and isinstance(pid, str)
+        and isinstance(pk, bytes)
+        and isinstance(sig, bytes)
+        and isinstance(body, dict)
+    ):
+        raise DiscoveryError("record fields have wrong types")
+    if type(seq) is not int or not isinstance(expires, float | int):
+        raise DiscoveryError("record seq/expiry have wrong types")
+    now = time.time() if now is None else now
+    if expires <= now:
+        raise DiscoveryError(f"record from {pid[:12]} expired {now - expires:.0f} s ago")
+    if expires > now + MAX_TTL:
+        raise DiscoveryError("record expiry too far in the future")
+    if not key.startswith(kind + ":"):
+        raise DiscoveryError(f"a {kind} record cannot live under {key!r}")
+    if kind == "peer" and key != f"peer:{pid}":
+        raise DiscoveryError("a peer record must live under its own id")
+    try:
+        if peer_id_from_key(pk) != pid:
+            raise DiscoveryError(f"record id {pid[:12]} is not the hash of its key")
+        verify(pk, _CONTEXT + msgpack.packb(items[:-1], use_bin_type=True), sig)
+    except IdentityError as exc:
+        raise DiscoveryError(f"record from {pid[:12]}: {exc}") from None
+    return Record(kind, key, pid, pk, seq, float(expires), body, raw)
+
+
+def parse_value(
+    value: Any,
+    dkey: bytes | None = None,
+    now: float | None = None,
+) -> tuple[list[Record], int]:
+    """Valid records of a stored value, and how many were refused."""
+    if not isinstance(value, bytes) or len(value) > MAX_VALUE:
+        return [], 1
+    try:
+        raws = msgpack.unpackb(
+            value,
+            raw=False,
+            max_bin_len=MAX_RECORD,
+            max_array_len=MAX_RECORDS_PER_KEY,
+            max_str_len=0,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception:
+        return [], 1
+    if not isinstance(raws, list):
+        return [], 1
+    good, bad = [], 0
+    for raw in raws:
+        try:
+            rec = parse_record(raw, now)
+        except DiscoveryError as exc:
+            log.debug("refused DHT record: %s", exc)
+            bad += 1
+            continue
+        if dkey is not None and dht_key(rec.key) != dkey:
+            bad += 1
+            continue
+        good.append(rec)
+    return good, bad
+
+
+def merge(records: list[Record]) -> list[Record]:
+    """One record per peer (highest seq), the freshest ``MAX_RECORDS_PER_KEY``."""
+    best: dict[str, Record] = {}
+    for rec in records:
+        if rec.peer_id not in best or rec.seq > best[rec.peer_id].seq:
+            best[rec.peer_id] = rec
+    return sorted(best.values(), key=lambda r: -r.seq)[:MAX_RECORDS_PER_KEY]
+
+
+def encode_value(records: list[Record]) -> bytes:
+    return bytes(msgpack.packb([r.raw for r in records], use_bin_type=True))
+
+
+class RecordStore(IStorage):  # type: ignore[misc]
+    """Kademlia storage that validates, merges and bounds what it keeps."""
+
+    def __init__(self, quota: int = 256, window: float = 60.0, ban_seconds: float = 300.0) -> None:
+        self._data: dict[bytes, list[Record]] = {}
+        self.quota = quota
+        self.window = window
+        self.ban_seconds = ban_seconds
+        self._stores: dict[Any, list[float]] = {}
+        self.banned: dict[Any, float] = {}
+        self.refused = 0
+
+    def is_banned(self, sender: Any) -> bool:
+        until = self.banned.get(sender)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.banned[sender]
+            return False
+        return True
+
+    def accept(self, dkey: bytes, value: Any, sender: Any = None) -> bool:
+        """Store ``value`` under ``dkey`` if it is valid; count it against ``sender``'s quota."""
+        if sender is not None:
+            now = time.monotonic()
+            recent = [t for t in self._stores.get(sender, []) if now - t < self.window]
+            recent.append(now)
+            if len(self._stores) > 4 * MAX_KEYS:  # senders are bounded too
+                self._stores.clear()
+            self._stores[sender] = recent
+            if len(recent) > self.quota:
+                self.banned[sender] = now + self.ban_seconds
+                log.warning(
+                    "DHT sender %s exceeded its quota of %d stores per %.0f s: cut off",
+                    sender,
+                    self.quota,
+                    self.window,
+                )
+                self.refused += 1
+                return False
+        if not isinstance(dkey, bytes) or len(dkey) != 20:
+            self.refused += 1
+            return False
+        records, bad = parse_value(value, dkey)
+        self.refused += bad
+        if not records:
+            return False
+        if dkey not in self._data and len(self._data) >= MAX_KEYS:
+            self._cull()
+            if len(self._data) >= MAX_KEYS:
+                self.refused += 1
+                return False
+        self._data[dkey] = merge(self._data.get(dkey, []) + records)
+        return True
+
+    def records(self, dkey: bytes) -> list[Record]:
+        now = time.time()
+        live = [r for r in self._data.get(dkey, []) if r.expires > now]
+        if live:
+            self._data[dkey] = live
+        else:
+            self._data.pop(dkey, None)
+        return live
+
+    def _cull(self) -> None:
+        for dkey in list(self._data):
+            self.records(dkey)
+
+    # -- IStorage ------------------------------------------------------------------------
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self.accept(key, value)
+
+    def __getitem__(self, key: bytes) -> bytes:
+        records = self.records(key)
+        if not records:
+            raise KeyError(key)
+        return encode_value(records)
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        records = self.records(key)
+        return encode_value(records) if records else default
+
+    def iter_older_than(self, seconds_old: float) -> Iterator[tuple[bytes, bytes]]:
+        # Republishing is the owners' job (they re-put before expiry); nothing to do here.
+        return iter(())
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        self._cull()
+        return iter([(k, encode_value(v)) for k, v in self._data.items() if v])
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __bool__(self) -> bool:
+        return True  # kademlia's Server does `storage or ForgetfulStorage()`
+
+
+class _Protocol(KademliaProtocol):  # type: ignore[misc]
+    storage: RecordStore
+
+    def __init__(self, source_node: KadNode, storage: RecordStore, ksize: int) -> None:
+        super().__init__(source_node, storage, ksize)
+        # rpcudp waits 5 s for a reply; one dead contact would stall every lookup that long.
+        self._wait_timeout = 2.0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.storage.is_banned(tuple(addr[0:2])):
+            return
+        if len(data) > MAX_DATAGRAM:
+            self.storage.banned[tuple(addr[0:2])] = time.monotonic() + self.storage.ban_seconds
+            log.warning("DHT datagram of %d bytes from %s: cut off", len(data), addr)
+            return
+        asyncio.ensure_future(self._guarded(data, addr))
+
+    async def _guarded(self, data: bytes, addr: Any) -> None:
+        try:
+            await self._solve_datagram(data, addr)
+        except Exception as exc:  # rpcudp raises on malformed packets
+            log.debug("malformed DHT datagram from %s: %r", addr, exc)
+
+    def rpc_store(self, sender: Any, nodeid: Any, key: Any, value: Any) -> bool:
+        if not isinstance(nodeid, bytes) or len(nodeid) != 20:
+            return False
+        self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
+        return self.storage.accept(key, value, tuple(sender[0:2]))
+
+
+class MeshDHT(Server):  # type: ignore[misc]
+    """The DHT endpoint of one node."""
+
+    protocol_class = _Protocol
+
+    def __init__(self, identity: Identity, store: RecordStore | None = None) -> None:
+        self.identity = identity
+        self.store = store or RecordStore()
+        super().__init__(
+            ksize=20, alpha=3, node_id=node_id_of(identity.peer_id), storage=self.store
+        )
+        self.host = ""
+        self.port = 0
+
+    async def start(self, host: str, port: int, bootstrap: list[tuple[str, int]]) -> None:
+        await self.listen(port, interface=host)
+        sockname = self.transport.get_extra_info("sockname")
+        self.host, self.port = sockname[0], sockname[1]
+        if bootstrap:
+            await self.bootstrap(bootstrap)
+
+    async def put(self, raw_record: bytes) -> bool:
+        rec = parse_record(raw_record)
+        value = encode_value([rec])
+        self.store.accept(dht_key(rec.key), value)  # we always hold our own records
+        return bool(await self.set_digest(dht_key(rec.key), value))
+
+    async def lookup(self, key: str) -> list[Record]:
+        """Valid records under ``key``: ours merged with what the network returns."""
+        dkey = dht_key(key)
+        records = list(self.store.records(dkey))
+        target = KadNode(dkey)
+        nearest = self.protocol.router.find_neighbors(target)
+        if nearest:
+            crawl = ValueSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
+            found = await crawl.find()
+            more, bad = parse_value(found, dkey)
+            if bad:
+                log.info("ignored %d invalid DHT records under %s", bad, key)
+            records += more
+        return merge(records)
+
+    async def peer_record(self, peer_id: str) -> Record | None:
+        for rec in await self.lookup(f"peer:{peer_id}"):
+            if rec.peer_id == peer_id:
+                return rec
+        return None

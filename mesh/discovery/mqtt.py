@@ -1,0 +1,300 @@
+"""MQTT rendezvous signaling (aiomqtt): presence and offer/answer exchange through a broker.
+
+Topics under ``edgemesh/v1/<mesh>/``:
+
+* ``presence/<peer_id>``: retained, a signed ``presence`` envelope (signaling endpoints, name),
+  re-published every ``presence_interval``; the last will is an empty retained message, which
+  clears it when the node vanishes.
+* ``inbox/<peer_id>``: signed ``offer`` / ``answer`` envelopes addressed to that peer.
+
+The broker is never trusted: every envelope is verified (and offers are checked for
+freshness and replay by the node); a forged or altered offer fails the signature or, signed
+by another key, the transport handshake. With a mesh key every payload is sealed (XSalsa20-
+Poly1305), so the broker learns nothing but topic names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import nacl.exceptions
+import nacl.secret
+import nacl.utils
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mesh.errors import SignalingError
+from mesh.net.identity import Identity
+from mesh.net.signaling import (
+    MAX_ENVELOPE,
+    Envelope,
+    ReplayGuard,
+    open_envelope,
+    parse_envelope,
+    seal,
+)
+
+__all__ = ["MqttConfig", "MqttSignaling", "load_mesh_key", "parse_mqtt_url"]
+
+log = logging.getLogger(__name__)
+_MAX_PAYLOAD = MAX_ENVELOPE + 64  # sealing adds 40 bytes
+_MAX_WAITING = 64  # offers of ours awaiting an answer
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL must be mqtt://HOST[:PORT] or mqtts://..., got {url!r}")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+def load_mesh_key(path: Path) -> bytes:
+    """A private mesh key: 32 raw bytes or 64 hex characters in a file."""
+    data = Path(path).read_bytes().strip()
+    if len(data) == 64:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(data.decode())
+    if len(data) != 32:
+        raise ValueError(f"{path}: a mesh key is 32 bytes (or 64 hex characters)")
+    return data
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str
+    mesh: str = "default"
+    mesh_key: bytes | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    keepalive: int = 10
+    presence_interval: float = 30.0
+    presence_max_age: float = 300.0
+    answer_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        parse_mqtt_url(self.url)
+        if not self.mesh or any(c in self.mesh for c in "/+#") or len(self.mesh) > 64:
+            raise ValueError("mesh name: 1-64 characters, without / + #")
+        if self.mesh_key is not None and len(self.mesh_key) != 32:
+            raise ValueError("mesh key must be 32 bytes")
+
+
+PresenceHandler = Callable[[str, dict[str, Any]], None]
+
+
+class MqttSignaling:
+    def __init__(
+        self,
+        identity: Identity,
+        config: MqttConfig,
+        *,
+        on_offer: Callable[[Envelope], Awaitable[bytes]],
+        on_presence: PresenceHandler,
+        on_absence: Callable[[str], None],
+        presence_body: Callable[[], dict[str, Any]],
+        guard: ReplayGuard,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.on_offer = on_offer
+        self.on_presence = on_presence
+        self.on_absence = on_absence
+        self.presence_body = presence_body
+        self.guard = guard
+        self.prefix = f"edgemesh/v1/{config.mesh}"
+        self._box = nacl.secret.SecretBox(config.mesh_key) if config.mesh_key else None
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.rejected = 0
+
+    @property
+    def presence_topic(self) -> str:
+        return f"{self.prefix}/presence/{self.identity.peer_id}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self, wait: float = 10.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await asyncio.wait_for(self._connected.wait(), wait)
+        except TimeoutError:
+            log.warning("broker %s not reachable yet; retrying in the background", self.config.url)
+
+    async def stop(self) -> None:
+        client = self._client
+        if client is not None and self._connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    client.publish(self.presence_topic, b"", qos=1, retain=True), 2
+                )
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._handlers):
+            task.cancel()
+
+    def _client_args(self) -> dict[str, Any]:
+        host, port, tls = parse_mqtt_url(self.config.url)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = _MAX_PAYLOAD + 1024  # the broker drops larger packets for us
+        args: dict[str, Any] = dict(
+            hostname=host,
+            port=port,
+            identifier=f"em-{self.identity.peer_id}",
+            username=self.config.username,
+            password=self.config.password,
+            keepalive=self.config.keepalive,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            properties=props,
+            will=aiomqtt.Will(self.presence_topic, b"", qos=1, retain=True),
+        )
+        if tls:
+            args["tls_params"] = aiomqtt.TLSParameters(ca_certs=self.config.ca_file)
+        return args
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with aiomqtt.Client(**self._client_args()) as client:
+                    self._client = client
+                    await client.subscribe(f"{self.prefix}/presence/+", qos=1)
+                    await client.subscribe(f"{self.prefix}/inbox/{self.identity.peer_id}", qos=1)
+                    await self._publish_presence()
+                    self._connected.set()
+                    delay = 0.5
+                    log.info("joined mesh %r on broker %s", self.config.mesh, self.config.url)
+                    refresher = asyncio.get_running_loop().create_task(self._refresh())
+                    try:
+                        async for message in client.messages:
+                            self._handle(message)
+                    finally:
+                        refresher.cancel()
+            except aiomqtt.MqttError as exc:
+                log.warning("broker %s: %s (reconnecting in %.1f s)", self.config.url, exc, delay)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(delay)  # reconnect backoff
+            delay = min(delay * 2, 30.0)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.presence_interval)  # re-announce period
+            await self._publish_presence()
+
+    async def _publish_presence(self) -> None:
+        if self._client is None:
+            return
+        env = seal(self.identity, "presence", "*", self.presence_body())
+        await self._client.publish(self.presence_topic, self._seal(env), qos=1, retain=True)
+
+    # -- sealing ---------------------------------------------------------------------------
+    def _seal(self, data: bytes) -> bytes:
+        return bytes(self._box.encrypt(data)) if self._box is not None else data
+
+    def _unseal(self, data: bytes) -> bytes:
+        if len(data) > _MAX_PAYLOAD:
+            raise SignalingError(f"MQTT payload of {len(data)} bytes exceeds {_MAX_PAYLOAD}")
+        if self._box is None:
+            return data
+        try:
+            return bytes(self._box.decrypt(data))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            raise SignalingError("payload not sealed with this mesh's key") from None
+
+    # -- receiving -------------------------------------------------------------------------
+    def _handle(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            if topic.startswith(f"{self.prefix}/presence/"):
+                self._handle_presence(topic.rsplit("/", 1)[-1], payload)
+            elif topic == f"{self.prefix}/inbox/{self.identity.peer_id}":
+                self._handle_inbox(payload)
+        except SignalingError as exc:
+            self.rejected += 1
+            log.warning("refused MQTT message on %s: %s", topic, exc)
+
+    def _handle_presence(self, peer_id: str, payload: bytes) -> None:
+        if peer_id == self.identity.peer_id:
+            return
+        if not payload:
+            self.on_absence(peer_id)
+            return
+        env = parse_envelope(self._unseal(payload))
+        if env.kind != "presence" or env.sender != peer_id:
+            raise SignalingError(f"presence for {peer_id[:12]} signed by {env.sender[:12]}")
+        if time.time() - env.time > self.config.presence_max_age:
+            raise SignalingError(f"stale presence of {peer_id[:12]}")
+        self.on_presence(peer_id, env.body)
+
+    def _handle_inbox(self, payload: bytes) -> None:
+        raw = self._unseal(payload)
+        env = parse_envelope(raw)
+        if env.to != self.identity.peer_id:
+            raise SignalingError("inbox message addressed to another peer")
+        if env.kind == "offer":
+            # freshness and replay: the same checks as the direct endpoint
+            env = open_envelope(raw, me=self.identity.peer_id, kind="offer", guard=self.guard)
+        if env.kind == "answer":
+            # checked for freshness and replay by the dialer, which matched it to its offer
+            fut = self._waiting.get(env.body.get("re"))  # type: ignore[arg-type]
+            if fut is None or fut.done():
+                raise SignalingError("answer to no offer of ours")
+            fut.set_result(raw)
+        elif env.kind == "offer":
+            if len(self._handlers) >= _MAX_WAITING:
+                raise SignalingError("too many offers in progress")
+            task = asyncio.get_running_loop().create_task(self._answer(raw, env))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        else:
+            raise SignalingError(f"unexpected {env.kind!r} in inbox")
+
+    async def _answer(self, raw: bytes, env: Envelope) -> None:
+        try:
+            answer = await self.on_offer(env)
+        except SignalingError as exc:
+            self.rejected += 1
+            log.warning("refused MQTT offer from %s: %s", env.sender[:12], exc)
+            return
+        await self._publish(env.sender, answer)
+
+    async def _publish(self, to: str, data: bytes) -> None:
+        client = self._client
+        if client is None:
+            raise SignalingError("not connected to the broker")
+        try:
+            await client.publish(f"{self.prefix}/inbox/{to}", self._seal(data), qos=1)
+        except aiomqtt.MqttError as exc:
+            raise SignalingError(f"broker: {exc}") from None
+
+    # -- sending ---------------------------------------------------------------------------
+    async def exchange(self, to: str, offer: bytes, oid: bytes) -> bytes:
+        """Send a sealed offer to ``to``'s inbox; return the raw answer envelope."""
+        if len(self._waiting) >= _MAX_WAITING:
+            raise SignalingError("too many offers awaiting answers")
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[oid] = fut
+        try:
+            await self._publish(to, offer)
+            return await asyncio.wait_for(fut, self.config.answer_timeout)
+        except TimeoutError:
+            raise SignalingError(f"no answer from {to[:12]} via the broker") from None
+        finally:
+            self._waiting.pop(oid, None)

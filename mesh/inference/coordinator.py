@@ -1,0 +1,176 @@
+"""The coordinator service of a node: it resolves model names across the mesh, gathers what
+each reachable peer can hold (its views), starts generations (:mod:`mesh.inference.run`) and
+receives the tokens that last stages push back (``stage_token``) and their failure reports
+(``stage_failed``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from mesh.errors import EXPECTED, RemoteError, RPCError
+from mesh.inference.compute import StageUnavailable, models_of
+from mesh.inference.routes import PairRtt, PeerView, peer_view
+from mesh.inference.run import AwaitedToken, GenerationRequest, GenerationRun, RouteError
+from mesh.net.rpc import CallContext, Reply
+from mesh.net.rpc import MeshCaller as Mesh
+from runtimes.errors import ModelError
+from runtimes.shards import Manifest
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Runs generations. Also a service: the last stage delivers each step's token here."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        compute: Any,
+        forward_timeout: float = 45.0,
+        pair_rtt: PairRtt | None = None,
+    ) -> None:
+        self.mesh = mesh
+        self.compute = compute
+        self.forward_timeout = forward_timeout
+        self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
+        self.waiting: dict[tuple[str, int], AwaitedToken] = {}
+
+    async def rpc_stage_token(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> None:
+        w = self._waiter(params)
+        if w is None or ctx.peer_id != w.last:
+            log.info("ignored a token from %s for no step of ours", ctx.peer_id[:12])
+            return
+        if not w.future.done() and type(params.get("token")) is int:
+            w.future.set_result(Reply(params, payload))
+
+    async def rpc_stage_failed(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> None:
+        w = self._waiter(params)
+        if w is None or ctx.peer_id not in w.route or w.future.done():
+            return
+        failed, error = params.get("failed"), str(params.get("error", "stage failed"))
+        if isinstance(failed, str) and failed in w.route:
+            w.future.set_exception(StageUnavailable(failed))
+        else:
+            w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"))
+
+    def _waiter(self, params: dict[str, Any]) -> AwaitedToken | None:
+        rid, pos = params.get("rid"), params.get("pos")
+        if not isinstance(rid, str) or type(pos) is not int:
+            return None
+        return self.waiting.get((rid, pos))
+
+    def holds_manifest(self, mid: str) -> bool:
+        return mid in self.compute.manifests
+
+    async def views(self, mid: str, exclude: set[str]) -> tuple[list[PeerView], Manifest]:
+        """What every reachable peer (and this node) can hold, and the model's manifest."""
+        views: list[PeerView] = []
+        manifest: Manifest | None = self.compute.manifests.get(mid)
+        source = None
+
+        async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
+            try:
+                cap = (await self.mesh.call(pid, "capacity", timeout=5)).result
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+                return pid, *peer_view(pid, mid, cap, models, self._rtt(pid))
+            except RPCError as exc:
+                log.info("peer %s left out of the route: %s", pid[:12], exc)
+            except Exception as exc:  # a peer's malformed answer must not stop the route
+                log.warning("peer %s sent a malformed capacity/models reply: %r", pid[:12], exc)
+            return pid, None, False
+
+        asked = [p for p in [self.mesh.me, *self.mesh.connected_peer_ids()] if p not in exclude]
+        for pid, view, knows in await asyncio.gather(*(ask(p) for p in asked)):
+            if view is not None:
+                views.append(view)
+                if knows and source is None:
+                    source = pid
+        if manifest is None:
+            if source is None:
+                raise RouteError(f"no reachable peer knows model {mid[:12]}")
+            manifest = await self.compute._manifest(mid, source)
+        return views, manifest
+
+    def _rtt(self, pid: str) -> float:
+        if pid == self.mesh.me:
+            return 0.0
+        link_of = getattr(self.mesh, "link", None)
+        try:
+            rtt = link_of(pid).rtt_ms if link_of is not None else None
+        except EXPECTED:
+            rtt = None
+        return float(rtt) if rtt is not None else 1.0
+
+    async def resolve(self, model: str) -> str:
+        """A model id from a name or id: ours first; else the one id the peers give for it.
+        Names are self-reported: when peers claim one name for different models, the name
+        is refused as ambiguous (a peer must not hijack a popular name)."""
+        try:
+            return str(self.compute.resolve(model))
+        except ModelError:
+            pass
+
+        async def ask(pid: str) -> set[str]:
+            try:
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+            except RPCError:
+                return set()
+            return {
+                m["model_id"]
+                for m in models
+                if isinstance(m.get("model_id"), str) and model in (m.get("name"), m["model_id"])
+            }
+
+        found = set().union(*await asyncio.gather(*map(ask, self.mesh.connected_peer_ids())))
+        if model in found:  # asked by id: ids are hashes of the manifest, nothing to hijack
+            return model
+        if len(found) > 1:
+            ids = ", ".join(sorted(f[:12] for f in found))
+            raise ModelError(
+                f"peers give the name {model!r} to different models ({ids}): ask by id"
+            )
+        if found:
+            return found.pop()
+        raise ModelError(f"no peer knows a model named {model!r}")
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
+            try:
+                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+            except RPCError:
+                continue
+            for m in models:
+                if isinstance(m, dict) and isinstance(m.get("model_id"), str):
+                    entry = seen.setdefault(
+                        m["model_id"],
+                        {
+                            "model_id": m["model_id"],
+                            "name": m.get("name"),
+                            "arch": m.get("arch"),
+                            "n_layers": m.get("n_layers"),
+                            "holders": [],
+                        },
+                    )
+                    if m.get("held"):
+                        entry["holders"].append(pid)
+        return list(seen.values())
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[dict[str, Any], None]:
+        """Yields ``{"route"}`` first, ``{"token", "text"}`` per token, then one
+        ``{"done": True, ...}`` summary (route, timings, re-routes)."""
+        run = GenerationRun(self, req)
+        # aclosing: a client that leaves frees every stage now, not when the GC gets to it
+        async with contextlib.aclosing(run.run()) as events:
+            async for event in events:
+                yield event

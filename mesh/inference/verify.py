@@ -1,0 +1,413 @@
+"""Spot checks: a sampled fraction of stage steps recomputed on another peer.
+
+After each step, every stage of the route is checked with probability ``rate``, drawn from a
+secret random source *after* the step ran (a stage cannot know which steps will be checked, so
+it must be honest on all of them). A check takes the stage's inputs from its audit log (each
+signed by the stage before it), its output as the next stage received it (signed by the
+stage itself) or, for the last stage, the token it delivered, and has a verifier (another peer
+that can hold the same units, preferring one that already has the bytes) rerun the whole
+input history on a fresh session. Activations must agree within ``tolerance`` (relative L2
+error); a token must be the verifier's choice or a near-tie.
+
+A mismatch is put to a second verifier when one exists: if it agrees with the stage, the first
+verifier is the liar and is banned; otherwise the stage is. This node's own recomputation is
+trusted alone. With no second opinion, one peer's word stands against another's: neither is
+banned (a lone liar could otherwise get honest peers banned mesh-wide); the stage is left out
+of this generation and so is the verifier (its word is worth no more than the stage's). A
+stage whose log or signatures do not hold up is banned outright: an honest stage refuses
+unsigned input and never loses its log. Banning (:meth:`Node.ban`) drops the peer's link
+and ignores its discovery and provider records; the generation then restarts on a route
+without it.
+
+A peer perturbing every step is caught after 1/rate checked steps on average, and escapes
+``n`` steps with probability (1 - rate) ** n.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import EXPECTED, Error, IdentityError, RPCError
+from mesh.inference.audit import (
+    MAX_AUDIT_BYTES,
+    MAX_AUDIT_ENTRIES,
+    AuditEntry,
+    AuditError,
+    AuditOverflow,
+    relative_error,
+    step_message,
+    token_deviation,
+    unpack_entries,
+)
+from mesh.inference.compute import MAX_SESSION_TOKENS
+from mesh.inference.routes import Stage, unit_memory
+from mesh.inference.sampling import SamplingParams
+from mesh.net.identity import verify
+from runtimes.errors import ModelError
+
+__all__ = ["VerifyParams", "VerificationFailed", "SpotChecker", "Step"]
+
+log = logging.getLogger(__name__)
+
+
+class VerificationFailed(Error):
+    """A stage's output did not survive a spot check: ``peer`` has been banned, or (``banned``
+    false) only one other peer said so, and it is left out of this generation."""
+
+    def __init__(
+        self, peer: str, reason: str, banned: bool = True, accuser: str | None = None
+    ) -> None:
+        super().__init__(f"{peer[:12]} failed a spot check: {reason}")
+        self.peer = peer
+        self.reason = reason
+        self.banned = banned
+        self.accuser = accuser  # a dispute's verifier: no more trusted than the stage
+
+
+@dataclass(frozen=True)
+class VerifyParams:
+    rate: float = 0.0  # probability that a given stage step is recomputed
+    tolerance: float = 0.05  # relative L2 error allowed on activations
+    token_tolerance: float = 0.1  # of the top-8 logit spread, for the last stage's token
+    seed: int | None = None  # reproducible choice of checks (tests); None: secret
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError("verify rate must be in [0, 1]")
+        if not 0.0 < self.tolerance < 1.0 or not 0.0 < self.token_tolerance < 1.0:
+            raise ValueError("verify tolerances must be in (0, 1)")
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> VerifyParams:
+        """From an API request: ``verify`` (rate), ``verify_tolerance``, ``verify_seed``."""
+        rate = body.get("verify", 0.0)
+        tol = body.get("verify_tolerance", 0.05)
+        seed = body.get("verify_seed")
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise ValueError("verify must be a number in [0, 1]")
+        if isinstance(tol, bool) or not isinstance(tol, int | float):
+            raise ValueError("verify_tolerance must be a number")
+        if seed is not None and type(seed) is not int:
+            raise ValueError("verify_seed must be an integer")
+        return cls(float(rate), float(tol), seed=seed)
+
+
+@dataclass
+class _Stats:
+    checks: int = 0
+    passed: int = 0
+    failed: int = 0
+    unchecked: list[str] = field(default_factory=list)
+    banned: list[dict[str, Any]] = field(default_factory=list)
+    disputes: list[dict[str, Any]] = field(default_factory=list)  # one verifier's word only
+    max_error: float = 0.0  # largest relative error among passed activation checks
+    max_token_deviation: float = 0.0
+    ms: float = 0.0
+    first_failure_token: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a generation, as a check needs it: the route, and the step that consumed
+    ``tokens[:pos]`` (its last chunk ``rows`` long) and produced ``tokens[pos]``."""
+
+    stages: list[Stage]
+    sids: list[str]
+    tokens: list[int]
+    pos: int
+    rows: int
+    sampling: SamplingParams
+    index: int  # tokens generated before this one
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    deviation: float
+    what: str
+
+
+class SpotChecker:
+    """Checks the steps of one generation. ``coord`` is the :class:`Coordinator`."""
+
+    def __init__(self, coord: Any, mid: str, params: VerifyParams) -> None:
+        self.c = coord
+        self.mid = mid
+        self.params = params
+        self.rng: random.Random = (
+            random.Random(params.seed) if params.seed is not None else random.SystemRandom()
+        )
+        self.stats = _Stats()
+        self.excluded: set[str] = set()
+        self._candidates: dict[tuple[int, int], list[str]] = {}  # per unit range, this run
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "rate": self.params.rate,
+            "tolerance": self.params.tolerance,
+            "checks": s.checks,
+            "passed": s.passed,
+            "failed": s.failed,
+            "unchecked": s.unchecked[:20],
+            "banned": s.banned,
+            "disputes": s.disputes[:20],
+            "max_error": round(s.max_error, 6),
+            "max_token_deviation": round(s.max_token_deviation, 6),
+            "check_ms": round(s.ms, 1),
+            "first_failure_token": s.first_failure_token,
+        }
+
+    async def after_step(self, step: Step) -> None:
+        """Maybe check each stage's part in ``step``; raises :class:`VerificationFailed`
+        after banning a stage of the route."""
+        for s in range(len(step.stages)):
+            if self.rng.random() >= self.params.rate:
+                continue
+            t0 = time.perf_counter()
+            try:
+                await self._check(step, s)
+            finally:
+                self.stats.ms += (time.perf_counter() - t0) * 1000
+
+    # -- one check -------------------------------------------------------------------------
+    async def _check(self, step: Step, s: int) -> None:
+        stage = step.stages[s]
+        suspect = stage.peer_id
+        if suspect == self.c.mesh.me:
+            return  # our own stage: nothing to gain from checking ourselves
+        claimed: Any
+        try:
+            inputs, rows = await self._inputs(step, s)
+            last = s == len(step.stages) - 1
+            claimed = step.tokens[step.pos] if last else await self._output(step, s)
+        except _Blame as blame:
+            self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
+            return
+        except _Skip as skip:
+            self.stats.unchecked.append(str(skip))
+            return
+        self.stats.checks += 1
+        verifiers = await self._verifiers(stage, suspect)
+        if not verifiers:
+            self.stats.unchecked.append(f"no verifier for units {list(stage.units)}")
+            return
+        first = await self._recompute(verifiers[0], stage, inputs, step, rows, claimed)
+        if first is None:
+            return
+        if first.ok:
+            self._passed(first)
+            return
+        trusted = verifiers[0] == self.c.mesh.me  # our own recomputation needs no second
+        second = None
+        if not trusted and len(verifiers) > 1:
+            second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
+        if second is not None and second.ok:
+            # The stage agrees with an independent verifier: the first verifier lied.
+            self._passed(second)
+            self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
+            return
+        self.stats.failed += 1
+        reason = f"stage units {list(stage.units)} at position {step.pos}: {first.what}"
+        if trusted or second is not None:
+            self._ban(suspect, reason, step)  # raises: the suspect runs a stage of the route
+            return
+        # One peer's word against another's: banning on it would let a lone verifier get
+        # honest peers banned mesh-wide. Neither runs or checks the rest of this generation.
+        self.stats.disputes.append({"stage": suspect, "verifier": verifiers[0], "reason": reason})
+        self.excluded.update((suspect, verifiers[0]))
+        self._candidates.clear()
+        if self.stats.first_failure_token is None:
+            self.stats.first_failure_token = step.index
+        raise VerificationFailed(
+            suspect, f"disputed by {verifiers[0][:12]}: {reason}", False, verifiers[0]
+        )
+
+    def _passed(self, outcome: _Outcome) -> None:
+        self.stats.passed += 1
+        if outcome.what.startswith("token"):
+            self.stats.max_token_deviation = max(self.stats.max_token_deviation, outcome.deviation)
+        else:
+            self.stats.max_error = max(self.stats.max_error, outcome.deviation)
+
+    def _ban(self, peer: str, reason: str, step: Step) -> None:
+        """Ban ``peer``; if it runs a stage of the route, its tokens cannot be trusted:
+        raise :class:`VerificationFailed` so the generation restarts without it."""
+        self.stats.banned.append({"peer": peer, "reason": reason})
+        self.c.mesh.ban(peer, f"spot check: {reason}")
+        self.excluded.add(peer)
+        self._candidates.clear()
+        if any(st.peer_id == peer for st in step.stages):
+            if self.stats.first_failure_token is None:
+                self.stats.first_failure_token = step.index
+            raise VerificationFailed(peer, reason)
+
+    async def _audit(self, peer: str, sid: str, upto: int, since: int = 0) -> list[AuditEntry]:
+        try:
+            reply = await self.c.mesh.call(
+                peer, "stage_audit", {"sid": sid, "upto": upto, "since": since}, timeout=30
+            )
+            return unpack_entries(reply.payload, complete=since == 0)
+        except AuditOverflow as full:
+            if since:  # measure what it kept: ask for the log from position 0
+                return await self._audit(peer, sid, upto, 0)
+            # An honest log stops only when (nearly) full; a short one is a dodge.
+            if full.kept >= MAX_AUDIT_BYTES // 2 or full.count >= MAX_AUDIT_ENTRIES - 1:
+                raise _Skip(f"audit log of {peer[:12]} full at {full.kept} bytes") from None
+            raise _Blame(peer, f"claims a full audit log of {full.kept} bytes") from None
+        except AuditError as exc:
+            raise _Blame(peer, f"bad audit log: {exc}") from None
+        except RPCError as exc:
+            raise _Blame(peer, f"refused its audit log: {exc}") from None
+
+    async def _inputs(self, step: Step, s: int) -> tuple[bytes, int]:
+        """Stage ``s``'s whole input history up to the step, and the step's rows: token ids
+        for the first stage (we sent them), else its log, each entry signed by the stage
+        before it."""
+        stages, sids, pos = step.stages, step.sids, step.pos
+        if s == 0:
+            return np.asarray(step.tokens[:pos], dtype="<i4").tobytes(), step.rows
+        peer = stages[s].peer_id
+        entries = await self._audit(peer, sids[s], pos)
+        if not entries or entries[-1].pos != pos:
+            raise _Blame(peer, f"audit log does not reach position {pos}")
+        prev_key = self.c.mesh.peer_key(stages[s - 1].peer_id)
+        for e in entries:
+            try:
+                verify(prev_key, step_message(sids[s], e.pos, e.n, e.body), e.sig)
+            except IdentityError:
+                raise _Blame(peer, f"logged input at {e.pos} not signed by its sender") from None
+        return b"".join(e.body for e in entries), entries[-1].n
+
+    async def _output(self, step: Step, s: int) -> np.ndarray[Any, Any]:
+        """What stage ``s`` sent at the step, as the next stage logged it under ``s``'s key."""
+        stages, sids, pos = step.stages, step.sids, step.pos
+        nxt = stages[s + 1].peer_id
+        entries = await self._audit(nxt, sids[s + 1], pos, since=pos)
+        if not entries or entries[-1].pos != pos:
+            raise _Blame(nxt, f"audit log has no entry at {pos}")
+        e = entries[-1]
+        try:
+            key = self.c.mesh.peer_key(stages[s].peer_id)
+            verify(key, step_message(sids[s + 1], e.pos, e.n, e.body), e.sig)
+        except IdentityError:
+            raise _Blame(nxt, f"logged input at {pos} not signed by its sender") from None
+        if len(e.body) % (4 * e.n):
+            raise _Blame(nxt, "logged activation size is not n x d")
+        return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
+
+    async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
+        """Up to two peers that can hold ``stage``'s units, those holding the bytes first
+        (asked once per unit range and run; a ban or a verifier that fails asks again)."""
+        cached = self._candidates.get(stage.units)
+        if cached is not None:
+            return [p for p in cached if p != suspect][:2]
+        skip = set(self.excluded)
+        try:
+            views, manifest = await self.c.views(self.mid, skip)
+        except EXPECTED as exc:
+            self.stats.unchecked.append(f"no views: {exc}")
+            return []
+        a, b = stage.units
+        ub = [u.nbytes for u in manifest.units]
+        need = unit_memory(ub, a, b)
+        blobs = {blob.sha256 for blob in manifest.blobs_for(a, b)}
+        fits = [v for v in views if v.free >= need and v.peer_id not in skip]
+        # This node first (we trust ourselves), then peers that need not pull the bytes.
+        fits.sort(key=lambda v: (v.peer_id != self.c.mesh.me, -len(blobs & v.held)))
+        # Three kept: whichever is the suspect at a later check, two remain.
+        self._candidates[stage.units] = [v.peer_id for v in fits[:3]]
+        return [p for p in self._candidates[stage.units] if p != suspect][:2]
+
+    async def _recompute(
+        self,
+        verifier: str,
+        stage: Stage,
+        inputs: bytes,
+        step: Step,
+        rows: int,
+        claimed: Any,
+    ) -> _Outcome | None:
+        """The verifier's verdict, or None when it could not run the check."""
+        pos = step.pos
+        sid = os.urandom(12).hex()
+        mesh = self.c.mesh
+        opened = False
+        try:
+            await mesh.call(
+                verifier,
+                "stage_open",
+                {
+                    "sid": sid,
+                    "model_id": self.mid,
+                    "units": list(stage.units),
+                    "next": None,
+                    "max_tokens": min(MAX_SESSION_TOKENS, pos + 1),
+                    "source": mesh.me if self.mid in self.c.compute.manifests else None,
+                },
+                timeout=600,
+            )
+            opened = True
+            params: dict[str, Any] = {"sid": sid, "n": pos, "rows": rows}
+            if not isinstance(claimed, np.ndarray):
+                params.update(claimed=int(claimed), pos=pos, sample=step.sampling.to_wire())
+            reply = await mesh.call(verifier, "stage_recompute", params, inputs, timeout=120)
+        except (RPCError, ModelError) as exc:
+            self.stats.unchecked.append(f"verifier {verifier[:12]}: {exc}"[:200])
+            self._candidates.pop(stage.units, None)  # ask the mesh again next time
+            return None
+        finally:
+            if opened:
+                try:
+                    await mesh.call(verifier, "stage_close", {"sid": sid}, timeout=5)
+                except RPCError:
+                    pass
+        return self._judge(reply.result, reply.payload, claimed)
+
+    def _judge(self, result: dict[str, Any], payload: bytes, claimed: Any) -> _Outcome:
+        if isinstance(claimed, np.ndarray):
+            if len(payload) != claimed.nbytes:
+                return _Outcome(False, math.inf, "verifier returned a different shape")
+            ref = np.frombuffer(payload, dtype="<f4").reshape(claimed.shape)
+            err = relative_error(ref, claimed)
+            ok = err <= self.params.tolerance
+            return _Outcome(
+                ok, err, f"activation error {err:.4f} (tolerance {self.params.tolerance})"
+            )
+        top = result.get("top")
+        pairs = [
+            (int(t), float(v))
+            for t, v in (top if isinstance(top, list) else [])
+            if isinstance(t, int) and isinstance(v, int | float)
+        ][:8]
+        ref_logit, claimed_logit = result.get("token_logit"), result.get("claimed_logit")
+        if not isinstance(ref_logit, int | float) or not isinstance(claimed_logit, int | float):
+            return _Outcome(False, math.inf, "verifier returned no logits")
+        dev = token_deviation(
+            pairs, int(result.get("token", -1)), float(ref_logit), float(claimed_logit)
+        )
+        ok = dev <= self.params.token_tolerance
+        return _Outcome(
+            ok, dev, f"token {claimed} deviates {dev:.3f} from the verifier's {result.get('token')}"
+        )
+
+
+class _Skip(Exception):
+    """Internal: the check cannot be made (an honest limit, not misbehaviour)."""
+
+
+class _Blame(Exception):
+    """Internal: ``peer`` provably misbehaved while a check gathered its evidence."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(reason)
+        self.peer = peer
+        self.reason = reason

@@ -1,0 +1,1 @@
+"""Batch jobs placed next to their data."""

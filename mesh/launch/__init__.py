@@ -1,0 +1,2 @@
+"""Starting and driving node processes on this machine: local meshes for the demo,
+benchmarks and tests."""

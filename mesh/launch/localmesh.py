@@ -1,0 +1,284 @@
+"""Start and drive node processes on this machine: for the demo, tests and benchmarks.
+
+Each node is a separate ``python -m mesh node`` process; readiness is its ready JSON line on
+stdout (the same object it writes to ``--ready-file``), never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mesh.errors import Error
+
+__all__ = ["NodeProcess", "LocalMesh", "LocalBroker", "wait_for"]
+
+
+class LocalMeshError(Error):
+    """A local node failed to start or the mesh did not form in time."""
+
+
+@dataclass
+class NodeProcess:
+    proc: asyncio.subprocess.Process
+    data_dir: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+    stderr_tail: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.ready["peer_id"])
+
+    @property
+    def api(self) -> str:
+        return str(self.ready["api"])
+
+    @property
+    def signaling(self) -> str:
+        return str(self.ready["signaling"])
+
+    def log_text(self) -> str:
+        """Everything the node has logged so far (its stderr, drained line by line)."""
+        path = self.data_dir / "node.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def wait_logged(self, *texts: str, timeout: float = 10.0) -> None:
+        """Wait until every text appears in the log: stderr is drained by another task, so a
+        counter read over HTTP can be ahead of the lines that explain it."""
+        try:
+            await wait_for(lambda: all(t in self.log_text() for t in texts), timeout, "log")
+        except LocalMeshError:
+            missing = [t for t in texts if t not in self.log_text()]
+            raise LocalMeshError(
+                f"node never logged {missing}; last lines: {self.stderr_tail[-10:]}"
+            ) from None
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Poll an async or sync predicate until it returns a truthy value, or raise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)  # polling period of a condition with a deadline
+    raise LocalMeshError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+class LocalMesh:
+    """A set of node processes sharing one loopback mDNS domain."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        mdns_interface: str | None = "127.0.0.1",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        mesh: str | None = None,
+    ) -> None:
+        self.base_dir = Path(base_dir)
+        # A mesh name of its own: local meshes started side by side do not see each other.
+        self.mesh = mesh or f"local-{os.urandom(4).hex()}"
+        self.mdns_interface = mdns_interface
+        self.extra_args = extra_args or []
+        self.env = env
+        self.nodes: list[NodeProcess] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> LocalMesh:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start_node(
+        self,
+        name: str,
+        args: list[str] | None = None,
+        ready_timeout: float = 30.0,
+        module: str = "mesh",
+        wrap: list[str] | None = None,
+    ) -> NodeProcess:
+        """``module``: what ``python -m`` runs (tests start misbehaving nodes this way);
+        ``wrap`` prefixes the command (e.g. ``nsenter -t PID -n``: a node in a namespace)."""
+        data_dir = self.base_dir / name
+        cmd = [sys.executable, "-m", module, "node", "--data-dir", str(data_dir), "--name", name]
+        cmd = (wrap or []) + cmd
+        cmd += ["--mesh", self.mesh]
+        if self.mdns_interface:
+            cmd += ["--mdns-interface", self.mdns_interface]
+        cmd += self.extra_args + (args or [])
+        env = dict(os.environ, **(self.env or {}))
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        node = NodeProcess(proc, data_dir)
+        self.nodes.append(node)
+        asyncio.get_running_loop().create_task(self._drain_stderr(node))
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), ready_timeout)
+            node.ready = json.loads(line)
+        except (TimeoutError, ValueError):
+            raise LocalMeshError(
+                f"node {name} did not become ready: {' | '.join(node.stderr_tail[-5:])}"
+            ) from None
+        return node
+
+    async def _drain_stderr(self, node: NodeProcess) -> None:
+        stream = node.proc.stderr
+        if stream is None:
+            return
+        log_path = node.data_dir / "node.log"
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8", buffering=1) as fh:  # noqa: ASYNC230 - line-buffered log
+            while line := await stream.readline():
+                text = line.decode(errors="replace").rstrip()
+                fh.write(text + "\n")
+                node.stderr_tail = (node.stderr_tail + [text])[-50:]
+
+    async def get(self, node: NodeProcess, path: str) -> Any:
+        assert self._http is not None, "use LocalMesh as an async context manager"
+        async with self._http.get(node.api + path) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+    async def post(self, node: NodeProcess, path: str, body: dict[str, Any]) -> Any:
+        assert self._http is not None, "use LocalMesh as an async context manager"
+        async with self._http.post(
+            node.api + path, json=body, timeout=aiohttp.ClientTimeout(total=600)
+        ) as resp:
+            if resp.status != 200:
+                raise LocalMeshError(f"{path}: HTTP {resp.status}: {await resp.text()}")
+            return await resp.json()
+
+    async def connected_ids(self, node: NodeProcess) -> set[str]:
+        peers = await self.get(node, "/v1/peers")
+        return {p["peer_id"] for p in peers if p["state"] == "connected"}
+
+    async def wait_connected(
+        self, timeout: float = 30.0, nodes: list[NodeProcess] | None = None
+    ) -> None:
+        """Wait until every node lists every other as connected."""
+        group = nodes or [n for n in self.nodes if n.proc.returncode is None]
+
+        async def full() -> bool:
+            for n in group:
+                want = {m.peer_id for m in group if m is not n}
+                if not want <= await self.connected_ids(n):
+                    return False
+            return True
+
+        await wait_for(full, timeout, f"{len(group)} nodes to connect")
+
+    def kill(self, node: NodeProcess, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            node.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc.returncode is None:
+                self.kill(node, signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                await asyncio.wait_for(node.proc.wait(), 10)
+            except TimeoutError:
+                self.kill(node, signal.SIGKILL)
+                await node.proc.wait()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+
+def mosquitto_path() -> str:
+    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(path).exists():
+        raise LocalMeshError("mosquitto is not installed: run `make test`, which installs it")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalBroker:
+    """A real mosquitto on a free loopback port (apt installs it but does not start it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    async def start(self, port: int | None = None) -> None:
+        """Start on ``port`` (a restart keeps its port) or on a free one the OS picks."""
+        for _ in range(5):
+            self.port = port or _free_port()
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+                "log_type information\n"
+            )
+            self.proc = await asyncio.create_subprocess_exec(
+                mosquitto_path(),
+                "-c",
+                str(conf),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            assert self.proc.stdout is not None
+            while True:  # readiness from its own log, not a sleep
+                line = await asyncio.wait_for(self.proc.stdout.readline(), 10)
+                if not line:
+                    break
+                text = line.decode(errors="replace").strip()
+                self.log.append(text)
+                if " running" in text:
+                    asyncio.get_running_loop().create_task(self._drain())
+                    return
+            await self.proc.wait()  # could not bind: the port was taken meanwhile
+            if port:
+                break
+        raise LocalMeshError(f"mosquitto did not start: {self.log[-5:]}")
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.log.append(line.decode(errors="replace").strip())
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.wait_for(self.proc.wait(), 10)

@@ -1,0 +1,459 @@
+"""Links to peers: dialing, accepting, collisions, reconnects, and the hints that drive them.
+
+Who dials: any side may. When both dial at once, the link offered by the lower peer id wins on
+both sides (an inbound offer that collides with our own dial is refused by the lower id; when
+two links complete anyway, both sides keep the one the lower id offered). For discovery hints
+the higher id waits ``dial_grace`` before dialing, so two LAN peers rarely collide. A dropped
+link is redialled with exponential backoff while some source still names the peer.
+
+Everything here is bounded: concurrent dials, handshakes in progress, unproven peers in the
+table; an announcement flood can neither exhaust sockets nor crowd out real peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from mesh.errors import EXPECTED, HandshakeError, PeerUnavailable, SignalingError
+from mesh.net.identity import Identity
+from mesh.net.peers import PeerEntry, PeerTable
+from mesh.net.rpc import Handler, Link
+from mesh.net.signaling import (
+    Envelope,
+    ReplayGuard,
+    clean_endpoints,
+    fetch_info,
+    open_envelope,
+    seal,
+    send_offer,
+)
+from mesh.net.transport import (
+    PendingConnection,
+    TransportConfig,
+    accept_offer,
+    complete_offer,
+    open_offer,
+)
+
+__all__ = ["ConnectionParams", "Connections"]
+
+log = logging.getLogger(__name__)
+
+# Test hook, off by default: seconds this node's first dial waits between the answer and the
+# identity handshake, so the fault suite can kill or stop a peer in the middle of connecting.
+DIAL_HOLD_ENV = "EDGEMESH_TEST_DIAL_HOLD"
+_dial_held = False
+
+
+async def _test_dial_hold() -> None:
+    global _dial_held
+    try:
+        hold = float(os.environ.get(DIAL_HOLD_ENV, "0"))
+    except ValueError:
+        hold = 0.0
+    if hold > 0 and not _dial_held:
+        _dial_held = True  # once per process: its retries connect normally
+        log.warning("test hook: dial held for %.1f s before the handshake", hold)
+        await asyncio.sleep(hold)
+
+
+Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class ConnectionParams:
+    # Timing: tests shrink these.
+    tick: float = 0.25
+    dial_grace: float = 1.5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    peer_expiry: float = 10.0
+    give_up_after: int = 8  # failed dials before a peer no source names is forgotten
+    # Bounds.
+    max_pending_inbound: int = 16  # handshakes in progress (slowloris bound)
+    max_dials: int = 8  # concurrent outbound dials
+    max_unproven: int = 64  # peers named by hints but never proven by a handshake
+    max_banned: int = 4096  # oldest bans are forgotten first beyond this
+
+
+class Connections:
+    """Owns the peer table and every link in it."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: TransportConfig,
+        handlers: dict[str, Handler],
+        guard: ReplayGuard,
+        params: ConnectionParams,
+        *,
+        my_endpoints: Callable[[], list[str]],
+        my_name: str,
+    ) -> None:
+        self.identity = identity
+        self.transport = transport
+        self.handlers = handlers
+        self.guard = guard
+        self.params = params
+        self.my_endpoints = my_endpoints
+        self.my_name = my_name
+        self.peers = PeerTable(params.peer_expiry)
+        self.mqtt_exchange: Exchange | None = None  # set when a broker is configured
+        self.counters = {
+            "handshake_failures": 0,
+            "dial_failures": 0,
+            "inbound_refused": 0,
+            "banned_refused": 0,
+        }
+        self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
+        self._http: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dial_slots = asyncio.Semaphore(params.max_dials)
+        self._pending_inbound: dict[str, PendingConnection | None] = {}
+        self._static: dict[str, str] = {}  # address -> peer id it proved to have
+        self.closing = False
+
+    @property
+    def me(self) -> str:
+        return self.identity.peer_id
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._spawn(self._maintain())
+
+    async def stop(self) -> None:
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for entry in self.peers:
+            if entry.link is not None:
+                entry.link.close("node shutting down")
+        for pending in list(self._pending_inbound.values()):
+            if pending is not None:
+                await pending.pc.close()
+        if self._http is not None:
+            await self._http.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _ensure(self, peer_id: str, source: str) -> PeerEntry | None:
+        if self.peers.get(peer_id) is None:
+            unproven = sum(1 for e in self.peers if not e.proven)
+            if unproven >= self.params.max_unproven:
+                log.warning(
+                    "ignoring %s from %s: %d unproven peers", peer_id[:12], source, unproven
+                )
+                return None
+        return self.peers.ensure(peer_id, source)
+
+    # -- hints -----------------------------------------------------------------------------
+    def hint(
+        self,
+        peer_id: str,
+        source: str,
+        addresses: list[str] | None = None,
+        name: str | None = None,
+        *,
+        via_mqtt: bool = False,
+        expires: float | None = None,
+    ) -> None:
+        """A discovery source names ``peer_id``: remember how to reach it, dial if needed."""
+        if peer_id == self.me:
+            return
+        if peer_id in self.banned:  # its mDNS, broker and DHT records are ignored
+            self.counters["banned_refused"] += 1
+            return
+        entry = self._ensure(peer_id, source)
+        if entry is None:
+            return
+        fresh = source not in entry.announced_by
+        entry.announced_by.add(source)
+        entry.last_seen = time.time()
+        entry.expires = expires
+        if addresses:
+            static = [a for a in entry.addresses if self._static.get(a) == peer_id]
+            entry.addresses = list(dict.fromkeys(static + clean_endpoints(addresses)))[:8]
+        entry.name = name[:63] if name else entry.name
+        entry.via_mqtt = entry.via_mqtt or via_mqtt
+        # Only a source that newly names the peer resets the backoff: re-announcements don't.
+        if fresh and not entry.connected and not self._busy(entry):
+            entry.failures = 0
+            entry.next_attempt = time.monotonic() + self._grace(peer_id)
+
+    def unhint(self, peer_id: str, source: str) -> None:
+        """A source no longer names ``peer_id`` (confirmed goodbye, will, lapsed record)."""
+        entry = self.peers.get(peer_id)
+        if entry is None:
+            return
+        entry.announced_by.discard(source)
+        if source == "mqtt":
+            entry.via_mqtt = False
+        if not entry.announced and not entry.connected and not entry.static:
+            if not self._busy(entry):
+                self.peers.remove(peer_id)
+
+    def _busy(self, entry: PeerEntry) -> bool:
+        dialing = entry.dialing is not None and not entry.dialing.done()
+        return dialing or entry.peer_id in self._pending_inbound
+
+    def _grace(self, peer_id: str) -> float:
+        return 0.0 if self.me < peer_id else self.params.dial_grace
+
+    def add_static(self, address: str) -> None:
+        self._spawn(self._static_peer(address))
+
+    async def _static_peer(self, address: str) -> None:
+        """Keep whoever listens at ``address`` in the table; re-learn it if its key changes."""
+        assert self._http is not None
+        delay = self.params.backoff_base
+        while True:
+            try:
+                env = await fetch_info(self._http, address, self.me)
+            except SignalingError as exc:
+                log.info("static peer %s: %s (retrying in %.1f s)", address, exc, delay)
+                await asyncio.sleep(delay)  # backoff between attempts
+                delay = min(delay * 2, self.params.backoff_max)
+                continue
+            delay = self.params.backoff_base
+            if env.sender == self.me:
+                return
+            old = self._static.get(address)
+            if old is not None and old != env.sender and (e := self.peers.get(old)) is not None:
+                e.static = False  # the address now belongs to another key
+            self._static[address] = env.sender
+            entry = self._ensure(env.sender, "static")
+            if entry is not None:
+                entry.static = True
+                entry.source = "static"
+                if address not in entry.addresses:
+                    entry.addresses.insert(0, address)
+                name = env.body.get("name")
+                entry.name = name[:63] if isinstance(name, str) else entry.name
+                if not entry.connected:
+                    entry.next_attempt = time.monotonic()
+            # Ask again after repeated failures: the node may have come back with a new key.
+            while True:
+                await asyncio.sleep(self.params.backoff_max)  # re-check period
+                cur = self.peers.get(env.sender)
+                if cur is None or (not cur.connected and cur.failures >= 3):
+                    break
+
+    # -- maintenance -----------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        while True:
+            self.maintain_once(time.monotonic())
+            await asyncio.sleep(self.params.tick)  # the maintenance period
+
+    def maintain_once(self, now: float) -> None:
+        p = self.params
+        for entry in self.peers:
+            if entry.connected or self._busy(entry):
+                continue
+            if not entry.announced and not entry.static:
+                stale = entry.disconnected_at is not None and now - entry.disconnected_at > (
+                    p.peer_expiry
+                )
+                if not entry.proven or entry.failures >= p.give_up_after or stale:
+                    self.peers.remove(entry.peer_id)
+                    continue
+            if (entry.addresses or entry.via_mqtt) and now >= entry.next_attempt:
+                entry.next_attempt = now + p.backoff_max  # until the dial reports
+                entry.dialing = self._spawn(self._dial(entry))
+
+    def _backoff(self, entry: PeerEntry) -> None:
+        delay = min(self.params.backoff_base * 2**entry.failures, self.params.backoff_max)
+        entry.failures += 1
+        entry.next_attempt = time.monotonic() + delay * (0.75 + 0.5 * random.random())
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Inbound handshakes holding a slot now (at most ``max_pending_inbound``)."""
+        return len(self._pending_inbound)
+
+    # -- dialing ---------------------------------------------------------------------------
+    async def _dial(self, entry: PeerEntry) -> None:
+        pid = entry.peer_id
+        pending: PendingConnection | None = None
+        try:
+            async with self._dial_slots:
+                pending, offer_sdp = await open_offer(self.identity, self.transport, pid)
+                oid = os.urandom(16)
+                body = {
+                    "sdp": offer_sdp,
+                    "oid": oid,
+                    "name": self.my_name,
+                    "addrs": self.my_endpoints(),
+                }
+                raw = await self._exchange(entry, seal(self.identity, "offer", pid, body), oid)
+                answer = open_envelope(raw, me=self.me, kind="answer", guard=self.guard)
+                if answer.sender != pid or answer.body.get("re") != oid:
+                    raise SignalingError("answer is not from the dialed peer or not for our offer")
+                sdp = answer.body.get("sdp")
+                if not isinstance(sdp, str):
+                    raise SignalingError("answer carries no SDP")
+                await complete_offer(pending, sdp)
+                await _test_dial_hold()
+                link = await pending.establish(self.handlers, self._on_link_closed)
+        except asyncio.CancelledError:
+            if pending is not None:
+                await pending.pc.close()
+            raise
+        except Exception as exc:  # an OSError (no fds) must back off like any failure
+            if pending is not None:
+                await pending.pc.close()
+            self.counters["dial_failures"] += 1
+            if isinstance(exc, HandshakeError):
+                self.counters["handshake_failures"] += 1
+            if not isinstance(exc, EXPECTED):
+                log.exception("dial %s failed unexpectedly", pid[:12])
+            entry.last_error = str(exc)
+            log.warning("dial %s failed: %s", pid[:12], exc)
+            self._backoff(entry)
+            return
+        self._adopt(pid, link)
+
+    async def _exchange(self, entry: PeerEntry, offer: bytes, oid: bytes) -> bytes:
+        """Deliver a sealed offer by the first route that answers: direct, then the broker."""
+        assert self._http is not None
+        errors = []
+        for address in list(entry.addresses):
+            try:
+                return await send_offer(self._http, address, offer)
+            except SignalingError as exc:
+                errors.append(str(exc))
+        if entry.via_mqtt and self.mqtt_exchange is not None:
+            try:
+                return await self.mqtt_exchange(entry.peer_id, offer, oid)
+            except SignalingError as exc:
+                errors.append(str(exc))
+        raise SignalingError("; ".join(errors) or "no route to the peer")
+
+    # -- accepting -------------------------------------------------------------------------
+    async def on_offer(self, env: Envelope) -> bytes:
+        """Answer a verified offer (direct or via the broker); the handshake runs after."""
+        pid = env.sender
+        if self.closing:
+            raise SignalingError("node is shutting down")
+        if pid in self.banned:
+            self.counters["banned_refused"] += 1
+            raise SignalingError("banned")
+        sdp, oid = env.body.get("sdp"), env.body.get("oid")
+        if not isinstance(sdp, str) or not isinstance(oid, bytes) or len(oid) > 32:
+            raise SignalingError("offer carries no SDP or offer id")
+        if pid in self._pending_inbound:
+            raise SignalingError("a handshake with this peer is already in progress")
+        if len(self._pending_inbound) >= self.params.max_pending_inbound:
+            self.counters["inbound_refused"] += 1
+            raise SignalingError("too many handshakes in progress")
+        entry = self.peers.get(pid) or self._ensure(pid, "inbound")
+        if entry is None:
+            self.counters["inbound_refused"] += 1
+            raise SignalingError("too many unproven peers")
+        if entry.dialing is not None and not entry.dialing.done():
+            if self.me < pid:
+                raise SignalingError("simultaneous dial: the lower peer id dials")
+            entry.dialing.cancel()
+        if not entry.addresses:
+            entry.addresses = clean_endpoints(env.body.get("addrs"))
+        name = env.body.get("name")
+        if isinstance(name, str) and not entry.name:
+            entry.name = name[:63]
+        # The slot is taken before the first await: concurrent offers cannot overrun the cap.
+        self._pending_inbound[pid] = None
+        try:
+            pending, answer_sdp = await accept_offer(self.identity, self.transport, sdp, pid)
+        except EXPECTED as exc:
+            del self._pending_inbound[pid]
+            raise SignalingError(str(exc)) from None
+        self._pending_inbound[pid] = pending
+        self._spawn(self._finish_inbound(pid, pending))
+        return seal(self.identity, "answer", pid, {"sdp": answer_sdp, "re": oid})
+
+    async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
+        try:
+            link = await pending.establish(self.handlers, self._on_link_closed)
+        except EXPECTED as exc:
+            if isinstance(exc, HandshakeError):
+                self.counters["handshake_failures"] += 1
+            if (entry := self.peers.get(pid)) is not None:
+                entry.last_error = str(exc)
+            log.warning("inbound connection from %s failed: %s", pid[:12], exc)
+            return
+        finally:
+            self._pending_inbound.pop(pid, None)
+        self._adopt(pid, link)
+
+    # -- links -----------------------------------------------------------------------------
+    def _preferred(self, link: Link) -> bool:
+        """Whether ``link`` was offered by the lower id: both sides keep that one."""
+        return link.offerer == (self.me < link.peer_id)
+
+    def _adopt(self, pid: str, link: Link) -> None:
+        if pid in self.banned:  # banned while its handshake was in flight
+            link.close("banned")
+            return
+        entry = self.peers.get(pid) or self.peers.ensure(pid, "inbound")
+        if entry is None:
+            link.close("peer table full")
+            return
+        old = entry.link
+        if old is not None and old is not link and old.is_open:
+            # Two links completed: keep the same one as the peer does.
+            if self._preferred(old) and not self._preferred(link):
+                link.close("duplicate connection", notify=False)
+                return
+            old.close("replaced by a newer connection", notify=False)
+        entry.link = link
+        entry.proven = True
+        entry.failures = 0
+        entry.last_error = None
+        entry.connected_since = time.time()
+        entry.disconnected_at = None
+        log.info("connected to %s (%s)", pid[:12], entry.name)
+
+    def _on_link_closed(self, link: Link) -> None:
+        entry = self.peers.get(link.peer_id)
+        if entry is None or entry.link is not link:
+            return
+        entry.disconnected_at = time.monotonic()
+        entry.last_seen = time.time()
+        entry.last_error = link.close_reason
+        log.info("link to %s closed: %s", link.peer_id[:12], link.close_reason)
+        entry.next_attempt = time.monotonic() + self._grace(link.peer_id)
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Refuse ``peer_id`` from now on: close its link, forget its addresses."""
+        if peer_id == self.me:
+            return
+        self.banned.pop(peer_id, None)
+        self.banned[peer_id] = reason[:200]
+        while len(self.banned) > self.params.max_banned:
+            self.banned.pop(next(iter(self.banned)))
+        entry = self.peers.get(peer_id)
+        if entry is not None:
+            if entry.link is not None:
+                entry.link.close(f"banned: {reason[:100]}")
+            if entry.dialing is not None and not entry.dialing.done():
+                entry.dialing.cancel()
+            self.peers.remove(peer_id)
+        log.warning("banned %s: %s", peer_id[:12], reason)
+
+    def link(self, peer_id: str) -> Link:
+        entry = self.peers.get(peer_id)
+        if entry is None or entry.link is None or not entry.connected:
+            raise PeerUnavailable(f"no link to {peer_id[:12]}")
+        return entry.link

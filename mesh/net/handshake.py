@@ -1,0 +1,161 @@
+"""The identity handshake that runs first on every data channel.
+
+aiortc makes a fresh DTLS certificate per connection and cannot be given one, so DTLS alone
+proves nothing about who is on the other end. Each side therefore signs a transcript that binds
+both DTLS fingerprints, both fresh nonces and both public keys with its Ed25519 key (libp2p's
+webrtc-direct binds the same values into its Noise prologue). A man in the middle terminates
+DTLS with its own certificates, so the fingerprints each side sees differ and no signature
+verifies; a relayed or reflected signature fails because the role is signed too.
+
+Messages (msgpack headers, see :mod:`mesh.net.wire`):
+``{"t": "hello", "v": 1, "id": str, "pk": bytes, "nonce": bytes}`` then
+``{"t": "proof", "sig": bytes}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from mesh.errors import HandshakeError, IdentityError
+from mesh.net.identity import Identity, peer_id_from_key, verify
+
+__all__ = [
+    "Hello",
+    "HandshakeState",
+    "parse_hello",
+    "parse_proof",
+    "fingerprint_from_sdp",
+    "NONCE_LEN",
+]
+
+NONCE_LEN = 32
+_CONTEXT = b"edgemesh/handshake/v1\x00"
+_FP_RE = re.compile(r"^a=fingerprint:sha-256 ([0-9A-Fa-f:]{95})\s*$", re.MULTILINE)
+
+
+def fingerprint_from_sdp(sdp: str) -> str:
+    """The sha-256 DTLS fingerprint an SDP declares, upper-case; HandshakeError if none or two."""
+    found = {m.upper() for m in _FP_RE.findall(sdp)}
+    if len(found) != 1:
+        raise HandshakeError(
+            f"SDP must declare exactly one sha-256 fingerprint, found {len(found)}"
+        )
+    return str(found.pop())
+
+
+@dataclass(frozen=True)
+class Hello:
+    peer_id: str
+    public_key: bytes
+    nonce: bytes
+
+
+def parse_hello(header: dict[str, Any]) -> Hello:
+    if header.get("t") != "hello":
+        raise HandshakeError(f"expected hello, got {header.get('t')!r}")
+    if header.get("v") != 1:
+        raise HandshakeError(f"unsupported handshake version {header.get('v')!r}")
+    pk, nonce, pid = header.get("pk"), header.get("nonce"), header.get("id")
+    if not isinstance(pk, bytes) or len(pk) != 32:
+        raise HandshakeError("hello carries no 32-byte public key")
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_LEN:
+        raise HandshakeError(f"hello carries no {NONCE_LEN}-byte nonce")
+    if not isinstance(pid, str):
+        raise HandshakeError("hello carries no peer id")
+    try:
+        derived = peer_id_from_key(pk)
+    except IdentityError as exc:
+        raise HandshakeError(str(exc)) from None
+    if derived != pid:
+        raise HandshakeError(f"peer id {pid[:12]} does not match its public key ({derived[:12]})")
+    return Hello(pid, pk, nonce)
+
+
+def parse_proof(header: dict[str, Any]) -> bytes:
+    if header.get("t") != "proof":
+        raise HandshakeError(f"expected proof, got {header.get('t')!r}")
+    sig = header.get("sig")
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise HandshakeError("proof carries no 64-byte signature")
+    return sig
+
+
+class HandshakeState:
+    """One side of the handshake. Validates its parameters in the constructor.
+
+    ``local_fp`` is the fingerprint of our own DTLS certificate (from our SDP), ``remote_fp``
+    the one DTLS verified the peer's certificate against (from the peer's SDP).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        offerer: bool,
+        local_fp: str,
+        remote_fp: str,
+        expected_peer: str | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
+        if local_fp == remote_fp:
+            raise HandshakeError("local and remote DTLS fingerprints are equal")
+        self.identity = identity
+        self.offerer = offerer
+        self.local_fp = local_fp.upper()
+        self.remote_fp = remote_fp.upper()
+        self.expected_peer = expected_peer
+        self.nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
+        if len(self.nonce) != NONCE_LEN:
+            raise ValueError("nonce must be 32 bytes")
+        self.remote: Hello | None = None
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "t": "hello",
+            "v": 1,
+            "id": self.identity.peer_id,
+            "pk": self.identity.public_key,
+            "nonce": self.nonce,
+        }
+
+    def _transcript(self, remote: Hello, signer_is_offerer: bool) -> bytes:
+        mine = (self.local_fp, self.nonce, self.identity.public_key)
+        theirs = (self.remote_fp, remote.nonce, remote.public_key)
+        off, ans = (mine, theirs) if self.offerer else (theirs, mine)
+        role = b"offerer" if signer_is_offerer else b"answerer"
+        body = msgpack.packb([off[0], ans[0], off[1], ans[1], off[2], ans[2]], use_bin_type=True)
+        return _CONTEXT + role + b"\x00" + bytes(body)
+
+    def receive_hello(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Check the peer's hello; return our proof message."""
+        remote = parse_hello(header)
+        if self.expected_peer is not None and remote.peer_id != self.expected_peer:
+            raise HandshakeError(
+                f"expected peer {self.expected_peer[:12]}, the connection proved "
+                f"{remote.peer_id[:12]}"
+            )
+        if remote.nonce == self.nonce:
+            raise HandshakeError("peer echoed our nonce")
+        self.remote = remote
+        sig = self.identity.sign(self._transcript(remote, signer_is_offerer=self.offerer))
+        return {"t": "proof", "sig": sig}
+
+    def receive_proof(self, header: dict[str, Any]) -> Hello:
+        """Verify the peer's proof; return its proven identity."""
+        if self.remote is None:
+            raise HandshakeError("proof before hello")
+        sig = parse_proof(header)
+        transcript = self._transcript(self.remote, signer_is_offerer=not self.offerer)
+        try:
+            verify(self.remote.public_key, transcript, sig)
+        except IdentityError:
+            raise HandshakeError(
+                f"peer {self.remote.peer_id[:12]} did not sign this connection's DTLS "
+                "fingerprints (man in the middle, or a forged key)"
+            ) from None
+        return self.remote

@@ -1,0 +1,121 @@
+"""The peer table: every peer learned from any source, with its link and state.
+
+Discovery only adds hints; an entry becomes *proven* once a handshake proved its key, and only
+proven entries are listed. An entry that has been disconnected for longer than ``expiry`` is
+no longer listed (no ghosts), and is forgotten once nothing announces it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.net.rpc import Link
+
+__all__ = ["PeerEntry", "PeerTable", "MAX_PEERS"]
+
+MAX_PEERS = 1024  # hints beyond this are ignored: an attacker can announce many ids
+
+
+@dataclass
+class PeerEntry:
+    peer_id: str
+    addresses: list[str] = field(default_factory=list)  # signaling endpoints, "host:port"
+    name: str = ""
+    source: str = "mdns"  # the first source that named this peer
+    announced_by: set[str] = field(default_factory=set)  # sources announcing it now
+    via_mqtt: bool = False  # reachable through the broker's inbox
+    static: bool = False  # configured with --peer: always redial
+    last_seen: float = field(default_factory=time.time)  # wall clock, any source or link
+    expires: float | None = None  # wall clock, when the announcing record lapses
+    proven: bool = False
+    link: Link | None = None
+    dialing: asyncio.Task[None] | None = None
+    failures: int = 0
+    next_attempt: float = 0.0
+    connected_since: float | None = None  # wall clock
+    disconnected_at: float | None = None  # monotonic
+    last_error: str | None = None
+
+    @property
+    def announced(self) -> bool:
+        return bool(self.announced_by)
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.is_open
+
+    @property
+    def state(self) -> str:
+        if self.connected:
+            return "connected"
+        if self.proven:
+            return "reconnecting"
+        if self.dialing is not None and not self.dialing.done():
+            return "connecting"
+        return "discovered"
+
+    def as_dict(self) -> dict[str, Any]:
+        link = self.link
+        rtt = link.rtt_ms if link is not None and self.connected else None
+        return {
+            "peer_id": self.peer_id,
+            "name": self.name,
+            "state": self.state,
+            "rtt_ms": round(rtt, 3) if rtt is not None else None,
+            "source": self.source,
+            "sources": sorted(self.announced_by | ({"static"} if self.static else set())),
+            "last_seen": round(time.time() if self.connected else self.last_seen, 3),
+            "expires": self.expires,
+            "addresses": list(self.addresses),
+            "connected_since": self.connected_since if self.connected else None,
+            "bytes_sent": link.bytes_sent if link is not None else 0,
+            "bytes_received": link.bytes_received if link is not None else 0,
+            "last_error": self.last_error,
+        }
+
+
+class PeerTable:
+    def __init__(self, expiry: float) -> None:
+        self.expiry = expiry
+        self._entries: dict[str, PeerEntry] = {}
+
+    def get(self, peer_id: str) -> PeerEntry | None:
+        return self._entries.get(peer_id)
+
+    def ensure(self, peer_id: str, source: str) -> PeerEntry | None:
+        entry = self._entries.get(peer_id)
+        if entry is None:
+            if len(self._entries) >= MAX_PEERS:
+                return None
+            entry = self._entries[peer_id] = PeerEntry(peer_id, source=source)
+        return entry
+
+    def remove(self, peer_id: str) -> None:
+        entry = self._entries.pop(peer_id, None)
+        if entry is not None and entry.dialing is not None:
+            entry.dialing.cancel()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def listed(self, now: float | None = None) -> list[PeerEntry]:
+        """Proven peers that are connected or were within ``expiry`` seconds."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for e in self._entries.values():
+            if not e.proven:
+                continue
+            if e.connected or (
+                e.disconnected_at is not None and now - e.disconnected_at < self.expiry
+            ):
+                out.append(e)
+        return sorted(out, key=lambda e: e.peer_id)
+
+    def links(self) -> list[Link]:
+        return [e.link for e in self._entries.values() if e.link is not None and e.connected]

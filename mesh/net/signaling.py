@@ -1,0 +1,305 @@
+"""Signed signaling envelopes and direct (LAN) signaling over HTTP.
+
+Every signaling message is ``{v, kind, from, pk, to, nonce, time, body}`` plus an Ed25519
+signature over the canonical msgpack of those fields in that order. A receiver checks that the
+sender's id is the hash of the enclosed key, the signature, that it is the addressee, that the
+time is within a window, and that the nonce is new (:class:`ReplayGuard`). Nothing a relay (an
+HTTP proxy, an MQTT broker) can do without the sender's key survives these checks; and even a
+relay that signs with its own key cannot pass the transport's identity handshake, which binds
+the DTLS fingerprints.
+
+Direct signaling: each node serves ``POST /edgemesh/offer`` (an offer envelope in, the answer
+envelope out) and ``GET /edgemesh/info`` (a signed self-description) on an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgpack
+from aiohttp import web
+
+from mesh.errors import IdentityError, SignalingError
+from mesh.net.identity import Identity, peer_id_from_key, verify
+
+__all__ = [
+    "Envelope",
+    "ReplayGuard",
+    "seal",
+    "open_envelope",
+    "parse_envelope",
+    "SignalingServer",
+    "fetch_info",
+    "send_offer",
+    "MAX_ENVELOPE",
+    "parse_endpoint",
+    "format_endpoint",
+]
+
+log = logging.getLogger(__name__)
+MAX_ENVELOPE = 64 * 1024
+MAX_SKEW = 60.0
+# A connection must finish a request within this long, and idle ones close after it: aiohttp
+# arms its keep-alive timer at connect, so it doubles as a header deadline (slowloris).
+HTTP_IDLE_DEADLINE = 10.0
+_FIELDS = ("v", "kind", "from", "pk", "to", "nonce", "time", "body")
+_CONTEXT = b"edgemesh/signal/v1\x00"
+
+
+def parse_endpoint(text: Any) -> tuple[str, int] | None:
+    """``"IP:PORT"`` or ``"[IPv6]:PORT"`` from the network, or None if it is anything else
+    (a host name, a path, a bad port): a peer must not choose what URL we request."""
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return None
+    return str(ip), int(port)
+
+
+def format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def clean_endpoints(items: Any, limit: int = 8) -> list[str]:
+    """Valid, de-duplicated endpoints from an untrusted list."""
+    if not isinstance(items, list):
+        return []
+    out: list[str] = []
+    for item in items[: limit * 2]:
+        parsed = parse_endpoint(item)
+        if parsed is not None:
+            text = format_endpoint(*parsed)
+            if text not in out:
+                out.append(text)
+    return out[:limit]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: str
+    sender: str
+    public_key: bytes
+    to: str
+    nonce: bytes
+    time: float
+    body: dict[str, Any]
+
+
+def _signed_bytes(fields: list[Any]) -> bytes:
+    return _CONTEXT + bytes(msgpack.packb(fields, use_bin_type=True))
+
+
+def seal(
+    identity: Identity, kind: str, to: str, body: dict[str, Any], now: float | None = None
+) -> bytes:
+    """Sign and encode one signaling message."""
+    fields = [
+        1,
+        kind,
+        identity.peer_id,
+        identity.public_key,
+        to,
+        os.urandom(16),
+        time.time() if now is None else now,
+        body,
+    ]
+    sig = identity.sign(_signed_bytes(fields))
+    return bytes(msgpack.packb(fields + [sig], use_bin_type=True))
+
+
+def parse_envelope(data: bytes) -> Envelope:
+    """Decode and verify the signature (pure). Raises SignalingError."""
+    if len(data) > MAX_ENVELOPE:
+        raise SignalingError(f"signaling message of {len(data)} bytes exceeds {MAX_ENVELOPE}")
+    try:
+        items = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=MAX_ENVELOPE,
+            max_bin_len=MAX_ENVELOPE,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise SignalingError(f"malformed signaling message: {type(exc).__name__}") from None
+    if not isinstance(items, list) or len(items) != len(_FIELDS) + 1:
+        raise SignalingError("signaling message must be a list of 9 fields")
+    v, kind, sender, pk, to, nonce, ts, body, sig = items
+    if v != 1:
+        raise SignalingError(f"unsupported signaling version {v!r}")
+    if not (isinstance(kind, str) and isinstance(sender, str) and isinstance(to, str)):
+        raise SignalingError("kind, from and to must be strings")
+    if not (isinstance(pk, bytes) and isinstance(nonce, bytes) and len(nonce) == 16):
+        raise SignalingError("bad key or nonce")
+    if not isinstance(ts, float | int) or not isinstance(body, dict) or not isinstance(sig, bytes):
+        raise SignalingError("bad time, body or signature")
+    if not math.isfinite(ts):
+        raise SignalingError("time is not a finite number")
+    try:
+        if peer_id_from_key(pk) != sender:
+            raise SignalingError(f"sender id {sender[:12]} is not the hash of its key")
+        verify(pk, _signed_bytes(items[:-1]), sig)
+    except IdentityError as exc:
+        raise SignalingError(f"signaling message from {sender[:12]}: {exc}") from None
+    return Envelope(kind, sender, pk, to, nonce, float(ts), body)
+
+
+class ReplayGuard:
+    """Remembers recent nonces (bounded) and rejects stale or repeated messages."""
+
+    def __init__(self, window: float = MAX_SKEW, capacity: int = 4096) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def check(self, env: Envelope, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if abs(now - env.time) > self.window:
+            raise SignalingError(f"signaling message is {now - env.time:+.0f} s off (stale)")
+        key = env.sender.encode() + env.nonce
+        if key in self._seen:
+            raise SignalingError("replayed signaling message")
+        # A message stays acceptable until its time is a window old, and its time may be up to
+        # a window ahead of its arrival: nonces are kept two windows after arrival.
+        for old_key, seen_at in list(self._seen.items()):
+            if seen_at >= now - 2 * self.window:
+                break
+            del self._seen[old_key]
+        if len(self._seen) >= self.capacity:
+            # Fail closed: evicting a live nonce would let its message be replayed.
+            raise SignalingError("too many signaling messages in the replay window")
+        self._seen[key] = now
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def open_envelope(
+    data: bytes, *, me: str, kind: str, guard: ReplayGuard, now: float | None = None
+) -> Envelope:
+    """Parse, verify, check addressee, kind, freshness and replay."""
+    env = parse_envelope(data)
+    if env.to != me:
+        raise SignalingError(f"message addressed to {env.to[:12]}, not to us")
+    if env.kind != kind:
+        raise SignalingError(f"expected a {kind}, got {env.kind!r}")
+    guard.check(env, now)
+    return env
+
+
+OfferHandler = Callable[[Envelope], Awaitable[bytes]]
+
+
+class SignalingServer:
+    """HTTP endpoint for direct signaling. ``on_offer`` returns the sealed answer."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        on_offer: OfferHandler,
+        info: Callable[[], dict[str, Any]],
+        guard: ReplayGuard | None = None,
+    ) -> None:
+        self.identity = identity
+        self.on_offer = on_offer
+        self.info = info
+        self.guard = guard or ReplayGuard()
+        self.rejected = 0
+        self._runner: web.AppRunner | None = None
+        self.host = ""
+        self.port = 0
+
+    async def start(self, host: str, port: int = 0) -> None:
+        app = web.Application(client_max_size=MAX_ENVELOPE)
+        app.router.add_post("/edgemesh/offer", self._offer)
+        app.router.add_get("/edgemesh/info", self._info)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.host, self.port = host, sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _info(self, request: web.Request) -> web.Response:
+        to = request.query.get("to", "")
+        return web.Response(
+            body=seal(self.identity, "info", to, self.info()), content_type="application/msgpack"
+        )
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.read()
+            env = open_envelope(data, me=self.identity.peer_id, kind="offer", guard=self.guard)
+            answer = await self.on_offer(env)
+        except SignalingError as exc:
+            self.rejected += 1
+            log.warning("refused offer from %s: %s", request.remote, exc)
+            return web.Response(status=403, text=str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            self.rejected += 1
+            return web.Response(status=413, text="signaling message too large")
+        return web.Response(body=answer, content_type="application/msgpack")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    if (resp.content_length or 0) > MAX_ENVELOPE:
+        raise SignalingError("signaling reply too large")
+    data = bytearray()
+    while chunk := await resp.content.read(MAX_ENVELOPE + 1 - len(data)):
+        data += chunk
+        if len(data) > MAX_ENVELOPE:
+            raise SignalingError("signaling reply too large")
+    return bytes(data)
+
+
+async def fetch_info(session: aiohttp.ClientSession, address: str, me: str) -> Envelope:
+    """Ask a node at ``host:port`` who it is (a hint; the handshake proves it)."""
+    try:
+        async with session.get(f"http://{address}/edgemesh/info", params={"to": me}) as resp:
+            if resp.status != 200:
+                raise SignalingError(f"{address} answered {resp.status}")
+            env = parse_envelope(await _read_capped(resp))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise SignalingError(f"cannot reach {address}: {exc}") from None
+    if env.kind != "info" or env.to != me:
+        raise SignalingError(f"{address} sent a {env.kind} for {env.to[:12]}")
+    return env
+
+
+async def send_offer(session: aiohttp.ClientSession, address: str, offer: bytes) -> bytes:
+    """POST a sealed offer; return the raw sealed answer (verify it with open_envelope)."""
+    try:
+        async with session.post(
+            f"http://{address}/edgemesh/offer",
+            data=offer,
+            headers={"Content-Type": "application/msgpack"},
+        ) as resp:
+            if resp.status != 200:
+                text = (await resp.content.read(500)).decode("utf-8", "replace")
+                raise SignalingError(f"{address} refused the offer ({resp.status}): {text}")
+            return await _read_capped(resp)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise SignalingError(f"cannot reach {address}: {exc}") from None

@@ -1,0 +1,324 @@
+"""WebRTC links: aiortc peer connections, one data channel, the identity handshake.
+
+``open_offer`` / ``accept_offer`` build the two halves of a connection; how the SDP travels is
+the signaling layer's business (:mod:`mesh.net.signaling`). Once the channel opens, both sides run
+the handshake of :mod:`mesh.net.handshake`; only then is a :class:`~mesh.net.rpc.Link` handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioice.ice
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+from mesh.errors import EXPECTED, HandshakeError, TransportError, WireError
+from mesh.net.handshake import HandshakeState, fingerprint_from_sdp
+from mesh.net.identity import Identity
+from mesh.net.rpc import Handler, Link, LinkParams
+from mesh.net.wire import Encoder, Limits, Reassembler
+
+__all__ = [
+    "TransportConfig",
+    "PendingConnection",
+    "open_offer",
+    "accept_offer",
+    "complete_offer",
+    "use_candidate_addresses",
+    "wait_closed",
+    "CHANNEL_LABEL",
+]
+
+log = logging.getLogger(__name__)
+CHANNEL_LABEL = "edgemesh"
+# Handshake messages are a few hundred bytes: nothing bigger is accepted before it completes.
+HANDSHAKE_LIMITS = Limits(
+    max_header=1024, max_frame=4096, max_message=4096, max_partial=1, max_partial_bytes=4096
+)
+_original_host_addresses = aioice.ice.get_host_addresses
+_closing: set[asyncio.Task[None]] = set()  # peer connections being torn down
+
+
+async def wait_closed() -> None:
+    """Wait until every peer connection closed by a link has finished closing."""
+    while _closing:
+        await asyncio.gather(*list(_closing), return_exceptions=True)
+
+
+_candidate_addresses: list[str] | None = None
+
+
+def _host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    if _candidate_addresses is None:
+        return _original_host_addresses(use_ipv4, use_ipv6)
+    return [a for a in _candidate_addresses if (":" in a and use_ipv6) or ("." in a and use_ipv4)]
+
+
+def use_candidate_addresses(addresses: list[str] | None) -> None:
+    """Restrict ICE host candidates to ``addresses`` (None: aioice's default).
+
+    aioice has no option for this and leaves 127.0.0.1 out of its candidates, so a local mesh
+    could not connect over loopback. The setting is process-wide (aioice reads a module
+    function); a node calls this once at start, never at import.
+    """
+    global _candidate_addresses
+    _candidate_addresses = list(addresses) if addresses is not None else None
+    aioice.ice.get_host_addresses = _host_addresses
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How links are built. ``ice_servers`` are STUN/TURN URLs; empty means none are contacted."""
+
+    ice_servers: tuple[str, ...] = ()
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 20.0
+    link: LinkParams = field(default_factory=LinkParams)
+
+    def rtc_configuration(self) -> RTCConfiguration:
+        # Explicit empty list: aiortc otherwise contacts a public STUN server.
+        return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers])
+
+
+class PendingConnection:
+    """A peer connection whose data channel and handshake are still to complete."""
+
+    def __init__(
+        self,
+        pc: RTCPeerConnection,
+        identity: Identity,
+        config: TransportConfig,
+        *,
+        offerer: bool,
+        expected_peer: str | None,
+    ) -> None:
+        self.pc = pc
+        self.identity = identity
+        self.config = config
+        self.offerer = offerer
+        self.expected_peer = expected_peer
+        self._channel_ready: asyncio.Future[RTCDataChannel] = (
+            asyncio.get_running_loop().create_future()
+        )
+        # Retrieved even when nobody awaits it (a dial abandoned early), so no warning is logged.
+        self._channel_ready.add_done_callback(
+            lambda f: f.exception() if not f.cancelled() else None
+        )
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
+        self._link: Link | None = None
+        self._failed = asyncio.Event()
+
+        @pc.on("connectionstatechange")
+        def _on_state() -> None:
+            state = pc.connectionState
+            log.debug("pc %s: %s", id(pc), state)
+            if state in ("failed", "closed"):
+                self._failed.set()
+                if self._link is not None:
+                    self._link.close(f"connection {state}", notify=False)
+                if not self._channel_ready.done():
+                    self._channel_ready.set_exception(TransportError(f"connection {state}"))
+
+    def attach_channel(self, channel: RTCDataChannel) -> None:
+        if channel.label != CHANNEL_LABEL:
+            channel.close()
+            return
+
+        @channel.on("message")
+        def _on_message(data: bytes | str) -> None:
+            if isinstance(data, str):
+                data = data.encode()
+            if self._link is not None:
+                try:
+                    self._link.feed(data)
+                except Exception as exc:  # never let a peer's message kill aiortc's loop
+                    log.exception("link to %s failed on a message", self._link.peer_id[:12])
+                    self._link.close(f"internal error: {type(exc).__name__}")
+            elif self._inbox.full():
+                # A peer flooding before the handshake completes is misbehaving.
+                self._fail_now("too many messages before the handshake completed")
+            else:
+                self._inbox.put_nowait(data)
+
+        @channel.on("close")
+        def _on_close() -> None:
+            if self._link is not None:
+                self._link.close("data channel closed", notify=False)
+            self._failed.set()
+
+        @channel.on("bufferedamountlow")
+        def _on_low() -> None:
+            if self._link is not None:
+                self._link.buffer_low()
+
+        channel.bufferedAmountLowThreshold = self.config.link.low_water
+
+        def _opened() -> None:
+            if not self._channel_ready.done():
+                self._channel_ready.set_result(channel)
+
+        if channel.readyState == "open":
+            _opened()
+        else:
+            channel.on("open", _opened)
+
+    def _fail_now(self, reason: str) -> None:
+        log.warning("dropping connection: %s", reason)
+        self._failed.set()
+        asyncio.get_running_loop().create_task(self.pc.close())
+
+    async def establish(
+        self,
+        handlers: Mapping[str, Handler],
+        on_close: Callable[[Link], None] | None = None,
+    ) -> Link:
+        """Wait for the channel, run the handshake, return the authenticated link.
+
+        Closes the peer connection on any failure and raises HandshakeError / TransportError.
+        """
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                channel = await self._channel_ready
+            async with asyncio.timeout(self.config.handshake_timeout):
+                hello = await self._handshake(channel)
+        except TimeoutError:
+            await self.pc.close()
+            raise TransportError("connection or handshake timed out") from None
+        except EXPECTED:
+            await self.pc.close()
+            raise
+        pc = self.pc
+
+        def _closed(closed: Link) -> None:
+            task = asyncio.get_running_loop().create_task(pc.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+            if on_close is not None:
+                on_close(closed)
+
+        # The pc closes whenever the link closes, from the first message on.
+        link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
+        link.offerer = self.offerer
+        self._link = link
+        # Messages that raced the end of the handshake belong to the link.
+        while not self._inbox.empty() and link.is_open:
+            link.feed(self._inbox.get_nowait())
+        link.start()
+        if self._failed.is_set():
+            link.close("connection lost during handshake", notify=False)
+        return link
+
+    async def _handshake(self, channel: RTCDataChannel) -> Any:
+        local_sdp = self.pc.localDescription.sdp if self.pc.localDescription else ""
+        remote_sdp = self.pc.remoteDescription.sdp if self.pc.remoteDescription else ""
+        state = HandshakeState(
+            self.identity,
+            offerer=self.offerer,
+            local_fp=fingerprint_from_sdp(local_sdp),
+            remote_fp=fingerprint_from_sdp(remote_sdp),
+            expected_peer=self.expected_peer,
+        )
+        encoder = Encoder(HANDSHAKE_LIMITS)
+        reassembler = Reassembler(HANDSHAKE_LIMITS)
+
+        def send(header: dict[str, Any]) -> None:
+            if channel.readyState != "open":
+                # e.g. a dialer frozen past the peer's deadline: the peer closed the channel
+                raise TransportError("connection closed during the handshake")
+            for frame in encoder.encode(header, compress=False):
+                channel.send(frame)
+
+        async def receive() -> dict[str, Any]:
+            while True:
+                get = asyncio.ensure_future(self._inbox.get())
+                failed = asyncio.ensure_future(self._failed.wait())
+                done, _ = await asyncio.wait({get, failed}, return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+                if get not in done:
+                    get.cancel()
+                    raise TransportError("connection closed during the handshake")
+                try:
+                    msg = reassembler.feed(get.result())
+                except WireError as exc:
+                    raise HandshakeError(f"malformed handshake message: {exc}") from None
+                if msg is not None:
+                    return msg.header
+
+        send(state.hello())
+        try:
+            send(state.receive_hello(await receive()))
+            proven = state.receive_proof(await receive())
+        except HandshakeError as exc:
+            with contextlib.suppress(Exception):
+                send({"t": "bye", "why": f"handshake failed: {exc}"[:200]})
+            raise
+        return proven
+
+
+MAX_CANDIDATES = 16
+
+
+def check_sdp(sdp: str) -> None:
+    """Bound what a remote SDP can make us do: every candidate costs STUN checks."""
+    if len(sdp) > 32 * 1024:
+        raise TransportError("SDP too large")
+    count = sum(1 for line in sdp.splitlines() if line.startswith("a=candidate:"))
+    if count > MAX_CANDIDATES:
+        raise TransportError(f"SDP lists {count} ICE candidates (at most {MAX_CANDIDATES})")
+
+
+def _new_pc(config: TransportConfig) -> RTCPeerConnection:
+    return RTCPeerConnection(configuration=config.rtc_configuration())
+
+
+async def open_offer(
+    identity: Identity, config: TransportConfig, expected_peer: str | None
+) -> tuple[PendingConnection, str]:
+    """Create the offering side; returns it and the offer SDP (candidates included)."""
+    pc = _new_pc(config)
+    pending = PendingConnection(pc, identity, config, offerer=True, expected_peer=expected_peer)
+    channel = pc.createDataChannel(CHANNEL_LABEL, ordered=True)
+    pending.attach_channel(channel)
+    await pc.setLocalDescription(await pc.createOffer())
+    return pending, pc.localDescription.sdp
+
+
+async def complete_offer(pending: PendingConnection, answer_sdp: str) -> None:
+    """Apply the answer SDP on the offering side."""
+    try:
+        check_sdp(answer_sdp)
+        await pending.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+    except Exception as exc:  # aiortc raises ValueError and others on bad SDP
+        await pending.pc.close()
+        raise TransportError(f"bad answer SDP: {exc}") from None
+
+
+async def accept_offer(
+    identity: Identity, config: TransportConfig, offer_sdp: str, expected_peer: str
+) -> tuple[PendingConnection, str]:
+    """Create the answering side for ``offer_sdp``; returns it and the answer SDP."""
+    check_sdp(offer_sdp)
+    pc = _new_pc(config)
+    pending = PendingConnection(pc, identity, config, offerer=False, expected_peer=expected_peer)
+    pc.on("datachannel", pending.attach_channel)
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as exc:
+        await pc.close()
+        raise TransportError(f"bad offer SDP: {exc}") from None
+    return pending, pc.localDescription.sdp
+
+
+EstablishFn = Callable[[PendingConnection], Awaitable[Link]]

@@ -1,0 +1,2 @@
+"""The content-addressed store: chunks, manifests, fetch from the nearest holders, provider
+records, replication, quotas and the fast path."""

@@ -1,0 +1,162 @@
+"""Nearest-holder fetch of chunks: lowest cost first, several sources in parallel, resumable.
+
+Each missing chunk is taken by the sources in its *near tier*: the sources it may still come
+from (alive, not caught serving it corrupted) whose estimated cost is within ``near_factor``
+(plus ``near_slack_ms``) of the cheapest one. Each source in a tier runs ``per_source``
+requests at once, so equal holders share the work. A chunk is verified against its own hash
+on arrival: bytes that fail make the source a bad one *for that chunk*, penalize it (its cost
+rises for every later choice) and leave the chunk to the other sources. A source whose call
+fails (it died, timed out, or refused) is dropped; the round ends, the tiers are recomputed
+over the sources left, and the fetch goes on from the chunks already held: nothing verified
+is fetched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.errors import RPCError
+from mesh.net.rpc import Caller
+from mesh.storage.store import CHUNK_MAX, StoreError
+
+__all__ = ["FetchState", "fetch_chunks", "Caller"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchState:
+    """Progress of one fetch (shown on the API and by ``edgemesh get``)."""
+
+    oid: str
+    total: int
+    done: int = 0
+    chunks_total: int = 0
+    chunks_done: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    corrupt: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max((self.finished or time.monotonic()) - self.started, 1e-6)
+        return {
+            "id": self.oid,
+            "size": self.total,
+            "done": self.done,
+            "chunks": self.chunks_total,
+            "chunks_done": self.chunks_done,
+            "sources": dict(self.sources),
+            "failed_sources": list(self.failed),
+            "corrupt": dict(self.corrupt),
+            "seconds": round(elapsed, 3),
+            "mb_per_s": round(self.done / elapsed / 1e6, 2),
+        }
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def fetch_chunks(
+    caller: Caller,
+    chunks: list[tuple[str, int]],
+    need: list[int],
+    sources: list[str],
+    cost: Callable[[str, int], float],
+    sink: Callable[[int, bytes, str], Awaitable[None]],
+    state: FetchState,
+    *,
+    penalize: Callable[[str, str], None] | None = None,
+    per_source: int = 3,
+    timeout: float = 60.0,
+    near_factor: float = 1.5,
+    near_slack_ms: float = 20.0,
+    read: Callable[[str, str, int], Awaitable[bytes]] | None = None,
+) -> None:
+    """Fetch chunks ``need`` (indices into ``chunks``) and hand each verified one to ``sink``.
+    Raises StoreError when some chunk has no source left."""
+    bad: dict[int, set[str]] = {i: set() for i in need}
+    pending = set(need)
+    inflight: set[int] = set()
+    dead: set[str] = set()
+    size_hint = max((n for _, n in chunks), default=1)
+
+    async def default_read(src: str, sha: str, size: int) -> bytes:
+        reply = await caller.call(src, "chunk_read", {"sha": sha}, timeout=timeout)
+        return reply.payload
+
+    reader = read or default_read
+
+    while pending:
+        live = [s for s in dict.fromkeys(sources) if s not in dead]
+        costs = {s: cost(s, size_hint) for s in live}
+        tiers: dict[int, set[str]] = {}
+        for i in pending:
+            eligible = [s for s in live if s not in bad[i]]
+            if not eligible:
+                raise StoreError(
+                    f"chunk {i} of {state.oid[:12]}: no source left "
+                    f"(failed: {[s[:12] for s in state.failed]}, corrupt: {list(state.corrupt)})"
+                )
+            best = min(costs[s] for s in eligible)
+            tiers[i] = {s for s in eligible if costs[s] <= best * near_factor + near_slack_ms}
+        order = sorted(pending)
+
+        async def worker(src: str, order: list[int], tiers: dict[int, set[str]]) -> None:
+            while src not in dead:
+                pick = next(
+                    (
+                        i
+                        for i in order
+                        if i in pending
+                        and i not in inflight
+                        and src in tiers[i]
+                        and src not in bad[i]
+                    ),
+                    None,
+                )
+                if pick is None:
+                    return
+                sha, size = chunks[pick]
+                inflight.add(pick)
+                try:
+                    try:
+                        data = await reader(src, sha, size)
+                    except (RPCError, StoreError, OSError) as exc:
+                        log.info(
+                            "fetch %s: source %s failed (%s); others take over",
+                            state.oid[:12],
+                            src[:12],
+                            exc,
+                        )
+                        dead.add(src)
+                        state.failed.append(src)
+                        return
+                    ok = len(data) == size and size <= CHUNK_MAX
+                    if ok:
+                        ok = await asyncio.to_thread(_sha, data) == sha
+                    if not ok:
+                        bad[pick].add(src)
+                        state.corrupt[src] = state.corrupt.get(src, 0) + 1
+                        if penalize is not None:
+                            penalize(src, f"chunk {sha[:12]} failed its hash")
+                        return  # the tiers change: recompute them
+                    await sink(pick, data, src)
+                    pending.discard(pick)
+                    state.done += size
+                    state.chunks_done += 1
+                    state.sources[src] = state.sources.get(src, 0) + size
+                finally:
+                    inflight.discard(pick)
+
+        workers = {s for t in tiers.values() for s in t}
+        await asyncio.gather(*(worker(s, order, tiers) for s in workers for _ in range(per_source)))
+    state.finished = time.monotonic()

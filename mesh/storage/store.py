@@ -1,0 +1,435 @@
+"""The embedded object store: content-addressed chunks under manifests, a quota, pins and GC.
+
+Layout under ``root``::
+
+    chunks/<sha256>        chunk bytes (<= CHUNK_MAX), named by their own hash
+    manifests/<id>         manifest bytes; the object id is the SHA-256 of these bytes
+    pins.json              {object id: {"replicas": R}}: pinned objects are never collected
+
+A **manifest** is canonical JSON ``{"v": 1, "size": N, "chunks": [[sha, size], ...], "name":
+..., "format": "raw" | "jsonl"}``. Every chunk is verified against its own hash before it is
+written (so a corrupted chunk is detectable and refetchable one by one) and the manifest
+against the object id. ``format == "jsonl"`` objects are cut at line boundaries, so each chunk
+holds whole records: a batch job's task is one chunk.
+
+The **quota** bounds the bytes of chunks on disk. Writing a chunk that would exceed it first
+collects unpinned objects (least recently used first); if that is not enough, it raises
+:class:`QuotaExceeded`. Chunks referenced by a pinned manifest, or by an object being fetched
+or written right now (``hold``), are never collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeGuard
+
+from mesh.errors import Error
+
+__all__ = [
+    "BlobStore",
+    "Manifest",
+    "StoreError",
+    "QuotaExceeded",
+    "CHUNK_MAX",
+    "CHUNK_SIZE",
+    "MAX_MANIFEST",
+    "parse_manifest",
+    "is_id",
+]
+
+log = logging.getLogger(__name__)
+CHUNK_MAX = 2 << 20  # IPFS bitswap's block cap; every chunk from the network is <= this
+CHUNK_SIZE = 2 << 20
+MAX_MANIFEST = 1 << 20  # about 14,000 chunks: objects up to ~28 GiB
+MAX_NAME = 200
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Error):
+    """An object or chunk is missing, malformed, or fails its hash."""
+
+
+class QuotaExceeded(StoreError):
+    """Storing more would exceed the store's quota even after garbage collection."""
+
+
+def is_id(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and bool(_HEX64.match(value))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    size: int
+    chunks: tuple[tuple[str, int], ...]
+    name: str
+    format: str
+    raw: bytes
+
+    @property
+    def shas(self) -> list[str]:
+        return [c[0] for c in self.chunks]
+
+    def offsets(self) -> list[int]:
+        out, pos = [], 0
+        for _, n in self.chunks:
+            out.append(pos)
+            pos += n
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "chunks": len(self.chunks),
+            "name": self.name,
+            "format": self.format,
+        }
+
+
+def build_manifest(chunks: list[tuple[str, int]], name: str = "", fmt: str = "raw") -> Manifest:
+    doc = {
+        "v": 1,
+        "size": sum(n for _, n in chunks),
+        "chunks": [[s, n] for s, n in chunks],
+        "name": name[:MAX_NAME],
+        "format": fmt,
+    }
+    raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return parse_manifest(raw, sha256(raw))
+
+
+def parse_manifest(raw: bytes, expected_id: str | None = None) -> Manifest:
+    """Validate manifest bytes (pure; the id is their hash). Raises StoreError."""
+    if not isinstance(raw, bytes) or len(raw) > MAX_MANIFEST:
+        raise StoreError("manifest missing or over its size cap")
+    mid = sha256(raw)
+    if expected_id is not None and mid != expected_id:
+        raise StoreError(f"manifest hashes to {mid[:12]}, not {str(expected_id)[:12]}")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise StoreError("manifest is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("v") != 1:
+        raise StoreError("unknown manifest version")
+    chunks, size = doc.get("chunks"), doc.get("size")
+    name, fmt = doc.get("name", ""), doc.get("format", "raw")
+    if not isinstance(chunks, list) or type(size) is not int or size < 0:
+        raise StoreError("manifest fields have wrong types")
+    if not isinstance(name, str) or len(name) > MAX_NAME or fmt not in ("raw", "jsonl"):
+        raise StoreError("manifest name or format invalid")
+    out: list[tuple[str, int]] = []
+    for c in chunks:
+        if (
+            not isinstance(c, list)
+            or len(c) != 2
+            or not is_id(c[0])
+            or type(c[1]) is not int
+            or not 0 < c[1] <= CHUNK_MAX
+        ):
+            raise StoreError("manifest chunk entry invalid")
+        out.append((c[0], c[1]))
+    if sum(n for _, n in out) != size:
+        raise StoreError("manifest size does not match its chunks")
+    return Manifest(mid, size, tuple(out), name, fmt, raw)
+
+
+def iter_chunks(fh: BinaryIO, fmt: str = "raw", chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Cut a stream into chunks; ``jsonl`` chunks end at a newline (a record never straddles
+    two chunks; a single record longer than ``CHUNK_MAX`` is refused)."""
+    if not 0 < chunk_size <= CHUNK_MAX:
+        raise StoreError(f"chunk size must be in 1..{CHUNK_MAX}")
+    carry = b""
+    while True:
+        block = fh.read(chunk_size - len(carry))
+        data = carry + block
+        if not block:
+            if data:
+                yield data
+            return
+        if fmt == "jsonl" and len(data) == chunk_size:
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                raise StoreError(f"a record is longer than a chunk ({chunk_size} bytes)")
+            data, carry = data[:cut], data[cut:]
+        else:
+            carry = b""
+        if data:
+            yield data
+
+
+class BlobStore:
+    def __init__(self, root: Path, quota: int | None = None) -> None:
+        self.root = Path(root)
+        self.chunk_dir = self.root / "chunks"
+        self.manifest_dir = self.root / "manifests"
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        self.quota = quota
+        self._pins_file = self.root / "pins.json"
+        self.pins: dict[str, dict[str, Any]] = {}
+        self._holds: dict[str, int] = {}  # object or chunk ids protected from GC right now
+        self._manifests: dict[str, Manifest] = {}
+        self.used = 0
+        self._load()
+
+    # -- state -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pins = json.loads(self._pins_file.read_text())
+            if isinstance(pins, dict):
+                self.pins = {k: v for k, v in pins.items() if is_id(k) and isinstance(v, dict)}
+        for p in self.chunk_dir.iterdir():
+            if is_id(p.name):
+                self.used += p.stat().st_size
+            elif p.name.endswith(".part"):
+                p.unlink(missing_ok=True)  # a write cut short by a crash
+        for p in self.manifest_dir.iterdir():
+            if is_id(p.name):
+                try:
+                    self._manifests[p.name] = parse_manifest(p.read_bytes(), p.name)
+                except (StoreError, OSError):
+                    log.warning("dropping unreadable manifest %s", p.name[:12])
+                    p.unlink(missing_ok=True)
+
+    def _save_pins(self) -> None:
+        tmp = self._pins_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.pins))
+        os.replace(tmp, self._pins_file)
+
+    # -- chunks ----------------------------------------------------------------------------
+    def chunk_path(self, sha: str) -> Path:
+        if not is_id(sha):
+            raise StoreError(f"not a sha256: {str(sha)[:80]!r}")
+        return self.chunk_dir / sha
+
+    def has_chunk(self, sha: str) -> bool:
+        return self.chunk_path(sha).is_file()
+
+    def read_chunk(self, sha: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Chunk bytes as stored (not re-verified: the reader verifies what it receives)."""
+        try:
+            with open(self.chunk_path(sha), "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(CHUNK_MAX if length is None else min(length, CHUNK_MAX))
+        except FileNotFoundError:
+            raise StoreError(f"no chunk {sha[:12]}") from None
+        touch(self.chunk_dir / sha)
+        return data
+
+    def write_chunk(self, sha: str, data: bytes) -> bool:
+        """Store a chunk after checking its hash; False when it was already there."""
+        path = self.chunk_path(sha)
+        if len(data) > CHUNK_MAX:
+            raise StoreError(f"chunk of {len(data)} bytes exceeds {CHUNK_MAX}")
+        if sha256(data) != sha:
+            raise StoreError(f"chunk bytes do not hash to {sha[:12]}")
+        if path.is_file():
+            return False
+        self.reserve(len(data))
+        tmp = path.with_name(f"{sha}.{os.getpid()}.{id(data)}.part")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        self.used += len(data)
+        return True
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` more (collecting unpinned objects) or raise."""
+        if self.quota is None or self.used + nbytes <= self.quota:
+            return
+        self.gc(target=self.quota - nbytes)
+        if self.used + nbytes > self.quota:
+            raise QuotaExceeded(
+                f"store quota {self.quota} bytes: {self.used} used, {nbytes} more needed"
+            )
+
+    # -- objects ---------------------------------------------------------------------------
+    def manifest(self, oid: str) -> Manifest | None:
+        return self._manifests.get(oid) if is_id(oid) else None
+
+    def add_manifest(self, raw: bytes, oid: str) -> Manifest:
+        m = parse_manifest(raw, oid)
+        if oid not in self._manifests:
+            path = self.manifest_dir / oid
+            tmp = path.with_name(oid + ".part")
+            tmp.write_bytes(raw)
+            os.replace(tmp, path)
+            self._manifests[oid] = m
+        return m
+
+    def missing(self, m: Manifest) -> list[int]:
+        return [i for i, (sha, _) in enumerate(m.chunks) if not self.has_chunk(sha)]
+
+    def complete(self, oid: str) -> bool:
+        m = self.manifest(oid)
+        return m is not None and not self.missing(m)
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [
+            {**m.as_dict(), "pinned": oid in self.pins, "complete": not self.missing(m)}
+            for oid, m in self._manifests.items()
+        ]
+
+    def put_stream(
+        self, fh: BinaryIO, name: str = "", fmt: str = "raw", chunk_size: int = CHUNK_SIZE
+    ) -> Manifest:
+        """Chunk, hash and store a stream; the new object is pinned (held on purpose)."""
+        chunks: list[tuple[str, int]] = []
+        with self.hold("put"):
+            for data in iter_chunks(fh, fmt, chunk_size):
+                sha = sha256(data)
+                self._holds[sha] = self._holds.get(sha, 0) + 1  # not collected mid-put
+                self.write_chunk(sha, data)
+                chunks.append((sha, len(data)))
+            m = build_manifest(chunks, name, fmt)
+            self.add_manifest(m.raw, m.id)
+            self.pin(m.id)
+            for sha, _ in chunks:
+                self._release(sha)
+        return m
+
+    def put_bytes(self, data: bytes, name: str = "", fmt: str = "raw") -> Manifest:
+        import io
+
+        return self.put_stream(io.BytesIO(data), name, fmt)
+
+    def export(self, oid: str, dest: Path) -> int:
+        """Write a complete object to ``dest`` (atomically); returns its size."""
+        m = self.manifest(oid)
+        if m is None or self.missing(m):
+            raise StoreError(f"object {oid[:12]} is not complete here")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as out:
+            for sha, _ in m.chunks:
+                out.write(self.read_chunk(sha))
+        os.replace(tmp, dest)
+        return m.size
+
+    def iter_object(self, oid: str) -> Iterator[bytes]:
+        m = self.manifest(oid)
+        if m is None or self.missing(m):
+            raise StoreError(f"object {oid[:12]} is not complete here")
+        for sha, _ in m.chunks:
+            yield self.read_chunk(sha)
+
+    # -- pins, holds, GC -------------------------------------------------------------------
+    def pin(self, oid: str, replicas: int | None = None, for_peer: str | None = None) -> None:
+        """Pin ``oid``; ``for_peer`` charges its bytes to the peer that asked us to keep it
+        (a pin without it is this node's own and charges nobody)."""
+        if self.manifest(oid) is None:
+            raise StoreError(f"no object {oid[:12]} here")
+        fresh = oid not in self.pins
+        entry = self.pins.setdefault(oid, {})
+        if replicas is not None:
+            entry["replicas"] = replicas
+        if for_peer is None:
+            entry.pop("for", None)
+        elif fresh:
+            entry["for"] = for_peer
+        self._save_pins()
+
+    def pinned_for(self, peer: str) -> int:
+        """Bytes of the objects pinned here at ``peer``'s request."""
+        total = 0
+        for oid, entry in self.pins.items():
+            m = self._manifests.get(oid)
+            if entry.get("for") == peer and m is not None:
+                total += m.size
+        return total
+
+    def unpin(self, oid: str) -> bool:
+        if self.pins.pop(oid, None) is None:
+            return False
+        self._save_pins()
+        return True
+
+    @contextlib.contextmanager
+    def hold(self, oid: str) -> Iterator[None]:
+        """Protect ``oid`` (and its chunks) from GC while a fetch or put is running."""
+        self._holds[oid] = self._holds.get(oid, 0) + 1
+        try:
+            yield
+        finally:
+            self._release(oid)
+
+    def _release(self, key: str) -> None:
+        n = self._holds.get(key, 0) - 1
+        if n <= 0:
+            self._holds.pop(key, None)
+        else:
+            self._holds[key] = n
+
+    def _protected_chunks(self) -> set[str]:
+        keep = {k for k in self._holds if is_id(k)}
+        for oid in list(self.pins) + list(self._holds):
+            m = self._manifests.get(oid)
+            if m is not None:
+                keep.update(m.shas)
+        return keep
+
+    def gc(self, target: int | None = None) -> dict[str, int]:
+        """Collect unpinned objects, least recently used first, until ``used <= target``
+        (``None``: collect every unpinned object and every unreferenced chunk)."""
+        removed_objects = removed_bytes = 0
+        victims = [
+            oid for oid in self._manifests if oid not in self.pins and oid not in self._holds
+        ]
+        victims.sort(key=lambda oid: _mtime(self.manifest_dir / oid))
+        for oid in victims:
+            if target is not None and self.used <= target:
+                break
+            del self._manifests[oid]
+            (self.manifest_dir / oid).unlink(missing_ok=True)
+            removed_objects += 1
+            removed_bytes += self._sweep(self._protected_chunks())
+        if target is None or self.used > target:
+            removed_bytes += self._sweep(self._protected_chunks())
+        return {"objects": removed_objects, "bytes": removed_bytes, "used": self.used}
+
+    def _sweep(self, keep: set[str]) -> int:
+        referenced = set(keep)
+        for m in self._manifests.values():
+            referenced.update(m.shas)
+        freed = 0
+        for p in self.chunk_dir.iterdir():
+            if is_id(p.name) and p.name not in referenced:
+                with contextlib.suppress(FileNotFoundError):
+                    size = p.stat().st_size
+                    p.unlink()
+                    self.used -= size
+                    freed += size
+        return freed
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "used": self.used,
+            "quota": self.quota,
+            "objects": len(self._manifests),
+            "pinned": len(self.pins),
+        }
+
+
+def touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path, (time.time(), time.time()))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
