@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from mesh.net import connections as conn_mod
 from mesh.errors import SignalingError
+from mesh.net import connections as conn_mod
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.signaling import ReplayGuard, open_envelope, seal
