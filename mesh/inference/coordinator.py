@@ -13,8 +13,9 @@ from typing import Any
 
 from mesh.errors import EXPECTED, RemoteError, RPCError
 from mesh.inference.compute import StageUnavailable, models_of
-from mesh.inference.routes import PairRtt, PeerView, peer_view
-from mesh.inference.run import AwaitedToken, GenerationRequest, GenerationRun, RouteError
+from mesh.inference.host import AwaitedToken
+from mesh.inference.routes import PairRtt, PeerView, RouteError, peer_view
+from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Mesh
 from runtimes.errors import ModelError

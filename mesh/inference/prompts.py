@@ -8,16 +8,21 @@ tokens in the reply's payload: both outgrow the 4 KiB RPC header for any real pr
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from mesh.net.rpc import CallContext, Reply
+from mesh.errors import RPCError
+from mesh.inference.routes import PeerView, RouteError
+from mesh.net.rpc import CallContext, MeshCaller, Reply
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-__all__ = ["MAX_PROMPT_BYTES", "Tokenizers", "tokenizer_blobs", "tokens_of"]
+__all__ = ["MAX_PROMPT_BYTES", "Tokenizers", "tokenize_on", "tokenizer_blobs", "tokens_of"]
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = 1 << 20  # as the HTTP API's request cap
 
@@ -38,6 +43,27 @@ def tokens_of(reply: Reply) -> list[int]:
     if tokens.size and int(tokens.min()) < 0:
         raise ModelError("tokenize reply holds a negative token id")
     return [int(t) for t in tokens]
+
+
+async def tokenize_on(
+    mesh: MeshCaller, mid: str, manifest: Manifest, views: list[PeerView], first: str, text: str
+) -> list[int]:
+    """The prompt's tokens from a peer holding the model's embedding or head blob (the
+    tokenizer travels with them): this node first, then the route's first stage ``first``."""
+    ends = tokenizer_blobs(manifest)
+    holders = sorted(
+        (v.peer_id for v in views if ends & v.held),
+        key=lambda p: (p != mesh.me, p != first),
+    )
+    failure: Exception | None = None
+    for peer in holders[:3]:
+        try:
+            reply = await mesh.call(peer, "tokenize", {"model_id": mid}, text.encode())
+            return tokens_of(reply)
+        except (RPCError, ModelError) as exc:
+            failure = exc
+            log.info("tokenizing on %s failed: %s", peer[:12], exc)
+    raise RouteError(f"no peer could tokenize the prompt ({failure or 'no tokenizer held'})")
 
 
 class Tokenizers:

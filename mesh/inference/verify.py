@@ -48,6 +48,7 @@ from mesh.inference.audit import (
     unpack_entries,
 )
 from mesh.inference.compute import MAX_SESSION_TOKENS
+from mesh.inference.host import CheckHost
 from mesh.inference.routes import Stage, unit_memory
 from mesh.inference.sampling import SamplingParams
 from mesh.net.identity import verify
@@ -136,10 +137,10 @@ class _Outcome:
 
 
 class SpotChecker:
-    """Checks the steps of one generation. ``coord`` is the :class:`Coordinator`."""
+    """Checks the steps of one generation; ``host`` is the node's coordinator."""
 
-    def __init__(self, coord: Any, mid: str, params: VerifyParams) -> None:
-        self.c = coord
+    def __init__(self, host: CheckHost, mid: str, params: VerifyParams) -> None:
+        self.host = host
         self.mid = mid
         self.params = params
         self.rng: random.Random = (
@@ -182,7 +183,7 @@ class SpotChecker:
     async def _check(self, step: Step, s: int) -> None:
         stage = step.stages[s]
         suspect = stage.peer_id
-        if suspect == self.c.mesh.me:
+        if suspect == self.host.mesh.me:
             return  # our own stage: nothing to gain from checking ourselves
         claimed: Any
         try:
@@ -206,7 +207,7 @@ class SpotChecker:
         if first.ok:
             self._passed(first)
             return
-        trusted = verifiers[0] == self.c.mesh.me  # our own recomputation needs no second
+        trusted = verifiers[0] == self.host.mesh.me  # our own recomputation needs no second
         second = None
         if not trusted and len(verifiers) > 1:
             second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
@@ -242,7 +243,7 @@ class SpotChecker:
         """Ban ``peer``; if it runs a stage of the route, its tokens cannot be trusted:
         raise :class:`VerificationFailed` so the generation restarts without it."""
         self.stats.banned.append({"peer": peer, "reason": reason})
-        self.c.mesh.ban(peer, f"spot check: {reason}")
+        self.host.mesh.ban(peer, f"spot check: {reason}")
         self.excluded.add(peer)
         self._candidates.clear()
         if any(st.peer_id == peer for st in step.stages):
@@ -252,7 +253,7 @@ class SpotChecker:
 
     async def _audit(self, peer: str, sid: str, upto: int, since: int = 0) -> list[AuditEntry]:
         try:
-            reply = await self.c.mesh.call(
+            reply = await self.host.mesh.call(
                 peer, "stage_audit", {"sid": sid, "upto": upto, "since": since}, timeout=30
             )
             return unpack_entries(reply.payload, complete=since == 0)
@@ -279,7 +280,7 @@ class SpotChecker:
         entries = await self._audit(peer, sids[s], pos)
         if not entries or entries[-1].pos != pos:
             raise _Blame(peer, f"audit log does not reach position {pos}")
-        prev_key = self.c.mesh.peer_key(stages[s - 1].peer_id)
+        prev_key = self.host.mesh.peer_key(stages[s - 1].peer_id)
         for e in entries:
             try:
                 verify(prev_key, step_message(sids[s], e.pos, e.n, e.body), e.sig)
@@ -296,7 +297,7 @@ class SpotChecker:
             raise _Blame(nxt, f"audit log has no entry at {pos}")
         e = entries[-1]
         try:
-            key = self.c.mesh.peer_key(stages[s].peer_id)
+            key = self.host.mesh.peer_key(stages[s].peer_id)
             verify(key, step_message(sids[s + 1], e.pos, e.n, e.body), e.sig)
         except IdentityError:
             raise _Blame(nxt, f"logged input at {pos} not signed by its sender") from None
@@ -312,7 +313,7 @@ class SpotChecker:
             return [p for p in cached if p != suspect][:2]
         skip = set(self.excluded)
         try:
-            views, manifest = await self.c.views(self.mid, skip)
+            views, manifest = await self.host.views(self.mid, skip)
         except EXPECTED as exc:
             self.stats.unchecked.append(f"no views: {exc}")
             return []
@@ -322,7 +323,7 @@ class SpotChecker:
         blobs = {blob.sha256 for blob in manifest.blobs_for(a, b)}
         fits = [v for v in views if v.free >= need and v.peer_id not in skip]
         # This node first (we trust ourselves), then peers that need not pull the bytes.
-        fits.sort(key=lambda v: (v.peer_id != self.c.mesh.me, -len(blobs & v.held)))
+        fits.sort(key=lambda v: (v.peer_id != self.host.mesh.me, -len(blobs & v.held)))
         # Three kept: whichever is the suspect at a later check, two remain.
         self._candidates[stage.units] = [v.peer_id for v in fits[:3]]
         return [p for p in self._candidates[stage.units] if p != suspect][:2]
@@ -339,7 +340,7 @@ class SpotChecker:
         """The verifier's verdict, or None when it could not run the check."""
         pos = step.pos
         sid = os.urandom(12).hex()
-        mesh = self.c.mesh
+        mesh = self.host.mesh
         opened = False
         try:
             await mesh.call(
@@ -351,7 +352,7 @@ class SpotChecker:
                     "units": list(stage.units),
                     "next": None,
                     "max_tokens": min(MAX_SESSION_TOKENS, pos + 1),
-                    "source": mesh.me if self.mid in self.c.compute.manifests else None,
+                    "source": mesh.me if self.host.holds_manifest(self.mid) else None,
                 },
                 timeout=600,
             )

@@ -1,0 +1,134 @@
+"""Failover: a step whose route broke is re-routed and replayed, so the generation goes on
+with exactly the tokens of a fault-free run.
+
+The run keeps its token history as the chunks it fed (prompt chunks, then one token per
+step). When a stage dies or misses its deadline, its units are re-planned on another peer
+(which pulls the shard if needed), the route is reopened and the history replayed in the
+same chunks as the original run: the same computations give the same caches, so the
+continuation is the fault-free one. A peer short of memory while a route opens is replaced
+the same way, and a spot check's verdict restarts the generation on a route without the
+peers it names.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mesh.errors import RemoteError, RPCError
+from mesh.inference.compute import CapacityError, StageUnavailable
+from mesh.inference.planning import MAX_FAILOVERS, RoutePlanner, culprit, stage_of
+from mesh.inference.routes import RouteError, Stage
+from mesh.inference.sessions import RouteSessions
+from mesh.inference.steps import StepRunner
+from mesh.inference.verify import VerificationFailed
+from mesh.net.rpc import Reply
+
+__all__ = ["Failover"]
+
+log = logging.getLogger(__name__)
+
+
+class Failover:
+    """Steps that survive their route: ``step`` re-routes and replays on a stage's fault."""
+
+    def __init__(self, planner: RoutePlanner, route: RouteSessions, steps: StepRunner) -> None:
+        self.planner = planner
+        self.route = route
+        self.steps = steps
+        # chunks fed so far, each with the token it gave (None: a prompt chunk before the last)
+        self.fed: list[tuple[list[int], int | None]] = []
+
+    @property
+    def tokens_out(self) -> int:
+        """Tokens the generation has produced so far (what a re-route happened after)."""
+        return sum(token is not None for _, token in self.fed)
+
+    def fed_chunk(self, chunk: list[int], token: int | None) -> None:
+        self.fed.append((chunk, token))
+
+    def forget(self) -> None:
+        """A generation starting over (after a spot check) has no history to replay."""
+        self.fed = []
+
+    async def open(self, stages: list[Stage]) -> None:
+        """Open the route's sessions; a peer short of memory is replaced (re-planned)."""
+        for _ in range(MAX_FAILOVERS + 1):
+            try:
+                await self.route.open(stages)
+                return
+            except (RemoteError, CapacityError) as exc:
+                if isinstance(exc, RemoteError) and exc.code != "CapacityError":
+                    raise
+                short = self.route.last_opened
+                log.warning("%s lacked memory (%s): re-planning", short[:12], exc)
+                self.planner.excluded.add(short)
+                stages = await self.planner.replan()
+        raise RouteError("no route whose peers have the memory for their stages")
+
+    async def step(self, feed: list[int], pos: int) -> Reply:
+        """The step's reply; a stage's fault (also during a re-route or its replay) is
+        re-routed around, at most MAX_FAILOVERS times for this step."""
+        failovers = 0
+        while True:
+            try:
+                return await self.steps.forward(feed, pos)
+            except (RPCError, StageUnavailable) as exc:
+                failure: RPCError | StageUnavailable = exc
+            while True:  # until the route is reopened and replayed
+                failed = culprit(failure, self.route.stages)
+                if failed is None:
+                    raise failure
+                if failovers == MAX_FAILOVERS:
+                    raise RouteError(
+                        f"step at position {pos} failed after {MAX_FAILOVERS} failovers: {failure}"
+                    ) from failure
+                failovers += 1
+                try:
+                    await self.reroute(failed, str(failure))
+                    break
+                except (RPCError, StageUnavailable) as again:
+                    failure = again
+
+    async def reroute(self, failed: str, why: str) -> None:
+        """Move ``failed``'s units to another peer and replay the history on the new route."""
+        log.warning("stage %s failed (%s): re-routing", failed[:12], why)
+        index = stage_of(self.route.stages, failed)
+        self.planner.excluded.add(failed)
+        await self.route.close()  # before planning: the stages' memory shows free again
+        stages = await self.planner.replace(self.route.stages, index, why, self.tokens_out)
+        await self.open(stages)
+        await self.replay()
+
+    async def replay(self) -> None:
+        """Every chunk fed before the one that failed (which ``step`` then sends again), in
+        the original chunks: the same computations give the same caches."""
+        self.steps.replaying = True
+        try:
+            end = 0
+            for chunk, token in list(self.fed):
+                end += len(chunk)
+                reply = await self.steps.forward(chunk, end)
+                if token is not None and int(reply.result["token"]) != token:
+                    log.warning(
+                        "replay step at %d gave token %s, the original run %s",
+                        end,
+                        reply.result["token"],
+                        token,
+                    )
+        finally:
+            self.steps.replaying = False
+
+    async def restart(self, exc: VerificationFailed) -> None:
+        """Start over on a route without the peer a spot check named (and its accuser, in a
+        dispute): tokens since it joined may be wrong."""
+        log.warning("restarting the generation without %s: %s", exc.peer[:12], exc.reason)
+        self.planner.excluded.add(exc.peer)
+        if exc.accuser is not None:
+            self.planner.excluded.add(exc.accuser)
+        await self.route.close()
+        # the requested split may have needed the banned peer: then any route will do
+        stages = await self.planner.replan(relax=True)
+        replacement = [s.peer_id for s in stages]
+        why = f"spot check: {exc.reason}"
+        self.planner.record(exc.peer, [], replacement, self.tokens_out, why)
+        await self.open(stages)

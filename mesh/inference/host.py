@@ -1,0 +1,83 @@
+"""What a generation run needs from the node's coordinator, as protocols, one per concern.
+
+The coordinator (:class:`~mesh.inference.coordinator.Coordinator`) satisfies all of them;
+each part of a run takes only the one it uses, so a test can drive a part with a small fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mesh.inference.routes import PairRtt, PeerView
+    from mesh.net.rpc import MeshCaller, Reply
+    from runtimes.shards import Manifest
+
+__all__ = [
+    "AwaitedToken",
+    "Calls",
+    "Views",
+    "PlanHost",
+    "SessionHost",
+    "StepHost",
+    "CheckHost",
+    "RunHost",
+]
+
+
+@dataclass
+class AwaitedToken:
+    """A step awaiting its token; the coordinator's ``stage_token`` / ``stage_failed``
+    handlers settle it."""
+
+    future: asyncio.Future[Reply]
+    last: str  # only the last stage may deliver the token
+    route: frozenset[str]  # only stages on the route may report a failure
+
+
+class Calls(Protocol):
+    @property
+    def mesh(self) -> MeshCaller: ...
+
+
+class Views(Calls, Protocol):
+    async def views(self, mid: str, exclude: set[str]) -> tuple[list[PeerView], Manifest]:
+        """What every reachable peer not in ``exclude`` can hold, and the model's manifest."""
+        ...
+
+
+class PlanHost(Views, Protocol):
+    """Route planning: who can hold what, and how far apart peers are."""
+
+    @property
+    def pair_rtt(self) -> PairRtt | None: ...
+
+
+class SessionHost(Calls, Protocol):
+    """Opening a route's sessions: stages pull the manifest from us when we hold it."""
+
+    def holds_manifest(self, mid: str) -> bool: ...
+
+
+class StepHost(Calls, Protocol):
+    """Steps: the RPC deadline, and where awaited tokens are registered for delivery."""
+
+    @property
+    def forward_timeout(self) -> float: ...
+
+    @property
+    def waiting(self) -> dict[tuple[str, int], AwaitedToken]:
+        """Steps awaiting their token from the last stage, by (request id, position)."""
+        ...
+
+
+class CheckHost(Views, SessionHost, Protocol):
+    """Spot checks: verifiers are found like stages and open sessions like them."""
+
+
+class RunHost(PlanHost, SessionHost, StepHost, Protocol):
+    """Everything one generation run needs from the node's coordinator, and nothing more."""
+
+    async def resolve(self, model: str) -> str: ...

@@ -1,0 +1,60 @@
+"""A generation's timings: every step's wall time, split into compute (the stages' own trace)
+and hops, the decode rate, and the summary the client gets at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mesh.net.rpc import Reply
+
+__all__ = ["RunStats"]
+
+
+@dataclass
+class RunStats:
+    t_start: float = field(default_factory=time.perf_counter)
+    step_ms: list[float] = field(default_factory=list)  # prompt chunks, decode steps, replays
+    decode_ms: list[float] = field(default_factory=list)  # one-token steps of the generation
+    hop_ms: list[float] = field(default_factory=list)
+    compute_ms: dict[str, list[float]] = field(default_factory=dict)  # by stage peer
+    ttft: float | None = None
+
+    def account(self, reply: Reply, ms: float, stages: int, decode: bool) -> None:
+        """One step that took ``ms`` over ``stages`` stages; ``decode``: a step of the
+        generation itself (no prompt chunk, no replay), which the decode rate counts."""
+        if decode:
+            self.decode_ms.append(ms)
+        trace = reply.result.get("trace", [])
+        compute = 0.0
+        for t in trace if isinstance(trace, list) else []:
+            if isinstance(t, dict) and isinstance(t.get("ms"), float | int):
+                compute += float(t["ms"])
+                self.compute_ms.setdefault(str(t.get("peer")), []).append(float(t["ms"]))
+        self.step_ms.append(ms)
+        # hops: coordinator -> first, between stages, last -> coordinator
+        self.hop_ms.append(max(ms - compute, 0.0) / stages)
+
+    def first_token(self) -> None:
+        if self.ttft is None:
+            self.ttft = (time.perf_counter() - self.t_start) * 1000
+
+    def median_step_ms(self) -> float:
+        return float(np.median(self.step_ms))
+
+    def timings(self) -> dict[str, Any]:
+        decode = self.decode_ms
+        return {
+            "ttft_ms": round(self.ttft or 0.0, 2),
+            "tokens_per_s": round(len(decode) / (sum(decode) / 1000), 2) if decode else 0.0,
+            "decode_steps": len(decode),
+            "steps": len(self.step_ms),
+            "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,
+            "stage_ms": {p: round(float(np.median(v)), 3) for p, v in self.compute_ms.items()},
+        }
+
+    def total_s(self) -> float:
+        return round(time.perf_counter() - self.t_start, 3)
