@@ -1,8 +1,10 @@
-"""The HTTP API: loopback by default; beyond loopback only with a token; sizes capped."""
+"""The HTTP API: loopback by default; beyond loopback only with a token; sizes capped; on
+loopback too, a token for all that acts, and no foreign Host, Origin or body type."""
 
 import asyncio
 import json
 import os
+import signal
 import sys
 
 import aiohttp
@@ -150,6 +152,9 @@ async def test_token_file_is_private_and_fresh(local_mesh):
     assert path.stat().st_mode & 0o777 == 0o600
     token = path.read_text().strip()
     assert len(token) >= 32 and node.token == token
+    local_mesh.kill(node, signal.SIGTERM)
+    await asyncio.wait_for(node.proc.wait(), 30)
+    assert not path.exists()  # a stopped node's token is not left behind
 
 
 def test_token_file_is_created_private_whatever_the_umask(tmp_path):

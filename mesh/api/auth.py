@@ -76,7 +76,8 @@ def node_token(data_dir: Path, configured: str | None, host: str) -> str:
     tmp.unlink(missing_ok=True)
     # Created with mode 0600 in one call (O_EXCL: never an existing file or a planted link),
     # then renamed over the old one: no moment where the token is readable by others.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(token)
