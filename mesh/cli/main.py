@@ -46,8 +46,36 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgemesh", description="Peer-to-peer edge inference mesh")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_node_command(sub)
+    c = sub.add_parser("peers", help="list the peers of a running node")
+    c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from mesh.cli.bench import add_bench_command
+    from mesh.cli.generate import add_generate_command
+    from mesh.cli.model import add_model_commands
+    from mesh.cli.storage import add_storage_commands
+
+    add_model_commands(sub)
+    add_generate_command(sub)
+    add_hw_command(sub)
+    add_bench_command(sub)
+    add_storage_commands(sub)  # put, get, job
+    _add_demo_command(sub)
+    return p
+
+
+def _add_node_command(sub: Any) -> None:
+    from mesh.cli.storage import add_node_storage_args
 
     n = sub.add_parser("node", help="run a mesh node")
+    _add_node_network_args(n)
+    _add_node_service_args(n)
+    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
+
+
+def _add_node_network_args(n: argparse.ArgumentParser) -> None:
+    """Identity, API, signaling, discovery and ICE options of ``node``."""
     n.add_argument(
         "--data-dir", type=Path, default=None, help="identity and state (default: %(default)s)"
     )
@@ -91,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
     )
+
+
+def _add_node_service_args(n: argparse.ArgumentParser) -> None:
+    """Compute limits, broker, DHT and generation options of ``node``."""
     n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
     n.add_argument(
         "--memory-limit",
@@ -148,26 +180,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="DHT bootstrap node (repeatable; enables the DHT)",
     )
-    from mesh.cli.storage import add_node_storage_args, add_storage_commands
 
-    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
 
-    for name, text in (("peers", "list the peers of a running node"),):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
-        c.add_argument("--json", action="store_true", help="print one JSON object")
-
-    from mesh.cli.generate import add_generate_command
-    from mesh.cli.model import add_model_commands
-
-    add_model_commands(sub)
-    add_generate_command(sub)
-    add_hw_command(sub)
-    from mesh.cli.bench import add_bench_command
-
-    add_bench_command(sub)
-    add_storage_commands(sub)  # put, get, job
-
+def _add_demo_command(sub: Any) -> None:
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
     d.add_argument(
@@ -190,7 +205,6 @@ def _parser() -> argparse.ArgumentParser:
         "chain: nested calls (one more traversal per step)",
     )
     d.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of Gemma 3 270M")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
