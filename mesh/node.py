@@ -34,7 +34,7 @@ from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Handler, Link, Reply, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
-from mesh.net.transport import TransportConfig, wait_closed
+from mesh.net.transport import TransportConfig
 from mesh.storage.service import ObjectService, StorageConfig
 
 __all__ = ["NodeConfig", "Node", "CoreService", "local_addresses"]
@@ -270,8 +270,7 @@ class Node:
             await self.membership.stop()
         if self.dht is not None:
             self.dht.stop()
-        await self.conns.stop()  # says bye on every link
-        await wait_closed()
+        await self.conns.stop()  # says bye on every link, waits for their connections to close
         await self.compute.stop()
         await self.objects.stop()
         if self.discovery is not None:

@@ -38,6 +38,7 @@ from mesh.net.signaling import (
 )
 from mesh.net.transport import (
     PendingConnection,
+    Teardowns,
     TransportConfig,
     accept_offer,
     complete_offer,
@@ -106,6 +107,7 @@ class Connections:
         self._dial_slots = asyncio.Semaphore(params.max_dials)
         self._pending_inbound: dict[str, PendingConnection | None] = {}
         self._static: dict[str, str] = {}  # address -> peer id it proved to have
+        self.teardowns = Teardowns()  # peer connections of closed links, still closing
         self._dial_held = False  # params.dial_hold is spent (the first dial only)
         self.closing = False
 
@@ -137,6 +139,7 @@ class Connections:
                 await pending.pc.close()
         if self._http is not None:
             await self._http.close()
+        await self.teardowns.wait()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -301,7 +304,7 @@ class Connections:
                     raise SignalingError("answer carries no SDP")
                 await complete_offer(pending, sdp)
                 await self._fault_dial_hold()
-                link = await pending.establish(self.handlers, self._on_link_closed)
+                link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except asyncio.CancelledError:
             if pending is not None:
                 await pending.pc.close()
@@ -379,7 +382,7 @@ class Connections:
 
     async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
         try:
-            link = await pending.establish(self.handlers, self._on_link_closed)
+            link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except EXPECTED as exc:
             if isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1

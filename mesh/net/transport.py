@@ -35,7 +35,7 @@ __all__ = [
     "accept_offer",
     "complete_offer",
     "peer_connection",
-    "wait_closed",
+    "Teardowns",
     "CHANNEL_LABEL",
 ]
 
@@ -45,13 +45,24 @@ CHANNEL_LABEL = "edgemesh"
 HANDSHAKE_LIMITS = Limits(
     max_header=1024, max_frame=4096, max_message=4096, max_partial=1, max_partial_bytes=4096
 )
-_closing: set[asyncio.Task[None]] = set()  # peer connections being torn down
 
 
-async def wait_closed() -> None:
-    """Wait until every peer connection closed by a link has finished closing."""
-    while _closing:
-        await asyncio.gather(*list(_closing), return_exceptions=True)
+class Teardowns:
+    """Peer connections being closed after their link closed, held until they have: their
+    owner (one node's Connections) waits for its own, never for another node's."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def close(self, pc: RTCPeerConnection) -> None:
+        task = asyncio.get_running_loop().create_task(pc.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        """Wait until every peer connection handed to :meth:`close` has finished closing."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -166,10 +177,13 @@ class PendingConnection:
         self,
         handlers: Mapping[str, Handler],
         on_close: Callable[[Link], None] | None = None,
+        teardowns: Teardowns | None = None,
     ) -> Link:
         """Wait for the channel, run the handshake, return the authenticated link.
 
         Closes the peer connection on any failure and raises HandshakeError / TransportError.
+        Once the link closes, its peer connection closes through ``teardowns`` (default: this
+        connection's own).
         """
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -183,11 +197,10 @@ class PendingConnection:
             await self.pc.close()
             raise
         pc = self.pc
+        closer = teardowns if teardowns is not None else Teardowns()
 
         def _closed(closed: Link) -> None:
-            task = asyncio.get_running_loop().create_task(pc.close())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            closer.close(pc)
             if on_close is not None:
                 on_close(closed)
 
