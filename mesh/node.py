@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -33,7 +34,7 @@ from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Handler, Link, Reply, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
-from mesh.net.transport import TransportConfig, use_candidate_addresses, wait_closed
+from mesh.net.transport import TransportConfig
 from mesh.storage.service import ObjectService, StorageConfig
 
 __all__ = ["NodeConfig", "Node", "CoreService", "local_addresses"]
@@ -134,7 +135,7 @@ class Node:
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
-            config.transport,
+            self._transport_config(),
             self.handlers,
             self.guard,
             config.connections,
@@ -172,12 +173,20 @@ class Node:
             return [host]
         return local_addresses()
 
-    async def start(self) -> dict[str, Any]:
+    def _transport_config(self) -> TransportConfig:
+        """The transport config with the ICE candidate addresses this node gathers on."""
         cfg = self.config
         ice = cfg.ice_addresses
+        if ice is None and cfg.transport.candidate_addresses is not None:
+            return cfg.transport
         if ice is None and (self._loopback_mesh or cfg.signaling_host == "127.0.0.1"):
             ice = ["127.0.0.1"]
-        use_candidate_addresses(ice)
+        if ice is None:
+            return cfg.transport
+        return dataclasses.replace(cfg.transport, candidate_addresses=tuple(ice))
+
+    async def start(self) -> dict[str, Any]:
+        cfg = self.config
         sig_host = cfg.signaling_host or ("127.0.0.1" if self._loopback_mesh else "0.0.0.0")
         self.signaling = SignalingServer(self.identity, self.conns.on_offer, self._info, self.guard)
         await self.signaling.start(sig_host, cfg.signaling_port)
@@ -262,8 +271,7 @@ class Node:
             await self.membership.stop()
         if self.dht is not None:
             self.dht.stop()
-        await self.conns.stop()  # says bye on every link
-        await wait_closed()
+        await self.conns.stop()  # says bye on every link, waits for their connections to close
         await self.compute.stop()
         await self.objects.stop()
         if self.discovery is not None:

@@ -16,7 +16,6 @@ from mesh.net.transport import (
     TransportConfig,
     complete_offer,
     open_offer,
-    use_candidate_addresses,
 )
 
 pytestmark = pytest.mark.network
@@ -29,8 +28,9 @@ async def counters(mesh, node):
 async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mesh, broker):
     b = await local_mesh.start_node("b", ["--no-mdns", "--mqtt", broker.url, "--mesh", "m"])
     v, x = Identity.generate(), Identity.generate()
-    use_candidate_addresses(["127.0.0.1"])
-    cfg = TransportConfig(connect_timeout=10, handshake_timeout=5)
+    cfg = TransportConfig(
+        connect_timeout=10, handshake_timeout=5, candidate_addresses=("127.0.0.1",)
+    )
     host, port = broker.url.removeprefix("mqtt://").split(":")
     inbox_b = f"edgemesh/v1/m/inbox/{b.peer_id}"
 
