@@ -66,7 +66,7 @@ async def test_fast_path_reads_between_linked_peers_and_refuses_others(tmp_path:
     c_id = Identity.load_or_create(tmp_path / "c")
     stranger = Identity.load_or_create(tmp_path / "x")
     server = make(s_id, [c_id], {})
-    await server.start("127.0.0.1")
+    await server.start("127.0.0.1", "127.0.0.1")
     try:
         # A linked peer expecting the server's real key: served over the fast path.
         client = make(c_id, [s_id], {s_id.peer_id: s_id.public_key})

@@ -8,7 +8,9 @@ on arrival: bytes that fail make the source a bad one *for that chunk*, penalize
 rises for every later choice) and leave the chunk to the other sources. A source whose call
 fails (it died, timed out, or refused) is dropped; the round ends, the tiers are recomputed
 over the sources left, and the fetch goes on from the chunks already held: nothing verified
-is fetched twice.
+is fetched twice. A source that stops answering without closing its link (a stalled or
+killed peer) is given up on after a few times the median chunk time, while another source
+is left, rather than after the RPC deadline.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ from mesh.storage.store import CHUNK_MAX, StoreError
 __all__ = ["FetchState", "fetch_chunks", "Caller"]
 
 log = logging.getLogger(__name__)
+STALL_FACTOR = 4.0  # x the median chunk time, with another source left
+STALL_FLOOR = 1.5  # seconds
 
 
 @dataclass
@@ -94,6 +99,33 @@ async def fetch_chunks(
         return reply.payload
 
     reader = read or default_read
+    took: list[float] = []  # seconds per chunk served, any source
+
+    def stall_limit(src: str) -> float | None:
+        """Only once there is something to compare with, and only while another source
+        is left: a lone source is waited for up to the RPC deadline."""
+        if len(took) < 3 or not [s for s in sources if s not in dead and s != src]:
+            return None
+        return max(STALL_FLOOR, STALL_FACTOR * statistics.median(took[-32:]))
+
+    async def within_deadline(src: str, sha: str, size: int) -> bytes:
+        # The limit is looked at again while the read runs: reads started before any
+        # sample existed are judged too.
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(reader(src, sha, size))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STALL_FLOOR / 3)
+                if done:
+                    took.append(time.monotonic() - t0)
+                    return task.result()
+                if src in dead:  # another read from it failed: this one goes elsewhere too
+                    raise TimeoutError("source left behind")
+                limit = stall_limit(src)
+                if limit is not None and time.monotonic() - t0 > limit:
+                    raise TimeoutError(f"chunk not served in {limit:.1f} s")
+        finally:
+            task.cancel()
 
     while pending:
         live = [s for s in dict.fromkeys(sources) if s not in dead]
@@ -103,7 +135,7 @@ async def fetch_chunks(
             eligible = [s for s in live if s not in bad[i]]
             if not eligible:
                 raise StoreError(
-                    f"chunk {i} of {state.oid[:12]}: no source left "
+                    f"chunk {i} of {state.oid[:12]}: no source left that delivered it intact "
                     f"(failed: {[s[:12] for s in state.failed]}, corrupt: {list(state.corrupt)})"
                 )
             best = min(costs[s] for s in eligible)
@@ -129,7 +161,7 @@ async def fetch_chunks(
                 inflight.add(pick)
                 try:
                     try:
-                        data = await reader(src, sha, size)
+                        data = await within_deadline(src, sha, size)
                     except (RPCError, StoreError, OSError) as exc:
                         log.info(
                             "fetch %s: source %s failed (%s); others take over",
@@ -137,8 +169,9 @@ async def fetch_chunks(
                             src[:12],
                             exc,
                         )
-                        dead.add(src)
-                        state.failed.append(src)
+                        if src not in dead:
+                            dead.add(src)
+                            state.failed.append(src)
                         return
                     ok = len(data) == size and size <= CHUNK_MAX
                     if ok:
