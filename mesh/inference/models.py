@@ -185,8 +185,8 @@ class ModelRegistry:
     async def add_model(self, path: str, name: str | None = None) -> Manifest:
         """Split a whole-model GGUF into shards, store each as a packed object (moved into
         the store: no second copy), then the model manifest naming them; all pinned."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".add-") as tmp:
+        # Packed beside the store's files: moving each shard in is a rename, not a copy.
+        with tempfile.TemporaryDirectory(dir=self.objects.store.root, prefix=".add-") as tmp:
             packed = await asyncio.to_thread(ShardStore(tmp).add_model, path)
             blobs = []
             for b in packed.blobs:

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -368,7 +369,7 @@ class BlobStore:
                 Path(path).unlink()
             else:
                 self.reserve(m.size)
-                os.replace(path, self.packed_path(m.id))
+                _move(Path(path), self.packed_path(m.id))
                 self.used += m.size
                 self._index_packed(m)
             self.pin(m.id)
@@ -571,6 +572,17 @@ class BlobStore:
             "objects": len(self._manifests),
             "pinned": len(self.pins),
         }
+
+
+def _move(src: Path, dest: Path) -> None:
+    """A rename where possible (no second copy); a copy only across filesystems."""
+    try:
+        os.replace(src, dest)
+    except OSError:
+        tmp = dest.with_suffix(".part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        src.unlink()
 
 
 def touch(path: Path) -> None:
