@@ -10,7 +10,9 @@ added here, holds keep loaded shards and pulls under way, the rest may be collec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from mesh.inference.models import CapacityError, ComputeConfig, ModelRegistry, ShardObjects
@@ -65,6 +67,18 @@ class ShardPulls(ModelRegistry):
                 await self.objects.fetch(blob.object, hint=holders)
                 pulled += blob.size
         return pulled
+
+    @contextlib.contextmanager
+    def holding(self, manifest: Manifest, start: int, end: int) -> Iterator[None]:
+        """Hold the store objects of units [start, end) (GC and the disk limit leave them)."""
+        oids = [b.object for b in manifest.blobs_for(start, end) if b.object]
+        for oid in oids:
+            self.objects.store.acquire(oid)
+        try:
+            yield
+        finally:
+            for oid in oids:
+                self.objects.store.release(oid)
 
     def _disk_room(self, size: int) -> None:
         """Collect what the store may collect, or refuse the pull (a peer must not fill our

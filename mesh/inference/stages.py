@@ -150,8 +150,9 @@ class StageSessions(LoadedShards):
         start, end = units
         if not 0 <= start < end <= len(manifest.units):
             raise ModelError(f"units [{start}, {end}) outside the model")
-        pulled = await self.ensure_blobs(manifest, start, end, hint)
-        loaded = await self._load(mid, start, end, runtime)  # pinned: sessions counted
+        with self.holding(manifest, start, end):  # not collected between pull and load
+            pulled = await self.ensure_blobs(manifest, start, end, hint)
+            loaded = await self._load(mid, start, end, runtime)  # pinned: sessions counted
         kv = 0
         try:
             if end == len(manifest.units) or start == 0:
