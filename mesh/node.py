@@ -113,17 +113,17 @@ class Node:
         self.config = config
         self.identity = Identity.load_or_create(config.data_dir)
         self.me = self.identity.peer_id
-        self.compute = ComputeService(self, self.me, config.data_dir / "store", config.compute)
-        # -- storage and jobs (mesh/objects.py, mesh/jobs.py) --
+        # -- storage and jobs (mesh/storage, mesh/jobs): one store, model shards included --
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
-        self.compute.storage.pace = self.objects.pacer.take  # one serve rate for all bytes
+        self.compute = ComputeService(
+            self, self.me, config.data_dir / "store", config.compute, self.objects
+        )
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
         self.handlers: dict[str, Handler] = handlers_of(
             CoreService(self),
             self.compute,
             self.compute.tokenizers,
-            self.compute.storage,
             *self.objects.services(),
             self.jobs,
             *(services or []),
@@ -197,10 +197,6 @@ class Node:
             "127.0.0.1" if cfg.api_host == "127.0.0.1" else "0.0.0.0"
         )
         await self.objects.start(fast_bind, self.announced_addresses()[0])
-        if self.objects.fast is not None:
-            # Shard blobs travel the direct encrypted path too; WebRTC stays the fallback.
-            self.objects.fast.blob_reader = self.compute.storage.read_range
-            self.compute.range_reader = self.objects.fast.read_blob_range
         self._api_runner, self.api_url = await start_api(
             self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir
         )

@@ -1,5 +1,10 @@
 """``edgemesh model ...``: inspect GGUF models and split them into shard blobs.
 
+``model add`` has a running node split the model and store each shard as an object of its
+one content-addressed store (pinned, provider records announced): ``edgemesh get <shard
+object id>`` fetches a shard like any object, and ``GET /v1/objects`` lists them (format
+``gguf``). ``model shard`` only writes blobs and a manifest into a plain directory.
+
 Wiring (mesh/cli.py): call ``add_model_commands(sub)`` in the parser and dispatch
 ``args.command == "model"`` to ``run_model_command(args)``. Model errors subclass
 ``mesh.errors.Error``, so the usual one-line error handling applies.
@@ -22,7 +27,9 @@ def add_model_commands(subparsers: Any) -> None:
     i = msub.add_parser("inspect", help="architecture, units, sizes and tensor types of a GGUF")
     i.add_argument("path", help="a .gguf file (whole model or shard blob)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    a = msub.add_parser("add", help="shard a GGUF into a running node's store and announce it")
+    a = msub.add_parser(
+        "add", help="shard a GGUF into a running node's object store and announce its shards"
+    )
     a.add_argument("path", help="a whole-model .gguf file (on the node's host)")
     a.add_argument("--name", default=None, help="name to use in generate (default: the GGUF's)")
     a.add_argument("--api", default=None, help="node API base URL (default: the local node)")
