@@ -204,10 +204,9 @@ class _Builder:
                 accuracy_level=self.opts.accuracy_level,
             )
             if first.offsets is not None:
-                # Q4_K mins: subtract blocksum(x) @ offsets.T
+                # per-block mins (K-quants, Q4_1, ...): subtract blocksum(x) @ offsets.T
                 off = np.concatenate([w.offsets for w in nbs if w.offsets is not None], axis=0)
-                xb = self.op("Reshape", [x, self.const([-1, first.n_blocks, first.block], "shp")])
-                bs = self.op("ReduceSum", [xb, self.const([2], "ax")], "bsum", keepdims=0)
+                bs = self._block_sums(x, first.n_blocks, first.block)
                 corr = self.op("MatMul", [bs, self.init(key + ".qo", np.ascontiguousarray(off.T))])
                 y = self.op("Sub", [y, corr])
         biases = [bias for _, _, bias in g]
@@ -220,6 +219,27 @@ class _Builder:
             )
             y = self.op("Add", [y, self.init(key + ".bias", full.astype(np.float32))])
         return str(y)
+
+    def _block_sums(self, x: str, n_blocks: int, block: int) -> str:
+        """Sums of x [S, K] per block of K, [S, n_blocks].
+
+        With int8 activations (accuracy level 4) MatMulNBits multiplies the codes by x rounded
+        per block (amax/127 steps, as onnxruntime's kernel does); the sums are taken of the
+        same rounded x, so that code part and min part see one x, as in llama.cpp (whose
+        activation block sums come from its int8 copy). Summing the float x instead leaves
+        (x_q - x) . offsets in the result: 4% of the logit range on weights with large mins.
+        """
+        xb = self.op("Reshape", [x, self.const([-1, n_blocks, block], "shp")])
+        ax = self.const([2], "ax")
+        if self.opts.accuracy_level != 4:
+            return str(self.op("ReduceSum", [xb, ax], "bsum", keepdims=0))
+        amax = self.op("ReduceMax", [self.op("Abs", [xb]), ax], "amax", keepdims=1)
+        amax = self.op("Max", [amax, self.const(np.array(1e-30, np.float32), "tiny")])
+        inv = self.op("Div", [self.const(np.array(127.0, np.float32), "c127"), amax])
+        q = self.op("Round", [self.op("Mul", [xb, inv])], "xq")
+        qsum = self.op("ReduceSum", [q, ax], "qsum", keepdims=0)
+        step = self.op("Div", [amax, self.const(np.array(127.0, np.float32), "c127")])
+        return str(self.op("Mul", [qsum, self.op("Squeeze", [step, ax])], "bsum"))
 
     def embedding(self, tokens: str, ref: TensorRef, shared_name: str) -> str:
         d = self.cfg.d_model

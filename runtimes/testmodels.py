@@ -259,8 +259,8 @@ def random_blocks(
     _, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     if qtype == Q.MXFP4:
-        # the e8m0 exponent: 2^(e - 128) kept near 1 (or anywhere short of inf/NaN)
-        lo, hi = (1, 255) if scale is None else (127, 129)
+        # the e8m0 exponent: 2^(e - 128) near 1, or anywhere that keeps 12 * 2^(e-128) finite
+        lo, hi = (0, 241) if scale is None else (127, 129)
         raw[:, 0] = rng.integers(lo, hi, size=n_blocks)
         return raw
     n_fields = len(_get_f16(raw, qtype))
