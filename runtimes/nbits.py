@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gguf
 import numpy as np
@@ -260,17 +261,18 @@ def _unit_values(blk: U8, qtype: Q, patch: Callable[[U8], None]) -> F32:
 def _codes(values: F32, mul: float, add: float, top: int, qtype: Q) -> npt.NDArray[np.int64]:
     c = values * np.float32(mul) + np.float32(add)
     ci = np.rint(c)
-    if not np.array_equal(c, ci) or ci.min(initial=0) < 0 or ci.max(initial=0) > top:
+    if not np.array_equal(c, ci) or (ci.size and (ci.min() < 0 or ci.max() > top)):
         # cannot happen with gguf's tables as published; refuse rather than run wrong values
         raise UnsupportedModelError(f"{qtype.name}: grid values are not the expected integers")
-    return ci.astype(np.int64)
+    out: npt.NDArray[np.int64] = ci.astype(np.int64)
+    return out
 
 
 def _set_d(part: U8, at: int = 0) -> None:
     part[..., at : at + 2] = _F16_ONE
 
 
-def _iq2_db(d: F32, s: U8) -> F32:
+def _iq2_db(d: F32, s: npt.NDArray[np.integer[Any]]) -> F32:
     """IQ2's sub-block scale, in gguf's (and ggml's) order of float operations."""
     return d * (np.float32(0.5) + s.astype(np.float32)) * np.float32(0.25)
 

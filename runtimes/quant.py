@@ -37,6 +37,7 @@ F32, F16 and BF16 matrices run as float32 MatMul (the values convert exactly).
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -57,6 +58,7 @@ __all__ = [
     "Support",
     "type_support",
     "nbits_layout",
+    "onnx_weight_bytes",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -91,6 +93,7 @@ def dequantize_nbits(w: NBitsWeight) -> F32:
     return vals.reshape(w.n, w.k).astype(np.float32)
 
 
+@cache
 def nbits_layout(qtype: Q) -> tuple[int, int, bool] | None:
     """(bits, block, has offsets) of the onnx runtime's layout for ``qtype``; None for floats
     and types without a mapping. Found by converting one zero block, so it cannot drift."""
@@ -99,6 +102,18 @@ def nbits_layout(qtype: Q) -> tuple[int, int, bool] | None:
     _, type_size = GGML_QUANT_SIZES[qtype]
     w = CONVERTERS[qtype](np.zeros((1, 1, type_size), np.uint8))
     return w.bits, w.block, w.offsets is not None
+
+
+def onnx_weight_bytes(ref: TensorRef) -> int:
+    """Bytes the onnx runtime holds for ``ref`` once re-laid out (before onnxruntime's own
+    prepacking): codes at their MatMulNBits width, a float32 scale, a zero point and maybe an
+    offset per block; float32 for float types. IQ2 at 8-bit codes is ~4x its GGUF size."""
+    count = int(np.prod(ref.shape, dtype=np.int64))
+    layout = nbits_layout(ref.qtype) if len(ref.shape) == 2 else None
+    if layout is None:
+        return 4 * count
+    bits, block, has_offsets = layout
+    return count * bits // 8 + count // block * (4 + 1 + (4 if has_offsets else 0))
 
 
 def type_support(qtype: Q | int | str) -> dict[str, Support]:

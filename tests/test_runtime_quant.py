@@ -23,6 +23,7 @@ from runtimes.quant import (  # noqa: E402
     FLOAT_TYPES,
     dequantize_nbits,
     nbits_layout,
+    onnx_weight_bytes,
     to_nbits,
     type_support,
 )
@@ -127,6 +128,13 @@ def test_corrupt_grid_values_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UnsupportedModelError, match="integers"):
         to_nbits(_ref(raw, Q.IQ2_XXS, 1))
 
+    def below(data: np.ndarray, qtype: object) -> np.ndarray:
+        return np.full(data.shape[0] * 256, -17.0, np.float32)  # code -8: out of range
+
+    monkeypatch.setattr(gguf.quants, "dequantize", below)
+    with pytest.raises(UnsupportedModelError, match="integers"):
+        to_nbits(_ref(raw, Q.IQ2_XXS, 1))
+
 
 def test_unsupported_type_refused_by_reader(tmp_path: Path) -> None:
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
@@ -151,3 +159,18 @@ def test_uniform_models_are_all_one_type(tmp_path: Path, qtype: object) -> None:
             rms = float(np.sqrt(np.mean(vals.astype(np.float64) ** 2)))
             # the generator's target RMS for block matrices is 1/sqrt(fan_in)
             assert 0.7 < rms * np.sqrt(t.shape[1]) < 1.4, (t.name, rms)
+
+
+def test_onnx_weight_bytes_counts_the_relayout() -> None:
+    rng = np.random.default_rng(0)
+    rows = 4
+    for qtype in (Q.Q4_K, Q.IQ2_XXS, Q.Q6_K):
+        ref = _ref(random_blocks(rng, qtype, rows * 2), qtype, rows)
+        w = to_nbits(ref)
+        assert w is not None
+        held = w.b.nbytes + w.scales.nbytes + w.zero_points.nbytes
+        held += 0 if w.offsets is None else w.offsets.nbytes
+        assert onnx_weight_bytes(ref) == held, qtype.name
+    # IQ2_XXS: 2.06 bits a weight in the GGUF, 8 + 5 * 8 / 32 once re-laid out
+    iq2 = _ref(random_blocks(rng, Q.IQ2_XXS, 2), Q.IQ2_XXS, 1)
+    assert iq2.nbytes * 4 < onnx_weight_bytes(iq2) < iq2.nbytes * 5
