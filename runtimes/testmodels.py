@@ -268,12 +268,27 @@ def random_blocks(
         fields = [_finite_f16(rng, (n_blocks,)) for _ in range(n_fields)]
     else:
         ratios = [1.0, _MIN_RATIO.get(qtype, 1.0)][:n_fields]
-        fields = [
-            (scale * r * rng.uniform(0.5, 1.0, n_blocks)).astype(np.float16).view(np.uint16)
-            for r in ratios
-        ]
+        u = rng.uniform(0.5, 1.0, n_blocks)  # one factor for d and dmin: mins stay centring
+        fields = [(scale * r * u).astype(np.float16).view(np.uint16) for r in ratios]
     _set_f16(raw, qtype, fields)
+    if scale is not None:
+        _centre_mins(raw, qtype)
     return raw
+
+
+def _centre_mins(raw: Any, qtype: Q) -> None:
+    """Each sub-block's min equal to its scale code (times the dmin/d ratio, half the code
+    range), so sub-blocks centre on zero as a quantizer's do on zero-mean weights; random
+    independent mins put most of a weight's value in its block offset."""
+    if qtype == Q.Q2_K:
+        sc = raw[:, 0:16] & 0x0F
+        raw[:, 0:16] = sc | (sc << 4)
+    elif qtype == Q.Q5_K:
+        # the 12 scale bytes at 4: mins 0-3 (and the top bits of 4-7) in bytes 4-7 copy the
+        # scales' bytes 0-3; bytes 8-11 hold scale | min << 4 low nibbles for sub-blocks 4-7
+        raw[:, 8:12] = raw[:, 4:8]
+        low = raw[:, 12:16] & 0x0F
+        raw[:, 12:16] = low | (low << 4)
 
 
 def _random_raw(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> Any:
