@@ -25,18 +25,23 @@ gguf = importlib.import_module("gguf")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from runtimes.gguf_io import SUPPORTED_TYPES  # noqa: E402
+from runtimes.llamacpp import LlamaCppRuntime  # noqa: E402
 from runtimes.onnx_graph import GraphOptions, _Builder  # noqa: E402
 from runtimes.onnx_rt import OnnxRuntime  # noqa: E402
 from runtimes.oracle import Chain, compare_chain  # noqa: E402
 from runtimes.quant import pack_nibbles, type_support  # noqa: E402
 from runtimes.shards import ShardSpec, ShardStore  # noqa: E402
 from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
-from tests.test_runtime_onnx import PROMPT, REL_BOUND, _oracle  # noqa: E402
+from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 ARCHS = ["llama", "qwen2", "gemma3"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
+# One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
+# 9 calls per model took 0.17 s with two, 0.04 s with one, here); results do not change,
+# every output row is still one thread's dot product.
+THREADS = 1
 # Known, measured disagreements (seed 0 of the generator); strict, so that a change shows.
 KNOWN = {
     # Prompt position 11: llama.cpp's top-2 margin is 0.251, and onnx ranks the pair the
@@ -44,6 +49,13 @@ KNOWN = {
     # llama.cpp's rounding (IQ4_XS dot products take activations in int8 per 256 values).
     ("qwen2", Q.IQ4_XS): "llama.cpp margin 0.251 at a position onnx's float32 path also flips",
 }
+
+
+def _oracle(path: Path, threads: int = THREADS) -> LlamaCppRuntime:
+    """test_runtime_onnx's llama.cpp settings (float32 KV cache, all logits), one thread."""
+    return LlamaCppRuntime(
+        ShardSpec.open(path), n_ctx=64, logits_all=True, kv_f32=True, threads=threads
+    )
 
 
 def _cases() -> list[object]:
@@ -64,11 +76,11 @@ def test_onnx_agrees_with_llama_cpp(tmp_path: Path, arch: str, qtype: object) ->
     n = len(manifest.units)
     chain = Chain(
         [
-            OnnxRuntime(store.open_range(manifest, 0, n // 2), threads=2),
-            OnnxRuntime(store.open_range(manifest, n // 2, n), threads=2),
+            OnnxRuntime(store.open_range(manifest, 0, n // 2), threads=THREADS),
+            OnnxRuntime(store.open_range(manifest, n // 2, n), threads=THREADS),
         ]
     )
-    ref = _oracle(path)
+    ref = _oracle(path, threads=THREADS)
     try:
         c = compare_chain(ref, chain, PROMPT, decode_steps=DECODE_STEPS, max_tokens=64)
     finally:
@@ -142,7 +154,8 @@ def test_rounded_block_sums_close_the_gap_on_mins(tmp_path: Path) -> None:
     try:
         gaps = []
         for rounded in (False, True):
-            chain = Chain([OnnxRuntime(ShardSpec.open(path), threads=2, round_block_sums=rounded)])
+            rt = OnnxRuntime(ShardSpec.open(path), threads=THREADS, round_block_sums=rounded)
+            chain = Chain([rt])
             c = compare_chain(ref, chain, PROMPT, decode_steps=4, max_tokens=64)
             gaps.append(c.relative_diff)
     finally:
