@@ -46,6 +46,7 @@ def add_model_commands(subparsers: Any) -> None:
 def inspect_model(path: str) -> dict[str, Any]:
     from runtimes.arch import unit_kind, unit_tensor_names
     from runtimes.gguf_io import open_gguf
+    from runtimes.quant import type_support
 
     f = open_gguf(path)
     c = f.config
@@ -82,12 +83,24 @@ def inspect_model(path: str) -> dict[str, Any]:
         "total_units": c.n_units,
         "tensor_bytes": sum(t.nbytes for t in f.tensors.values()),
         "tensor_types": dict(sorted(all_types.items())),
+        # Per tensor type, how each runtime runs it: exact, dequantized (exact values in
+        # float32), requantized (values changed) or unsupported. Never silent.
+        "runtime_support": {t: type_support(t) for t in sorted(all_types)},
         "units": units,
     }
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
+
+
+def _write_support(out: Any, support: dict[str, dict[str, str]]) -> None:
+    """One line per tensor type: how llama.cpp, onnx and tinygrad run it."""
+    runtimes = sorted({r for per_type in support.values() for r in per_type})
+    out.write(f"{'type':<8} " + " ".join(f"{r:<12}" for r in runtimes).rstrip() + "\n")
+    for qtype, per_type in support.items():
+        cells = " ".join(f"{per_type.get(r, '-'):<12}" for r in runtimes)
+        out.write(f"{qtype:<8} {cells}".rstrip() + "\n")
 
 
 def run_model_command(args: argparse.Namespace) -> int:
@@ -107,6 +120,7 @@ def run_model_command(args: argparse.Namespace) -> int:
             f"{_mib(info['tensor_bytes'])} of tensors\n"
             f"types: {', '.join(f'{k} x{v}' for k, v in info['tensor_types'].items())}\n"
         )
+        _write_support(out, info["runtime_support"])
         out.write(f"{'unit':>4}  {'kind':<6} {'layer':>5} {'size':>12}  types\n")
         for u in info["units"]:
             layer = "" if u["layer"] is None else str(u["layer"])
