@@ -37,7 +37,9 @@ async def shard_objects(mesh: LocalMesh, node: NodeProcess) -> dict[str, dict[st
 
 async def fetch(node: NodeProcess, oid: str) -> dict[str, Any]:
     done: dict[str, Any] | None = None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=120), headers=node.auth_headers()
+    ) as s:
         async with s.post(f"{node.api}/v1/objects/{oid}/fetch") as resp:
             assert resp.status == 200
             async for line in resp.content:
@@ -92,7 +94,7 @@ async def test_shards_are_objects_pulled_verified_replicated_and_got(
         str(out),
         "--api",
         d.api,
-        env=dict(os.environ),
+        env=dict(os.environ, EDGEMESH_API_TOKEN=d.token),
     )
     assert await asyncio.wait_for(proc.wait(), 120) == 0
     assert hashlib.sha256(out.read_bytes()).hexdigest() == small["name"].removesuffix(".gguf")
@@ -101,7 +103,7 @@ async def test_shards_are_objects_pulled_verified_replicated_and_got(
     await mesh.post(a, "/v1/models", {"path": str(m2), "name": "m2"})
     only_a = [o for oid, o in (await shard_objects(mesh, a)).items() if oid not in on_e]
     target = max(only_a, key=lambda o: o["size"])
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=a.auth_headers()) as s:
         async with s.post(f"{a.api}/v1/objects/{target['id']}/pin?replicas=2") as resp:
             assert resp.status == 200, await resp.text()
 
