@@ -32,7 +32,7 @@ from mesh.inference.coordinator import Coordinator
 from mesh.jobs.service import JobService
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
-from mesh.net.rpc import CallContext, Handler, Link, Reply, handlers_of
+from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
 from mesh.net.transport import TransportConfig
 from mesh.storage.service import ObjectService, StorageConfig
@@ -91,6 +91,11 @@ def local_addresses() -> list[str]:
 class CoreService:
     """RPCs every node serves: liveness, echo and sink for transport benchmarks."""
 
+    name = "node"  # RPC namespace: peers call "node.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
     def __init__(self, node: Node) -> None:
         self._node = node
 
@@ -120,18 +125,20 @@ class Node:
         )
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
-        self.handlers: dict[str, Handler] = handlers_of(
+        self.coordinator = Coordinator(
+            self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
+        )
+        # The node's services: their RPCs are served as "<name>.<method>" and their status
+        # is their part of /v1/info.
+        self.services: list[Service] = [
             CoreService(self),
             self.compute,
             self.compute.tokenizers,
             *self.objects.services(),
             self.jobs,
-            *(services or []),
-        )
-        self.coordinator = Coordinator(
-            self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
-        )
-        self.handlers.update(handlers_of(self.coordinator))
+            self.coordinator,
+        ]
+        self.handlers: dict[str, Handler] = handlers_of(*self.services, *(services or []))
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
@@ -459,22 +466,6 @@ class Node:
             "signaling": self._signaling_endpoints(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "hw": self.hw_summary,
-            "compute": {
-                "runtime": self.config.compute.runtime,
-                "memory_limit": self.config.compute.memory_limit,
-                "memory_used": self.compute.memory_used(),
-                "sessions": len(self.compute.sessions),
-                "shards": [
-                    {
-                        "model_id": k[0],
-                        "units": [k[1], k[2]],
-                        "runtime": k[3],
-                        "sessions": v.sessions,
-                    }
-                    for k, v in self.compute.loaded.items()
-                ],
-                "models": sorted(self.compute.names),
-            },
             "counters": {
                 **self.conns.counters,
                 "handshakes_in_progress": self.conns.handshakes_in_progress,
@@ -484,6 +475,8 @@ class Node:
                 "dht_refused": self.dht.store.refused if self.dht else 0,
             },
             "banned": dict(self.conns.banned),
+            # Each service's own part, under its name (compute, storage, net, ...).
+            **{svc.name: svc.status() for svc in self.services},
         }
 
     async def run_until_stopped(self) -> None:

@@ -15,6 +15,8 @@ The node serves the ``rpc_*`` methods of :class:`ComputeService`, which is the t
 
 from __future__ import annotations
 
+from typing import Any
+
 from mesh.inference.models import (
     CapacityError,
     ComputeConfig,
@@ -42,3 +44,19 @@ __all__ = [
 
 class ComputeService(AuditedStages):
     """Models, shards, memory, stage sessions and their audits, as one RPC service."""
+
+    name = "compute"  # RPC namespace: peers call "compute.<method>"
+
+    def status(self) -> dict[str, Any]:
+        """Memory, sessions, loaded shards and models (``compute`` in ``/v1/info``)."""
+        return {
+            "runtime": self.config.runtime,
+            "memory_limit": self.config.memory_limit,
+            "memory_used": self.memory_used(),
+            "sessions": len(self.sessions),
+            "shards": [
+                {"model_id": k[0], "units": [k[1], k[2]], "runtime": k[3], "sessions": v.sessions}
+                for k, v in self.loaded.items()
+            ],
+            "models": sorted(self.names),
+        }

@@ -264,7 +264,7 @@ class ModelRegistry:
             return self.manifests[mid]
         if not _HEX64.match(mid):
             raise ModelError("malformed model id")
-        reply = await self.caller.call(source, "manifest", {"model_id": mid}, timeout=30)
+        reply = await self.caller.call(source, "compute.manifest", {"model_id": mid}, timeout=30)
         oid = reply.result.get("object")
         if not isinstance(oid, str) or not _HEX64.match(oid):
             raise ModelError(f"{source[:12]} names no object for the manifest of {mid[:12]}")

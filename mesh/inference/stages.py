@@ -223,7 +223,7 @@ class StageSessions(LoadedShards):
             if spec.is_last:
                 reply = self._finish(cur.key[0], out, params, own)
                 result = dict(reply.result, trace=trace, rid=rid, pos=params.get("pos"))
-                await self.caller.notify(owner, "stage_token", result, reply.payload)
+                await self.caller.notify(owner, "coordinator.stage_token", result, reply.payload)
                 return
             if cur.next_peer is None or cur.next_sid is None:
                 raise ModelError("a middle stage without a next stage")
@@ -235,7 +235,11 @@ class StageSessions(LoadedShards):
                 fwd["sig"] = self.caller.sign(step_message(cur.next_sid, pos, n, body))
             try:
                 await self.caller.notify(
-                    cur.next_peer, "stage_push", fwd, body, timeout=self.config.forward_timeout
+                    cur.next_peer,
+                    "compute.stage_push",
+                    fwd,
+                    body,
+                    timeout=self.config.forward_timeout,
                 )
             except RPCError as exc:
                 raise StageUnavailable(cur.next_peer) from exc
@@ -248,7 +252,7 @@ class StageSessions(LoadedShards):
                 "error": f"{type(exc).__name__}: {exc}"[:300],
             }
             try:
-                await self.caller.notify(owner, "stage_failed", report, timeout=5)
+                await self.caller.notify(owner, "coordinator.stage_failed", report, timeout=5)
             except EXPECTED:
                 log.warning("could not report a failed step to %s", owner[:12])
 
@@ -329,7 +333,11 @@ class StageSessions(LoadedShards):
         fwd["sid"] = st.next_sid
         try:
             reply = await self.caller.call(
-                st.next_peer, "stage_forward", fwd, body, timeout=self.config.forward_timeout
+                st.next_peer,
+                "compute.stage_forward",
+                fwd,
+                body,
+                timeout=self.config.forward_timeout,
             )
         except RemoteError:
             raise  # a further stage failed: its code names the culprit

@@ -118,6 +118,11 @@ class _Run:
 
 
 class JobService:
+    name = "jobs"  # RPC namespace: peers call "jobs.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"capable": self.capable, "models_loaded": len(self._sessions)}
+
     def __init__(self, node: PeerContext, objects: ObjectService) -> None:
         self.node = node
         self.objects = objects
@@ -254,7 +259,7 @@ class JobService:
 
         async def ask(peer: str) -> None:
             try:
-                reply = await self.node.call(peer, "chunk_has", {"shas": shas}, timeout=10)
+                reply = await self.node.call(peer, "storage.chunk_has", {"shas": shas}, timeout=10)
             except RPCError:
                 return
             has = set(reply.result.get("has", []))
@@ -353,7 +358,7 @@ class JobService:
                     async with sem:
                         reply = await self.node.call(
                             peer,
-                            "job_task",
+                            "jobs.job_task",
                             {
                                 "model": model,
                                 "sha": chunks[i][0],

@@ -340,7 +340,9 @@ class FastPath:
         data = await self._request(peer, {"sha": sha})
         if data is not None:
             return data
-        reply = await self.node.call(peer, "chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT)
+        reply = await self.node.call(
+            peer, "storage.chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT
+        )
         return reply.payload
 
     def forget(self, peer: str) -> None:

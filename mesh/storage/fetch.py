@@ -93,7 +93,7 @@ async def fetch_chunks(
     Raises StoreError when some chunk has no source left."""
 
     async def default_read(src: str, sha: str, size: int) -> bytes:
-        reply = await caller.call(src, "chunk_read", {"sha": sha}, timeout=timeout)
+        reply = await caller.call(src, "storage.chunk_read", {"sha": sha}, timeout=timeout)
         return reply.payload
 
     run = _Fetch(chunks, need, sources, sink, state, penalize, read or default_read)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.errors import RPCError
-from mesh.net.rpc import CallContext, Reply
+from mesh.net.rpc import CallContext, Reply, Service
 from mesh.net.view import NetConfig, NetView
 from mesh.storage.fastpath import FastPath
 from mesh.storage.fetch import FetchState, fetch_chunks
@@ -85,6 +85,8 @@ class PeerQuotaExceeded(StoreError):
 
 
 class ObjectService:
+    name = "storage"  # RPC namespace: peers call "storage.<method>"
+
     def __init__(self, node: ProviderContext, config: StorageConfig, root: Path) -> None:
         self.node = node
         self.config = config
@@ -109,8 +111,8 @@ class ObjectService:
         self.quota_refused = 0  # replica requests refused by the per-peer quota
         self.replicator = Replicator(self)
 
-    def services(self) -> list[object]:
-        """Objects whose ``rpc_*`` methods the node serves."""
+    def services(self) -> list[Service]:
+        """The services this one is made of (the node serves their RPCs and status)."""
         return [self, self.net, self.providers]
 
     @property
@@ -221,7 +223,7 @@ class ObjectService:
         errors = []
         for h in sorted(holders, key=lambda h: self.net.cost_ms(h, 0)):
             try:
-                reply = await self.node.call(h, "obj_manifest", {"id": oid}, timeout=15)
+                reply = await self.node.call(h, "storage.obj_manifest", {"id": oid}, timeout=15)
                 m = parse_manifest(reply.payload, oid)  # verified: its hash is the id
             except (RPCError, StoreError) as exc:
                 errors.append(f"{h[:12]}: {exc}")
@@ -307,7 +309,7 @@ class ObjectService:
     async def read_chunk_from(self, src: str, sha: str, size: int) -> bytes:
         if self.fast is not None:
             return bytes(await self.fast.read_chunk(src, sha, size))
-        reply = await self.node.call(src, "chunk_read", {"sha": sha}, timeout=60)
+        reply = await self.node.call(src, "storage.chunk_read", {"sha": sha}, timeout=60)
         return reply.payload
 
     async def serve_chunk(self, peer: str, sha: str) -> bytes:
