@@ -268,7 +268,7 @@ async def test_sessions_per_peer_cap_holds_through_rpc(tmp_path: Path) -> None:
     def open_(link: Link) -> Any:
         sid = os.urandom(8).hex()
         params = {"sid": sid, "model_id": "ab" * 32, "units": [0, 2], "runtime": "fake"}
-        return asyncio.ensure_future(link.call("stage_open", params, timeout=10))
+        return asyncio.ensure_future(link.call("compute.stage_open", params, timeout=10))
 
     held = [open_(b_client) for _ in range(3)]
     await until(lambda: len(svc._opening) == 3)
