@@ -190,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
         "chain: nested calls (one more traversal per step)",
     )
     d.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of Gemma 3 270M")
+    from mesh.cli.mesh import add_mesh_commands
+
+    add_mesh_commands(sub)  # mesh create|invite|revoke|show, node --join
     return p
 
 
@@ -207,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("kademlia", "rpcudp"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        if args.command == "node":
+        if args.command in ("node", "mesh"):
+            from mesh.cli.mesh import join_before_start, run_mesh_command
+
+            if args.command == "mesh":
+                return run_mesh_command(args)
+            join_before_start(args)  # node --join INVITE
             return asyncio.run(_run_node(args))
         if args.command == "peers":
             return _peers(args)
