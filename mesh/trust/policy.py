@@ -114,7 +114,9 @@ class MembershipPolicy:
     ) -> None:
         self.anchor = anchor
         self.own_cert = own_cert
-        self.revocations = revocations or (Revocations(anchor) if anchor else None)
+        if revocations is None and anchor is not None:
+            revocations = Revocations(anchor)  # in memory only
+        self.revocations = revocations
         self.skew = skew
         self.clock = clock
         self.refused: Counter[str] = Counter()
