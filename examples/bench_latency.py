@@ -44,7 +44,7 @@ from benchlib import (  # noqa: E402
 from mesh.cli.demo import demo_memory_limit  # noqa: E402
 from mesh.client import MeshClient  # noqa: E402
 from mesh.inference.run import KV_PER_BLOCK, SHARD_OVERHEAD  # noqa: E402
-from mesh.launch.localmesh import LocalMesh  # noqa: E402
+from mesh.launch.localmesh import LocalMesh, NodeProcess  # noqa: E402
 
 SECTION = "Latency vs peers (examples/bench_latency.py)"
 PROMPT = (
@@ -66,10 +66,10 @@ def split_by_memory_works(model: Path, peers: int) -> bool:
     return demo_memory_limit(model, peers) >= 2 * biggest + SHARD_OVERHEAD + KV_PER_BLOCK
 
 
-async def generate(api: str, body: dict[str, Any]) -> dict[str, Any]:
+async def generate(node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
     """The node's summary, plus the gaps between token events as this client saw them."""
     arrivals: list[float] = []
-    async with MeshClient(api) as client:
+    async with MeshClient(node.api, token=node.token) as client:
         async for event in client.stream(**body):
             if "token" in event:
                 arrivals.append(time.perf_counter())
@@ -116,12 +116,12 @@ async def measure(n: int, model: Path, base: Path, opts: argparse.Namespace) -> 
             await mesh.wait_connected(opts.timeout)
         first = mesh.nodes[0]
         await mesh.post(first, "/v1/models", {"path": str(model), "name": "bench-model"})
-        warm = await generate(first.api, dict(body, max_tokens=1))
+        warm = await generate(first, dict(body, max_tokens=1))
         setup_s = time.perf_counter() - t0
         runs = []
         for _ in range(opts.repeats):
             before = await bytes_sent(mesh)
-            summary = await generate(first.api, body)
+            summary = await generate(first, body)
             summary["moved"] = await bytes_sent(mesh) - before
             runs.append(summary)
         names = {node.peer_id: str(node.ready["name"]) for node in mesh.nodes}

@@ -39,14 +39,14 @@ async def put(node: NodeProcess, size: int) -> str:
         for i in range(size >> 20):
             yield i.to_bytes(8, "big") + block[8:]
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+    async with node.session(timeout=aiohttp.ClientTimeout(total=600)) as s:
         async with s.post(f"{node.api}/v1/objects?name=shards", data=body()) as resp:
             resp.raise_for_status()
             return str((await resp.json())["id"])
 
 
 async def fetch(node: NodeProcess, oid: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+    async with node.session(timeout=aiohttp.ClientTimeout(total=900)) as s:
         async with s.post(f"{node.api}/v1/objects/{oid}/fetch?pin=1") as resp:
             done: dict[str, Any] = {}
             async for line in resp.content:

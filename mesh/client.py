@@ -12,7 +12,6 @@ sessions on every stage.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,22 @@ class ClientError(Error):
 
 class MeshClient:
     def __init__(
-        self, api: str | None = None, *, timeout: float = 600.0, token: str | None = None
+        self,
+        api: str | None = None,
+        *,
+        timeout: float = 600.0,
+        token: str | None = None,
+        data_dir: str | Path | None = None,
     ) -> None:
-        if api is None:
-            from mesh.local import resolve_api
+        """``api`` defaults to the node running from ``data_dir`` (default: the default data
+        dir); ``token`` to ``EDGEMESH_API_TOKEN``, else that node's ``api.token`` when ``api``
+        is its address (mesh.local.resolve_token)."""
+        from mesh.local import resolve_api, resolve_token
 
-            api = resolve_api(None)
-        self.api = api.rstrip("/")
+        home = Path(data_dir) if data_dir is not None else None
+        self.api = resolve_api(api, home)
         self.timeout = timeout
-        self.token = token
+        self.token = token or resolve_token(self.api, home)
         self.last_summary: dict[str, Any] = {}
         self._session: aiohttp.ClientSession | None = None
         self._node: Any = None
@@ -52,7 +58,7 @@ class MeshClient:
 
         node = Node(NodeConfig(data_dir=Path(data_dir), **config))
         ready = await node.start()
-        client = cls(ready["api"])
+        client = cls(ready["api"], data_dir=data_dir)
         client._node = node
         return client
 
@@ -72,8 +78,7 @@ class MeshClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            token = self.token or os.environ.get("EDGEMESH_API_TOKEN")
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 read_bufsize=1 << 20,
@@ -90,6 +95,8 @@ class MeshClient:
 
     async def peers(self) -> list[dict[str, Any]]:
         async with self._http().get(f"{self.api}/v1/peers") as resp:
+            if resp.status != 200:
+                raise ClientError(f"peers: HTTP {resp.status}: {await resp.text()}")
             result: list[dict[str, Any]] = await resp.json()
             return result
 

@@ -1,4 +1,5 @@
-"""Finding the local node: the default data dir and the ``node.json`` a running node writes."""
+"""Finding the local node: the default data dir, the ``node.json`` a running node writes and
+the API token it keeps beside it (``api.token``, mode 0600)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from mesh.errors import Error
 
-__all__ = ["NoLocalNode", "default_data_dir", "resolve_api"]
+__all__ = ["NoLocalNode", "default_data_dir", "resolve_api", "resolve_token"]
 
 
 class NoLocalNode(Error):
@@ -23,13 +24,31 @@ def default_data_dir() -> Path:
     return Path(base) / "edgemesh"
 
 
-def resolve_api(api: str | None) -> str:
+def resolve_api(api: str | None, data_dir: Path | None = None) -> str:
     if api:
         return api.rstrip("/")
-    info = default_data_dir() / "node.json"
+    info = (data_dir if data_dir is not None else default_data_dir()) / "node.json"
     try:
         return str(json.loads(info.read_text())["api"]).rstrip("/")
     except (OSError, ValueError, KeyError):
         raise NoLocalNode(
             f"no running node found ({info} missing); start one or pass --api URL"
         ) from None
+
+
+def resolve_token(api: str, data_dir: Path | None = None) -> str | None:
+    """The token to send to ``api``: ``EDGEMESH_API_TOKEN`` when set, else the one the node
+    running from ``data_dir`` (default: the default data dir) wrote, but only when ``api`` is
+    that node's address: a token is never handed to some other server named by ``--api``."""
+    env = os.environ.get("EDGEMESH_API_TOKEN")
+    if env:
+        return env
+    base = data_dir if data_dir is not None else default_data_dir()
+    try:
+        running = str(json.loads((base / "node.json").read_text())["api"]).rstrip("/")
+        if running != api.rstrip("/"):
+            return None
+        token = (base / "api.token").read_text(encoding="ascii").strip()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return token or None

@@ -66,7 +66,8 @@ class NodeConfig:
     # Longest wait for one generation step's token before the coordinator probes the route.
     step_timeout: float = 45.0
     profile_hardware: bool = True  # detect and benchmark the machine (cached in DATA_DIR)
-    # Required when the API listens beyond loopback; from the environment, never argv.
+    # Required when the API listens beyond loopback; from the environment, never argv. Unset,
+    # the node generates one at every start (DATA_DIR/api.token, mode 0600).
     api_token: str | None = field(default_factory=lambda: os.environ.get("EDGEMESH_API_TOKEN"))
     storage: StorageConfig = field(default_factory=StorageConfig)  # objects, zone, jobs
 
@@ -192,7 +193,7 @@ class Node:
             self.objects.fast.blob_reader = self.compute.storage.read_range
             self.compute.range_reader = self.objects.fast.read_blob_range
         self._api_runner, self.api_url = await start_api(
-            self, cfg.api_host, cfg.api_port, cfg.api_token
+            self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir
         )
         if cfg.mdns:
             self.discovery = MdnsDiscovery(

@@ -46,7 +46,7 @@ async def test_embed_client_lists_models_and_streams_the_greedy_completion(
     async with LocalMesh(tmp_path / "mesh", mdns_interface=None) as mesh:
         node = await mesh.start_node("app", ["--no-mdns"])
         await mesh.post(node, "/v1/models", {"path": str(tiny), "name": "tiny"})
-        async with MeshClient(node.api) as client:
+        async with MeshClient(node.api, token=node.token) as client:
             expected = "".join([t async for t in client.generate("tiny", "hello", max_tokens=6)])
         code, out, err = await run(
             str(EXAMPLES / "embed_client.py"),
@@ -58,6 +58,7 @@ async def test_embed_client_lists_models_and_streams_the_greedy_completion(
             "hello",
             "--max-tokens",
             "6",
+            env={"EDGEMESH_HOME": str(node.data_dir)},  # where the example finds the token
         )
     assert code == 0, err
     lines = out.splitlines()

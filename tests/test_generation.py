@@ -80,7 +80,7 @@ async def test_openai_client_streaming_and_not(local_mesh, tiny):
 
     node = await local_mesh.start_node("o0")
     await local_mesh.post(node, "/v1/models", {"path": str(tiny), "name": "tiny"})
-    client = openai.AsyncOpenAI(base_url=node.api + "/v1", api_key="unused")
+    client = openai.AsyncOpenAI(base_url=node.api + "/v1", api_key=node.token)
     models = await client.models.list()
     assert "tiny" in [m.id for m in models.data]
     done = await client.completions.create(model="tiny", prompt="hello", max_tokens=6)
@@ -110,7 +110,7 @@ async def test_client_cancellation_frees_every_stage(local_mesh, tiny):
     nodes = [await local_mesh.start_node(f"c{i}") for i in range(3)]
     await local_mesh.wait_connected(timeout=20)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
-    async with MeshClient(nodes[0].api) as client:
+    async with MeshClient(nodes[0].api, token=nodes[0].token) as client:
         assert [m["id"] for m in await client.models()] == ["tiny"]
         got = []
         async for text in client.generate("tiny", "hello", max_tokens=200, split=3):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mesh.launch.localmesh import LocalMesh
+from mesh.launch.localmesh import LocalMesh, NodeProcess
 
 pytestmark = pytest.mark.network
 onnx = importlib.import_module("onnx")
@@ -47,15 +48,16 @@ def classifier(path: Path, seed: int = 1) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-async def cli(*args: str, api: str) -> dict:  # type: ignore[type-arg]
+async def cli(*args: str, node: NodeProcess) -> dict:  # type: ignore[type-arg]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "mesh",
         *args,
         "--api",
-        api,
+        node.api,
         "--json",
+        env=dict(os.environ, EDGEMESH_API_TOKEN=node.token),  # the CLI sends it
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -80,11 +82,11 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
     dataset.write_text("".join(json.dumps({"x": row.tolist()}) + "\n" for row in x))
     model_path = tmp_path / "clf.onnx"
     classifier(model_path)
-    data_id = (await cli("put", str(dataset), "--chunk-size", str(64 << 10), api=store.api))["id"]
-    model_id = (await cli("put", str(model_path), api=store.api))["id"]
+    data_id = (await cli("put", str(dataset), "--chunk-size", str(64 << 10), node=store))["id"]
+    model_id = (await cli("put", str(model_path), node=store))["id"]
 
     report = await cli(
-        "job", "run", "--model", model_id, "--input", data_id, "--compare", api=a[0].api
+        "job", "run", "--model", model_id, "--input", data_id, "--compare", node=a[0]
     )
     ours, rand = report["policies"]
     assert (ours["policy"], rand["policy"]) == ("ours", "random")
@@ -98,7 +100,7 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
 
     # The results object equals running the model here.
     out = tmp_path / "result.jsonl"
-    await cli("get", report["id"], "-o", str(out), api=b[1].api)
+    await cli("get", report["id"], "-o", str(out), node=b[1])
     got = [json.loads(line) for line in out.read_text().splitlines()]
     sess = ort.InferenceSession(model_path.read_bytes(), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"x": x.astype(np.float32)})[0]

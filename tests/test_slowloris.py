@@ -56,7 +56,9 @@ async def test_held_connections_do_not_stop_a_node_serving(local_mesh: LocalMesh
     http = aiohttp.ClientSession()
     try:
         data = bytes(range(256)) * 4096  # 1 MiB
-        async with http.post(f"{a.api}/v1/objects?name=x", data=data) as resp:
+        async with http.post(
+            f"{a.api}/v1/objects?name=x", data=data, headers=a.auth_headers()
+        ) as resp:
             assert resp.status == 200
             oid = (await resp.json())["id"]
         fast = (await local_mesh.get(a, "/v1/storage"))["fast_path"]
@@ -73,7 +75,7 @@ async def test_held_connections_do_not_stop_a_node_serving(local_mesh: LocalMesh
 
         # A legitimate peer pulls the object from a; a client uses a's API and signaling.
         t0 = time.monotonic()
-        async with http.post(f"{b.api}/v1/objects/{oid}/fetch") as resp:
+        async with http.post(f"{b.api}/v1/objects/{oid}/fetch", headers=b.auth_headers()) as resp:
             assert resp.status == 200
             lines = [line async for line in resp.content if line.strip()]
         pull_s = time.monotonic() - t0

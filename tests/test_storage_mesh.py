@@ -28,7 +28,7 @@ ZONE_ARGS = ["--egress-price", "0.1", "--serve-rate", "4M"]
 
 
 async def put(mesh: LocalMesh, node: NodeProcess, data: bytes, replicas: int) -> str:
-    async with aiohttp.ClientSession() as s:
+    async with node.session() as s:
         url = f"{node.api}/v1/objects?replicas={replicas}&name=t"
         async with s.post(url, data=data) as resp:
             assert resp.status == 200, await resp.text()
@@ -40,7 +40,7 @@ async def durable(mesh: LocalMesh, node: NodeProcess, oid: str) -> list[dict[str
 
 
 async def fetch_events(node: NodeProcess, oid: str):  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+    async with node.session(timeout=aiohttp.ClientTimeout(total=120)) as s:
         async with s.post(f"{node.api}/v1/objects/{oid}/fetch") as resp:
             assert resp.status == 200
             async for line in resp.content:
@@ -48,7 +48,7 @@ async def fetch_events(node: NodeProcess, oid: str):  # type: ignore[no-untyped-
 
 
 async def read_object(node: NodeProcess, oid: str) -> bytes:
-    async with aiohttp.ClientSession() as s:
+    async with node.session() as s:
         async with s.get(f"{node.api}/v1/objects/{oid}") as resp:
             assert resp.status == 200, await resp.text()
             return await resp.read()

@@ -10,6 +10,10 @@ __all__ = ["json_body", "int_field"]
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
+    # aiohttp's request.json() parses any Content-Type; text/plain is what a cross-site page
+    # can send without a preflight (the API guard refuses it first; this holds on its own).
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="the body must be application/json")
     try:
         body = await request.json()
     except ValueError:

@@ -1,4 +1,4 @@
-"""The node's HTTP API (aiohttp), bound to loopback by default.
+"""The node's HTTP API (aiohttp), bound to loopback by default; who may call it: mesh/api/auth.py.
 
 ``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
 ``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
@@ -11,19 +11,19 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from mesh.api.auth import TOKEN_FILE, ApiGuard, is_loopback, node_token
 from mesh.api.bodies import int_field, json_body
 from mesh.api.generate import add_routes
 from mesh.api.storage import add_storage_routes  # objects, accounting, coordinates, jobs
 from mesh.api.web import add_web_routes
-from mesh.errors import EXPECTED, Error
+from mesh.errors import EXPECTED
 from mesh.net.signaling import HTTP_IDLE_DEADLINE
 
 if TYPE_CHECKING:
@@ -36,40 +36,17 @@ MAX_BENCH_BYTES = 1 << 30
 NODE_KEY: web.AppKey[ApiNode] = web.AppKey("node")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _token_guard(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        # Constant-time comparison; the page and its assets stay public (they hold no data).
-        given = request.headers.get("Authorization", "").encode()
-        if request.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
-            raise web.HTTPUnauthorized(text="this API needs 'Authorization: Bearer <token>'")
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    return guard
-
-
 async def start_api(
-    node: ApiNode, host: str, port: int, token: str | None = None
+    node: ApiNode, host: str, port: int, token: str | None, data_dir: Path
 ) -> tuple[web.AppRunner, str]:
-    """Serve the API. Bound beyond loopback it must have a token: the API can read local
-    files (model add) and drive the node."""
-    if not _is_loopback(host) and not token:
-        raise Error(
-            f"the API on {host} would be reachable from the network: set EDGEMESH_API_TOKEN "
-            "(or keep --api on 127.0.0.1)"
-        )
-    middlewares = [_token_guard(token)] if token else []
-    app = web.Application(client_max_size=MAX_REQUEST, middlewares=middlewares)
+    """Serve the API. It always needs a token (mesh/api/auth.py: the operator's, or one written
+    to ``data_dir``); beyond loopback only the operator's: the API can read local files (model
+    add) and drive the node."""
+    token_value = await asyncio.to_thread(node_token, data_dir, token, host)
+    # With a generated token on loopback, the topology page's status reads stay open (after the
+    # Host and Origin checks); an operator who set a token locks everything.
+    guard = ApiGuard(token_value, host, open_reads=token is None and is_loopback(host))
+    app = web.Application(client_max_size=MAX_REQUEST, middlewares=[guard.middleware])
     app[NODE_KEY] = node
     app.router.add_get("/v1/peers", _peers)
     app.router.add_get("/v1/info", _info)
@@ -79,6 +56,13 @@ async def start_api(
     add_storage_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     add_web_routes(app)
+    if token is None:
+
+        async def forget_token(_: web.Application) -> None:
+            # A stopped node's token opens nothing; do not leave it lying around.
+            (data_dir / TOKEN_FILE).unlink(missing_ok=True)
+
+        app.on_cleanup.append(forget_token)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
     )
@@ -87,6 +71,7 @@ async def start_api(
     await site.start()
     sockets = getattr(site._server, "sockets", None) or []
     bound = sockets[0].getsockname()[1]
+    guard.bound(bound)
     shown = f"[{host}]" if ":" in host else host
     return runner, f"http://{shown}:{bound}"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from mesh.errors import Error
 
-__all__ = ["CliError", "parse_size", "api_get", "api_post"]
+__all__ = ["CliError", "parse_size", "api_get", "api_post", "auth_headers"]
 
 
 class CliError(Error):
@@ -30,14 +30,32 @@ def parse_size(text: str) -> int:
     return value
 
 
+def auth_headers(api: str) -> dict[str, str]:
+    """``Authorization`` for the node at ``api`` (mesh.local.resolve_token), or nothing."""
+    from mesh.local import resolve_token
+
+    token = resolve_token(api)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _refused(api: str, path: str, exc: urllib.error.HTTPError) -> CliError:
+    text = exc.read(300).decode(errors="replace")
+    hint = ""
+    if exc.code == 401:
+        hint = (
+            " (no token for this address: set EDGEMESH_API_TOKEN, or EDGEMESH_HOME to the"
+            " node's data dir)"
+        )
+    return CliError(f"{api}{path}: HTTP {exc.code}: {text}{hint}")
+
+
 def api_get(api: str, path: str) -> Any:
+    req = urllib.request.Request(f"{api}{path}", headers=auth_headers(api))
     try:
-        with urllib.request.urlopen(f"{api}{path}", timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read(16 << 20))
     except urllib.error.HTTPError as exc:
-        raise CliError(
-            f"{api}{path}: HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
-        ) from None
+        raise _refused(api, path, exc) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach node API at {api}: {exc}") from None
 
@@ -47,13 +65,12 @@ def api_post(api: str, path: str, body: dict[str, Any], timeout: float = 60) -> 
         f"{api}{path}",
         data=json.dumps(body).encode(),
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **auth_headers(api)},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read(16 << 20))
     except urllib.error.HTTPError as exc:
-        text = exc.read(300).decode(errors="replace")
-        raise CliError(f"{api}{path}: HTTP {exc.code}: {text}") from None
+        raise _refused(api, path, exc) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach node API at {api}: {exc}") from None

@@ -161,7 +161,7 @@ class _Reader:
 
 
 def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
-    from mesh.cli.common import CliError
+    from mesh.cli.common import CliError, auth_headers
 
     path: Path = args.file
     try:
@@ -183,7 +183,11 @@ def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
             f"{api}/v1/objects?{query}",
             data=_Reader(fh, bar),
             method="POST",
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            headers={
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+                **auth_headers(api),
+            },
         )
         doc = _open_json(req, api)
     bar.show(size, force=True)
@@ -205,10 +209,12 @@ def _open_json(req: urllib.request.Request, api: str, timeout: float = 600) -> A
 
 
 def _get(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
-    from mesh.cli.common import CliError
+    from mesh.cli.common import CliError, auth_headers
 
     pin = "1" if args.pin else "0"
-    req = urllib.request.Request(f"{api}/v1/objects/{args.id}/fetch?pin={pin}", method="POST")
+    req = urllib.request.Request(
+        f"{api}/v1/objects/{args.id}/fetch?pin={pin}", method="POST", headers=auth_headers(api)
+    )
     bar: _Bar | None = None
     final: dict[str, Any] = {}
     try:
@@ -233,7 +239,10 @@ def _get(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
     tmp = args.output.with_name(f".{args.output.name}.part")
     try:
         with (
-            urllib.request.urlopen(f"{api}/v1/objects/{args.id}", timeout=600) as resp,
+            urllib.request.urlopen(
+                urllib.request.Request(f"{api}/v1/objects/{args.id}", headers=auth_headers(api)),
+                timeout=600,
+            ) as resp,
             open(tmp, "wb") as out,
         ):
             while block := resp.read(1 << 20):

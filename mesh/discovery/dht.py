@@ -33,8 +33,9 @@ from kademlia.node import Node as KadNode
 from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
-from mesh.errors import DiscoveryError, IdentityError
-from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.errors import DiscoveryError
+from mesh.net.identity import Identity
+from mesh.net.signed import Field, Format, check_expiry
 
 __all__ = [
     "Record",
@@ -54,8 +55,23 @@ MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
 MAX_DATAGRAM = MAX_VALUE + 1024
 MAX_TTL = 24 * 3600.0
 MAX_KEYS = 4096  # keys one node stores for others
-_CONTEXT = b"edgemesh/dht/v1\x00"
-_KINDS = ("peer", "prov")
+RECORD = Format(
+    what="record",
+    context=b"edgemesh/dht/v1\x00",
+    fields=(
+        Field("v", int, choices=(1,)),
+        Field("kind", str, choices=("peer", "prov")),
+        Field("key", str),
+        Field("peer_id", str),
+        Field("pk", bytes),
+        Field("seq", int),
+        Field("expires", float),
+        Field("body", dict),
+    ),
+    error=DiscoveryError,
+    max_size=MAX_RECORD,
+    signer="peer_id",
+)
 
 
 def dht_key(key: str) -> bytes:
@@ -89,72 +105,24 @@ def make_record(
     now: float | None = None,
 ) -> bytes:
     now = time.time() if now is None else now
-    fields = [
-        1,
-        kind,
-        key,
-        identity.peer_id,
-        identity.public_key,
-        int(now * 1000) if seq is None else seq,
-        now + ttl,
-        body,
-    ]
-    sig = identity.sign(_CONTEXT + msgpack.packb(fields, use_bin_type=True))
-    raw = bytes(msgpack.packb(fields + [sig], use_bin_type=True))
-    if len(raw) > MAX_RECORD:
-        raise DiscoveryError(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
-    return raw
+    seq = int(now * 1000) if seq is None else seq
+    values = [1, kind, key, identity.peer_id, identity.public_key, seq, now + ttl, body]
+    return RECORD.make(identity, values)
 
 
 def parse_record(raw: Any, now: float | None = None) -> Record:
     """Validate one record (pure). Raises DiscoveryError."""
-    if not isinstance(raw, bytes):
-        raise DiscoveryError("record must be bytes")
-    if len(raw) > MAX_RECORD:
-        raise DiscoveryError(f"record of {len(raw)} bytes exceeds {MAX_RECORD}")
-    try:
-        items = msgpack.unpackb(
-            raw,
-            raw=False,
-            max_str_len=MAX_RECORD,
-            max_bin_len=MAX_RECORD,
-            max_array_len=64,
-            max_map_len=64,
-            max_ext_len=0,
-        )
-    except Exception as exc:
-        raise DiscoveryError(f"malformed record: {type(exc).__name__}") from None
-    if not isinstance(items, list) or len(items) != 9:
-        raise DiscoveryError("record must be a list of 9 fields")
-    v, kind, key, pid, pk, seq, expires, body, sig = items
-    if v != 1 or kind not in _KINDS:
-        raise DiscoveryError(f"unknown record version/kind {v!r}/{kind!r}")
-    if not (
-        isinstance(key, str)
-        and isinstance(pid, str)
-        and isinstance(pk, bytes)
-        and isinstance(sig, bytes)
-        and isinstance(body, dict)
-    ):
-        raise DiscoveryError("record fields have wrong types")
-    if type(seq) is not int or not isinstance(expires, float | int):
-        raise DiscoveryError("record seq/expiry have wrong types")
+    f = RECORD.parse(raw).fields
+    pid, kind, key = f["peer_id"], f["kind"], f["key"]
     now = time.time() if now is None else now
-    if expires <= now:
-        raise DiscoveryError(f"record from {pid[:12]} expired {now - expires:.0f} s ago")
-    if expires > now + MAX_TTL:
-        raise DiscoveryError("record expiry too far in the future")
+    check_expiry(
+        f["expires"], now, max_ttl=MAX_TTL, error=DiscoveryError, what=f"record from {pid[:12]}"
+    )
     if not key.startswith(kind + ":"):
         raise DiscoveryError(f"a {kind} record cannot live under {key!r}")
     if kind == "peer" and key != f"peer:{pid}":
         raise DiscoveryError("a peer record must live under its own id")
-    try:
-        if peer_id_from_key(pk) != pid:
-            raise DiscoveryError(f"record id {pid[:12]} is not the hash of its key")
-        verify(pk, _CONTEXT + msgpack.packb(items[:-1], use_bin_type=True), sig)
-    except IdentityError as exc:
-        raise DiscoveryError(f"record from {pid[:12]}: {exc}") from None
-    return Record(kind, key, pid, pk, seq, float(expires), body, raw)
+    return Record(kind, key, pid, f["pk"], f["seq"], float(f["expires"]), f["body"], raw)
 
 
 def parse_value(

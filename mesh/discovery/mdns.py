@@ -18,12 +18,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgpack
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from mesh.errors import DiscoveryError, IdentityError
-from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.errors import DiscoveryError
+from mesh.net.identity import Identity
+from mesh.net.signed import Field, Format
 
 __all__ = [
     "SERVICE_TYPE",
@@ -35,8 +35,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SERVICE_TYPE = "_edgemesh._tcp.local."
-_CONTEXT = b"edgemesh/mdns/v1\x00"
 MAX_ADDRESSES = 8
+# The TXT record's signed fields, in the order they are signed (the TXT keys in comments).
+ANNOUNCEMENT = Format(
+    what="announcement",
+    context=b"edgemesh/mdns/v1\x00",
+    fields=(
+        Field("id", str),
+        Field("pk", bytes),
+        Field("sp", int),  # signaling port
+        Field("a", list),  # addresses
+        Field("n", str),  # name
+        Field("m", str),  # mesh
+        Field("t", int),  # sequence: the announcement time in ms
+    ),
+    error=DiscoveryError,
+    max_size=2048,  # of the TXT keys and values; a valid one is under 1 KiB
+    signer="id",
+)
 MAX_TRACKED = 256  # peers whose announcements we resolve at once; more are ignored
 
 
@@ -59,13 +75,6 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _signed(
-    pid: str, pk: bytes, port: int, addrs: list[str], name: str, mesh: str, seq: int
-) -> bytes:
-    fields = [pid, pk, port, addrs, name, mesh, seq]
-    return _CONTEXT + bytes(msgpack.packb(fields, use_bin_type=True))
-
-
 def make_properties(
     identity: Identity,
     port: int,
@@ -76,8 +85,8 @@ def make_properties(
 ) -> dict[str, str]:
     seq = int(time.time() * 1000) if seq is None else seq
     name = name[:63]
-    sig = identity.sign(
-        _signed(identity.peer_id, identity.public_key, port, addresses, name, mesh, seq)
+    sig = ANNOUNCEMENT.sign(
+        identity, [identity.peer_id, identity.public_key, port, addresses, name, mesh, seq]
     )
     return {
         "id": identity.peer_id,
@@ -93,30 +102,37 @@ def make_properties(
 
 def parse_announcement(properties: dict[bytes, bytes | None], instance: str) -> Announcement:
     """Validate a TXT record (pure). Raises DiscoveryError."""
+    size = sum(len(k) + len(v or b"") for k, v in properties.items())
+    if size > ANNOUNCEMENT.max_size:
+        raise DiscoveryError(f"announcement {instance!r} of {size} bytes exceeds the cap")
     try:
         props = {k.decode(): (v or b"").decode() for k, v in properties.items()}
-        pid, pk = props["id"], _unb64(props["pk"])
-        port = int(props["sp"])
-        addrs = [a for a in props.get("a", "").split(",") if a]
-        name, sig = props.get("n", ""), _unb64(props["sig"])
-        mesh, seq = props.get("m", ""), int(props["t"])
+        values = [
+            props["id"],
+            _unb64(props["pk"]),
+            int(props["sp"]),
+            [a for a in props.get("a", "").split(",") if a],
+            props.get("n", ""),
+            props.get("m", ""),
+            int(props["t"]),
+        ]
+        sig = _unb64(props["sig"])
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise DiscoveryError(f"malformed announcement {instance!r}: {exc!r}") from None
+    f = ANNOUNCEMENT.check(values, sig).fields
+    pid, port, addrs = f["id"], f["sp"], f["a"]
     if not 0 < port < 65536:
         raise DiscoveryError(f"announcement {instance!r}: bad port {port}")
     if not addrs or len(addrs) > MAX_ADDRESSES:
         raise DiscoveryError(f"announcement {instance!r}: needs 1..{MAX_ADDRESSES} addresses")
-    try:
-        for a in addrs:
+    for a in addrs:
+        try:
             ipaddress.ip_address(a)
-        if peer_id_from_key(pk) != pid:
-            raise DiscoveryError(f"announcement claims id {pid[:12]} that is not its key's hash")
-        verify(pk, _signed(pid, pk, port, addrs, name, mesh, seq), sig)
-    except (IdentityError, ValueError) as exc:
-        raise DiscoveryError(f"announcement {instance!r}: {exc}") from None
+        except ValueError as exc:
+            raise DiscoveryError(f"announcement {instance!r}: {exc}") from None
     if not instance.startswith(pid + "."):
         raise DiscoveryError(f"instance {instance!r} does not carry its peer id {pid[:12]}")
-    return Announcement(pid, pk, port, tuple(addrs), name, mesh, seq)
+    return Announcement(pid, f["pk"], port, tuple(addrs), f["n"], f["m"], f["t"])
 
 
 class MdnsDiscovery:

@@ -36,12 +36,14 @@ from mesh.errors import SignalingError
 from mesh.net.identity import Identity
 from mesh.net.signaling import (
     MAX_ENVELOPE,
+    MAX_SKEW,
     Envelope,
     ReplayGuard,
-    open_envelope,
+    accept_envelope,
     parse_envelope,
     seal,
 )
+from mesh.net.signed import check_fresh
 
 __all__ = ["MqttConfig", "MqttSignaling", "load_mesh_key", "parse_mqtt_url"]
 
@@ -239,8 +241,14 @@ class MqttSignaling:
         env = parse_envelope(self._unseal(payload))
         if env.kind != "presence" or env.sender != peer_id:
             raise SignalingError(f"presence for {peer_id[:12]} signed by {env.sender[:12]}")
-        if time.time() - env.time > self.config.presence_max_age:
-            raise SignalingError(f"stale presence of {peer_id[:12]}")
+        check_fresh(
+            env.time,
+            time.time(),
+            max_age=self.config.presence_max_age,
+            max_ahead=MAX_SKEW,
+            error=SignalingError,
+            what=f"presence of {peer_id[:12]}",
+        )
         self.on_presence(peer_id, env.body)
 
     def _handle_inbox(self, payload: bytes) -> None:
@@ -250,7 +258,7 @@ class MqttSignaling:
             raise SignalingError("inbox message addressed to another peer")
         if env.kind == "offer":
             # freshness and replay: the same checks as the direct endpoint
-            env = open_envelope(raw, me=self.identity.peer_id, kind="offer", guard=self.guard)
+            accept_envelope(env, me=self.identity.peer_id, kind="offer", guard=self.guard)
         if env.kind == "answer":
             # checked for freshness and replay by the dialer, which matched it to its offer
             fut = self._waiting.get(env.body.get("re"))  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from mesh.api.auth import TOKEN_FILE
 from mesh.errors import Error
 from mesh.trust.keys import Anchor
 from mesh.trust.provision import create_mesh, provision_member
@@ -43,6 +44,21 @@ class NodeProcess:
     data_dir: Path
     ready: dict[str, Any] = field(default_factory=dict)
     stderr_tail: list[str] = field(default_factory=list)
+    env_token: str | None = None  # EDGEMESH_API_TOKEN as the process got it
+
+    @property
+    def token(self) -> str:
+        """The API token: the operator's, else the one the node wrote to its data dir."""
+        if self.env_token:
+            return self.env_token
+        return (self.data_dir / TOKEN_FILE).read_text(encoding="ascii").strip()
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An HTTP session that sends this node's token."""
+        return aiohttp.ClientSession(headers=self.auth_headers(), **kwargs)
 
     @property
     def peer_id(self) -> str:
@@ -111,8 +127,22 @@ class LocalMesh:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> LocalMesh:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30), middlewares=(self._authorize,)
+        )
         return self
+
+    async def _authorize(
+        self, req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        """``_http`` sends each node's own token to that node's API (and to nothing else)."""
+        if "Authorization" not in req.headers:
+            origin = str(req.url.origin())
+            for node in self.nodes:
+                if node.ready.get("api") == origin:
+                    req.headers["Authorization"] = f"Bearer {node.token}"
+                    break
+        return await handler(req)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
@@ -146,7 +176,7 @@ class LocalMesh:
             env=env,
             start_new_session=True,
         )
-        node = NodeProcess(proc, data_dir)
+        node = NodeProcess(proc, data_dir, env_token=env.get("EDGEMESH_API_TOKEN") or None)
         self.nodes.append(node)
         asyncio.get_running_loop().create_task(self._drain_stderr(node))
         assert proc.stdout is not None

@@ -19,10 +19,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
-from mesh.errors import HandshakeError, IdentityError
-from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.errors import HandshakeError
+from mesh.net.identity import Identity
+from mesh.net.signed import Field, check_binding, check_fields, signed_bytes, verify_signature
 
 __all__ = [
     "Hello",
@@ -55,33 +54,24 @@ class Hello:
     nonce: bytes
 
 
+_HELLO = (Field("id", str), Field("pk", bytes, size=32), Field("nonce", bytes, size=NONCE_LEN))
+_PROOF = (Field("sig", bytes, size=64),)
+
+
 def parse_hello(header: dict[str, Any]) -> Hello:
     if header.get("t") != "hello":
         raise HandshakeError(f"expected hello, got {header.get('t')!r}")
     if header.get("v") != 1:
         raise HandshakeError(f"unsupported handshake version {header.get('v')!r}")
-    pk, nonce, pid = header.get("pk"), header.get("nonce"), header.get("id")
-    if not isinstance(pk, bytes) or len(pk) != 32:
-        raise HandshakeError("hello carries no 32-byte public key")
-    if not isinstance(nonce, bytes) or len(nonce) != NONCE_LEN:
-        raise HandshakeError(f"hello carries no {NONCE_LEN}-byte nonce")
-    if not isinstance(pid, str):
-        raise HandshakeError("hello carries no peer id")
-    try:
-        derived = peer_id_from_key(pk)
-    except IdentityError as exc:
-        raise HandshakeError(str(exc)) from None
-    if derived != pid:
-        raise HandshakeError(f"peer id {pid[:12]} does not match its public key ({derived[:12]})")
-    return Hello(pid, pk, nonce)
+    f = check_fields(_HELLO, [header.get(f.name) for f in _HELLO], HandshakeError, "hello")
+    check_binding(f["pk"], f["id"], HandshakeError, "hello")
+    return Hello(f["id"], f["pk"], f["nonce"])
 
 
 def parse_proof(header: dict[str, Any]) -> bytes:
     if header.get("t") != "proof":
         raise HandshakeError(f"expected proof, got {header.get('t')!r}")
-    sig = header.get("sig")
-    if not isinstance(sig, bytes) or len(sig) != 64:
-        raise HandshakeError("proof carries no 64-byte signature")
+    sig: bytes = check_fields(_PROOF, [header.get("sig")], HandshakeError, "proof")["sig"]
     return sig
 
 
@@ -128,8 +118,8 @@ class HandshakeState:
         theirs = (self.remote_fp, remote.nonce, remote.public_key)
         off, ans = (mine, theirs) if self.offerer else (theirs, mine)
         role = b"offerer" if signer_is_offerer else b"answerer"
-        body = msgpack.packb([off[0], ans[0], off[1], ans[1], off[2], ans[2]], use_bin_type=True)
-        return _CONTEXT + role + b"\x00" + bytes(body)
+        values = [off[0], ans[0], off[1], ans[1], off[2], ans[2]]
+        return signed_bytes(_CONTEXT + role + b"\x00", values)
 
     def receive_hello(self, header: dict[str, Any]) -> dict[str, Any]:
         """Check the peer's hello; return our proof message."""
@@ -151,11 +141,13 @@ class HandshakeState:
             raise HandshakeError("proof before hello")
         sig = parse_proof(header)
         transcript = self._transcript(self.remote, signer_is_offerer=not self.offerer)
-        try:
-            verify(self.remote.public_key, transcript, sig)
-        except IdentityError:
-            raise HandshakeError(
-                f"peer {self.remote.peer_id[:12]} did not sign this connection's DTLS "
-                "fingerprints (man in the middle, or a forged key)"
-            ) from None
+        verify_signature(
+            self.remote.public_key,
+            transcript,
+            sig,
+            HandshakeError,
+            "proof",
+            f"peer {self.remote.peer_id[:12]} did not sign this connection's DTLS "
+            "fingerprints (man in the middle, or a forged key)",
+        )
         return self.remote

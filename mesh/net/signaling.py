@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -25,17 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import msgpack
 from aiohttp import web
 
-from mesh.errors import IdentityError, SignalingError
-from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.errors import SignalingError
+from mesh.net.identity import Identity
+from mesh.net.signed import Field, Format, check_fresh
 
 __all__ = [
     "Envelope",
     "ReplayGuard",
     "seal",
     "open_envelope",
+    "accept_envelope",
     "parse_envelope",
     "SignalingServer",
     "fetch_info",
@@ -51,8 +51,22 @@ MAX_SKEW = 60.0
 # A connection must finish a request within this long, and idle ones close after it: aiohttp
 # arms its keep-alive timer at connect, so it doubles as a header deadline (slowloris).
 HTTP_IDLE_DEADLINE = 10.0
-_FIELDS = ("v", "kind", "from", "pk", "to", "nonce", "time", "body")
-_CONTEXT = b"edgemesh/signal/v1\x00"
+ENVELOPE = Format(
+    what="signaling message",
+    context=b"edgemesh/signal/v1\x00",
+    fields=(
+        Field("v", int, choices=(1,)),
+        Field("kind", str),
+        Field("from", str),
+        Field("pk", bytes),
+        Field("to", str),
+        Field("nonce", bytes, size=16),
+        Field("time", float),
+        Field("body", dict),
+    ),
+    error=SignalingError,
+    max_size=MAX_ENVELOPE,
+)
 
 
 def parse_endpoint(text: Any) -> tuple[str, int] | None:
@@ -99,64 +113,19 @@ class Envelope:
     body: dict[str, Any]
 
 
-def _signed_bytes(fields: list[Any]) -> bytes:
-    return _CONTEXT + bytes(msgpack.packb(fields, use_bin_type=True))
-
-
 def seal(
     identity: Identity, kind: str, to: str, body: dict[str, Any], now: float | None = None
 ) -> bytes:
     """Sign and encode one signaling message."""
-    fields = [
-        1,
-        kind,
-        identity.peer_id,
-        identity.public_key,
-        to,
-        os.urandom(16),
-        time.time() if now is None else now,
-        body,
-    ]
-    sig = identity.sign(_signed_bytes(fields))
-    return bytes(msgpack.packb(fields + [sig], use_bin_type=True))
+    now = time.time() if now is None else now
+    values = [1, kind, identity.peer_id, identity.public_key, to, os.urandom(16), now, body]
+    return ENVELOPE.make(identity, values)
 
 
 def parse_envelope(data: bytes) -> Envelope:
     """Decode and verify the signature (pure). Raises SignalingError."""
-    if len(data) > MAX_ENVELOPE:
-        raise SignalingError(f"signaling message of {len(data)} bytes exceeds {MAX_ENVELOPE}")
-    try:
-        items = msgpack.unpackb(
-            data,
-            raw=False,
-            max_str_len=MAX_ENVELOPE,
-            max_bin_len=MAX_ENVELOPE,
-            max_array_len=64,
-            max_map_len=64,
-            max_ext_len=0,
-        )
-    except Exception as exc:
-        raise SignalingError(f"malformed signaling message: {type(exc).__name__}") from None
-    if not isinstance(items, list) or len(items) != len(_FIELDS) + 1:
-        raise SignalingError("signaling message must be a list of 9 fields")
-    v, kind, sender, pk, to, nonce, ts, body, sig = items
-    if v != 1:
-        raise SignalingError(f"unsupported signaling version {v!r}")
-    if not (isinstance(kind, str) and isinstance(sender, str) and isinstance(to, str)):
-        raise SignalingError("kind, from and to must be strings")
-    if not (isinstance(pk, bytes) and isinstance(nonce, bytes) and len(nonce) == 16):
-        raise SignalingError("bad key or nonce")
-    if not isinstance(ts, float | int) or not isinstance(body, dict) or not isinstance(sig, bytes):
-        raise SignalingError("bad time, body or signature")
-    if not math.isfinite(ts):
-        raise SignalingError("time is not a finite number")
-    try:
-        if peer_id_from_key(pk) != sender:
-            raise SignalingError(f"sender id {sender[:12]} is not the hash of its key")
-        verify(pk, _signed_bytes(items[:-1]), sig)
-    except IdentityError as exc:
-        raise SignalingError(f"signaling message from {sender[:12]}: {exc}") from None
-    return Envelope(kind, sender, pk, to, nonce, float(ts), body)
+    f = ENVELOPE.parse(data).fields
+    return Envelope(f["kind"], f["from"], f["pk"], f["to"], f["nonce"], float(f["time"]), f["body"])
 
 
 class ReplayGuard:
@@ -169,8 +138,14 @@ class ReplayGuard:
 
     def check(self, env: Envelope, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        if abs(now - env.time) > self.window:
-            raise SignalingError(f"signaling message is {now - env.time:+.0f} s off (stale)")
+        check_fresh(
+            env.time,
+            now,
+            max_age=self.window,
+            max_ahead=self.window,
+            error=SignalingError,
+            what="signaling message",
+        )
         key = env.sender.encode() + env.nonce
         if key in self._seen:
             raise SignalingError("replayed signaling message")
@@ -193,7 +168,13 @@ def open_envelope(
     data: bytes, *, me: str, kind: str, guard: ReplayGuard, now: float | None = None
 ) -> Envelope:
     """Parse, verify, check addressee, kind, freshness and replay."""
-    env = parse_envelope(data)
+    return accept_envelope(parse_envelope(data), me=me, kind=kind, guard=guard, now=now)
+
+
+def accept_envelope(
+    env: Envelope, *, me: str, kind: str, guard: ReplayGuard, now: float | None = None
+) -> Envelope:
+    """Check a parsed envelope's addressee, kind, freshness and replay."""
     if env.to != me:
         raise SignalingError(f"message addressed to {env.to[:12]}, not to us")
     if env.kind != kind:
