@@ -331,3 +331,60 @@ async def test_trust_service_syncs_new_links_and_the_cli_file(owner, tmp_path):
     assert sorted(p for p, _, _ in node.sent) == ["a", "late"]
     with pytest.raises(Error):
         await service.rpc_trust_revocations(Ctx("a"), {}, b"\xc1" * 10)
+
+
+# -- the reduced surface and the handshake gate ----------------------------------------------
+
+
+class LinkCtx:
+    def __init__(self, peer_id):
+        self.peer_id = peer_id
+        self.link = object()  # a call from a peer, not from this node
+
+
+async def test_strangers_of_an_open_mesh_get_no_jobs_or_replicas(owner):
+    from mesh.trust.service import MEMBERS_ONLY, members_only
+
+    policy = _policy(owner, open=True)
+    calls = []
+
+    async def handler(ctx, params, payload):
+        calls.append(ctx.peer_id)
+        return {}
+
+    handlers = {name: handler for name in (*MEMBERS_ONLY, "info")}
+    members_only(policy, handlers)
+    stranger, member = Identity.generate().peer_id, Identity.generate().peer_id
+    policy.admit(stranger, None)
+    policy.admit(member, issue_cert(owner, owner.mesh_id, member, ttl=60, now=NOW).raw)
+    for name in MEMBERS_ONLY:
+        with pytest.raises(NotAMember, match="members of this mesh only"):
+            await handlers[name](LinkCtx(stranger), {}, b"")
+        await handlers[name](LinkCtx(member), {}, b"")
+    await handlers["info"](LinkCtx(stranger), {}, b"")
+    assert calls == [member] * len(MEMBERS_ONLY) + [stranger]
+    assert policy.counters()["not_member_stranger_call"] == len(MEMBERS_ONLY)
+
+
+def test_handshake_refuses_a_hello_without_a_valid_certificate(owner):
+    from mesh.errors import HandshakeError
+    from mesh.net.handshake import HandshakeState
+
+    a, b = Identity.generate(), Identity.generate()
+    cert_a = issue_cert(owner, owner.mesh_id, a.peer_id, ttl=3600, now=NOW)
+    cert_b = issue_cert(owner, owner.mesh_id, b.peer_id, ttl=3600, now=NOW)
+    fa, fb = "AA:" * 31 + "AA", "BB:" * 31 + "BB"
+    gate_a = MembershipPolicy(Anchor(owner.public_key), own_cert=cert_a, clock=lambda: NOW)
+    gate_b = MembershipPolicy(Anchor(owner.public_key), own_cert=cert_b, clock=lambda: NOW)
+    sa = HandshakeState(a, offerer=True, local_fp=fa, remote_fp=fb, gate=gate_a)
+    sb = HandshakeState(b, offerer=False, local_fp=fb, remote_fp=fa, gate=gate_b)
+    proof_b = sb.receive_hello(sa.hello())
+    proof_a = sa.receive_hello(sb.hello())
+    assert sa.receive_proof(proof_b).peer_id == b.peer_id
+    assert sb.receive_proof(proof_a).peer_id == a.peer_id
+    # The same exchange without b's certificate: a refuses the hello, signs nothing.
+    bare = HandshakeState(b, offerer=False, local_fp=fb, remote_fp=fa)
+    sa2 = HandshakeState(a, offerer=True, local_fp=fa, remote_fp=fb, gate=gate_a)
+    with pytest.raises(HandshakeError, match="missing"):
+        sa2.receive_hello(bare.hello())
+    assert gate_a.counters()["not_member_missing"] == 1

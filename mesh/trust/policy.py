@@ -9,6 +9,7 @@ replication requests; spot checks stay on for strangers).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -108,12 +109,14 @@ class MembershipPolicy:
         anchor: Anchor | None,
         *,
         own_cert: MemberCert | None = None,
+        credential: bytes | None = None,
         revocations: Revocations | None = None,
         skew: float = CLOCK_SKEW,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.anchor = anchor
         self.own_cert = own_cert
+        self._credential = own_cert.raw if own_cert is not None else credential
         if revocations is None and anchor is not None:
             revocations = Revocations(anchor)  # in memory only
         self.revocations = revocations
@@ -126,6 +129,18 @@ class MembershipPolicy:
     @property
     def open(self) -> bool:
         return self.anchor is not None and self.anchor.open
+
+    @property
+    def credential(self) -> bytes | None:
+        """This node's own certificate, attached to its records, offers and hellos (sent
+        even when it does not verify here: the receivers judge it, and say why)."""
+        return self._credential
+
+    @property
+    def credential_text(self) -> str | None:
+        """The same as base64url text: for records that end up in JSON (DHT, mDNS TXT)."""
+        raw = self._credential
+        return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=") if raw else None
 
     @property
     def mesh_id(self) -> str:
@@ -192,11 +207,13 @@ def load_policy(data_dir: Path, *, clock: Callable[[], float] = time.time) -> Me
     revocations = Revocations(anchor, data_dir / REVOCATIONS_FILE)
     revocations.reload()
     own: MemberCert | None = None
-    raw = read_capped(data_dir / CERT_FILE, 1024)
-    if raw is not None:
+    text = read_capped(data_dir / CERT_FILE, 1024)
+    raw: bytes | None = None
+    if text is not None:
         try:
+            raw = cert_bytes(text.decode("ascii", "replace").strip())
             own = verify_cert(
-                cert_bytes(raw.decode("ascii", "replace").strip()) or b"",
+                raw or b"",
                 anchor.owner_key,
                 anchor.mesh_id,
                 _own_peer_id(data_dir),
@@ -204,7 +221,9 @@ def load_policy(data_dir: Path, *, clock: Callable[[], float] = time.time) -> Me
             )
         except NotAMember as exc:
             log.warning("this node's certificate is not valid: %s", exc)
-    return MembershipPolicy(anchor, own_cert=own, revocations=revocations, clock=clock)
+    return MembershipPolicy(
+        anchor, own_cert=own, credential=raw, revocations=revocations, clock=clock
+    )
 
 
 def _own_peer_id(data_dir: Path) -> str:

@@ -17,13 +17,13 @@ from typing import Any
 
 import msgpack
 
-from mesh.errors import EXPECTED, WireError
+from mesh.errors import EXPECTED, NotAMember, WireError
 from mesh.net.context import PeerContext
-from mesh.net.rpc import CallContext
+from mesh.net.rpc import CallContext, Handler
 from mesh.trust.cert import MAX_REVOCATION, Revocation
 from mesh.trust.policy import MAX_REVOCATIONS, MembershipPolicy
 
-__all__ = ["TrustService"]
+__all__ = ["TrustService", "members_only", "MEMBERS_ONLY"]
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 1024  # revocations in one message
@@ -142,3 +142,26 @@ class TrustService:
             except Exception:  # the watcher must outlive one bad round
                 log.exception("trust service round failed")
             await asyncio.sleep(self.poll)  # the period of the file watch and peer sync
+
+
+# What a stranger of an open mesh may not ask for: running its batch jobs, storing its
+# replicas. (In a private mesh every linked peer is a member, so nothing changes there.)
+MEMBERS_ONLY = ("job_task", "obj_replicate")
+
+
+def members_only(policy: MembershipPolicy, handlers: dict[str, Handler]) -> None:
+    """Wrap the :data:`MEMBERS_ONLY` handlers so a stranger's call is refused (NotAMember)."""
+    for name in MEMBERS_ONLY:
+        inner = handlers.get(name)
+        if inner is not None:
+            handlers[name] = _guarded(policy, name, inner)
+
+
+def _guarded(policy: MembershipPolicy, name: str, inner: Handler) -> Handler:
+    async def handler(ctx: CallContext, params: dict[str, Any], payload: bytes) -> Any:
+        if ctx.link is not None and not policy.is_member(ctx.peer_id):
+            policy.refused["stranger_call"] += 1
+            raise NotAMember("stranger", f"{name} is for members of this mesh only")
+        return await inner(ctx, params, payload)
+
+    return handler
