@@ -23,7 +23,6 @@ from mesh.net.transport import (  # noqa: E402
     accept_offer,
     complete_offer,
     open_offer,
-    use_candidate_addresses,
 )
 
 
@@ -36,9 +35,8 @@ async def sink(ctx: CallContext, params: dict[str, object], payload: bytes) -> d
 
 
 async def run(mode: str, top: int, pattern: str) -> None:
-    use_candidate_addresses(["127.0.0.1"])
     a, b = Identity.generate(), Identity.generate()
-    cfg = TransportConfig()
+    cfg = TransportConfig(candidate_addresses=("127.0.0.1",))  # a loopback link
     pa, offer = await open_offer(a, cfg, b.peer_id)
     pb, answer = await accept_offer(b, cfg, offer, a.peer_id)
     await complete_offer(pa, answer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -31,9 +32,9 @@ from mesh.inference.coordinator import Coordinator
 from mesh.jobs.service import JobService
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
-from mesh.net.rpc import CallContext, Handler, Link, Reply, handlers_of
+from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
-from mesh.net.transport import TransportConfig, use_candidate_addresses, wait_closed
+from mesh.net.transport import TransportConfig
 from mesh.storage.service import ObjectService, StorageConfig
 from mesh.trust.invite import InviteStore
 from mesh.trust.join import Redeemer
@@ -95,6 +96,11 @@ def local_addresses() -> list[str]:
 class CoreService:
     """RPCs every node serves: liveness, echo and sink for transport benchmarks."""
 
+    name = "node"  # RPC namespace: peers call "node.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
     def __init__(self, node: Node) -> None:
         self._node = node
 
@@ -120,31 +126,33 @@ class Node:
         # Who may connect (mesh/trust): every hint, offer, answer and hello is asked first.
         self.policy = load_policy(config.data_dir)
         self.trust = TrustService(self, self.policy)
-        self.compute = ComputeService(self, self.me, config.data_dir / "store", config.compute)
-        # -- storage and jobs (mesh/objects.py, mesh/jobs.py) --
+        # -- storage and jobs (mesh/storage, mesh/jobs): one store, model shards included --
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
-        self.compute.storage.pace = self.objects.pacer.take  # one serve rate for all bytes
+        self.compute = ComputeService(
+            self, self.me, config.data_dir / "store", config.compute, self.objects
+        )
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
-        self.handlers: dict[str, Handler] = handlers_of(
-            CoreService(self),
-            self.compute,
-            self.compute.tokenizers,
-            self.compute.storage,
-            *self.objects.services(),
-            self.jobs,
-            self.trust,
-            *(services or []),
-        )
         self.coordinator = Coordinator(
             self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
         )
-        self.handlers.update(handlers_of(self.coordinator))
+        # The node's services: their RPCs are served as "<name>.<method>" and their status
+        # is their part of /v1/info.
+        self.services: list[Service] = [
+            CoreService(self),
+            self.compute,
+            self.compute.tokenizers,
+            *self.objects.services(),
+            self.jobs,
+            self.coordinator,
+            self.trust,
+        ]
+        self.handlers: dict[str, Handler] = handlers_of(*self.services, *(services or []))
         members_only(self.policy, self.handlers)  # strangers of an open mesh: no jobs, replicas
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
-            config.transport,
+            self._transport_config(),
             self.handlers,
             self.guard,
             config.connections,
@@ -183,12 +191,20 @@ class Node:
             return [host]
         return local_addresses()
 
-    async def start(self) -> dict[str, Any]:
+    def _transport_config(self) -> TransportConfig:
+        """The transport config with the ICE candidate addresses this node gathers on."""
         cfg = self.config
         ice = cfg.ice_addresses
+        if ice is None and cfg.transport.candidate_addresses is not None:
+            return cfg.transport
         if ice is None and (self._loopback_mesh or cfg.signaling_host == "127.0.0.1"):
             ice = ["127.0.0.1"]
-        use_candidate_addresses(ice)
+        if ice is None:
+            return cfg.transport
+        return dataclasses.replace(cfg.transport, candidate_addresses=tuple(ice))
+
+    async def start(self) -> dict[str, Any]:
+        cfg = self.config
         if self.policy.own_cert is None:
             log.warning(
                 "this node holds no member certificate of a mesh, so no member admits it: "
@@ -207,10 +223,6 @@ class Node:
             "127.0.0.1" if cfg.api_host == "127.0.0.1" else "0.0.0.0"
         )
         await self.objects.start(fast_bind, self.announced_addresses()[0])
-        if self.objects.fast is not None:
-            # Shard blobs travel the direct encrypted path too; WebRTC stays the fallback.
-            self.objects.fast.blob_reader = self.compute.storage.read_range
-            self.compute.range_reader = self.objects.fast.read_blob_range
         self._api_runner, self.api_url = await start_api(
             self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir
         )
@@ -283,8 +295,7 @@ class Node:
         if self.dht is not None:
             self.dht.stop()
         await self.trust.stop()
-        await self.conns.stop()  # says bye on every link
-        await wait_closed()
+        await self.conns.stop()  # says bye on every link, waits for their connections to close
         await self.compute.stop()
         await self.objects.stop()
         if self.discovery is not None:
@@ -480,22 +491,6 @@ class Node:
             "signaling": self._signaling_endpoints(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "hw": self.hw_summary,
-            "compute": {
-                "runtime": self.config.compute.runtime,
-                "memory_limit": self.config.compute.memory_limit,
-                "memory_used": self.compute.memory_used(),
-                "sessions": len(self.compute.sessions),
-                "shards": [
-                    {
-                        "model_id": k[0],
-                        "units": [k[1], k[2]],
-                        "runtime": k[3],
-                        "sessions": v.sessions,
-                    }
-                    for k, v in self.compute.loaded.items()
-                ],
-                "models": sorted(self.compute.names),
-            },
             "counters": {
                 **self.conns.counters,
                 "handshakes_in_progress": self.conns.handshakes_in_progress,
@@ -506,18 +501,9 @@ class Node:
                 **self.policy.counters(),
                 **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
             },
-            "membership": self._membership_info(),
             "banned": dict(self.conns.banned),
-        }
-
-    def _membership_info(self) -> dict[str, Any]:
-        own = self.policy.own_cert
-        return {
-            "mesh_id": self.policy.mesh_id or None,
-            "open": self.policy.open,
-            "member": own is not None,
-            "expires": own.expires if own else None,
-            "revoked": len(self.policy.revocations or ()),
+            # Each service's own part, under its name (compute, storage, net, ...).
+            **{svc.name: svc.status() for svc in self.services},
         }
 
     def _owner_routes(self) -> list[Any]:

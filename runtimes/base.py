@@ -15,7 +15,6 @@ import asyncio
 import importlib
 import itertools
 import logging
-import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,34 +159,32 @@ def get_runtime(name: str) -> type[Runtime]:
     return cls
 
 
-# Test hook, off by default: seconds to hold every multi-row forward (the prompt's prefill)
-# before it runs, so the fault suite can kill or stop a stage while it is in prefill.
-PREFILL_DELAY_ENV = "EDGEMESH_TEST_PREFILL_DELAY"
-
-
-def _prefill_delay() -> float:
-    try:
-        return max(0.0, float(os.environ.get(PREFILL_DELAY_ENV, "0")))
-    except ValueError:
-        return 0.0
-
-
 def load_runtime(name: str, shard: ShardSpec, **options: Any) -> Runtime:
     rt: Runtime = get_runtime(name)(shard, **options)
     return rt
 
 
 class AsyncShard:
-    """A loaded shard whose blocking calls run on its own single worker thread."""
+    """A loaded shard whose blocking calls run on its own single worker thread.
 
-    def __init__(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
+    ``prefill_delay``: fault injection, off by default (0): seconds every multi-row forward
+    (a prompt chunk) waits before it runs, so a fault test can kill or stop a stage in its
+    prefill. It reaches :meth:`load` as a runtime option (tests/fixtures/fault_node.py sets
+    it); never from the command line or the environment.
+    """
+
+    def __init__(
+        self, runtime: Runtime, executor: ThreadPoolExecutor, *, prefill_delay: float = 0.0
+    ) -> None:
         self.runtime = runtime
         self._executor = executor
         self._closed = False
-        self._prefill_delay = _prefill_delay()  # read once, not on every step
+        self._prefill_delay = max(0.0, float(prefill_delay))
 
     @classmethod
-    async def load(cls, name: str, shard: ShardSpec, **options: Any) -> AsyncShard:
+    async def load(
+        cls, name: str, shard: ShardSpec, *, prefill_delay: float = 0.0, **options: Any
+    ) -> AsyncShard:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rt-{name}")
         loop = asyncio.get_running_loop()
         try:
@@ -195,7 +192,7 @@ class AsyncShard:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(rt, executor)
+        return cls(rt, executor, prefill_delay=prefill_delay)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         if self._closed:
@@ -215,8 +212,8 @@ class AsyncShard:
     ) -> npt.NDArray[np.float32]:
         delay = self._prefill_delay
         if delay and np.shape(inputs)[0] > 1:  # several rows: a prompt chunk, not one token
-            log.warning("test hook: prefill held for %.1f s (%s)", delay, PREFILL_DELAY_ENV)
-            await asyncio.sleep(delay)  # test hook only: opens a window for a fault to land
+            log.warning("fault injection: prefill held for %.1f s", delay)
+            await asyncio.sleep(delay)  # fault injection only: a window for a fault to land
         out: npt.NDArray[np.float32] = await self._call(
             lambda: self.runtime.forward(session, inputs, all_logits=all_logits)
         )

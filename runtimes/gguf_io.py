@@ -49,7 +49,14 @@ except ImportError as exc:  # pragma: no cover - gguf is a dependency of every r
     raise ImportError("runtimes.gguf_io needs the 'gguf' package (pip install gguf)") from exc
 
 T = GGMLQuantizationType
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K})
+# Every weight type llama.cpp's quantizer writes; runtimes.quant maps each onto MatMulNBits
+# and gguf.quants dequantizes each (tinygrad).
+SUPPORTED_TYPES = frozenset(
+    {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
+    | {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS}
+    | {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0}
+    | ({T.MXFP4} if hasattr(T, "MXFP4") else set())
+)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ _F = TensorProto.FLOAT
 class GraphOptions:
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast); 0 = float32
     fuse_linears: bool = True  # one MatMulNBits for q|k|v and for gate|up when layouts match
+    # Per-block mins (K-quants, Q4_1, Q5_1, IQ3_S, IQ1_S) subtracted with the activations
+    # rounded as MatMulNBits rounds them (level 4 only): see _Builder._block_sums. Off by
+    # default: on Gemma 3 270M it lowers the gap to llama.cpp on every prompt tried (3.7-4.6%
+    # of the logit range -> 2.7-3.7%) but turns one near-tie the other way (llama.cpp's margin
+    # 0.277, float32 activations 0.011), which test_runtime_gemma's rule counts as a mismatch.
+    round_block_sums: bool = False
 
 
 @dataclass
@@ -204,10 +210,9 @@ class _Builder:
                 accuracy_level=self.opts.accuracy_level,
             )
             if first.offsets is not None:
-                # Q4_K mins: subtract blocksum(x) @ offsets.T
+                # per-block mins (K-quants, Q4_1, ...): subtract blocksum(x) @ offsets.T
                 off = np.concatenate([w.offsets for w in nbs if w.offsets is not None], axis=0)
-                xb = self.op("Reshape", [x, self.const([-1, first.n_blocks, first.block], "shp")])
-                bs = self.op("ReduceSum", [xb, self.const([2], "ax")], "bsum", keepdims=0)
+                bs = self._block_sums(x, first.n_blocks, first.block)
                 corr = self.op("MatMul", [bs, self.init(key + ".qo", np.ascontiguousarray(off.T))])
                 y = self.op("Sub", [y, corr])
         biases = [bias for _, _, bias in g]
@@ -220,6 +225,28 @@ class _Builder:
             )
             y = self.op("Add", [y, self.init(key + ".bias", full.astype(np.float32))])
         return str(y)
+
+    def _block_sums(self, x: str, n_blocks: int, block: int) -> str:
+        """Sums of x [S, K] per block of K, [S, n_blocks].
+
+        With int8 activations (accuracy level 4) MatMulNBits multiplies the codes by x rounded
+        per block (amax/127 steps, as onnxruntime's kernel does); the sums are taken of the
+        same rounded x, so that code part and min part see one x, as in llama.cpp (whose
+        activation block sums come from its int8 copy). Summing the float x instead leaves
+        (x_q - x) . offsets in the result: 4% of the logit range on weights with large mins.
+        The rounding here matches onnxruntime 1.32's kernel to 1e-6 (measured with unit codes).
+        """
+        xb = self.op("Reshape", [x, self.const([-1, n_blocks, block], "shp")])
+        ax = self.const([2], "ax")
+        if self.opts.accuracy_level != 4 or not self.opts.round_block_sums:
+            return str(self.op("ReduceSum", [xb, ax], "bsum", keepdims=0))
+        amax = self.op("ReduceMax", [self.op("Abs", [xb]), ax], "amax", keepdims=1)
+        amax = self.op("Max", [amax, self.const(np.array(1e-30, np.float32), "tiny")])
+        inv = self.op("Div", [self.const(np.array(127.0, np.float32), "c127"), amax])
+        q = self.op("Round", [self.op("Mul", [xb, inv])], "xq")
+        qsum = self.op("ReduceSum", [q, ax], "qsum", keepdims=0)
+        step = self.op("Div", [amax, self.const(np.array(127.0, np.float32), "c127")])
+        return str(self.op("Mul", [qsum, self.op("Squeeze", [step, ax])], "bsum"))
 
     def embedding(self, tokens: str, ref: TensorRef, shared_name: str) -> str:
         d = self.cfg.d_model
@@ -301,149 +328,22 @@ def build_shard_graph(
     shard: ShardSpec, opts: GraphOptions | None = None
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray[Any, Any]]]:
     """The graph and its external initializers (name -> array, kept alive by the caller)."""
-    opts = opts or GraphOptions()
     cfg = shard.config
-    spec = cfg.spec
-    b = _Builder(cfg, opts)
-    d, hd, hq, hk = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    g = hq // hk
+    b = _Builder(cfg, opts or GraphOptions())
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []
-
-    if shard.is_first:
-        inputs.append(helper.make_tensor_value_info("tokens", TensorProto.INT64, ["S"]))
-        emb_name = "token_embd.weight"
-        x = b.embedding("tokens", shard.tensor(emb_name), emb_name)
-        if cfg.embed_scale != 1.0:
-            x = b.op("Mul", [x, b.const(np.array(cfg.embed_scale, np.float32), "escale")])
-    else:
-        inputs.append(helper.make_tensor_value_info("hidden_in", _F, ["S", d]))
-        x = "hidden_in"
-
-    layers = list(shard.layers)
-    need_local = any(cfg.swa_layers[i] for i in layers)
-    need_global = any(not cfg.swa_layers[i] for i in layers)
-    if layers:
-        for tag, needed in (("g", need_global), ("l", need_local)):
-            if needed:
-                inputs += [
-                    helper.make_tensor_value_info(f"cos_{tag}", _F, ["S", 1, hd]),
-                    helper.make_tensor_value_info(f"sin_{tag}", _F, ["S", 1, hd]),
-                    helper.make_tensor_value_info(f"mask_{tag}", _F, ["S", "T"]),
-                ]
-    perm = _neox_perm(hq, hd), _neox_perm(hk, hd)
-    for i in layers:
-        p = f"blk.{i}."
-        tag = "l" if cfg.swa_layers[i] else "g"
-        inputs += [
-            helper.make_tensor_value_info(f"past_k_{i}", _F, [hk, hd, "P"]),
-            helper.make_tensor_value_info(f"past_v_{i}", _F, [hk, "P", hd]),
-        ]
-        outputs += [
-            helper.make_tensor_value_info(f"present_k_{i}", _F, [hk, hd, "T"]),
-            helper.make_tensor_value_info(f"present_v_{i}", _F, [hk, "T", hd]),
-        ]
-        h = b.rms_norm(x, _vec(shard, p + "attn_norm.weight"), p + "attn_norm")
-        bias = {
-            n: (_vec(shard, p + n + ".bias") if spec.qkv_bias else None)
-            for n in ("attn_q", "attn_k", "attn_v")
-        }
-        qscale = 1.0 if spec.qk_norm else cfg.attn_scale
-        perms: dict[str, np.ndarray[Any, Any]] = {}
-        if spec.rope_type == "norm":
-            perms = {p + "attn_q.weight": perm[0], p + "attn_k.weight": perm[1]}
-            for n, pp in (("attn_q", perm[0]), ("attn_k", perm[1])):
-                bn = bias[n]
-                if bn is not None:
-                    bias[n] = bn[pp]
-        bq = bias["attn_q"]
-        if bq is not None and qscale != 1.0:
-            bias["attn_q"] = bq * np.float32(qscale)
-        q, k, v = b.linear(
-            h,
-            [
-                (p + "attn_q.weight", shard.tensor(p + "attn_q.weight"), bias["attn_q"]),
-                (p + "attn_k.weight", shard.tensor(p + "attn_k.weight"), bias["attn_k"]),
-                (p + "attn_v.weight", shard.tensor(p + "attn_v.weight"), bias["attn_v"]),
-            ],
-            row_scale={p + "attn_q.weight": qscale},
-            perm=perms,
-        )
-        q = b.op("Reshape", [q, b.const([-1, hq, hd], "shp")])
-        k = b.op("Reshape", [k, b.const([-1, hk, hd], "shp")])
-        if spec.qk_norm:
-            qn = _vec(shard, p + "attn_q_norm.weight") * np.float32(cfg.attn_scale)
-            q = b.rms_norm(q, qn, p + "attn_q_norm")
-            k = b.rms_norm(k, _vec(shard, p + "attn_k_norm.weight"), p + "attn_k_norm")
-        q = _rope(b, q, tag)
-        k = _rope(b, k, tag)
-        k_t = b.op("Transpose", [k], perm=[1, 2, 0])  # [hk, hd, S]
-        v_t = b.op(
-            "Transpose", [b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])], perm=[1, 0, 2]
-        )  # [hk, S, hd]
-        pk = b.op("Concat", [f"past_k_{i}", k_t], axis=2)
-        pv = b.op("Concat", [f"past_v_{i}", v_t], axis=1)
-        b.nodes.append(helper.make_node("Identity", [pk], [f"present_k_{i}"]))
-        b.nodes.append(helper.make_node("Identity", [pv], [f"present_v_{i}"]))
-        qh = b.op(
-            "Transpose", [b.op("Reshape", [q, b.const([-1, hk, g, hd], "shp")])], perm=[1, 2, 0, 3]
-        )  # [hk, g, S, hd]
-        scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
-        scores = b.op("Add", [scores, f"mask_{tag}"])
-        probs = b.op("Softmax", [scores], axis=-1)
-        att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])
-        att = b.op(
-            "Reshape", [b.op("Transpose", [att], perm=[2, 0, 1, 3]), b.const([-1, hq * hd], "shp")]
-        )
-        (o,) = b.linear(
-            att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)]
-        )
-        if spec.post_norms:
-            o = b.rms_norm(o, _vec(shard, p + "post_attention_norm.weight"), p + "post_attn_norm")
-        x = b.op("Add", [x, o], "resid")
-        h = b.rms_norm(x, _vec(shard, p + "ffn_norm.weight"), p + "ffn_norm")
-        gate, up = b.linear(
-            h,
-            [
-                (p + "ffn_gate.weight", shard.tensor(p + "ffn_gate.weight"), None),
-                (p + "ffn_up.weight", shard.tensor(p + "ffn_up.weight"), None),
-            ],
-        )
-        if spec.ffn_act == "silu":
-            act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-        else:
-            act = b.op("Gelu", [gate], approximate="tanh")
-        (f,) = b.linear(
-            b.op("Mul", [act, up]),
-            [(p + "ffn_down.weight", shard.tensor(p + "ffn_down.weight"), None)],
-        )
-        if spec.post_norms:
-            f = b.rms_norm(f, _vec(shard, p + "post_ffw_norm.weight"), p + "post_ffw_norm")
-        x = b.op("Add", [x, f], "resid")
-
+    x = _stage_input(b, shard, inputs)
+    inputs += _position_inputs(shard)
+    for i in shard.layers:
+        x = _layer(b, shard, i, x, inputs, outputs)
     if shard.is_last:
         inputs.append(helper.make_tensor_value_info("out_idx", TensorProto.INT64, ["M"]))
-        x = b.op("Gather", [x, "out_idx"], axis=0)
-        x = b.rms_norm(x, _vec(shard, "output_norm.weight"), "output_norm")
-        out_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        (logits,) = b.linear(x, [(out_name, shard.tensor(out_name), None)])
-        if cfg.final_logit_softcap:
-            c = cfg.final_logit_softcap
-            logits = b.op(
-                "Mul",
-                [
-                    b.op(
-                        "Tanh", [b.op("Mul", [logits, b.const(np.array(1.0 / c, np.float32), "c")])]
-                    ),
-                    b.const(np.array(c, np.float32), "c"),
-                ],
-            )
+        logits = _head(b, shard, x)
         b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         outputs.insert(0, helper.make_tensor_value_info("logits", _F, ["M", cfg.vocab_size]))
     else:
         b.nodes.append(helper.make_node("Identity", [x], ["hidden_out"]))
-        outputs.insert(0, helper.make_tensor_value_info("hidden_out", _F, ["S", d]))
-
+        outputs.insert(0, helper.make_tensor_value_info("hidden_out", _F, ["S", cfg.d_model]))
     graph = helper.make_graph(
         b.nodes,
         f"edgemesh_{cfg.arch}_{shard.start}_{shard.end}",
@@ -457,6 +357,176 @@ def build_shard_graph(
     )
     model.ir_version = 10
     return model, b.external
+
+
+def _stage_input(b: _Builder, shard: ShardSpec, inputs: list[onnx.ValueInfoProto]) -> str:
+    """Token embeddings (first stage) or the previous stage's hidden states."""
+    cfg = shard.config
+    if not shard.is_first:
+        inputs.append(helper.make_tensor_value_info("hidden_in", _F, ["S", cfg.d_model]))
+        return "hidden_in"
+    inputs.append(helper.make_tensor_value_info("tokens", TensorProto.INT64, ["S"]))
+    emb_name = "token_embd.weight"
+    x = b.embedding("tokens", shard.tensor(emb_name), emb_name)
+    if cfg.embed_scale != 1.0:
+        x = b.op("Mul", [x, b.const(np.array(cfg.embed_scale, np.float32), "escale")])
+    return str(x)
+
+
+def _position_inputs(shard: ShardSpec) -> list[onnx.ValueInfoProto]:
+    """RoPE tables and masks, one set for global layers (g), one for sliding-window ones (l)."""
+    cfg = shard.config
+    hd = cfg.head_dim
+    layers = list(shard.layers)
+    out: list[onnx.ValueInfoProto] = []
+    for tag, local in (("g", False), ("l", True)):
+        if any(cfg.swa_layers[i] == local for i in layers):
+            out += [
+                helper.make_tensor_value_info(f"cos_{tag}", _F, ["S", 1, hd]),
+                helper.make_tensor_value_info(f"sin_{tag}", _F, ["S", 1, hd]),
+                helper.make_tensor_value_info(f"mask_{tag}", _F, ["S", "T"]),
+            ]
+    return out
+
+
+def _layer(
+    b: _Builder,
+    shard: ShardSpec,
+    i: int,
+    x: str,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+) -> str:
+    cfg = shard.config
+    spec = cfg.spec
+    hk, hd = cfg.n_kv_heads, cfg.head_dim
+    p = f"blk.{i}."
+    inputs += [
+        helper.make_tensor_value_info(f"past_k_{i}", _F, [hk, hd, "P"]),
+        helper.make_tensor_value_info(f"past_v_{i}", _F, [hk, "P", hd]),
+    ]
+    outputs += [
+        helper.make_tensor_value_info(f"present_k_{i}", _F, [hk, hd, "T"]),
+        helper.make_tensor_value_info(f"present_v_{i}", _F, [hk, "T", hd]),
+    ]
+    h = b.rms_norm(x, _vec(shard, p + "attn_norm.weight"), p + "attn_norm")
+    o = _attention(b, shard, i, h)
+    if spec.post_norms:
+        o = b.rms_norm(o, _vec(shard, p + "post_attention_norm.weight"), p + "post_attn_norm")
+    x = b.op("Add", [x, o], "resid")
+    h = b.rms_norm(x, _vec(shard, p + "ffn_norm.weight"), p + "ffn_norm")
+    f = _ffn(b, shard, i, h)
+    if spec.post_norms:
+        f = b.rms_norm(f, _vec(shard, p + "post_ffw_norm.weight"), p + "post_ffw_norm")
+    return str(b.op("Add", [x, f], "resid"))
+
+
+def _qkv(b: _Builder, shard: ShardSpec, i: int, h: str) -> tuple[str, str, str]:
+    """q [S, hq, hd] (scaled, normed), k [S, hk, hd] (normed), v [S, hk * hd]; before RoPE."""
+    cfg = shard.config
+    spec = cfg.spec
+    hd, hq, hk = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    p = f"blk.{i}."
+    bias = {
+        n: (_vec(shard, p + n + ".bias") if spec.qkv_bias else None)
+        for n in ("attn_q", "attn_k", "attn_v")
+    }
+    qscale = 1.0 if spec.qk_norm else cfg.attn_scale
+    perms: dict[str, np.ndarray[Any, Any]] = {}
+    if spec.rope_type == "norm":
+        pq, pk = _neox_perm(hq, hd), _neox_perm(hk, hd)
+        perms = {p + "attn_q.weight": pq, p + "attn_k.weight": pk}
+        for n, pp in (("attn_q", pq), ("attn_k", pk)):
+            bn = bias[n]
+            if bn is not None:
+                bias[n] = bn[pp]
+    bq = bias["attn_q"]
+    if bq is not None and qscale != 1.0:
+        bias["attn_q"] = bq * np.float32(qscale)
+    q, k, v = b.linear(
+        h,
+        [
+            (p + "attn_q.weight", shard.tensor(p + "attn_q.weight"), bias["attn_q"]),
+            (p + "attn_k.weight", shard.tensor(p + "attn_k.weight"), bias["attn_k"]),
+            (p + "attn_v.weight", shard.tensor(p + "attn_v.weight"), bias["attn_v"]),
+        ],
+        row_scale={p + "attn_q.weight": qscale},
+        perm=perms,
+    )
+    q = b.op("Reshape", [q, b.const([-1, hq, hd], "shp")])
+    k = b.op("Reshape", [k, b.const([-1, hk, hd], "shp")])
+    if spec.qk_norm:
+        qn = _vec(shard, p + "attn_q_norm.weight") * np.float32(cfg.attn_scale)
+        q = b.rms_norm(q, qn, p + "attn_q_norm")
+        k = b.rms_norm(k, _vec(shard, p + "attn_k_norm.weight"), p + "attn_k_norm")
+    return q, k, v
+
+
+def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
+    """Self-attention of layer i over the cache (past_*_i in, present_*_i out); [S, d]."""
+    cfg = shard.config
+    hd, hq, hk = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    tag = "l" if cfg.swa_layers[i] else "g"
+    q, k, v = _qkv(b, shard, i, h)
+    q = _rope(b, q, tag)
+    k = _rope(b, k, tag)
+    k_t = b.op("Transpose", [k], perm=[1, 2, 0])  # [hk, hd, S]
+    v_t = b.op(
+        "Transpose", [b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])], perm=[1, 0, 2]
+    )  # [hk, S, hd]
+    pk = b.op("Concat", [f"past_k_{i}", k_t], axis=2)
+    pv = b.op("Concat", [f"past_v_{i}", v_t], axis=1)
+    b.nodes.append(helper.make_node("Identity", [pk], [f"present_k_{i}"]))
+    b.nodes.append(helper.make_node("Identity", [pv], [f"present_v_{i}"]))
+    qh = b.op(
+        "Transpose",
+        [b.op("Reshape", [q, b.const([-1, hk, hq // hk, hd], "shp")])],
+        perm=[1, 2, 0, 3],
+    )  # [hk, g, S, hd]
+    scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
+    scores = b.op("Add", [scores, f"mask_{tag}"])
+    probs = b.op("Softmax", [scores], axis=-1)
+    att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])
+    att = b.op(
+        "Reshape", [b.op("Transpose", [att], perm=[2, 0, 1, 3]), b.const([-1, hq * hd], "shp")]
+    )
+    p = f"blk.{i}."
+    (o,) = b.linear(att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)])
+    return o
+
+
+def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
+    p = f"blk.{i}."
+    gate, up = b.linear(
+        h,
+        [
+            (p + "ffn_gate.weight", shard.tensor(p + "ffn_gate.weight"), None),
+            (p + "ffn_up.weight", shard.tensor(p + "ffn_up.weight"), None),
+        ],
+    )
+    if shard.config.spec.ffn_act == "silu":
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    else:
+        act = b.op("Gelu", [gate], approximate="tanh")
+    (f,) = b.linear(
+        b.op("Mul", [act, up]),
+        [(p + "ffn_down.weight", shard.tensor(p + "ffn_down.weight"), None)],
+    )
+    return f
+
+
+def _head(b: _Builder, shard: ShardSpec, x: str) -> str:
+    """Logits [M, vocab] of the positions out_idx picks."""
+    cfg = shard.config
+    x = b.op("Gather", [x, "out_idx"], axis=0)
+    x = b.rms_norm(x, _vec(shard, "output_norm.weight"), "output_norm")
+    out_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    (logits,) = b.linear(x, [(out_name, shard.tensor(out_name), None)])
+    if cfg.final_logit_softcap:
+        c = cfg.final_logit_softcap
+        inner = b.op("Mul", [logits, b.const(np.array(1.0 / c, np.float32), "c")])
+        logits = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
+    return logits
 
 
 def _rope(b: _Builder, x: str, tag: str) -> str:

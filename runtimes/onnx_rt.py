@@ -50,10 +50,12 @@ class OnnxRuntime(Runtime):
         fuse_linears: bool = True,
         providers: list[str] | None = None,
         spin: bool = True,
+        round_block_sums: bool = False,
     ) -> None:
         super().__init__(shard)
         cfg = self.config
-        model, weights = build_shard_graph(shard, GraphOptions(accuracy_level, fuse_linears))
+        opts = GraphOptions(accuracy_level, fuse_linears, round_block_sums)
+        model, weights = build_shard_graph(shard, opts)
         for f in shard.files:
             f.release_pages()
         so = ort.SessionOptions()

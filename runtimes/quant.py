@@ -1,192 +1,84 @@
 """GGUF quantized blocks re-laid out, without loss, for onnxruntime's ``MatMulNBits``.
 
 MatMulNBits computes ``(q - zero_point) * scale`` per block of ``block_size`` values along K,
-with 4-bit (two values a byte, low nibble first) or 8-bit codes. Mapping, all exact:
+with 4-bit (two values a byte, low nibble first) or 8-bit codes; where a format adds a float
+per block (a min), the graph subtracts ``blocksum(x) @ offsets.T`` beside it (float zero points
+would be exact too but onnxruntime's CPU kernel runs them about 40x slower). Every mapping
+reproduces ``gguf.quants.dequantize`` bit for bit (tests/test_runtime_quant.py):
 
-- Q4_0: ``d*(q-8)``, 4-bit, block 32, zero point 8.
-- Q5_0: ``d*(q-16)`` with 5-bit q: 8-bit codes, block 32, zero point 16.
-- Q8_0: ``d*q`` with int8 q: 8-bit codes ``q+128``, zero point 128.
-- Q6_K: ``d*sc*(q-32)`` per 16 values: 8-bit codes, block 16, zero point 32.
-- Q4_K: ``d*sc*q - dmin*m`` per 32 values: 4-bit, zero point 0, and the ``dmin*m`` offsets
-  kept apart (the graph subtracts ``blocksum(x) @ offsets.T``): float zero points would be exact
-  too but onnxruntime's CPU kernel runs them about 40x slower.
+====== ===== ===== ======= ===========================================================
+type   bits  block zero pt what the GGUF stores -> MatMulNBits
+====== ===== ===== ======= ===========================================================
+Q4_0   4     32    8       d*(q-8)
+Q4_1   4     32    0       d*q + m: offset -m
+Q5_0   8     32    16      d*(q-16), 5-bit q
+Q5_1   8     32    0       d*q + m: offset -m
+Q8_0   8     32    128     d*q, int8 q as q+128
+Q2_K   4     16    0       d*sc*q - dmin*m per 16: offset dmin*m
+Q3_K   4     16    4       d*(sc-32)*(q-4) per 16, q = 2 low bits + 4*high bit
+Q4_K   4     32    0       d*sc*q - dmin*m per 32: offset dmin*m
+Q5_K   8     32    0       d*sc*q - dmin*m per 32, 5-bit q
+Q6_K   8     16    32      d*sc*(q-32) per 16
+IQ4_NL 8     32    128     d*kv[q]: the codebook's values are integers in -127..113
+IQ4_XS 8     32    128     d*(ls-32)*kv[q] per 32
+IQ2_*  8     32/16 128     db*(+-grid), grid values 8, 25, 43 (XXS per 32; XS, S per 16)
+IQ3_XXS 8    32    128     db*(+-grid), grid values 4..62 (not evenly spaced)
+IQ3_S  4     32    8       db*v, v odd in -15..15 = 2c-15: scale 2db, offset -db
+IQ1_S  4     32    1       dl*(g+delta), g in -1..1: scale dl, offset -dl*delta
+IQ1_M  8     16    128     dl*(g+delta) with delta per 8 values: codes 8g+8delta, dl/8
+TQ1_0  4     32    1       d*t, t ternary (TQ2_0: t in -1..2)
+MXFP4  8     32    128     e8m0 scale * doubled e2m1 values (integers in -12..12)
+====== ===== ===== ======= ===========================================================
+
+The IQ types with 8-bit codes take more memory in onnxruntime than in the GGUF (8.5 bits a
+weight against 2-4.5): their codebooks are not affine, so fewer bits would change the values.
+F32, F16 and BF16 matrices run as float32 MatMul (the values convert exactly).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from .errors import UnsupportedModelError
-from .gguf_io import TensorRef
+from .gguf_io import SUPPORTED_TYPES, TensorRef
+from .nbits import CONVERTERS, NBitsWeight, pack_nibbles
 
-__all__ = ["NBitsWeight", "to_nbits", "dequantize_nbits", "pack_nibbles"]
+__all__ = [
+    "NBitsWeight",
+    "to_nbits",
+    "dequantize_nbits",
+    "pack_nibbles",
+    "FLOAT_TYPES",
+    "Support",
+    "type_support",
+    "nbits_layout",
+    "onnx_weight_bytes",
+]
 
-U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
+Support = Literal["exact", "requantized", "dequantized", "unsupported"]
 
-
-@dataclass
-class NBitsWeight:
-    """A [N, K] weight in MatMulNBits form (N outputs, K inputs, nb = K / block blocks)."""
-
-    bits: int
-    block: int
-    n: int
-    k: int
-    b: U8  # [N, nb, block * bits / 8]
-    scales: F32  # [N, nb]
-    zero_points: U8  # [N, nb], unpacked
-    offsets: F32 | None  # [N, nb] subtracted per block (Q4_K mins), or None
-
-    @property
-    def n_blocks(self) -> int:
-        return self.k // self.block
-
-    def codes(self) -> U8:
-        """Unpacked codes [N, nb, block] (one byte each)."""
-        if self.bits == 8:
-            return self.b
-        out = np.empty((self.n, self.n_blocks, self.block), np.uint8)
-        out[..., 0::2] = self.b & 0x0F
-        out[..., 1::2] = self.b >> 4
-        return out
-
-    def packed_zero_points(self) -> U8:
-        """Zero points in MatMulNBits' input layout."""
-        if self.bits == 8:
-            return np.ascontiguousarray(self.zero_points.reshape(-1))
-        nb = self.n_blocks
-        zp = self.zero_points
-        if nb % 2:
-            zp = np.concatenate([zp, np.zeros((self.n, 1), np.uint8)], axis=1)
-        return np.ascontiguousarray((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1))
-
-
-def pack_nibbles(codes: U8) -> U8:
-    """[..., 2m] codes 0..15 -> [..., m] bytes, even index in the low nibble."""
-    return np.ascontiguousarray((codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8))
-
-
-def _f16(raw: U8) -> F32:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
-
-
-def _blocks(ref: TensorRef, block_bytes: int) -> U8:
-    n = ref.shape[0]
-    raw = np.asarray(ref.data, dtype=np.uint8)
-    return raw.reshape(n, -1, block_bytes)
-
-
-def _q4_0(ref: TensorRef) -> NBitsWeight:
-    blk = _blocks(ref, 18)
-    d = _f16(blk[..., 0:2])
-    qs = blk[..., 2:18]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j low, j+16 high
-    n, nb = d.shape
-    return NBitsWeight(
-        4, 32, n, nb * 32, pack_nibbles(codes), d, np.full((n, nb), 8, np.uint8), None
-    )
-
-
-def _q5_0(ref: TensorRef) -> NBitsWeight:
-    blk = _blocks(ref, 22)
-    d = _f16(blk[..., 0:2])
-    qh = np.ascontiguousarray(blk[..., 2:6]).view("<u4")[..., 0]
-    qs = blk[..., 6:22]
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    bits = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
-    codes = (low | (bits.astype(np.uint8) << 4)).astype(np.uint8)
-    n, nb = d.shape
-    return NBitsWeight(8, 32, n, nb * 32, codes, d, np.full((n, nb), 16, np.uint8), None)
-
-
-def _q8_0(ref: TensorRef) -> NBitsWeight:
-    blk = _blocks(ref, 34)
-    d = _f16(blk[..., 0:2])
-    codes = np.bitwise_xor(blk[..., 2:34], np.uint8(0x80))  # int8 q + 128, as uint8
-    n, nb = d.shape
-    return NBitsWeight(8, 32, n, nb * 32, codes, d, np.full((n, nb), 128, np.uint8), None)
-
-
-def _q4_k(ref: TensorRef) -> NBitsWeight:
-    blk = _blocks(ref, 144)
-    d = _f16(blk[..., 0:2])[..., None]
-    dmin = _f16(blk[..., 2:4])[..., None]
-    s = blk[..., 4:16].astype(np.uint8)
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    mn = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    mn[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    qs = blk[..., 16:144].reshape(blk.shape[0], blk.shape[1], 4, 32)
-    # chunk c of 64 values: low nibbles are sub-block 2c, high nibbles sub-block 2c+1
-    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(blk.shape[0], blk.shape[1], 8, 32)
-    n = blk.shape[0]
-    nb = blk.shape[1] * 8
-    scales = (d * sc.astype(np.float32)).reshape(n, nb)
-    offsets = (dmin * mn.astype(np.float32)).reshape(n, nb)
-    return NBitsWeight(
-        4,
-        32,
-        n,
-        nb * 32,
-        pack_nibbles(codes.reshape(n, nb, 32)),
-        scales.astype(np.float32),
-        np.zeros((n, nb), np.uint8),
-        offsets.astype(np.float32),
-    )
-
-
-def _q6_k(ref: TensorRef) -> NBitsWeight:
-    blk = _blocks(ref, 210)
-    n, nsb = blk.shape[:2]
-    ql = blk[..., 0:128].reshape(n, nsb, 2, 64)
-    qh = blk[..., 128:192].reshape(n, nsb, 2, 32)
-    sc = np.ascontiguousarray(blk[..., 192:208]).view(np.int8).astype(np.float32)
-    d = _f16(blk[..., 208:210])[..., None]
-    codes = np.empty((n, nsb, 2, 128), np.uint8)
-    codes[..., 0:32] = (ql[..., 0:32] & 0x0F) | (((qh >> 0) & 3) << 4)
-    codes[..., 32:64] = (ql[..., 32:64] & 0x0F) | (((qh >> 2) & 3) << 4)
-    codes[..., 64:96] = (ql[..., 0:32] >> 4) | (((qh >> 4) & 3) << 4)
-    codes[..., 96:128] = (ql[..., 32:64] >> 4) | (((qh >> 6) & 3) << 4)
-    nb = nsb * 16
-    return NBitsWeight(
-        8,
-        16,
-        n,
-        nb * 16,
-        codes.reshape(n, nb, 16),
-        (d * sc).reshape(n, nb).astype(np.float32),
-        np.full((n, nb), 32, np.uint8),
-        None,
-    )
-
-
-_CONVERTERS: dict[Q, Any] = {
-    Q.Q4_0: _q4_0,
-    Q.Q5_0: _q5_0,
-    Q.Q8_0: _q8_0,
-    Q.Q4_K: _q4_k,
-    Q.Q6_K: _q6_k,
-}
+FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 
 
 def to_nbits(ref: TensorRef) -> NBitsWeight | None:
-    """The MatMulNBits form of a quantized 2-D tensor; None for F32/F16 (kept as floats)."""
-    if ref.qtype in (Q.F32, Q.F16):
+    """The MatMulNBits form of a quantized 2-D tensor; None for float types (kept as floats)."""
+    if ref.qtype in FLOAT_TYPES:
         return None
     if len(ref.shape) != 2:
         raise UnsupportedModelError(f"{ref.name}: quantized tensors must be matrices")
-    conv = _CONVERTERS.get(ref.qtype)
+    conv = CONVERTERS.get(ref.qtype)
     if conv is None:
         raise UnsupportedModelError(f"{ref.name}: no MatMulNBits mapping for {ref.qtype.name}")
-    w: NBitsWeight = conv(ref)
+    _, type_size = GGML_QUANT_SIZES[ref.qtype]
+    raw = np.asarray(ref.data, dtype=np.uint8)
+    w = conv(raw.reshape(ref.shape[0], -1, type_size))
     if (w.n, w.k) != ref.shape:
         raise UnsupportedModelError(f"{ref.name}: block layout does not match shape {ref.shape}")
     return w
@@ -199,3 +91,57 @@ def dequantize_nbits(w: NBitsWeight) -> F32:
     if w.offsets is not None:
         vals -= w.offsets[..., None]
     return vals.reshape(w.n, w.k).astype(np.float32)
+
+
+@cache
+def nbits_layout(qtype: Q) -> tuple[int, int, bool] | None:
+    """(bits, block, has offsets) of the onnx runtime's layout for ``qtype``; None for floats
+    and types without a mapping. Found by converting one zero block, so it cannot drift."""
+    if qtype in FLOAT_TYPES or qtype not in CONVERTERS:
+        return None
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    w = CONVERTERS[qtype](np.zeros((1, 1, type_size), np.uint8))
+    return w.bits, w.block, w.offsets is not None
+
+
+def onnx_weight_bytes(ref: TensorRef) -> int:
+    """Bytes the onnx runtime holds for ``ref`` once re-laid out (before onnxruntime's own
+    prepacking): codes at their MatMulNBits width, a float32 scale, a zero point and maybe an
+    offset per block; float32 for float types. IQ2 at 8-bit codes is ~4x its GGUF size."""
+    count = int(np.prod(ref.shape, dtype=np.int64))
+    layout = nbits_layout(ref.qtype) if len(ref.shape) == 2 else None
+    if layout is None:
+        return 4 * count
+    bits, block, has_offsets = layout
+    return count * bits // 8 + count // block * (4 + 1 + (4 if has_offsets else 0))
+
+
+def type_support(qtype: Q | int | str) -> dict[str, Support]:
+    """How each runtime runs tensors of ``qtype``, for ``edgemesh model inspect``.
+
+    "exact": the GGUF's values, kept quantized (llama.cpp natively, onnx re-laid out for
+    MatMulNBits); "dequantized": the exact values expanded to float32 at load (tinygrad always,
+    onnx for F16/BF16); "requantized": values changed on load (no type needs it today);
+    "unsupported": edgemesh's reader refuses the file.
+    """
+    q = _as_type(qtype)
+    if q is None or q not in SUPPORTED_TYPES:
+        return {"llamacpp": "unsupported", "onnx": "unsupported", "tinygrad": "unsupported"}
+    onnx: Support
+    if q == Q.F32:
+        onnx = "exact"
+    elif q in FLOAT_TYPES:
+        onnx = "dequantized"
+    else:
+        onnx = "exact" if q in CONVERTERS else "unsupported"
+    tinygrad: Support = "exact" if q == Q.F32 else "dequantized"
+    return {"llamacpp": "exact", "onnx": onnx, "tinygrad": tinygrad}
+
+
+def _as_type(qtype: Q | int | str) -> Q | None:
+    try:
+        if isinstance(qtype, str):
+            return Q[qtype.upper()]
+        return Q(qtype)
+    except (KeyError, ValueError):
+        return None

@@ -6,6 +6,10 @@ file holding a unit range's tensors, the model's hyperparameters and its range (
 since block-only blobs have no use for them (Gemma 3's tables are several MB). A blob is named
 by the sha256 of its bytes; the manifest lists units, their byte sizes and blob hashes, and the
 model id is the sha256 of the manifest's canonical JSON. Everything loaded is hash-verified.
+
+A blob may also name the content-addressed store object that carries it (``object``; the
+mesh stores each shard as one): whoever stores blobs elsewhere than ``blobs/`` gives
+:class:`ShardStore` a ``locate`` function from blob to file path.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +150,7 @@ class BlobInfo:
     size: int
     unit_start: int
     unit_end: int
+    object: str = ""  # the store object carrying this blob, where one does
 
 
 @dataclass(frozen=True)
@@ -173,10 +178,7 @@ class Manifest:
                 }
                 for u in self.units
             ],
-            "blobs": [
-                {"sha256": b.sha256, "size": b.size, "units": [b.unit_start, b.unit_end]}
-                for b in self.blobs
-            ],
+            "blobs": [_blob_doc(b) for b in self.blobs],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -206,6 +208,13 @@ class Manifest:
         return m
 
 
+def _blob_doc(b: BlobInfo) -> dict[str, Any]:
+    doc: dict[str, Any] = {"sha256": b.sha256, "size": b.size, "units": [b.unit_start, b.unit_end]}
+    if b.object:  # only when named: manifests without objects keep their ids
+        doc["object"] = b.object
+    return doc
+
+
 def _parse_manifest(doc: Any) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"format is not {MANIFEST_FORMAT}")
@@ -233,7 +242,10 @@ def _parse_manifest(doc: Any) -> Manifest:
             raise ValueError("blob has a bad hash or size")
         if any(units[i].blob != b["sha256"] for i in range(s, min(e, len(units)))):
             raise ValueError("unit and blob hashes disagree")
-        blobs.append(BlobInfo(b["sha256"], b["size"], s, e))
+        obj = b.get("object", "")
+        if not isinstance(obj, str) or (obj and not _HEX64.match(obj)):
+            raise ValueError("blob has a bad object id")
+        blobs.append(BlobInfo(b["sha256"], b["size"], s, e, obj))
         expect = e
     if expect != len(units):
         raise ValueError("blobs do not cover every unit")
@@ -300,10 +312,13 @@ def pack_range(model: GGUFFile, start: int, end: int, out_dir: str | os.PathLike
 class ShardStore:
     """A directory of blobs (``blobs/<sha256>.gguf``) and manifests (``manifests/<id>.json``)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], locate: Callable[[BlobInfo], Path] | None = None
+    ) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs"
         self.manifest_dir = self.root / "manifests"
+        self.locate = locate  # where a blob's file is, when not under blob_dir
 
     def blob_path(self, sha256: str) -> Path:
         if not _HEX64.match(sha256):
@@ -359,7 +374,7 @@ class ShardStore:
         return Manifest.from_json(data, expected_id=model_id)
 
     def verify_blob(self, blob: BlobInfo) -> Path:
-        p = self.blob_path(blob.sha256)
+        p = self.locate(blob) if self.locate is not None else self.blob_path(blob.sha256)
         try:
             size = p.stat().st_size
         except FileNotFoundError:

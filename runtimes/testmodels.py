@@ -1,8 +1,11 @@
 """Tiny random-weight GGUF models for tests: no downloads, loadable by llama.cpp.
 
 Each architecture gets a small but complete model (valid tokenizer metadata, every tensor its
-graph needs) and a mix of tensor types so that every supported type (F32, F16, Q8_0, Q4_0,
-Q5_0, Q4_K, Q6_K) is exercised. K-quant rows need multiples of 256 values, hence d_model 256.
+graph needs) and a mix of tensor types (F32, F16, Q8_0, Q4_0, Q5_0, Q4_K, Q6_K);
+:func:`uniform_spec` gives every matrix one type instead, any of ``gguf_io.SUPPORTED_TYPES``.
+Types gguf can quantize are quantized from Gaussian values; for the others (K-quants, IQ)
+random block bytes are written with finite scales, rescaled so the weights have the wanted
+RMS. K-quant and IQ rows need multiples of 256 values, hence d_model 256.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,14 @@ import numpy as np
 
 from .arch import ARCHITECTURES
 
-__all__ = ["TestModelSpec", "DEFAULT_SPECS", "write_test_model"]
+__all__ = [
+    "TestModelSpec",
+    "DEFAULT_SPECS",
+    "write_test_model",
+    "uniform_spec",
+    "random_blocks",
+    "QUANTIZABLE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +188,151 @@ def _random_k_quant(rng: np.random.Generator, rows: int, cols: int, qtype: Q, st
     return raw.reshape(rows, nb * block_bytes)
 
 
+# Types gguf.quants.quantize implements (gguf 0.19); the rest are written as random blocks.
+QUANTIZABLE = frozenset(
+    {Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.TQ1_0, Q.TQ2_0}
+    | ({Q.MXFP4} if hasattr(Q, "MXFP4") else set())
+)
+
+# Byte offsets of each block's f16 scales; the second of a pair is the min's scale (dmin)
+_F16_AT: dict[Q, tuple[int, ...]] = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q8_0: (0,),
+    Q.Q2_K: (80, 82),
+    Q.Q3_K: (108,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+    Q.IQ4_NL: (0,),
+    Q.IQ4_XS: (0,),
+    Q.IQ2_XXS: (0,),
+    Q.IQ2_XS: (0,),
+    Q.IQ2_S: (0,),
+    Q.IQ3_XXS: (0,),
+    Q.IQ3_S: (0,),
+    Q.IQ1_S: (0,),
+    Q.TQ1_0: (52,),
+    Q.TQ2_0: (64,),
+}
+# dmin / d that centres d*sc*q - dmin*m on zero for random sub-scales and codes
+_MIN_RATIO = {Q.Q2_K: 1.5, Q.Q4_K: 7.5, Q.Q5_K: 15.5}
+
+
+def _finite_f16(rng: np.random.Generator, shape: tuple[int, ...]) -> Any:
+    """Random f16 bit patterns, any sign and exponent (subnormals too) but never inf/NaN."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    bad = (bits & 0x7C00) == 0x7C00
+    bits[bad] &= 0xBFFF  # clear the top exponent bit: a finite value
+    return bits
+
+
+def _get_f16(raw: Any, qtype: Q) -> list[Any]:
+    if qtype == Q.IQ1_M:
+        words = np.ascontiguousarray(raw[:, 48:56]).view("<u2")
+        d = np.bitwise_or.reduce((words >> 12) << np.array([0, 4, 8, 12], np.uint16), axis=-1)
+        return [d.astype(np.uint16)]
+    return [np.ascontiguousarray(raw[:, a : a + 2]).view("<u2")[:, 0] for a in _F16_AT[qtype]]
+
+
+def _set_f16(raw: Any, qtype: Q, fields: list[Any]) -> None:
+    if qtype == Q.IQ1_M:
+        words = np.ascontiguousarray(raw[:, 48:56]).view("<u2") & 0x0FFF
+        d = fields[0].astype(np.uint16)
+        words |= ((d[:, None] >> np.array([0, 4, 8, 12], np.uint16)) & 0xF) << 12
+        raw[:, 48:56] = words.view(np.uint8)
+        return
+    for a, f in zip(_F16_AT[qtype], fields, strict=True):
+        raw[:, a : a + 2] = np.ascontiguousarray(f.astype(np.uint16)).view(np.uint8).reshape(-1, 2)
+
+
+def random_blocks(
+    rng: np.random.Generator, qtype: Q, n_blocks: int, scale: float | None = None
+) -> Any:
+    """``n_blocks`` random, valid blocks of ``qtype`` as uint8 [n_blocks, type_size].
+
+    Every code and grid index pattern is valid in these formats, so the bytes are random
+    except the f16 scales: any finite value when ``scale`` is None, else ``scale`` times a
+    random factor in [0.5, 1] (mins by their centring ratio)."""
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    if qtype == Q.MXFP4:
+        # the e8m0 exponent: 2^(e - 128) near 1, or anywhere that keeps 12 * 2^(e-128) finite
+        lo, hi = (0, 241) if scale is None else (127, 129)
+        raw[:, 0] = rng.integers(lo, hi, size=n_blocks)
+        return raw
+    n_fields = len(_get_f16(raw, qtype))
+    if scale is None:
+        fields = [_finite_f16(rng, (n_blocks,)) for _ in range(n_fields)]
+    else:
+        ratios = [1.0, _MIN_RATIO.get(qtype, 1.0)][:n_fields]
+        u = rng.uniform(0.5, 1.0, n_blocks)  # one factor for d and dmin: mins stay centring
+        fields = [(scale * r * u).astype(np.float16).view(np.uint16) for r in ratios]
+    _set_f16(raw, qtype, fields)
+    if scale is not None:
+        _centre_mins(raw, qtype)
+    return raw
+
+
+def _centre_mins(raw: Any, qtype: Q) -> None:
+    """Each sub-block's min equal to its scale code (times the dmin/d ratio, half the code
+    range), so sub-blocks centre on zero as a quantizer's do on zero-mean weights; random
+    independent mins put most of a weight's value in its block offset."""
+    if qtype == Q.Q2_K:
+        sc = raw[:, 0:16] & 0x0F
+        raw[:, 0:16] = sc | (sc << 4)
+    elif qtype == Q.Q5_K:
+        # the 12 scale bytes at 4: mins 0-3 (and the top bits of 4-7) in bytes 4-7 copy the
+        # scales' bytes 0-3; bytes 8-11 hold scale | min << 4 low nibbles for sub-blocks 4-7
+        raw[:, 8:12] = raw[:, 4:8]
+        low = raw[:, 12:16] & 0x0F
+        raw[:, 12:16] = low | (low << 4)
+
+
+def _random_raw(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> Any:
+    """Random blocks rescaled so that the dequantized weights have RMS ``std``."""
+    per_block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = random_blocks(rng, qtype, rows * cols // per_block, scale=1.0)
+    vals = gguf.quants.dequantize(raw, qtype)
+    rms = float(np.sqrt(np.mean(np.square(vals, dtype=np.float64))))
+    if qtype != Q.MXFP4 and rms > 0:
+        factor = std / rms
+        fields = [f.view(np.float16).astype(np.float32) * factor for f in _get_f16(raw, qtype)]
+        _set_f16(raw, qtype, [f.astype(np.float16).view(np.uint16) for f in fields])
+    return raw.reshape(rows, cols // per_block * size)
+
+
 def _encode(rng: np.random.Generator, values: _FloatArray, qtype: Q, std: float) -> Any:
     if qtype == Q.F32:
         return values.astype(np.float32)
     if qtype == Q.F16:
         return values.astype(np.float16)
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in (Q.Q4_K, Q.Q6_K):  # kept as before: the default models stay the same
         return _random_k_quant(rng, values.shape[0], values.shape[1], qtype, std)
-    return gguf.quants.quantize(values, qtype)
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(values, qtype)
+    return _random_raw(rng, values.shape[0], values.shape[1], qtype, std)
+
+
+_MATRICES = (
+    "token_embd.weight",
+    "output.weight",
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
+
+
+def uniform_spec(arch: str, qtype: Q, **changes: Any) -> TestModelSpec:
+    """DEFAULT_SPECS[arch] with every matrix of type ``qtype`` (vectors stay F32)."""
+    base = DEFAULT_SPECS[arch]
+    return replace(base, types={m: qtype for m in _MATRICES}, **changes)
 
 
 def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) -> Path:
@@ -241,7 +388,7 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         qtype = spec.types.get(suffix, Q.Q8_0)
         values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
         data = _encode(rng, values, qtype, std)
-        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype
+        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype  # BF16 data is raw bytes too
         w.add_tensor(name, data, raw_dtype=raw_dtype)
 
     def vec(name: str, n: int, center: float, std: float) -> None:

@@ -1,8 +1,10 @@
 """The tinygrad runtime: the same layer ranges as the onnx runtime, in tinygrad tensors.
 
 tinygrad picks its device (CUDA on Jetsons, Metal on Macs, CPU with clang otherwise). Weights
-are dequantized to float32 at load (tinygrad has no quantized matmul to keep them packed), so
-this runtime needs about 8x the GGUF's bytes for 4-bit weights: its value is GPUs, not this CPU.
+are dequantized to float32 at load by ``gguf.quants.dequantize`` (through TensorRef), which
+reads every type in ``gguf_io.SUPPORTED_TYPES``, IQ and K-quants included; tinygrad's own GGUF
+loader knows only a few of them and has no quantized matmul to keep them packed. So this
+runtime needs about 8x the GGUF's bytes for 4-bit weights: its value is GPUs, not this CPU.
 The KV cache is kept per layer and session as host arrays, padded to a multiple of
 ``_BUCKET`` positions (masked): tinygrad compiles a kernel per new shape, and without buckets
 every decode step would compile the attention kernels afresh (18 s instead of a few for 30

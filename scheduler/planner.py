@@ -281,6 +281,125 @@ class _TooManyConflicts(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """One planning problem restricted to its usable peers (``usable`` maps back)."""
+
+    model: ModelSpec
+    peers: Sequence[Peer]
+    network: Network
+    params: CostParams
+    usable: IntArray
+    all_prices: Array  # per peer (all of them) and unit
+    mem_units: IntArray
+    cost_units: Array
+    pull_units: Array
+    free: IntArray
+    inv_ms: Array
+    net: Network
+
+    def ctx(self, min_stages: int, max_stages: int | None) -> _Ctx:
+        return _make_ctx(
+            self.mem_units,
+            self.cost_units,
+            self.pull_units,
+            self.free,
+            self.inv_ms,
+            self.params.locality_weight,
+            self.net,
+            self.model.io_bytes,
+            self.model.activation_bytes,
+            min_stages,
+            max_stages,
+        )
+
+    def reversed_ctx(self) -> _Ctx:
+        """The problem with the units in reverse order: its tables are costs-to-go."""
+        return _make_ctx(
+            self.mem_units[::-1].copy(),
+            self.cost_units[::-1].copy(),
+            self.pull_units[:, ::-1].copy(),
+            self.free,
+            self.inv_ms,
+            self.params.locality_weight,
+            self.net.reversed(),
+            self.model.io_bytes,
+            self.model.activation_bytes,
+            1,
+            None,
+        )
+
+    def plan(
+        self, route: list[tuple[int, int, int]], exact: bool, refused: bool, rounds: int
+    ) -> RoutePlan:
+        """The plan of a route over usable peers, evaluated on the whole network."""
+        full = [(int(self.usable[p]), a, b) for p, a, b in route]
+        rc = evaluate_route(
+            self.model, self.peers, self.network, full, self.params, self.all_prices
+        )
+        stages = tuple(
+            Stage(self.peers[p].id, p, a, b, c, pb)
+            for (p, a, b), c, pb in zip(full, rc.compute_ms, rc.pull_bytes, strict=True)
+        )
+        return RoutePlan(
+            stages, rc.latency_ms, rc.locality_cost, rc.objective, rc.hop_ms, exact, refused, rounds
+        )
+
+
+def _check_plan_args(
+    peers: Sequence[Peer],
+    network: Network,
+    min_stages: int,
+    max_stages: int | None,
+    max_tracked: int,
+    candidates: int,
+) -> None:
+    if len(peers) != network.n_peers:
+        raise SchedulerError(f"{len(peers)} peers but the network has {network.n_peers}")
+    if len({p.id for p in peers}) != len(peers):
+        raise SchedulerError("peer ids must be unique")
+    if min_stages < 1 or (max_stages is not None and max_stages < min_stages):
+        raise SchedulerError("need 1 <= min_stages <= max_stages")
+    if max_tracked < 0 or candidates < 1:
+        raise SchedulerError("max_tracked must be >= 0 and candidates >= 1")
+
+
+def _problem(
+    model: ModelSpec, peers: Sequence[Peer], network: Network, params: CostParams
+) -> _Problem:
+    """Unit tables and the peers that can hold at least the narrowest stage any route has."""
+    L = model.n_layers
+    mem_units = model.unit_bytes().copy()
+    mem_units[1 : L + 1] += model.layer_overhead_bytes
+    free_all = np.array([p.free_memory for p in peers], dtype=np.int64)
+    speed = np.array([p.speed for p in peers], dtype=np.float64)
+    # The smallest stage any route must contain; peers below it are never usable.
+    if L > 1:
+        narrowest = int(
+            min(mem_units[0] + mem_units[1], *mem_units[2:L], mem_units[L] + mem_units[L + 1])
+        )
+    else:
+        narrowest = int(mem_units.sum())
+    usable = np.nonzero((speed > 0) & (free_all >= narrowest))[0]
+    if len(usable) == 0:
+        raise PlanningError("no peer can compute and hold even one layer")
+    all_prices = unit_prices(model, peers, params)  # holders may be storage-only peers
+    return _Problem(
+        model,
+        peers,
+        network,
+        params,
+        usable,
+        all_prices,
+        mem_units,
+        model.unit_cost(),
+        all_prices[usable] * model.unit_bytes()[None, :],
+        free_all[usable],
+        1000.0 / speed[usable],
+        network.subset(usable),
+    )
+
+
 def plan_route(
     model: ModelSpec,
     peers: Sequence[Peer],
@@ -307,66 +426,15 @@ def plan_route(
     optimum is then never worse than any single peer *by objective*, by construction).
     """
     params = params or CostParams()
-    if len(peers) != network.n_peers:
-        raise SchedulerError(f"{len(peers)} peers but the network has {network.n_peers}")
-    if len({p.id for p in peers}) != len(peers):
-        raise SchedulerError("peer ids must be unique")
-    if min_stages < 1 or (max_stages is not None and max_stages < min_stages):
-        raise SchedulerError("need 1 <= min_stages <= max_stages")
-    if max_tracked < 0 or candidates < 1:
-        raise SchedulerError("max_tracked must be >= 0 and candidates >= 1")
+    _check_plan_args(peers, network, min_stages, max_stages, max_tracked, candidates)
+    prob = _problem(model, peers, network, params)
     L = model.n_layers
-    mem_units = model.unit_bytes().copy()
-    mem_units[1 : L + 1] += model.layer_overhead_bytes
-    free_all = np.array([p.free_memory for p in peers], dtype=np.int64)
-    speed = np.array([p.speed for p in peers], dtype=np.float64)
-    # The smallest stage any route must contain; peers below it are never usable.
-    if L > 1:
-        narrowest = int(
-            min(mem_units[0] + mem_units[1], *mem_units[2:L], mem_units[L] + mem_units[L + 1])
-        )
-    else:
-        narrowest = int(mem_units.sum())
-    usable = np.nonzero((speed > 0) & (free_all >= narrowest))[0]
-    if len(usable) == 0:
-        raise PlanningError("no peer can compute and hold even one layer")
-    all_prices = unit_prices(model, peers, params)  # holders may be storage-only peers
-    pull_units = all_prices[usable] * model.unit_bytes()[None, :]
-    free, inv_ms = free_all[usable], 1000.0 / speed[usable]
-    net = network.subset(usable)
-    cost_units = model.unit_cost()
-    lam = params.locality_weight
-    ctx = _make_ctx(
-        mem_units,
-        cost_units,
-        pull_units,
-        free,
-        inv_ms,
-        lam,
-        net,
-        model.io_bytes,
-        model.activation_bytes,
-        min_stages,
-        max_stages,
-    )
+    ctx = prob.ctx(min_stages, max_stages)
 
     # Best single-peer plan: the baseline a split must beat on latency.
-    fits_alone = int(mem_units.sum()) <= free
+    fits_alone = int(prob.mem_units.sum()) <= prob.free
     single_obj = np.where(fits_alone, ctx.from_c + ctx.Y[L] + ctx.to_c, np.inf)
     single = int(np.argmin(single_obj)) if np.isfinite(single_obj).any() else -1
-
-    def finish(
-        route: list[tuple[int, int, int]], exact: bool, refused: bool, rounds: int
-    ) -> RoutePlan:
-        full = [(int(usable[p]), a, b) for p, a, b in route]
-        rc = evaluate_route(model, peers, network, full, params, all_prices)
-        stages = tuple(
-            Stage(peers[p].id, p, a, b, c, pb)
-            for (p, a, b), c, pb in zip(full, rc.compute_ms, rc.pull_bytes, strict=True)
-        )
-        return RoutePlan(
-            stages, rc.latency_ms, rc.locality_cost, rc.objective, rc.hop_ms, exact, refused, rounds
-        )
 
     exact, rounds = True, 1
     relaxed, route, G = _solve(ctx, [])
@@ -374,66 +442,61 @@ def plan_route(
         raise PlanningError("no route satisfies the memory and stage-count limits")
     used = [p for p, _, _ in route]
     if len(set(used)) < len(used):
-        # The relaxation reused a peer. Bound every peer by the best relaxed route through it
-        # (cost to reach its stage + cost of its stage and all after, from the reversed
-        # problem); a peer whose bound exceeds a feasible route's cost is in no optimum.
-        if not ctx.saturate or ctx.K > 1:
-            base = _make_ctx(
-                mem_units,
-                cost_units,
-                pull_units,
-                free,
-                inv_ms,
-                lam,
-                net,
-                model.io_bytes,
-                model.activation_bytes,
-                1,
-                None,
-            )
-            _, _, G = _solve(base, [])
-        back = _make_ctx(
-            mem_units[::-1].copy(),
-            cost_units[::-1].copy(),
-            pull_units[:, ::-1].copy(),
-            free,
-            inv_ms,
-            lam,
-            net.reversed(),
-            model.io_bytes,
-            model.activation_bytes,
-            1,
-            None,
-        )
-        F_back = _forward_tables(back)
-        bound = np.min(G[:L, 0, :] + F_back[L - np.arange(L), 0, :], axis=0)
-        order = np.argsort(bound, kind="stable")
-        first = np.union1d(order[:candidates], used)
-        try:
-            ub, sub_route, r1 = _solve_simple(_sub(ctx, first), max_tracked)
-            keep = np.nonzero(bound <= ub + 1e-9 * max(1.0, abs(ub)))[0]
-            rounds += r1
-            if np.isfinite(ub) and np.isin(keep, first).all():
-                route = [(int(first[p]), a, b) for p, a, b in sub_route]
-            else:
-                cand = keep if np.isfinite(ub) else np.arange(len(usable))
-                _, sub_route, r2 = _solve_simple(_sub(ctx, cand), max_tracked)
-                rounds += r2
-                if not sub_route:
-                    raise PlanningError("no route satisfies the memory and stage-count limits")
-                route = [(int(cand[p]), a, b) for p, a, b in sub_route]
-        except _TooManyConflicts:
+        repaired, more = _without_repeats(prob, ctx, G, used, candidates, max_tracked)
+        rounds += more
+        if repaired is not None:
+            route = repaired
+        else:
             exact = False
             if single < 0 or min_stages > 1:
-                raise PlanningError("too many conflicting peers for an exact plan") from None
+                raise PlanningError("too many conflicting peers for an exact plan")
             route = [(single, 0, L)]
         log.debug("planner: relaxed %.3f, %d rounds", relaxed, rounds)
-    plan = finish(route, exact, False, rounds)
+    plan = prob.plan(route, exact, False, rounds)
     if refuse_slower_split and min_stages == 1 and len(plan.stages) > 1 and single >= 0:
-        alone = finish([(single, 0, L)], exact, True, rounds)
+        alone = prob.plan([(single, 0, L)], exact, True, rounds)
         if plan.latency_ms > alone.latency_ms:
             return alone
     return plan
+
+
+def _without_repeats(
+    prob: _Problem,
+    ctx: _Ctx,
+    G: Array,
+    used: list[int],
+    candidates: int,
+    max_tracked: int,
+) -> tuple[list[tuple[int, int, int]] | None, int]:
+    """The exact route when the relaxation reused a peer, and the rounds it took.
+
+    Every peer is bounded by the best relaxed route through it (cost to reach its stage +
+    cost of its stage and all after, from the reversed problem); a peer whose bound exceeds a
+    feasible route's cost is in no optimum. The route is None when more than ``max_tracked``
+    peers conflict (the rounds spent until then still count).
+    """
+    L = prob.model.n_layers
+    if not ctx.saturate or ctx.K > 1:
+        _, _, G = _solve(prob.ctx(1, None), [])
+    F_back = _forward_tables(prob.reversed_ctx())
+    bound = np.min(G[:L, 0, :] + F_back[L - np.arange(L), 0, :], axis=0)
+    order = np.argsort(bound, kind="stable")
+    first = np.union1d(order[:candidates], used)
+    try:
+        ub, sub_route, rounds = _solve_simple(_sub(ctx, first), max_tracked)
+    except _TooManyConflicts:
+        return None, 0
+    keep = np.nonzero(bound <= ub + 1e-9 * max(1.0, abs(ub)))[0]
+    if np.isfinite(ub) and np.isin(keep, first).all():
+        return [(int(first[p]), a, b) for p, a, b in sub_route], rounds
+    cand = keep if np.isfinite(ub) else np.arange(len(prob.usable))
+    try:
+        _, sub_route, r2 = _solve_simple(_sub(ctx, cand), max_tracked)
+    except _TooManyConflicts:
+        return None, rounds
+    if not sub_route:
+        raise PlanningError("no route satisfies the memory and stage-count limits")
+    return [(int(cand[p]), a, b) for p, a, b in sub_route], rounds + r2
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ from mesh.net.rpc import CallContext, Link, Reply
 from mesh.net.signaling import ReplayGuard, clean_endpoints, parse_endpoint, parse_envelope, seal
 from mesh.net.view import NetViewError, parse_info
 from mesh.net.wire import Encoder, Reassembler
-from mesh.storage.blobs import StorageService
 from mesh.storage.fastpath import FastPathError, parse_request
 from mesh.storage.service import ObjectService, StorageConfig
 from mesh.storage.store import StoreError, parse_manifest
@@ -332,14 +331,13 @@ def _services(root: Path) -> dict[str, Any]:
         _SERVICES.update(
             compute=compute,
             objects=objects,
-            storage=StorageService(root / "b"),
         )
     return _SERVICES
 
 
 def _handlers(root: Path) -> dict[str, Callable[..., Any]]:
     s = _services(root)
-    c, o, b = s["compute"], s["objects"], s["storage"]
+    c, o = s["compute"], s["objects"]
     return {
         "stage_open": c.rpc_stage_open,
         "stage_close": c.rpc_stage_close,
@@ -354,8 +352,6 @@ def _handlers(root: Path) -> dict[str, Callable[..., Any]]:
         "obj_announce": o.providers.rpc_obj_announce,
         "obj_sync": o.providers.rpc_obj_sync,
         "net_info": o.net.rpc_net_info,
-        "blob_has": b.rpc_blob_has,
-        "blob_read": b.rpc_blob_read,
     }
 
 
@@ -374,8 +370,6 @@ HANDLER_NAMES = sorted(
         "obj_announce",
         "obj_sync",
         "net_info",
-        "blob_has",
-        "blob_read",
     ]
 )
 PARAM_KEYS = [

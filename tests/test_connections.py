@@ -3,30 +3,23 @@
 import asyncio
 import os
 
-import pytest
-
 from mesh.errors import SignalingError
 from mesh.net import connections as conn_mod
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.signaling import ReplayGuard, open_envelope, seal
-from mesh.net.transport import TransportConfig, open_offer, use_candidate_addresses
+from mesh.net.transport import TransportConfig, open_offer
 
 from .memchannel import until
 
-
-@pytest.fixture(autouse=True)
-def loopback():
-    use_candidate_addresses(["127.0.0.1"])
-    yield
-    use_candidate_addresses(None)
+LOOPBACK = TransportConfig(candidate_addresses=("127.0.0.1",))
 
 
 def make_conns(**params):
     me = Identity.generate()
     c = Connections(
         me,
-        TransportConfig(connect_timeout=5, handshake_timeout=2),
+        TransportConfig(connect_timeout=5, handshake_timeout=2, candidate_addresses=("127.0.0.1",)),
         {},
         ReplayGuard(),
         ConnectionParams(**params),
@@ -42,7 +35,7 @@ async def test_concurrent_offers_cannot_overrun_the_handshake_cap():
     pcs = []
     for _ in range(12):
         ident = Identity.generate()
-        pending, sdp = await open_offer(ident, TransportConfig(), me.peer_id)
+        pending, sdp = await open_offer(ident, LOOPBACK, me.peer_id)
         pcs.append(pending.pc)
         raw = seal(ident, "offer", me.peer_id, {"sdp": sdp, "oid": os.urandom(16)})
         offers.append(open_envelope(raw, me=me.peer_id, kind="offer", guard=conns.guard))

@@ -1,4 +1,5 @@
-"""Disk room for pulled shards: least recently used blobs go, kept ones never; a pull that
+"""Disk room for pulled shards, through the object store: least recently used objects go,
+pinned and held ones never; a pull that
 cannot fit is refused before a byte is fetched."""
 
 from __future__ import annotations
@@ -12,34 +13,58 @@ import pytest
 from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService
 from mesh.net.rpc import Reply
 from mesh.storage.quota import disk_shortfall
+from mesh.storage.store import BlobStore
 from runtimes.shards import ShardStore
 from runtimes.testmodels import write_test_model
 
 
-def _blobs(d: Path, names: str, size: int = 1000) -> None:
-    d.mkdir(parents=True, exist_ok=True)
+def _blobs(root: Path, names: str, keep: str = "", size: int = 1000) -> BlobStore:
+    """A store of packed objects named a, b, ... (a is the least recently used); the ones in
+    ``keep`` stay pinned (as a model added here is), the others are unpinned (pulled)."""
+    store = BlobStore(root / "objects")
     for i, n in enumerate(names):
-        p = d / f"{n * 64}.gguf"
-        p.write_bytes(b"x" * size)
-        os.utime(p, (1000 + i, 1000 + i))  # a is the least recently used
+        src = root / f"{n}.src"
+        src.write_bytes(n.encode() * size)
+        m = store.put_file(src, n)
+        if n not in keep:
+            store.unpin(m.id)
+        for p in (store.manifest_dir / m.id, store.packed_path(m.id)):
+            os.utime(p, (1000 + i, 1000 + i))
+    return store
+
+
+def _left(store: BlobStore) -> list[str]:
+    return sorted(o["name"] for o in store.objects())
 
 
 def test_evicts_least_recently_used_and_never_kept(tmp_path: Path) -> None:
-    _blobs(tmp_path, "abcd")
-    assert disk_shortfall(tmp_path, 1500, 3000, keep={"a" * 64}) == 0
-    assert sorted(p.name[0] for p in tmp_path.iterdir()) == ["a"]  # b, c, d went, oldest first
+    store = _blobs(tmp_path, "abcd", keep="a")
+    assert disk_shortfall(store, 1500, 3000) == 0
+    assert _left(store) == ["a"]  # b, c, d went, oldest first
 
 
 def test_stops_evicting_once_it_fits(tmp_path: Path) -> None:
-    _blobs(tmp_path, "abcd")
-    assert disk_shortfall(tmp_path, 500, 4000, keep=set()) == 0
-    assert sorted(p.name[0] for p in tmp_path.iterdir()) == ["b", "c", "d"]
+    store = _blobs(tmp_path, "abcd")
+    assert disk_shortfall(store, 500, 4000) == 0
+    assert _left(store) == ["b", "c", "d"]
 
 
 def test_shortfall_when_everything_is_kept(tmp_path: Path) -> None:
-    _blobs(tmp_path, "ab")
-    assert disk_shortfall(tmp_path, 1500, 2500, keep={"a" * 64, "b" * 64}) == 1000
-    assert len(list(tmp_path.iterdir())) == 2
+    store = _blobs(tmp_path, "ab", keep="ab")
+    assert disk_shortfall(store, 1500, 2500) == 1000
+    assert len(store.objects()) == 2
+
+
+def test_a_held_object_is_never_evicted(tmp_path: Path) -> None:
+    """A loaded shard or a pull under way holds its object: not collected, not pinned."""
+    store = _blobs(tmp_path, "ab")
+    oid = next(o["id"] for o in store.objects() if o["name"] == "a")
+    store.acquire(oid)
+    assert disk_shortfall(store, 1500, 2500) == 0
+    assert _left(store) == ["a"]
+    store.release(oid)
+    assert disk_shortfall(store, 2000, 2500) == 0
+    assert _left(store) == []
 
 
 class _Caller:

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from mesh.launch.localmesh import LocalMesh, NodeProcess, wait_for
-from runtimes.base import PREFILL_DELAY_ENV
 from runtimes.testmodels import write_test_model
 
 pytestmark = [pytest.mark.faults, pytest.mark.network]
@@ -93,8 +92,10 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
     # The prefill hook holds every prompt chunk for a moment on every stage (replays too),
     # so the kill lands inside the middle stage's prefill, as its own log shows.
     prefill = phase.startswith("prefill")
-    env = {PREFILL_DELAY_ENV: "1.0"} if prefill else None
-    async with LocalMesh(tmp_path / "mesh", env=env) as mesh:
+    hook = ["--fault-prefill-delay", "1.0"] if prefill else []
+    async with LocalMesh(
+        tmp_path / "mesh", module="tests.fixtures.fault_node", extra_args=hook
+    ) as mesh:
         nodes = await start_route_mesh(mesh, tiny)
         body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 16, "split": 3}
         if phase == "prefill-chunk2":

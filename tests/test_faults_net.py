@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from mesh.launch.localmesh import LocalBroker, LocalMesh, NodeProcess, wait_for
-from mesh.net.connections import DIAL_HOLD_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.network]
 log = logging.getLogger(__name__)
@@ -37,9 +36,12 @@ async def test_peer_lost_mid_handshake_frees_the_slot(local_mesh: LocalMesh, sig
     another peer still connects to it. A frozen dialer that wakes up connects again."""
     mesh = local_mesh
     survivor = await mesh.start_node("s", ["--no-mdns"])
-    mesh.env = {DIAL_HOLD_ENV: "30"}  # longer than the survivor's handshake deadline (10 s)
-    dialer = await mesh.start_node("d", ["--no-mdns", "--peer", survivor.signaling])
-    mesh.env = None
+    # The hold (30 s) is longer than the survivor's handshake deadline (10 s).
+    dialer = await mesh.start_node(
+        "d",
+        ["--no-mdns", "--peer", survivor.signaling, "--fault-dial-hold", "30"],
+        module="tests.fixtures.fault_node",
+    )
     await wait_for(
         lambda: any("dial held" in x for x in dialer.stderr_tail), 20, "the dialer's hold"
     )

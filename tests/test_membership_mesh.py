@@ -139,7 +139,7 @@ async def test_revoked_member_is_dropped_within_seconds(local_mesh):
     saved = json.loads((b.data_dir / "revocations.json").read_text())["revocations"]
     assert len(saved) == 1
     info = await local_mesh.get(b, "/v1/info")
-    assert info["membership"]["revoked"] == 1 and c.peer_id in info["banned"]
+    assert info["trust"]["revoked"] == 1 and c.peer_id in info["banned"]
     await local_mesh.wait_connected(20, [a, b])
 
 
@@ -168,9 +168,9 @@ async def test_invite_redeemed_at_the_owner_node_then_connects(local_mesh):
     await local_mesh.wait_connected(40, [owner, joiner])
     info = await local_mesh.get(joiner, "/v1/info")
     assert (
-        info["membership"]["member"]
-        and info["membership"]["mesh_id"]
-        == ((await local_mesh.get(owner, "/v1/info"))["membership"]["mesh_id"])
+        info["trust"]["member"]
+        and info["trust"]["mesh_id"]
+        == ((await local_mesh.get(owner, "/v1/info"))["trust"]["mesh_id"])
     )
     # The invite had one use: a second node is refused by the owner's node.
     late = local_mesh.base_dir / "late"

@@ -18,7 +18,8 @@ import pytest
 from mesh.discovery import mdns as disc_mod
 from mesh.discovery.mdns import Announcement, MdnsDiscovery, make_properties
 from mesh.errors import HandshakeError, PeerUnavailable, RemoteError
-from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService, _StageSession
+from mesh.inference.compute import CapacityError, ComputeConfig, ComputeService
+from mesh.inference.stages import StageSession as _StageSession
 from mesh.net.handshake import HandshakeState
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Link, Reply, handlers_of
@@ -204,7 +205,7 @@ async def _stage(tmp_path: Path) -> tuple[ComputeService, str, Any]:
     svc = ComputeService(_Caller(), A.peer_id, tmp_path, ComputeConfig(runtime="fake"))
     shard = await AsyncShard.load("fake", fake_shard(0, 6))
     key = ("m" * 64, 0, 6, "fake")
-    from mesh.inference.compute import _Loaded
+    from mesh.inference.memory import Loaded as _Loaded
 
     svc.loaded[key] = _Loaded(shard, 0, sessions=1)
     session = await shard.open_session(64)

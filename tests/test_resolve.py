@@ -30,7 +30,7 @@ class _Mesh:
         return list(self.listings)
 
     async def call(self, peer: str, method: str, *a: Any, **k: Any) -> Reply:
-        assert method == "models"
+        assert method == "compute.models"
         return Reply({}, msgpack.packb(self.listings[peer]))
 
 

@@ -78,7 +78,7 @@ class FakeNet:
             self.frozen.add(peer)
         if lost == "gone":
             self.reach(sender, peer)  # raises PeerUnavailable
-        if lost is None and method in ("stage_push", "stage_forward"):
+        if lost is None and method in ("compute.stage_push", "compute.stage_forward"):
             self.steps.setdefault(peer, []).append((params["n"], params["pos"]))
         return lost is None
 
@@ -219,7 +219,11 @@ def nth_step_at(position: int, nth: int, how: str) -> Callable[[GenerationRun], 
         fired: list[str] = []
 
         def fault(peer: str, method: str, params: dict[str, Any]) -> str | None:
-            if fired or method not in ("stage_push", "stage_forward") or run.parts is None:
+            if (
+                fired
+                or method not in ("compute.stage_push", "compute.stage_forward")
+                or run.parts is None
+            ):
                 return None
             if peer != run.parts.route.stages[position].peer_id:
                 return None
@@ -299,7 +303,7 @@ async def test_failovers_stop_at_the_limit_with_a_clear_error(tmp_path: Path, ti
     run fails naming the limit (one more peer is left, never tried)."""
     mesh = await Mesh.start(tmp_path / "m", tiny, n=MAX_FAILOVERS + 2)
     run = GenerationRun(mesh.coord, mesh.request(split=1))
-    mesh.net.fault = lambda peer, method, params: "kill" if method == "stage_push" else None
+    mesh.net.fault = lambda peer, method, params: "kill" if method == "compute.stage_push" else None
     try:
         with pytest.raises(RouteError, match=f"after {MAX_FAILOVERS} failovers"):
             await mesh.generate(run)
@@ -326,7 +330,7 @@ async def test_fault_during_the_replay_counts_and_is_routed_around(
     deaths: list[str] = []
 
     def fault(peer: str, method: str, params: dict[str, Any]) -> str | None:
-        if method != "stage_push" or run.parts is None:
+        if method != "compute.stage_push" or run.parts is None:
             return None
         if not route:
             route[:] = [s.peer_id for s in run.parts.route.stages]
@@ -371,13 +375,13 @@ async def test_stage_failed_naming_a_peer_off_the_route_excludes_nobody(
             outsider = next(p for p in mesh.peers if p not in {s.peer_id for s in stages})
             reported.append(outsider)
             report = {"rid": params["rid"], "pos": params["pos"], "failed": outsider}
-            await mesh.net.caller(me).notify(COORD, "stage_failed", report)
+            await mesh.net.caller(me).notify(COORD, "coordinator.stage_failed", report)
 
         return stage_push
 
     for peer in mesh.peers:
         handlers = mesh.net.handlers[peer]
-        handlers["stage_push"] = scripted(peer, handlers["stage_push"])
+        handlers["compute.stage_push"] = scripted(peer, handlers["compute.stage_push"])
     try:
         with pytest.raises(RemoteError) as failed:
             await mesh.generate(run)
@@ -401,7 +405,7 @@ async def test_stage_short_of_memory_at_open_is_replaced(tmp_path: Path, tiny: P
     async def full(ctx: CallContext, params: dict[str, Any], payload: bytes) -> None:
         raise CapacityError("a session of 22 positions needs 1 MiB; 0 MiB are free")
 
-    mesh.net.handlers[short]["stage_open"] = full
+    mesh.net.handlers[short]["compute.stage_open"] = full
     run = GenerationRun(mesh.coord, mesh.request(split=3))
     try:
         summary = (await mesh.generate(run))[-1]

@@ -1,4 +1,4 @@
-"""``edgemesh model inspect`` / ``shard`` (mesh/cli_model.py), driven through argparse."""
+"""``edgemesh model inspect`` / ``shard`` (mesh/cli/model.py), driven through argparse."""
 
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def test_inspect_text_and_shard(tmp_path: Path, capsys: pytest.CaptureFixture[st
     doc = json.loads(capsys.readouterr().out)
     assert doc["blobs"] == 4 and len(doc["model_id"]) == 64
     assert (tmp_path / "s" / "manifests" / f"{doc['model_id']}.json").is_file()
+
+
+def test_inspect_says_how_each_runtime_runs_each_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14: per tensor type, whether each runtime runs it exactly, never silently."""
+    path = write_test_model(tmp_path / "g.gguf", "gemma3")
+    assert _run(["model", "inspect", str(path), "--json"]) == 0
+    support = json.loads(capsys.readouterr().out)["runtime_support"]
+    assert set(support) >= {"F32", "Q8_0"}
+    assert support["Q8_0"] == {"llamacpp": "exact", "onnx": "exact", "tinygrad": "dequantized"}
+    assert support["F32"]["onnx"] == "exact"
+    assert _run(["model", "inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["type"])
+    assert lines[header].split() == ["type", "llamacpp", "onnx", "tinygrad"]
+    assert "Q8_0     exact        exact        dequantized" in lines[header + 1 :]

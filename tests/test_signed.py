@@ -201,6 +201,7 @@ def test_fuzz_one_signed_field_replaced(index: int, value: Any) -> None:
     field = NOTE.fields[index]
     if rec is not None:
         got = rec.fields[field.name]
-        assert type(got) is not bool and isinstance(got, int if field.kind is float else field.kind)
+        kinds = (int, float) if field.kind is float else field.kind
+        assert type(got) is not bool and isinstance(got, kinds)
         if field.kind is float:
             assert math.isfinite(got)

@@ -149,7 +149,7 @@ class FakeCaller:
         payload: bytes = b"",
         timeout: float | None = None,
     ) -> Reply:
-        assert method == "chunk_read" and params is not None
+        assert method == "storage.chunk_read" and params is not None
         n = self.calls[peer_id] = self.calls.get(peer_id, 0) + 1
         await asyncio.sleep(0)
         if peer_id in self.die_after and n > self.die_after[peer_id]:

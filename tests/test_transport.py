@@ -2,7 +2,7 @@
 
 import asyncio
 
-import pytest
+import aioice.ice
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from mesh.errors import Error, HandshakeError
@@ -14,17 +14,11 @@ from mesh.net.transport import (
     accept_offer,
     complete_offer,
     open_offer,
-    use_candidate_addresses,
+    peer_connection,
 )
 
-CFG = TransportConfig(handshake_timeout=5, connect_timeout=10)
-
-
-@pytest.fixture(autouse=True)
-def loopback_candidates():
-    use_candidate_addresses(["127.0.0.1"])
-    yield
-    use_candidate_addresses(None)
+LOOPBACK = ("127.0.0.1",)
+CFG = TransportConfig(handshake_timeout=5, connect_timeout=10, candidate_addresses=LOOPBACK)
 
 
 async def echo(ctx, params, payload):
@@ -51,8 +45,8 @@ async def test_dtls_relay_is_caught_by_the_handshake():
     a, b = Identity.generate(), Identity.generate()
     pa, offer_a = await open_offer(a, CFG, b.peer_id)
 
-    m1 = RTCPeerConnection(CFG.rtc_configuration())  # faces A, pretends to be B
-    m2 = RTCPeerConnection(CFG.rtc_configuration())  # faces B, pretends to be A
+    m1 = peer_connection(CFG)  # faces A, pretends to be B
+    m2 = peer_connection(CFG)  # faces B, pretends to be A
     ch2 = m2.createDataChannel(CHANNEL_LABEL, ordered=True)
     ch1_ready: asyncio.Future = asyncio.get_running_loop().create_future()
     relayed = {"a->b": 0, "b->a": 0}
@@ -106,3 +100,33 @@ async def test_connecting_to_the_wrong_peer_fails():
     ra, rb = await asyncio.gather(pa.establish({}), pb.establish({}), return_exceptions=True)
     assert isinstance(ra, HandshakeError) and "expected peer" in str(ra)
     assert isinstance(rb, Error)
+
+
+def host_candidates(sdp: str) -> set[str]:
+    """Host candidate addresses of an SDP (``a=candidate:F C udp P ADDRESS PORT typ host``)."""
+    return {
+        line.split()[4]
+        for line in sdp.splitlines()
+        if line.startswith("a=candidate:") and " typ host" in line
+    }
+
+
+async def test_candidate_addresses_belong_to_their_config():
+    """Two configs in one process gather on their own addresses, even at the same time, and an
+    aiortc connection that is not ours keeps aioice's default (which leaves loopback out)."""
+    a, b = Identity.generate(), Identity.generate()
+    other = TransportConfig(candidate_addresses=("127.0.0.2",))
+    (pa, offer_a), (pb, offer_b) = await asyncio.gather(
+        open_offer(a, CFG, b.peer_id), open_offer(b, other, a.peer_id)
+    )
+    plain = RTCPeerConnection(TransportConfig().rtc_configuration())
+    try:
+        plain.createDataChannel(CHANNEL_LABEL)
+        await plain.setLocalDescription(await plain.createOffer())
+        assert host_candidates(offer_a) == {"127.0.0.1"}
+        assert host_candidates(offer_b) == {"127.0.0.2"}
+        assert not host_candidates(plain.localDescription.sdp) & {"127.0.0.1", "127.0.0.2"}
+        assert aioice.ice.get_host_addresses.__module__ == "aioice.ice"  # nothing patched
+    finally:
+        for pc in (pa.pc, pb.pc, plain):
+            await pc.close()

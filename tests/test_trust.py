@@ -283,17 +283,17 @@ async def test_trust_service_enforces_persists_and_forwards(owner, tmp_path):
     node.linked[2] = victim
     forged = issue_revocation(Identity.generate(), owner.mesh_id, victim).raw
     real = issue_revocation(owner, owner.mesh_id, victim).raw
-    out = await service.rpc_trust_revocations(Ctx("a"), {}, msgpack.packb([forged]))
+    out = await service.rpc_revocations(Ctx("a"), {}, msgpack.packb([forged]))
     assert out == {"new": 0} and node.banned == {} and node.sent == []
-    out = await service.rpc_trust_revocations(Ctx("a"), {}, msgpack.packb([real]))
+    out = await service.rpc_revocations(Ctx("a"), {}, msgpack.packb([real]))
     await _settle()
     assert out == {"new": 1} and victim in node.banned
     assert [(p, m) for p, m, _ in node.sent] == [
-        ("b", "trust_revocations")
+        ("b", "trust.revocations")
     ]  # not to a, not to victim
     assert victim in load_policy_revocations(anchor, path)
     # Known already: no second flood.
-    await service.rpc_trust_revocations(Ctx("b"), {}, msgpack.packb([real]))
+    await service.rpc_revocations(Ctx("b"), {}, msgpack.packb([real]))
     await _settle()
     assert len(node.sent) == 1
 
@@ -330,7 +330,7 @@ async def test_trust_service_syncs_new_links_and_the_cli_file(owner, tmp_path):
     await _settle()
     assert sorted(p for p, _, _ in node.sent) == ["a", "late"]
     with pytest.raises(Error):
-        await service.rpc_trust_revocations(Ctx("a"), {}, b"\xc1" * 10)
+        await service.rpc_revocations(Ctx("a"), {}, b"\xc1" * 10)
 
 
 # -- the reduced surface and the handshake gate ----------------------------------------------

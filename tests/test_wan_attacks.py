@@ -16,7 +16,6 @@ from mesh.net.transport import (
     TransportConfig,
     complete_offer,
     open_offer,
-    use_candidate_addresses,
 )
 from mesh.trust.policy import load_policy
 
@@ -33,8 +32,9 @@ async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mes
     local_mesh.provision(local_mesh.base_dir / "v")
     v, x = Identity.load_or_create(local_mesh.base_dir / "v"), Identity.generate()
     v_policy = load_policy(local_mesh.base_dir / "v")
-    use_candidate_addresses(["127.0.0.1"])
-    cfg = TransportConfig(connect_timeout=10, handshake_timeout=5)
+    cfg = TransportConfig(
+        connect_timeout=10, handshake_timeout=5, candidate_addresses=("127.0.0.1",)
+    )
     host, port = broker.url.removeprefix("mqtt://").split(":")
     inbox_b = f"edgemesh/v1/m/inbox/{b.peer_id}"
 

@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,26 +52,7 @@ def add_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
         return web.json_response({"object": "list", "data": data})
 
     async def add_model(request: web.Request) -> web.Response:
-        node = request.app[key]
-        body = await _body(request)
-        path, name = body.get("path"), body.get("name")
-        if not isinstance(path, str) or not await asyncio.to_thread(Path(path).is_file):
-            raise web.HTTPBadRequest(text="path must name a GGUF file on this node's host")
-        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 100):
-            raise web.HTTPBadRequest(text="name must be a short string")
-        try:
-            manifest = await node.compute.add_model(path, name)
-        except EXPECTED + (ValueError,) as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        return web.json_response(
-            {
-                "model_id": manifest.model_id,
-                "name": name or manifest.name,
-                "arch": manifest.architecture,
-                "n_layers": manifest.n_layers,
-                "blobs": len(manifest.blobs),
-            }
-        )
+        return web.json_response(await _add_model(request.app[key], await _body(request)))
 
     async def transfers(request: web.Request) -> web.Response:
         node = request.app[key]
@@ -106,15 +87,7 @@ def add_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise web.HTTPBadRequest(text="messages must be a non-empty list")
-        parts = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise web.HTTPBadRequest(text="each message needs a string content")
-            parts.append(m["content"])
-        return await _openai(request, key, body, "\n".join(parts), chat=True)
+        return await _openai(request, key, body, _chat_prompt(body), chat=True)
 
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/models", add_model)
@@ -122,6 +95,39 @@ def add_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
     app.router.add_post("/v1/generate", generate)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
+
+
+async def _add_model(node: ApiNode, body: dict[str, Any]) -> dict[str, Any]:
+    """Shard a GGUF on this node's host into its store (POST /v1/models)."""
+    path, name = body.get("path"), body.get("name")
+    if not isinstance(path, str) or not await asyncio.to_thread(Path(path).is_file):
+        raise web.HTTPBadRequest(text="path must name a GGUF file on this node's host")
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 100):
+        raise web.HTTPBadRequest(text="name must be a short string")
+    try:
+        manifest = await node.compute.add_model(path, name)
+    except EXPECTED + (ValueError,) as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return {
+        "model_id": manifest.model_id,
+        "name": name or manifest.name,
+        "arch": manifest.architecture,
+        "n_layers": manifest.n_layers,
+        "blobs": len(manifest.blobs),
+    }
+
+
+def _chat_prompt(body: dict[str, Any]) -> str:
+    """A chat request's messages as one prompt: their contents, one per line."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise web.HTTPBadRequest(text="messages must be a non-empty list")
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise web.HTTPBadRequest(text="each message needs a string content")
+        parts.append(m["content"])
+    return "\n".join(parts)
 
 
 def _request(body: dict[str, Any]) -> GenerationRequest:
@@ -188,42 +194,55 @@ async def _openai(
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
-
-    def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
-        if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        if delta:
-            return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-
     events = node.coordinator.generate(req)
-    if not body.get("stream"):
-        summary = await _last(events)
-        finish = "length" if len(summary["tokens"]) >= req.max_tokens else "stop"
-        usage = {
-            "prompt_tokens": summary["prompt_tokens"],
-            "completion_tokens": len(summary["tokens"]),
-            "total_tokens": summary["prompt_tokens"] + len(summary["tokens"]),
+    if body.get("stream"):
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": chunk_kind, "created": created}
+        return await _openai_stream(request, events, dict(head, model=req.model), req, chat)
+    summary = await _last(events)
+    finish = "length" if len(summary["tokens"]) >= req.max_tokens else "stop"
+    usage = {
+        "prompt_tokens": summary["prompt_tokens"],
+        "completion_tokens": len(summary["tokens"]),
+        "total_tokens": summary["prompt_tokens"] + len(summary["tokens"]),
+    }
+    return web.json_response(
+        {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": req.model,
+            "usage": usage,
+            "choices": [_choice(chat, summary["text"], finish, False)],
         }
-        return web.json_response(
-            {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": req.model,
-                "usage": usage,
-                "choices": [choice(summary["text"], finish, False)],
-            }
-        )
+    )
+
+
+def _choice(chat: bool, text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+    """One OpenAI ``choices`` entry: a completion's text, a chat message or a chat delta."""
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if delta:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish,
+    }
+
+
+async def _openai_stream(
+    request: web.Request,
+    events: AsyncGenerator[dict[str, Any], None],
+    head: dict[str, Any],
+    req: GenerationRequest,
+    chat: bool,
+) -> web.StreamResponse:
+    """Server-sent events, one chunk (``head`` + choices) per token, then ``[DONE]``."""
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     count = 0
     try:
         async for event in events:
@@ -238,22 +257,10 @@ async def _openai(
                 break
             if event.get("done"):
                 finish = "length" if count >= req.max_tokens else "stop"
-                data = {
-                    "id": rid,
-                    "object": chunk_kind,
-                    "created": created,
-                    "model": req.model,
-                    "choices": [choice("", finish, True)],
-                }
+                data = dict(head, choices=[_choice(chat, "", finish, True)])
             else:
                 count += 1
-                data = {
-                    "id": rid,
-                    "object": chunk_kind,
-                    "created": created,
-                    "model": req.model,
-                    "choices": [choice(event["text"], None, True)],
-                }
+                data = dict(head, choices=[_choice(chat, event["text"], None, True)])
             await resp.write(f"data: {json.dumps(data)}\n\n".encode())
     except EXPECTED + (ValueError,) as exc:
         await resp.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())

@@ -115,11 +115,11 @@ async def _bench_rtt(request: web.Request) -> web.Response:
     payload = os.urandom(size)  # random: lz4 must not make the figure look better
     try:
         link = node.link(str(body.get("peer", "")))
-        await link.call("echo", {}, payload)  # warm-up
+        await link.call("node.echo", {}, payload)  # warm-up
         samples = []
         for _ in range(count):
             t0 = time.perf_counter()
-            await link.call("echo", {}, payload)
+            await link.call("node.echo", {}, payload)
             samples.append((time.perf_counter() - t0) * 1000)
     except EXPECTED as exc:
         raise web.HTTPBadGateway(text=str(exc)) from None
@@ -139,7 +139,7 @@ async def _bench_bulk(request: web.Request) -> web.Response:
 
         async def one(n: int) -> None:
             async with sem:
-                await link.call("sink", {}, block[:n], timeout=120)
+                await link.call("node.sink", {}, block[:n], timeout=120)
 
         t0 = time.perf_counter()
         sizes = [msg] * (total // msg) + ([total % msg] if total % msg else [])

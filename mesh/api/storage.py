@@ -12,12 +12,16 @@
 ``GET  /v1/accounting``                   bytes moved per source, destination, zone pair
 ``GET  /v1/netcoords``                    our Vivaldi coordinate, peers' and estimated RTTs
 ``POST /v1/jobs``                         {model, input, policies, seed} -> job report
+
+Model shards are objects of this store too (format ``gguf``): they are listed, fetched,
+pinned and collected through these routes like any object.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -46,143 +50,166 @@ def _query_int(request: web.Request, key: str, default: int, low: int, high: int
     return int(text)
 
 
-def add_storage_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
-    async def put(request: web.Request) -> web.Response:
-        node = request.app[key]
-        name = request.query.get("name", "")[:200]
-        fmt = request.query.get("format", "raw")
-        if fmt not in ("raw", "jsonl"):
-            raise web.HTTPBadRequest(text="format must be raw or jsonl")
-        replicas = _query_int(request, "replicas", 1, 1, 64)
-        chunk_size = _query_int(request, "chunk_size", CHUNK_MAX, 64 << 10, CHUNK_MAX)
-        try:
-            m = await node.objects.put_stream(request.content, name, fmt, replicas, chunk_size)
-        except QuotaExceeded as exc:
-            raise web.HTTPInsufficientStorage(text=str(exc)) from None
-        except EXPECTED as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        return web.json_response({**m.as_dict(), "replicas": replicas})
+async def _put(node: ApiNode, request: web.Request) -> web.Response:
+    name = request.query.get("name", "")[:200]
+    fmt = request.query.get("format", "raw")
+    if fmt not in ("raw", "jsonl"):  # gguf objects (model shards) come from model add
+        raise web.HTTPBadRequest(text="format must be raw or jsonl")
+    replicas = _query_int(request, "replicas", 1, 1, 64)
+    chunk_size = _query_int(request, "chunk_size", CHUNK_MAX, 64 << 10, CHUNK_MAX)
+    try:
+        m = await node.objects.put_stream(request.content, name, fmt, replicas, chunk_size)
+    except QuotaExceeded as exc:
+        raise web.HTTPInsufficientStorage(text=str(exc)) from None
+    except EXPECTED as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return web.json_response({**m.as_dict(), "replicas": replicas})
 
-    async def listing(request: web.Request) -> web.Response:
-        return web.json_response(request.app[key].objects.store.objects())
 
-    async def fetch(request: web.Request) -> web.StreamResponse:
-        node, oid = request.app[key], _oid(request)
-        pin = request.query.get("pin", "0") == "1"
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+async def _listing(node: ApiNode, request: web.Request) -> web.Response:
+    return web.json_response(node.objects.store.objects())
+
+
+async def _fetch(node: ApiNode, request: web.Request) -> web.StreamResponse:
+    oid = _oid(request)
+    pin = request.query.get("pin", "0") == "1"
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
+
+    def progress(state: FetchState) -> None:
+        if queue.empty():
+            queue.put_nowait({"progress": state.as_dict()})
+
+    task = asyncio.ensure_future(node.objects.fetch(oid, pin=pin, on_progress=progress))
+    while not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            await resp.write(json.dumps(getter.result()).encode() + b"\n")
+        else:
+            getter.cancel()
+    try:
+        state = task.result()
+        final: dict[str, Any] = {"done": state.as_dict()}
+    except EXPECTED as exc:
+        final = {"error": str(exc), "type": type(exc).__name__}
+    await resp.write(json.dumps(final).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _data(node: ApiNode, request: web.Request) -> web.StreamResponse:
+    oid = _oid(request)
+    store = node.objects.store
+    try:
+        if not store.complete(oid):
+            await node.objects.fetch(oid)
+        m = store.manifest(oid)
+        if m is None:
+            raise web.HTTPNotFound(text=f"no object {oid}")
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(m.size)}
+        )
         await resp.prepare(request)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1)
+        with store.hold(oid):
+            for sha, _ in m.chunks:
+                await resp.write(await asyncio.to_thread(store.read_chunk, sha))
+    except EXPECTED as exc:
+        raise web.HTTPNotFound(text=str(exc)) from None
+    await resp.write_eof()
+    return resp
 
-        def progress(state: FetchState) -> None:
-            if queue.empty():
-                queue.put_nowait({"progress": state.as_dict()})
 
-        task = asyncio.ensure_future(node.objects.fetch(oid, pin=pin, on_progress=progress))
-        while not task.done():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                await resp.write(json.dumps(getter.result()).encode() + b"\n")
-            else:
-                getter.cancel()
-        try:
-            state = task.result()
-            final: dict[str, Any] = {"done": state.as_dict()}
-        except EXPECTED as exc:
-            final = {"error": str(exc), "type": type(exc).__name__}
-        await resp.write(json.dumps(final).encode() + b"\n")
-        await resp.write_eof()
-        return resp
+async def _holders(node: ApiNode, request: web.Request) -> web.Response:
+    oid = _oid(request)
+    return web.json_response(node.objects.holders_view(oid))
 
-    async def data(request: web.Request) -> web.StreamResponse:
-        node, oid = request.app[key], _oid(request)
-        store = node.objects.store
-        try:
-            if not store.complete(oid):
-                await node.objects.fetch(oid)
-            m = store.manifest(oid)
-            if m is None:
-                raise web.HTTPNotFound(text=f"no object {oid}")
-            resp = web.StreamResponse(
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(m.size)}
-            )
-            await resp.prepare(request)
-            with store.hold(oid):
-                for sha, _ in m.chunks:
-                    await resp.write(await asyncio.to_thread(store.read_chunk, sha))
-        except EXPECTED as exc:
-            raise web.HTTPNotFound(text=str(exc)) from None
-        await resp.write_eof()
-        return resp
 
-    async def holders(request: web.Request) -> web.Response:
-        node, oid = request.app[key], _oid(request)
-        return web.json_response(node.objects.holders_view(oid))
+async def _pin(node: ApiNode, request: web.Request) -> web.Response:
+    oid = _oid(request)
+    try:
+        node.objects.store.pin(oid, _query_int(request, "replicas", 1, 1, 64))
+    except EXPECTED as exc:
+        raise web.HTTPNotFound(text=str(exc)) from None
+    await node.objects.providers.announce(oid, durable=True)
+    return web.json_response({"id": oid, "pinned": True})
 
-    async def pin(request: web.Request) -> web.Response:
-        node, oid = request.app[key], _oid(request)
-        try:
-            node.objects.store.pin(oid, _query_int(request, "replicas", 1, 1, 64))
-        except EXPECTED as exc:
-            raise web.HTTPNotFound(text=str(exc)) from None
-        await node.objects.providers.announce(oid, durable=True)
-        return web.json_response({"id": oid, "pinned": True})
 
-    async def unpin(request: web.Request) -> web.Response:
-        node, oid = request.app[key], _oid(request)
-        was = node.objects.store.unpin(oid)
-        if node.objects.store.complete(oid):
-            await node.objects.providers.announce(oid, durable=False)
-        return web.json_response({"id": oid, "pinned": False, "was_pinned": was})
+async def _unpin(node: ApiNode, request: web.Request) -> web.Response:
+    oid = _oid(request)
+    was = node.objects.store.unpin(oid)
+    if node.objects.store.complete(oid):
+        await node.objects.providers.announce(oid, durable=False)
+    return web.json_response({"id": oid, "pinned": False, "was_pinned": was})
 
-    async def gc(request: web.Request) -> web.Response:
-        node = request.app[key]
-        before = {o["id"] for o in node.objects.store.objects()}
-        out = await asyncio.to_thread(node.objects.store.gc)
-        after = {o["id"] for o in node.objects.store.objects()}
-        for oid in before - after:
-            await node.objects.providers.announce(oid, durable=False, gone=True)
-        return web.json_response(out)
 
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(request.app[key].objects.status())
+async def _gc(node: ApiNode, request: web.Request) -> web.Response:
+    before = {o["id"] for o in node.objects.store.objects()}
+    out = await asyncio.to_thread(node.objects.store.gc)
+    after = {o["id"] for o in node.objects.store.objects()}
+    for oid in before - after:
+        await node.objects.providers.announce(oid, durable=False, gone=True)
+    return web.json_response(out)
 
-    async def accounting(request: web.Request) -> web.Response:
-        net = request.app[key].objects.net
-        return web.json_response({"zone": net.config.zone, **net.accounting.as_dict()})
 
-    async def coords(request: web.Request) -> web.Response:
-        return web.json_response(request.app[key].objects.net.as_dict())
+async def _status(node: ApiNode, request: web.Request) -> web.Response:
+    return web.json_response(node.objects.status())
 
-    async def job(request: web.Request) -> web.Response:
-        node = request.app[key]
-        try:
-            body = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(text="body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        policies = body.get("policies", ["ours"])
-        seed = body.get("seed", 0)
-        if not isinstance(policies, list) or type(seed) is not int:
-            raise web.HTTPBadRequest(text="policies must be a list, seed an integer")
-        try:
-            report = await node.jobs.run_job(
-                str(body.get("model", "")), str(body.get("input", "")), policies, seed
-            )
-        except EXPECTED as exc:
-            raise web.HTTPBadRequest(text=f"{type(exc).__name__}: {exc}") from None
-        return web.json_response(report)
 
-    app.router.add_post("/v1/objects", put)
-    app.router.add_get("/v1/objects", listing)
-    app.router.add_get("/v1/objects/{oid}", data)
-    app.router.add_post("/v1/objects/{oid}/fetch", fetch)
-    app.router.add_get("/v1/objects/{oid}/holders", holders)
-    app.router.add_post("/v1/objects/{oid}/pin", pin)
-    app.router.add_delete("/v1/objects/{oid}/pin", unpin)
-    app.router.add_post("/v1/storage/gc", gc)
-    app.router.add_get("/v1/storage", status)
-    app.router.add_get("/v1/accounting", accounting)
-    app.router.add_get("/v1/netcoords", coords)
-    app.router.add_post("/v1/jobs", job)
+async def _accounting(node: ApiNode, request: web.Request) -> web.Response:
+    net = node.objects.net
+    return web.json_response({"zone": net.config.zone, **net.accounting.as_dict()})
+
+
+async def _coords(node: ApiNode, request: web.Request) -> web.Response:
+    return web.json_response(node.objects.net.as_dict())
+
+
+async def _job(node: ApiNode, request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body must be JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    policies = body.get("policies", ["ours"])
+    seed = body.get("seed", 0)
+    if not isinstance(policies, list) or type(seed) is not int:
+        raise web.HTTPBadRequest(text="policies must be a list, seed an integer")
+    try:
+        report = await node.jobs.run_job(
+            str(body.get("model", "")), str(body.get("input", "")), policies, seed
+        )
+    except EXPECTED as exc:
+        raise web.HTTPBadRequest(text=f"{type(exc).__name__}: {exc}") from None
+    return web.json_response(report)
+
+
+_Handler = Callable[["ApiNode", web.Request], Awaitable[web.StreamResponse]]
+ROUTES: list[tuple[str, str, _Handler]] = [
+    ("POST", "/v1/objects", _put),
+    ("GET", "/v1/objects", _listing),
+    ("GET", "/v1/objects/{oid}", _data),
+    ("POST", "/v1/objects/{oid}/fetch", _fetch),
+    ("GET", "/v1/objects/{oid}/holders", _holders),
+    ("POST", "/v1/objects/{oid}/pin", _pin),
+    ("DELETE", "/v1/objects/{oid}/pin", _unpin),
+    ("POST", "/v1/storage/gc", _gc),
+    ("GET", "/v1/storage", _status),
+    ("GET", "/v1/accounting", _accounting),
+    ("GET", "/v1/netcoords", _coords),
+    ("POST", "/v1/jobs", _job),
+]
+
+
+def add_storage_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, _bind(handler, key))
+
+
+def _bind(handler: _Handler, key: web.AppKey[ApiNode]) -> Callable[[web.Request], Any]:
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await handler(request.app[key], request)
+
+    return route

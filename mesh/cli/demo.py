@@ -122,15 +122,8 @@ async def run_demo(
     }
     extra = ["--threads", str(threads)] if threads else []
     args = ["--memory-limit", str(limit), "--runtime", runtime, *extra]
-    t0 = time.perf_counter()
     async with LocalMesh(base_dir) as mesh:
-        for i in range(n_peers):
-            node = await mesh.start_node(f"node-{i}", args)
-            print(
-                f"started node-{i}: {node.peer_id[:16]}  (memory limit {limit >> 20} MiB)", file=out
-            )
-        await mesh.wait_connected(timeout)
-        print(f"mesh of {n_peers} connected in {time.perf_counter() - t0:.1f} s", file=out)
+        await _start_mesh(mesh, n_peers, args, limit, timeout, out)
         first = mesh.nodes[0]
         added = await mesh.post(
             first, "/v1/models", {"path": str(model_path), "name": "demo-model"}
@@ -139,35 +132,13 @@ async def run_demo(
             f"added {added['name']} ({added['arch']}, {added['n_layers']} layers) on node-0",
             file=out,
         )
-
-        # Warm-up: route, shard pulls (with a progress bar), loading. Measured separately.
-        done = asyncio.Event()
-        bar = asyncio.create_task(_progress(mesh, done, out))
-        t_setup = time.perf_counter()
-        try:
-            warm = await _generate(mesh, first, dict(body, max_tokens=1))
-        finally:
-            done.set()
-            await bar
-        setup_s = time.perf_counter() - t_setup
-
+        warm, setup_s = await _warm_up(mesh, first, body, out)
         sent_before = await _bytes_sent(mesh)
         summary = await _generate(mesh, first, body)
         moved = await _bytes_sent(mesh) - sent_before
         names = {n.peer_id: n.ready["name"] for n in mesh.nodes}
         print(f"\n{prompt}{summary['text']}\n", file=out)
-        print(f"{'stage':<6} {'peer':<8} {'layers':<18} {'runtime':<8} {'ms/token':>8}", file=out)
-        for i, st in enumerate(summary["stages"]):
-            ms = summary["stage_ms"].get(st["peer_id"], 0.0)
-            a, b = st["layers"]
-            layers = f"{a}-{b - 1}" if b > a else "-"
-            layers += " +embed" if st["units"][0] == 0 else ""
-            layers += " +head" if st["units"][1] == added["n_layers"] + 2 else ""
-            print(
-                f"{i:<6} {names.get(st['peer_id'], '?'):<8} {layers:<10} {st['runtime']:<8} "
-                f"{ms:>8.2f}",
-                file=out,
-            )
+        _print_stages(summary, names, added["n_layers"], out)
         print(
             f"\nsetup (route, shard pulls, loading): {setup_s:.1f} s, "
             f"{warm['bytes_pulled'] / 1e6:.1f} MB pulled",
@@ -190,29 +161,83 @@ async def run_demo(
                 file=out,
             )
         if as_json:
-            result = {
-                "prompt": prompt,
-                "prompt_tokens": summary["prompt_tokens"],
-                "tokens": summary["tokens"],
-                "text": summary["text"],
-                "stages": [
-                    {"peer_id": s["peer_id"], "layers": s["layers"], "runtime": s["runtime"]}
-                    for s in summary["stages"]
-                ],
-                "ttft_ms": summary["ttft_ms"],
-                "tokens_per_s": summary["tokens_per_s"],
-                "single_peer_tokens_per_s": single["tokens_per_s"] if single else None,
-                "single_peer_tokens": single["tokens"] if single else None,
-                "ratio": (summary["tokens_per_s"] / single["tokens_per_s"]) if single else None,
-                "hop_ms": summary["hop_ms"],
-                "stage_ms": summary["stage_ms"],
-                "setup_s": round(setup_s, 2),
-                "bytes_pulled": warm["bytes_pulled"],
-                "activation_bytes": moved,
-                "memory_limit": limit,
-            }
+            result = _json_result(prompt, summary, single, setup_s, warm, moved, limit)
             print(json.dumps(result))
     return 0
+
+
+async def _start_mesh(
+    mesh: LocalMesh, n_peers: int, args: list[str], limit: int, timeout: float, out: TextIO
+) -> None:
+    t0 = time.perf_counter()
+    for i in range(n_peers):
+        node = await mesh.start_node(f"node-{i}", args)
+        print(f"started node-{i}: {node.peer_id[:16]}  (memory limit {limit >> 20} MiB)", file=out)
+    await mesh.wait_connected(timeout)
+    print(f"mesh of {n_peers} connected in {time.perf_counter() - t0:.1f} s", file=out)
+
+
+async def _warm_up(
+    mesh: LocalMesh, first: NodeProcess, body: dict[str, Any], out: TextIO
+) -> tuple[dict[str, Any], float]:
+    """Route, shard pulls (with a progress bar) and loading: measured apart from the run."""
+    done = asyncio.Event()
+    bar = asyncio.create_task(_progress(mesh, done, out))
+    t_setup = time.perf_counter()
+    try:
+        warm = await _generate(mesh, first, dict(body, max_tokens=1))
+    finally:
+        done.set()
+        await bar
+    return warm, time.perf_counter() - t_setup
+
+
+def _print_stages(
+    summary: dict[str, Any], names: dict[str, str], n_layers: int, out: TextIO
+) -> None:
+    print(f"{'stage':<6} {'peer':<8} {'layers':<18} {'runtime':<8} {'ms/token':>8}", file=out)
+    for i, st in enumerate(summary["stages"]):
+        ms = summary["stage_ms"].get(st["peer_id"], 0.0)
+        a, b = st["layers"]
+        layers = f"{a}-{b - 1}" if b > a else "-"
+        layers += " +embed" if st["units"][0] == 0 else ""
+        layers += " +head" if st["units"][1] == n_layers + 2 else ""
+        print(
+            f"{i:<6} {names.get(st['peer_id'], '?'):<8} {layers:<10} {st['runtime']:<8} {ms:>8.2f}",
+            file=out,
+        )
+
+
+def _json_result(
+    prompt: str,
+    summary: dict[str, Any],
+    single: dict[str, Any] | None,
+    setup_s: float,
+    warm: dict[str, Any],
+    moved: int,
+    limit: int,
+) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "prompt_tokens": summary["prompt_tokens"],
+        "tokens": summary["tokens"],
+        "text": summary["text"],
+        "stages": [
+            {"peer_id": s["peer_id"], "layers": s["layers"], "runtime": s["runtime"]}
+            for s in summary["stages"]
+        ],
+        "ttft_ms": summary["ttft_ms"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "single_peer_tokens_per_s": single["tokens_per_s"] if single else None,
+        "single_peer_tokens": single["tokens"] if single else None,
+        "ratio": (summary["tokens_per_s"] / single["tokens_per_s"]) if single else None,
+        "hop_ms": summary["hop_ms"],
+        "stage_ms": summary["stage_ms"],
+        "setup_s": round(setup_s, 2),
+        "bytes_pulled": warm["bytes_pulled"],
+        "activation_bytes": moved,
+        "memory_limit": limit,
+    }
 
 
 async def _single_peer(

@@ -13,15 +13,27 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.cli.common import CliError, api_get, api_post, parse_size
 from mesh.cli.hw import add_hw_command, run_hw_command
 from mesh.errors import EXPECTED
 from mesh.local import default_data_dir, resolve_api
 
-__all__ = ["main", "CliError", "api_get", "api_post", "default_data_dir", "resolve_api"]
+if TYPE_CHECKING:
+    from mesh.node import NodeConfig
+
+__all__ = [
+    "main",
+    "node_config",
+    "CliError",
+    "api_get",
+    "api_post",
+    "default_data_dir",
+    "resolve_api",
+]
 
 log = logging.getLogger("mesh.cli")
 
@@ -46,8 +58,38 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgemesh", description="Peer-to-peer edge inference mesh")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_node_command(sub)
+    c = sub.add_parser("peers", help="list the peers of a running node")
+    c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from mesh.cli.bench import add_bench_command
+    from mesh.cli.generate import add_generate_command
+    from mesh.cli.mesh import add_mesh_commands
+    from mesh.cli.model import add_model_commands
+    from mesh.cli.storage import add_storage_commands
+
+    add_model_commands(sub)
+    add_generate_command(sub)
+    add_hw_command(sub)
+    add_bench_command(sub)
+    add_storage_commands(sub)  # put, get, job
+    _add_demo_command(sub)
+    add_mesh_commands(sub)  # mesh create|invite|revoke|show, node --join
+    return p
+
+
+def _add_node_command(sub: Any) -> None:
+    from mesh.cli.storage import add_node_storage_args
 
     n = sub.add_parser("node", help="run a mesh node")
+    _add_node_network_args(n)
+    _add_node_service_args(n)
+    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
+
+
+def _add_node_network_args(n: argparse.ArgumentParser) -> None:
+    """Identity, API, signaling, discovery and ICE options of ``node``."""
     n.add_argument(
         "--data-dir", type=Path, default=None, help="identity and state (default: %(default)s)"
     )
@@ -91,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
     )
+
+
+def _add_node_service_args(n: argparse.ArgumentParser) -> None:
+    """Compute limits, broker, DHT and generation options of ``node``."""
     n.add_argument("--ready-file", type=Path, default=None, help="write the ready JSON here")
     n.add_argument(
         "--memory-limit",
@@ -148,26 +194,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="DHT bootstrap node (repeatable; enables the DHT)",
     )
-    from mesh.cli.storage import add_node_storage_args, add_storage_commands
 
-    add_node_storage_args(n)  # --zone, --egress-price, --store-quota, ...
 
-    for name, text in (("peers", "list the peers of a running node"),):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
-        c.add_argument("--json", action="store_true", help="print one JSON object")
-
-    from mesh.cli.generate import add_generate_command
-    from mesh.cli.model import add_model_commands
-
-    add_model_commands(sub)
-    add_generate_command(sub)
-    add_hw_command(sub)
-    from mesh.cli.bench import add_bench_command
-
-    add_bench_command(sub)
-    add_storage_commands(sub)  # put, get, job
-
+def _add_demo_command(sub: Any) -> None:
     d = sub.add_parser("demo", help="start a local mesh and show it working")
     d.add_argument("--peers", type=int, default=3, help="number of local nodes (default 3)")
     d.add_argument(
@@ -190,14 +219,28 @@ def _parser() -> argparse.ArgumentParser:
         "chain: nested calls (one more traversal per step)",
     )
     d.add_argument("--model", type=Path, default=None, help="a GGUF to use instead of Gemma 3 270M")
-    from mesh.cli.mesh import add_mesh_commands
-
-    add_mesh_commands(sub)  # mesh create|invite|revoke|show, node --join
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, configure: Callable[[NodeConfig], NodeConfig] | None = None
+) -> int:
+    """Run one command. ``configure`` adjusts the node's config before ``node`` starts it: for
+    programs that wrap this CLI (tests/fixtures/fault_node.py sets fault-injection knobs)."""
     args = _parser().parse_args(argv)
+    _setup_process(args)
+    try:
+        return _dispatch(args, configure)
+    except KeyboardInterrupt:
+        return 130
+    except EXPECTED + (OSError,) as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"edgemesh: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def _setup_process(args: argparse.Namespace) -> None:
+    """Process-wide settings, made here and nowhere else: the library never makes them."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -209,59 +252,60 @@ def main(argv: list[str] | None = None) -> int:
         # kademlia warns on every lookup in a one-node DHT and on every lost UDP reply
         for noisy in ("kademlia", "rpcudp"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        if args.command in ("node", "mesh"):
-            from mesh.cli.mesh import join_before_start, run_mesh_command
+    if args.command == "node":
+        # The inference thread and the event loop hand the GIL back and forth on every step;
+        # the default 5 ms switch interval would add up to that much to each handoff.
+        sys.setswitchinterval(float(os.environ.get("EDGEMESH_SWITCH_INTERVAL", "0.0005")))
 
-            if args.command == "mesh":
-                return run_mesh_command(args)
-            join_before_start(args)  # node --join INVITE
-            return asyncio.run(_run_node(args))
-        if args.command == "peers":
-            return _peers(args)
-        if args.command == "generate":
-            from mesh.cli.generate import run_generate
 
-            return asyncio.run(run_generate(args))
-        if args.command == "model":
-            from mesh.cli.model import run_model_command
+def _dispatch(
+    args: argparse.Namespace, configure: Callable[[NodeConfig], NodeConfig] | None
+) -> int:
+    if args.command in ("node", "mesh"):
+        from mesh.cli.mesh import join_before_start, run_mesh_command
 
-            return run_model_command(args)
-        if args.command == "hw":
-            return run_hw_command(args)
-        if args.command == "bench":
-            from mesh.cli.bench import run_bench
+        if args.command == "mesh":
+            return run_mesh_command(args)
+        join_before_start(args)  # node --join INVITE
+        return asyncio.run(_run_node(args, configure))
+    if args.command == "peers":
+        return _peers(args)
+    if args.command == "generate":
+        from mesh.cli.generate import run_generate
 
-            return run_bench(args)
-        if args.command in ("put", "get", "job"):
-            from mesh.cli.storage import run_storage_command
+        return asyncio.run(run_generate(args))
+    if args.command == "model":
+        from mesh.cli.model import run_model_command
 
-            return run_storage_command(args)
-        if args.command == "demo":
-            from mesh.cli.demo import run_demo
+        return run_model_command(args)
+    if args.command == "hw":
+        return run_hw_command(args)
+    if args.command == "bench":
+        from mesh.cli.bench import run_bench
 
-            return asyncio.run(
-                run_demo(
-                    args.peers,
-                    args.dir,
-                    args.timeout,
-                    args.json,
-                    prompt=args.prompt,
-                    max_tokens=args.max_tokens,
-                    temperature=args.temperature,
-                    seed=args.seed,
-                    runtime=args.runtime,
-                    baseline=not args.no_baseline,
-                    model_path=args.model,
-                )
+        return run_bench(args)
+    if args.command in ("put", "get", "job"):
+        from mesh.cli.storage import run_storage_command
+
+        return run_storage_command(args)
+    if args.command == "demo":
+        from mesh.cli.demo import run_demo
+
+        return asyncio.run(
+            run_demo(
+                args.peers,
+                args.dir,
+                args.timeout,
+                args.json,
+                prompt=args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                runtime=args.runtime,
+                baseline=not args.no_baseline,
+                model_path=args.model,
             )
-    except KeyboardInterrupt:
-        return 130
-    except EXPECTED + (OSError,) as exc:
-        if args.verbose:
-            log.exception("failed")
-        print(f"edgemesh: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
+        )
     return 2
 
 
@@ -286,13 +330,14 @@ def _mqtt_config(args: argparse.Namespace) -> Any:
         raise CliError(str(exc)) from None
 
 
-async def _run_node(args: argparse.Namespace) -> int:
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The node's config from the ``node`` command's arguments."""
     from mesh.cli.storage import storage_config
     from mesh.inference.compute import ComputeConfig
     from mesh.net.transport import TransportConfig
-    from mesh.node import Node, NodeConfig
+    from mesh.node import NodeConfig
 
-    config = NodeConfig(
+    return NodeConfig(
         data_dir=args.data_dir or default_data_dir(),
         name=args.name,
         api_host=args.api[0],
@@ -320,9 +365,16 @@ async def _run_node(args: argparse.Namespace) -> int:
         ),
         storage=storage_config(args),
     )
-    # The inference thread and the event loop hand the GIL back and forth on every step;
-    # the default 5 ms switch interval would add up to that much to each handoff.
-    sys.setswitchinterval(float(os.environ.get("EDGEMESH_SWITCH_INTERVAL", "0.0005")))
+
+
+async def _run_node(
+    args: argparse.Namespace, configure: Callable[[NodeConfig], NodeConfig] | None
+) -> int:
+    from mesh.node import Node
+
+    config = node_config(args)
+    if configure is not None:
+        config = configure(config)
     node = Node(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,5 +1,10 @@
 """``edgemesh model ...``: inspect GGUF models and split them into shard blobs.
 
+``model add`` has a running node split the model and store each shard as an object of its
+one content-addressed store (pinned, provider records announced): ``edgemesh get <shard
+object id>`` fetches a shard like any object, and ``GET /v1/objects`` lists them (format
+``gguf``). ``model shard`` only writes blobs and a manifest into a plain directory.
+
 Wiring (mesh/cli.py): call ``add_model_commands(sub)`` in the parser and dispatch
 ``args.command == "model"`` to ``run_model_command(args)``. Model errors subclass
 ``mesh.errors.Error``, so the usual one-line error handling applies.
@@ -22,7 +27,9 @@ def add_model_commands(subparsers: Any) -> None:
     i = msub.add_parser("inspect", help="architecture, units, sizes and tensor types of a GGUF")
     i.add_argument("path", help="a .gguf file (whole model or shard blob)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
-    a = msub.add_parser("add", help="shard a GGUF into a running node's store and announce it")
+    a = msub.add_parser(
+        "add", help="shard a GGUF into a running node's object store and announce its shards"
+    )
     a.add_argument("path", help="a whole-model .gguf file (on the node's host)")
     a.add_argument("--name", default=None, help="name to use in generate (default: the GGUF's)")
     a.add_argument("--api", default=None, help="node API base URL (default: the local node)")
@@ -39,6 +46,7 @@ def add_model_commands(subparsers: Any) -> None:
 def inspect_model(path: str) -> dict[str, Any]:
     from runtimes.arch import unit_kind, unit_tensor_names
     from runtimes.gguf_io import open_gguf
+    from runtimes.quant import type_support
 
     f = open_gguf(path)
     c = f.config
@@ -75,12 +83,24 @@ def inspect_model(path: str) -> dict[str, Any]:
         "total_units": c.n_units,
         "tensor_bytes": sum(t.nbytes for t in f.tensors.values()),
         "tensor_types": dict(sorted(all_types.items())),
+        # Per tensor type, how each runtime runs it: exact, dequantized (exact values in
+        # float32), requantized (values changed) or unsupported. Never silent.
+        "runtime_support": {t: type_support(t) for t in sorted(all_types)},
         "units": units,
     }
 
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
+
+
+def _write_support(out: Any, support: dict[str, dict[str, str]]) -> None:
+    """One line per tensor type: how llama.cpp, onnx and tinygrad run it."""
+    runtimes = sorted({r for per_type in support.values() for r in per_type})
+    out.write(f"{'type':<8} " + " ".join(f"{r:<12}" for r in runtimes).rstrip() + "\n")
+    for qtype, per_type in support.items():
+        cells = " ".join(f"{per_type.get(r, '-'):<12}" for r in runtimes)
+        out.write(f"{qtype:<8} {cells}".rstrip() + "\n")
 
 
 def run_model_command(args: argparse.Namespace) -> int:
@@ -100,6 +120,7 @@ def run_model_command(args: argparse.Namespace) -> int:
             f"{_mib(info['tensor_bytes'])} of tensors\n"
             f"types: {', '.join(f'{k} x{v}' for k, v in info['tensor_types'].items())}\n"
         )
+        _write_support(out, info["runtime_support"])
         out.write(f"{'unit':>4}  {'kind':<6} {'layer':>5} {'size':>12}  types\n")
         for u in info["units"]:
             layer = "" if u["layer"] is None else str(u["layer"])

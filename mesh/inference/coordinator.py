@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Runs generations. Also a service: the last stage delivers each step's token here."""
 
+    name = "coordinator"  # RPC namespace: peers call "coordinator.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"steps_awaited": len(self.waiting)}
+
     def __init__(
         self,
         mesh: Mesh,
@@ -81,8 +86,8 @@ class Coordinator:
 
         async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
             try:
-                cap = (await self.mesh.call(pid, "capacity", timeout=5)).result
-                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+                cap = (await self.mesh.call(pid, "compute.capacity", timeout=5)).result
+                models = models_of(await self.mesh.call(pid, "compute.models", timeout=5))
                 return pid, *peer_view(pid, mid, cap, models, self._rtt(pid))
             except RPCError as exc:
                 log.info("peer %s left out of the route: %s", pid[:12], exc)
@@ -123,7 +128,7 @@ class Coordinator:
 
         async def ask(pid: str) -> set[str]:
             try:
-                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+                models = models_of(await self.mesh.call(pid, "compute.models", timeout=5))
             except RPCError:
                 return set()
             return {
@@ -148,7 +153,7 @@ class Coordinator:
         seen: dict[str, dict[str, Any]] = {}
         for pid in [self.mesh.me] + self.mesh.connected_peer_ids():
             try:
-                models = models_of(await self.mesh.call(pid, "models", timeout=5))
+                models = models_of(await self.mesh.call(pid, "compute.models", timeout=5))
             except RPCError:
                 continue
             for m in models:

@@ -58,7 +58,7 @@ async def tokenize_on(
     failure: Exception | None = None
     for peer in holders[:3]:
         try:
-            reply = await mesh.call(peer, "tokenize", {"model_id": mid}, text.encode())
+            reply = await mesh.call(peer, "prompts.tokenize", {"model_id": mid}, text.encode())
             return tokens_of(reply)
         except (RPCError, ModelError) as exc:
             failure = exc
@@ -71,6 +71,11 @@ class Tokenizers:
 
     ``manifests``: the node's known models; ``blob_path(sha)``: a held blob's file, or None.
     """
+
+    name = "prompts"  # RPC namespace: peers call "prompts.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"tokenizers_loaded": len(self._loaded)}
 
     def __init__(
         self, manifests: dict[str, Manifest], blob_path: Callable[[str], Any | None]

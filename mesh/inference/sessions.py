@@ -57,12 +57,14 @@ class RouteSessions:
                 "audit": self.audit,
             }
             self.last_opened = st.peer_id
-            reply = await mesh.call(st.peer_id, "stage_open", params, timeout=600)
+            reply = await mesh.call(st.peer_id, "compute.stage_open", params, timeout=600)
             self.bytes_pulled += int(reply.result.get("pulled", 0))
 
     async def close(self) -> None:
         for st, sid in zip(self.stages, self.sids, strict=False):
             try:
-                await self.host.mesh.call(st.peer_id, "stage_close", {"sid": sid}, timeout=5)
+                await self.host.mesh.call(
+                    st.peer_id, "compute.stage_close", {"sid": sid}, timeout=5
+                )
             except RPCError:
                 pass  # a dead stage has nothing left to free

@@ -74,7 +74,7 @@ class StepRunner:
         t0 = time.perf_counter()
         reply = await self.host.mesh.call(
             self.route.stages[0].peer_id,
-            "stage_forward",
+            "compute.stage_forward",
             self._params(feed, pos),
             body,
             timeout=self.host.forward_timeout,
@@ -96,7 +96,11 @@ class StepRunner:
         t0 = time.perf_counter()
         try:
             await self.host.mesh.notify(
-                stages[0].peer_id, "stage_push", params, body, timeout=self.host.forward_timeout
+                stages[0].peer_id,
+                "compute.stage_push",
+                params,
+                body,
+                timeout=self.host.forward_timeout,
             )
             reply = await self._await_token(fut, pos)
         finally:
@@ -139,7 +143,7 @@ class StepRunner:
         """The first stage on the route that does not answer, if any."""
         for st in self.route.stages:
             try:
-                await self.host.mesh.call(st.peer_id, "capacity", timeout=2.0)
+                await self.host.mesh.call(st.peer_id, "compute.capacity", timeout=2.0)
             except RPCError:
                 return st.peer_id
         return None

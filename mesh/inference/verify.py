@@ -254,7 +254,7 @@ class SpotChecker:
     async def _audit(self, peer: str, sid: str, upto: int, since: int = 0) -> list[AuditEntry]:
         try:
             reply = await self.host.mesh.call(
-                peer, "stage_audit", {"sid": sid, "upto": upto, "since": since}, timeout=30
+                peer, "compute.stage_audit", {"sid": sid, "upto": upto, "since": since}, timeout=30
             )
             return unpack_entries(reply.payload, complete=since == 0)
         except AuditOverflow as full:
@@ -345,7 +345,7 @@ class SpotChecker:
         try:
             await mesh.call(
                 verifier,
-                "stage_open",
+                "compute.stage_open",
                 {
                     "sid": sid,
                     "model_id": self.mid,
@@ -360,7 +360,9 @@ class SpotChecker:
             params: dict[str, Any] = {"sid": sid, "n": pos, "rows": rows}
             if not isinstance(claimed, np.ndarray):
                 params.update(claimed=int(claimed), pos=pos, sample=step.sampling.to_wire())
-            reply = await mesh.call(verifier, "stage_recompute", params, inputs, timeout=120)
+            reply = await mesh.call(
+                verifier, "compute.stage_recompute", params, inputs, timeout=120
+            )
         except (RPCError, ModelError) as exc:
             self.stats.unchecked.append(f"verifier {verifier[:12]}: {exc}"[:200])
             self._candidates.pop(stage.units, None)  # ask the mesh again next time
@@ -368,7 +370,7 @@ class SpotChecker:
         finally:
             if opened:
                 try:
-                    await mesh.call(verifier, "stage_close", {"sid": sid}, timeout=5)
+                    await mesh.call(verifier, "compute.stage_close", {"sid": sid}, timeout=5)
                 except RPCError:
                     pass
         return self._judge(reply.result, reply.payload, claimed)

@@ -118,6 +118,11 @@ class _Run:
 
 
 class JobService:
+    name = "jobs"  # RPC namespace: peers call "jobs.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"capable": self.capable, "models_loaded": len(self._sessions)}
+
     def __init__(self, node: PeerContext, objects: ObjectService) -> None:
         self.node = node
         self.objects = objects
@@ -254,7 +259,7 @@ class JobService:
 
         async def ask(peer: str) -> None:
             try:
-                reply = await self.node.call(peer, "chunk_has", {"shas": shas}, timeout=10)
+                reply = await self.node.call(peer, "storage.chunk_has", {"shas": shas}, timeout=10)
             except RPCError:
                 return
             has = set(reply.result.get("has", []))
@@ -327,7 +332,7 @@ class JobService:
         holders: list[set[str]],
         seed: int,
     ) -> tuple[_Run, bytes]:
-        net, me = self.objects.net, self.node.me
+        net = self.objects.net
         run = _Run(policy)
         t0 = time.monotonic()
         # Peers connected since the last net_info round count too: learn their zone, price,
@@ -353,7 +358,7 @@ class JobService:
                     async with sem:
                         reply = await self.node.call(
                             peer,
-                            "job_task",
+                            "jobs.job_task",
                             {
                                 "model": model,
                                 "sha": chunks[i][0],
@@ -378,22 +383,8 @@ class JobService:
                         ),
                     )
                     log.info("task %d: retrying on %s (%s)", i, peer[:12], exc)
-            r = reply.result
-            pulled = int(r.get("pulled_bytes", 0))
-            src = r.get("pulled_from")
-            run.bytes_moved += pulled
-            if pulled and isinstance(src, str) and net.zone_of(src) != net.zone_of(peer):
-                run.input_cross_zone_bytes += pulled
-            if peer not in model_seen:
-                model_seen.add(peer)
-                run.bytes_moved += int(r.get("model_bytes", 0))
-                run.model_cross_zone_bytes += int(r.get("model_cross_zone_bytes", 0))
-            if peer != me:
-                run.bytes_moved += len(reply.payload)
-                net.account(peer, me, len(reply.payload), "job-result")
-                if net.zone_of(peer) != net.zone_of(me):
-                    run.result_cross_zone_bytes += len(reply.payload)
-            run.records += int(r.get("records", 0))
+            self._account_task(run, peer, reply, first_task=peer not in model_seen)
+            model_seen.add(peer)
             outputs[i] = reply.payload
 
         await asyncio.gather(*(one(i) for i in range(len(chunks))))
@@ -402,3 +393,23 @@ class JobService:
         )
         run.seconds = time.monotonic() - t0
         return run, b"".join(outputs)
+
+    def _account_task(self, run: _Run, peer: str, reply: Reply, *, first_task: bool) -> None:
+        """Add one finished task's bytes (input pull, model pull on a peer's first task,
+        result back to us) and records to the run's totals."""
+        net, me = self.objects.net, self.node.me
+        r = reply.result
+        pulled = int(r.get("pulled_bytes", 0))
+        src = r.get("pulled_from")
+        run.bytes_moved += pulled
+        if pulled and isinstance(src, str) and net.zone_of(src) != net.zone_of(peer):
+            run.input_cross_zone_bytes += pulled
+        if first_task:
+            run.bytes_moved += int(r.get("model_bytes", 0))
+            run.model_cross_zone_bytes += int(r.get("model_cross_zone_bytes", 0))
+        if peer != me:
+            run.bytes_moved += len(reply.payload)
+            net.account(peer, me, len(reply.payload), "job-result")
+            if net.zone_of(peer) != net.zone_of(me):
+                run.result_cross_zone_bytes += len(reply.payload)
+        run.records += int(r.get("records", 0))

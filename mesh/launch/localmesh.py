@@ -116,13 +116,17 @@ class LocalMesh:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         mesh: str | None = None,
+        module: str = "mesh",
     ) -> None:
+        """``module``: what ``python -m`` runs for every node unless ``start_node`` names
+        another (tests run wrappers of the CLI, e.g. ``tests.fixtures.fault_node``)."""
         self.base_dir = Path(base_dir)
         # A mesh name of its own: local meshes started side by side do not see each other.
         self.mesh = mesh or f"local-{os.urandom(4).hex()}"
         self.mdns_interface = mdns_interface
         self.extra_args = extra_args or []
         self.env = env
+        self.module = module
         self.nodes: list[NodeProcess] = []
         self._http: aiohttp.ClientSession | None = None
 
@@ -152,7 +156,7 @@ class LocalMesh:
         name: str,
         args: list[str] | None = None,
         ready_timeout: float = 30.0,
-        module: str = "mesh",
+        module: str | None = None,
         wrap: list[str] | None = None,
         member: bool = True,
     ) -> NodeProcess:
@@ -162,7 +166,16 @@ class LocalMesh:
         data_dir = self.base_dir / name
         if member:
             await asyncio.to_thread(self.provision, data_dir)
-        cmd = [sys.executable, "-m", module, "node", "--data-dir", str(data_dir), "--name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            module or self.module,
+            "node",
+            "--data-dir",
+            str(data_dir),
+            "--name",
+            name,
+        ]
         cmd = (wrap or []) + cmd
         cmd += ["--mesh", self.mesh]
         if self.mdns_interface:

@@ -43,6 +43,7 @@ from mesh.net.signaling import (
 )
 from mesh.net.transport import (
     PendingConnection,
+    Teardowns,
     TransportConfig,
     accept_offer,
     complete_offer,
@@ -52,24 +53,6 @@ from mesh.net.transport import (
 __all__ = ["ConnectionParams", "Connections"]
 
 log = logging.getLogger(__name__)
-
-# Test hook, off by default: seconds this node's first dial waits between the answer and the
-# identity handshake, so the fault suite can kill or stop a peer in the middle of connecting.
-DIAL_HOLD_ENV = "EDGEMESH_TEST_DIAL_HOLD"
-_dial_held = False
-
-
-async def _test_dial_hold() -> None:
-    global _dial_held
-    try:
-        hold = float(os.environ.get(DIAL_HOLD_ENV, "0"))
-    except ValueError:
-        hold = 0.0
-    if hold > 0 and not _dial_held:
-        _dial_held = True  # once per process: its retries connect normally
-        log.warning("test hook: dial held for %.1f s before the handshake", hold)
-        await asyncio.sleep(hold)
-
 
 Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
 
@@ -88,6 +71,10 @@ class ConnectionParams:
     max_dials: int = 8  # concurrent outbound dials
     max_unproven: int = 64  # peers named by hints but never proven by a handshake
     max_banned: int = 4096  # oldest bans are forgotten first beyond this
+    # Fault injection, off by default (0): seconds the first dial waits between the answer and
+    # the identity handshake, so a fault test can kill or stop this node mid-connect.
+    # Set by tests/fixtures/fault_node.py, never from the command line or the environment.
+    dial_hold: float = 0.0
 
 
 class Connections:
@@ -128,11 +115,20 @@ class Connections:
         self._dial_slots = asyncio.Semaphore(params.max_dials)
         self._pending_inbound: dict[str, PendingConnection | None] = {}
         self._static: dict[str, str] = {}  # address -> peer id it proved to have
+        self.teardowns = Teardowns()  # peer connections of closed links, still closing
+        self._dial_held = False  # params.dial_hold is spent (the first dial only)
         self.closing = False
 
     @property
     def me(self) -> str:
         return self.identity.peer_id
+
+    async def _fault_dial_hold(self) -> None:
+        hold = self.params.dial_hold
+        if hold > 0 and not self._dial_held:
+            self._dial_held = True  # the first dial only: its retries connect normally
+            log.warning("fault injection: dial held for %.1f s before the handshake", hold)
+            await asyncio.sleep(hold)  # fault injection only: a window for a fault to land
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,6 +147,7 @@ class Connections:
                 await pending.pc.close()
         if self._http is not None:
             await self._http.close()
+        await self.teardowns.wait()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -348,8 +345,8 @@ class Connections:
                 if not isinstance(sdp, str):
                     raise SignalingError("answer carries no SDP")
                 await complete_offer(pending, sdp)
-                await _test_dial_hold()
-                link = await pending.establish(self.handlers, self._on_link_closed)
+                await self._fault_dial_hold()
+                link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except asyncio.CancelledError:
             if pending is not None:
                 await pending.pc.close()
@@ -433,7 +430,7 @@ class Connections:
 
     async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
         try:
-            link = await pending.establish(self.handlers, self._on_link_closed)
+            link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except EXPECTED as exc:
             if isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1

@@ -47,6 +47,7 @@ __all__ = [
     "CallContext",
     "Handler",
     "handlers_of",
+    "Service",
     "Caller",
     "MeshCaller",
 ]
@@ -106,15 +107,29 @@ class CallContext:
 Handler = Callable[[CallContext, dict[str, Any], bytes], Awaitable["Reply | dict[str, Any] | None"]]
 
 
+class Service(Protocol):
+    """A node service. Its ``rpc_<method>`` coroutines are served as ``<name>.<method>``
+    (hivemind's namespaced RPCs), so two services never collide and a call says whom it is
+    for; its ``status()`` is its part of the node's ``/v1/info``."""
+
+    name: str
+
+    def status(self) -> dict[str, Any]: ...
+
+
 def handlers_of(*services: object) -> dict[str, Handler]:
-    """RPC handlers discovered from ``rpc_<name>`` methods (hivemind style)."""
+    """RPC handlers discovered from ``rpc_<method>`` methods: ``<name>.<method>`` for a
+    service with a ``name`` (every node service), the bare method for an unnamed one (the
+    test services of a single link)."""
     table: dict[str, Handler] = {}
     for service in services:
+        ns = getattr(service, "name", None)
+        prefix = f"{ns}." if isinstance(ns, str) and ns else ""
         for attr in dir(service):
             if attr.startswith("rpc_"):
-                name = attr[4:]
+                name = prefix + attr[4:]
                 if name in table:
-                    raise ValueError(f"two services define rpc_{name}")
+                    raise ValueError(f"two services serve {name}")
                 table[name] = getattr(service, attr)
     return table
 

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aioice.ice
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -35,8 +34,8 @@ __all__ = [
     "open_offer",
     "accept_offer",
     "complete_offer",
-    "use_candidate_addresses",
-    "wait_closed",
+    "peer_connection",
+    "Teardowns",
     "CHANNEL_LABEL",
 ]
 
@@ -46,42 +45,38 @@ CHANNEL_LABEL = "edgemesh"
 HANDSHAKE_LIMITS = Limits(
     max_header=1024, max_frame=4096, max_message=4096, max_partial=1, max_partial_bytes=4096
 )
-_original_host_addresses = aioice.ice.get_host_addresses
-_closing: set[asyncio.Task[None]] = set()  # peer connections being torn down
 
 
-async def wait_closed() -> None:
-    """Wait until every peer connection closed by a link has finished closing."""
-    while _closing:
-        await asyncio.gather(*list(_closing), return_exceptions=True)
+class Teardowns:
+    """Peer connections being closed after their link closed, held until they have: their
+    owner (one node's Connections) waits for its own, never for another node's."""
 
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
 
-_candidate_addresses: list[str] | None = None
+    def close(self, pc: RTCPeerConnection) -> None:
+        task = asyncio.get_running_loop().create_task(pc.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-
-def _host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    if _candidate_addresses is None:
-        return _original_host_addresses(use_ipv4, use_ipv6)
-    return [a for a in _candidate_addresses if (":" in a and use_ipv6) or ("." in a and use_ipv4)]
-
-
-def use_candidate_addresses(addresses: list[str] | None) -> None:
-    """Restrict ICE host candidates to ``addresses`` (None: aioice's default).
-
-    aioice has no option for this and leaves 127.0.0.1 out of its candidates, so a local mesh
-    could not connect over loopback. The setting is process-wide (aioice reads a module
-    function); a node calls this once at start, never at import.
-    """
-    global _candidate_addresses
-    _candidate_addresses = list(addresses) if addresses is not None else None
-    aioice.ice.get_host_addresses = _host_addresses
+    async def wait(self) -> None:
+        """Wait until every peer connection handed to :meth:`close` has finished closing."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """How links are built. ``ice_servers`` are STUN/TURN URLs; empty means none are contacted."""
+    """How links are built. ``ice_servers`` are STUN/TURN URLs; empty means none are contacted.
+
+    ``candidate_addresses``: the only local addresses our peer connections gather ICE host
+    candidates on (None: aioice's choice, every interface but loopback). A loopback mesh needs
+    127.0.0.1, which aioice leaves out. It applies to the connections built with this config
+    only, never to other aiortc users in the process.
+    """
 
     ice_servers: tuple[str, ...] = ()
+    candidate_addresses: tuple[str, ...] | None = None
     handshake_timeout: float = 10.0
     connect_timeout: float = 20.0
     link: LinkParams = field(default_factory=LinkParams)
@@ -184,10 +179,13 @@ class PendingConnection:
         self,
         handlers: Mapping[str, Handler],
         on_close: Callable[[Link], None] | None = None,
+        teardowns: Teardowns | None = None,
     ) -> Link:
         """Wait for the channel, run the handshake, return the authenticated link.
 
         Closes the peer connection on any failure and raises HandshakeError / TransportError.
+        Once the link closes, its peer connection closes through ``teardowns`` (default: this
+        connection's own).
         """
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -201,11 +199,10 @@ class PendingConnection:
             await self.pc.close()
             raise
         pc = self.pc
+        closer = teardowns if teardowns is not None else Teardowns()
 
         def _closed(closed: Link) -> None:
-            task = asyncio.get_running_loop().create_task(pc.close())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            closer.close(pc)
             if on_close is not None:
                 on_close(closed)
 
@@ -281,8 +278,55 @@ def check_sdp(sdp: str) -> None:
         raise TransportError(f"SDP lists {count} ICE candidates (at most {MAX_CANDIDATES})")
 
 
-def _new_pc(config: TransportConfig) -> RTCPeerConnection:
-    return RTCPeerConnection(configuration=config.rtc_configuration())
+class _ScopedPeerConnection(RTCPeerConnection):
+    """A peer connection that gathers host candidates on its config's addresses only.
+
+    aioice picks host addresses through a module function (``aioice.ice.get_host_addresses``)
+    and has no option for them; replacing that function would change every connection in the
+    process. Instead, just before this connection gathers (only ``setLocalDescription`` does),
+    each of its own ICE connections gets the addresses handed to its candidate gathering.
+    """
+
+    def __init__(self, config: TransportConfig) -> None:
+        super().__init__(configuration=config.rtc_configuration())
+        self._candidate_addresses = config.candidate_addresses
+
+    async def setLocalDescription(
+        self, sessionDescription: RTCSessionDescription | None = None
+    ) -> None:
+        if self._candidate_addresses is not None:
+            for ice in self._ice_connections():
+                _scope_candidates(ice, self._candidate_addresses)
+        await super().setLocalDescription(sessionDescription)
+
+    def _ice_connections(self) -> list[Any]:
+        transports = [t.receiver.transport for t in self.getTransceivers()]
+        if self.sctp is not None:
+            transports.append(self.sctp.transport)
+        return [dtls.transport.iceGatherer._connection for dtls in transports]
+
+
+def _scope_candidates(ice: Any, ours: tuple[str, ...]) -> None:
+    """Make one aioice connection gather host candidates on ``ours`` (this instance only).
+
+    aioice calls ``get_component_candidates(component=, addresses=)`` with the host addresses
+    it chose; the instance attribute set here shadows the method for this connection alone.
+    Our configs never set a relay-only policy, so aioice always passes host addresses here.
+    """
+    if getattr(ice, "_edgemesh_scoped", False):
+        return
+    gather = ice.get_component_candidates  # bound method: aioice's own gathering
+
+    def scoped(component: int, addresses: list[str], timeout: int = 5) -> Awaitable[Any]:
+        return gather(component=component, addresses=list(ours), timeout=timeout)  # type: ignore[no-any-return]
+
+    ice.get_component_candidates = scoped
+    ice._edgemesh_scoped = True
+
+
+def peer_connection(config: TransportConfig) -> RTCPeerConnection:
+    """A bare aiortc peer connection built as ``config`` says (ICE servers, candidates)."""
+    return _ScopedPeerConnection(config)
 
 
 async def open_offer(
@@ -292,7 +336,7 @@ async def open_offer(
     gate: Gate | None = None,
 ) -> tuple[PendingConnection, str]:
     """Create the offering side; returns it and the offer SDP (candidates included)."""
-    pc = _new_pc(config)
+    pc = peer_connection(config)
     pending = PendingConnection(
         pc, identity, config, offerer=True, expected_peer=expected_peer, gate=gate
     )
@@ -321,7 +365,7 @@ async def accept_offer(
 ) -> tuple[PendingConnection, str]:
     """Create the answering side for ``offer_sdp``; returns it and the answer SDP."""
     check_sdp(offer_sdp)
-    pc = _new_pc(config)
+    pc = peer_connection(config)
     pending = PendingConnection(
         pc, identity, config, offerer=False, expected_peer=expected_peer, gate=gate
     )

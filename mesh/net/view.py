@@ -196,6 +196,11 @@ class NetConfig:
 
 
 class NetView:
+    name = "net"  # RPC namespace: peers call "net.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"zone": self.config.zone, "peers": len(self.peers)}
+
     def __init__(self, node: PeerContext, config: NetConfig) -> None:
         self.node = node
         self.config = config
@@ -251,7 +256,7 @@ class NetView:
     async def _exchange(self, pid: str) -> None:
         t0 = time.monotonic()
         try:
-            reply = await self.node.call(pid, "net_info", self.my_info(), timeout=5)
+            reply = await self.node.call(pid, "net.net_info", self.my_info(), timeout=5)
             info = parse_info(reply.result)
         except (RPCError, NetViewError) as exc:
             log.debug("net_info with %s: %s", pid[:12], exc)

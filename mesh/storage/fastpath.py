@@ -35,7 +35,6 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,14 +79,14 @@ class FastLimits:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    """A fast-path request from a peer: ``{"sha": str}`` or ``{"blob": str, "off": int,
-    "len": int}``. Raises :class:`FastPathError` only."""
+    """A fast-path request from a peer: ``{"sha": str}`` (a chunk of any object, model
+    shards included). Raises :class:`FastPathError` only."""
     try:
         req = msgpack.unpackb(
             data,
             raw=False,
             max_str_len=128,
-            max_map_len=4,  # {"sha"} or {"blob", "off", "len"}
+            max_map_len=1,  # {"sha"}
             max_array_len=0,
             max_bin_len=0,
             max_ext_len=0,
@@ -96,13 +95,6 @@ def parse_request(data: bytes) -> dict[str, Any]:
         raise FastPathError(f"malformed request: {type(exc).__name__}") from None
     if not isinstance(req, dict):
         raise FastPathError("a request must be a map")
-    if "blob" in req:
-        sha, off, length = req.get("blob"), req.get("off"), req.get("len")
-        if not isinstance(sha, str) or type(off) is not int or type(length) is not int:
-            raise FastPathError("a blob request needs blob (str), off and len (int)")
-        if off < 0 or not 0 < length <= MAX_FRAME:
-            raise FastPathError(f"blob range off={off} len={length} out of bounds")
-        return {"blob": sha, "off": off, "len": length}
     sha = req.get("sha")
     if not isinstance(sha, str):
         raise FastPathError("a chunk request needs sha (str)")
@@ -189,8 +181,6 @@ class FastPath:
         self._unreachable: set[str] = set()
         self.served = 0
         self.fetched = 0
-        # Serves byte ranges of shard blobs: (peer, sha256, offset, length) -> bytes.
-        self.blob_reader: Callable[[str, Any, Any, Any], Awaitable[bytes]] | None = None
 
     async def start(self, bind: str, announce: str) -> None:
         """Listen on ``bind`` (any port) and tell peers to dial ``announce`` at that port."""
@@ -235,13 +225,7 @@ class FastPath:
                 # A peer that sends nothing (or a frame byte by byte) is closed: slowloris.
                 req = parse_request(await asyncio.wait_for(conn.recv(), lim.idle_timeout))
                 try:
-                    if "blob" in req and self.blob_reader is not None:
-                        # a byte range of a model shard blob (mesh/storage.py)
-                        data = await self.blob_reader(peer, req["blob"], req["off"], req["len"])
-                    elif "sha" in req:
-                        data = await self.svc.serve_chunk(peer, req["sha"])
-                    else:
-                        raise FastPathError("this node serves no blob ranges")
+                    data = await self.svc.serve_chunk(peer, req["sha"])
                 except EXPECTED as exc:  # StoreError is an Error
                     await conn.send(b"\x01" + str(exc).encode()[:500])
                     continue
@@ -315,20 +299,6 @@ class FastPath:
             writer.close()
             raise
 
-    async def read_blob_range(self, peer: str, sha: str, offset: int, length: int) -> bytes:
-        """Part of a shard blob from ``peer``: fast path when it has one, else the link."""
-        request = {"blob": sha, "off": offset, "len": length}
-        data = await self._request(peer, request)
-        if data is not None:
-            return data
-        reply = await self.node.call(
-            peer,
-            "blob_read",
-            {"sha256": sha, "offset": offset, "length": length},
-            timeout=REQUEST_TIMEOUT,
-        )
-        return reply.payload
-
     async def _request(self, peer: str, request: dict[str, Any]) -> bytes | None:
         """One request over the fast path; None when there is none to this peer."""
         if peer in self._unreachable or not (info := self.svc.net.peers.get(peer)) or not info.fast:
@@ -370,7 +340,9 @@ class FastPath:
         data = await self._request(peer, {"sha": sha})
         if data is not None:
             return data
-        reply = await self.node.call(peer, "chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT)
+        reply = await self.node.call(
+            peer, "storage.chunk_read", {"sha": sha}, timeout=REQUEST_TIMEOUT
+        )
         return reply.payload
 
     def forget(self, peer: str) -> None:

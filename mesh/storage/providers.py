@@ -55,6 +55,11 @@ def object_key(oid: str) -> str:
 
 
 class Providers:
+    name = "providers"  # RPC namespace: peers call "providers.<method>"
+
+    def status(self) -> dict[str, Any]:
+        return {"objects": len(self.table), "announced": len(self._mine)}
+
     def __init__(self, node: ProviderContext, zone: str) -> None:
         self.node = node
         self.zone = zone
@@ -80,7 +85,7 @@ class Providers:
 
     async def _send(self, peer: str, raw: bytes) -> None:
         with contextlib.suppress(RPCError):
-            await self.node.call(peer, "obj_announce", {}, raw, timeout=5)
+            await self.node.call(peer, "providers.obj_announce", {}, raw, timeout=5)
 
     async def sync_new_peers(self) -> None:
         """Send our records to peers that connected since the last call; refresh old ones."""
@@ -107,7 +112,7 @@ class Providers:
             for i in range(0, len(records), MAX_SYNC):
                 payload = msgpack.packb(records[i : i + MAX_SYNC], use_bin_type=True)
                 with contextlib.suppress(RPCError):
-                    await self.node.call(peer, "obj_sync", {}, payload, timeout=5)
+                    await self.node.call(peer, "providers.obj_sync", {}, payload, timeout=5)
             self._synced.add(peer)
 
     # -- others' records -------------------------------------------------------------------

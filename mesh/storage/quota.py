@@ -1,17 +1,18 @@
-"""Disk room for pulled model shards.
+"""Disk room for pulled model shards, made through the object store's GC.
 
-A peer that opens a stage session makes this node pull the blobs of that stage; without a
-bound, a peer serving a made-up huge model could fill the disk. Blobs this node does not need
-(not of a model added here, not of a loaded shard, not being pulled) are evicted least
-recently used first; what is left must fit under the limit and leave a reserve free.
+A peer that opens a stage session makes this node pull the shards of that stage; without a
+bound, a peer serving a made-up huge model could fill the disk. Room is made by collecting
+objects the store may collect (least recently used first): neither pinned (what was added
+here, replicas kept for others) nor held (loaded shards, pulls under way). What is left must
+fit under the limit and leave a reserve free on the filesystem.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-from pathlib import Path
+
+from mesh.storage.store import BlobStore
 
 __all__ = ["disk_shortfall", "DISK_RESERVE"]
 
@@ -20,38 +21,19 @@ DISK_RESERVE = 1 << 30  # always left free on the filesystem
 
 
 def disk_shortfall(
-    blob_dir: Path, need: int, limit: int | None, keep: set[str], reserve: int = DISK_RESERVE
+    store: BlobStore, need: int, limit: int | None, reserve: int = DISK_RESERVE
 ) -> int:
-    """Make room for ``need`` more bytes in ``blob_dir``; returns the bytes still missing
-    (0: it fits). ``keep``: sha256s never evicted."""
-    entries = []
-    used = 0
-    if blob_dir.is_dir():
-        for e in os.scandir(blob_dir):
-            if not e.is_file() or not e.name.endswith(".gguf") or e.name.startswith("."):
-                continue
-            st = e.stat()
-            used += st.st_size
-            entries.append((st.st_mtime, e.name.removesuffix(".gguf"), st.st_size, e.path))
-
-    where = blob_dir
-    while not where.exists() and where != where.parent:  # a store not made yet: its disk
-        where = where.parent
+    """Make room for ``need`` more bytes in ``store``; returns the bytes still missing
+    (0: it fits). Pinned and held objects are never collected."""
 
     def missing() -> int:
-        over_limit = used + need - limit if limit is not None else 0
-        free = shutil.disk_usage(where).free
+        over_limit = store.used + need - limit if limit is not None else 0
+        free = shutil.disk_usage(store.root).free
         return max(over_limit, need + reserve - free, 0)
 
-    for _, sha, size, path in sorted(entries):  # oldest first
+    for oid in store.collectable():
         if missing() <= 0:
             break
-        if sha in keep:
-            continue
-        try:
-            os.unlink(path)
-        except OSError:
-            continue
-        used -= size
-        log.info("evicted pulled blob %s (%d MiB) to make room", sha[:12], size >> 20)
+        freed = store.drop(oid)
+        log.info("collected object %s (%d MiB) to make room", oid[:12], freed >> 20)
     return missing()

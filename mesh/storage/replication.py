@@ -109,7 +109,7 @@ class Replicator:
                 break
             try:
                 await svc.node.call(
-                    peer, "obj_replicate", {"id": oid, "replicas": want}, timeout=10
+                    peer, "storage.obj_replicate", {"id": oid, "replicas": want}, timeout=10
                 )
             except RPCError as exc:
                 log.info("replica request for %s to %s refused: %s", oid[:12], peer[:12], exc)

@@ -21,13 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.errors import RPCError
-from mesh.net.rpc import CallContext, Reply
+from mesh.net.rpc import CallContext, Reply, Service
 from mesh.net.view import NetConfig, NetView
 from mesh.storage.fastpath import FastPath
 from mesh.storage.fetch import FetchState, fetch_chunks
 from mesh.storage.providers import Providers
 from mesh.storage.replication import Replicator
-from mesh.storage.store import CHUNK_SIZE, BlobStore, Manifest, StoreError, is_id, parse_manifest
+from mesh.storage.store import (
+    CHUNK_SIZE,
+    PACKED,
+    BlobStore,
+    Manifest,
+    StoreError,
+    is_id,
+    parse_manifest,
+)
 
 if TYPE_CHECKING:
     from mesh.storage.providers import ProviderContext
@@ -77,6 +85,8 @@ class PeerQuotaExceeded(StoreError):
 
 
 class ObjectService:
+    name = "storage"  # RPC namespace: peers call "storage.<method>"
+
     def __init__(self, node: ProviderContext, config: StorageConfig, root: Path) -> None:
         self.node = node
         self.config = config
@@ -101,8 +111,8 @@ class ObjectService:
         self.quota_refused = 0  # replica requests refused by the per-peer quota
         self.replicator = Replicator(self)
 
-    def services(self) -> list[object]:
-        """Objects whose ``rpc_*`` methods the node serves."""
+    def services(self) -> list[Service]:
+        """The services this one is made of (the node serves their RPCs and status)."""
         return [self, self.net, self.providers]
 
     @property
@@ -185,6 +195,16 @@ class ObjectService:
             self.spawn(self.replicator.repair_object(manifest.id))
         return manifest
 
+    async def put_file(self, path: Path, name: str = "", replicas: int = 1) -> Manifest:
+        """Store a file as a packed object (moved into the store, not copied), pin it and
+        announce this node as its holder. Model shards are stored this way."""
+        manifest = await asyncio.to_thread(self.store.put_file, path, name, PACKED)
+        self.store.pin(manifest.id, replicas)
+        await self.providers.announce(manifest.id, durable=True)
+        if replicas > 1:
+            self.spawn(self.replicator.repair_object(manifest.id))
+        return manifest
+
     async def find_holders(self, oid: str) -> list[str]:
         """Live holders of an object (not us): provider records, the DHT, then asking."""
         found = [p.peer_id for p in self.providers.holders(oid) if p.peer_id != self.me]
@@ -203,7 +223,7 @@ class ObjectService:
         errors = []
         for h in sorted(holders, key=lambda h: self.net.cost_ms(h, 0)):
             try:
-                reply = await self.node.call(h, "obj_manifest", {"id": oid}, timeout=15)
+                reply = await self.node.call(h, "storage.obj_manifest", {"id": oid}, timeout=15)
                 m = parse_manifest(reply.payload, oid)  # verified: its hash is the id
             except (RPCError, StoreError) as exc:
                 errors.append(f"{h[:12]}: {exc}")
@@ -219,11 +239,14 @@ class ObjectService:
         replicas: int | None = None,
         on_progress: Callable[[FetchState], None] | None = None,
         for_peer: str | None = None,
+        hint: list[str] | None = None,
     ) -> FetchState:
-        """Make object ``oid`` complete here, pulling what is missing from its holders."""
+        """Make object ``oid`` complete here, pulling what is missing from its holders
+        (``hint``: peers said to hold it, tried along with those the records name)."""
         lock = self._locks.setdefault(oid, asyncio.Lock())
         async with lock:
-            holders = await self.find_holders(oid)
+            found = await self.find_holders(oid)
+            holders = [h for h in dict.fromkeys([*(hint or []), *found]) if h != self.me]
             if self.store.manifest(oid) is None and not holders:
                 raise StoreError(f"no live holder of object {oid[:12]} is known")
             await self.net.ensure(holders)  # zones and prices before choosing sources
@@ -253,29 +276,40 @@ class ObjectService:
         state: FetchState,
         on_progress: Callable[[FetchState], None] | None,
     ) -> None:
+        packed = m.format == PACKED
+
         async def sink(i: int, data: bytes, src: str) -> None:
-            sha = m.chunks[i][0]
-            await asyncio.to_thread(self.store.write_chunk, sha, data)
+            if packed:  # into the object's one data file, at the chunk's offset
+                await asyncio.to_thread(self.store.write_packed, m, i, data)
+            else:
+                await asyncio.to_thread(self.store.write_chunk, m.chunks[i][0], data)
             self.net.account(src, self.me, len(data), "fetch")
             if on_progress is not None:
                 on_progress(state)
 
-        await fetch_chunks(
-            self.node,
-            list(m.chunks),
-            need,
-            holders,
-            self.net.cost_ms,
-            sink,
-            state,
-            penalize=self.net.penalize,
-            read=self.fast.read_chunk if self.fast is not None else None,
-        )
+        if packed:
+            await asyncio.to_thread(self.store.begin_packed, m)
+        try:
+            await fetch_chunks(
+                self.node,
+                list(m.chunks),
+                need,
+                holders,
+                self.net.cost_ms,
+                sink,
+                state,
+                penalize=self.net.penalize,
+                read=self.fast.read_chunk if self.fast is not None else None,
+            )
+        except BaseException:
+            if packed:
+                self.store.abort_packed(m.id)
+            raise
 
     async def read_chunk_from(self, src: str, sha: str, size: int) -> bytes:
         if self.fast is not None:
             return bytes(await self.fast.read_chunk(src, sha, size))
-        reply = await self.node.call(src, "chunk_read", {"sha": sha}, timeout=60)
+        reply = await self.node.call(src, "storage.chunk_read", {"sha": sha}, timeout=60)
         return reply.payload
 
     async def serve_chunk(self, peer: str, sha: str) -> bytes:

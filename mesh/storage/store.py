@@ -1,13 +1,22 @@
 """The embedded object store: content-addressed chunks under manifests, a quota, pins and GC.
 
-Layout under ``root``::
+It is the node's one store: data objects and model shards (GGUF files) alike. Layout under
+``root``::
 
     chunks/<sha256>        chunk bytes (<= CHUNK_MAX), named by their own hash
+    packed/<id>.data       a *packed* object: all its chunks, in order, as one file
+    packed/<id>.part       a packed object being fetched (chunks written at their offsets)
     manifests/<id>         manifest bytes; the object id is the SHA-256 of these bytes
     pins.json              {object id: {"replicas": R}}: pinned objects are never collected
 
 A **manifest** is canonical JSON ``{"v": 1, "size": N, "chunks": [[sha, size], ...], "name":
-..., "format": "raw" | "jsonl"}``. Every chunk is verified against its own hash before it is
+..., "format": "raw" | "jsonl" | "gguf"}``. ``gguf`` objects (model shards) are packed: a
+runtime memory-maps a shard from one file path, so the store keeps such an object as one data
+file and serves its chunks as ranges of it (an index maps chunk sha -> (object, offset, size))
+rather than keeping chunk files and a second, assembled copy. A fetch writes each verified
+chunk into ``<id>.part`` at its offset and renames it once every chunk is there, so a data
+file is only ever complete. ``raw`` and ``jsonl`` objects stay chunk-per-file (a batch job's
+task reads one chunk). Every chunk is verified against its own hash before it is
 written (so a corrupted chunk is detectable and refetchable one by one) and the manifest
 against the object id. ``format == "jsonl"`` objects are cut at line boundaries, so each chunk
 holds whole records: a batch job's task is one chunk.
@@ -21,18 +30,30 @@ or written right now (``hold``), are never collected.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
+import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeGuard
+from typing import Any, BinaryIO
 
-from mesh.errors import Error
+from mesh.storage.manifest import (
+    CHUNK_MAX,
+    CHUNK_SIZE,
+    FORMATS,
+    MAX_MANIFEST,
+    PACKED,
+    Manifest,
+    QuotaExceeded,
+    StoreError,
+    build_manifest,
+    is_id,
+    iter_chunks,
+    parse_manifest,
+    sha256,
+)
 
 __all__ = [
     "BlobStore",
@@ -44,131 +65,14 @@ __all__ = [
     "MAX_MANIFEST",
     "parse_manifest",
     "is_id",
+    "FORMATS",
+    "PACKED",
+    "build_manifest",
+    "iter_chunks",
+    "sha256",
 ]
 
 log = logging.getLogger(__name__)
-CHUNK_MAX = 2 << 20  # IPFS bitswap's block cap; every chunk from the network is <= this
-CHUNK_SIZE = 2 << 20
-MAX_MANIFEST = 1 << 20  # about 14,000 chunks: objects up to ~28 GiB
-MAX_NAME = 200
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class StoreError(Error):
-    """An object or chunk is missing, malformed, or fails its hash."""
-
-
-class QuotaExceeded(StoreError):
-    """Storing more would exceed the store's quota even after garbage collection."""
-
-
-def is_id(value: object) -> TypeGuard[str]:
-    return isinstance(value, str) and bool(_HEX64.match(value))
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Manifest:
-    id: str
-    size: int
-    chunks: tuple[tuple[str, int], ...]
-    name: str
-    format: str
-    raw: bytes
-
-    @property
-    def shas(self) -> list[str]:
-        return [c[0] for c in self.chunks]
-
-    def offsets(self) -> list[int]:
-        out, pos = [], 0
-        for _, n in self.chunks:
-            out.append(pos)
-            pos += n
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "size": self.size,
-            "chunks": len(self.chunks),
-            "name": self.name,
-            "format": self.format,
-        }
-
-
-def build_manifest(chunks: list[tuple[str, int]], name: str = "", fmt: str = "raw") -> Manifest:
-    doc = {
-        "v": 1,
-        "size": sum(n for _, n in chunks),
-        "chunks": [[s, n] for s, n in chunks],
-        "name": name[:MAX_NAME],
-        "format": fmt,
-    }
-    raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    return parse_manifest(raw, sha256(raw))
-
-
-def parse_manifest(raw: bytes, expected_id: str | None = None) -> Manifest:
-    """Validate manifest bytes (pure; the id is their hash). Raises StoreError."""
-    if not isinstance(raw, bytes) or len(raw) > MAX_MANIFEST:
-        raise StoreError("manifest missing or over its size cap")
-    mid = sha256(raw)
-    if expected_id is not None and mid != expected_id:
-        raise StoreError(f"manifest hashes to {mid[:12]}, not {str(expected_id)[:12]}")
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise StoreError("manifest is not JSON") from None
-    if not isinstance(doc, dict) or doc.get("v") != 1:
-        raise StoreError("unknown manifest version")
-    chunks, size = doc.get("chunks"), doc.get("size")
-    name, fmt = doc.get("name", ""), doc.get("format", "raw")
-    if not isinstance(chunks, list) or type(size) is not int or size < 0:
-        raise StoreError("manifest fields have wrong types")
-    if not isinstance(name, str) or len(name) > MAX_NAME or fmt not in ("raw", "jsonl"):
-        raise StoreError("manifest name or format invalid")
-    out: list[tuple[str, int]] = []
-    for c in chunks:
-        if (
-            not isinstance(c, list)
-            or len(c) != 2
-            or not is_id(c[0])
-            or type(c[1]) is not int
-            or not 0 < c[1] <= CHUNK_MAX
-        ):
-            raise StoreError("manifest chunk entry invalid")
-        out.append((c[0], c[1]))
-    if sum(n for _, n in out) != size:
-        raise StoreError("manifest size does not match its chunks")
-    return Manifest(mid, size, tuple(out), name, fmt, raw)
-
-
-def iter_chunks(fh: BinaryIO, fmt: str = "raw", chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """Cut a stream into chunks; ``jsonl`` chunks end at a newline (a record never straddles
-    two chunks; a single record longer than ``CHUNK_MAX`` is refused)."""
-    if not 0 < chunk_size <= CHUNK_MAX:
-        raise StoreError(f"chunk size must be in 1..{CHUNK_MAX}")
-    carry = b""
-    while True:
-        block = fh.read(chunk_size - len(carry))
-        data = carry + block
-        if not block:
-            if data:
-                yield data
-            return
-        if fmt == "jsonl" and len(data) == chunk_size:
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                raise StoreError(f"a record is longer than a chunk ({chunk_size} bytes)")
-            data, carry = data[:cut], data[cut:]
-        else:
-            carry = b""
-        if data:
-            yield data
 
 
 class BlobStore:
@@ -176,13 +80,17 @@ class BlobStore:
         self.root = Path(root)
         self.chunk_dir = self.root / "chunks"
         self.manifest_dir = self.root / "manifests"
-        self.chunk_dir.mkdir(parents=True, exist_ok=True)
-        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        self.packed_dir = self.root / "packed"
+        for d in (self.chunk_dir, self.manifest_dir, self.packed_dir):
+            d.mkdir(parents=True, exist_ok=True)
         self.quota = quota
         self._pins_file = self.root / "pins.json"
         self.pins: dict[str, dict[str, Any]] = {}
         self._holds: dict[str, int] = {}  # object or chunk ids protected from GC right now
         self._manifests: dict[str, Manifest] = {}
+        self._packed: set[str] = set()  # packed objects whose data file is complete
+        self._index: dict[str, tuple[str, int, int]] = {}  # chunk sha -> (oid, offset, size)
+        self._parts: dict[str, set[int]] = {}  # packed objects being fetched: chunks written
         self.used = 0
         self._load()
 
@@ -204,6 +112,13 @@ class BlobStore:
                 except (StoreError, OSError):
                     log.warning("dropping unreadable manifest %s", p.name[:12])
                     p.unlink(missing_ok=True)
+        for p in self.packed_dir.iterdir():
+            m = self._manifests.get(p.stem)
+            if p.suffix == ".data" and m is not None and p.stat().st_size == m.size:
+                self._index_packed(m)
+                self.used += m.size
+            else:  # a fetch cut short, or data without its manifest
+                p.unlink(missing_ok=True)
 
     def _save_pins(self) -> None:
         tmp = self._pins_file.with_suffix(".tmp")
@@ -217,14 +132,27 @@ class BlobStore:
         return self.chunk_dir / sha
 
     def has_chunk(self, sha: str) -> bool:
-        return self.chunk_path(sha).is_file()
+        return sha in self._index or self.chunk_path(sha).is_file()
 
     def read_chunk(self, sha: str, offset: int = 0, length: int | None = None) -> bytes:
         """Chunk bytes as stored (not re-verified: the reader verifies what it receives)."""
+        want = CHUNK_MAX if length is None else min(length, CHUNK_MAX)
+        where = self._index.get(sha) if is_id(sha) else None
+        if where is not None:  # a range of a packed object's data file
+            oid, start, size = where
+            path = self.packed_path(oid)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(start + offset)
+                    data = fh.read(max(0, min(want, size - offset)))
+            except FileNotFoundError:
+                raise StoreError(f"no chunk {sha[:12]}") from None
+            touch(path)
+            return data
         try:
             with open(self.chunk_path(sha), "rb") as fh:
                 fh.seek(offset)
-                data = fh.read(CHUNK_MAX if length is None else min(length, CHUNK_MAX))
+                data = fh.read(want)
         except FileNotFoundError:
             raise StoreError(f"no chunk {sha[:12]}") from None
         touch(self.chunk_dir / sha)
@@ -257,6 +185,86 @@ class BlobStore:
                 f"store quota {self.quota} bytes: {self.used} used, {nbytes} more needed"
             )
 
+    # -- packed objects --------------------------------------------------------------------
+    def packed_path(self, oid: str) -> Path:
+        if not is_id(oid):
+            raise StoreError(f"not an object id: {str(oid)[:80]!r}")
+        return self.packed_dir / f"{oid}.data"
+
+    def data_path(self, oid: str) -> Path | None:
+        """The data file of a complete packed object (what a runtime opens), else None."""
+        return self.packed_path(oid) if oid in self._packed else None
+
+    def _index_packed(self, m: Manifest) -> None:
+        for (sha, n), off in zip(m.chunks, m.offsets(), strict=True):
+            self._index.setdefault(sha, (m.id, off, n))
+        self._packed.add(m.id)
+
+    def _unindex_packed(self, oid: str) -> None:
+        self._packed.discard(oid)
+        for sha in [s for s, (o, _, _) in self._index.items() if o == oid]:
+            del self._index[sha]
+        for m in self._manifests.values():  # a chunk two packed objects share stays served
+            if m.id in self._packed:
+                for (sha, n), off in zip(m.chunks, m.offsets(), strict=True):
+                    self._index.setdefault(sha, (m.id, off, n))
+
+    def begin_packed(self, m: Manifest) -> None:
+        """Reserve room for a packed object's data and open its ``.part`` file."""
+        if m.id in self._packed or m.id in self._parts:
+            return
+        with self.hold(m.id):
+            self.reserve(m.size)
+        part = self.packed_dir / f"{m.id}.part"
+        with open(part, "wb") as fh:
+            fh.truncate(m.size)
+        self.used += m.size
+        self._parts[m.id] = set()
+
+    def write_packed(self, m: Manifest, i: int, data: bytes) -> None:
+        """Write chunk ``i`` of packed object ``m`` (after checking its hash) at its offset;
+        the data file appears, complete, with the last chunk."""
+        sha, n = m.chunks[i]
+        if len(data) != n or sha256(data) != sha:
+            raise StoreError(f"chunk {i} of {m.id[:12]} does not hash to {sha[:12]}")
+        done = self._parts.get(m.id)
+        if done is None:
+            raise StoreError(f"no fetch of {m.id[:12]} is under way")
+        part = self.packed_dir / f"{m.id}.part"
+        with open(part, "r+b") as fh:
+            fh.seek(m.offsets()[i])
+            fh.write(data)
+        done.add(i)
+        if len(done) == len(m.chunks):
+            os.replace(part, self.packed_path(m.id))
+            del self._parts[m.id]
+            self._index_packed(m)
+
+    def abort_packed(self, oid: str) -> None:
+        """Drop the ``.part`` of a fetch that failed (its bytes leave the quota)."""
+        if self._parts.pop(oid, None) is not None:
+            (self.packed_dir / f"{oid}.part").unlink(missing_ok=True)
+            m = self._manifests.get(oid)
+            self.used -= m.size if m is not None else 0
+
+    def put_file(self, path: Path, name: str = "", fmt: str = PACKED) -> Manifest:
+        """Store the file at ``path`` as a packed object by *moving* it into the store (no
+        second copy); the new object is pinned. ``path`` must be on the store's filesystem."""
+        with open(path, "rb") as fh:
+            chunks = [(sha256(d), len(d)) for d in iter_chunks(fh, "raw", CHUNK_SIZE)]
+        m = build_manifest(chunks, name, fmt)
+        with self.hold(m.id):
+            self.add_manifest(m.raw, m.id)
+            if m.id in self._packed:
+                Path(path).unlink()
+            else:
+                self.reserve(m.size)
+                _move(Path(path), self.packed_path(m.id))
+                self.used += m.size
+                self._index_packed(m)
+            self.pin(m.id)
+        return m
+
     # -- objects ---------------------------------------------------------------------------
     def manifest(self, oid: str) -> Manifest | None:
         return self._manifests.get(oid) if is_id(oid) else None
@@ -272,6 +280,11 @@ class BlobStore:
         return m
 
     def missing(self, m: Manifest) -> list[int]:
+        if m.format == PACKED:  # only its own data file counts: a runtime opens that
+            if m.id in self._packed:
+                return []
+            done = self._parts.get(m.id, set())
+            return [i for i in range(len(m.chunks)) if i not in done]
         return [i for i, (sha, _) in enumerate(m.chunks) if not self.has_chunk(sha)]
 
     def complete(self, oid: str) -> bool:
@@ -288,6 +301,8 @@ class BlobStore:
         self, fh: BinaryIO, name: str = "", fmt: str = "raw", chunk_size: int = CHUNK_SIZE
     ) -> Manifest:
         """Chunk, hash and store a stream; the new object is pinned (held on purpose)."""
+        if fmt == PACKED:
+            raise StoreError(f"{PACKED} objects are stored from a file (put_file)")
         chunks: list[tuple[str, int]] = []
         with self.hold("put"):
             for data in iter_chunks(fh, fmt, chunk_size):
@@ -360,11 +375,18 @@ class BlobStore:
     @contextlib.contextmanager
     def hold(self, oid: str) -> Iterator[None]:
         """Protect ``oid`` (and its chunks) from GC while a fetch or put is running."""
-        self._holds[oid] = self._holds.get(oid, 0) + 1
+        self.acquire(oid)
         try:
             yield
         finally:
             self._release(oid)
+
+    def acquire(self, oid: str) -> None:
+        """Protect ``oid`` from GC until :meth:`release` (a loaded shard holds its objects)."""
+        self._holds[oid] = self._holds.get(oid, 0) + 1
+
+    def release(self, oid: str) -> None:
+        self._release(oid)
 
     def _release(self, key: str) -> None:
         n = self._holds.get(key, 0) - 1
@@ -381,21 +403,40 @@ class BlobStore:
                 keep.update(m.shas)
         return keep
 
+    def collectable(self) -> list[str]:
+        """Objects GC may take (neither pinned nor held), least recently used first."""
+        victims = [
+            oid for oid in self._manifests if oid not in self.pins and oid not in self._holds
+        ]
+
+        def last_used(oid: str) -> float:
+            seen = _mtime(self.manifest_dir / oid)
+            return max(seen, _mtime(self.packed_path(oid))) if oid in self._packed else seen
+
+        return sorted(victims, key=last_used)
+
+    def drop(self, oid: str) -> int:
+        """Remove an object and the chunks nothing else references; returns bytes freed."""
+        m = self._manifests.pop(oid)
+        (self.manifest_dir / oid).unlink(missing_ok=True)
+        freed = 0
+        if oid in self._packed:
+            self._unindex_packed(oid)
+            with contextlib.suppress(FileNotFoundError):
+                self.packed_path(oid).unlink()
+                self.used -= m.size
+                freed += m.size
+        return freed + self._sweep(self._protected_chunks())
+
     def gc(self, target: int | None = None) -> dict[str, int]:
         """Collect unpinned objects, least recently used first, until ``used <= target``
         (``None``: collect every unpinned object and every unreferenced chunk)."""
         removed_objects = removed_bytes = 0
-        victims = [
-            oid for oid in self._manifests if oid not in self.pins and oid not in self._holds
-        ]
-        victims.sort(key=lambda oid: _mtime(self.manifest_dir / oid))
-        for oid in victims:
+        for oid in self.collectable():
             if target is not None and self.used <= target:
                 break
-            del self._manifests[oid]
-            (self.manifest_dir / oid).unlink(missing_ok=True)
+            removed_bytes += self.drop(oid)
             removed_objects += 1
-            removed_bytes += self._sweep(self._protected_chunks())
         if target is None or self.used > target:
             removed_bytes += self._sweep(self._protected_chunks())
         return {"objects": removed_objects, "bytes": removed_bytes, "used": self.used}
@@ -421,6 +462,17 @@ class BlobStore:
             "objects": len(self._manifests),
             "pinned": len(self.pins),
         }
+
+
+def _move(src: Path, dest: Path) -> None:
+    """A rename where possible (no second copy); a copy only across filesystems."""
+    try:
+        os.replace(src, dest)
+    except OSError:
+        tmp = dest.with_suffix(".part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        src.unlink()
 
 
 def touch(path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A revocation reaches a node three ways: ``edgemesh mesh revoke`` writes it to the owner's
 ``revocations.json`` (the owner's node notices within ``poll`` seconds), a linked peer sends it
-(``trust_revocations``), or a newly linked peer hands over everything it knows (so a member
+(``trust.revocations``), or a newly linked peer hands over everything it knows (so a member
 that was offline catches up). Each new, owner-signed revocation is persisted, the revoked
 peer is banned (its link closed at once), and it is forwarded to every linked peer but the
 sender; records already known stop there, so the flood ends.
@@ -55,6 +55,8 @@ def _decode(payload: bytes) -> list[bytes]:
 
 
 class TrustService:
+    name = "trust"  # RPC namespace: peers call "trust.<method>"
+
     def __init__(self, ctx: PeerContext, policy: MembershipPolicy, *, poll: float = 1.0) -> None:
         self._ctx = ctx
         self.policy = policy
@@ -74,7 +76,19 @@ class TrustService:
         for task in list(self._sends):
             task.cancel()
 
-    async def rpc_trust_revocations(
+    def status(self) -> dict[str, Any]:
+        """This node's membership, for /v1/info (the refusal counters are in ``counters``)."""
+        policy = self.policy
+        own = policy.own_cert
+        return {
+            "mesh_id": policy.mesh_id or None,
+            "open": policy.open,
+            "member": own is not None,
+            "expires": own.expires if own else None,
+            "revoked": len(policy.revocations or ()),
+        }
+
+    async def rpc_revocations(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
         new = self.apply(_decode(payload), sender=ctx.peer_id)
@@ -106,7 +120,7 @@ class TrustService:
     def _send(self, peer_id: str, items: list[bytes]) -> None:
         async def send() -> None:
             try:
-                await self._ctx.notify(peer_id, "trust_revocations", {}, _encode(items))
+                await self._ctx.notify(peer_id, "trust.revocations", {}, _encode(items))
             except EXPECTED as exc:
                 log.info("revocations to %s not delivered: %s", peer_id[:12], exc)
 
@@ -146,7 +160,7 @@ class TrustService:
 
 # What a stranger of an open mesh may not ask for: running its batch jobs, storing its
 # replicas. (In a private mesh every linked peer is a member, so nothing changes there.)
-MEMBERS_ONLY = ("job_task", "obj_replicate")
+MEMBERS_ONLY = ("jobs.job_task", "storage.obj_replicate")
 
 
 def members_only(policy: MembershipPolicy, handlers: dict[str, Handler]) -> None:

@@ -1,0 +1,377 @@
+"""Stage sessions: one generation's KV cache on one loaded shard, and the steps run on it.
+
+A stage session is one generation's KV cache on one shard. ``stage_forward`` runs the shard
+and pushes its output straight to the next stage (as Petals servers do); the last stage samples
+the token and the reply travels back along the chain, each stage adding its compute time to a
+trace so the coordinator can tell compute from network time. A stage that cannot reach the
+next one answers ``StageUnavailable`` naming that peer, so the coordinator knows which layer
+range to re-route. Idle sessions are evicted after ``session_ttl``. Opening a session pulls
+the stage's shards (:mod:`mesh.inference.shards`) and loads them (:mod:`mesh.inference.memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import EXPECTED, Error, IdentityError, RemoteError, RPCError
+from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, step_message
+from mesh.inference.memory import LoadedShards, ShardKey
+from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, StageUnavailable
+from mesh.inference.sampling import SamplingParams, sample, top_logits
+from mesh.net.identity import verify
+from mesh.net.rpc import CallContext, Reply
+from mesh.net.rpc import MeshCaller as Caller
+from runtimes.base import Session
+from runtimes.errors import ModelError
+
+__all__ = ["StageSessions", "StageSession", "MAX_SESSION_TOKENS", "PREFILL_CHUNK", "MAX_STEP_ROWS"]
+
+log = logging.getLogger(__name__)
+_SID = re.compile(r"^[0-9a-f]{8,64}$")
+MAX_SESSION_TOKENS = 32768  # Gemma 3's context; memory is bounded by KV reservations
+# Prompt positions per step: a stage's attention scores are chunk x context at most.
+PREFILL_CHUNK = 512
+# Rows one step may carry, from any peer: bounds a step's attention temporaries (scores and
+# masks are rows x context) whatever the coordinator chose as its chunk.
+MAX_STEP_ROWS = 2048
+
+
+@dataclass
+class StageSession:
+    key: ShardKey
+    session: Session
+    next_peer: str | None
+    next_sid: str | None
+    owner: str
+    prev: str = ""  # the only peer whose steps this stage accepts
+    last_used: float = field(default_factory=time.monotonic)
+    sid: str = ""
+    pos: int = 0  # positions taken by steps accepted so far (set before each step runs)
+    audit: AuditLog | None = None  # inputs kept (with signatures) for spot checks
+    kv: int = 0  # bytes reserved against the memory limit for its KV cache
+
+
+class StageSessions(LoadedShards):
+    def __init__(
+        self,
+        caller: Caller,
+        me: str,
+        root: Path,
+        config: ComputeConfig,
+        objects: ShardObjects | None = None,
+    ) -> None:
+        super().__init__(caller, me, root, config, objects)
+        self.sessions: dict[str, StageSession] = {}
+        self._opening: dict[str, str] = {}  # session ids being opened -> owner
+        self._janitor: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._janitor = asyncio.get_running_loop().create_task(self._evict_loop())
+
+    async def stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+        await self._unload_all()
+        self.sessions.clear()
+
+    async def rpc_capacity(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        # Idle shards do not count: they are unloaded on demand (or reused as they are).
+        busy = sum(x.memory for x in self.loaded.values() if x.sessions > 0) + self.kv_reserved
+        return {
+            "memory_limit": self.config.memory_limit,
+            "memory_used": busy,
+            "runtime": self.config.runtime,
+            "sessions": len(self.sessions),
+            "gbps": self.mem_gbps,
+        }
+
+    async def rpc_stage_open(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        sid, mid = params.get("sid"), params.get("model_id")
+        units, runtime = params.get("units"), params.get("runtime") or self.config.runtime
+        max_tokens = params.get("max_tokens", 2048)
+        nxt, next_sid = params.get("next"), params.get("next_sid")
+        if not isinstance(sid, str) or not _SID.match(sid) or not isinstance(mid, str):
+            raise ModelError("stage_open needs a session id and a model id")
+        if not (isinstance(units, list) and len(units) == 2 and all(type(u) is int for u in units)):
+            raise ModelError("units must be [start, end]")
+        if type(max_tokens) is not int or not 0 < max_tokens <= MAX_SESSION_TOKENS:
+            raise ModelError(f"max_tokens must be in 1..{MAX_SESSION_TOKENS}")
+        if not isinstance(runtime, str) or (nxt is not None and not isinstance(nxt, str)):
+            raise ModelError("bad runtime or next stage")
+        prev = params.get("prev")
+        if prev is not None and not isinstance(prev, str):
+            raise ModelError("bad previous stage")
+        if sid in self.sessions or sid in self._opening:
+            raise ModelError("session id in use")
+        if len(self.sessions) + len(self._opening) >= self.config.max_sessions:
+            raise CapacityError(f"more than {self.config.max_sessions} sessions")
+        mine = sum(1 for st in self.sessions.values() if st.owner == ctx.peer_id)
+        mine += sum(1 for owner in self._opening.values() if owner == ctx.peer_id)
+        if mine >= self.config.max_sessions_per_peer:
+            raise CapacityError(f"peer holds {mine} sessions here already")
+        # The slot is taken before the first await: concurrent opens cannot overrun the caps.
+        self._opening[sid] = ctx.peer_id
+        try:
+            return await self._open_stage(
+                ctx, params, sid, mid, units, runtime, max_tokens, nxt, next_sid, prev
+            )
+        finally:
+            self._opening.pop(sid, None)
+
+    async def _open_stage(
+        self,
+        ctx: CallContext,
+        params: dict[str, Any],
+        sid: str,
+        mid: str,
+        units: list[int],
+        runtime: str,
+        max_tokens: int,
+        nxt: str | None,
+        next_sid: Any,
+        prev: str | None,
+    ) -> dict[str, Any]:
+        hint = params.get("holders") if isinstance(params.get("holders"), dict) else None
+        t0 = time.perf_counter()
+        manifest = await self._manifest(mid, params.get("source") or ctx.peer_id)
+        start, end = units
+        if not 0 <= start < end <= len(manifest.units):
+            raise ModelError(f"units [{start}, {end}) outside the model")
+        with self.holding(manifest, start, end):  # not collected between pull and load
+            pulled = await self.ensure_blobs(manifest, start, end, hint)
+            loaded = await self._load(mid, start, end, runtime)  # pinned: sessions counted
+        kv = 0
+        try:
+            if end == len(manifest.units) or start == 0:
+                # The last stage returns each token's bytes; the first tokenizes prompts.
+                with contextlib.suppress(ModelError):
+                    await self.tokenizers.get(mid)
+            # The model's context length is the ceiling; the KV cache of every position the
+            # session may take is reserved now, so sessions cannot grow past the memory limit.
+            rt = loaded.shard.runtime
+            positions = min(max_tokens, rt.config.context_length or max_tokens)
+            need = type(rt).kv_bytes(rt.shard, positions)
+            self._make_room(need, f"a session of {positions} positions")
+            self.kv_reserved += need
+            kv = need
+            session = await loaded.shard.open_session(positions)
+            log.info("session %s: units [%d, %d), %d positions", sid[:8], start, end, positions)
+        except BaseException:
+            loaded.sessions -= 1
+            self.kv_reserved -= kv
+            raise
+        self.sessions[sid] = StageSession(
+            (mid, start, end, runtime),
+            session,
+            nxt,
+            next_sid if isinstance(next_sid, str) else None,
+            ctx.peer_id,
+            prev=prev or ctx.peer_id,
+            sid=sid,
+            audit=AuditLog(MAX_AUDIT_BYTES) if params.get("audit") is True else None,
+            kv=kv,
+        )
+        return {"pulled": pulled, "open_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    async def rpc_stage_close(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        sid = params.get("sid")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None or st.owner != ctx.peer_id:  # only who opened a session may close it
+            return {"closed": False}
+        self.sessions.pop(str(sid), None)
+        await self._close(st)
+        return {"closed": True}
+
+    async def _close(self, st: StageSession) -> None:
+        self.kv_reserved -= st.kv
+        st.kv = 0  # closing twice must not release twice
+        loaded = self.loaded.get(st.key)
+        if loaded is not None:
+            loaded.sessions -= 1
+            loaded.last_used = time.monotonic()
+            with contextlib.suppress(Error):
+                await loaded.shard.close_session(st.session)
+
+    async def rpc_stage_push(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> None:
+        """One step, one way: compute, push to the next stage; the last stage sends the token
+        straight to the coordinator (the session's owner). Failures are reported to it too."""
+        sid, rid = params.get("sid"), params.get("rid")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        owner = st.owner if st is not None else ctx.peer_id
+        trace = params.get("trace", [])
+        trace = list(trace)[:64] if isinstance(trace, list) else []
+        try:
+            cur, spec, out, own = await self._compute(params, payload, ctx.peer_id)
+            trace.append(own)
+            if spec.is_last:
+                reply = self._finish(cur.key[0], out, params, own)
+                result = dict(reply.result, trace=trace, rid=rid, pos=params.get("pos"))
+                await self.caller.notify(owner, "coordinator.stage_token", result, reply.payload)
+                return
+            if cur.next_peer is None or cur.next_sid is None:
+                raise ModelError("a middle stage without a next stage")
+            body = np.ascontiguousarray(out, dtype="<f4").tobytes()
+            fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top", "rid")}
+            fwd.update(sid=cur.next_sid, trace=trace)
+            if cur.audit is not None:  # evidence the next stage keeps: we cannot deny it
+                pos, n = int(params["pos"]), int(params["n"])
+                fwd["sig"] = self.caller.sign(step_message(cur.next_sid, pos, n, body))
+            try:
+                await self.caller.notify(
+                    cur.next_peer,
+                    "compute.stage_push",
+                    fwd,
+                    body,
+                    timeout=self.config.forward_timeout,
+                )
+            except RPCError as exc:
+                raise StageUnavailable(cur.next_peer) from exc
+        except Exception as exc:  # every failure is reported, or the coordinator just waits
+            failed = str(exc) if isinstance(exc, StageUnavailable) else None
+            report = {
+                "rid": rid,
+                "pos": params.get("pos"),
+                "failed": failed,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+            }
+            try:
+                await self.caller.notify(owner, "coordinator.stage_failed", report, timeout=5)
+            except EXPECTED:
+                log.warning("could not report a failed step to %s", owner[:12])
+
+    async def _compute(
+        self, params: dict[str, Any], payload: bytes, sender: str | None = None
+    ) -> tuple[StageSession, Any, Any, dict[str, Any]]:
+        """Validate one step's input and run it on the session's shard."""
+        sid, n = params.get("sid"), params.get("n")
+        st = self.sessions.get(sid) if isinstance(sid, str) else None
+        if st is None:
+            raise ModelError("no such stage session (expired or never opened)")
+        if sender is not None and sender not in (st.prev, st.owner):
+            raise ModelError("steps of this session come from its previous stage only")
+        loaded = self.loaded.get(st.key)
+        if loaded is None:
+            raise ModelError("the session's shard was unloaded")
+        st.last_used = loaded.last_used = time.monotonic()
+        spec = loaded.shard.runtime.shard
+        if type(n) is not int or not 0 < n <= MAX_STEP_ROWS:
+            raise ModelError(f"n must be an integer in 1..{MAX_STEP_ROWS} (rows of one step)")
+        if spec.is_first:
+            if len(payload) != 4 * n:
+                raise ModelError("token payload size does not match n")
+            x: Any = np.frombuffer(payload, dtype="<i4").astype(np.int64)
+        else:
+            d = spec.config.d_model
+            if len(payload) != 4 * n * d:
+                raise ModelError("hidden-state payload size does not match n x d_model")
+            x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
+        pos = params.get("pos")
+        if type(pos) is not int or pos != st.pos + n:
+            # A repeated, skipped or reordered step would corrupt the KV cache.
+            raise ModelError(f"step ends at position {pos!r}; the session is at {st.pos}")
+        if st.audit is not None:
+            self._record(st.audit, st.sid, spec.is_first, params, payload, sender)
+        st.pos = pos  # before the await: a concurrent duplicate is refused too
+        t0 = time.perf_counter()
+        out = await loaded.shard.forward(st.session, x)
+        own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return st, spec, out, own
+
+    def _record(
+        self,
+        audit: AuditLog,
+        sid: str,
+        first: bool,
+        params: dict[str, Any],
+        payload: bytes,
+        sender: str | None,
+    ) -> None:
+        """Keep an audited step's input; from a previous stage only with its valid signature
+        (an honest stage refuses what it could not later prove it received)."""
+        pos, n, sig = params.get("pos"), int(params["n"]), params.get("sig", b"")
+        if type(pos) is not int or not n <= pos < 1 << 40:
+            raise ModelError("an audited step needs its position")
+        if not first:
+            if not isinstance(sig, bytes) or sender is None:
+                raise ModelError("an audited step arrived without its sender's signature")
+            try:
+                verify(self.caller.peer_key(sender), step_message(sid, pos, n, payload), sig)
+            except (IdentityError, RPCError) as exc:
+                msg = f"step signature from {sender[:12]} does not verify: {exc}"
+                raise ModelError(msg) from None
+        audit.add(AuditEntry(pos, n, payload, sig if not first else b""))
+
+    async def rpc_stage_forward(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> Reply:
+        """One step as a chain of calls (each stage awaits the rest): simpler to debug than
+        ``stage_push`` and one more traversal per step."""
+        st, spec, out, own = await self._compute(params, payload, ctx.peer_id)
+        if spec.is_last:
+            return self._finish(st.key[0], out, params, own)
+        if st.next_peer is None or st.next_sid is None:
+            raise ModelError("a middle stage without a next stage")
+        body = np.ascontiguousarray(out, dtype="<f4").tobytes()
+        fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top")}
+        fwd["sid"] = st.next_sid
+        try:
+            reply = await self.caller.call(
+                st.next_peer,
+                "compute.stage_forward",
+                fwd,
+                body,
+                timeout=self.config.forward_timeout,
+            )
+        except RemoteError:
+            raise  # a further stage failed: its code names the culprit
+        except RPCError as exc:
+            raise StageUnavailable(st.next_peer) from exc
+        reply.result["trace"] = [own] + list(reply.result.get("trace", []))
+        return reply
+
+    def _finish(self, mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Reply:
+        logits = np.asarray(out, dtype=np.float32)[-1]
+        try:
+            sp = SamplingParams.from_wire(params.get("sample", {}))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        pos = params.get("pos", 0)
+        token = sample(logits, sp, pos if type(pos) is int else 0)
+        result: dict[str, Any] = {"token": token, "trace": [own]}
+        top = params.get("top", 0)
+        if type(top) is int and 0 < top <= 64:
+            result["top"] = top_logits(logits, top)
+        tok = self.tokenizers.cached(mid)
+        if tok is not None:
+            result["eos"] = token == tok.eos_id
+            return Reply(result, tok.token_bytes(token))
+        return Reply(result)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.config.session_ttl / 2))  # eviction period
+            cutoff = time.monotonic() - self.config.session_ttl
+            for sid, st in list(self.sessions.items()):
+                # Still ours: a stage_close during an await below may have closed it already.
+                if st.last_used < cutoff and self.sessions.get(sid) is st:
+                    log.info("evicting idle session %s", sid[:8])
+                    del self.sessions[sid]
+                    await self._close(st)
