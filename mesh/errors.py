@@ -28,6 +28,8 @@ __all__ = [
     "DeadlineExceeded",
     "TooManyRequests",
     "PeerUnavailable",
+    "NotAMember",
+    "InviteError",
 ]
 
 
@@ -83,6 +85,20 @@ class TooManyRequests(RPCError):
 
 class PeerUnavailable(RPCError):
     """No open link to the requested peer."""
+
+
+class NotAMember(Error):
+    """A peer is not admitted to this mesh. ``reason`` is one short word (``missing``,
+    ``malformed``, ``forged``, ``foreign_mesh``, ``wrong_peer``, ``expired``, ``revoked``,
+    ``no_mesh``): the refusal counters are keyed by it."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"not a member ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+class InviteError(Error):
+    """An invite is malformed, forged, expired or used up, or its redemption failed."""
 
 
 # Every error edgemesh raises on purpose; anything else is a bug.

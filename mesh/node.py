@@ -36,6 +36,11 @@ from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
 from mesh.net.transport import TransportConfig
 from mesh.storage.service import ObjectService, StorageConfig
+from mesh.trust.invite import InviteStore
+from mesh.trust.join import Redeemer
+from mesh.trust.keys import OwnerKey
+from mesh.trust.policy import load_policy
+from mesh.trust.service import TrustService, members_only
 
 __all__ = ["NodeConfig", "Node", "CoreService", "local_addresses"]
 
@@ -118,6 +123,9 @@ class Node:
         self.config = config
         self.identity = Identity.load_or_create(config.data_dir)
         self.me = self.identity.peer_id
+        # Who may connect (mesh/trust): every hint, offer, answer and hello is asked first.
+        self.policy = load_policy(config.data_dir)
+        self.trust = TrustService(self, self.policy)
         # -- storage and jobs (mesh/storage, mesh/jobs): one store, model shards included --
         self.objects = ObjectService(self, config.storage, config.data_dir / "objects")
         self.compute = ComputeService(
@@ -137,8 +145,10 @@ class Node:
             *self.objects.services(),
             self.jobs,
             self.coordinator,
+            self.trust,
         ]
         self.handlers: dict[str, Handler] = handlers_of(*self.services, *(services or []))
+        members_only(self.policy, self.handlers)  # strangers of an open mesh: no jobs, replicas
         self.guard = ReplayGuard()
         self.conns = Connections(
             self.identity,
@@ -148,6 +158,7 @@ class Node:
             config.connections,
             my_endpoints=self._signaling_endpoints,
             my_name=config.name,
+            gate=self.policy,
         )
         self.peers = self.conns.peers
         self._bans_file = Path(config.data_dir) / "banned.json"
@@ -194,10 +205,18 @@ class Node:
 
     async def start(self) -> dict[str, Any]:
         cfg = self.config
+        if self.policy.own_cert is None:
+            log.warning(
+                "this node holds no member certificate of a mesh, so no member admits it: "
+                "run `edgemesh mesh create` (a new mesh) or `edgemesh node --join INVITE`"
+            )
         sig_host = cfg.signaling_host or ("127.0.0.1" if self._loopback_mesh else "0.0.0.0")
-        self.signaling = SignalingServer(self.identity, self.conns.on_offer, self._info, self.guard)
+        self.signaling = SignalingServer(
+            self.identity, self.conns.on_offer, self._info, self.guard, self._owner_routes()
+        )
         await self.signaling.start(sig_host, cfg.signaling_port)
         self.conns.start()
+        self.trust.start()
         self.compute.start()
         # The fast path binds like signaling: loopback for a loopback API, all interfaces else.
         fast_bind = cfg.signaling_host or (
@@ -217,6 +236,7 @@ class Node:
                 interfaces=cfg.mdns_interfaces,
                 on_found=self._on_announcement,
                 on_lost=lambda pid: self.conns.unhint(pid, "mdns"),
+                cert=self.policy.credential_text,
             )
             await self.discovery.start()
         if cfg.mqtt is not None:
@@ -274,6 +294,7 @@ class Node:
             await self.membership.stop()
         if self.dht is not None:
             self.dht.stop()
+        await self.trust.stop()
         await self.conns.stop()  # says bye on every link, waits for their connections to close
         await self.compute.stop()
         await self.objects.stop()
@@ -292,6 +313,8 @@ class Node:
             "addrs": self._signaling_endpoints(),
             "mesh": self.config.mesh,
         }
+        if self.policy.credential_text:  # text: the DHT's peer record is served as JSON
+            info["cert"] = self.policy.credential_text
         if self.hw_summary is not None:
             info["hw"] = self.hw_summary
         return info
@@ -335,7 +358,7 @@ class Node:
     # -- discovery sources -----------------------------------------------------------------
     def _on_announcement(self, ann: Announcement) -> None:
         addrs = [format_endpoint(a, ann.port) for a in ann.addresses]
-        self.conns.hint(ann.peer_id, "mdns", addrs, ann.name)
+        self.conns.hint(ann.peer_id, "mdns", addrs, ann.name, cert=ann.cert)
 
     def _on_presence(self, peer_id: str, body: dict[str, Any]) -> None:
         addrs = body.get("addrs")
@@ -346,6 +369,7 @@ class Node:
             addrs if isinstance(addrs, list) else [],
             name if isinstance(name, str) else None,
             via_mqtt=True,
+            cert=body.get("cert"),
         )
 
     def _on_dht_member(self, rec: Record) -> None:
@@ -356,6 +380,7 @@ class Node:
             record_addresses(rec),
             name if isinstance(name, str) else None,
             expires=rec.expires,
+            cert=rec.body.get("cert"),
         )
 
     # -- trust ---------------------------------------------------------------------------
@@ -473,11 +498,23 @@ class Node:
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
                 "dht_refused": self.dht.store.refused if self.dht else 0,
+                **self.policy.counters(),
+                **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
             },
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},
         }
+
+    def _owner_routes(self) -> list[Any]:
+        """The mesh owner's node redeems invites on its signaling port."""
+        owner = OwnerKey.load(self.config.data_dir)
+        if owner is None or self.policy.anchor is None:
+            return []
+        if self.policy.anchor.owner_key != owner.public_key:
+            log.warning("mesh.key does not own this node's mesh: not redeeming invites")
+            return []
+        return Redeemer(owner, self.policy.anchor, InviteStore(self.config.data_dir)).routes()
 
     async def run_until_stopped(self) -> None:
         await self._stopped.wait()

@@ -18,12 +18,15 @@ pytestmark = pytest.mark.network
 
 
 class SignalingRelay:
-    """A man in the middle on the signaling path to ``target`` (host:port)."""
+    """A man in the middle on the signaling path to ``target`` (host:port). It is a member
+    of the mesh (an insider: ``data_dir`` holds its identity and certificate), so membership
+    does not stop it; the handshake's binding of the DTLS fingerprints must."""
 
-    def __init__(self, target: str, mode: str) -> None:
+    def __init__(self, target: str, mode: str, data_dir) -> None:
         self.target = target
         self.mode = mode
-        self.me = Identity.generate()  # the relay's own, valid identity
+        self.me = Identity.load_or_create(data_dir)  # the relay's own, valid identity
+        self.cert = (data_dir / "member.cert").read_text().strip()
         self.offers = 0
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
@@ -46,7 +49,8 @@ class SignalingRelay:
 
     async def info(self, request):
         if self.mode == "splice":  # introduce itself under its own (valid) identity
-            return web.Response(body=seal(self.me, "info", request.query["to"], {"name": "m"}))
+            body = {"name": "m", "cert": self.cert}
+            return web.Response(body=seal(self.me, "info", request.query["to"], body))
         async with self.session.get(
             f"http://{self.target}/edgemesh/info", params=request.query
         ) as resp:
@@ -64,14 +68,14 @@ class SignalingRelay:
         elif self.mode == "splice":
             # re-sign A's offer (SDP untouched) as the relay, towards B; then re-sign B's
             # answer as the relay towards A: A and B meet directly, each expecting the relay
-            raw = seal(self.me, "offer", target_id, fields[7])
+            raw = seal(self.me, "offer", target_id, dict(fields[7], cert=self.cert))
         async with self.session.post(f"http://{self.target}/edgemesh/offer", data=raw) as resp:
             body = await resp.read()
             if resp.status != 200:
                 return web.Response(body=body, status=resp.status)
         if self.mode == "splice":
             answer = parse_envelope(body)
-            body = seal(self.me, "answer", fields[2], answer.body)
+            body = seal(self.me, "answer", fields[2], dict(answer.body, cert=self.cert))
         return web.Response(body=body)
 
     async def _target_id(self):
@@ -93,7 +97,8 @@ def _swap_fp(sdp: str) -> str:
 @pytest.mark.parametrize("mode", ["swap-fingerprint", "splice"])
 async def test_signaling_mitm_is_refused(local_mesh, mode):
     b = await local_mesh.start_node("b", ["--no-mdns", "--signaling", "127.0.0.1:0"])
-    relay = SignalingRelay(b.signaling, mode)
+    local_mesh.provision(local_mesh.base_dir / "relay")
+    relay = SignalingRelay(b.signaling, mode, local_mesh.base_dir / "relay")
     await relay.start()
     try:
         a = await local_mesh.start_node("a", ["--no-mdns", "--peer", relay.address])

@@ -17,6 +17,7 @@ from mesh.net.transport import (
     complete_offer,
     open_offer,
 )
+from mesh.trust.policy import load_policy
 
 pytestmark = pytest.mark.network
 
@@ -27,7 +28,10 @@ async def counters(mesh, node):
 
 async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mesh, broker):
     b = await local_mesh.start_node("b", ["--no-mdns", "--mqtt", broker.url, "--mesh", "m"])
-    v, x = Identity.generate(), Identity.generate()
+    # v is a member (its offers and hello carry its certificate); x is any key.
+    local_mesh.provision(local_mesh.base_dir / "v")
+    v, x = Identity.load_or_create(local_mesh.base_dir / "v"), Identity.generate()
+    v_policy = load_policy(local_mesh.base_dir / "v")
     cfg = TransportConfig(
         connect_timeout=10, handshake_timeout=5, candidate_addresses=("127.0.0.1",)
     )
@@ -35,9 +39,10 @@ async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mes
     inbox_b = f"edgemesh/v1/m/inbox/{b.peer_id}"
 
     async def make_offer():
-        pending, sdp = await open_offer(v, cfg, b.peer_id)
+        pending, sdp = await open_offer(v, cfg, b.peer_id, v_policy)
         oid = b"o" * 8 + bytes(8)
-        return pending, seal(v, "offer", b.peer_id, {"sdp": sdp, "oid": oid, "addrs": []})
+        body = {"sdp": sdp, "oid": oid, "addrs": [], "cert": v_policy.credential}
+        return pending, seal(v, "offer", b.peer_id, body)
 
     async with aiomqtt.Client(host, int(port)) as client:
         await client.subscribe(f"edgemesh/v1/m/inbox/{v.peer_id}", qos=1)

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from mesh.cli.bench import add_bench_command
     from mesh.cli.generate import add_generate_command
+    from mesh.cli.mesh import add_mesh_commands
     from mesh.cli.model import add_model_commands
     from mesh.cli.storage import add_storage_commands
 
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_command(sub)
     add_storage_commands(sub)  # put, get, job
     _add_demo_command(sub)
+    add_mesh_commands(sub)  # mesh create|invite|revoke|show, node --join
     return p
 
 
@@ -259,7 +261,12 @@ def _setup_process(args: argparse.Namespace) -> None:
 def _dispatch(
     args: argparse.Namespace, configure: Callable[[NodeConfig], NodeConfig] | None
 ) -> int:
-    if args.command == "node":
+    if args.command in ("node", "mesh"):
+        from mesh.cli.mesh import join_before_start, run_mesh_command
+
+        if args.command == "mesh":
+            return run_mesh_command(args)
+        join_before_start(args)  # node --join INVITE
         return asyncio.run(_run_node(args, configure))
     if args.command == "peers":
         return _peers(args)

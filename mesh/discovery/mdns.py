@@ -5,6 +5,10 @@ name, an announcement time and a signature over them, so a spoofer can neither c
 peer's id (the id is the hash of the key) nor redirect a real peer's announcement to its own
 address; a replayed older announcement loses to the newer one the node already saw. Still, an
 announcement is only a hint: a peer counts once the transport handshake proves its key.
+
+The ``c`` TXT value is the node's mesh member certificate (base64url, ~160 characters: a TXT
+value holds 255). It is outside the announcer's signature because it needs none: the mesh
+owner signed it for this peer id, and the receiver's policy checks exactly that.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Announcement:
     name: str
     mesh: str
     seq: int
+    cert: str | None = None  # member certificate text, checked by the receiver's policy
 
 
 def _b64(data: bytes) -> str:
@@ -82,13 +87,14 @@ def make_properties(
     name: str,
     mesh: str = "default",
     seq: int | None = None,
+    cert: str | None = None,
 ) -> dict[str, str]:
     seq = int(time.time() * 1000) if seq is None else seq
     name = name[:63]
     sig = ANNOUNCEMENT.sign(
         identity, [identity.peer_id, identity.public_key, port, addresses, name, mesh, seq]
     )
-    return {
+    props = {
         "id": identity.peer_id,
         "pk": _b64(identity.public_key),
         "sp": str(port),
@@ -98,6 +104,9 @@ def make_properties(
         "t": str(seq),
         "sig": _b64(sig),
     }
+    if cert:
+        props["c"] = cert
+    return props
 
 
 def parse_announcement(properties: dict[bytes, bytes | None], instance: str) -> Announcement:
@@ -132,7 +141,8 @@ def parse_announcement(properties: dict[bytes, bytes | None], instance: str) -> 
             raise DiscoveryError(f"announcement {instance!r}: {exc}") from None
     if not instance.startswith(pid + "."):
         raise DiscoveryError(f"instance {instance!r} does not carry its peer id {pid[:12]}")
-    return Announcement(pid, f["pk"], port, tuple(addrs), f["n"], f["m"], f["t"])
+    cert = props.get("c") or None
+    return Announcement(pid, f["pk"], port, tuple(addrs), f["n"], f["m"], f["t"], cert)
 
 
 class MdnsDiscovery:
@@ -156,6 +166,7 @@ class MdnsDiscovery:
         on_found: Callable[[Announcement], None],
         on_lost: Callable[[str], None],
         mesh: str = "default",
+        cert: str | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("mDNS needs at least one address to announce")
@@ -164,6 +175,7 @@ class MdnsDiscovery:
         self.addresses = addresses[:MAX_ADDRESSES]
         self.name = name
         self.mesh = mesh
+        self.cert = cert
         self.interfaces = interfaces
         self.on_found = on_found
         self.on_lost = on_lost
@@ -180,7 +192,9 @@ class MdnsDiscovery:
             self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
         else:
             self._zc = AsyncZeroconf()
-        props = make_properties(self.identity, self.port, self.addresses, self.name, self.mesh)
+        props = make_properties(
+            self.identity, self.port, self.addresses, self.name, self.mesh, cert=self.cert
+        )
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             f"{self.identity.peer_id}.{SERVICE_TYPE}",

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,13 @@ import aiohttp
 
 from mesh.api.auth import TOKEN_FILE
 from mesh.errors import Error
+from mesh.trust.keys import Anchor
+from mesh.trust.provision import create_mesh, provision_member
 
 __all__ = ["NodeProcess", "LocalMesh", "LocalBroker", "wait_for"]
+
+
+_PROVISION_LOCK = threading.Lock()
 
 
 class LocalMeshError(Error):
@@ -152,10 +158,14 @@ class LocalMesh:
         ready_timeout: float = 30.0,
         module: str | None = None,
         wrap: list[str] | None = None,
+        member: bool = True,
     ) -> NodeProcess:
         """``module``: what ``python -m`` runs (tests start misbehaving nodes this way);
-        ``wrap`` prefixes the command (e.g. ``nsenter -t PID -n``: a node in a namespace)."""
+        ``wrap`` prefixes the command (e.g. ``nsenter -t PID -n``: a node in a namespace);
+        ``member``: issue the node a certificate of this mesh first (no invite round trip)."""
         data_dir = self.base_dir / name
+        if member:
+            await asyncio.to_thread(self.provision, data_dir)
         cmd = [
             sys.executable,
             "-m",
@@ -191,6 +201,18 @@ class LocalMesh:
                 f"node {name} did not become ready: {' | '.join(node.stderr_tail[-5:])}"
             ) from None
         return node
+
+    @property
+    def owner_dir(self) -> Path:
+        """Where this local mesh's owner key lives (created with the first member)."""
+        return self.base_dir / ".mesh-owner"
+
+    def provision(self, data_dir: Path) -> None:
+        """Make the node of ``data_dir`` a member of this local mesh, offline."""
+        with _PROVISION_LOCK:  # nodes started side by side must not both create the mesh
+            if Anchor.load(self.owner_dir) is None:
+                create_mesh(self.owner_dir)
+        provision_member(self.owner_dir, data_dir)
 
     async def _drain_stderr(self, node: NodeProcess) -> None:
         stream = node.proc.stderr

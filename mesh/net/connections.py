@@ -6,6 +6,10 @@ two links complete anyway, both sides keep the one the lower id offered). For di
 the higher id waits ``dial_grace`` before dialing, so two LAN peers rarely collide. A dropped
 link is redialled with exponential backoff while some source still names the peer.
 
+Membership comes first: with a :class:`~mesh.net.handshake.Gate` (the node's policy), a hint,
+a static peer's info, an inbound offer, an answer and the handshake's hello must each carry a
+certificate that admits the peer, checked before any peer connection is created for it.
+
 Everything here is bounded: concurrent dials, handshakes in progress, unproven peers in the
 table; an announcement flood can neither exhaust sockets nor crowd out real peers.
 """
@@ -23,7 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from mesh.errors import EXPECTED, HandshakeError, PeerUnavailable, SignalingError
+from mesh.errors import EXPECTED, HandshakeError, NotAMember, PeerUnavailable, SignalingError
+from mesh.net.handshake import Gate
 from mesh.net.identity import Identity
 from mesh.net.peers import PeerEntry, PeerTable
 from mesh.net.rpc import Handler, Link
@@ -85,8 +90,10 @@ class Connections:
         *,
         my_endpoints: Callable[[], list[str]],
         my_name: str,
+        gate: Gate | None = None,
     ) -> None:
         self.identity = identity
+        self.gate = gate
         self.transport = transport
         self.handlers = handlers
         self.guard = guard
@@ -101,6 +108,7 @@ class Connections:
             "inbound_refused": 0,
             "banned_refused": 0,
         }
+        self.not_member: dict[str, int] = {}  # refusals by where they came from
         self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -147,6 +155,23 @@ class Connections:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def admit(self, peer_id: str, cert: Any, source: str) -> None:
+        """The first check on anything naming ``peer_id``: NotAMember unless its certificate
+        admits it (counted by source; the policy counts by reason)."""
+        if self.gate is None:
+            return
+        try:
+            self.gate.admit(peer_id, cert)
+        except NotAMember:
+            self.not_member[source] = self.not_member.get(source, 0) + 1
+            raise
+
+    def _body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with our certificate, for offers and answers."""
+        if self.gate is not None and self.gate.credential:
+            body["cert"] = self.gate.credential
+        return body
+
     def _ensure(self, peer_id: str, source: str) -> PeerEntry | None:
         if self.peers.get(peer_id) is None:
             unproven = sum(1 for e in self.peers if not e.proven)
@@ -167,12 +192,19 @@ class Connections:
         *,
         via_mqtt: bool = False,
         expires: float | None = None,
+        cert: Any = None,
     ) -> None:
-        """A discovery source names ``peer_id``: remember how to reach it, dial if needed."""
+        """A discovery source names ``peer_id``: remember how to reach it, dial if needed.
+        ``cert`` is the member certificate its record carried."""
         if peer_id == self.me:
             return
         if peer_id in self.banned:  # its mDNS, broker and DHT records are ignored
             self.counters["banned_refused"] += 1
+            return
+        try:
+            self.admit(peer_id, cert, source)
+        except NotAMember as exc:
+            log.debug("ignoring %s from %s: %s", peer_id[:12], source, exc)
             return
         entry = self._ensure(peer_id, source)
         if entry is None:
@@ -225,9 +257,16 @@ class Connections:
                 await asyncio.sleep(delay)  # backoff between attempts
                 delay = min(delay * 2, self.params.backoff_max)
                 continue
-            delay = self.params.backoff_base
             if env.sender == self.me:
                 return
+            try:
+                self.admit(env.sender, env.body.get("cert"), "static")
+            except NotAMember as exc:
+                log.warning("static peer %s (%s): %s", address, env.sender[:12], exc)
+                await asyncio.sleep(delay)  # it may be made a member: ask again, backing off
+                delay = min(delay * 2, self.params.backoff_max)
+                continue
+            delay = self.params.backoff_base
             old = self._static.get(address)
             if old is not None and old != env.sender and (e := self.peers.get(old)) is not None:
                 e.static = False  # the address now belongs to another key
@@ -287,18 +326,21 @@ class Connections:
         pending: PendingConnection | None = None
         try:
             async with self._dial_slots:
-                pending, offer_sdp = await open_offer(self.identity, self.transport, pid)
+                pending, offer_sdp = await open_offer(self.identity, self.transport, pid, self.gate)
                 oid = os.urandom(16)
-                body = {
-                    "sdp": offer_sdp,
-                    "oid": oid,
-                    "name": self.my_name,
-                    "addrs": self.my_endpoints(),
-                }
+                body = self._body(
+                    {
+                        "sdp": offer_sdp,
+                        "oid": oid,
+                        "name": self.my_name,
+                        "addrs": self.my_endpoints(),
+                    }
+                )
                 raw = await self._exchange(entry, seal(self.identity, "offer", pid, body), oid)
                 answer = open_envelope(raw, me=self.me, kind="answer", guard=self.guard)
                 if answer.sender != pid or answer.body.get("re") != oid:
                     raise SignalingError("answer is not from the dialed peer or not for our offer")
+                self.admit(pid, answer.body.get("cert"), "answer")
                 sdp = answer.body.get("sdp")
                 if not isinstance(sdp, str):
                     raise SignalingError("answer carries no SDP")
@@ -348,6 +390,10 @@ class Connections:
         if pid in self.banned:
             self.counters["banned_refused"] += 1
             raise SignalingError("banned")
+        try:  # before any WebRTC work: a stranger costs one signature check
+            self.admit(pid, env.body.get("cert"), "offer")
+        except NotAMember as exc:
+            raise SignalingError(str(exc)) from None
         sdp, oid = env.body.get("sdp"), env.body.get("oid")
         if not isinstance(sdp, str) or not isinstance(oid, bytes) or len(oid) > 32:
             raise SignalingError("offer carries no SDP or offer id")
@@ -372,13 +418,15 @@ class Connections:
         # The slot is taken before the first await: concurrent offers cannot overrun the cap.
         self._pending_inbound[pid] = None
         try:
-            pending, answer_sdp = await accept_offer(self.identity, self.transport, sdp, pid)
+            pending, answer_sdp = await accept_offer(
+                self.identity, self.transport, sdp, pid, self.gate
+            )
         except EXPECTED as exc:
             del self._pending_inbound[pid]
             raise SignalingError(str(exc)) from None
         self._pending_inbound[pid] = pending
         self._spawn(self._finish_inbound(pid, pending))
-        return seal(self.identity, "answer", pid, {"sdp": answer_sdp, "re": oid})
+        return seal(self.identity, "answer", pid, self._body({"sdp": answer_sdp, "re": oid}))
 
     async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
         try:

@@ -8,8 +8,10 @@ DTLS with its own certificates, so the fingerprints each side sees differ and no
 verifies; a relayed or reflected signature fails because the role is signed too.
 
 Messages (msgpack headers, see :mod:`mesh.net.wire`):
-``{"t": "hello", "v": 1, "id": str, "pk": bytes, "nonce": bytes}`` then
-``{"t": "proof", "sig": bytes}``.
+``{"t": "hello", "v": 1, "id": str, "pk": bytes, "nonce": bytes, "cert": bytes}`` then
+``{"t": "proof", "sig": bytes}``. ``cert`` is the sender's mesh member certificate; a
+:class:`Gate` (the node's membership policy) refuses a hello whose certificate does not admit
+its peer id, before any proof is signed.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from mesh.errors import HandshakeError
+from mesh.errors import HandshakeError, NotAMember
 from mesh.net.identity import Identity
 from mesh.net.signed import Field, check_binding, check_fields, signed_bytes, verify_signature
 
 __all__ = [
+    "Gate",
     "Hello",
     "HandshakeState",
     "parse_hello",
@@ -45,6 +48,19 @@ def fingerprint_from_sdp(sdp: str) -> str:
             f"SDP must declare exactly one sha-256 fingerprint, found {len(found)}"
         )
     return str(found.pop())
+
+
+class Gate(Protocol):
+    """Who may connect: the node's membership policy (mesh.trust), seen from the network room.
+
+    ``admit`` raises :class:`~mesh.errors.NotAMember` unless ``cert`` (bytes, text or None,
+    straight off the wire) admits ``peer_id``; ``credential`` is our own certificate, which
+    we attach to what we send (None: we have none)."""
+
+    @property
+    def credential(self) -> bytes | None: ...
+
+    def admit(self, peer_id: str, cert: Any) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class HandshakeState:
         remote_fp: str,
         expected_peer: str | None = None,
         nonce: bytes | None = None,
+        gate: Gate | None = None,
     ) -> None:
         if local_fp == remote_fp:
             raise HandshakeError("local and remote DTLS fingerprints are equal")
@@ -103,15 +120,19 @@ class HandshakeState:
         if len(self.nonce) != NONCE_LEN:
             raise ValueError("nonce must be 32 bytes")
         self.remote: Hello | None = None
+        self.gate = gate
 
     def hello(self) -> dict[str, Any]:
-        return {
+        msg: dict[str, Any] = {
             "t": "hello",
             "v": 1,
             "id": self.identity.peer_id,
             "pk": self.identity.public_key,
             "nonce": self.nonce,
         }
+        if self.gate is not None and self.gate.credential:
+            msg["cert"] = self.gate.credential
+        return msg
 
     def _transcript(self, remote: Hello, signer_is_offerer: bool) -> bytes:
         mine = (self.local_fp, self.nonce, self.identity.public_key)
@@ -131,6 +152,11 @@ class HandshakeState:
             )
         if remote.nonce == self.nonce:
             raise HandshakeError("peer echoed our nonce")
+        if self.gate is not None:
+            try:
+                self.gate.admit(remote.peer_id, header.get("cert"))
+            except NotAMember as exc:
+                raise HandshakeError(f"peer {remote.peer_id[:12]}: {exc}") from None
         self.remote = remote
         sig = self.identity.sign(self._transcript(remote, signer_is_offerer=self.offerer))
         return {"t": "proof", "sig": sig}

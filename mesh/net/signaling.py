@@ -195,11 +195,14 @@ class SignalingServer:
         on_offer: OfferHandler,
         info: Callable[[], dict[str, Any]],
         guard: ReplayGuard | None = None,
+        routes: list[web.RouteDef] | None = None,
     ) -> None:
         self.identity = identity
         self.on_offer = on_offer
         self.info = info
         self.guard = guard or ReplayGuard()
+        # More endpoints on the same port, e.g. the mesh owner's POST /edgemesh/join.
+        self.routes = list(routes or [])
         self.rejected = 0
         self._runner: web.AppRunner | None = None
         self.host = ""
@@ -209,6 +212,7 @@ class SignalingServer:
         app = web.Application(client_max_size=MAX_ENVELOPE)
         app.router.add_post("/edgemesh/offer", self._offer)
         app.router.add_get("/edgemesh/info", self._info)
+        app.add_routes(self.routes)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
         )

@@ -23,7 +23,7 @@ from aiortc import (
 )
 
 from mesh.errors import EXPECTED, HandshakeError, TransportError, WireError
-from mesh.net.handshake import HandshakeState, fingerprint_from_sdp
+from mesh.net.handshake import Gate, HandshakeState, fingerprint_from_sdp
 from mesh.net.identity import Identity
 from mesh.net.rpc import Handler, Link, LinkParams
 from mesh.net.wire import Encoder, Limits, Reassembler
@@ -97,8 +97,10 @@ class PendingConnection:
         *,
         offerer: bool,
         expected_peer: str | None,
+        gate: Gate | None = None,
     ) -> None:
         self.pc = pc
+        self.gate = gate
         self.identity = identity
         self.config = config
         self.offerer = offerer
@@ -225,6 +227,7 @@ class PendingConnection:
             local_fp=fingerprint_from_sdp(local_sdp),
             remote_fp=fingerprint_from_sdp(remote_sdp),
             expected_peer=self.expected_peer,
+            gate=self.gate,
         )
         encoder = Encoder(HANDSHAKE_LIMITS)
         reassembler = Reassembler(HANDSHAKE_LIMITS)
@@ -327,11 +330,16 @@ def peer_connection(config: TransportConfig) -> RTCPeerConnection:
 
 
 async def open_offer(
-    identity: Identity, config: TransportConfig, expected_peer: str | None
+    identity: Identity,
+    config: TransportConfig,
+    expected_peer: str | None,
+    gate: Gate | None = None,
 ) -> tuple[PendingConnection, str]:
     """Create the offering side; returns it and the offer SDP (candidates included)."""
     pc = peer_connection(config)
-    pending = PendingConnection(pc, identity, config, offerer=True, expected_peer=expected_peer)
+    pending = PendingConnection(
+        pc, identity, config, offerer=True, expected_peer=expected_peer, gate=gate
+    )
     channel = pc.createDataChannel(CHANNEL_LABEL, ordered=True)
     pending.attach_channel(channel)
     await pc.setLocalDescription(await pc.createOffer())
@@ -349,12 +357,18 @@ async def complete_offer(pending: PendingConnection, answer_sdp: str) -> None:
 
 
 async def accept_offer(
-    identity: Identity, config: TransportConfig, offer_sdp: str, expected_peer: str
+    identity: Identity,
+    config: TransportConfig,
+    offer_sdp: str,
+    expected_peer: str,
+    gate: Gate | None = None,
 ) -> tuple[PendingConnection, str]:
     """Create the answering side for ``offer_sdp``; returns it and the answer SDP."""
     check_sdp(offer_sdp)
     pc = peer_connection(config)
-    pending = PendingConnection(pc, identity, config, offerer=False, expected_peer=expected_peer)
+    pending = PendingConnection(
+        pc, identity, config, offerer=False, expected_peer=expected_peer, gate=gate
+    )
     pc.on("datachannel", pending.attach_channel)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
