@@ -214,18 +214,23 @@ async def test_shard_holder_killed_mid_pull(tmp_path: Path) -> None:
         for h in holders:
             await mesh.post(h, "/v1/models", {"path": str(model), "name": "wide"})
         body = {"model": "wide", "tokens": PROMPT, "max_tokens": 12, "temperature": 0}
-        victim = holders[1]
         t0 = time.monotonic()
-        run = asyncio.ensure_future(generate(mesh, holders[0], body))
+        # The puller coordinates, so either holder may die. The fetch takes its nearest
+        # holders first (a holder whose measured cost is far above the other's may serve
+        # nothing), so the victim is whichever holder is serving mid-transfer.
+        run = asyncio.ensure_future(generate(mesh, puller, body))
 
         async def mid_transfer() -> Any:
             for t in await mesh.get(puller, "/v1/transfers"):
-                if t["sources"].get(victim.peer_id, 0) > 0 and t["done"] < t["size"]:
-                    return t
+                serving = [h for h in holders if t["sources"].get(h.peer_id, 0) > 0]
+                if serving and t["done"] < t["size"]:
+                    return t, serving[-1]
             return None
 
         try:
-            seen = await wait_for(mid_transfer, 30, "the puller to receive from h1", 0.05)
+            seen, victim = await wait_for(
+                mid_transfer, 30, "the puller to receive from a holder", 0.05
+            )
         except BaseException:
             run.cancel()
             raise
