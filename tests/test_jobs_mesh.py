@@ -152,14 +152,21 @@ async def test_a_job_model_cannot_read_the_workers_files(
     key_path = victim.data_dir / "identity.key"
     key = key_path.read_bytes()
     model_path = tmp_path / "exfil.onnx"
-    exfiltrator(model_path, os.path.relpath(key_path, tmp_path), len(key))
+    exfiltrator(model_path, str(key_path.relative_to(tmp_path)), len(key))
     dataset = tmp_path / "one.jsonl"
     dataset.write_text(json.dumps({"x": [0.0] * D}) + "\n")
     data_id = (await cli("put", str(dataset), node=attacker))["id"]
     model_id = (await cli("put", str(model_path), node=attacker))["id"]
 
-    report = await cli("job", "run", "--model", model_id, "--input", data_id, node=attacker)
-    out = tmp_path / "stolen.jsonl"
-    await cli("get", report["id"], "-o", str(out), node=attacker)
-    stolen = bytes(int(v) for v in json.loads(out.read_text().splitlines()[0])["y"])
-    assert stolen == key  # the attack works: the worker's signing key came back
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "mesh", "job", "run", "--model", model_id, "--input", data_id],
+        *["--api", attacker.api, "--json"],
+        env=dict(os.environ, EDGEMESH_API_TOKEN=attacker.token),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    # Before: the job succeeded and its results were the 32 bytes of the victim's signing key.
+    assert proc.returncode != 0, out.decode()
+    assert "external data" in err.decode(), err.decode()[-2000:]
+    await victim.wait_logged("external data")
