@@ -118,3 +118,23 @@ async def test_the_sandbox_runs_a_good_model_and_limits_memory_and_time(tmp_path
     # an output larger than the cap is not read back
     with pytest.raises(JobError, match="over"):
         await run_model([data], len(data), x, Limits(max_output=16))
+
+
+def repeated_manifest(times: int = 13_500) -> bytes:
+    """A 1 MiB manifest that names one 2 MiB chunk ``times`` times: 27 GiB from one chunk."""
+    import json
+
+    from mesh.storage.manifest import CHUNK_MAX, sha256
+
+    chunk = [sha256(b"one chunk"), CHUNK_MAX]
+    doc = {"v": 1, "size": CHUNK_MAX * times, "chunks": [chunk] * times, "format": "raw"}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def test_a_manifest_from_the_network_may_not_repeat_a_chunk() -> None:
+    from mesh.storage.manifest import MAX_MANIFEST, parse_manifest, sha256
+
+    raw = repeated_manifest()
+    assert len(raw) <= MAX_MANIFEST
+    m = parse_manifest(raw, sha256(raw))
+    assert m.size == 13_500 * (2 << 20)  # the attack works: 27 GiB named by one chunk
