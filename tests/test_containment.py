@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mesh.errors import Error
 from mesh.jobs.sandbox import JobError, Limits, ModelRefused, check_model, run_model
+from mesh.storage.manifest import StoreError
 from tests.test_jobs_mesh import D, classifier, exfiltrator
 
 onnx = importlib.import_module("onnx")
@@ -136,5 +138,31 @@ def test_a_manifest_from_the_network_may_not_repeat_a_chunk() -> None:
 
     raw = repeated_manifest()
     assert len(raw) <= MAX_MANIFEST
-    m = parse_manifest(raw, sha256(raw))
-    assert m.size == 13_500 * (2 << 20)  # the attack works: 27 GiB named by one chunk
+    # Before: accepted, a 27 GiB object named by one chunk.
+    with pytest.raises(StoreError, match="more than once"):
+        parse_manifest(raw, sha256(raw))
+    # The store's own objects may repeat a chunk (a file with two equal 2 MiB runs).
+    assert parse_manifest(raw, repeats=True).size == 13_500 * (2 << 20)
+
+
+async def test_get_manifest_refuses_a_peers_repeated_chunks(tmp_path: Path) -> None:
+    """The network path: a holder answering obj_manifest with the repeated manifest."""
+    from mesh.net.rpc import Reply
+    from mesh.storage.manifest import sha256
+    from mesh.storage.service import ObjectService, StorageConfig
+
+    raw = repeated_manifest(3)
+
+    class Holder:  # the one method get_manifest calls on the node: a peer's reply
+        me = "me"
+
+        def link(self, peer: str) -> None:
+            raise Error("no link measured")  # the cost estimate falls back to defaults
+
+        async def call(self, peer: str, method: str, params: dict, timeout: float) -> Reply:  # type: ignore[type-arg]
+            return Reply({"n": len(raw)}, raw)
+
+    objects = ObjectService(Holder(), StorageConfig(), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="no holder gave"):
+        await objects.get_manifest(sha256(raw), ["peer"])
+    assert objects.store.manifest(sha256(raw)) is None

@@ -46,6 +46,7 @@ __all__ = ["JobService", "JobError", "ModelRefused", "format_results", "POLICIES
 log = logging.getLogger(__name__)
 POLICIES = ("ours", "random")
 MAX_RESULT = 8 << 20
+MAX_JOB_RESULT = 256 << 20  # all of a job's results, joined here into one object
 PER_PEER = 2  # tasks in flight per peer
 MAX_TRIES = 3
 MAX_CHECKED = 256  # model ids remembered as checked (then forgotten, and checked again)
@@ -358,6 +359,7 @@ class JobService:
                 run.planned_cross_zone_bytes += chunks[i][1]
         slots: dict[str, asyncio.Semaphore] = {}
         outputs: list[bytes] = [b""] * len(chunks)
+        total = [0]  # result bytes received so far
         model_seen: set[str] = set()
 
         async def one(i: int) -> None:
@@ -396,6 +398,9 @@ class JobService:
                     log.info("task %d: retrying on %s (%s)", i, peer[:12], exc)
             self._account_task(run, peer, reply, first_task=peer not in model_seen)
             model_seen.add(peer)
+            total[0] += len(reply.payload)
+            if total[0] > MAX_JOB_RESULT:  # before the results are joined in memory
+                raise JobError(f"the job's results are over {MAX_JOB_RESULT} bytes")
             outputs[i] = reply.payload
 
         await asyncio.gather(*(one(i) for i in range(len(chunks))))
