@@ -110,3 +110,63 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
 
     acc = await mesh.get(a[0], "/v1/accounting")
     assert acc["by_kind"].get("job-result", 0) > 0
+
+
+def exfiltrator(path: Path, location: str, n: int = 32) -> None:
+    """A hostile job model: its initializer ``W`` is ``n`` bytes of *external data* at
+    ``location`` (relative: onnxruntime reads it from the worker's working directory); every
+    output row is those bytes, as floats."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = TensorProto(name="W", data_type=TensorProto.UINT8, dims=[n])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(n))):
+        w.external_data.add(key=key, value=value)
+    z = numpy_helper.from_array(np.zeros((D, n), np.float32), "Z")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["W"], ["wf"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "Z"], ["m"]),
+            helper.make_node("Add", ["m", "wf"], ["y"]),
+        ],
+        "exfil",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+        initializer=[w, z],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
+async def test_a_job_model_cannot_read_the_workers_files(
+    local_mesh: LocalMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A peer submits a job whose model names the worker's identity key as external data
+    (relative to the worker's working directory, as ``.local/share/edgemesh/identity.key`` is
+    from a home directory) and reads the results."""
+    monkeypatch.chdir(tmp_path)  # the node processes start here: their working directory
+    attacker = await local_mesh.start_node("attacker", ["--no-jobs"])
+    victim = await local_mesh.start_node("victim")
+    await local_mesh.wait_connected(timeout=40)
+    key_path = victim.data_dir / "identity.key"
+    key = key_path.read_bytes()
+    model_path = tmp_path / "exfil.onnx"
+    exfiltrator(model_path, str(key_path.relative_to(tmp_path)), len(key))
+    dataset = tmp_path / "one.jsonl"
+    dataset.write_text(json.dumps({"x": [0.0] * D}) + "\n")
+    data_id = (await cli("put", str(dataset), node=attacker))["id"]
+    model_id = (await cli("put", str(model_path), node=attacker))["id"]
+
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "mesh", "job", "run", "--model", model_id, "--input", data_id],
+        *["--api", attacker.api, "--json"],
+        env=dict(os.environ, EDGEMESH_API_TOKEN=attacker.token),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    # Before: the job succeeded and its results were the 32 bytes of the victim's signing key.
+    assert proc.returncode != 0, out.decode()
+    assert "external data" in err.decode(), err.decode()[-2000:]
+    await victim.wait_logged("external data")

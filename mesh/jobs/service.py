@@ -3,7 +3,8 @@
 A dataset is a ``jsonl`` object (see :mod:`mesh.storage.store`: chunks end at record boundaries),
 one record per line: ``{"x": [float, ...]}``. A model is an object too: an ONNX graph with one
 float input of shape ``(batch, d)``; a task runs it on every record of its chunk with
-onnxruntime and yields ``{"y": [...], "label": argmax}`` per record.
+onnxruntime and yields ``{"y": [...], "label": argmax}`` per record. A peer's model is checked
+and runs only in a sandboxed child process (:mod:`mesh.jobs.sandbox`).
 
 The coordinator (the node whose API got the job) asks its peers which chunks they hold
 (``chunk_has``) and which can compute (``net_info``), then places the tasks with
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mesh.errors import Error, RPCError
+from mesh.errors import RPCError
+from mesh.jobs.sandbox import JobError, Limits, ModelRefused, check_model, run_model
 from mesh.net.rpc import CallContext, Reply
 from mesh.storage.fetch import FetchState, fetch_chunks
 from mesh.storage.store import CHUNK_MAX, StoreError, is_id
@@ -39,21 +41,20 @@ if TYPE_CHECKING:
     from mesh.net.context import PeerContext
     from mesh.storage.service import ObjectService
 
-__all__ = ["JobService", "JobError", "run_records", "POLICIES"]
+__all__ = ["JobService", "JobError", "ModelRefused", "format_results", "POLICIES"]
 
 log = logging.getLogger(__name__)
 POLICIES = ("ours", "random")
 MAX_RESULT = 8 << 20
+MAX_JOB_RESULT = 256 << 20  # all of a job's results, joined here into one object
 PER_PEER = 2  # tasks in flight per peer
 MAX_TRIES = 3
-
-
-class JobError(Error):
-    """A job is malformed or some task could not run anywhere."""
+MAX_CHECKED = 256  # model ids remembered as checked (then forgotten, and checked again)
 
 
 def onnx_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    # onnx checks a peer's graph before onnxruntime (in the sandbox) may run it
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
 def parse_records(data: bytes) -> np.ndarray:
@@ -83,13 +84,11 @@ def parse_records(data: bytes) -> np.ndarray:
     return out
 
 
-def run_records(session: Any, data: bytes) -> bytes:
-    """Apply an onnxruntime session to the records of one chunk (the task's whole work)."""
-    x = parse_records(data)
-    if not len(x):
-        return b""
-    name = session.get_inputs()[0].name
-    y = np.asarray(session.run(None, {name: x})[0], dtype=np.float32).reshape(len(x), -1)
+def format_results(y: np.ndarray, rows: int) -> bytes:
+    """One ``{"y": [...], "label": argmax}`` line per record of a model's output."""
+    if y.size == 0 or y.size % rows:
+        raise JobError(f"the model's output ({y.shape}) does not have one row per record")
+    y = y.reshape(rows, -1)
     labels = y.argmax(axis=1)
     lines = [
         json.dumps({"y": [float(v) for v in row], "label": int(lab)})
@@ -126,28 +125,46 @@ class JobService:
     def __init__(self, node: PeerContext, objects: ObjectService) -> None:
         self.node = node
         self.objects = objects
-        self._sessions: dict[str, Any] = {}
+        self.limits = Limits()
+        self._checked: set[str] = set()  # models that passed check_model
         self.capable = objects.config.jobs and onnx_available()
         objects.net.config.compute = self.capable
 
     # -- worker side -----------------------------------------------------------------------
-    async def _session(self, model: str) -> tuple[Any, FetchState]:
-        state = await self.objects.fetch(model)  # nearest holder; cached, unpinned
-        if model not in self._sessions:
-            import onnxruntime as ort
-
-            data = b"".join(
-                await asyncio.to_thread(lambda: list(self.objects.store.iter_object(model)))
-            )
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
+    async def _model(self, model: str) -> tuple[int, FetchState]:
+        """Fetch a job's model (nearest holder; cached, unpinned) and check it once: a
+        peer's graph runs only after :func:`check_model` and only in the sandbox."""
+        state = await self.objects.fetch(model)
+        m = self.objects.store.manifest(model)
+        if m is None:
+            raise JobError(f"model {model[:12]} vanished from the store")
+        if model not in self._checked:
+            if m.size > self.limits.max_model:  # before joining it to parse it
+                raise ModelRefused(f"model of {m.size} bytes is over {self.limits.max_model}")
+            store = self.objects.store
+            with store.hold(model):
+                data = await asyncio.to_thread(lambda: b"".join(store.iter_object(model)))
             try:
-                self._sessions[model] = await asyncio.to_thread(
-                    ort.InferenceSession, data, opts, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # onnxruntime raises its own types for bad graphs
-                raise JobError(f"model {model[:12]} is not a usable ONNX graph: {exc}") from None
-        return self._sessions[model], state
+                await asyncio.to_thread(check_model, data)
+            except ModelRefused as exc:
+                log.warning("refused job model %s: %s", model[:12], exc)
+                raise
+            if len(self._checked) >= MAX_CHECKED:
+                self._checked.clear()
+            self._checked.add(model)
+        return m.size, state
+
+    async def _run_task(self, model: str, size: int, data: bytes) -> bytes:
+        x = await asyncio.to_thread(parse_records, data)
+        if not len(x):
+            return b""
+        store = self.objects.store
+        store.acquire(model)  # not collected while the child reads it
+        try:
+            y = await run_model(store.iter_object(model), size, x, self.limits)
+        finally:
+            store.release(model)
+        return await asyncio.to_thread(format_results, y, len(x))
 
     async def rpc_job_task(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         if not self.capable:
@@ -162,7 +179,7 @@ class JobService:
             or not all(isinstance(s, str) and len(s) < 64 for s in sources)
         ):
             raise JobError("sources must be a list of peer ids")
-        session, model_state = await self._session(model)
+        model_size, model_state = await self._model(model)
         me = self.node.me
         pulled_from, data = None, b""
         if self.objects.store.has_chunk(sha):
@@ -192,7 +209,7 @@ class JobService:
             )
             data, pulled_from = got["data"], got["src"].decode()
             self.objects.net.account(pulled_from, me, len(data), "job-input")
-        out = await asyncio.to_thread(run_records, session, data)
+        out = await self._run_task(model, model_size, data)
         if len(out) > MAX_RESULT:
             raise JobError("task result too large")
         net = self.objects.net
@@ -347,6 +364,7 @@ class JobService:
                 run.planned_cross_zone_bytes += chunks[i][1]
         slots: dict[str, asyncio.Semaphore] = {}
         outputs: list[bytes] = [b""] * len(chunks)
+        total = [0]  # result bytes received so far
         model_seen: set[str] = set()
 
         async def one(i: int) -> None:
@@ -385,6 +403,9 @@ class JobService:
                     log.info("task %d: retrying on %s (%s)", i, peer[:12], exc)
             self._account_task(run, peer, reply, first_task=peer not in model_seen)
             model_seen.add(peer)
+            total[0] += len(reply.payload)
+            if total[0] > MAX_JOB_RESULT:  # before the results are joined in memory
+                raise JobError(f"the job's results are over {MAX_JOB_RESULT} bytes")
             outputs[i] = reply.payload
 
         await asyncio.gather(*(one(i) for i in range(len(chunks))))

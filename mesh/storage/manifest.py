@@ -97,11 +97,17 @@ def build_manifest(chunks: list[tuple[str, int]], name: str = "", fmt: str = "ra
         "format": fmt,
     }
     raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    return parse_manifest(raw, sha256(raw))
+    return parse_manifest(raw, sha256(raw), repeats=True)
 
 
-def parse_manifest(raw: bytes, expected_id: str | None = None) -> Manifest:
-    """Validate manifest bytes (pure; the id is their hash). Raises StoreError."""
+def parse_manifest(
+    raw: bytes, expected_id: str | None = None, *, repeats: bool = False
+) -> Manifest:
+    """Validate manifest bytes (pure; the id is their hash). Raises StoreError.
+
+    A manifest that names one chunk twice is refused unless ``repeats`` (the store's own
+    manifests, built from files it chunked): from a peer, 1 MiB of manifest naming one 2 MiB
+    chunk 13,500 times would be a 27 GiB object backed by 2 MiB of served bytes."""
     if not isinstance(raw, bytes) or len(raw) > MAX_MANIFEST:
         raise StoreError("manifest missing or over its size cap")
     mid = sha256(raw)
@@ -132,6 +138,8 @@ def parse_manifest(raw: bytes, expected_id: str | None = None) -> Manifest:
         out.append((c[0], c[1]))
     if sum(n for _, n in out) != size:
         raise StoreError("manifest size does not match its chunks")
+    if not repeats and len({sha for sha, _ in out}) != len(out):
+        raise StoreError("manifest names a chunk more than once")
     return Manifest(mid, size, tuple(out), name, fmt, raw)
 
 
