@@ -120,7 +120,7 @@ class JobService:
     name = "jobs"  # RPC namespace: peers call "jobs.<method>"
 
     def status(self) -> dict[str, Any]:
-        return {"capable": self.capable, "models_loaded": len(self._sessions)}
+        return {"capable": self.capable, "models_checked": len(self._checked)}
 
     def __init__(self, node: PeerContext, objects: ObjectService) -> None:
         self.node = node
