@@ -143,7 +143,7 @@ async def _offer_from(
 
 
 async def test_one_address_cannot_take_every_handshake_slot() -> None:
-    conns = _conns(max_pending_inbound=6)
+    conns = _conns(max_pending_inbound=6, max_pending_per_address=4)
     server = SignalingServer(ME, conns.on_offer, lambda: {}, conns.guard)
     await server.start("127.0.0.1")
     address = f"127.0.0.1:{server.port}"
