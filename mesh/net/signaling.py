@@ -221,7 +221,8 @@ def accept_envelope(
     return env
 
 
-OfferHandler = Callable[[Envelope], Awaitable[bytes]]
+# The handler gets the offer and the address it came from (which bounds its handshake slots).
+OfferHandler = Callable[[Envelope, str | None], Awaitable[bytes]]
 
 
 class SignalingServer:
@@ -272,7 +273,7 @@ class SignalingServer:
         try:
             data = await request.read()
             env = open_envelope(data, me=self.identity.peer_id, kind="offer", guard=self.guard)
-            answer = await self.on_offer(env)
+            answer = await self.on_offer(env, request.remote)
         except SignalingError as exc:
             self.rejected += 1
             log.warning("refused offer from %s: %s", request.remote, exc)
