@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 from kademlia.node import Node as KadNode
 
@@ -23,10 +24,8 @@ from mesh.discovery.dht import (
     RecordStore,
     _Protocol,
     dht_key,
-    encode_value,
     make_record,
     node_id_of,
-    parse_record,
 )
 from mesh.errors import SignalingError
 from mesh.net import connections as conn_mod
@@ -164,7 +163,7 @@ async def test_one_address_cannot_take_every_handshake_slot() -> None:
 
 # -- the DHT record store ----------------------------------------------------------------------
 def _prov(ident: Identity, key: str, seq: int | None = None, ttl: float = 600) -> bytes:
-    return encode_value([parse_record(make_record(ident, "prov", key, {}, ttl, seq=seq))])
+    return msgpack.packb([make_record(ident, "prov", key, {}, ttl, seq=seq)])
 
 
 def test_dht_seq_from_the_future_cannot_evict_honest_records() -> None:
