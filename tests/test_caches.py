@@ -243,3 +243,44 @@ async def test_unverified_sender_gets_no_stores_reflected(monkeypatch: pytest.Mo
     await until(lambda: bool(stored or pinged))
     assert stored == []  # nothing was sent to an address that never answered
     assert not proto.router.find_neighbors(KadNode(dht_key(key)))
+
+
+# -- MQTT absence --------------------------------------------------------------------------------
+def _mqtt(ident: Identity, key: bytes | None, absent: list[str]) -> Any:
+    from mesh.discovery.mqtt import MqttConfig, MqttSignaling
+
+    async def on_offer(env: Any) -> bytes:
+        return b""
+
+    return MqttSignaling(
+        ident,
+        MqttConfig(url="mqtt://127.0.0.1:1", mesh="m", mesh_key=key),
+        on_offer=on_offer,
+        on_presence=lambda pid, body: None,
+        on_absence=absent.append,
+        presence_body=dict,
+        guard=ReplayGuard(),
+    )
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32])
+def test_unsigned_mqtt_absence_marks_nobody_absent(key: bytes | None) -> None:
+    absent: list[str] = []
+    me = _mqtt(ME, key, absent)
+    me._handle_presence(HONEST.peer_id, b"")  # anyone on the broker can publish this
+    assert absent == []
+
+
+def test_signed_mqtt_absence_of_the_current_session_only() -> None:
+    key = b"k" * 32
+    absent: list[str] = []
+    me, peer = _mqtt(ME, key, absent), _mqtt(HONEST, key, [])
+    peer.new_session()
+    old_will = peer.absence_payload()  # captured from an earlier session
+    peer.new_session()
+    me._handle_presence(HONEST.peer_id, peer.presence_payload())
+    with pytest.raises(SignalingError, match="session"):
+        me._handle_presence(HONEST.peer_id, old_will)
+    assert absent == []
+    me._handle_presence(HONEST.peer_id, peer.absence_payload())  # its will, or its goodbye
+    assert absent == [HONEST.peer_id]
