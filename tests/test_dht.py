@@ -123,7 +123,9 @@ def test_quota_cuts_sender_off():
         assert store.accept(key, msgpack.packb([peer_rec(seq=i)]), sender)
     assert not store.accept(key, msgpack.packb([peer_rec(seq=99)]), sender)
     assert store.is_banned(sender)
-    assert not store.is_banned(("127.0.0.1", 4001))
+    # keyed by address: another port of that host is the same sender, another host is not
+    assert store.is_banned(("127.0.0.1", 4001))
+    assert not store.is_banned(("127.0.0.2", 4000))
 
 
 def test_merge_keeps_highest_seq_per_peer():

@@ -9,8 +9,15 @@ The package stores any value from anyone, so validation is ours, on store and on
   ``seq`` from the same peer replaces an older one.
 * a stored **value** is a msgpack list of records under one key (merged per peer), capped at
   ``MAX_RECORDS_PER_KEY`` and ``MAX_VALUE`` bytes.
-* every sender has a **quota** of stores per window; a sender that exceeds it, or sends
-  datagrams over ``MAX_DATAGRAM``, is cut off (all its datagrams dropped) for ``ban_seconds``.
+* a record's ``seq`` is its signer's clock in ms and may lead ours by ``MAX_SEQ_AHEAD`` at most;
+  a full key evicts from the sender address that delivered the most of its records, so one
+  address displaces its own records, not the honest ones; a signer holds records under at most
+  ``MAX_KEYS // SIGNER_SHARE`` keys.
+* every sender address (IP; ports are free) has a **quota** of stores per window; one that
+  exceeds it is cut off (all its datagrams dropped) for ``ban_seconds``. A datagram over
+  ``MAX_DATAGRAM`` is dropped without penalty: its source address may be spoofed.
+* a contact that sent us a request (its address unverified) is pinged back before it enters
+  the routing table and is handed the records it should hold.
 
 Node ids are the 20 bytes behind the peer id, so a DHT contact and a mesh peer share one id.
 """
@@ -55,6 +62,9 @@ MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
 MAX_DATAGRAM = MAX_VALUE + 1024
 MAX_TTL = 24 * 3600.0
 MAX_KEYS = 4096  # keys one node stores for others
+SIGNER_SHARE = 8  # one signer may hold records under at most 1/8 of those keys
+MAX_SEQ_AHEAD = 60.0  # seconds a record's seq (milliseconds of its signer's clock) may lead ours
+MAX_VERIFYING = 64  # unverified DHT contacts being pinged back at once
 RECORD = Format(
     what="record",
     context=b"edgemesh/dht/v1\x00",
@@ -118,6 +128,9 @@ def parse_record(raw: Any, now: float | None = None) -> Record:
     check_expiry(
         f["expires"], now, max_ttl=MAX_TTL, error=DiscoveryError, what=f"record from {pid[:12]}"
     )
+    if f["seq"] > (now + MAX_SEQ_AHEAD) * 1000:
+        # seq is its signer's clock in ms: one from the future would outrank every honest record
+        raise DiscoveryError(f"record from {pid[:12]} has a seq ahead of the clock")
     if not key.startswith(kind + ":"):
         raise DiscoveryError(f"a {kind} record cannot live under {key!r}")
     if kind == "peer" and key != f"peer:{pid}":
@@ -171,6 +184,13 @@ def merge(records: list[Record]) -> list[Record]:
     return sorted(best.values(), key=lambda r: -r.seq)[:MAX_RECORDS_PER_KEY]
 
 
+def _address(sender: Any) -> Any:
+    """The part of a sender that costs something to change: its IP, not its port."""
+    if isinstance(sender, (tuple, list)) and sender:
+        return sender[0]
+    return sender
+
+
 def encode_value(records: list[Record]) -> bytes:
     return bytes(msgpack.packb([r.raw for r in records], use_bin_type=True))
 
@@ -180,6 +200,8 @@ class RecordStore(IStorage):  # type: ignore[misc]
 
     def __init__(self, quota: int = 256, window: float = 60.0, ban_seconds: float = 300.0) -> None:
         self._data: dict[bytes, list[Record]] = {}
+        self._origin: dict[bytes, dict[str, Any]] = {}  # key -> signer -> address it came from
+        self._signer_keys: dict[str, int] = {}  # signer -> keys it has a record under
         self.quota = quota
         self.window = window
         self.ban_seconds = ban_seconds
@@ -188,38 +210,49 @@ class RecordStore(IStorage):  # type: ignore[misc]
         self.refused = 0
 
     def is_banned(self, sender: Any) -> bool:
-        until = self.banned.get(sender)
+        address = _address(sender)
+        until = self.banned.get(address)
         if until is None:
             return False
         if until < time.monotonic():
-            del self.banned[sender]
+            del self.banned[address]
             return False
+        return True
+
+    def _over_quota(self, address: Any) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self._stores.get(address, []) if now - t < self.window]
+        recent.append(now)
+        if len(self._stores) > 4 * MAX_KEYS:  # senders are bounded too
+            self._stores.clear()
+        self._stores[address] = recent
+        if len(recent) <= self.quota:
+            return False
+        self.banned[address] = now + self.ban_seconds
+        log.warning(
+            "DHT sender %s exceeded its quota of %d stores per %.0f s: cut off",
+            address,
+            self.quota,
+            self.window,
+        )
         return True
 
     def accept(self, dkey: bytes, value: Any, sender: Any = None) -> bool:
         """Store ``value`` under ``dkey`` if it is valid; count it against ``sender``'s quota."""
-        if sender is not None:
-            now = time.monotonic()
-            recent = [t for t in self._stores.get(sender, []) if now - t < self.window]
-            recent.append(now)
-            if len(self._stores) > 4 * MAX_KEYS:  # senders are bounded too
-                self._stores.clear()
-            self._stores[sender] = recent
-            if len(recent) > self.quota:
-                self.banned[sender] = now + self.ban_seconds
-                log.warning(
-                    "DHT sender %s exceeded its quota of %d stores per %.0f s: cut off",
-                    sender,
-                    self.quota,
-                    self.window,
-                )
-                self.refused += 1
-                return False
+        address = _address(sender)
+        if address is not None and self._over_quota(address):
+            self.refused += 1
+            return False
         if not isinstance(dkey, bytes) or len(dkey) != 20:
             self.refused += 1
             return False
         records, bad = parse_value(value, dkey)
         self.refused += bad
+        if dkey not in self._data:
+            per_signer = max(1, MAX_KEYS // SIGNER_SHARE)
+            fresh = [r for r in records if self._signer_keys.get(r.peer_id, 0) < per_signer]
+            self.refused += len(records) - len(fresh)
+            records = fresh
         if not records:
             return False
         if dkey not in self._data and len(self._data) >= MAX_KEYS:
@@ -227,16 +260,60 @@ class RecordStore(IStorage):  # type: ignore[misc]
             if len(self._data) >= MAX_KEYS:
                 self.refused += 1
                 return False
-        self._data[dkey] = merge(self._data.get(dkey, []) + records)
-        return True
+        kept = self._merge_fairly(dkey, records, address)
+        return any(r in kept for r in records)
+
+    def _merge_fairly(self, dkey: bytes, records: list[Record], address: Any) -> list[Record]:
+        """One record per signer (highest seq); over the cap, the expired go first, then the
+        lowest seq of the address that delivered the most records under this key."""
+        origin = dict(self._origin.get(dkey, {}))
+        best = {r.peer_id: r for r in self._data.get(dkey, [])}
+        for rec in records:
+            if rec.peer_id not in best or rec.seq > best[rec.peer_id].seq:
+                best[rec.peer_id] = rec
+                origin[rec.peer_id] = address
+        now = time.time()
+        if len(best) > MAX_RECORDS_PER_KEY:
+            best = {pid: r for pid, r in best.items() if r.expires > now}
+        while len(best) > MAX_RECORDS_PER_KEY:
+            counts: dict[Any, int] = {}
+            for pid in best:
+                counts[origin.get(pid)] = counts.get(origin.get(pid), 0) + 1
+            biggest = max(counts, key=lambda a: counts[a])
+            victim = min(
+                (r for r in best.values() if origin.get(r.peer_id) == biggest), key=lambda r: r.seq
+            )
+            del best[victim.peer_id]
+        kept = sorted(best.values(), key=lambda r: -r.seq)
+        self._set(dkey, kept, {pid: origin.get(pid) for pid in best})
+        return kept
+
+    def _set(self, dkey: bytes, records: list[Record], origin: dict[str, Any]) -> None:
+        """Replace the records under ``dkey``, keeping the per-signer key counts right."""
+        before = {r.peer_id for r in self._data.get(dkey, [])}
+        after = {r.peer_id for r in records}
+        for pid in before - after:
+            left = self._signer_keys.get(pid, 1) - 1
+            if left > 0:
+                self._signer_keys[pid] = left
+            else:
+                self._signer_keys.pop(pid, None)
+        for pid in after - before:
+            self._signer_keys[pid] = self._signer_keys.get(pid, 0) + 1
+        if records:
+            self._data[dkey] = records
+            self._origin[dkey] = origin
+        else:
+            self._data.pop(dkey, None)
+            self._origin.pop(dkey, None)
 
     def records(self, dkey: bytes) -> list[Record]:
         now = time.time()
-        live = [r for r in self._data.get(dkey, []) if r.expires > now]
-        if live:
-            self._data[dkey] = live
-        else:
-            self._data.pop(dkey, None)
+        records = self._data.get(dkey, [])
+        live = [r for r in records if r.expires > now]
+        if len(live) != len(records):
+            origin = self._origin.get(dkey, {})
+            self._set(dkey, live, {r.peer_id: origin.get(r.peer_id) for r in live})
         return live
 
     def _cull(self) -> None:
@@ -279,15 +356,43 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         super().__init__(source_node, storage, ksize)
         # rpcudp waits 5 s for a reply; one dead contact would stall every lookup that long.
         self._wait_timeout = 2.0
+        self._verifying: set[tuple[str, int]] = set()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.storage.is_banned(tuple(addr[0:2])):
+        if self.storage.is_banned(addr):
             return
         if len(data) > MAX_DATAGRAM:
-            self.storage.banned[tuple(addr[0:2])] = time.monotonic() + self.storage.ban_seconds
-            log.warning("DHT datagram of %d bytes from %s: cut off", len(data), addr)
+            # Dropped without penalty: UDP source addresses can be spoofed, and a ban here
+            # would let anyone cut an honest contact off.
+            log.debug("dropped a DHT datagram of %d bytes from %s", len(data), addr)
             return
         asyncio.ensure_future(self._guarded(data, addr))
+
+    def welcome_if_new(self, node: KadNode) -> None:
+        """A request came from ``node``: its address is unverified (UDP), so ping it back and
+        welcome it (routing table, the records it should hold) only once it answers."""
+        if not self.router.is_new_node(node) or len(self._verifying) >= MAX_VERIFYING:
+            return
+        address = (node.ip, node.port)
+        if address in self._verifying:
+            return
+        self._verifying.add(address)
+        task = asyncio.ensure_future(self._verify(node, address))
+        task.add_done_callback(lambda _: self._verifying.discard(address))
+
+    async def _verify(self, node: KadNode, address: tuple[str, int]) -> None:
+        result = await self.ping(address, self.source_node.id)
+        if result[0] and result[1] == node.id:
+            KademliaProtocol.welcome_if_new(self, node)
+
+    def handle_call_response(self, result: Any, node: KadNode) -> Any:
+        # An answer to our own request: the address is verified, welcome it at once.
+        if not result[0]:
+            log.info("no response from %s, removing from router", node)
+            self.router.remove_contact(node)
+            return result
+        KademliaProtocol.welcome_if_new(self, node)
+        return result
 
     async def _guarded(self, data: bytes, addr: Any) -> None:
         try:
@@ -299,7 +404,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if not isinstance(nodeid, bytes) or len(nodeid) != 20:
             return False
         self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
-        return self.storage.accept(key, value, tuple(sender[0:2]))
+        return self.storage.accept(key, value, sender)
 
 
 class MeshDHT(Server):  # type: ignore[misc]

@@ -3,8 +3,10 @@
 Topics under ``edgemesh/v1/<mesh>/``:
 
 * ``presence/<peer_id>``: retained, a signed ``presence`` envelope (signaling endpoints, name),
-  re-published every ``presence_interval``; the last will is an empty retained message, which
-  clears it when the node vanishes.
+  re-published every ``presence_interval``, carrying a random id of this broker session; the
+  last will (and the goodbye) is a signed ``absent`` envelope naming that session id. An
+  absence counts only when its signer is the topic's peer and its session is the one of the
+  presence we last accepted: an empty payload or an old session's will marks nobody absent.
 * ``inbox/<peer_id>``: signed ``offer`` / ``answer`` envelopes addressed to that peer.
 
 The broker is never trusted: every envelope is verified (and offers are checked for
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -50,6 +53,7 @@ __all__ = ["MqttConfig", "MqttSignaling", "load_mesh_key", "parse_mqtt_url"]
 log = logging.getLogger(__name__)
 _MAX_PAYLOAD = MAX_ENVELOPE + 64  # sealing adds 40 bytes
 _MAX_WAITING = 64  # offers of ours awaiting an answer
+_MAX_SESSIONS = 4096  # peers whose presence session we remember (for their absence)
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
@@ -122,6 +126,8 @@ class MqttSignaling:
         self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self.rejected = 0
+        self._session = os.urandom(8)  # ours, renewed per broker connection
+        self._sessions: dict[str, bytes] = {}  # peer -> session of its last accepted presence
 
     @property
     def presence_topic(self) -> str:
@@ -140,7 +146,8 @@ class MqttSignaling:
         if client is not None and self._connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await asyncio.wait_for(
-                    client.publish(self.presence_topic, b"", qos=1, retain=True), 2
+                    client.publish(self.presence_topic, self.absence_payload(), qos=1, retain=True),
+                    2,
                 )
         if self._task is not None:
             self._task.cancel()
@@ -162,7 +169,7 @@ class MqttSignaling:
             keepalive=self.config.keepalive,
             protocol=aiomqtt.ProtocolVersion.V5,
             properties=props,
-            will=aiomqtt.Will(self.presence_topic, b"", qos=1, retain=True),
+            will=aiomqtt.Will(self.presence_topic, self.absence_payload(), qos=1, retain=True),
         )
         if tls:
             args["tls_params"] = aiomqtt.TLSParameters(ca_certs=self.config.ca_file)
@@ -172,6 +179,7 @@ class MqttSignaling:
         delay = 0.5
         while True:
             try:
+                self.new_session()
                 async with aiomqtt.Client(**self._client_args()) as client:
                     self._client = client
                     await client.subscribe(f"{self.prefix}/presence/+", qos=1)
@@ -202,8 +210,19 @@ class MqttSignaling:
     async def _publish_presence(self) -> None:
         if self._client is None:
             return
-        env = seal(self.identity, "presence", "*", self.presence_body())
-        await self._client.publish(self.presence_topic, self._seal(env), qos=1, retain=True)
+        await self._client.publish(self.presence_topic, self.presence_payload(), qos=1, retain=True)
+
+    def new_session(self) -> None:
+        """A new broker connection: a new session id, so its will cannot be replayed later."""
+        self._session = os.urandom(8)
+
+    def presence_payload(self) -> bytes:
+        body = dict(self.presence_body(), s=self._session)
+        return self._seal(seal(self.identity, "presence", "*", body))
+
+    def absence_payload(self) -> bytes:
+        """Our signed (and, with a mesh key, sealed) absence: the will and the goodbye."""
+        return self._seal(seal(self.identity, "absent", "*", {"s": self._session}))
 
     # -- sealing ---------------------------------------------------------------------------
     def _seal(self, data: bytes) -> bytes:
@@ -236,11 +255,13 @@ class MqttSignaling:
         if peer_id == self.identity.peer_id:
             return
         if not payload:
-            self.on_absence(peer_id)
-            return
+            return  # a cleared topic is not a signed absence: anyone may publish it
         env = parse_envelope(self._unseal(payload))
-        if env.kind != "presence" or env.sender != peer_id:
+        if env.kind not in ("presence", "absent") or env.sender != peer_id:
             raise SignalingError(f"presence for {peer_id[:12]} signed by {env.sender[:12]}")
+        if env.kind == "absent":
+            self._handle_absence(peer_id, env)
+            return
         check_fresh(
             env.time,
             time.time(),
@@ -249,7 +270,23 @@ class MqttSignaling:
             error=SignalingError,
             what=f"presence of {peer_id[:12]}",
         )
+        session = env.body.get("s")
+        if isinstance(session, bytes):
+            self._sessions.pop(peer_id, None)
+            self._sessions[peer_id] = session
+            while len(self._sessions) > _MAX_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
         self.on_presence(peer_id, env.body)
+
+    def _handle_absence(self, peer_id: str, env: Envelope) -> None:
+        # A will is signed when its connection opens, so it is not checked for freshness; the
+        # session id ties it to that connection: an old will replayed later does not match.
+        if peer_id not in self._sessions:
+            return  # a retained absence of a peer we never saw present: nothing to do
+        if env.body.get("s") != self._sessions[peer_id]:
+            raise SignalingError(f"absence of {peer_id[:12]} is for another session")
+        del self._sessions[peer_id]
+        self.on_absence(peer_id)
 
     def _handle_inbox(self, payload: bytes) -> None:
         raw = self._unseal(payload)

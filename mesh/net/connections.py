@@ -68,6 +68,7 @@ class ConnectionParams:
     give_up_after: int = 8  # failed dials before a peer no source names is forgotten
     # Bounds.
     max_pending_inbound: int = 16  # handshakes in progress (slowloris bound)
+    max_pending_per_address: int = 8  # of those, from one signaling address
     max_dials: int = 8  # concurrent outbound dials
     max_unproven: int = 64  # peers named by hints but never proven by a handshake
     max_banned: int = 4096  # oldest bans are forgotten first beyond this
@@ -107,6 +108,7 @@ class Connections:
             "dial_failures": 0,
             "inbound_refused": 0,
             "banned_refused": 0,
+            "unproven_evicted": 0,
         }
         self.not_member: dict[str, int] = {}  # refusals by where they came from
         self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
@@ -114,6 +116,7 @@ class Connections:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dial_slots = asyncio.Semaphore(params.max_dials)
         self._pending_inbound: dict[str, PendingConnection | None] = {}
+        self._pending_from: dict[str, str] = {}  # peer id -> address of its pending handshake
         self._static: dict[str, str] = {}  # address -> peer id it proved to have
         self.teardowns = Teardowns()  # peer connections of closed links, still closing
         self._dial_held = False  # params.dial_hold is spent (the first dial only)
@@ -174,13 +177,32 @@ class Connections:
 
     def _ensure(self, peer_id: str, source: str) -> PeerEntry | None:
         if self.peers.get(peer_id) is None:
-            unproven = sum(1 for e in self.peers if not e.proven)
-            if unproven >= self.params.max_unproven:
+            unproven = [e for e in self.peers if not e.proven]
+            if len(unproven) >= self.params.max_unproven and not self._evict_unproven(unproven):
                 log.warning(
-                    "ignoring %s from %s: %d unproven peers", peer_id[:12], source, unproven
+                    "ignoring %s from %s: %d unproven peers", peer_id[:12], source, len(unproven)
                 )
                 return None
         return self.peers.ensure(peer_id, source)
+
+    def _evict_unproven(self, unproven: list[PeerEntry]) -> bool:
+        """Make room for a new hint: forget the oldest unproven peer of the biggest bucket.
+
+        Identities and announcements are free, so a full table must not refuse newcomers
+        (that keeps real peers out); entries are bucketed by source and announced host, so a
+        flood from one place displaces its own entries first. Peers being dialed or
+        handshaking and --peer entries stay."""
+        buckets: dict[str, list[PeerEntry]] = {}
+        for e in unproven:
+            if not e.static and not self._busy(e):
+                buckets.setdefault(_bucket(e), []).append(e)
+        if not buckets:
+            return False
+        biggest = max(buckets.values(), key=len)
+        victim = min(biggest, key=lambda e: e.last_seen)
+        self.peers.remove(victim.peer_id)
+        self.counters["unproven_evicted"] += 1
+        return True
 
     # -- hints -----------------------------------------------------------------------------
     def hint(
@@ -382,8 +404,11 @@ class Connections:
         raise SignalingError("; ".join(errors) or "no route to the peer")
 
     # -- accepting -------------------------------------------------------------------------
-    async def on_offer(self, env: Envelope) -> bytes:
-        """Answer a verified offer (direct or via the broker); the handshake runs after."""
+    async def on_offer(self, env: Envelope, remote: str | None = None) -> bytes:
+        """Answer a verified offer (direct or via the broker); the handshake runs after.
+
+        ``remote`` is the address the offer came from, when known (direct signaling): one
+        address may hold at most ``max_pending_per_address`` of the handshake slots."""
         pid = env.sender
         if self.closing:
             raise SignalingError("node is shutting down")
@@ -402,6 +427,12 @@ class Connections:
         if len(self._pending_inbound) >= self.params.max_pending_inbound:
             self.counters["inbound_refused"] += 1
             raise SignalingError("too many handshakes in progress")
+        if remote is not None and (
+            sum(a == remote for a in self._pending_from.values())
+            >= self.params.max_pending_per_address
+        ):
+            self.counters["inbound_refused"] += 1
+            raise SignalingError("too many handshakes in progress from this address")
         entry = self.peers.get(pid) or self._ensure(pid, "inbound")
         if entry is None:
             self.counters["inbound_refused"] += 1
@@ -417,12 +448,15 @@ class Connections:
             entry.name = name[:63]
         # The slot is taken before the first await: concurrent offers cannot overrun the cap.
         self._pending_inbound[pid] = None
+        if remote is not None:
+            self._pending_from[pid] = remote
         try:
             pending, answer_sdp = await accept_offer(
                 self.identity, self.transport, sdp, pid, self.gate
             )
         except EXPECTED as exc:
             del self._pending_inbound[pid]
+            self._pending_from.pop(pid, None)
             raise SignalingError(str(exc)) from None
         self._pending_inbound[pid] = pending
         self._spawn(self._finish_inbound(pid, pending))
@@ -440,6 +474,7 @@ class Connections:
             return
         finally:
             self._pending_inbound.pop(pid, None)
+            self._pending_from.pop(pid, None)
         self._adopt(pid, link)
 
     # -- links -----------------------------------------------------------------------------
@@ -502,3 +537,11 @@ class Connections:
         if entry is None or entry.link is None or not entry.connected:
             raise PeerUnavailable(f"no link to {peer_id[:12]}")
         return entry.link
+
+
+def _bucket(entry: PeerEntry) -> str:
+    """Where a hint came from: its source and the host it announced (ports are free)."""
+    if not entry.addresses:
+        return entry.source
+    host = entry.addresses[0].rpartition(":")[0]
+    return f"{entry.source} {host}"

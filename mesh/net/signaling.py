@@ -129,12 +129,25 @@ def parse_envelope(data: bytes) -> Envelope:
 
 
 class ReplayGuard:
-    """Remembers recent nonces (bounded) and rejects stale or repeated messages."""
+    """Remembers recent nonces per sender (bounded) and rejects stale or repeated messages.
 
-    def __init__(self, window: float = MAX_SKEW, capacity: int = 4096) -> None:
+    Nonces live in one bucket per sender, at most ``per_sender`` each and ``capacity`` in all.
+    A sender that fills its own bucket is refused (only it). When all buckets together are
+    full, the least recently active sender loses its oldest nonce: identities are free, so
+    refusing everyone would let one flooder block every new connection. An evicted nonce could
+    be replayed within its window, but only by whoever captured it, and a replayed offer still
+    fails the transport handshake, which needs the sender's key.
+    """
+
+    def __init__(
+        self, window: float = MAX_SKEW, capacity: int = 4096, per_sender: int = 128
+    ) -> None:
         self.window = window
         self.capacity = capacity
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self.per_sender = min(per_sender, capacity)
+        self.evicted = 0
+        self._buckets: OrderedDict[str, OrderedDict[bytes, float]] = OrderedDict()
+        self._count = 0
 
     def check(self, env: Envelope, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -146,22 +159,47 @@ class ReplayGuard:
             error=SignalingError,
             what="signaling message",
         )
-        key = env.sender.encode() + env.nonce
-        if key in self._seen:
-            raise SignalingError("replayed signaling message")
         # A message stays acceptable until its time is a window old, and its time may be up to
         # a window ahead of its arrival: nonces are kept two windows after arrival.
-        for old_key, seen_at in list(self._seen.items()):
-            if seen_at >= now - 2 * self.window:
-                break
-            del self._seen[old_key]
-        if len(self._seen) >= self.capacity:
-            # Fail closed: evicting a live nonce would let its message be replayed.
-            raise SignalingError("too many signaling messages in the replay window")
-        self._seen[key] = now
+        cutoff = now - 2 * self.window
+        self._expire(cutoff)
+        bucket = self._buckets.get(env.sender)
+        if bucket is None:
+            bucket = self._buckets[env.sender] = OrderedDict()
+        self._buckets.move_to_end(env.sender)
+        if env.nonce in bucket:
+            raise SignalingError("replayed signaling message")
+        while bucket and next(iter(bucket.values())) < cutoff:
+            bucket.popitem(last=False)
+            self._count -= 1
+        if len(bucket) >= self.per_sender:
+            # Fail closed for this sender only: evicting its live nonce would let it replay.
+            raise SignalingError("too many signaling messages from this sender")
+        while self._count >= self.capacity:
+            self._evict_oldest()
+        bucket[env.nonce] = now
+        self._count += 1
+
+    def _expire(self, cutoff: float) -> None:
+        # Buckets are in order of their last message: stop at the first one still live.
+        while self._buckets:
+            sender, bucket = next(iter(self._buckets.items()))
+            if bucket and next(reversed(bucket.values())) >= cutoff:
+                return
+            self._count -= len(bucket)
+            del self._buckets[sender]
+
+    def _evict_oldest(self) -> None:
+        sender, bucket = next(iter(self._buckets.items()))
+        if bucket:
+            bucket.popitem(last=False)
+            self._count -= 1
+            self.evicted += 1
+        if not bucket:
+            del self._buckets[sender]
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._count
 
 
 def open_envelope(
@@ -183,7 +221,8 @@ def accept_envelope(
     return env
 
 
-OfferHandler = Callable[[Envelope], Awaitable[bytes]]
+# The handler gets the offer and the address it came from (which bounds its handshake slots).
+OfferHandler = Callable[[Envelope, str | None], Awaitable[bytes]]
 
 
 class SignalingServer:
@@ -238,7 +277,7 @@ class SignalingServer:
         try:
             data = await request.read()
             env = open_envelope(data, me=self.identity.peer_id, kind="offer", guard=self.guard)
-            answer = await self.on_offer(env)
+            answer = await self.on_offer(env, request.remote)
         except SignalingError as exc:
             self.rejected += 1
             log.warning("refused offer from %s: %s", request.remote, exc)

@@ -1,0 +1,286 @@
+"""No fail-closed caches (issue 13, scope 4): a flood evicts the flooder, never refuses everyone.
+
+Each test runs the attack against real objects (ReplayGuard, Connections and its signaling
+server on loopback, RecordStore, the DHT protocol) and checks that an honest peer still gets
+through. Every one of them failed before its fix (the attack worked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+from kademlia.node import Node as KadNode
+
+from mesh.discovery import dht as dht_mod
+from mesh.discovery.dht import (
+    MAX_DATAGRAM,
+    MAX_RECORDS_PER_KEY,
+    RecordStore,
+    _Protocol,
+    dht_key,
+    make_record,
+    node_id_of,
+)
+from mesh.errors import SignalingError
+from mesh.net import connections as conn_mod
+from mesh.net.connections import ConnectionParams, Connections
+from mesh.net.identity import Identity
+from mesh.net.signaling import (
+    Envelope,
+    ReplayGuard,
+    SignalingServer,
+    open_envelope,
+    parse_envelope,
+    seal,
+    send_offer,
+)
+from mesh.net.transport import TransportConfig, open_offer
+
+from .memchannel import until
+
+pytestmark = pytest.mark.badinput
+ME, HONEST = Identity.generate(), Identity.generate()
+
+
+def _env(sender: str, now: float) -> Envelope:
+    # The guard reads only sender, nonce and time: a flood needs no signatures to test it.
+    return Envelope("offer", sender, b"", ME.peer_id, os.urandom(16), now, {})
+
+
+# -- the replay guard ---------------------------------------------------------------------------
+def test_replay_flood_from_one_key_does_not_block_other_senders() -> None:
+    guard = ReplayGuard()
+    now = time.time()
+    flooder = Identity.generate().peer_id
+    refused = 0
+    for _ in range(guard.capacity):  # ~34 offers/s for two windows, from one key
+        try:
+            guard.check(_env(flooder, now), now)
+        except SignalingError:
+            refused += 1
+    assert refused > 0  # the flooder is refused once its own bucket is full
+    raw = seal(HONEST, "offer", ME.peer_id, {}, now=now)
+    assert open_envelope(raw, me=ME.peer_id, kind="offer", guard=guard, now=now)
+    with pytest.raises(SignalingError, match="replayed"):
+        open_envelope(raw, me=ME.peer_id, kind="offer", guard=guard, now=now)
+
+
+def test_replay_flood_from_many_keys_evicts_the_oldest() -> None:
+    guard = ReplayGuard()
+    now = time.time()
+    for _ in range(2 * guard.capacity):  # minted keys, one offer each
+        guard.check(_env(os.urandom(8).hex(), now), now)
+    assert len(guard) <= guard.capacity and guard.evicted >= guard.capacity
+    raw = seal(HONEST, "offer", ME.peer_id, {}, now=now)
+    assert open_envelope(raw, me=ME.peer_id, kind="offer", guard=guard, now=now)
+    with pytest.raises(SignalingError, match="replayed"):
+        open_envelope(raw, me=ME.peer_id, kind="offer", guard=guard, now=now)
+
+
+# -- the unproven-peer table ---------------------------------------------------------------------
+def _conns(**params: Any) -> Connections:
+    return Connections(
+        ME,
+        TransportConfig(
+            connect_timeout=60, handshake_timeout=60, candidate_addresses=("127.0.0.1",)
+        ),
+        {},
+        ReplayGuard(),
+        ConnectionParams(**params),
+        my_endpoints=lambda: ["127.0.0.1:1"],
+        my_name="me",
+    )
+
+
+async def test_unproven_table_flood_does_not_keep_a_real_peer_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dialed: list[str] = []
+
+    async def failing_open_offer(identity: Any, transport: Any, pid: str) -> Any:
+        dialed.append(pid)
+        raise SignalingError("test")
+
+    monkeypatch.setattr(conn_mod, "open_offer", failing_open_offer)
+    conns = _conns(tick=0.01, backoff_base=60.0, backoff_max=60.0)
+    for _ in range(conns.params.max_unproven):  # minted mDNS announcements
+        conns.hint(Identity.generate().peer_id, "mdns", ["10.9.9.9:1"], "flood")
+    real = HONEST.peer_id
+    conns.hint(real, "mdns", ["192.168.1.5:4000"], "real")
+    for _ in range(conns.params.max_unproven):  # the flood goes on
+        conns.hint(Identity.generate().peer_id, "mdns", ["10.9.9.9:1"], "flood")
+    assert conns.peers.get(real) is not None
+    assert sum(not e.proven for e in conns.peers) <= conns.params.max_unproven
+    conns.start()
+    try:
+        await until(lambda: real in dialed)
+    finally:
+        await conns.stop()
+
+
+# -- handshake slots -----------------------------------------------------------------------------
+async def _offer_from(
+    local: str, conns: Connections, address: str, count: int, pcs: list[Any]
+) -> list[bytes | BaseException]:
+    connector = aiohttp.TCPConnector(local_addr=(local, 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        offers = []
+        for _ in range(count):
+            ident = Identity.generate()
+            pending, sdp = await open_offer(ident, TransportConfig(), conns.me)
+            pcs.append(pending.pc)
+            offers.append(seal(ident, "offer", conns.me, {"sdp": sdp, "oid": os.urandom(16)}))
+        return await asyncio.gather(
+            *(send_offer(http, address, o) for o in offers), return_exceptions=True
+        )
+
+
+async def test_one_address_cannot_take_every_handshake_slot() -> None:
+    conns = _conns(max_pending_inbound=6, max_pending_per_address=4)
+    server = SignalingServer(ME, conns.on_offer, lambda: {}, conns.guard)
+    await server.start("127.0.0.1")
+    address = f"127.0.0.1:{server.port}"
+    pcs: list[Any] = []
+    try:
+        flood = await _offer_from("127.0.0.1", conns, address, 6, pcs)
+        assert any(isinstance(r, SignalingError) for r in flood)  # the address hit its cap
+        # another address (loopback is all of 127/8) still finds a slot
+        (honest,) = await _offer_from("127.0.0.2", conns, address, 1, pcs)
+        assert isinstance(honest, bytes), honest
+        assert parse_envelope(honest).kind == "answer"
+    finally:
+        await server.stop()
+        await conns.stop()
+        for pc in pcs:
+            await pc.close()
+
+
+# -- the DHT record store ----------------------------------------------------------------------
+def _prov(ident: Identity, key: str, seq: int | None = None, ttl: float = 600) -> bytes:
+    return msgpack.packb([make_record(ident, "prov", key, {}, ttl, seq=seq)])
+
+
+def test_dht_seq_from_the_future_cannot_evict_honest_records() -> None:
+    store = RecordStore()
+    key = "prov:mesh:x"
+    assert store.accept(dht_key(key), _prov(HONEST, key))
+    for _ in range(MAX_RECORDS_PER_KEY):
+        assert not store.accept(dht_key(key), _prov(Identity.generate(), key, seq=2**62))
+    assert HONEST.peer_id in {r.peer_id for r in store.records(dht_key(key))}
+
+
+def test_dht_key_flood_from_one_address_keeps_honest_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One address fills a key with fresh records of minted signers: it displaces its own."""
+    store = RecordStore(quota=10_000)
+    key = "prov:blob:y"
+    assert store.accept(dht_key(key), _prov(HONEST, key), ("10.0.0.1", 4000))
+    for _ in range(2 * MAX_RECORDS_PER_KEY):
+        store.accept(dht_key(key), _prov(Identity.generate(), key), ("10.6.6.6", 4000))
+    records = store.records(dht_key(key))
+    assert len(records) == MAX_RECORDS_PER_KEY
+    assert HONEST.peer_id in {r.peer_id for r in records}
+
+
+def test_dht_table_fill_by_one_signer_leaves_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dht_mod, "MAX_KEYS", 128)
+    store = RecordStore(quota=10_000)
+    junk = Identity.generate()
+    for i in range(128):  # 24 h junk under keys nobody asks for
+        store.accept(dht_key(f"prov:junk{i}"), _prov(junk, f"prov:junk{i}", ttl=86000))
+    assert store.accept(dht_key("prov:real"), _prov(HONEST, "prov:real"))
+
+
+def test_dht_quota_is_keyed_by_address_not_port() -> None:
+    store = RecordStore(quota=5)
+    key = "prov:z"
+    for port in range(6):  # a new source port per datagram
+        store.accept(dht_key(key), _prov(Identity.generate(), key), ("10.6.6.6", 5000 + port))
+    assert store.is_banned(("10.6.6.6", 1))
+    assert not store.is_banned(("10.0.0.1", 5000))
+
+
+def _protocol() -> _Protocol:
+    return _Protocol(KadNode(node_id_of(ME.peer_id)), RecordStore(), 20)
+
+
+def test_spoofed_oversized_datagram_bans_nobody() -> None:
+    proto = _protocol()
+    proto.datagram_received(b"\0" * (MAX_DATAGRAM + 1), ("10.0.0.7", 4000))
+    assert not proto.storage.is_banned(("10.0.0.7", 4000))
+
+
+async def test_unverified_sender_gets_no_stores_reflected(monkeypatch: pytest.MonkeyPatch) -> None:
+    proto = _protocol()
+    stored: list[Any] = []
+    pinged: list[Any] = []
+
+    async def call_store(node: Any, key: bytes, value: bytes) -> Any:
+        stored.append(node)
+        return (True, True)
+
+    async def ping(address: Any, nodeid: bytes) -> Any:
+        pinged.append(address)
+        return (False, None)  # the claimed address never asked: it does not answer
+
+    monkeypatch.setattr(proto, "call_store", call_store)
+    monkeypatch.setattr(proto, "ping", ping)
+    for i in range(4):
+        key = f"prov:k{i}"
+        proto.storage.accept(dht_key(key), _prov(HONEST, key))
+    victim = ("10.0.0.9", 4000)
+    key = "prov:spoof"
+    value = _prov(Identity.generate(), key)
+    assert proto.rpc_store(victim, node_id_of(HONEST.peer_id), dht_key(key), value)
+    proto.rpc_find_node(victim, node_id_of(Identity.generate().peer_id), dht_key(key))
+    await until(lambda: bool(stored or pinged))
+    assert stored == []  # nothing was sent to an address that never answered
+    assert not proto.router.find_neighbors(KadNode(dht_key(key)))
+
+
+# -- MQTT absence --------------------------------------------------------------------------------
+def _mqtt(ident: Identity, key: bytes | None, absent: list[str]) -> Any:
+    from mesh.discovery.mqtt import MqttConfig, MqttSignaling
+
+    async def on_offer(env: Any) -> bytes:
+        return b""
+
+    return MqttSignaling(
+        ident,
+        MqttConfig(url="mqtt://127.0.0.1:1", mesh="m", mesh_key=key),
+        on_offer=on_offer,
+        on_presence=lambda pid, body: None,
+        on_absence=absent.append,
+        presence_body=dict,
+        guard=ReplayGuard(),
+    )
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32])
+def test_unsigned_mqtt_absence_marks_nobody_absent(key: bytes | None) -> None:
+    absent: list[str] = []
+    me = _mqtt(ME, key, absent)
+    me._handle_presence(HONEST.peer_id, b"")  # anyone on the broker can publish this
+    assert absent == []
+
+
+def test_signed_mqtt_absence_of_the_current_session_only() -> None:
+    key = b"k" * 32
+    absent: list[str] = []
+    me, peer = _mqtt(ME, key, absent), _mqtt(HONEST, key, [])
+    peer.new_session()
+    old_will = peer.absence_payload()  # captured from an earlier session
+    peer.new_session()
+    me._handle_presence(HONEST.peer_id, peer.presence_payload())
+    with pytest.raises(SignalingError, match="session"):
+        me._handle_presence(HONEST.peer_id, old_will)
+    assert absent == []
+    me._handle_presence(HONEST.peer_id, peer.absence_payload())  # its will, or its goodbye
+    assert absent == [HONEST.peer_id]
