@@ -103,7 +103,7 @@ async def test_unproven_table_flood_does_not_keep_a_real_peer_out(
 ) -> None:
     dialed: list[str] = []
 
-    async def failing_open_offer(identity: Any, transport: Any, pid: str) -> Any:
+    async def failing_open_offer(identity: Any, transport: Any, pid: str, *_: Any) -> Any:
         dialed.append(pid)
         raise SignalingError("test")
 
