@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from mesh.inference.routes import PairRtt, PeerView
@@ -81,3 +81,7 @@ class RunHost(PlanHost, SessionHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
 
     async def resolve(self, model: str) -> str: ...
+
+    async def tokenizer(self, mid: str) -> Any | None:
+        """This node's tokenizer of ``mid`` (it holds an end blob), or None."""
+        ...
