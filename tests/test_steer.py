@@ -16,10 +16,13 @@ import pytest
 
 from mesh.inference.compute import ComputeService
 from mesh.inference.run import GenerationRun
+from mesh.inference.verify import VerifyParams
+from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Reply
 from runtimes.errors import ModelError
 from runtimes.tokenizer import Tokenizer
-from tests.test_run_failover import COORD, Mesh, clean_run
+from tests import test_run_failover
+from tests.test_run_failover import COORD, FakeCaller, FakeNet, Mesh, clean_run
 from tests.test_run_failover import fast_probes as fast_probes  # noqa: F401 (fixture)
 from tests.test_run_failover import tiny as tiny  # noqa: F401 (fixture)
 
@@ -142,3 +145,70 @@ async def test_a_lying_tokenizer_is_cross_checked_by_a_second_holder(
     finally:
         await mesh.stop()
     assert mesh.sessions_left() == {}
+
+
+class SigningNet(FakeNet):
+    """A fake network whose nodes sign and check stage messages with real keys (the audit
+    log of a spot check needs them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: dict[str, Identity] = {}
+
+    def caller(self, me: str) -> FakeCaller:
+        net = self
+
+        class Signing(FakeCaller):
+            def sign(self, message: bytes) -> bytes:
+                return net.keys.setdefault(self.me, Identity.generate()).sign(message)
+
+            def peer_key(self, peer_id: str) -> bytes:
+                return net.keys.setdefault(peer_id, Identity.generate()).public_key
+
+        return Signing(self, me)
+
+
+async def signing_mesh(root: Path, tiny: Path, n: int) -> Mesh:
+    real = test_run_failover.FakeNet
+    test_run_failover.FakeNet = SigningNet  # type: ignore[misc]
+    try:
+        return await Mesh.start(root, tiny, n)
+    finally:
+        test_run_failover.FakeNet = real  # type: ignore[misc]
+
+
+def forge_at(compute: ComputeService, positions: set[int]) -> None:
+    """As a middle stage, ``compute`` sends noise instead of its output for the steps ending
+    at ``positions`` (honest everywhere else: its own KV cache stays right)."""
+    real = compute._compute
+
+    async def forging(
+        params: dict[str, Any], payload: bytes, sender: str | None = None
+    ) -> tuple[Any, Any, Any, dict[str, Any]]:
+        st, spec, out, own = await real(params, payload, sender)
+        if params.get("pos") in positions and not spec.is_last:
+            out = np.asarray(out, np.float32) + 3.0 * float(np.std(out)) + 1.0
+        return st, spec, out, own
+
+    compute._compute = forging  # type: ignore[method-assign]
+
+
+async def test_a_forged_early_prefill_chunk_is_caught(tmp_path: Path, tiny: Path) -> None:  # noqa: F811
+    """The first stage forges its output for the first of three prompt chunks only: that
+    output is in the next stage's KV cache for good, so every later token may be wrong. Every
+    chunk is eligible for a check: the forger is banned, and the tokens are the honest ones."""
+    kw = {"split": 2, "prefill_chunk": 4, "max_tokens": 4}
+    clean, _ = await clean_run(tmp_path, tiny, **kw)
+    mesh = await signing_mesh(tmp_path / "m", tiny, n=4)
+    forger = clean["stages"][0]["peer_id"]  # the same route is planned here
+    forge_at(mesh.computes[forger], {4})
+    run = GenerationRun(mesh.coord, mesh.request(verify=VerifyParams(rate=1.0, seed=1), **kw))
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    assert run.parts is not None
+    verification = summary["verification"]
+    assert [b["peer"] for b in verification["banned"]] == [forger], verification
+    assert summary["tokens"] == clean["tokens"]
+    assert forger not in {s["peer_id"] for s in summary["stages"]}

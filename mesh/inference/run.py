@@ -175,8 +175,15 @@ class GenerationRun:
         end = 0
         for chunk in chunks[:-1]:  # the tokens these give are not wanted
             end += len(chunk)
-            await failover.step(chunk, end)
+            reply = await failover.step(chunk, end)
             failover.fed_chunk(chunk, None)
+            if p.checker is not None:  # a forged chunk would sit in the next KV cache for good
+                route, claimed = p.route, int(reply.result["token"])
+                await p.checker.after_step(
+                    Step(
+                        route.stages, route.sids, prompt, end, len(chunk), req.sampling, 0, claimed
+                    )
+                )
         feed = chunks[-1] if chunks else prompt
         for i in range(req.max_tokens):
             pos = len(prompt) + i

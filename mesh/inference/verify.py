@@ -127,6 +127,9 @@ class Step:
     rows: int
     sampling: SamplingParams
     index: int  # tokens generated before this one
+    # The token the last stage gave, where it is not tokens[pos]: a prompt chunk before the
+    # last (its token is dropped, but the stage's KV cache must still be right).
+    claimed: int | None = None
 
 
 @dataclass
@@ -189,7 +192,8 @@ class SpotChecker:
         try:
             inputs, rows = await self._inputs(step, s)
             last = s == len(step.stages) - 1
-            claimed = step.tokens[step.pos] if last else await self._output(step, s)
+            token = step.tokens[step.pos] if step.claimed is None else step.claimed
+            claimed = token if last else await self._output(step, s)
         except _Blame as blame:
             self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
             return
