@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from mesh.errors import EXPECTED, RemoteError, RPCError
 from mesh.inference.compute import StageUnavailable, models_of
 from mesh.inference.host import AwaitedToken
+from mesh.inference.prompts import MAX_PIECE_BYTES
 from mesh.inference.routes import PairRtt, PeerView, RouteError, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.net.rpc import CallContext, Reply
@@ -55,7 +57,8 @@ class Coordinator:
             log.info("ignored a token from %s for no step of ours", ctx.peer_id[:12])
             return
         if not w.future.done() and type(params.get("token")) is int:
-            w.future.set_result(Reply(params, payload))
+            # Only a token's worth of text is kept (the run detokenizes it itself anyway).
+            w.future.set_result(Reply(params, payload[: MAX_PIECE_BYTES + 1]))
 
     async def rpc_stage_failed(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -74,6 +77,19 @@ class Coordinator:
         if not isinstance(rid, str) or type(pos) is not int:
             return None
         return self.waiting.get((rid, pos))
+
+    async def tokenizer(self, mid: str) -> Any | None:
+        if mid not in self.compute.manifests:
+            return None
+        try:
+            return await self.compute.tokenizers.get(mid)
+        except ModelError as exc:  # no end blob here, or no llama.cpp
+            log.debug("no local tokenizer for %s: %s", mid[:12], exc)
+            return None
+
+    def object_path(self, oid: str) -> Path | None:
+        path = self.compute.objects.store.data_path(oid)
+        return Path(path) if path is not None else None
 
     def holds_manifest(self, mid: str) -> bool:
         return mid in self.compute.manifests

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mesh.inference.routes import PairRtt, PeerView
     from mesh.net.rpc import MeshCaller, Reply
     from runtimes.shards import Manifest
@@ -76,8 +78,16 @@ class StepHost(Calls, Protocol):
 class CheckHost(Views, SessionHost, Protocol):
     """Spot checks: verifiers are found like stages and open sessions like them."""
 
+    def object_path(self, oid: str) -> Path | None:
+        """This node's data file of store object ``oid`` (to check a holder's proof)."""
+        ...
 
-class RunHost(PlanHost, SessionHost, StepHost, Protocol):
+
+class RunHost(PlanHost, CheckHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
 
     async def resolve(self, model: str) -> str: ...
+
+    async def tokenizer(self, mid: str) -> Any | None:
+        """This node's tokenizer of ``mid`` (it holds an end blob), or None."""
+        ...

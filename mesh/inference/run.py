@@ -29,7 +29,7 @@ from mesh.inference.compute import MAX_SESSION_TOKENS, PREFILL_CHUNK
 from mesh.inference.failover import Failover
 from mesh.inference.host import AwaitedToken, RunHost
 from mesh.inference.planning import MAX_FAILOVERS, RoutePlanner
-from mesh.inference.prompts import tokenize_on
+from mesh.inference.prompts import Pieces, tokenize_prompt, tokenizer_blobs
 from mesh.inference.routes import KV_PER_BLOCK, SHARD_OVERHEAD, RouteError, Stage, plan_route
 from mesh.inference.sampling import SamplingParams
 from mesh.inference.sessions import RouteSessions
@@ -83,6 +83,7 @@ class _Parts:
     route: RouteSessions
     failover: Failover
     checker: SpotChecker | None
+    pieces: Pieces  # each token's text, never the last stage's word alone
 
 
 class GenerationRun:
@@ -142,11 +143,17 @@ class GenerationRun:
         views, manifest = await host.views(mid, set())
         planner = RoutePlanner(host, mid, manifest, split=req.split, runtime=req.runtime)
         stages = planner.plan(views)
+        tok = await host.tokenizer(mid)
+        ends, first = tokenizer_blobs(manifest), stages[0].peer_id
+        holders = sorted(
+            (v.peer_id for v in views if ends & v.held and v.peer_id != host.mesh.me),
+            key=lambda peer: peer != first,
+        )
+        pieces = Pieces(host.mesh, mid, tok, holders)
         if req.tokens is not None:
             prompt = list(req.tokens)
         else:
-            first = stages[0].peer_id
-            prompt = await tokenize_on(host.mesh, mid, manifest, views, first, req.prompt)
+            prompt = await tokenize_prompt(host.mesh, mid, tok, holders, req.prompt)
         # prompt + output; each stage caps it at the context
         max_tokens = min(len(prompt) + req.max_tokens, MAX_SESSION_TOKENS)
         route = RouteSessions(host, mid, max_tokens, audit=checker is not None)
@@ -154,7 +161,7 @@ class GenerationRun:
         params = StepParams(req.mode, req.sampling, req.top, len(prompt))
         steps = StepRunner(host, route, params, self.stats)
         failover = Failover(planner, route, steps)
-        return _Parts(mid, manifest, prompt, planner, route, failover, checker)
+        return _Parts(mid, manifest, prompt, planner, route, failover, checker, pieces)
 
     async def _decode(self, p: _Parts) -> AsyncGenerator[dict[str, Any], None]:
         """The token loop from the prompt; a checked step's token is released only after its
@@ -168,8 +175,15 @@ class GenerationRun:
         end = 0
         for chunk in chunks[:-1]:  # the tokens these give are not wanted
             end += len(chunk)
-            await failover.step(chunk, end)
+            reply = await failover.step(chunk, end)
             failover.fed_chunk(chunk, None)
+            if p.checker is not None:  # a forged chunk would sit in the next KV cache for good
+                route, claimed = p.route, int(reply.result["token"])
+                await p.checker.after_step(
+                    Step(
+                        route.stages, route.sids, prompt, end, len(chunk), req.sampling, 0, claimed
+                    )
+                )
         feed = chunks[-1] if chunks else prompt
         for i in range(req.max_tokens):
             pos = len(prompt) + i
@@ -182,13 +196,16 @@ class GenerationRun:
                 step = Step(route.stages, route.sids, tokens, pos, len(feed), req.sampling, i)
                 await p.checker.after_step(step)
             self.stats.first_token()
-            piece, self.pending = _utf8(self.pending + reply.payload)
+            last = p.route.stages[-1].peer_id
+            text = await p.pieces.piece(token, reply.payload, last)
+            piece, self.pending = _utf8(self.pending + text)
             self.text += piece
             event: dict[str, Any] = {"token": token, "text": piece}
             if "top" in reply.result:
                 event["top"] = reply.result["top"]
             yield event
-            if reply.result.get("eos") or any(s and s in self.text for s in req.stop):
+            eos = p.pieces.is_eos(token, bool(reply.result.get("eos")))
+            if eos or any(s and s in self.text for s in req.stop):
                 break
             feed = [token]
 

@@ -1,0 +1,244 @@
+"""Verification nobody can steer (issue 13, scope 3), in one process.
+
+A real :class:`Coordinator` runs generations over real :class:`ComputeService` stages on the
+fake network of tests/test_run_failover.py; a hostile stage is a real stage whose handler or
+compute is wrapped. The cross-process version of the most important attack (text injection
+by the last stage) is in tests/test_verification.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.inference.compute import ComputeConfig, ComputeService
+from mesh.inference.routes import Stage
+from mesh.inference.run import GenerationRun
+from mesh.inference.verify import SpotChecker, VerifyParams
+from mesh.net.identity import Identity
+from mesh.net.rpc import CallContext, Reply, handlers_of
+from runtimes.errors import ModelError
+from runtimes.tokenizer import Tokenizer
+from tests import test_run_failover
+from tests.test_run_failover import COORD, FakeCaller, FakeNet, Mesh, clean_run
+from tests.test_run_failover import fast_probes as fast_probes  # noqa: F401 (fixture)
+from tests.test_run_failover import tiny as tiny  # noqa: F401 (fixture)
+
+INJECTED = b"<script>visit evil.example</script>"
+
+
+def inject_text(compute: ComputeService, extra: bytes) -> None:
+    """As a last stage, ``compute`` appends ``extra`` to every token's text."""
+    real = compute._finish
+
+    def lying(mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Any:
+        reply = real(mid, out, params, own)
+        return type(reply)(reply.result, reply.payload + extra)
+
+    compute._finish = lying  # type: ignore[method-assign]
+
+
+def no_local_tokenizer(mesh: Mesh) -> None:
+    """The coordinator's node loads no tokenizer (as one holding only middle blobs)."""
+
+    async def none(mid: str) -> Any:
+        raise ModelError("this node holds no blob with the tokenizer")
+
+    mesh.computes[COORD].tokenizers.get = none  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("extra", [INJECTED, b"x" * (1 << 20)], ids=["inject", "grow-1MiB"])
+async def test_last_stage_cannot_inject_or_inflate_the_text(
+    tmp_path: Path,
+    tiny: Path,
+    extra: bytes,  # noqa: F811
+) -> None:
+    """Every stage appends text to its tokens' pieces: the client's text is exactly the
+    detokenized token ids, and the coordinator keeps no byte of the stage's payload."""
+    clean, _ = await clean_run(tmp_path, tiny, split=3)
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    for peer in mesh.peers:
+        inject_text(mesh.computes[peer], extra)
+    run = GenerationRun(mesh.coord, mesh.request(split=3))
+    try:
+        events = await mesh.generate(run)
+    finally:
+        await mesh.stop()
+    summary = events[-1]
+    assert summary["tokens"] == clean["tokens"]
+    tok = Tokenizer(tiny)
+    expected = b"".join(tok.token_bytes(t) for t in summary["tokens"]).decode("utf-8", "replace")
+    assert summary["text"] == expected == clean["text"]
+    streamed = "".join(e["text"] for e in events if "token" in e)
+    assert INJECTED.decode() not in streamed and "xxxx" not in streamed
+    assert len(streamed.encode()) <= len(expected.encode())
+
+
+async def test_without_a_local_tokenizer_a_second_holder_checks_the_text(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """The coordinator holds no tokenizer: the last stage's text is compared with another
+    holder's, and an injected text stops the generation instead of reaching the client."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    no_local_tokenizer(mesh)
+    honest = GenerationRun(mesh.coord, mesh.request(split=3))
+    try:
+        summary = (await mesh.generate(honest))[-1]
+        for peer in mesh.peers:
+            inject_text(mesh.computes[peer], INJECTED)
+        lying = GenerationRun(mesh.coord, mesh.request(split=3))
+        with pytest.raises(ModelError, match="disagree on token"):
+            await mesh.generate(lying)
+    finally:
+        await mesh.stop()
+    tok = Tokenizer(tiny)
+    assert summary["text"] == tok.decode(summary["tokens"])
+
+
+def lie_tokenize(mesh: Mesh, peers: list[str]) -> None:
+    """``peers`` answer ``tokenize`` with tokens of their choosing (each its own)."""
+    for i, peer in enumerate(peers):
+
+        async def lying(
+            ctx: CallContext, params: dict[str, Any], payload: bytes, i: int = i
+        ) -> Reply:
+            tokens = [1, 66 + i, 66, 66]
+            return Reply({"n": len(tokens)}, np.asarray(tokens, "<i4").tobytes())
+
+        mesh.net.handlers[peer]["prompts.tokenize"] = lying
+
+
+async def test_a_lying_tokenizer_does_not_set_the_prompt(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """Every stage peer lies about the prompt's tokens: the coordinator, which holds the
+    tokenizer, tokenizes the prompt itself."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    lie_tokenize(mesh, mesh.peers)
+    run = GenerationRun(mesh.coord, mesh.request(split=3, tokens=None, prompt="hello world"))
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    assert run.parts is not None
+    assert run.parts.prompt == Tokenizer(tiny).encode("hello world")
+    assert summary["prompt_tokens"] == len(run.parts.prompt)
+
+
+async def test_a_lying_tokenizer_is_cross_checked_by_a_second_holder(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """Without a local tokenizer, the first stage (asked first) lies about the prompt: the
+    second holder's answer differs and the generation is refused before any session."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    no_local_tokenizer(mesh)
+    lie_tokenize(mesh, mesh.peers[:1] + mesh.peers[2:])  # all but one honest holder
+    run = GenerationRun(mesh.coord, mesh.request(split=3, tokens=None, prompt="hello world"))
+    try:
+        with pytest.raises(ModelError, match="tokenize the prompt differently"):
+            await mesh.generate(run)
+    finally:
+        await mesh.stop()
+    assert mesh.sessions_left() == {}
+
+
+class SigningNet(FakeNet):
+    """A fake network whose nodes sign and check stage messages with real keys (the audit
+    log of a spot check needs them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: dict[str, Identity] = {}
+
+    def caller(self, me: str) -> FakeCaller:
+        net = self
+
+        class Signing(FakeCaller):
+            def sign(self, message: bytes) -> bytes:
+                return net.keys.setdefault(self.me, Identity.generate()).sign(message)
+
+            def peer_key(self, peer_id: str) -> bytes:
+                return net.keys.setdefault(peer_id, Identity.generate()).public_key
+
+        return Signing(self, me)
+
+
+async def signing_mesh(root: Path, tiny: Path, n: int) -> Mesh:
+    real = test_run_failover.FakeNet
+    test_run_failover.FakeNet = SigningNet  # type: ignore[misc]
+    try:
+        return await Mesh.start(root, tiny, n)
+    finally:
+        test_run_failover.FakeNet = real  # type: ignore[misc]
+
+
+def forge_at(compute: ComputeService, positions: set[int]) -> None:
+    """As a middle stage, ``compute`` sends noise instead of its output for the steps ending
+    at ``positions`` (honest everywhere else: its own KV cache stays right)."""
+    real = compute._compute
+
+    async def forging(
+        params: dict[str, Any], payload: bytes, sender: str | None = None
+    ) -> tuple[Any, Any, Any, dict[str, Any]]:
+        st, spec, out, own = await real(params, payload, sender)
+        if params.get("pos") in positions and not spec.is_last:
+            out = np.asarray(out, np.float32) + 3.0 * float(np.std(out)) + 1.0
+        return st, spec, out, own
+
+    compute._compute = forging  # type: ignore[method-assign]
+
+
+async def test_a_forged_early_prefill_chunk_is_caught(tmp_path: Path, tiny: Path) -> None:  # noqa: F811
+    """The first stage forges its output for the first of three prompt chunks only: that
+    output is in the next stage's KV cache for good, so every later token may be wrong. Every
+    chunk is eligible for a check: the forger is banned, and the tokens are the honest ones."""
+    kw = {"split": 2, "prefill_chunk": 4, "max_tokens": 4}
+    clean, _ = await clean_run(tmp_path, tiny, **kw)
+    mesh = await signing_mesh(tmp_path / "m", tiny, n=4)
+    forger = clean["stages"][0]["peer_id"]  # the same route is planned here
+    forge_at(mesh.computes[forger], {4})
+    run = GenerationRun(mesh.coord, mesh.request(verify=VerifyParams(rate=1.0, seed=1), **kw))
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    assert run.parts is not None
+    verification = summary["verification"]
+    assert [b["peer"] for b in verification["banned"]] == [forger], verification
+    assert summary["tokens"] == clean["tokens"]
+    assert forger not in {s["peer_id"] for s in summary["stages"]}
+
+
+async def test_verifiers_are_proven_holders_never_chosen_by_claims(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """Two Sybils claim to hold every blob of the model (and memory to spare) without a byte
+    of it: they are never drawn as verifiers, so they cannot outvote an honest stage. Only
+    peers that answered a challenge on a random byte range of the shard are drawn."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    honest = mesh.peers[0]
+    sybils = ["e" * 64, "f" * 64]
+    for sybil in sybils:
+        compute = ComputeService(
+            mesh.net.caller(sybil), sybil, tmp_path / sybil[:4], ComputeConfig(runtime="fake")
+        )
+        handlers = handlers_of(compute, compute.tokenizers)
+        # the claim, not the bytes
+        handlers["compute.models"] = mesh.net.handlers[honest]["compute.models"]
+        mesh.net.handlers = {COORD: mesh.net.handlers[COORD], sybil: handlers, **mesh.net.handlers}
+    checker = SpotChecker(mesh.coord, "", VerifyParams(rate=1.0))
+    checker.mid = await mesh.coord.resolve("tiny")
+    stage = Stage(mesh.peers[1], (0, 2), "fake")
+    try:
+        drawn = {p for _ in range(8) for p in await checker._verifiers(stage, mesh.peers[1])}
+    finally:
+        await mesh.stop()
+    assert drawn and not drawn & set(sybils), drawn
+    assert drawn <= set(mesh.peers) - {mesh.peers[1]}
