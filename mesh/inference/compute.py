@@ -9,7 +9,6 @@ Its concerns live in layers, each a class extending the one below in a module of
 - :mod:`mesh.inference.stages`: stage sessions (``stage_open``, ``stage_push``,
   ``stage_forward``, ``stage_close``, ``capacity``)
 - :mod:`mesh.inference.recompute`: spot checks (``stage_audit``, ``stage_recompute``)
-- :mod:`mesh.inference.proofs`: proof of holding a shard's bytes (``shard_challenge``)
 
 The node serves the ``rpc_*`` methods of :class:`ComputeService`, which is the top layer.
 """
@@ -26,7 +25,7 @@ from mesh.inference.models import (
     StageUnavailable,
     models_of,
 )
-from mesh.inference.proofs import ProvenShards
+from mesh.inference.recompute import AuditedStages
 from mesh.inference.stages import MAX_SESSION_TOKENS, MAX_STEP_ROWS, PREFILL_CHUNK
 
 __all__ = [
@@ -43,9 +42,8 @@ __all__ = [
 ]
 
 
-class ComputeService(ProvenShards):
-    """Models, shards, memory, stage sessions, their audits and shard proofs, as one RPC
-    service."""
+class ComputeService(AuditedStages):
+    """Models, shards, memory, stage sessions and their audits, as one RPC service."""
 
     name = "compute"  # RPC namespace: peers call "compute.<method>"
 

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from typing import Any
 
 from mesh.errors import EXPECTED, RemoteError, RPCError
@@ -86,10 +85,6 @@ class Coordinator:
         except ModelError as exc:  # no end blob here, or no llama.cpp
             log.debug("no local tokenizer for %s: %s", mid[:12], exc)
             return None
-
-    def object_path(self, oid: str) -> Path | None:
-        path = self.compute.objects.store.data_path(oid)
-        return Path(path) if path is not None else None
 
     def holds_manifest(self, mid: str) -> bool:
         return mid in self.compute.manifests

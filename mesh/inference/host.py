@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from mesh.inference.routes import PairRtt, PeerView
     from mesh.net.rpc import MeshCaller, Reply
     from runtimes.shards import Manifest
@@ -78,12 +76,8 @@ class StepHost(Calls, Protocol):
 class CheckHost(Views, SessionHost, Protocol):
     """Spot checks: verifiers are found like stages and open sessions like them."""
 
-    def object_path(self, oid: str) -> Path | None:
-        """This node's data file of store object ``oid`` (to check a holder's proof)."""
-        ...
 
-
-class RunHost(PlanHost, CheckHost, StepHost, Protocol):
+class RunHost(PlanHost, SessionHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
 
     async def resolve(self, model: str) -> str: ...

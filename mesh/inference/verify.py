@@ -4,19 +4,16 @@ After each step, every stage of the route is checked with probability ``rate``, 
 secret random source *after* the step ran (a stage cannot know which steps will be checked, so
 it must be honest on all of them). A check takes the stage's inputs from its audit log (each
 signed by the stage before it), its output as the next stage received it (signed by the
-stage itself) or, for the last stage, the token it delivered, and has a verifier (this node,
-or another peer that can hold the same units, drawn at random and proven to hold the bytes by
-a challenge, :mod:`mesh.inference.proofs`) rerun the whole input history on a fresh session.
-Every prompt chunk is eligible, not only the last. Activations must agree within
-``tolerance`` (relative L2 error); a token must be the verifier's choice or a near-tie.
+stage itself) or, for the last stage, the token it delivered, and has a verifier (another peer
+that can hold the same units, preferring one that already has the bytes) rerun the whole
+input history on a fresh session. Activations must agree within ``tolerance`` (relative L2
+error); a token must be the verifier's choice or a near-tie.
 
 A mismatch is put to a second verifier when one exists: if it agrees with the stage, the first
 verifier is the liar and is banned; otherwise the stage is. This node's own recomputation is
-trusted alone. Where this node holds none of the stage's shards no verifier can prove
-anything: their verdicts only leave peers out of the generation, never ban. With no second
-opinion, one peer's word stands against another's: neither is banned (a lone liar could
-otherwise get honest peers banned mesh-wide); the stage is left out of this generation and so
-is the verifier (its word is worth no more than the stage's). A
+trusted alone. With no second opinion, one peer's word stands against another's: neither is
+banned (a lone liar could otherwise get honest peers banned mesh-wide); the stage is left out
+of this generation and so is the verifier (its word is worth no more than the stage's). A
 stage whose log or signatures do not hold up is banned outright: an honest stage refuses
 unsigned input and never loses its log. Banning (:meth:`Node.ban`) drops the peer's link
 and ignores its discovery and provider records; the generation then restarts on a route
@@ -52,7 +49,6 @@ from mesh.inference.audit import (
 )
 from mesh.inference.compute import MAX_SESSION_TOKENS
 from mesh.inference.host import CheckHost
-from mesh.inference.proofs import prove_holds
 from mesh.inference.routes import Stage, unit_memory
 from mesh.inference.sampling import SamplingParams
 from mesh.net.identity import verify
@@ -156,8 +152,6 @@ class SpotChecker:
         self.stats = _Stats()
         self.excluded: set[str] = set()
         self._candidates: dict[tuple[int, int], list[str]] = {}  # per unit range, this run
-        self._unproven: set[tuple[int, int]] = set()  # unit ranges whose verifiers are not
-        self._draw = random.SystemRandom()  # verifiers: never predictable, even in tests
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -221,18 +215,14 @@ class SpotChecker:
         second = None
         if not trusted and len(verifiers) > 1:
             second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
-        # Two verifiers' word bans only when each proved it holds the bytes and was drawn
-        # at random by us: two Sybils sorted first by their own claims could ban anyone.
-        proven = stage.units not in self._unproven
         if second is not None and second.ok:
             # The stage agrees with an independent verifier: the first verifier lied.
             self._passed(second)
-            if proven:
-                self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
+            self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
             return
         self.stats.failed += 1
         reason = f"stage units {list(stage.units)} at position {step.pos}: {first.what}"
-        if trusted or (second is not None and proven):
+        if trusted or second is not None:
             self._ban(suspect, reason, step)  # raises: the suspect runs a stage of the route
             return
         # One peer's word against another's: banning on it would let a lone verifier get
@@ -320,11 +310,8 @@ class SpotChecker:
         return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
 
     async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
-        """Up to two peers that can hold ``stage``'s units: this node first (we trust our own
-        recomputation), then peers drawn at random, each proving it holds the bytes by a
-        challenge on a random range of a shard we hold ourselves. Claims never order them: a
-        Sybil claiming every blob would otherwise always be drawn. Asked once per unit range
-        and run; a ban or a verifier that fails asks again."""
+        """Up to two peers that can hold ``stage``'s units, those holding the bytes first
+        (asked once per unit range and run; a ban or a verifier that fails asks again)."""
         cached = self._candidates.get(stage.units)
         if cached is not None:
             return [p for p in cached if p != suspect][:2]
@@ -337,27 +324,12 @@ class SpotChecker:
         a, b = stage.units
         ub = [u.nbytes for u in manifest.units]
         need = unit_memory(ub, a, b)
-        me = self.host.mesh.me
-        fits = [v.peer_id for v in views if v.free >= need and v.peer_id not in skip]
-        others = [p for p in fits if p != me]
-        self._draw.shuffle(others)
-        own = [
-            (blob.object, path)
-            for blob in manifest.blobs_for(a, b)
-            if blob.object and (path := self.host.object_path(blob.object)) is not None
-        ]
-        if not own:  # nothing to check a proof against: their word may not ban anyone
-            self._unproven.add(stage.units)
-        proven: list[str] = []
-        for peer in others:
-            if len(proven) == 3:  # whichever is the suspect at a later check, two remain
-                break
-            oid, path = self._draw.choice(own) if own else ("", None)
-            if path is None or await prove_holds(self.host.mesh, peer, oid, path, self._draw):
-                proven.append(peer)
-            else:
-                self.stats.unchecked.append(f"{peer[:12]} failed a shard challenge")
-        self._candidates[stage.units] = [p for p in fits if p == me] + proven
+        blobs = {blob.sha256 for blob in manifest.blobs_for(a, b)}
+        fits = [v for v in views if v.free >= need and v.peer_id not in skip]
+        # This node first (we trust ourselves), then peers that need not pull the bytes.
+        fits.sort(key=lambda v: (v.peer_id != self.host.mesh.me, -len(blobs & v.held)))
+        # Three kept: whichever is the suspect at a later check, two remain.
+        self._candidates[stage.units] = [v.peer_id for v in fits[:3]]
         return [p for p in self._candidates[stage.units] if p != suspect][:2]
 
     async def _recompute(
