@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from mesh.errors import EXPECTED, RemoteError, RPCError
@@ -62,14 +63,21 @@ class Coordinator:
     async def rpc_stage_failed(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> None:
+        """A stage's report that its step failed. It may name only its own next hop as the
+        peer it could not reach: a stage naming any other (off the route, or a stage before
+        it) would get an honest peer left out. Such a report is the reporter's own error."""
         w = self._waiter(params)
         if w is None or ctx.peer_id not in w.route or w.future.done():
             return
         failed, error = params.get("failed"), str(params.get("error", "stage failed"))
-        if isinstance(failed, str) and failed in w.route:
+        at = w.route.index(ctx.peer_id)
+        next_hop = w.route[at + 1] if at + 1 < len(w.route) else None
+        if failed is not None and failed == next_hop:
             w.future.set_exception(StageUnavailable(failed))
-        else:
-            w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"))
+            return
+        if failed is not None:
+            log.warning("%s blamed %s, not its next hop", ctx.peer_id[:12], str(failed)[:12])
+        w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"[:400]))
 
     def _waiter(self, params: dict[str, Any]) -> AwaitedToken | None:
         rid, pos = params.get("rid"), params.get("pos")
@@ -85,6 +93,10 @@ class Coordinator:
         except ModelError as exc:  # no end blob here, or no llama.cpp
             log.debug("no local tokenizer for %s: %s", mid[:12], exc)
             return None
+
+    def object_path(self, oid: str) -> Path | None:
+        path: Path | None = self.compute.objects.store.data_path(oid)
+        return path
 
     def holds_manifest(self, mid: str) -> bool:
         return mid in self.compute.manifests

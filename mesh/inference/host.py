@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mesh.inference.routes import PairRtt, PeerView
     from mesh.net.rpc import MeshCaller, Reply
     from runtimes.shards import Manifest
@@ -34,7 +36,7 @@ class AwaitedToken:
 
     future: asyncio.Future[Reply]
     last: str  # only the last stage may deliver the token
-    route: frozenset[str]  # only stages on the route may report a failure
+    route: tuple[str, ...]  # the stages in order: one may report only its own next hop
 
 
 class Calls(Protocol):
@@ -76,8 +78,12 @@ class StepHost(Calls, Protocol):
 class CheckHost(Views, SessionHost, Protocol):
     """Spot checks: verifiers are found like stages and open sessions like them."""
 
+    def object_path(self, oid: str) -> Path | None:
+        """This node's data file of store object ``oid`` (to check a holder's proof)."""
+        ...
 
-class RunHost(PlanHost, SessionHost, StepHost, Protocol):
+
+class RunHost(PlanHost, CheckHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
 
     async def resolve(self, model: str) -> str: ...
