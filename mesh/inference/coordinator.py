@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
+STRANGER_CHECKS = 0.25  # strangers' stage steps recomputed: a liar lasts 4 steps on average
+
 
 class Coordinator:
     """Runs generations. Also a service: the last stage delivers each step's token here."""
@@ -42,8 +44,11 @@ class Coordinator:
         compute: Any,
         forward_timeout: float = 45.0,
         pair_rtt: PairRtt | None = None,
+        stranger: Callable[[str], bool] | None = None,
     ) -> None:
         self.mesh = mesh
+        # An open mesh's test of strangers: their stages are spot-checked by default.
+        self._stranger = stranger
         self.compute = compute
         self.forward_timeout = forward_timeout
         self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
@@ -93,6 +98,13 @@ class Coordinator:
         except ModelError as exc:  # no end blob here, or no llama.cpp
             log.debug("no local tokenizer for %s: %s", mid[:12], exc)
             return None
+
+    def is_stranger(self, peer_id: str) -> bool:
+        return self._stranger is not None and peer_id != self.mesh.me and self._stranger(peer_id)
+
+    @property
+    def stranger_checks(self) -> float:
+        return STRANGER_CHECKS if self._stranger is not None else 0.0
 
     def object_path(self, oid: str) -> Path | None:
         path: Path | None = self.compute.objects.store.data_path(oid)

@@ -82,6 +82,15 @@ class CheckHost(Views, SessionHost, Protocol):
         """This node's data file of store object ``oid`` (to check a holder's proof)."""
         ...
 
+    def is_stranger(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is a stranger of an open mesh (no member certificate)."""
+        ...
+
+    @property
+    def stranger_checks(self) -> float:
+        """The least spot-check rate for stages that strangers run (0: a private mesh)."""
+        ...
+
 
 class RunHost(PlanHost, CheckHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
