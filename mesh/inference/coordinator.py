@@ -15,8 +15,9 @@ from typing import Any
 from mesh.errors import EXPECTED, RemoteError, RPCError
 from mesh.inference.compute import StageUnavailable, models_of
 from mesh.inference.host import AwaitedToken
+from mesh.inference.measured import Measured
 from mesh.inference.prompts import MAX_PIECE_BYTES
-from mesh.inference.routes import PairRtt, PeerView, RouteError, peer_view
+from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Mesh
@@ -36,7 +37,7 @@ class Coordinator:
     name = "coordinator"  # RPC namespace: peers call "coordinator.<method>"
 
     def status(self) -> dict[str, Any]:
-        return {"steps_awaited": len(self.waiting)}
+        return {"steps_awaited": len(self.waiting), "peers_measured": len(self.measured)}
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class Coordinator:
         self.forward_timeout = forward_timeout
         self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
         self.waiting: dict[tuple[str, int], AwaitedToken] = {}
+        self.measured = Measured()  # peers' bandwidth as routes showed it, over their claims
 
     async def rpc_stage_token(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -99,6 +101,15 @@ class Coordinator:
             log.debug("no local tokenizer for %s: %s", mid[:12], exc)
             return None
 
+    def observe(
+        self,
+        stages: list[Stage],
+        unit_bytes: list[int],
+        views: dict[str, PeerView],
+        decode_ms: list[float],
+    ) -> None:
+        self.measured.record(stages, unit_bytes, views, decode_ms, self.pair_rtt)
+
     def is_stranger(self, peer_id: str) -> bool:
         return self._stranger is not None and peer_id != self.mesh.me and self._stranger(peer_id)
 
@@ -133,7 +144,7 @@ class Coordinator:
         asked = [p for p in [self.mesh.me, *self.mesh.connected_peer_ids()] if p not in exclude]
         for pid, view, knows in await asyncio.gather(*(ask(p) for p in asked)):
             if view is not None:
-                views.append(view)
+                views.append(self.measured.apply(view))
                 if knows and source is None:
                     source = pid
         if manifest is None:

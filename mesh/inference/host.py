@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from mesh.inference.routes import PairRtt, PeerView
+    from mesh.inference.routes import PairRtt, PeerView, Stage
     from mesh.net.rpc import MeshCaller, Reply
     from runtimes.shards import Manifest
 
@@ -51,10 +51,20 @@ class Views(Calls, Protocol):
 
 
 class PlanHost(Views, Protocol):
-    """Route planning: who can hold what, and how far apart peers are."""
+    """Route planning: who can hold what, how far apart peers are, and what routes did."""
 
     @property
     def pair_rtt(self) -> PairRtt | None: ...
+
+    def observe(
+        self,
+        stages: list[Stage],
+        unit_bytes: list[int],
+        views: dict[str, PeerView],
+        decode_ms: list[float],
+    ) -> None:
+        """A finished generation's route and step times: later plans use what it showed."""
+        ...
 
 
 class SessionHost(Calls, Protocol):

@@ -126,6 +126,9 @@ class GenerationRun:
                         "reason": exc.reason,
                         "route": [s.as_dict(n_layers) for s in p.route.stages],
                     }
+            unit_bytes = [u.nbytes for u in p.manifest.units]
+            host = self.host
+            host.observe(p.route.stages, unit_bytes, p.planner.seen, self.stats.decode_ms)
             yield self._summary(p)
         finally:
             await p.route.close()
@@ -144,6 +147,7 @@ class GenerationRun:
             checker = SpotChecker(host, mid, verify)
         views, manifest = await host.views(mid, set())
         planner = RoutePlanner(host, mid, manifest, split=req.split, runtime=req.runtime)
+        planner.seen.update((v.peer_id, v) for v in views)
         stages = planner.plan(views)
         tok = await host.tokenizer(mid)
         ends, first = tokenizer_blobs(manifest), stages[0].peer_id
