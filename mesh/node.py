@@ -133,8 +133,13 @@ class Node:
         )
         self.jobs = JobService(self, self.objects)
         # -- end storage and jobs --
+        stranger = (lambda peer: not self.policy.is_member(peer)) if self.policy.open else None
         self.coordinator = Coordinator(
-            self, self.compute, config.step_timeout, pair_rtt=self.objects.net.pair_rtt
+            self,
+            self.compute,
+            config.step_timeout,
+            pair_rtt=self.objects.net.pair_rtt,
+            stranger=stranger,
         )
         # The node's services: their RPCs are served as "<name>.<method>" and their status
         # is their part of /v1/info.

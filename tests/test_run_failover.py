@@ -417,3 +417,42 @@ async def test_stage_short_of_memory_at_open_is_replaced(tmp_path: Path, tiny: P
     assert run.parts is not None and run.parts.planner.excluded == {short}
     assert short not in mesh.net.steps  # it never ran a step
     assert mesh.sessions_left() == {}
+
+
+async def test_stage_failed_may_name_only_the_reporters_next_hop(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """The last stage reports that the first stage failed (it is on the route, but not the
+    reporter's next hop): before, the coordinator excluded the first stage and re-routed
+    around it, so any stage could push any honest peer off its route. Now the report is the
+    reporter's own error and nobody is excluded."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    run = GenerationRun(mesh.coord, mesh.request(split=3))
+    reported: list[str] = []
+
+    def scripted(me: str, real: Handler) -> Handler:
+        async def stage_push(ctx: CallContext, params: dict[str, Any], payload: bytes) -> None:
+            assert run.parts is not None
+            stages = run.parts.route.stages
+            if me != stages[-1].peer_id or params["pos"] < 12:
+                await real(ctx, params, payload)
+                return
+            reported.append(stages[0].peer_id)
+            report = {"rid": params["rid"], "pos": params["pos"], "failed": stages[0].peer_id}
+            await mesh.net.caller(me).notify(COORD, "coordinator.stage_failed", report)
+
+        return stage_push
+
+    for peer in mesh.peers:
+        handlers = mesh.net.handlers[peer]
+        handlers["compute.stage_push"] = scripted(peer, handlers["compute.stage_push"])
+    try:
+        with pytest.raises(RemoteError) as failed:
+            await mesh.generate(run)
+    finally:
+        await mesh.stop()
+    assert reported, "the scripted report was never sent"
+    assert failed.value.code == "StageError"
+    assert run.parts is not None
+    assert run.parts.planner.excluded == set()
+    assert run.parts.planner.reroutes == []

@@ -8,17 +8,20 @@ by the last stage) is in tests/test_verification.py.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from mesh.inference.compute import ComputeService
+from mesh.inference import verify
+from mesh.inference.compute import ComputeConfig, ComputeService
+from mesh.inference.routes import Stage
 from mesh.inference.run import GenerationRun
-from mesh.inference.verify import VerifyParams
+from mesh.inference.verify import SpotChecker, VerifyParams
 from mesh.net.identity import Identity
-from mesh.net.rpc import CallContext, Reply
+from mesh.net.rpc import CallContext, Handler, Reply, handlers_of
 from runtimes.errors import ModelError
 from runtimes.tokenizer import Tokenizer
 from tests import test_run_failover
@@ -210,5 +213,140 @@ async def test_a_forged_early_prefill_chunk_is_caught(tmp_path: Path, tiny: Path
     assert run.parts is not None
     verification = summary["verification"]
     assert [b["peer"] for b in verification["banned"]] == [forger], verification
+    assert summary["tokens"] == clean["tokens"]
+    assert forger not in {s["peer_id"] for s in summary["stages"]}
+
+
+def sybils_first(mesh: Mesh, sybils: list[str]) -> None:
+    """Views list the Sybils first (the order the previous code kept among equal claims)."""
+    net = mesh.net
+    net.handlers = {
+        COORD: net.handlers[COORD],
+        **{p: net.handlers[p] for p in sybils},
+        **{p: h for p, h in net.handlers.items() if p not in sybils and p != COORD},
+    }
+
+
+async def test_verifiers_that_only_claim_the_bytes_are_never_drawn(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """Two Sybils claim every blob of the model (the honest peers' models reply) without a
+    byte of it. Before, verifiers were sorted by such claims: the two Sybils were exactly
+    the verifiers drawn. Now a claimer must answer a challenge on a random range of a shard,
+    and these fail it: they are never drawn."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    honest = mesh.peers[0]
+    sybils = ["e" * 64, "f" * 64]
+    for sybil in sybils:
+        compute = ComputeService(
+            mesh.net.caller(sybil), sybil, tmp_path / sybil[:4], ComputeConfig(runtime="fake")
+        )
+        handlers = handlers_of(compute, compute.tokenizers)
+        handlers["compute.models"] = mesh.net.handlers[honest]["compute.models"]  # the claim
+        mesh.net.handlers[sybil] = handlers
+    sybils_first(mesh, sybils)
+    checker = SpotChecker(mesh.coord, await mesh.coord.resolve("tiny"), VerifyParams(rate=1.0))
+    stage = Stage(mesh.peers[1], (0, 2), "fake")
+    try:
+        drawn = await checker._verifiers(stage, mesh.peers[1])
+    finally:
+        await mesh.stop()
+    assert drawn and not set(drawn) & set(sybils), drawn
+    assert set(drawn) <= set(mesh.peers) - {mesh.peers[1]}
+    assert sum("failed a shard challenge" in u for u in checker.stats.unchecked) == 2
+
+
+def lying_verifier(real: Handler) -> Handler:
+    """``compute.stage_recompute`` that always reports a mismatch: noise for activations,
+    a far better token than the one claimed for a last stage."""
+
+    async def recompute(ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
+        reply = await real(ctx, params, payload)
+        assert isinstance(reply, Reply)
+        if reply.payload:
+            out = np.frombuffer(reply.payload, "<f4") + 5.0
+            return Reply(reply.result, out.astype("<f4").tobytes())
+        result = dict(reply.result, token_logit=float(reply.result["claimed_logit"]) + 1e3)
+        return Reply(result, b"")
+
+    return recompute
+
+
+class _SybilsFirst(random.Random):
+    """The worst draw for the honest: every jury lists the Sybils first."""
+
+    sybils: list[str] = []
+
+    def shuffle(self, x: Any) -> None:  # type: ignore[override]
+        x.sort(key=lambda v: getattr(v, "peer_id", v) not in self.sybils)
+
+
+async def test_two_colluding_verifiers_cannot_get_an_honest_stage_banned(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two members hold the model's bytes (they pass every challenge) and, as verifiers,
+    always report a mismatch. Even when they are drawn first for every jury, the honest
+    stage is not banned: before, two verifiers' word banned it (and the generation went on
+    without it); now a ban on peers' word needs two accusers and no defender among up to
+    four jurors, so the stage and its accusers leave this generation only, and the tokens
+    are the honest ones."""
+    kw = {"split": 2, "max_tokens": 6}
+    clean, _ = await clean_run(tmp_path, tiny, **kw)
+    mesh = await signing_mesh(tmp_path / "m", tiny, n=6)
+    route = {s["peer_id"] for s in clean["stages"]}
+    sybils = [p for p in mesh.peers if p not in route][:2]
+    for sybil in sybils:
+        handlers = mesh.net.handlers[sybil]
+        handlers["compute.stage_recompute"] = lying_verifier(handlers["compute.stage_recompute"])
+    run = GenerationRun(mesh.coord, mesh.request(verify=VerifyParams(rate=1.0, seed=1), **kw))
+    real_views = mesh.coord.views
+
+    async def views(mid: str, exclude: set[str]) -> Any:
+        """Once the route is planned (as the clean run's), views list the Sybils first: the
+        order the previous code kept among equal claims."""
+        found, manifest = await real_views(mid, exclude)
+        if run.parts is not None and run.parts.route.stages:
+            found.sort(key=lambda v: v.peer_id not in sybils)
+        return found, manifest
+
+    mesh.coord.views = views  # type: ignore[method-assign]
+    monkeypatch.setattr(_SybilsFirst, "sybils", sybils)
+    monkeypatch.setattr(verify.random, "SystemRandom", _SybilsFirst)
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    v = summary["verification"]
+    assert not v["banned"] and not mesh.coord.mesh.banned, v  # type: ignore[attr-defined]
+    assert v["disputes"] and set(v["disputes"][0]["accusers"]) == set(sybils), v
+    assert v["disputes"][0]["stage"] in route and v["disputes"][0]["defenders"], v
+    assert summary["tokens"] == clean["tokens"]
+    assert not {s["peer_id"] for s in summary["stages"]} & set(sybils)
+
+
+async def test_strangers_of_an_open_mesh_are_spot_checked_by_default(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """In an open mesh a stranger (no member certificate) runs the first stage and forges
+    its outputs; the request asks for no spot checks. Before, nothing was checked and the
+    forged tokens went out; now strangers' stages are checked by default, the forger is
+    banned and the tokens are the honest ones."""
+    kw = {"split": 2, "max_tokens": 8}
+    clean, _ = await clean_run(tmp_path, tiny, **kw)
+    mesh = await signing_mesh(tmp_path / "m", tiny, n=4)
+    forger = clean["stages"][0]["peer_id"]  # the same route is planned here
+    forge_at(mesh.computes[forger], set(range(1, 64)))
+    mesh.coord._stranger = lambda peer: peer == forger  # an open mesh's test of strangers
+    run = GenerationRun(mesh.coord, mesh.request(**kw))
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    verification = summary.get("verification") or {}
+    assert [b["peer"] for b in verification.get("banned", [])] == [forger], verification
     assert summary["tokens"] == clean["tokens"]
     assert forger not in {s["peer_id"] for s in summary["stages"]}

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 from mesh.errors import EXPECTED, RemoteError, RPCError
 from mesh.inference.compute import StageUnavailable, models_of
 from mesh.inference.host import AwaitedToken
+from mesh.inference.measured import Measured
 from mesh.inference.prompts import MAX_PIECE_BYTES
-from mesh.inference.routes import PairRtt, PeerView, RouteError, peer_view
+from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Mesh
@@ -26,6 +28,8 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
+STRANGER_CHECKS = 0.25  # strangers' stage steps recomputed: a liar lasts 4 steps on average
+
 
 class Coordinator:
     """Runs generations. Also a service: the last stage delivers each step's token here."""
@@ -33,7 +37,7 @@ class Coordinator:
     name = "coordinator"  # RPC namespace: peers call "coordinator.<method>"
 
     def status(self) -> dict[str, Any]:
-        return {"steps_awaited": len(self.waiting)}
+        return {"steps_awaited": len(self.waiting), "peers_measured": len(self.measured)}
 
     def __init__(
         self,
@@ -41,12 +45,16 @@ class Coordinator:
         compute: Any,
         forward_timeout: float = 45.0,
         pair_rtt: PairRtt | None = None,
+        stranger: Callable[[str], bool] | None = None,
     ) -> None:
         self.mesh = mesh
+        # An open mesh's test of strangers: their stages are spot-checked by default.
+        self._stranger = stranger
         self.compute = compute
         self.forward_timeout = forward_timeout
         self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
         self.waiting: dict[tuple[str, int], AwaitedToken] = {}
+        self.measured = Measured()  # peers' bandwidth as routes showed it, over their claims
 
     async def rpc_stage_token(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -62,14 +70,21 @@ class Coordinator:
     async def rpc_stage_failed(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> None:
+        """A stage's report that its step failed. It may name only its own next hop as the
+        peer it could not reach: a stage naming any other (off the route, or a stage before
+        it) would get an honest peer left out. Such a report is the reporter's own error."""
         w = self._waiter(params)
         if w is None or ctx.peer_id not in w.route or w.future.done():
             return
         failed, error = params.get("failed"), str(params.get("error", "stage failed"))
-        if isinstance(failed, str) and failed in w.route:
+        at = w.route.index(ctx.peer_id)
+        next_hop = w.route[at + 1] if at + 1 < len(w.route) else None
+        if failed is not None and failed == next_hop:
             w.future.set_exception(StageUnavailable(failed))
-        else:
-            w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"))
+            return
+        if failed is not None:
+            log.warning("%s blamed %s, not its next hop", ctx.peer_id[:12], str(failed)[:12])
+        w.future.set_exception(RemoteError("StageError", f"{ctx.peer_id[:12]}: {error}"[:400]))
 
     def _waiter(self, params: dict[str, Any]) -> AwaitedToken | None:
         rid, pos = params.get("rid"), params.get("pos")
@@ -85,6 +100,26 @@ class Coordinator:
         except ModelError as exc:  # no end blob here, or no llama.cpp
             log.debug("no local tokenizer for %s: %s", mid[:12], exc)
             return None
+
+    def observe(
+        self,
+        stages: list[Stage],
+        unit_bytes: list[int],
+        views: dict[str, PeerView],
+        decode_ms: list[float],
+    ) -> None:
+        self.measured.record(stages, unit_bytes, views, decode_ms, self.pair_rtt)
+
+    def is_stranger(self, peer_id: str) -> bool:
+        return self._stranger is not None and peer_id != self.mesh.me and self._stranger(peer_id)
+
+    @property
+    def stranger_checks(self) -> float:
+        return STRANGER_CHECKS if self._stranger is not None else 0.0
+
+    def object_path(self, oid: str) -> Path | None:
+        path: Path | None = self.compute.objects.store.data_path(oid)
+        return path
 
     def holds_manifest(self, mid: str) -> bool:
         return mid in self.compute.manifests
@@ -109,7 +144,7 @@ class Coordinator:
         asked = [p for p in [self.mesh.me, *self.mesh.connected_peer_ids()] if p not in exclude]
         for pid, view, knows in await asyncio.gather(*(ask(p) for p in asked)):
             if view is not None:
-                views.append(view)
+                views.append(self.measured.apply(view))
                 if knows and source is None:
                     source = pid
         if manifest is None:

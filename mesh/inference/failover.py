@@ -119,12 +119,10 @@ class Failover:
             self.steps.replaying = False
 
     async def restart(self, exc: VerificationFailed) -> None:
-        """Start over on a route without the peer a spot check named (and its accuser, in a
-        dispute): tokens since it joined may be wrong."""
+        """Start over on a route without the peer a spot check named (and its accusers, in
+        a dispute): tokens since it joined may be wrong."""
         log.warning("restarting the generation without %s: %s", exc.peer[:12], exc.reason)
-        self.planner.excluded.add(exc.peer)
-        if exc.accuser is not None:
-            self.planner.excluded.add(exc.accuser)
+        self.planner.excluded.update((exc.peer, *exc.accusers))
         await self.route.close()
         # the requested split may have needed the banned peer: then any route will do
         stages = await self.planner.replan(relax=True)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from mesh.inference.routes import PairRtt, PeerView
+    from pathlib import Path
+
+    from mesh.inference.routes import PairRtt, PeerView, Stage
     from mesh.net.rpc import MeshCaller, Reply
     from runtimes.shards import Manifest
 
@@ -34,7 +36,7 @@ class AwaitedToken:
 
     future: asyncio.Future[Reply]
     last: str  # only the last stage may deliver the token
-    route: frozenset[str]  # only stages on the route may report a failure
+    route: tuple[str, ...]  # the stages in order: one may report only its own next hop
 
 
 class Calls(Protocol):
@@ -49,10 +51,20 @@ class Views(Calls, Protocol):
 
 
 class PlanHost(Views, Protocol):
-    """Route planning: who can hold what, and how far apart peers are."""
+    """Route planning: who can hold what, how far apart peers are, and what routes did."""
 
     @property
     def pair_rtt(self) -> PairRtt | None: ...
+
+    def observe(
+        self,
+        stages: list[Stage],
+        unit_bytes: list[int],
+        views: dict[str, PeerView],
+        decode_ms: list[float],
+    ) -> None:
+        """A finished generation's route and step times: later plans use what it showed."""
+        ...
 
 
 class SessionHost(Calls, Protocol):
@@ -76,8 +88,21 @@ class StepHost(Calls, Protocol):
 class CheckHost(Views, SessionHost, Protocol):
     """Spot checks: verifiers are found like stages and open sessions like them."""
 
+    def object_path(self, oid: str) -> Path | None:
+        """This node's data file of store object ``oid`` (to check a holder's proof)."""
+        ...
 
-class RunHost(PlanHost, SessionHost, StepHost, Protocol):
+    def is_stranger(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is a stranger of an open mesh (no member certificate)."""
+        ...
+
+    @property
+    def stranger_checks(self) -> float:
+        """The least spot-check rate for stages that strangers run (0: a private mesh)."""
+        ...
+
+
+class RunHost(PlanHost, CheckHost, StepHost, Protocol):
     """Everything one generation run needs from the node's coordinator, and nothing more."""
 
     async def resolve(self, model: str) -> str: ...

@@ -66,9 +66,11 @@ class RoutePlanner:
         self.runtime = runtime
         self.excluded: set[str] = set()  # never planned again in this run
         self.reroutes: list[dict[str, Any]] = []  # what the summary reports
+        self.seen: dict[str, PeerView] = {}  # each peer's latest view (what planning used)
 
     async def views(self) -> list[PeerView]:
         views, _ = await self.host.views(self.mid, self.excluded)
+        self.seen.update((v.peer_id, v) for v in views)
         return views
 
     def plan(self, views: list[PeerView], relax: bool = False) -> list[Stage]:

@@ -7,11 +7,13 @@ stage whose outputs differ is caught (mesh.inference.verify decides what follows
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
 
 from mesh.inference.audit import pack_entries
+from mesh.inference.proofs import challenge_digest, check_challenge
 from mesh.inference.sampling import SamplingParams, sample, top_logits
 from mesh.inference.stages import MAX_SESSION_TOKENS, PREFILL_CHUNK, StageSessions
 from mesh.net.rpc import CallContext, Reply
@@ -21,6 +23,18 @@ __all__ = ["AuditedStages"]
 
 
 class AuditedStages(StageSessions):
+    async def rpc_shard_challenge(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        """SHA-256 of a nonce and a byte range of a shard object this node holds: the proof
+        a coordinator asks of a peer claiming the bytes before preferring it as a verifier."""
+        oid, offset, length, nonce = check_challenge(params)
+        path = self.objects.store.data_path(oid)
+        if path is None:
+            raise ModelError("this node does not hold that object")
+        digest = await asyncio.to_thread(challenge_digest, path, nonce, offset, length)
+        return {"digest": digest}
+
     async def rpc_stage_audit(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> Reply:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.inference.compute import MAX_SESSION_TOKENS, PREFILL_CHUNK
@@ -126,6 +126,9 @@ class GenerationRun:
                         "reason": exc.reason,
                         "route": [s.as_dict(n_layers) for s in p.route.stages],
                     }
+            unit_bytes = [u.nbytes for u in p.manifest.units]
+            host = self.host
+            host.observe(p.route.stages, unit_bytes, p.planner.seen, self.stats.decode_ms)
             yield self._summary(p)
         finally:
             await p.route.close()
@@ -135,13 +138,16 @@ class GenerationRun:
         opens: each reserves its KV cache for the prompt and the output."""
         req, host = self.req, self.host
         mid = await host.resolve(req.model)
-        checker = None
-        if req.verify.rate > 0:
-            if req.mode != "push":
-                raise ModelError("spot checks need push mode")
-            checker = SpotChecker(host, mid, req.verify)
+        checker, verify = None, req.verify
+        if req.verify.rate > 0 and req.mode != "push":
+            raise ModelError("spot checks need push mode")
+        if host.stranger_checks > verify.strangers and req.mode == "push":
+            verify = replace(verify, strangers=host.stranger_checks)
+        if verify.rate > 0 or verify.strangers > 0:
+            checker = SpotChecker(host, mid, verify)
         views, manifest = await host.views(mid, set())
         planner = RoutePlanner(host, mid, manifest, split=req.split, runtime=req.runtime)
+        planner.seen.update((v.peer_id, v) for v in views)
         stages = planner.plan(views)
         tok = await host.tokenizer(mid)
         ends, first = tokenizer_blobs(manifest), stages[0].peer_id

@@ -90,7 +90,7 @@ class StepRunner:
         rid = self.route.sids[0]
         params = {"sid": rid, "rid": rid, **self._params(feed, pos)}
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        route = frozenset(s.peer_id for s in stages)
+        route = tuple(s.peer_id for s in stages)
         waiting = self.host.waiting
         waiting[(rid, pos)] = AwaitedToken(fut, stages[-1].peer_id, route)
         t0 = time.perf_counter()

@@ -5,19 +5,25 @@ secret random source *after* the step ran (a stage cannot know which steps will 
 it must be honest on all of them). A check takes the stage's inputs from its audit log (each
 signed by the stage before it), its output as the next stage received it (signed by the
 stage itself) or, for the last stage, the token it delivered, and has a verifier (another peer
-that can hold the same units, preferring one that already has the bytes) rerun the whole
-input history on a fresh session. Activations must agree within ``tolerance`` (relative L2
-error); a token must be the verifier's choice or a near-tie.
+that can hold the same units) rerun the whole input history on a fresh session. Every
+prompt chunk is eligible, not only the last. Activations must agree within ``tolerance``
+(relative L2 error); a token must be the verifier's choice or a near-tie. In an open mesh,
+stages run by strangers (peers without a member certificate) are checked at ``strangers``
+at least, whatever the request asked.
 
-A mismatch is put to a second verifier when one exists: if it agrees with the stage, the first
-verifier is the liar and is banned; otherwise the stage is. This node's own recomputation is
-trusted alone. With no second opinion, one peer's word stands against another's: neither is
-banned (a lone liar could otherwise get honest peers banned mesh-wide); the stage is left out
-of this generation and so is the verifier (its word is worth no more than the stage's). A
-stage whose log or signatures do not hold up is banned outright: an honest stage refuses
-unsigned input and never loses its log. Banning (:meth:`Node.ban`) drops the peer's link
-and ignores its discovery and provider records; the generation then restarts on a route
-without it.
+Verifiers are this node first, where it can hold the units (its own recomputation is
+trusted alone), then peers drawn at random by this node: those that proved they hold the
+stage's bytes (a challenge on a random range, :mod:`mesh.inference.proofs`), then those that
+would pull them. Claims never order them, and a claimer that fails its challenge is left
+out. A peer's mismatch is put to up to three more jurors. A ban on peers' word needs two
+accusers and no defender (then the stage is banned), or two defenders against a lone accuser
+(then the accuser is): two colluders can get no honest peer banned. Anything else is word
+against word: an accuser that runs a stage of the route is first checked itself, at the
+same step; if that clears nothing, the stage and its accusers are left out of this
+generation, nobody is banned. A stage whose log or signatures do not hold up is banned
+outright: an honest stage refuses unsigned input and never loses its log. Banning
+(:meth:`Node.ban`) drops the peer's link and ignores its discovery and provider records; the
+generation then restarts on a route without it.
 
 A peer perturbing every step is caught after 1/rate checked steps on average, and escapes
 ``n`` steps with probability (1 - rate) ** n.
@@ -31,6 +37,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +56,7 @@ from mesh.inference.audit import (
 )
 from mesh.inference.compute import MAX_SESSION_TOKENS
 from mesh.inference.host import CheckHost
+from mesh.inference.proofs import prove_holds
 from mesh.inference.routes import Stage, unit_memory
 from mesh.inference.sampling import SamplingParams
 from mesh.net.identity import verify
@@ -58,19 +66,21 @@ __all__ = ["VerifyParams", "VerificationFailed", "SpotChecker", "Step"]
 
 log = logging.getLogger(__name__)
 
+MAX_JURY = 4  # verifiers a disputed step is put to, the first included
+
 
 class VerificationFailed(Error):
     """A stage's output did not survive a spot check: ``peer`` has been banned, or (``banned``
     false) only one other peer said so, and it is left out of this generation."""
 
     def __init__(
-        self, peer: str, reason: str, banned: bool = True, accuser: str | None = None
+        self, peer: str, reason: str, banned: bool = True, accusers: tuple[str, ...] = ()
     ) -> None:
         super().__init__(f"{peer[:12]} failed a spot check: {reason}")
         self.peer = peer
         self.reason = reason
         self.banned = banned
-        self.accuser = accuser  # a dispute's verifier: no more trusted than the stage
+        self.accusers = accusers  # a dispute's verifiers: no more trusted than the stage
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,11 @@ class VerifyParams:
     tolerance: float = 0.05  # relative L2 error allowed on activations
     token_tolerance: float = 0.1  # of the top-8 logit spread, for the last stage's token
     seed: int | None = None  # reproducible choice of checks (tests); None: secret
+    strangers: float = 0.0  # the least rate for stages run by strangers of an open mesh
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError("verify rate must be in [0, 1]")
+        if not 0.0 <= self.rate <= 1.0 or not 0.0 <= self.strangers <= 1.0:
+            raise ValueError("verify rates must be in [0, 1]")
         if not 0.0 < self.tolerance < 1.0 or not 0.0 < self.token_tolerance < 1.0:
             raise ValueError("verify tolerances must be in (0, 1)")
 
@@ -152,6 +163,7 @@ class SpotChecker:
         self.stats = _Stats()
         self.excluded: set[str] = set()
         self._candidates: dict[tuple[int, int], list[str]] = {}  # per unit range, this run
+        self._draw = random.SystemRandom()  # juries: never predictable, even in tests
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -174,7 +186,10 @@ class SpotChecker:
         """Maybe check each stage's part in ``step``; raises :class:`VerificationFailed`
         after banning a stage of the route."""
         for s in range(len(step.stages)):
-            if self.rng.random() >= self.params.rate:
+            rate = self.params.rate
+            if self.host.is_stranger(step.stages[s].peer_id):
+                rate = max(rate, self.params.strangers)
+            if self.rng.random() >= rate:
                 continue
             t0 = time.perf_counter()
             try:
@@ -183,7 +198,7 @@ class SpotChecker:
                 self.stats.ms += (time.perf_counter() - t0) * 1000
 
     # -- one check -------------------------------------------------------------------------
-    async def _check(self, step: Step, s: int) -> None:
+    async def _check(self, step: Step, s: int, forced: bool = False) -> None:
         stage = step.stages[s]
         suspect = stage.peer_id
         if suspect == self.host.mesh.me:
@@ -205,35 +220,75 @@ class SpotChecker:
         if not verifiers:
             self.stats.unchecked.append(f"no verifier for units {list(stage.units)}")
             return
-        first = await self._recompute(verifiers[0], stage, inputs, step, rows, claimed)
+        evidence = (stage, inputs, step, rows, claimed)
+        first = await self._recompute(verifiers[0], *evidence)
         if first is None:
             return
         if first.ok:
             self._passed(first)
             return
-        trusted = verifiers[0] == self.host.mesh.me  # our own recomputation needs no second
-        second = None
-        if not trusted and len(verifiers) > 1:
-            second = await self._recompute(verifiers[1], stage, inputs, step, rows, claimed)
-        if second is not None and second.ok:
-            # The stage agrees with an independent verifier: the first verifier lied.
-            self._passed(second)
-            self._ban(verifiers[0], f"verifier disagreed: {first.what}", step)
-            return
         self.stats.failed += 1
         reason = f"stage units {list(stage.units)} at position {step.pos}: {first.what}"
-        if trusted or second is not None:
-            self._ban(suspect, reason, step)  # raises: the suspect runs a stage of the route
+        if verifiers[0] == self.host.mesh.me:
+            self._ban(suspect, reason, step)  # our own recomputation needs no second opinion
             return
-        # One peer's word against another's: banning on it would let a lone verifier get
-        # honest peers banned mesh-wide. Neither runs or checks the rest of this generation.
-        self.stats.disputes.append({"stage": suspect, "verifier": verifiers[0], "reason": reason})
-        self.excluded.update((suspect, verifiers[0]))
+        accusers, defenders = await self._jury(verifiers, evidence)
+        await self._verdict(step, s, forced, reason, accusers, defenders)
+
+    async def _jury(
+        self, verifiers: list[str], evidence: tuple[Stage, bytes, Step, int, Any]
+    ) -> tuple[list[str], list[str]]:
+        """A peer's "mismatch" put to the rest of the jury, drawn at random like it: who
+        says the stage erred (the first verifier among them), and who says it did not."""
+        accusers, defenders = [verifiers[0]], list[str]()
+        for verifier in verifiers[1:MAX_JURY]:
+            verdict = await self._recompute(verifier, *evidence)
+            if verdict is not None:
+                (defenders if verdict.ok else accusers).append(verifier)
+        return accusers, defenders
+
+    async def _verdict(
+        self,
+        step: Step,
+        s: int,
+        forced: bool,
+        reason: str,
+        accusers: list[str],
+        defenders: list[str],
+    ) -> None:
+        """What a jury's split means. Banning on peers' word takes two of them and nobody on
+        the other side: two colluders (or Sybils) would otherwise ban any honest peer they
+        were drawn to judge, or stood beside. Raises :class:`VerificationFailed`."""
+        suspect = step.stages[s].peer_id
+        if not defenders and len(accusers) > 1:
+            self._ban(suspect, f"{reason} (by {len(accusers)} verifiers)", step)
+        if len(accusers) == 1 and len(defenders) > 1:
+            self.stats.passed += 1
+            self._ban(accusers[0], f"verifier outvoted: {reason}", step)
+            return  # the accuser runs no stage of this route: the check stands as passed
+        # Word against word. An accuser that runs a stage of the route is checked itself
+        # first, at this very step: a liar on the route is found by its own outputs.
+        if not forced:
+            for i, st in enumerate(step.stages):
+                if st.peer_id in accusers and st.peer_id != self.host.mesh.me:
+                    await self._check(step, i, forced=True)  # raises if it is caught
+        # Still word against word: the stage and its accusers run and check none of the
+        # rest of this generation (whoever vouched for the stage stays); nobody is banned.
+        self.stats.disputes.append(
+            {
+                "stage": suspect,
+                "verifier": accusers[0],
+                "accusers": accusers,
+                "defenders": defenders,
+                "reason": reason,
+            }
+        )
+        self.excluded.update((suspect, *accusers))
         self._candidates.clear()
         if self.stats.first_failure_token is None:
             self.stats.first_failure_token = step.index
         raise VerificationFailed(
-            suspect, f"disputed by {verifiers[0][:12]}: {reason}", False, verifiers[0]
+            suspect, f"disputed by {accusers[0][:12]}: {reason}", False, tuple(accusers)
         )
 
     def _passed(self, outcome: _Outcome) -> None:
@@ -310,11 +365,19 @@ class SpotChecker:
         return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
 
     async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
-        """Up to two peers that can hold ``stage``'s units, those holding the bytes first
-        (asked once per unit range and run; a ban or a verifier that fails asks again)."""
+        """The jury for ``stage``: this node first where it can hold the units (we trust our
+        own recomputation), then peers that proved they hold the bytes, then peers that
+        would pull them; each group in an order drawn at random, never by claims (a Sybil
+        claiming every blob would otherwise always be drawn). A peer claiming the bytes
+        that fails its challenge is caught lying and left out. Drawn once per unit range
+        and run; a ban or a verifier that fails draws again."""
         cached = self._candidates.get(stage.units)
-        if cached is not None:
-            return [p for p in cached if p != suspect][:2]
+        if cached is None:
+            cached = await self._draw_jury(stage)
+            self._candidates[stage.units] = cached
+        return [p for p in cached if p != suspect][:MAX_JURY]
+
+    async def _draw_jury(self, stage: Stage) -> list[str]:
         skip = set(self.excluded)
         try:
             views, manifest = await self.host.views(self.mid, skip)
@@ -322,15 +385,33 @@ class SpotChecker:
             self.stats.unchecked.append(f"no views: {exc}")
             return []
         a, b = stage.units
-        ub = [u.nbytes for u in manifest.units]
-        need = unit_memory(ub, a, b)
-        blobs = {blob.sha256 for blob in manifest.blobs_for(a, b)}
+        need = unit_memory([u.nbytes for u in manifest.units], a, b)
+        me = self.host.mesh.me
         fits = [v for v in views if v.free >= need and v.peer_id not in skip]
-        # This node first (we trust ourselves), then peers that need not pull the bytes.
-        fits.sort(key=lambda v: (v.peer_id != self.host.mesh.me, -len(blobs & v.held)))
-        # Three kept: whichever is the suspect at a later check, two remain.
-        self._candidates[stage.units] = [v.peer_id for v in fits[:3]]
-        return [p for p in self._candidates[stage.units] if p != suspect][:2]
+        mine = [v.peer_id for v in fits if v.peer_id == me]
+        others = [v for v in fits if v.peer_id != me]
+        self._draw.shuffle(others)
+        own: list[tuple[str, str, Path]] = [
+            (blob.sha256, blob.object, path)
+            for blob in manifest.blobs_for(a, b)
+            if blob.object and (path := self.host.object_path(blob.object)) is not None
+        ]
+        proven: list[str] = []
+        pulling: list[str] = []
+        for v in others:
+            if len(proven) + len(pulling) > MAX_JURY:  # one spare: the suspect of a later check
+                break
+            claimed = [(oid, path) for sha, oid, path in own if sha in v.held]
+            if not claimed:  # claims nothing we can check: it would pull the bytes
+                pulling.append(v.peer_id)
+                continue
+            oid, path = self._draw.choice(claimed)
+            if await prove_holds(self.host.mesh, v.peer_id, oid, path, self._draw):
+                proven.append(v.peer_id)
+            else:
+                self.stats.unchecked.append(f"{v.peer_id[:12]} failed a shard challenge")
+                self.excluded.add(v.peer_id)
+        return mine + proven + pulling
 
     async def _recompute(
         self,
