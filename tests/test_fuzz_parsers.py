@@ -183,7 +183,7 @@ def _any_value(draw: Callable[[Any], Any]) -> tuple[int, bytes]:
 
 def _mutate_once(draw: Callable[[Any], Any], p: gc.Parts) -> None:
     arch_kv = p.get("general.architecture")
-    arch = arch_kv[1][8:].decode() if arch_kv else "llama"
+    arch = arch_kv[1][8:].decode(errors="replace") if arch_kv else "llama"
     op = draw(
         st.sampled_from(
             ["value", "value", "number", "head_dim", "drop", "tensor"] * 2 + ["count", "version"]
@@ -276,12 +276,16 @@ def _peer_blob_entry_points(path: Path, manifest: Manifest, work: Path) -> None:
 def _check_gguf_entry_points(path: Path, manifest: Manifest, work: Path, whole: bool) -> None:
     from mesh.cli.model import inspect_model
     from runtimes.shards import ShardSpec, ShardStore
+    from runtimes.tokenizer import Tokenizer
+    from runtimes.vocab import read_vocab
 
     calls = [
         lambda: open_gguf(path),
         lambda: ShardSpec.open(path),
         lambda: inspect_model(str(path)),
         lambda: _peer_blob_entry_points(path, manifest, work),
+        lambda: read_vocab(path),
+        lambda: Tokenizer(path),  # llama.cpp loads only what read_vocab let through
     ]
     if whole:  # POST /v1/models, `edgemesh model shard`: a user's file, packed into blobs
         calls.append(lambda: ShardStore(work / "packed").add_model(path))
