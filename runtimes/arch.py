@@ -184,15 +184,61 @@ def _get(meta: Mapping[str, Any], key: str, kind: Callable[[Any], Any], default:
             raise MalformedModelError(f"GGUF metadata lacks required key {key!r}")
         return default
     try:
-        return kind(meta[key])
-    except (TypeError, ValueError) as exc:
+        value = kind(meta[key])
+    except (TypeError, ValueError, OverflowError) as exc:  # int(inf), int([..]), int("x")
         raise MalformedModelError(f"GGUF metadata key {key!r} has a bad value: {exc}") from exc
+    if kind is float and not math.isfinite(value):
+        raise MalformedModelError(f"GGUF metadata key {key!r} is not finite: {value}")
+    return value
 
 
-def _positive(key: str, value: int) -> int:
-    if value <= 0 or value > 1 << 24:
+def _positive(key: str, value: int, cap: int = 1 << 24) -> int:
+    if value <= 0 or value > cap:
         raise MalformedModelError(f"GGUF metadata {key!r} = {value} is out of range")
     return value
+
+
+def _positive_float(key: str, value: float) -> float:
+    if not value > 0:  # _get already refused inf and NaN
+        raise MalformedModelError(f"GGUF metadata {key!r} = {value} must be positive")
+    return value
+
+
+def _vocab_size(meta: Mapping[str, Any], p: str, vocab_rows: int | None) -> int:
+    if "tokenizer.ggml.tokens" in meta:
+        tokens = meta["tokenizer.ggml.tokens"]
+        if isinstance(tokens, str) or not hasattr(tokens, "__len__"):
+            raise MalformedModelError("tokenizer.ggml.tokens is not an array")
+        vocab = len(tokens)
+    elif p + "vocab_size" in meta:
+        vocab = _get(meta, p + "vocab_size", int)
+    elif vocab_rows is not None:
+        vocab = vocab_rows
+    else:
+        raise MalformedModelError("cannot tell the vocabulary size")
+    if vocab_rows is not None and vocab_rows != vocab:
+        raise MalformedModelError(f"vocabulary has {vocab} tokens but embeddings {vocab_rows} rows")
+    return int(vocab)
+
+
+def _sliding_window(
+    meta: Mapping[str, Any], p: str, spec: ArchSpec, n_layers: int
+) -> tuple[int, tuple[bool, ...]]:
+    window = _get(meta, p + "attention.sliding_window", int, 0) if spec.default_swa_pattern else 0
+    swa: tuple[bool, ...]
+    if window > 0:
+        pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
+        if isinstance(pattern, list | tuple):
+            if len(pattern) != n_layers:
+                raise MalformedModelError("sliding_window_pattern length differs from block_count")
+            swa = tuple(bool(x) for x in pattern)
+        else:
+            n = _get(meta, p + "attention.sliding_window_pattern", int, spec.default_swa_pattern)
+            # llama.cpp: layer il is local unless il % n == n - 1
+            swa = tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
+    else:
+        swa = (False,) * n_layers
+    return window, swa
 
 
 def config_from_metadata(
@@ -210,13 +256,18 @@ def config_from_metadata(
         )
     spec = ARCHITECTURES[arch]
     p = arch + "."
-    n_layers = _positive("block_count", _get(meta, p + "block_count", int))
+    # a manifest holds fewer than 2**16 layers; the cap also bounds per-layer tables
+    n_layers = _positive("block_count", _get(meta, p + "block_count", int), (1 << 16) - 1)
     d_model = _positive("embedding_length", _get(meta, p + "embedding_length", int))
     n_heads = _positive("head_count", _get(meta, p + "attention.head_count", int))
     n_kv = _positive("head_count_kv", _get(meta, p + "attention.head_count_kv", int, n_heads))
     if n_heads % n_kv:
         raise MalformedModelError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
-    head_dim = _get(meta, p + "attention.key_length", int, d_model // n_heads)
+    if p + "attention.key_length" not in meta and d_model % n_heads:
+        raise MalformedModelError(f"embedding_length {d_model} is not a multiple of {n_heads}")
+    head_dim = _positive(
+        "key_length", _get(meta, p + "attention.key_length", int, d_model // n_heads)
+    )
     v_dim = _get(meta, p + "attention.value_length", int, head_dim)
     if v_dim != head_dim:
         raise UnsupportedModelError("key_length != value_length is not supported")
@@ -227,35 +278,14 @@ def config_from_metadata(
         raise MalformedModelError(f"head dim {head_dim} is odd")
     d_ff = _positive("feed_forward_length", _get(meta, p + "feed_forward_length", int))
 
-    if "tokenizer.ggml.tokens" in meta:
-        vocab = len(meta["tokenizer.ggml.tokens"])
-    elif p + "vocab_size" in meta:
-        vocab = int(meta[p + "vocab_size"])
-    elif vocab_rows is not None:
-        vocab = vocab_rows
-    else:
-        raise MalformedModelError("cannot tell the vocabulary size")
-    if vocab_rows is not None and vocab_rows != vocab:
-        raise MalformedModelError(f"vocabulary has {vocab} tokens but embeddings {vocab_rows} rows")
+    vocab = _vocab_size(meta, p, vocab_rows)
+    window, swa = _sliding_window(meta, p, spec, n_layers)
 
-    window = _get(meta, p + "attention.sliding_window", int, 0) if spec.default_swa_pattern else 0
-    swa: tuple[bool, ...]
-    if window > 0:
-        pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
-        if isinstance(pattern, list | tuple):
-            if len(pattern) != n_layers:
-                raise MalformedModelError("sliding_window_pattern length differs from block_count")
-            swa = tuple(bool(x) for x in pattern)
-        else:
-            n = int(pattern)
-            # llama.cpp: layer il is local unless il % n == n - 1
-            swa = tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
-    else:
-        swa = (False,) * n_layers
-
-    rope_base = _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+    rope_base = _positive_float(
+        "rope.freq_base", _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+    )
     scale_type = meta.get(p + "rope.scaling.type", "none")
-    factor = float(meta.get(p + "rope.scaling.factor", 1.0))
+    factor = _get(meta, p + "rope.scaling.factor", float, 1.0)
     if scale_type not in ("none", "linear") and factor != 1.0:
         raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
     freq_scale = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
@@ -278,15 +308,27 @@ def config_from_metadata(
         head_dim=head_dim,
         d_ff=d_ff,
         vocab_size=_positive("vocab", vocab),
-        rms_eps=_get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
+        rms_eps=_nonnegative(
+            "rms_epsilon", _get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5)
+        ),
         rope_base=rope_base,
-        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, 10000.0),
+        rope_base_swa=_positive_float(
+            "freq_base_swa", _get(meta, p + "rope.freq_base_swa", float, 10000.0)
+        ),
         rope_freq_scale=freq_scale,
-        context_length=_get(meta, p + "context_length", int, 4096),
+        context_length=_positive("context_length", _get(meta, p + "context_length", int, 4096)),
         sliding_window=window,
         swa_layers=swa,
         attn_scale=attn_scale,
         tied_embeddings="output.weight" not in tensor_names,
         has_rope_freqs="rope_freqs.weight" in tensor_names,
-        final_logit_softcap=float(meta.get(p + "final_logit_softcapping", 0.0)),
+        final_logit_softcap=_nonnegative(
+            "final_logit_softcapping", _get(meta, p + "final_logit_softcapping", float, 0.0)
+        ),
     )
+
+
+def _nonnegative(key: str, value: float) -> float:
+    if value < 0:
+        raise MalformedModelError(f"GGUF metadata {key!r} = {value} is negative")
+    return value

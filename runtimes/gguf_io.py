@@ -40,6 +40,11 @@ SHARD_END_KEY = "edgemesh.shard.unit_end"
 TIED_KEY = "edgemesh.shard.tied_embeddings"  # a block-only blob cannot tell from its tensors
 
 _MAX_COUNT = 1 << 20  # tensors or metadata keys: far above any real model
+# Strings in all string arrays together (each a Python bytes object, ~40 bytes even when
+# empty: a file of 8-byte empty strings would grow ~5x in memory). Gemma 3 has 262,144
+# tokens, Llama 3 280,147 merges.
+_MAX_ARRAY_STRINGS = 1 << 22
+_MAX_ALIGNMENT = 1 << 16
 _LARGE_ARRAY = 1 << 16  # arrays longer than this are not decoded eagerly (tokenizer tables)
 
 try:
@@ -49,6 +54,18 @@ except ImportError as exc:  # pragma: no cover - gguf is a dependency of every r
     raise ImportError("runtimes.gguf_io needs the 'gguf' package (pip install gguf)") from exc
 
 T = GGMLQuantizationType
+_INT_TYPES = frozenset(
+    {
+        GGUFValueType.UINT8,
+        GGUFValueType.INT8,
+        GGUFValueType.UINT16,
+        GGUFValueType.INT16,
+        GGUFValueType.UINT32,
+        GGUFValueType.INT32,
+        GGUFValueType.UINT64,
+        GGUFValueType.INT64,
+    }
+)
 # Every weight type llama.cpp's quantizer writes; runtimes.quant maps each onto MatMulNBits
 # and gguf.quants dequantizes each (tinygrad).
 SUPPORTED_TYPES = frozenset(
@@ -137,7 +154,9 @@ class GGUFFile:
             block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
             if not shape or any(n <= 0 for n in shape) or shape[-1] % block:
                 raise MalformedModelError(f"{path}: tensor {name} has a bad shape {shape}")
-            rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+            rows = 1
+            for n in shape[:-1]:  # Python ints: np.prod(int64) wraps for crafted dims
+                rows *= n
             row_bytes = shape[-1] // block * block_bytes
             start = data_start + offset
             if offset % 32 or start + rows * row_bytes > file_size:
@@ -278,6 +297,7 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
         self.path = path
+        self.strings = 0  # strings read in arrays so far (capped: _MAX_ARRAY_STRINGS)
 
     def need(self, n: int) -> None:
         if n < 0 or self.pos + n > len(self.buf):
@@ -310,6 +330,11 @@ class _Cursor:
         count = self.unpack("<Q")
         if sub == GGUFValueType.STRING:
             self.need(8 * count)  # every string takes at least its 8-byte length
+            self.strings += count
+            if self.strings > _MAX_ARRAY_STRINGS:
+                raise MalformedModelError(
+                    f"{self.path}: over {_MAX_ARRAY_STRINGS} strings in arrays (key {key!r})"
+                )
             buf, pos, out = self.buf, self.pos, []
             end = len(buf)
             for _ in range(count):
@@ -370,8 +395,10 @@ def _parse(path: Path, data: np.memmap[Any, Any]) -> GGUFFile:
     align = 32
     for kv in raw:
         if kv.key == "general.alignment":
+            if kv.vtype not in _INT_TYPES:
+                raise MalformedModelError(f"{path}: general.alignment is not an integer")
             align = int(kv.value)
-    if align <= 0 or align & (align - 1):
+    if not 0 < align <= _MAX_ALIGNMENT or align & (align - 1):
         raise MalformedModelError(f"{path}: bad alignment {align}")
     data_start = (cur.pos + align - 1) // align * align
     return GGUFFile(path, raw, infos, data, data_start)

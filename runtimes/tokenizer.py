@@ -2,17 +2,22 @@
 
 The tokenizer tables travel in the blobs holding the embedding or the head, so any peer that
 holds either can tokenize; llama.cpp's tokenizer is the oracle's, so ids match it exactly.
-Loading reads only the vocabulary (about 1 s for Gemma 3's 262,144 tokens).
+A blob may come from any peer, so llama.cpp never reads it: :mod:`runtimes.vocab` validates
+its tokenizer fields in Python and writes them into a private vocab-only GGUF, the only file
+llama.cpp loads (3-5 s for Gemma 3's 262,144 tokens, once per model).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
 from .errors import ModelError, RuntimeUnavailableError
+from .vocab import read_vocab, write_vocab_gguf
 
 __all__ = ["Tokenizer", "StreamDecoder"]
 
@@ -32,14 +37,23 @@ class Tokenizer:
         path = Path(gguf_path)
         if not path.is_file():
             raise ModelError(f"no GGUF at {path}")
+        vocab = read_vocab(path)  # validated before llama.cpp sees any of it
+        work = Path(tempfile.mkdtemp(prefix="edgemesh-vocab-"))  # mode 0700, ours alone
         try:
-            self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError) as exc:
+            ours = write_vocab_gguf(vocab, work / "vocab.gguf")
+            self._llama = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:  # OSError: writing our copy
             raise ModelError(f"{path}: llama.cpp could not read its vocabulary: {exc}") from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         self._lock = threading.Lock()
         self.eos_id = int(self._llama.token_eos())
         self.bos_id = int(self._llama.token_bos())
         self.vocab_size = int(self._llama.n_vocab())
+        if self.vocab_size != len(vocab.tokens):
+            raise ModelError(
+                f"{path}: llama.cpp read {self.vocab_size} tokens, not {len(vocab.tokens)}"
+            )
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         with self._lock:

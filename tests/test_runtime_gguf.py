@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,3 +167,58 @@ def test_random_corruption_never_crashes(models: dict[str, Path], tmp_path: Path
             open_gguf(p)
         except ModelError:
             pass
+
+
+# --- crafted headers (issue 13): each raised a non-ModelError before --------------------------
+
+
+def _crafted(models: dict[str, Path], tmp_path: Path, edit: Any) -> Path:
+    from tests import ggufcraft as gc
+
+    parts = gc.split(models["llama"].read_bytes())
+    edit(gc, parts)
+    p = tmp_path / "crafted.gguf"
+    p.write_bytes(gc.join(parts))
+    return p
+
+
+def test_zero_head_dim_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """key_length = value_length = rope dims = 0 was a ZeroDivisionError (1 / sqrt(0))."""
+
+    def edit(gc: Any, p: Any) -> None:
+        for k in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+            p.set(f"llama.{k}", gc.UINT32, gc.scalar(gc.UINT32, 0))
+
+    with pytest.raises(MalformedModelError, match="key_length"):
+        open_gguf(_crafted(models, tmp_path, edit))
+
+
+def test_string_alignment_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """general.alignment as a string was a ValueError from int()."""
+    path = _crafted(
+        models, tmp_path, lambda gc, p: p.set("general.alignment", gc.STRING, gc.s("x"))
+    )
+    with pytest.raises(MalformedModelError, match="alignment"):
+        open_gguf(path)
+
+
+def test_dims_whose_product_wraps_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """Four dims of 2**40 multiply to 0 in int64: the size check passed, reshape raised."""
+
+    def edit(gc: Any, p: Any) -> None:
+        t = next(t for t in p.tensors if t.name == b"output_norm.weight")
+        t.dims = [256, 2**40, 2**40, 2**40]
+
+    with pytest.raises(MalformedModelError, match="past the end"):
+        open_gguf(_crafted(models, tmp_path, edit))
+
+
+def test_infinite_float_for_an_int_key_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """block_count as float32 inf was an OverflowError from int()."""
+    path = _crafted(
+        models,
+        tmp_path,
+        lambda gc, p: p.set("llama.block_count", gc.FLOAT32, gc.scalar(gc.FLOAT32, float("inf"))),
+    )
+    with pytest.raises(MalformedModelError, match="block_count"):
+        open_gguf(path)
