@@ -498,6 +498,7 @@ class Node:
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
                 "dht_refused": self.dht.store.refused if self.dht else 0,
+                "dht_ignored": self.dht.ignored if self.dht else 0,
                 **self.policy.counters(),
                 **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
             },

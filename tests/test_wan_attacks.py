@@ -5,10 +5,9 @@ import asyncio
 import aiomqtt
 import msgpack
 import pytest
-from kademlia.network import Server
-from kademlia.protocol import KademliaProtocol
+from kademlia.node import Node as KadNode
 
-from mesh.discovery.dht import dht_key, make_record
+from mesh.discovery.dht import MeshDHT, RecordStore, _Protocol, dht_key, make_record, node_id_of
 from mesh.launch.localmesh import wait_for
 from mesh.net.identity import Identity
 from mesh.net.signaling import parse_envelope, seal
@@ -93,7 +92,18 @@ async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mes
         assert (await counters(local_mesh, b))["handshake_failures"] == 0  # nothing got that far
 
 
-class SpyProtocol(KademliaProtocol):
+class SpyStore(RecordStore):
+    """Serves whatever the test put in ``raw``, unvalidated."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw = {}
+
+    def get(self, key, default=None):
+        return self.raw.get(key, default)
+
+
+class SpyProtocol(_Protocol):
     """A malicious DHT node: answers every lookup with whatever it holds, unvalidated."""
 
     find_value_calls = 0
@@ -103,7 +113,7 @@ class SpyProtocol(KademliaProtocol):
         return super().rpc_find_value(sender, nodeid, key)
 
 
-class SpyServer(Server):
+class SpyServer(MeshDHT):
     protocol_class = SpyProtocol
 
 
@@ -112,7 +122,7 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         "n", ["--no-mdns", "--dht-port", "0", "--dht-quota", "20", "--signaling", "127.0.0.1:0"]
     )
     host, port = n.ready["dht"].split(":")
-    attacker = SpyServer()
+    attacker = SpyServer(Identity.generate(), SpyStore())
     await attacker.listen(0, interface="127.0.0.1")
     try:
         await attacker.bootstrap([(host, int(port))])
@@ -139,7 +149,7 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         assert (await counters(local_mesh, n))["dht_refused"] >= before + 3
 
         # ignored on get: the attacker serves the forged record for the victim's key
-        attacker.storage[dht_key(vkey)] = msgpack.packb([forged])
+        attacker.store.raw[dht_key(vkey)] = msgpack.packb([forged])
         async with local_mesh._http.get(f"{n.api}/v1/dht/peer/{victim.peer_id}") as resp:
             assert resp.status == 404
         assert SpyProtocol.find_value_calls >= 1  # the node did ask the attacker
@@ -161,3 +171,41 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         assert ok is False
     finally:
         attacker.stop()
+
+
+async def _dht_client(identity: Identity, node_id: bytes | None = None) -> MeshDHT:
+    client = MeshDHT(identity)
+    if node_id is not None:
+        client.node = KadNode(node_id)  # an id of its choosing, not the one its key gives
+    await client.listen(0, interface="127.0.0.1")
+    return client
+
+
+async def test_dht_contact_ids_are_bound_to_their_keys(local_mesh):
+    n = await local_mesh.start_node(
+        "n", ["--no-mdns", "--dht-port", "0", "--signaling", "127.0.0.1:0"]
+    )
+    host, port = n.ready["dht"].split(":")
+    address = (host, int(port))
+    target = dht_key(f"peer:{Identity.generate().peer_id}")  # the key to eclipse
+    chosen = (int.from_bytes(target, "big") ^ 1).to_bytes(20, "big")  # the closest id to it
+    sybil = await _dht_client(Identity.generate(), chosen)
+    honest = await _dht_client(Identity.generate())
+    observer = await _dht_client(Identity.generate())
+    try:
+        await sybil.bootstrap([address])  # n hears (and pings back) an id the sybil chose
+        await honest.bootstrap([address])
+        await observer.bootstrap([address])
+        n_node = KadNode(node_id_of(n.peer_id), host, int(port))
+
+        async def n_lists_the_honest_client() -> set[bytes] | None:
+            ok, found = await observer.protocol.call_find_node(n_node, KadNode(target))
+            ids = {bytes(t[0]) for t in found} if ok and isinstance(found, list) else set()
+            return ids if honest.node.id in ids else None
+
+        ids = await wait_for(n_lists_the_honest_client, 15, "n to list the honest contact")
+        assert chosen not in ids  # the sybil never entered n's routing table
+        assert (await counters(local_mesh, n))["dht_ignored"] >= 1  # its datagrams were ignored
+    finally:
+        for client in (sybil, honest, observer):
+            client.stop()
