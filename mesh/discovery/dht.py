@@ -27,11 +27,9 @@ table, answers) only when the key of its id signed its answer.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,23 +39,24 @@ import msgpack
 from kademlia.crawling import ValueSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node as KadNode
-from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
 from mesh.discovery.dhtwire import (
-    REQUEST,
-    RESPONSE,
-    Datagram,
-    open_datagram,
-    parse_answer,
-    parse_request,
-    seal_datagram,
+    MAX_DATAGRAM,
+    MAX_RECORD,
+    MAX_RECORDS_PER_KEY,
+    MAX_VALUE,
+    _Protocol,
 )
 from mesh.errors import DiscoveryError
+from mesh.net.handshake import Gate
 from mesh.net.identity import Identity
 from mesh.net.signed import Field, Format, check_expiry
 
 __all__ = [
+    "MAX_DATAGRAM",
+    "MAX_VALUE",
+    "MAX_RECORDS_PER_KEY",
     "Record",
     "make_record",
     "parse_record",
@@ -69,15 +68,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-MAX_RECORD = 1024
-MAX_RECORDS_PER_KEY = 32
-MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
-MAX_DATAGRAM = MAX_VALUE + 1024
 MAX_TTL = 24 * 3600.0
 MAX_KEYS = 4096  # keys one node stores for others
 SIGNER_SHARE = 8  # one signer may hold records under at most 1/8 of those keys
 MAX_SEQ_AHEAD = 60.0  # seconds a record's seq (milliseconds of its signer's clock) may lead ours
-MAX_VERIFYING = 64  # unverified DHT contacts being pinged back at once
 RECORD = Format(
     what="record",
     context=b"edgemesh/dht/v1\x00",
@@ -362,176 +356,16 @@ class RecordStore(IStorage):  # type: ignore[misc]
         return True  # kademlia's Server does `storage or ForgetfulStorage()`
 
 
-@dataclass
-class _Call:
-    """One request of ours awaiting its answer."""
-
-    future: asyncio.Future[tuple[bool, Any]]
-    timer: asyncio.TimerHandle
-    name: str
-    expect: bytes | None  # the node id whose key must sign the answer (None: any key's)
-
-
-class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    """kademlia's protocol over signed datagrams (:mod:`mesh.discovery.dhtwire`): every
-    request names its signer's node id, every answer comes from the key of the id asked."""
-
-    storage: RecordStore
-
-    def __init__(
-        self, source_node: KadNode, storage: RecordStore, ksize: int, identity: Identity
-    ) -> None:
-        super().__init__(source_node, storage, ksize)
-        self.identity = identity
-        # rpcudp waits 5 s for a reply; one dead contact would stall every lookup that long.
-        self._wait_timeout = 2.0
-        self._verifying: set[tuple[str, int]] = set()
-        self._calls: dict[bytes, _Call] = {}
-        self.ignored = 0  # datagrams unsigned, malformed, or naming an id not their key's
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.storage.is_banned(addr):
-            return
-        if len(data) > MAX_DATAGRAM:
-            # Dropped without penalty: UDP source addresses can be spoofed, and a ban here
-            # would let anyone cut an honest contact off.
-            log.debug("dropped a DHT datagram of %d bytes from %s", len(data), addr)
-            self.ignored += 1
-            return
-        asyncio.ensure_future(self._guarded(data, addr))
-
-    def welcome_if_new(self, node: KadNode) -> None:
-        """A request came from ``node``: its address is unverified (UDP), so ping it back and
-        welcome it (routing table, the records it should hold) only once it answers."""
-        if not self.router.is_new_node(node) or len(self._verifying) >= MAX_VERIFYING:
-            return
-        address = (node.ip, node.port)
-        if address in self._verifying:
-            return
-        self._verifying.add(address)
-        task = asyncio.ensure_future(self._verify(node, address))
-        task.add_done_callback(lambda _: self._verifying.discard(address))
-
-    async def _verify(self, node: KadNode, address: tuple[str, int]) -> None:
-        result = await self.ping(address, self.source_node.id)
-        if result[0] and result[1] == node.id:
-            KademliaProtocol.welcome_if_new(self, node)
-
-    def handle_call_response(self, result: Any, node: KadNode) -> Any:
-        # An answer to our own request: the address is verified, welcome it at once.
-        if not result[0]:
-            log.info("no response from %s, removing from router", node)
-            self.router.remove_contact(node)
-            return result
-        KademliaProtocol.welcome_if_new(self, node)
-        return result
-
-    async def _guarded(self, data: bytes, addr: Any) -> None:
-        try:
-            await self._solve_datagram(data, addr)
-        except Exception as exc:  # a handler failing on a peer's arguments
-            log.debug("DHT datagram from %s failed: %r", addr, exc)
-
-    async def _solve_datagram(self, data: bytes, address: Any) -> None:
-        try:
-            dg = open_datagram(data, MAX_VALUE)
-            if dg.kind == REQUEST:
-                name, args = parse_request(dg)
-        except DiscoveryError as exc:
-            self.ignored += 1
-            log.debug("ignored a DHT datagram from %s: %s", address, exc)
-            return
-        if dg.kind == RESPONSE:
-            self._answered(dg)
-            return
-        response = getattr(self, f"rpc_{name}")(address, *args)
-        if asyncio.iscoroutine(response):
-            response = await response
-        self.transport.sendto(
-            seal_datagram(self.identity, RESPONSE, dg.msg_id, response), address
-        )
-
-    def _answered(self, dg: Datagram) -> None:
-        call = self._calls.pop(dg.msg_id, None)
-        if call is None:
-            return
-        call.timer.cancel()
-        try:
-            if call.expect is not None and dg.sender != call.expect:
-                raise DiscoveryError("answered by a key that does not give the id asked")
-            result: tuple[bool, Any] = (True, parse_answer(call.name, dg))
-        except DiscoveryError as exc:
-            self.ignored += 1
-            log.debug("DHT %s answer refused: %s", call.name, exc)
-            result = (False, None)
-        if not call.future.done():
-            call.future.set_result(result)
-
-    def _request(
-        self, address: Any, name: str, args: tuple[Any, ...], expect: bytes | None
-    ) -> asyncio.Future[tuple[bool, Any]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        msg_id = os.urandom(20)
-        data = seal_datagram(self.identity, REQUEST, msg_id, [name, list(args)])
-        if len(data) > MAX_DATAGRAM:
-            future.set_result((False, None))  # the receiver would drop it
-            return future
-        timer = loop.call_later(self._wait_timeout, self._expired, msg_id)
-        self._calls[msg_id] = _Call(future, timer, name, expect)
-        self.transport.sendto(data, address)
-        return future
-
-    def _expired(self, msg_id: bytes) -> None:
-        call = self._calls.pop(msg_id, None)
-        if call is not None and not call.future.done():
-            call.future.set_result((False, None))
-
-    # The requests kademlia makes (rpcudp would build them by name, unsigned).
-    def ping(self, address: Any, nodeid: bytes) -> asyncio.Future[tuple[bool, Any]]:
-        return self._request(address, "ping", (nodeid,), None)
-
-    def store(self, address: Any, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
-        return self._request(address, "store", args, None)
-
-    def find_node(self, address: Any, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
-        return self._request(address, "find_node", args, None)
-
-    def find_value(self, address: Any, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
-        return self._request(address, "find_value", args, None)
-
-    async def _call(self, node: KadNode, name: str, *args: Any) -> Any:
-        """Ask a contact: its answer must be signed by the key its id was derived from."""
-        me = self.source_node.id
-        result = await self._request((node.ip, node.port), name, (me, *args), node.id)
-        return self.handle_call_response(result, node)
-
-    async def call_ping(self, node_to_ask: KadNode) -> Any:
-        return await self._call(node_to_ask, "ping")
-
-    async def call_store(self, node_to_ask: KadNode, key: bytes, value: bytes) -> Any:
-        return await self._call(node_to_ask, "store", key, value)
-
-    async def call_find_node(self, node_to_ask: KadNode, node_to_find: KadNode) -> Any:
-        return await self._call(node_to_ask, "find_node", node_to_find.id)
-
-    async def call_find_value(self, node_to_ask: KadNode, node_to_find: KadNode) -> Any:
-        return await self._call(node_to_ask, "find_value", node_to_find.id)
-
-    def rpc_store(self, sender: Any, nodeid: Any, key: Any, value: Any) -> bool:
-        if not isinstance(nodeid, bytes) or len(nodeid) != 20:
-            return False
-        self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
-        return self.storage.accept(key, value, sender)
-
-
 class MeshDHT(Server):  # type: ignore[misc]
     """The DHT endpoint of one node."""
 
     protocol_class = _Protocol
 
-    def __init__(self, identity: Identity, store: RecordStore | None = None) -> None:
+    def __init__(
+        self, identity: Identity, store: RecordStore | None = None, gate: Gate | None = None
+    ) -> None:
         self.identity = identity
+        self.gate = gate
         self.store = store or RecordStore()
         super().__init__(
             ksize=20, alpha=3, node_id=node_id_of(identity.peer_id), storage=self.store
@@ -540,7 +374,9 @@ class MeshDHT(Server):  # type: ignore[misc]
         self.port = 0
 
     def _create_protocol(self) -> _Protocol:
-        proto: _Protocol = self.protocol_class(self.node, self.storage, self.ksize, self.identity)
+        proto: _Protocol = self.protocol_class(
+            self.node, self.storage, self.ksize, self.identity, self.gate
+        )
         return proto
 
     @property
@@ -548,6 +384,12 @@ class MeshDHT(Server):  # type: ignore[misc]
         """Datagrams ignored: unsigned, malformed, or naming an id their key does not give."""
         proto = self.protocol
         return proto.ignored if isinstance(proto, _Protocol) else 0
+
+    @property
+    def not_member(self) -> int:
+        """Datagrams ignored because the gate does not admit their signer."""
+        proto = self.protocol
+        return proto.not_member if isinstance(proto, _Protocol) else 0
 
     async def start(self, host: str, port: int, bootstrap: list[tuple[str, int]]) -> None:
         await self.listen(port, interface=host)
