@@ -367,3 +367,20 @@ def test_an_emptied_object_leaves_the_table() -> None:
     gone = make_record(ident, "prov", object_key("ab" * 32), {"gone": True}, PROVIDER_TTL)
     provs.accept(gone)
     assert provs.table == {} and provs.status()["objects"] == 0
+
+
+def test_our_own_provider_records_are_never_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.storage import providers as prov_mod
+
+    monkeypatch.setattr(prov_mod, "MAX_OBJECTS_PER_SIGNER", 2)
+    node = _ProvNode()
+    provs = Providers(node, "z")  # type: ignore[arg-type]
+    other = Identity.generate()
+    oids = [f"{i:02x}" * 32 for i in range(4)]
+    assert [provs.accept(_holder_record(other, o)) is not None for o in oids] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert all(provs.accept(_holder_record(node.identity, o)) is not None for o in oids)

@@ -176,7 +176,8 @@ class Providers:
                 return False
         elif peer_id in holders:
             return True
-        if self._signer_objects.get(peer_id, 0) >= MAX_OBJECTS_PER_SIGNER:
+        mine = peer_id == self.node.me  # our own records are never refused
+        if not mine and self._signer_objects.get(peer_id, 0) >= MAX_OBJECTS_PER_SIGNER:
             return False
         if holders is None or len(holders) < MAX_HOLDERS:
             return True
@@ -184,7 +185,7 @@ class Providers:
         linked = set(self.node.connected_peer_ids()) | {self.node.me}
         unlinked = [p for p in holders.values() if p.expires <= now or p.peer_id not in linked]
         if not unlinked:
-            return False  # every holder is a linked peer (or us): they stay
+            return mine  # every holder is a linked peer (or us): they stay, but we go in
         self._drop(oid, min(unlinked, key=lambda p: p.expires).peer_id)
         return True
 
