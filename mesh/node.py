@@ -343,7 +343,7 @@ class Node:
     async def _start_dht(self, sig_host: str) -> None:
         cfg = self.config
         host = cfg.dht_host or sig_host
-        self.dht = MeshDHT(self.identity, RecordStore(quota=cfg.dht_quota))
+        self.dht = MeshDHT(self.identity, RecordStore(quota=cfg.dht_quota), gate=self.policy)
         await self.dht.start(host, cfg.dht_port or 0, cfg.bootstrap)
         self.membership = DhtMembership(
             self.identity,
@@ -503,6 +503,8 @@ class Node:
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
                 "dht_refused": self.dht.store.refused if self.dht else 0,
+                "dht_ignored": self.dht.ignored if self.dht else 0,
+                "not_member_from_dht_datagram": self.dht.not_member if self.dht else 0,
                 **self.policy.counters(),
                 **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
             },
