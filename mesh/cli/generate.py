@@ -42,6 +42,8 @@ def _prompt(args: argparse.Namespace) -> str:
         raise CliError("give the prompt once: as the argument or as --prompt")
     text = args.prompt if args.prompt is not None else args.prompt_option
     if text is None or text == "-":
+        if sys.stdin.isatty():
+            print("edgemesh: reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
         text = sys.stdin.read()
     return str(text)
 

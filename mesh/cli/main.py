@@ -146,10 +146,11 @@ def _dispatch(
 ) -> int:
     if args.command in ("node", "mesh"):
         from mesh.cli.mesh import join_before_start, run_mesh_command
-        from mesh.cli.node import run_node
+        from mesh.cli.node import probe_data_dir, run_node
 
         if args.command == "mesh":
             return run_mesh_command(args)
+        probe_data_dir(args)  # another node runs there: exit 2, having touched nothing
         join_before_start(args)  # node --join INVITE
         return _run(run_node(args, configure))
     if args.command in ("peers", "ps"):

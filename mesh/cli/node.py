@@ -20,12 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.cli.common import CliError, parse_size
-from mesh.local import DEFAULT_API_PORT, BadAddress, default_data_dir, parse_api_address
+from mesh.local import (
+    DEFAULT_API_PORT,
+    BadAddress,
+    DataDirLock,
+    default_data_dir,
+    parse_api_address,
+)
 
 if TYPE_CHECKING:
     from mesh.node import NodeConfig
 
-__all__ = ["add_node_command", "node_config", "run_node"]
+__all__ = ["add_node_command", "node_config", "probe_data_dir", "run_node"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +236,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         ),
         storage=storage_config(args),
     )
+
+
+def probe_data_dir(args: argparse.Namespace) -> None:
+    """DataDirInUse now when a node runs from the data dir, before ``--join`` or building the
+    node writes anything there (Node.start takes the lock for the node's life)."""
+    lock = DataDirLock(args.data_dir or default_data_dir())
+    lock.acquire()
+    lock.release()
 
 
 def check_runtime(name: str) -> str:
