@@ -21,18 +21,23 @@ from mesh.errors import (
     TransportError,
     WireError,
 )
-from mesh.net.identity import Identity, peer_id_from_key
-from mesh.net.wire import Limits
 
 if TYPE_CHECKING:
     from mesh.client import ClientError, MeshClient
+    from mesh.net.identity import Identity, peer_id_from_key
     from mesh.net.rpc import CallContext, Link, LinkParams, Reply
     from mesh.net.transport import TransportConfig
+    from mesh.net.wire import Limits
     from mesh.node import Node, NodeConfig
 
 # Heavy parts load on first use: importing mesh.errors (as runtimes/ does) must not pull in
-# the node, aiortc and the runtimes, and nothing is wired at import time.
+# the node, aiortc and the runtimes, and nothing is wired at import time. Even the identity
+# (cryptography) and the wire format wait: ``edgemesh`` loads in a few milliseconds before it
+# can turn a Ctrl-C into a quiet exit (mesh/__main__.py).
 _LAZY = {
+    "Identity": "net.identity",
+    "peer_id_from_key": "net.identity",
+    "Limits": "net.wire",
     "ClientError": "client",
     "MeshClient": "client",
     "Node": "node",

@@ -30,6 +30,7 @@ from mesh.errors import DeadlineExceeded, RemoteError
 from mesh.inference.compute import ComputeConfig, ComputeService
 from mesh.inference.coordinator import Coordinator
 from mesh.jobs.service import JobService
+from mesh.local import DataDirLock
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
@@ -53,6 +54,7 @@ class NodeConfig:
     name: str = ""
     api_host: str = "127.0.0.1"
     api_port: int = 0
+    api_port_fallback: bool = False  # api_port taken: bind a free port (and say so) instead
     signaling_host: str | None = None  # None: 127.0.0.1 for a loopback mesh, else 0.0.0.0
     signaling_port: int = 0
     mdns: bool = True
@@ -121,6 +123,7 @@ class CoreService:
 class Node:
     def __init__(self, config: NodeConfig, services: list[object] | None = None) -> None:
         self.config = config
+        self._lock = DataDirLock(config.data_dir)  # taken by start(), for the node's life
         self.identity = Identity.load_or_create(config.data_dir)
         self.me = self.identity.peer_id
         # Who may connect (mesh/trust): every hint, offer, answer and hello is asked first.
@@ -209,7 +212,10 @@ class Node:
         return dataclasses.replace(cfg.transport, candidate_addresses=tuple(ice))
 
     async def start(self) -> dict[str, Any]:
+        """Start every part; first take the data dir's lock (DataDirInUse when another node
+        holds it: then nothing of that node's is touched, and :meth:`stop` touches nothing)."""
         cfg = self.config
+        self._lock.acquire()
         if self.policy.own_cert is None:
             log.warning(
                 "this node holds no member certificate of a mesh, so no member admits it: "
@@ -229,7 +235,7 @@ class Node:
         )
         await self.objects.start(fast_bind, self.announced_addresses()[0])
         self._api_runner, self.api_url = await start_api(
-            self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir
+            self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir, cfg.api_port_fallback
         )
         if cfg.mdns:
             self.discovery = MdnsDiscovery(
@@ -289,6 +295,9 @@ class Node:
         return self._stop_task
 
     async def _stop(self) -> None:
+        if not self._lock.held:  # never started, or another node runs from this data dir
+            self._stopped.set()
+            return
         # Refuse new connections first, so peers redialing on our bye find nobody.
         self.conns.closing = True
         if self.signaling is not None:
@@ -309,6 +318,7 @@ class Node:
             await self._api_runner.cleanup()
         with contextlib.suppress(FileNotFoundError):
             (self.config.data_dir / "node.json").unlink()
+        self._lock.release()
         self._stopped.set()
 
     def _info(self) -> dict[str, Any]:
@@ -343,7 +353,7 @@ class Node:
     async def _start_dht(self, sig_host: str) -> None:
         cfg = self.config
         host = cfg.dht_host or sig_host
-        self.dht = MeshDHT(self.identity, RecordStore(quota=cfg.dht_quota))
+        self.dht = MeshDHT(self.identity, RecordStore(quota=cfg.dht_quota), gate=self.policy)
         await self.dht.start(host, cfg.dht_port or 0, cfg.bootstrap)
         self.membership = DhtMembership(
             self.identity,
@@ -503,6 +513,8 @@ class Node:
                 "mdns_rejected": self.discovery.rejected if self.discovery else 0,
                 "mqtt_rejected": self.mqtt.rejected if self.mqtt else 0,
                 "dht_refused": self.dht.store.refused if self.dht else 0,
+                "dht_ignored": self.dht.ignored if self.dht else 0,
+                "not_member_from_dht_datagram": self.dht.not_member if self.dht else 0,
                 **self.policy.counters(),
                 **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
             },

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import itertools
 import logging
 from abc import ABC, abstractmethod
@@ -140,6 +141,25 @@ RUNTIME_NAMES: dict[str, str] = {
     "llamacpp": "runtimes.llamacpp:LlamaCppRuntime",
     "fake": "runtimes.fake:FakeRuntime",
 }
+
+
+# The engine packages each runtime imports: found (not imported) to tell at a node's start
+# whether its runtime can run on this machine.
+RUNTIME_ENGINES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx", "onnxruntime"),
+    "tinygrad": ("tinygrad",),
+    "llamacpp": ("llama_cpp",),
+    "fake": (),
+}
+
+
+def available_runtimes() -> list[str]:
+    """The runtimes whose engines are installed here, without importing any engine."""
+    return [
+        name
+        for name, engines in RUNTIME_ENGINES.items()
+        if all(importlib.util.find_spec(e) is not None for e in engines)
+    ]
 
 
 def get_runtime(name: str) -> type[Runtime]:

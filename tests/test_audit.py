@@ -155,7 +155,7 @@ async def test_bans_are_bounded_persisted_and_drop_provider_records(tmp_path: Pa
         node.ban(f"p{i}", "lied")
     assert list(node.conns.banned) == ["p2", "p3", "p4"]  # oldest forgotten first
     node.ban("p1", "lied again")
-    assert "p1" not in node.objects.providers.table[oid]
+    assert "p1" not in node.objects.providers.table.get(oid, {})
     node.conns.hint("p1", "mdns", ["127.0.0.1:1"])  # its discovery records are ignored
     assert node.peers.get("p1") is None and node.conns.counters["banned_refused"] == 1
     node.ban(node.me, "never")  # a node cannot ban itself

@@ -25,7 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.discovery.dht import parse_record, parse_value
+from mesh.discovery.dht import MAX_VALUE, parse_record, parse_value
+from mesh.discovery.dhtwire import REQUEST, open_datagram, parse_answer
+from mesh.discovery.dhtwire import parse_request as parse_request_dht
 from mesh.discovery.mdns import parse_announcement
 from mesh.discovery.mqtt import MqttConfig, MqttSignaling
 from mesh.errors import (
@@ -460,6 +462,14 @@ def _replay_dht(data: bytes) -> None:
     parse_record(data)
 
 
+def _replay_dht_datagram(data: bytes) -> None:
+    dg = open_datagram(data, MAX_VALUE)
+    if dg.kind == REQUEST:
+        parse_request_dht(dg)
+    else:
+        parse_answer("find_node", dg)
+
+
 def _replay_mqtt(data: bytes) -> None:
     _mqtt(None)._handle_presence(PEER.peer_id, data)
 
@@ -494,6 +504,7 @@ REPLAY: dict[str, tuple[Callable[[bytes], None], type[Exception]]] = {
     "handshake": (_replay_handshake, HandshakeError),
     "mdns": (_replay_mdns, DiscoveryError),
     "dht": (_replay_dht, DiscoveryError),
+    "dhtdatagram": (_replay_dht_datagram, DiscoveryError),
     "mqtt": (_replay_mqtt, SignalingError),
     "manifest": (parse_manifest, StoreError),
     "modelmanifest": (Manifest.from_json, ModelError),

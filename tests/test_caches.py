@@ -208,7 +208,7 @@ def test_dht_quota_is_keyed_by_address_not_port() -> None:
 
 
 def _protocol() -> _Protocol:
-    return _Protocol(KadNode(node_id_of(ME.peer_id)), RecordStore(), 20)
+    return _Protocol(KadNode(node_id_of(ME.peer_id)), RecordStore(), 20, ME)
 
 
 def test_spoofed_oversized_datagram_bans_nobody() -> None:

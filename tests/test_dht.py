@@ -4,17 +4,29 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kademlia.node import Node as KadNode
 
 from mesh.discovery.dht import (
     MAX_RECORD,
     MAX_RECORDS_PER_KEY,
+    MAX_VALUE,
+    MeshDHT,
     RecordStore,
     dht_key,
     encode_value,
     make_record,
     merge,
+    node_id_of,
     parse_record,
     parse_value,
+)
+from mesh.discovery.dhtwire import (
+    REQUEST,
+    RESPONSE,
+    open_datagram,
+    parse_answer,
+    parse_request,
+    seal_datagram,
 )
 from mesh.errors import DiscoveryError
 from mesh.net.identity import Identity
@@ -145,3 +157,68 @@ def test_fuzz_values(data):
     store.accept(dht_key("peer:x"), data, ("1.1.1.1", 1))
     records, _ = parse_value(data)
     assert records == []
+
+
+async def _listening(identity: Identity) -> MeshDHT:
+    server = MeshDHT(identity)
+    await server.listen(0, interface="127.0.0.1")
+    return server
+
+
+async def test_contacts_named_in_answers_must_answer_with_their_ids_key(monkeypatch):
+    sybil = await _listening(Identity.generate())
+    honest = await _listening(Identity.generate())
+    host, port = sybil.transport.get_extra_info("sockname")[:2]
+    target = dht_key("prov:eclipsed")
+    chosen = (int.from_bytes(target, "big") ^ 1).to_bytes(20, "big")
+
+    def fake_neighbors(sender, nodeid, key):  # every answer names the chosen id, at the sybil
+        return [(chosen, host, port)]
+
+    monkeypatch.setattr(sybil.protocol, "rpc_find_node", fake_neighbors)
+    try:
+        await honest.bootstrap([(host, port)])  # the crawl asks the chosen id at the sybil
+        ids = {c.id for c in honest.protocol.router.find_neighbors(KadNode(target))}
+        assert sybil.node.id in ids  # the sybil itself, under the id its key gives, is in
+        assert chosen not in ids
+    finally:
+        sybil.stop()
+        honest.stop()
+
+
+_SIGNED = seal_datagram(A, REQUEST, b"m" * 20, ["find_node", [node_id_of(A.peer_id), b"k" * 20]])
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_fuzz_datagrams_only_raise_discovery_error(data):
+    """Mutated signed datagrams (and random bytes): only DiscoveryError, and nothing whose
+    signature or id binding broke is taken."""
+    raw = bytearray(_SIGNED)
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    raw = bytes(raw) if data.draw(st.booleans()) else data.draw(st.binary(max_size=300))
+    try:
+        dg = open_datagram(raw, MAX_VALUE)
+        if dg.kind == REQUEST:
+            parse_request(dg)
+        else:
+            parse_answer("find_node", dg)
+    except DiscoveryError:
+        return
+    assert raw == _SIGNED  # any change breaks the signature
+
+
+def test_a_request_must_name_its_signers_id():
+    other = node_id_of(B.peer_id)
+    forged = seal_datagram(A, REQUEST, b"m" * 20, ["ping", [other]])
+    with pytest.raises(DiscoveryError, match="does not give"):
+        parse_request(open_datagram(forged, MAX_VALUE))
+    ok = seal_datagram(A, REQUEST, b"m" * 20, ["ping", [node_id_of(A.peer_id)]])
+    assert parse_request(open_datagram(ok, MAX_VALUE)) == ("ping", [node_id_of(A.peer_id)])
+    answer = seal_datagram(A, RESPONSE, b"m" * 20, [[other, "127.0.0.1", 9], [other, "host", 9]])
+    contacts = parse_answer("find_node", open_datagram(answer, MAX_VALUE))
+    assert contacts == [(other, "127.0.0.1", 9)]  # a hostname is no contact
+    with pytest.raises(DiscoveryError, match="does not give"):
+        parse_answer("ping", open_datagram(seal_datagram(A, RESPONSE, b"m" * 20, other), MAX_VALUE))

@@ -3,13 +3,16 @@ to the WebRTC link whenever it cannot be set up (over real loopback TCP, in one 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from mesh.net.identity import Identity
 from mesh.net.rpc import Reply
-from mesh.net.view import PeerNet
+from mesh.net.view import NetViewError, PeerNet, parse_info
 from mesh.storage.fastpath import FastPath
 
 
@@ -94,3 +97,54 @@ async def test_fast_path_reads_between_linked_peers_and_refuses_others(tmp_path:
         await fooled.stop()
     finally:
         await server.stop()
+
+
+async def test_advertised_fast_addresses_must_be_ip_literals(tmp_path: Path, monkeypatch):
+    """A peer's net info names its fast address: a hostname (a DNS lookup, and a dial to
+    wherever it resolves) or junk is refused before any lookup or connection."""
+    s_id = Identity.load_or_create(tmp_path / "s")
+    c_id = Identity.load_or_create(tmp_path / "c")
+    server = make(s_id, [c_id], {})
+    await server.start("127.0.0.1", "127.0.0.1")
+    dialed: list[Any] = []
+    real_open = asyncio.open_connection
+
+    async def recording_open(host: Any, port: Any, **kw: Any) -> Any:
+        dialed.append((host, port))
+        return await real_open(host, port, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", recording_open)
+    port = server.address.rpartition(":")[2]
+    bad = [
+        f"localhost:{port}",
+        "junk",
+        f"127.0.0.1:{port}x",
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        f"0.0.0.0:{port}",
+        f"[::1]:{port}]",
+        f" 127.0.0.1:{port}",
+    ]
+    try:
+        for address in bad:
+            client = make(c_id, [s_id], {s_id.peer_id: s_id.public_key})
+            client.svc.net.peers[s_id.peer_id] = PeerNet(fast=address)
+            assert await client.read_chunk(s_id.peer_id, "ab" * 32, 0) == b"via-link", address
+            await client.stop()
+        assert dialed == []  # nothing was looked up or dialed
+        good = make(c_id, [s_id], {s_id.peer_id: s_id.public_key})
+        good.svc.net.peers[s_id.peer_id] = PeerNet(fast=server.address)
+        assert await good.read_chunk(s_id.peer_id, "ab" * 32, 0) != b"via-link"
+        assert dialed == [("127.0.0.1", int(port))]
+        await good.stop()
+    finally:
+        await server.stop()
+
+
+def test_net_info_refuses_a_fast_address_that_is_no_ip_literal():
+    base = {"zone": "z", "price": 0.0, "coord": [0.0, 0.0, 0.1, 1.0, 0.0]}
+    for bad in ("localhost:9000", "evil.example:443", "1.2.3.4:0", "1.2.3.4", "x:y"):
+        with pytest.raises(NetViewError):
+            parse_info({**base, "fast": bad})
+    assert parse_info({**base, "fast": "10.0.0.2:9000"}).fast == "10.0.0.2:9000"
+    assert parse_info({**base, "fast": "[fe80::1]:9000"}).fast == "[fe80::1]:9000"

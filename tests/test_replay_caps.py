@@ -24,7 +24,12 @@ from mesh.net.handshake import HandshakeState
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Link, Reply, handlers_of
 from mesh.net.wire import Encoder, Reassembler
-from mesh.storage.service import ObjectService, PeerQuotaExceeded, StorageConfig
+from mesh.storage.service import (
+    ObjectService,
+    PeerQuotaExceeded,
+    ReplicationBusy,
+    StorageConfig,
+)
 from runtimes.base import AsyncShard
 from runtimes.errors import ModelError
 from runtimes.fake import fake_shard
@@ -342,3 +347,38 @@ async def test_a_step_carrying_too_many_rows_is_refused_before_running(tmp_path:
     assert session.n_past == 0
     await _step(svc, sid, [1] * MAX_STEP_ROWS, pos=MAX_STEP_ROWS)
     assert session.n_past == MAX_STEP_ROWS
+
+
+async def test_replica_pulls_are_bounded_per_peer_and_in_all(tmp_path: Path) -> None:
+    svc = ObjectService(
+        _ObjNode(),  # type: ignore[arg-type]
+        StorageConfig(fast_path=False, max_pulls_per_peer=3, max_pulls=5),
+        tmp_path,
+    )
+    hold = asyncio.Event()
+
+    async def slow_holders(oid: str) -> list[str]:
+        await hold.wait()  # a DHT lookup or a holder that takes its time
+        return []
+
+    svc.find_holders = slow_holders  # type: ignore[method-assign]
+    peers = [CallContext(None, "obj_replicate", 1e18, f"{c}" * 32) for c in "bcd"]
+
+    async def ask(ctx: CallContext, oid: str) -> str:
+        try:
+            await svc.rpc_obj_replicate(ctx, {"id": oid, "replicas": 2}, b"")
+        except ReplicationBusy:
+            return "busy"
+        return "ok"
+
+    flood = [await ask(peers[0], os.urandom(32).hex()) for _ in range(50)]
+    assert flood.count("ok") == 3 and svc.replicas_refused == 47
+    first = next(iter(svc._pulls))
+    assert await ask(peers[0], first) == "ok"  # the same object again: no new pull
+    assert [await ask(peers[1], os.urandom(32).hex()) for _ in range(3)] == ["ok", "ok", "busy"]
+    assert await ask(peers[2], os.urandom(32).hex()) == "busy"  # 5 in all
+    assert len(svc._pulls) == 5 and svc.status()["replica_pulls"] == 5
+    hold.set()  # the pulls end (no holder found): their slots are given back
+    await until(lambda: not svc._pulls)
+    assert await ask(peers[2], os.urandom(32).hex()) == "ok"
+    await svc.stop()

@@ -100,6 +100,7 @@ def test_nan_time_refused():
         ("evil.example:80", False),
         ("1.2.3.4:80/path", False),
         ("1.2.3.4", False),
+        ("1.2.3.4:\u00b2", False),  # a digit to str.isdigit(), not to int()
         (5, False),
     ],
 )

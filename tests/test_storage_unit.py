@@ -12,12 +12,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import pytest
 
+from mesh.discovery.dht import make_record
 from mesh.errors import PeerUnavailable
-from mesh.net.rpc import Reply
+from mesh.net.identity import Identity
+from mesh.net.rpc import CallContext, Reply
 from mesh.net.view import NetConfig, NetView, NetViewError, coord_to_list, parse_info
 from mesh.storage.fetch import FetchState, fetch_chunks
+from mesh.storage.providers import MAX_HOLDERS, PROVIDER_TTL, Providers, object_key
 from mesh.storage.store import (
     CHUNK_MAX,
     MAX_MANIFEST,
@@ -302,3 +306,81 @@ def test_penalties_are_bounded_and_keep_the_worst_offenders() -> None:
     assert len(p) == 8
     assert p.get("worst") == 1e6  # the least penalized went first
     assert p.get("sybil999") == 2999.0 and p.get("sybil0") == 0.0
+
+
+class _ProvNode:
+    def __init__(self) -> None:
+        self.identity = Identity.generate()
+        self.me = self.identity.peer_id
+        self.banned: dict[str, str] = {}
+        self.dht = None
+        self.linked: list[str] = []
+
+    def connected_peer_ids(self) -> list[str]:
+        return list(self.linked)
+
+
+def _holder_record(ident: Identity, oid: str) -> bytes:
+    return make_record(ident, "prov", object_key(oid), {"d": True, "z": "z"}, PROVIDER_TTL)
+
+
+def test_holders_per_object_are_bounded_and_linked_holders_stay() -> None:
+    node = _ProvNode()
+    provs = Providers(node, "z")  # type: ignore[arg-type]
+    oid = "ab" * 32
+    real = Identity.generate()
+    node.linked.append(real.peer_id)
+    assert provs.accept(_holder_record(real, oid)) is not None
+    for _ in range(3 * MAX_HOLDERS):  # minted keys, e.g. from a DHT lookup
+        provs.accept(_holder_record(Identity.generate(), oid))
+    assert len(provs.table[oid]) == MAX_HOLDERS
+    assert real.peer_id in provs.table[oid]  # a linked holder is never the one dropped
+    assert [p.peer_id for p in provs.holders(oid)] == [real.peer_id]
+    # A full list of linked holders refuses an unlinked newcomer.
+    linked = [Identity.generate() for _ in range(MAX_HOLDERS)]
+    node.linked = [i.peer_id for i in linked]
+    other = "cd" * 32
+    for ident in linked:
+        assert provs.accept(_holder_record(ident, other)) is not None
+    assert provs.accept(_holder_record(Identity.generate(), other)) is None
+
+
+async def test_a_peer_sends_only_its_own_provider_records() -> None:
+    node = _ProvNode()
+    provs = Providers(node, "z")  # type: ignore[arg-type]
+    sender = Identity.generate()
+    ctx = CallContext(None, "obj_sync", 1e18, sender.peer_id)
+    minted = [_holder_record(Identity.generate(), "ab" * 32) for _ in range(100)]
+    own = _holder_record(sender, "ab" * 32)
+    payload = msgpack.packb([*minted, own], use_bin_type=True)
+    assert await provs.rpc_obj_sync(ctx, {}, payload) == {"accepted": 1}
+    assert list(provs.table["ab" * 32]) == [sender.peer_id]
+    assert provs.refused == 100
+    assert (await provs.rpc_obj_announce(ctx, {}, minted[0]))["ok"] is False
+
+
+def test_an_emptied_object_leaves_the_table() -> None:
+    node = _ProvNode()
+    provs = Providers(node, "z")  # type: ignore[arg-type]
+    ident = Identity.generate()
+    provs.accept(_holder_record(ident, "ab" * 32))
+    gone = make_record(ident, "prov", object_key("ab" * 32), {"gone": True}, PROVIDER_TTL)
+    provs.accept(gone)
+    assert provs.table == {} and provs.status()["objects"] == 0
+
+
+def test_our_own_provider_records_are_never_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.storage import providers as prov_mod
+
+    monkeypatch.setattr(prov_mod, "MAX_OBJECTS_PER_SIGNER", 2)
+    node = _ProvNode()
+    provs = Providers(node, "z")  # type: ignore[arg-type]
+    other = Identity.generate()
+    oids = [f"{i:02x}" * 32 for i in range(4)]
+    assert [provs.accept(_holder_record(other, o)) is not None for o in oids] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert all(provs.accept(_holder_record(node.identity, o)) is not None for o in oids)

@@ -388,3 +388,23 @@ def test_handshake_refuses_a_hello_without_a_valid_certificate(owner):
     with pytest.raises(HandshakeError, match="missing"):
         sa2.receive_hello(bare.hello())
     assert gate_a.counters()["not_member_missing"] == 1
+
+
+def test_a_certificate_that_lapses_no_longer_admits_a_live_peer(owner):
+    clock = [NOW]
+    policy = MembershipPolicy(Anchor(owner.public_key, False), clock=lambda: clock[0])
+    pid = Identity.generate().peer_id
+    long_cert = issue_cert(owner, owner.mesh_id, pid, ttl=3600, now=NOW)
+    short_cert = issue_cert(owner, owner.mesh_id, pid, ttl=60, now=NOW)
+    policy.admit(pid, long_cert.raw)
+    policy.admit(pid, short_cert.raw)  # an older certificate replayed (they are public)
+    assert policy.still_admits(pid)
+    clock[0] = NOW + 60 + CLOCK_SKEW + 1
+    assert policy.still_admits(pid)  # the longest-lasting certificate counts
+    clock[0] = NOW + 3600 + CLOCK_SKEW + 1
+    assert not policy.still_admits(pid)
+    assert not policy.still_admits(Identity.generate().peer_id)  # never admitted
+    opened = MembershipPolicy(Anchor(owner.public_key, True), clock=lambda: clock[0])
+    opened.admit(pid, long_cert.raw)
+    assert opened.still_admits(pid)  # an open mesh keeps it, as a stranger
+    assert not opened.is_member(pid)

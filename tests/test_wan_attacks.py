@@ -1,14 +1,14 @@
 """Attacks through the broker and the DHT, against real node processes."""
 
 import asyncio
+from typing import Any
 
 import aiomqtt
 import msgpack
 import pytest
-from kademlia.network import Server
-from kademlia.protocol import KademliaProtocol
+from kademlia.node import Node as KadNode
 
-from mesh.discovery.dht import dht_key, make_record
+from mesh.discovery.dht import MeshDHT, RecordStore, _Protocol, dht_key, make_record, node_id_of
 from mesh.launch.localmesh import wait_for
 from mesh.net.identity import Identity
 from mesh.net.signaling import parse_envelope, seal
@@ -93,7 +93,18 @@ async def test_broker_replay_foreign_key_and_altered_sdp_never_connect(local_mes
         assert (await counters(local_mesh, b))["handshake_failures"] == 0  # nothing got that far
 
 
-class SpyProtocol(KademliaProtocol):
+class SpyStore(RecordStore):
+    """Serves whatever the test put in ``raw``, unvalidated."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw = {}
+
+    def get(self, key, default=None):
+        return self.raw.get(key, default)
+
+
+class SpyProtocol(_Protocol):
     """A malicious DHT node: answers every lookup with whatever it holds, unvalidated."""
 
     find_value_calls = 0
@@ -103,7 +114,7 @@ class SpyProtocol(KademliaProtocol):
         return super().rpc_find_value(sender, nodeid, key)
 
 
-class SpyServer(Server):
+class SpyServer(MeshDHT):
     protocol_class = SpyProtocol
 
 
@@ -112,7 +123,12 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         "n", ["--no-mdns", "--dht-port", "0", "--dht-quota", "20", "--signaling", "127.0.0.1:0"]
     )
     host, port = n.ready["dht"].split(":")
-    attacker = SpyServer()
+    local_mesh.provision(local_mesh.base_dir / "spy")  # a member: DHT nodes answer members
+    attacker = SpyServer(
+        Identity.load_or_create(local_mesh.base_dir / "spy"),
+        SpyStore(),
+        gate=load_policy(local_mesh.base_dir / "spy"),
+    )
     await attacker.listen(0, interface="127.0.0.1")
     try:
         await attacker.bootstrap([(host, int(port))])
@@ -139,7 +155,7 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         assert (await counters(local_mesh, n))["dht_refused"] >= before + 3
 
         # ignored on get: the attacker serves the forged record for the victim's key
-        attacker.storage[dht_key(vkey)] = msgpack.packb([forged])
+        attacker.store.raw[dht_key(vkey)] = msgpack.packb([forged])
         async with local_mesh._http.get(f"{n.api}/v1/dht/peer/{victim.peer_id}") as resp:
             assert resp.status == 404
         assert SpyProtocol.find_value_calls >= 1  # the node did ask the attacker
@@ -161,3 +177,80 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
         assert ok is False
     finally:
         attacker.stop()
+
+
+async def _dht_client(
+    identity: Identity, node_id: bytes | None = None, gate: Any = None
+) -> MeshDHT:
+    client = MeshDHT(identity, gate=gate) if gate is not None else MeshDHT(identity)
+    if node_id is not None:
+        client.node = KadNode(node_id)  # an id of its choosing, not the one its key gives
+    await client.listen(0, interface="127.0.0.1")
+    return client
+
+
+async def _member_client(local_mesh, name: str, node_id: bytes | None = None) -> MeshDHT:
+    local_mesh.provision(local_mesh.base_dir / name)
+    identity = Identity.load_or_create(local_mesh.base_dir / name)
+    return await _dht_client(identity, node_id, gate=load_policy(local_mesh.base_dir / name))
+
+
+async def test_dht_contact_ids_are_bound_to_their_keys(local_mesh):
+    n = await local_mesh.start_node(
+        "n", ["--no-mdns", "--dht-port", "0", "--signaling", "127.0.0.1:0"]
+    )
+    host, port = n.ready["dht"].split(":")
+    address = (host, int(port))
+    target = dht_key(f"peer:{Identity.generate().peer_id}")  # the key to eclipse
+    chosen = (int.from_bytes(target, "big") ^ 1).to_bytes(20, "big")  # the closest id to it
+    # All three are members: the sybil's datagrams fail on the id alone.
+    sybil = await _member_client(local_mesh, "sybil", chosen)
+    honest = await _member_client(local_mesh, "honest")
+    observer = await _member_client(local_mesh, "observer")
+    try:
+        await sybil.bootstrap([address])  # n hears (and pings back) an id the sybil chose
+        await honest.bootstrap([address])
+        await observer.bootstrap([address])
+        n_node = KadNode(node_id_of(n.peer_id), host, int(port))
+
+        async def n_lists_the_honest_client() -> set[bytes] | None:
+            ok, found = await observer.protocol.call_find_node(n_node, KadNode(target))
+            ids = {bytes(t[0]) for t in found} if ok and isinstance(found, list) else set()
+            return ids if honest.node.id in ids else None
+
+        ids = await wait_for(n_lists_the_honest_client, 15, "n to list the honest contact")
+        assert chosen not in ids  # the sybil never entered n's routing table
+        assert (await counters(local_mesh, n))["dht_ignored"] >= 1  # its datagrams were ignored
+    finally:
+        for client in (sybil, honest, observer):
+            client.stop()
+
+
+async def test_non_members_get_no_answer_from_the_dht(local_mesh):
+    n = await local_mesh.start_node(
+        "n", ["--no-mdns", "--dht-port", "0", "--signaling", "127.0.0.1:0"]
+    )
+    host, port = n.ready["dht"].split(":")
+    n_node = KadNode(node_id_of(n.peer_id), host, int(port))
+    stranger = await _dht_client(Identity.generate())  # a valid key, no member certificate
+    try:
+        key = f"prov:obj:{'ab' * 32}"
+        raw = make_record(stranger.identity, "prov", key, {"d": True}, 600)
+        ok, _ = await stranger.protocol.call_store(n_node, dht_key(key), msgpack.packb([raw]))
+        assert not ok  # no answer: its datagrams are ignored, nothing is stored
+        ok, _ = await stranger.protocol.call_find_node(n_node, KadNode(dht_key(key)))
+        assert not ok
+        counted = await counters(local_mesh, n)
+        assert counted["not_member_from_dht_datagram"] >= 2
+        assert counted["not_member_missing"] >= 1
+        # A member (same code, a certificate of the mesh) is answered.
+        member = await _member_client(local_mesh, "m")
+        try:
+            raw = make_record(member.identity, "prov", key, {"d": True}, 600)
+            value = msgpack.packb([raw])
+            ok, stored = await member.protocol.call_store(n_node, dht_key(key), value)
+            assert ok and stored is True
+        finally:
+            member.stop()
+    finally:
+        stranger.stop()

@@ -2,6 +2,8 @@
 
 ``GET  /v1/models``            models known in the mesh (OpenAI list shape, plus our fields)
 ``POST /v1/models``            {path, name}: shard a local GGUF into this node's store
+``DELETE /v1/models/{model}``  forget a model here (name, id or id prefix): unpin its objects,
+                               delete those no loaded shard holds
 ``POST /v1/generate``          {model, prompt | tokens, max_tokens, temperature, top_k, top_p,
                                seed, stop, split, runtime, top, verify, verify_tolerance,
                                verify_seed, prefill_chunk}: NDJSON, one event per token,
@@ -61,6 +63,17 @@ def add_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
     async def add_model(request: web.Request) -> web.Response:
         return web.json_response(await _add_model(request.app[key], await _body(request)))
 
+    async def remove_model(request: web.Request) -> web.Response:
+        node = request.app[key]
+        try:
+            done = node.compute.remove_model(request.match_info["model"])
+        except ModelError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        for oid in done["unpinned"]:
+            gone = oid in done["deleted"]
+            await node.objects.providers.announce(oid, durable=False, gone=gone)
+        return web.json_response(done)
+
     async def transfers(request: web.Request) -> web.Response:
         node = request.app[key]
         return web.json_response([t.as_dict() for t in node.compute.transfers.values()])
@@ -85,6 +98,7 @@ def add_routes(app: web.Application, key: web.AppKey[ApiNode]) -> None:
 
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/models", add_model)
+    app.router.add_delete("/v1/models/{model}", remove_model)
     app.router.add_get("/v1/transfers", transfers)
     app.router.add_post("/v1/generate", generate)
 

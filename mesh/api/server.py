@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -35,15 +36,21 @@ __all__ = ["start_api"]
 
 MAX_REQUEST = 1024 * 1024  # prompts and token lists
 MAX_BENCH_BYTES = 1 << 30
+log = logging.getLogger(__name__)
 NODE_KEY: web.AppKey[ApiNode] = web.AppKey("node")
 
 
 async def start_api(
-    node: ApiNode, host: str, port: int, token: str | None, data_dir: Path
+    node: ApiNode,
+    host: str,
+    port: int,
+    token: str | None,
+    data_dir: Path,
+    fallback: bool = False,
 ) -> tuple[web.AppRunner, str]:
     """Serve the API. It always needs a token (mesh/api/auth.py: the operator's, or one written
     to ``data_dir``); beyond loopback only the operator's: the API can read local files (model
-    add) and drive the node."""
+    add) and drive the node. ``fallback``: ``port`` taken, bind a free one (with a warning)."""
     token_value = await asyncio.to_thread(node_token, data_dir, token, host)
     # With a generated token on loopback, the topology page's status reads stay open (after the
     # Host and Origin checks); an operator who set a token locks everything.
@@ -72,13 +79,26 @@ async def start_api(
         app, access_log=None, handle_signals=False, keepalive_timeout=HTTP_IDLE_DEADLINE
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    site = await _bind(runner, host, port, fallback)
     sockets = getattr(site._server, "sockets", None) or []
     bound = sockets[0].getsockname()[1]
     guard.bound(bound)
     shown = f"[{host}]" if ":" in host else host
     return runner, f"http://{shown}:{bound}"
+
+
+async def _bind(runner: web.AppRunner, host: str, port: int, fallback: bool) -> web.TCPSite:
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        if not fallback or port == 0:
+            await runner.cleanup()
+            raise
+        log.warning("API port %s:%d is taken (%s): using a free port instead", host, port, exc)
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+    return site
 
 
 async def _peers(request: web.Request) -> web.Response:

@@ -18,6 +18,8 @@ import sys
 from collections import Counter
 from typing import Any
 
+from mesh.cli.common import add_api_args
+
 __all__ = ["add_model_commands", "run_model_command", "inspect_model"]
 
 
@@ -32,11 +34,14 @@ def add_model_commands(subparsers: Any) -> None:
     )
     a.add_argument("path", help="a whole-model .gguf file (on the node's host)")
     a.add_argument("--name", default=None, help="name to use in generate (default: the GGUF's)")
-    a.add_argument("--api", default=None, help="node API base URL (default: the local node)")
-    a.add_argument("--json", action="store_true", help="print one JSON object")
     ls = msub.add_parser("list", help="models known in the mesh")
-    ls.add_argument("--api", default=None, help="node API base URL (default: the local node)")
-    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    rm = msub.add_parser(
+        "rm", help="forget a model on the node: unpin its shards, delete those not loaded"
+    )
+    rm.add_argument("model", metavar="NAME|ID", help="name, id, or id prefix (8+ characters)")
+    for c in (a, ls, rm):
+        add_api_args(c)
+        c.add_argument("--json", action="store_true", help="print one JSON object")
     s = msub.add_parser("shard", help="split a GGUF into hash-named blobs and a manifest")
     s.add_argument("path", help="a whole-model .gguf file")
     s.add_argument("--store", required=True, help="store directory (blobs/ and manifests/)")
@@ -129,32 +134,8 @@ def run_model_command(args: argparse.Namespace) -> int:
                 f"{u['index']:>4}  {u['kind']:<6} {layer:>5} {_mib(u['nbytes']):>12}  {types}\n"
             )
         return 0
-    if args.model_command in ("add", "list"):
-        import os
-
-        from mesh.cli.common import api_get, api_post
-        from mesh.local import resolve_api
-
-        api = resolve_api(args.api)
-        if args.model_command == "add":
-            body = {"path": os.path.abspath(args.path), "name": args.name}
-            doc = api_post(api, "/v1/models", body, timeout=600)
-            out.write(
-                json.dumps(doc) + "\n"
-                if args.json
-                else f"added {doc['name']} ({doc['arch']}, {doc['n_layers']} layers) as "
-                f"{doc['model_id']} in {doc['blobs']} blobs\n"
-            )
-        else:
-            doc = api_get(api, "/v1/models")
-            if args.json:
-                out.write(json.dumps(doc) + "\n")
-            for m in [] if args.json else doc.get("data", []):
-                out.write(
-                    f"{m['id']:<28} {m['arch'] or '':<8} {m['n_layers'] or '':>3} layers  "
-                    f"{m['model_id'][:16]}  held by {len(m['holders'])} peer(s)\n"
-                )
-        return 0
+    if args.model_command in ("add", "list", "rm"):
+        return _on_node(args, out)
     if args.model_command == "shard":
         from runtimes.shards import ShardStore
 
@@ -173,3 +154,42 @@ def run_model_command(args: argparse.Namespace) -> int:
         )
         return 0
     return 2
+
+
+def _on_node(args: argparse.Namespace, out: Any) -> int:
+    """``model add``, ``model list``, ``model rm``: through the node's API."""
+    import os
+    import urllib.parse
+
+    from mesh.cli.common import api_delete, api_get, api_post, node_api
+
+    api = node_api(args)
+    if args.model_command == "rm":
+        doc = api_delete(api, f"/v1/models/{urllib.parse.quote(args.model, safe='')}")
+        out.write(
+            json.dumps(doc) + "\n"
+            if args.json
+            else f"removed {doc['model_id'][:16]} ({', '.join(doc['names']) or 'no name'}): "
+            f"{len(doc['deleted'])} objects deleted ({_mib(doc['freed'])}), "
+            f"{len(doc['unpinned']) - len(doc['deleted'])} left to GC while loaded\n"
+        )
+        return 0
+    if args.model_command == "add":
+        body = {"path": os.path.abspath(args.path), "name": args.name}
+        doc = api_post(api, "/v1/models", body, timeout=600)
+        out.write(
+            json.dumps(doc) + "\n"
+            if args.json
+            else f"added {doc['name']} ({doc['arch']}, {doc['n_layers']} layers) as "
+            f"{doc['model_id']} in {doc['blobs']} blobs\n"
+        )
+    else:
+        doc = api_get(api, "/v1/models")
+        if args.json:
+            out.write(json.dumps(doc) + "\n")
+        for m in [] if args.json else doc.get("data", []):
+            out.write(
+                f"{m['id']:<28} {m['arch'] or '':<8} {m['n_layers'] or '':>3} layers  "
+                f"{m['model_id'][:16]}  held by {len(m['holders'])} peer(s)\n"
+            )
+    return 0

@@ -17,7 +17,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from mesh.cli.common import NodeApi
 
 __all__ = [
     "add_node_storage_args",
@@ -27,6 +30,19 @@ __all__ = [
 ]
 
 STORAGE_COMMANDS = ("put", "get", "job")
+
+JOB_FORMATS = """\
+Input formats of `edgemesh job run --model MODEL_ID --input DATASET_ID`:
+
+  dataset  a jsonl object, one record per line: {"x": [float, ...]}, every x of the
+           same length d, finite float32 values. Store it with
+           `edgemesh put data.jsonl --format jsonl` (a .jsonl suffix implies it):
+           its chunks end at line ends, and each chunk is one task.
+  model    an ONNX graph object (`edgemesh put model.onnx`) with one float input of
+           shape (batch, d). A peer's model runs only in a sandboxed child process.
+  result   a new jsonl object, in dataset order, one line per record:
+           {"y": [float, ...], "label": argmax of y}; its id is printed.
+"""
 
 
 def add_node_storage_args(n: argparse.ArgumentParser) -> None:
@@ -88,14 +104,23 @@ def storage_config(args: argparse.Namespace) -> Any:
 
 
 def add_storage_commands(sub: Any) -> None:
+    from mesh.cli.common import add_api_args
+
     def common(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--api", default=None, help="node API base URL (default: the local node)")
+        add_api_args(c)
         c.add_argument("--json", action="store_true", help="print one JSON object")
         c.add_argument("--progress", action="store_true", help="progress bar even off a tty")
 
     p = sub.add_parser("put", help="store a file in the mesh; prints its object id")
     p.add_argument("file", type=Path)
     p.add_argument("--replicas", type=int, default=1, help="copies kept in the mesh")
+    p.add_argument(
+        "--replica-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the copies to be placed before reporting (default 30)",
+    )
     p.add_argument(
         "--format",
         choices=("raw", "jsonl"),
@@ -112,12 +137,22 @@ def add_storage_commands(sub: Any) -> None:
     common(p)
     g = sub.add_parser("get", help="fetch an object from its nearest holders")
     g.add_argument("id")
-    g.add_argument("-o", "--output", type=Path, required=True)
+    g.add_argument("-o", "--output", type=Path, required=True, help="a file, or - for stdout")
     g.add_argument("--pin", action="store_true", help="keep it in the node's store")
     common(g)
-    j = sub.add_parser("job", help="batch jobs over stored datasets")
+    j = sub.add_parser(
+        "job",
+        help="batch jobs over stored datasets",
+        description=JOB_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     jsub = j.add_subparsers(dest="job_command", required=True)
-    r = jsub.add_parser("run", help="apply a model to every record of a dataset")
+    r = jsub.add_parser(
+        "run",
+        help="apply a model to every record of a dataset",
+        description=JOB_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("--model", required=True, help="object id of an ONNX model")
     r.add_argument("--input", required=True, help="object id of a jsonl dataset")
     r.add_argument("--compare", action="store_true", help="also run the random policy")
@@ -160,8 +195,8 @@ class _Reader:
         return data
 
 
-def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
-    from mesh.cli.common import CliError, auth_headers
+def _put(args: argparse.Namespace, api: NodeApi, show: bool) -> dict[str, Any]:
+    from mesh.cli.common import CliError
 
     path: Path = args.file
     try:
@@ -186,7 +221,7 @@ def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
             headers={
                 "Content-Length": str(size),
                 "Content-Type": "application/octet-stream",
-                **auth_headers(api),
+                **api.headers(),
             },
         )
         doc = _open_json(req, api)
@@ -195,7 +230,7 @@ def _put(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
     return dict(doc)
 
 
-def _open_json(req: urllib.request.Request, api: str, timeout: float = 600) -> Any:
+def _open_json(req: urllib.request.Request, api: NodeApi, timeout: float = 600) -> Any:
     from mesh.cli.common import CliError
 
     try:
@@ -208,12 +243,12 @@ def _open_json(req: urllib.request.Request, api: str, timeout: float = 600) -> A
         raise CliError(f"cannot reach node API at {api}: {exc}") from None
 
 
-def _get(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
-    from mesh.cli.common import CliError, auth_headers
+def _get(args: argparse.Namespace, api: NodeApi, show: bool) -> dict[str, Any]:
+    from mesh.cli.common import CliError
 
     pin = "1" if args.pin else "0"
     req = urllib.request.Request(
-        f"{api}/v1/objects/{args.id}/fetch?pin={pin}", method="POST", headers=auth_headers(api)
+        f"{api}/v1/objects/{args.id}/fetch?pin={pin}", method="POST", headers=api.headers()
     )
     bar: _Bar | None = None
     final: dict[str, Any] = {}
@@ -236,39 +271,71 @@ def _get(args: argparse.Namespace, api: str, show: bool) -> dict[str, Any]:
     if bar is not None:
         bar.show(final.get("size", 0), force=True)
         bar.end()
-    tmp = args.output.with_name(f".{args.output.name}.part")
-    try:
-        with (
-            urllib.request.urlopen(
-                urllib.request.Request(f"{api}/v1/objects/{args.id}", headers=auth_headers(api)),
-                timeout=600,
-            ) as resp,
-            open(tmp, "wb") as out,
-        ):
-            while block := resp.read(1 << 20):
-                out.write(block)
-        os.replace(tmp, args.output)
-    except (urllib.error.URLError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise CliError(f"cannot read object {args.id[:12]}: {exc}") from None
+    _save(api, args.id, args.output)
     return {"id": args.id, "output": str(args.output), **final}
 
 
-def run_storage_command(args: argparse.Namespace) -> int:
-    from mesh.cli.common import api_post
-    from mesh.local import resolve_api
+def _save(api: NodeApi, oid: str, output: Path) -> None:
+    """The object's bytes into ``output`` (whole or not at all), or to stdout for ``-``."""
+    from mesh.cli.common import CliError
 
-    api = resolve_api(args.api)
+    to_stdout = str(output) == "-"
+    tmp = output.with_name(f".{output.name}.part")
+    req = urllib.request.Request(f"{api}/v1/objects/{oid}", headers=api.headers())
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            if to_stdout:
+                sys.stdout.flush()
+                while block := resp.read(1 << 20):
+                    sys.stdout.buffer.write(block)
+                sys.stdout.buffer.flush()
+                return
+            with open(tmp, "wb") as out:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+        os.replace(tmp, output)
+    except (urllib.error.URLError, OSError) as exc:
+        if not to_stdout:
+            tmp.unlink(missing_ok=True)
+        raise CliError(f"cannot read object {oid[:12]}: {exc}") from None
+
+
+def _placed(api: NodeApi, oid: str, wanted: int, wait: float) -> int:
+    """Durable holders of ``oid`` (pinned copies, ours included), once ``wanted`` are there
+    or ``wait`` seconds have passed: replication runs after the put returns."""
+    from mesh.cli.common import api_get
+
+    deadline = time.monotonic() + wait
+    while True:
+        holders = api_get(api, f"/v1/objects/{oid}/holders")
+        placed = sum(1 for h in holders if h.get("durable"))
+        if placed >= wanted or time.monotonic() >= deadline:
+            return placed
+        time.sleep(0.5)  # polling period of a condition with a deadline
+
+
+def run_storage_command(args: argparse.Namespace) -> int:
+    from mesh.cli.common import api_post, node_api
+
+    api = node_api(args)
     show = args.progress or sys.stderr.isatty()
     if args.command == "put":
         doc = _put(args, api, show)
+        doc["placed"] = _placed(api, doc["id"], args.replicas, args.replica_wait)
+        if doc["placed"] < args.replicas:
+            print(
+                f"edgemesh: warning: only {doc['placed']} of {args.replicas} replicas placed "
+                f"after {args.replica_wait:.0f} s (too few peers, or they refused); the node "
+                "keeps trying as peers join",
+                file=sys.stderr,
+            )
         print(json.dumps(doc) if args.json else doc["id"])
         return 0
     if args.command == "get":
         doc = _get(args, api, show)
         if args.json:
-            print(json.dumps(doc))
-        else:
+            print(json.dumps(doc), file=sys.stderr if str(args.output) == "-" else sys.stdout)
+        elif str(args.output) != "-":
             srcs = ", ".join(f"{k[:12]} {v / 1e6:.1f} MB" for k, v in doc["sources"].items())
             print(
                 f"{doc['output']}: {doc.get('size', 0)} bytes in {doc.get('seconds', 0)} s"

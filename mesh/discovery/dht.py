@@ -19,12 +19,14 @@ The package stores any value from anyone, so validation is ours, on store and on
 * a contact that sent us a request (its address unverified) is pinged back before it enters
   the routing table and is handed the records it should hold.
 
-Node ids are the 20 bytes behind the peer id, so a DHT contact and a mesh peer share one id.
+Node ids are the 20 bytes behind the peer id, so a DHT contact and a mesh peer share one id,
+and they are bound to keys: every datagram is signed by its sender (:mod:`dhtwire`), a
+request naming an id that is not its signer's is ignored, and a contact counts (routing
+table, answers) only when the key of its id signed its answer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import logging
@@ -37,14 +39,24 @@ import msgpack
 from kademlia.crawling import ValueSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node as KadNode
-from kademlia.protocol import KademliaProtocol
 from kademlia.storage import IStorage
 
+from mesh.discovery.dhtwire import (
+    MAX_DATAGRAM,
+    MAX_RECORD,
+    MAX_RECORDS_PER_KEY,
+    MAX_VALUE,
+    _Protocol,
+)
 from mesh.errors import DiscoveryError
+from mesh.net.handshake import Gate
 from mesh.net.identity import Identity
 from mesh.net.signed import Field, Format, check_expiry
 
 __all__ = [
+    "MAX_DATAGRAM",
+    "MAX_VALUE",
+    "MAX_RECORDS_PER_KEY",
     "Record",
     "make_record",
     "parse_record",
@@ -56,15 +68,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-MAX_RECORD = 1024
-MAX_RECORDS_PER_KEY = 32
-MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
-MAX_DATAGRAM = MAX_VALUE + 1024
 MAX_TTL = 24 * 3600.0
 MAX_KEYS = 4096  # keys one node stores for others
 SIGNER_SHARE = 8  # one signer may hold records under at most 1/8 of those keys
 MAX_SEQ_AHEAD = 60.0  # seconds a record's seq (milliseconds of its signer's clock) may lead ours
-MAX_VERIFYING = 64  # unverified DHT contacts being pinged back at once
 RECORD = Format(
     what="record",
     context=b"edgemesh/dht/v1\x00",
@@ -349,77 +356,40 @@ class RecordStore(IStorage):  # type: ignore[misc]
         return True  # kademlia's Server does `storage or ForgetfulStorage()`
 
 
-class _Protocol(KademliaProtocol):  # type: ignore[misc]
-    storage: RecordStore
-
-    def __init__(self, source_node: KadNode, storage: RecordStore, ksize: int) -> None:
-        super().__init__(source_node, storage, ksize)
-        # rpcudp waits 5 s for a reply; one dead contact would stall every lookup that long.
-        self._wait_timeout = 2.0
-        self._verifying: set[tuple[str, int]] = set()
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.storage.is_banned(addr):
-            return
-        if len(data) > MAX_DATAGRAM:
-            # Dropped without penalty: UDP source addresses can be spoofed, and a ban here
-            # would let anyone cut an honest contact off.
-            log.debug("dropped a DHT datagram of %d bytes from %s", len(data), addr)
-            return
-        asyncio.ensure_future(self._guarded(data, addr))
-
-    def welcome_if_new(self, node: KadNode) -> None:
-        """A request came from ``node``: its address is unverified (UDP), so ping it back and
-        welcome it (routing table, the records it should hold) only once it answers."""
-        if not self.router.is_new_node(node) or len(self._verifying) >= MAX_VERIFYING:
-            return
-        address = (node.ip, node.port)
-        if address in self._verifying:
-            return
-        self._verifying.add(address)
-        task = asyncio.ensure_future(self._verify(node, address))
-        task.add_done_callback(lambda _: self._verifying.discard(address))
-
-    async def _verify(self, node: KadNode, address: tuple[str, int]) -> None:
-        result = await self.ping(address, self.source_node.id)
-        if result[0] and result[1] == node.id:
-            KademliaProtocol.welcome_if_new(self, node)
-
-    def handle_call_response(self, result: Any, node: KadNode) -> Any:
-        # An answer to our own request: the address is verified, welcome it at once.
-        if not result[0]:
-            log.info("no response from %s, removing from router", node)
-            self.router.remove_contact(node)
-            return result
-        KademliaProtocol.welcome_if_new(self, node)
-        return result
-
-    async def _guarded(self, data: bytes, addr: Any) -> None:
-        try:
-            await self._solve_datagram(data, addr)
-        except Exception as exc:  # rpcudp raises on malformed packets
-            log.debug("malformed DHT datagram from %s: %r", addr, exc)
-
-    def rpc_store(self, sender: Any, nodeid: Any, key: Any, value: Any) -> bool:
-        if not isinstance(nodeid, bytes) or len(nodeid) != 20:
-            return False
-        self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
-        return self.storage.accept(key, value, sender)
-
-
 class MeshDHT(Server):  # type: ignore[misc]
     """The DHT endpoint of one node."""
 
     protocol_class = _Protocol
 
-    def __init__(self, identity: Identity, store: RecordStore | None = None) -> None:
+    def __init__(
+        self, identity: Identity, store: RecordStore | None = None, gate: Gate | None = None
+    ) -> None:
         self.identity = identity
+        self.gate = gate
         self.store = store or RecordStore()
         super().__init__(
             ksize=20, alpha=3, node_id=node_id_of(identity.peer_id), storage=self.store
         )
         self.host = ""
         self.port = 0
+
+    def _create_protocol(self) -> _Protocol:
+        proto: _Protocol = self.protocol_class(
+            self.node, self.storage, self.ksize, self.identity, self.gate
+        )
+        return proto
+
+    @property
+    def ignored(self) -> int:
+        """Datagrams ignored: unsigned, malformed, or naming an id their key does not give."""
+        proto = self.protocol
+        return proto.ignored if isinstance(proto, _Protocol) else 0
+
+    @property
+    def not_member(self) -> int:
+        """Datagrams ignored because the gate does not admit their signer."""
+        proto = self.protocol
+        return proto.not_member if isinstance(proto, _Protocol) else 0
 
     async def start(self, host: str, port: int, bootstrap: list[tuple[str, int]]) -> None:
         await self.listen(port, interface=host)

@@ -189,9 +189,10 @@ class MdnsDiscovery:
 
     async def start(self) -> None:
         if self.interfaces:
-            self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+            zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
         else:
-            self._zc = AsyncZeroconf()
+            zc = AsyncZeroconf()
+        self._zc = zc
         props = make_properties(
             self.identity, self.port, self.addresses, self.name, self.mesh, cert=self.cert
         )
@@ -203,20 +204,20 @@ class MdnsDiscovery:
             parsed_addresses=self.addresses,
             server=f"em-{self.identity.peer_id}.local.",
         )
-        await self._zc.async_register_service(self._info)
-        self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
-        )
+        await zc.async_register_service(self._info)
+        if self._zc is not zc:
+            return  # stopped while registering: stop() closed it, browse nothing
+        self._browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
 
     async def stop(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
-        if self._zc is not None:
+        zc, self._zc = self._zc, None
+        if zc is not None:
             # async_close unregisters our service, which sends the goodbye packets.
-            await self._zc.async_close()
-        self._zc = None
+            await zc.async_close()
 
     def _on_change(
         self, zeroconf: object, service_type: str, name: str, state_change: ServiceStateChange

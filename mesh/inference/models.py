@@ -209,6 +209,47 @@ class ModelRegistry:
             return self.names[model]
         raise ModelError(f"unknown model {model!r}")
 
+    def find(self, model: str) -> str:
+        """A model id from a name, an id, or a unique prefix (8+ characters) of an id."""
+        with contextlib.suppress(ModelError):
+            return self.resolve(model)
+        found = sorted(m for m in self.manifests if len(model) >= 8 and m.startswith(model))
+        if len(found) > 1:
+            raise ModelError(f"model {model!r} is ambiguous: {', '.join(m[:16] for m in found)}")
+        if not found:
+            raise ModelError(f"unknown model {model!r}")
+        return found[0]
+
+    def remove_model(self, model: str) -> dict[str, Any]:
+        """Forget a model on this node: its names and manifest, and unpin its objects (the
+        manifest's and the shards' no other model here shares). Those no loaded shard holds
+        are deleted now; the rest go at a later GC. Returns what was done, object ids in
+        ``unpinned`` and ``deleted``."""
+        mid = self.find(model)
+        manifest = self.manifests.pop(mid)
+        own = {b.object for b in manifest.blobs if b.object}
+        if (oid := self.model_objects.pop(mid, None)) is not None:
+            own.add(oid)
+        for other in self.manifests.values():
+            own -= {b.object for b in other.blobs if b.object}
+        names = sorted(n for n, m in self.names.items() if m == mid)
+        for n in names:
+            del self.names[n]
+        self._save_registry()
+        store = self.objects.store
+        unpinned = sorted(o for o in own if store.unpin(o))
+        free = set(store.collectable())
+        deleted = sorted(o for o in own if o in free)
+        freed = sum(store.drop(o) for o in deleted)
+        log.info("model %s removed: %d objects deleted", mid[:12], len(deleted))
+        return {
+            "model_id": mid,
+            "names": names,
+            "unpinned": unpinned,
+            "deleted": deleted,
+            "freed": freed,
+        }
+
     def _locate(self, blob: BlobInfo) -> Path:
         """The packed data file of a shard (what a runtime opens)."""
         path = self.objects.store.data_path(blob.object) if blob.object else None

@@ -181,6 +181,8 @@ class LocalMesh:
         if self.mdns_interface:
             cmd += ["--mdns-interface", self.mdns_interface]
         cmd += self.extra_args + (args or [])
+        if "--api" not in cmd:
+            cmd += ["--api", "127.0.0.1:0"]  # side by side: not the default port, a free one
         env = dict(os.environ, **(self.env or {}))
         proc = await asyncio.create_subprocess_exec(
             *cmd,

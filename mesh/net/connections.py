@@ -109,6 +109,7 @@ class Connections:
             "inbound_refused": 0,
             "banned_refused": 0,
             "unproven_evicted": 0,
+            "lapsed_dropped": 0,
         }
         self.not_member: dict[str, int] = {}  # refusals by where they came from
         self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
@@ -319,7 +320,10 @@ class Connections:
     def maintain_once(self, now: float) -> None:
         p = self.params
         for entry in self.peers:
-            if entry.connected or self._busy(entry):
+            if entry.connected:
+                self._check_membership(entry)
+                continue
+            if self._busy(entry):
                 continue
             if not entry.announced and not entry.static:
                 stale = entry.disconnected_at is not None and now - entry.disconnected_at > (
@@ -331,6 +335,16 @@ class Connections:
             if (entry.addresses or entry.via_mqtt) and now >= entry.next_attempt:
                 entry.next_attempt = now + p.backoff_max  # until the dial reports
                 entry.dialing = self._spawn(self._dial(entry))
+
+    def _check_membership(self, entry: PeerEntry) -> None:
+        """A certificate is checked when its link opens; a link whose certificate lapsed
+        since (expired, revoked) is closed. The peer's redials and answers then carry the
+        lapsed certificate, so they are refused until it presents a valid one."""
+        if self.gate is None or entry.link is None or self.gate.still_admits(entry.peer_id):
+            return
+        self.counters["lapsed_dropped"] += 1
+        log.warning("dropping %s: its member certificate lapsed", entry.peer_id[:12])
+        entry.link.close("member certificate expired")
 
     def _backoff(self, entry: PeerEntry) -> None:
         delay = min(self.params.backoff_base * 2**entry.failures, self.params.backoff_max)

@@ -54,13 +54,18 @@ class Gate(Protocol):
     """Who may connect: the node's membership policy (mesh.trust), seen from the network room.
 
     ``admit`` raises :class:`~mesh.errors.NotAMember` unless ``cert`` (bytes, text or None,
-    straight off the wire) admits ``peer_id``; ``credential`` is our own certificate, which
+    straight off the wire) admits ``peer_id``; ``still_admits`` is asked on live links (a
+    certificate that expired drops its link); ``credential`` is our own certificate, which
     we attach to what we send (None: we have none)."""
 
     @property
     def credential(self) -> bytes | None: ...
 
     def admit(self, peer_id: str, cert: Any) -> object: ...
+
+    def still_admits(self, peer_id: str) -> bool:
+        """Whether ``peer_id``, admitted earlier, is still in (its certificate not expired)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def parse_endpoint(text: Any) -> tuple[str, int] | None:
     if not isinstance(text, str) or len(text) > 64:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() also takes digits int() refuses ("²")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return None
     try:
         ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh.errors import EXPECTED, Error, RPCError
 from mesh.net.rpc import CallContext
+from mesh.net.signaling import parse_endpoint
 from scheduler import Coordinate, VivaldiNode, estimate_rtt
 
 if TYPE_CHECKING:
@@ -140,8 +141,9 @@ def parse_info(params: dict[str, Any]) -> PeerNet:
     if not isinstance(speed, int | float) or not 0 <= speed < 1e15 or not math.isfinite(speed):
         raise NetViewError("speed must be a finite non-negative number")
     fast = params.get("fast")
-    if fast is not None and (not isinstance(fast, str) or len(fast) > 64 or ":" not in fast):
-        raise NetViewError("fast must be a short host:port string")
+    if fast is not None and parse_endpoint(fast) is None:
+        # an IP literal and a port: a peer must not make us look up or dial a host name
+        raise NetViewError("fast must be a short IP:PORT string")
     return PeerNet(
         fast=fast,
         zone=zone,

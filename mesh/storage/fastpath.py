@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import struct
@@ -45,6 +46,7 @@ from nacl.exceptions import CryptoError
 
 from mesh.errors import EXPECTED, Error, IdentityError, PeerUnavailable
 from mesh.net.identity import verify
+from mesh.net.signaling import format_endpoint, parse_endpoint
 from mesh.storage.store import CHUNK_MAX, StoreError
 
 if TYPE_CHECKING:
@@ -76,6 +78,19 @@ class FastLimits:
             raise ValueError("fast-path caps must be >= 1")
         if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
             raise ValueError("fast-path deadlines must be positive")
+
+
+def fast_endpoint(address: Any) -> tuple[str, int]:
+    """The (IP, port) to dial for a peer's advertised fast address. Only an IP literal with
+    a port in 1..65535 (not an unspecified or multicast address): a host name would be
+    looked up and dialed wherever it resolves, so it is refused like junk."""
+    parsed = parse_endpoint(address)
+    if parsed is None:
+        raise FastPathError(f"fast address {str(address)[:80]!r} is not IP:PORT")
+    ip = ipaddress.ip_address(parsed[0])
+    if ip.is_unspecified or ip.is_multicast:
+        raise FastPathError(f"fast address {parsed[0]} cannot be dialed")
+    return parsed
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
@@ -186,7 +201,7 @@ class FastPath:
         """Listen on ``bind`` (any port) and tell peers to dial ``announce`` at that port."""
         self.server = await asyncio.start_server(self._serve, bind, 0, limit=1 << 16)
         port = self.server.sockets[0].getsockname()[1]
-        self.address = f"{announce}:{port}"
+        self.address = format_endpoint(announce, port)
         self.svc.net.config.extra["fast"] = self.address
 
     async def stop(self) -> None:
@@ -277,10 +292,10 @@ class FastPath:
         address = info.fast if info is not None else None
         if not address:
             raise FastPathError("peer offers no fast path")
+        host, port = fast_endpoint(address)  # before any lookup or dial
         link = self.node.link(peer)  # the key we expect is the one the link proved
-        host, _, port = address.rpartition(":")
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), limit=1 << 16), HANDSHAKE_TIMEOUT
+            asyncio.open_connection(host, port, limit=1 << 16), HANDSHAKE_TIMEOUT
         )
         try:
             me = self.node.identity

@@ -7,6 +7,12 @@ object. It puts the record in the DHT when the node runs one, and sends it to it
 peers (``obj_announce``; on a new link, ``obj_sync`` sends all of ours at once). Receivers
 verify signatures and expiry with :func:`mesh.discovery.dht.parse_record`; a record is only a
 hint, and the bytes are verified by hash anyway.
+
+Bounds: a record that comes over a link must be the sender's own (we send only ours), so
+a peer cannot relay records of minted keys; an object keeps at most ``MAX_HOLDERS`` holders
+(a full list drops an expired or unlinked holder for a new one; linked holders stay); a key
+is the holder of at most ``MAX_OBJECTS_PER_SIGNER`` objects, and ``MAX_OBJECTS_TRACKED``
+objects are tracked in all.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 PROVIDER_TTL = 600.0
 MAX_SYNC = 256  # records in one obj_sync message
 MAX_OBJECTS_TRACKED = 65536
+MAX_HOLDERS = 64  # holders kept per object; a full list makes room by dropping unlinked ones
+MAX_OBJECTS_PER_SIGNER = MAX_OBJECTS_TRACKED // 16  # objects one key may be a holder of here
 
 
 @dataclass
@@ -58,7 +66,13 @@ class Providers:
     name = "providers"  # RPC namespace: peers call "providers.<method>"
 
     def status(self) -> dict[str, Any]:
-        return {"objects": len(self.table), "announced": len(self._mine)}
+        return {
+            "objects": len(self.table),
+            "announced": len(self._mine),
+            "holders": sum(len(h) for h in self.table.values()),
+            "most_holders": max((len(h) for h in self.table.values()), default=0),
+            "refused": self.refused,
+        }
 
     def __init__(self, node: ProviderContext, zone: str) -> None:
         self.node = node
@@ -66,6 +80,8 @@ class Providers:
         self.table: dict[str, dict[str, Provider]] = {}
         self._mine: dict[str, bytes] = {}  # oid -> our current raw record
         self._synced: set[str] = set()  # peers that have our records
+        self._signer_objects: dict[str, int] = {}  # peer id -> objects it is a holder of
+        self.refused = 0  # records refused by the bounds (foreign over a link, full lists)
 
     # -- our records -----------------------------------------------------------------------
     async def announce(self, oid: str, durable: bool, gone: bool = False) -> None:
@@ -116,7 +132,9 @@ class Providers:
             self._synced.add(peer)
 
     # -- others' records -------------------------------------------------------------------
-    def accept(self, raw: bytes) -> Record | None:
+    def accept(self, raw: bytes, sender: str | None = None) -> Record | None:
+        """Keep a valid provider record; ``sender``: the linked peer it came from, which
+        may only send its own."""
         try:
             rec = parse_record(raw)
         except DiscoveryError as exc:
@@ -126,16 +144,21 @@ class Providers:
             return None
         if rec.peer_id in self.node.banned:  # a banned peer's records are ignored
             return None
+        if sender is not None and rec.peer_id != sender:
+            self.refused += 1  # a peer sends only its own records: no relaying minted keys
+            return None
         oid = rec.key.removeprefix("prov:obj:")
         holders = self.table.get(oid)
         if rec.body.get("gone"):
-            if holders is not None:
-                holders.pop(rec.peer_id, None)
+            if holders is not None and rec.peer_id in holders:
+                self._drop(oid, rec.peer_id)
             return rec
-        if holders is None:
-            if len(self.table) >= MAX_OBJECTS_TRACKED:
-                return None
-            holders = self.table[oid] = {}
+        if not self._room_for(oid, rec.peer_id):
+            self.refused += 1
+            return None
+        holders = self.table.setdefault(oid, {})
+        if rec.peer_id not in holders:
+            self._signer_objects[rec.peer_id] = self._signer_objects.get(rec.peer_id, 0) + 1
         zone = rec.body.get("z")
         holders[rec.peer_id] = Provider(
             rec.peer_id,
@@ -145,10 +168,42 @@ class Providers:
         )
         return rec
 
+    def _room_for(self, oid: str, peer_id: str) -> bool:
+        """Whether a record of ``peer_id`` for ``oid`` fits, making room where it may."""
+        holders = self.table.get(oid)
+        if holders is None:
+            if len(self.table) >= MAX_OBJECTS_TRACKED:
+                return False
+        elif peer_id in holders:
+            return True
+        mine = peer_id == self.node.me  # our own records are never refused
+        if not mine and self._signer_objects.get(peer_id, 0) >= MAX_OBJECTS_PER_SIGNER:
+            return False
+        if holders is None or len(holders) < MAX_HOLDERS:
+            return True
+        now = time.time()
+        linked = set(self.node.connected_peer_ids()) | {self.node.me}
+        unlinked = [p for p in holders.values() if p.expires <= now or p.peer_id not in linked]
+        if not unlinked:
+            return mine  # every holder is a linked peer (or us): they stay, but we go in
+        self._drop(oid, min(unlinked, key=lambda p: p.expires).peer_id)
+        return True
+
+    def _drop(self, oid: str, peer_id: str) -> None:
+        holders = self.table.get(oid, {})
+        if holders.pop(peer_id, None) is not None:
+            left = self._signer_objects.get(peer_id, 1) - 1
+            if left > 0:
+                self._signer_objects[peer_id] = left
+            else:
+                self._signer_objects.pop(peer_id, None)
+        if not holders:
+            self.table.pop(oid, None)
+
     async def rpc_obj_announce(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
-        return {"ok": self.accept(payload) is not None}
+        return {"ok": self.accept(payload, sender=ctx.peer_id) is not None}
 
     async def rpc_obj_sync(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -167,7 +222,9 @@ class Providers:
             raise DiscoveryError("malformed provider sync") from None
         if not isinstance(raws, list):
             raise DiscoveryError("provider sync must be a list")
-        n = sum(1 for r in raws if isinstance(r, bytes) and self.accept(r) is not None)
+        n = sum(
+            1 for r in raws if isinstance(r, bytes) and self.accept(r, sender=ctx.peer_id)
+        )
         return {"accepted": n}
 
     def holders(self, oid: str, *, live_only: bool = True) -> list[Provider]:
@@ -177,15 +234,15 @@ class Providers:
         out = []
         for p in list(self.table.get(oid, {}).values()):
             if p.expires <= now or p.peer_id in banned:
-                self.table[oid].pop(p.peer_id, None)
+                self._drop(oid, p.peer_id)
             elif not live_only or p.peer_id in connected:
                 out.append(p)
         return out
 
     def forget_peer(self, peer_id: str) -> None:
         """Drop every record of ``peer_id`` (it was banned)."""
-        for holders in self.table.values():
-            holders.pop(peer_id, None)
+        for oid in [o for o, holders in self.table.items() if peer_id in holders]:
+            self._drop(oid, peer_id)
 
     async def lookup_dht(self, oid: str) -> list[Provider]:
         dht = self.node.dht

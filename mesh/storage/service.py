@@ -40,10 +40,12 @@ from mesh.storage.store import (
 if TYPE_CHECKING:
     from mesh.storage.providers import ProviderContext
 
-__all__ = ["StorageConfig", "ObjectService", "PeerQuotaExceeded"]
+__all__ = ["StorageConfig", "ObjectService", "PeerQuotaExceeded", "ReplicationBusy"]
 
 log = logging.getLogger(__name__)
 MAX_HAS = 4096
+MAX_PULLS_PER_PEER = 4  # background replica pulls one peer may have us run at once
+MAX_PULLS = 16  # background replica pulls in all
 
 
 @dataclass
@@ -59,6 +61,9 @@ class StorageConfig:
     # Bytes of objects one peer may make us pin through ``obj_replicate`` (None: only the
     # store's quota bounds it). One peer cannot fill the disk this node offers the mesh.
     peer_quota: int | None = 4 << 30
+    # Background pulls that ``obj_replicate`` requests start: per requesting peer, in all.
+    max_pulls_per_peer: int = MAX_PULLS_PER_PEER
+    max_pulls: int = MAX_PULLS
 
 
 class _Pacer:
@@ -82,6 +87,10 @@ class _Pacer:
 
 class PeerQuotaExceeded(StoreError):
     """A peer asked us to keep more bytes than its per-peer quota."""
+
+
+class ReplicationBusy(StoreError):
+    """Too many replica pulls running already (for the requesting peer, or in all)."""
 
 
 class ObjectService:
@@ -109,6 +118,8 @@ class ObjectService:
         self.fast: FastPath | None = None  # when enabled
         self._reserved: dict[str, tuple[str, int]] = {}  # oid -> (peer, bytes) being pulled
         self.quota_refused = 0  # replica requests refused by the per-peer quota
+        self._pulls: dict[str, str] = {}  # oid -> peer whose obj_replicate pulls it now
+        self.replicas_refused = 0  # obj_replicate requests refused: too many pulls running
         self.replicator = Replicator(self)
 
     def services(self) -> list[Service]:
@@ -381,8 +392,22 @@ class ObjectService:
             self.store.pin(oid, replicas, for_peer=ctx.peer_id)
             await self.providers.announce(oid, durable=True)
             return {"accepted": True, "held": True}
-        self.spawn(self._replicate(oid, replicas, ctx.peer_id))
+        if oid not in self._pulls:  # a second request for a pull under way starts nothing
+            self._claim_pull(oid, ctx.peer_id)
+            self.spawn(self._replicate(oid, replicas, ctx.peer_id))
         return {"accepted": True, "held": False}
+
+    def _claim_pull(self, oid: str, peer: str) -> None:
+        """Take a pull slot for ``peer`` (ReplicationBusy when it, or the node, has none)."""
+        cfg = self.config
+        mine = sum(1 for p in self._pulls.values() if p == peer)
+        if mine >= cfg.max_pulls_per_peer or len(self._pulls) >= cfg.max_pulls:
+            self.replicas_refused += 1
+            raise ReplicationBusy(
+                f"{len(self._pulls)} replica pulls running ({mine} for {peer[:12]}): "
+                f"at most {cfg.max_pulls_per_peer} per peer, {cfg.max_pulls} in all"
+            )
+        self._pulls[oid] = peer
 
     async def _replicate(self, oid: str, replicas: int, peer: str | None = None) -> None:
         try:
@@ -400,6 +425,8 @@ class ObjectService:
             log.info("now a replica of %s", oid[:12])
         except (StoreError, RPCError) as exc:
             log.warning("replicating %s failed: %s", oid[:12], exc)
+        finally:
+            self._pulls.pop(oid, None)
 
     # -- views -----------------------------------------------------------------------------
     def holders_view(self, oid: str) -> list[dict[str, Any]]:
@@ -427,6 +454,8 @@ class ObjectService:
             "fast_path_conns": self.fast.stats() if self.fast is not None else None,
             "peer_quota": self.config.peer_quota,
             "quota_refused": self.quota_refused,
+            "replica_pulls": len(self._pulls),
+            "replicas_refused": self.replicas_refused,
         }
 
 

@@ -174,8 +174,11 @@ class MembershipPolicy:
             now=self.clock(),
             skew=self.skew,
         )
-        self._members.pop(peer_id, None)
-        self._members[peer_id] = member
+        known = self._members.pop(peer_id, None)
+        # Keep the certificate that lasts longest: a replayed older one (certificates are
+        # public) must not cut a member's link short.
+        keep = known if known is not None and known.expires > member.expires else member
+        self._members[peer_id] = keep
         while len(self._members) > MAX_MEMBERS:
             self._members.popitem(last=False)
         return member
@@ -189,6 +192,14 @@ class MembershipPolicy:
         if self.revocations is not None and peer_id in self.revocations:
             return False
         return not cert.expired(self.clock(), self.skew)
+
+    def still_admits(self, peer_id: str) -> bool:
+        """Whether a peer admitted earlier (its link is up) is still in now: its certificate
+        has not expired since (nor been revoked). Asked on every live link, so a certificate
+        that lapses drops its link. In an open mesh a lapsed member stays, as a stranger."""
+        if self.revocations is not None and peer_id in self.revocations:
+            return False
+        return self.open or self.is_member(peer_id)
 
     def counters(self) -> dict[str, int]:
         """For /v1/info: refusals by reason, and strangers admitted to an open mesh."""
