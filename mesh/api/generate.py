@@ -32,6 +32,7 @@ from mesh.inference.run import GenerationRequest
 from mesh.inference.sampling import SamplingParams
 from mesh.inference.verify import VerifyParams
 from runtimes.chat_template import MAX_MESSAGES
+from runtimes.errors import ModelError
 
 if TYPE_CHECKING:
     from mesh.api.context import ApiNode
