@@ -132,11 +132,12 @@ class MeshClient:
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
         stop: list[str] | None = None,
         **options: Any,
     ) -> AsyncIterator[str]:
-        """Text pieces as tokens arrive; greedy when ``temperature`` is 0."""
+        """Text pieces as tokens arrive; greedy when ``temperature`` is 0. Without a
+        ``seed`` the node draws one (the summary of :meth:`stream` gives it)."""
         async for event in self.stream(
             model,
             prompt,

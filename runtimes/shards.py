@@ -39,6 +39,9 @@ __all__ = [
     "sha256_file",
     "layer_units",
     "MANIFEST_FORMAT",
+    "ChatInfo",
+    "chat_info",
+    "MAX_CHAT_TEMPLATE",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ from gguf import GGMLQuantizationType, GGUFValueType  # noqa: E402
 MANIFEST_FORMAT = "edgemesh-manifest/1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_MANIFEST = 4 << 20
+MAX_CHAT_TEMPLATE = 64 << 10  # llama.cpp's largest templates are about 10 KiB
 _SKIP_KEYS = {"general.architecture", "general.alignment", SHARD_START_KEY, SHARD_END_KEY, TIED_KEY}
 
 
@@ -154,12 +158,70 @@ class BlobInfo:
 
 
 @dataclass(frozen=True)
+class ChatInfo:
+    """What a chat endpoint needs of the GGUF, carried in the manifest (whose hash is the
+    model id, so no peer can swap it): the Jinja chat template and the BOS/EOS texts it
+    refers to, and the context length a prompt must fit."""
+
+    context_length: int = 0  # 0: not recorded
+    template: str = ""  # "": the GGUF has no chat template
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "context_length": self.context_length,
+            "template": self.template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> ChatInfo:
+        if not isinstance(doc, dict):
+            raise ValueError("chat is not an object")
+        n = doc.get("context_length", 0)
+        if type(n) is not int or not 0 <= n <= 1 << 24:
+            raise ValueError("bad context_length")
+        texts = [doc.get(k, "") for k in ("template", "bos_token", "eos_token")]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("chat texts must be strings")
+        if len(texts[0]) > MAX_CHAT_TEMPLATE or max(len(texts[1]), len(texts[2])) > 256:
+            raise ValueError("chat template or special token text too long")
+        return cls(n, *texts)
+
+
+def chat_info(meta: dict[str, Any], context_length: int) -> ChatInfo:
+    """The chat part of a whole model's GGUF metadata (bounded: an over-long template is
+    left out, and the chat endpoint then says the model has none)."""
+    template = meta.get("tokenizer.chat_template", "")
+    if not isinstance(template, str) or len(template) > MAX_CHAT_TEMPLATE:
+        template = ""
+    tokens = meta.get("tokenizer.ggml.tokens")
+
+    def text(key: str) -> str:
+        i = meta.get(key)
+        if type(i) is not int or not isinstance(tokens, list | tuple) or not 0 <= i < len(tokens):
+            return ""
+        t = tokens[i]
+        return t if isinstance(t, str) and len(t) <= 256 else ""
+
+    return ChatInfo(
+        max(0, min(int(context_length), 1 << 24)),
+        template,
+        text("tokenizer.ggml.bos_token_id"),
+        text("tokenizer.ggml.eos_token_id"),
+    )
+
+
+@dataclass(frozen=True)
 class Manifest:
     architecture: str
     name: str
     n_layers: int
     units: tuple[UnitInfo, ...]
     blobs: tuple[BlobInfo, ...]
+    chat: ChatInfo | None = None  # only when recorded: older manifests keep their ids
 
     def to_json(self) -> bytes:
         doc = {
@@ -180,6 +242,8 @@ class Manifest:
             ],
             "blobs": [_blob_doc(b) for b in self.blobs],
         }
+        if self.chat is not None:
+            doc["chat"] = self.chat.to_doc()
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @property
@@ -249,8 +313,9 @@ def _parse_manifest(doc: Any) -> Manifest:
         expect = e
     if expect != len(units):
         raise ValueError("blobs do not cover every unit")
+    chat = ChatInfo.from_doc(doc["chat"]) if "chat" in doc else None
     return Manifest(
-        str(doc["architecture"]), str(doc["name"]), n_layers, tuple(units), tuple(blobs)
+        str(doc["architecture"]), str(doc["name"]), n_layers, tuple(units), tuple(blobs), chat
     )
 
 
@@ -350,9 +415,9 @@ class ShardStore:
                 kind, layer = unit_kind(i, model.config.n_layers)
                 names = tuple(unit_tensor_names(model.config, i))
                 units.append(UnitInfo(i, kind, layer, names, model.unit_nbytes(i), b.sha256))
-        manifest = Manifest(
-            model.config.arch, model.config.name, model.config.n_layers, tuple(units), tuple(blobs)
-        )
+        cfg = model.config
+        chat = chat_info(model.metadata, cfg.context_length)
+        manifest = Manifest(cfg.arch, cfg.name, cfg.n_layers, tuple(units), tuple(blobs), chat)
         self.save_manifest(manifest)
         log.info("stored %s as %d blobs, model id %s", path, len(blobs), manifest.model_id)
         return manifest

@@ -58,6 +58,7 @@ class TestModelSpec:
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
+    chat_template: str = ""  # tokenizer.chat_template, where one is wanted
 
 
 DEFAULT_SPECS: dict[str, TestModelSpec] = {
@@ -379,6 +380,8 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
+    if spec.chat_template:
+        w.add_chat_template(spec.chat_template)
     vocab = len(tokens)
 
     d, hd, ff = spec.d_model, spec.head_dim, spec.d_ff

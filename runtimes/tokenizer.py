@@ -55,9 +55,12 @@ class Tokenizer:
                 f"{path}: llama.cpp read {self.vocab_size} tokens, not {len(vocab.tokens)}"
             )
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """``special``: control tokens written in the text (a chat template's turn markers)
+        become their ids, as llama.cpp does for a rendered chat prompt."""
         with self._lock:
-            return [int(t) for t in self._llama.tokenize(text.encode(), add_bos=add_bos)]
+            ids = self._llama.tokenize(text.encode(), add_bos=add_bos, special=special)
+            return [int(t) for t in ids]
 
     def token_bytes(self, token: int) -> bytes:
         if not 0 <= token < self.vocab_size:

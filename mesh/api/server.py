@@ -21,7 +21,9 @@ from aiohttp import web
 
 from mesh.api.auth import TOKEN_FILE, ApiGuard, is_loopback, node_token
 from mesh.api.bodies import int_field, json_body
+from mesh.api.errors import openai_errors
 from mesh.api.generate import add_routes
+from mesh.api.openai import add_openai_routes
 from mesh.api.storage import add_storage_routes  # objects, accounting, coordinates, jobs
 from mesh.api.web import add_web_routes
 from mesh.errors import EXPECTED
@@ -53,13 +55,16 @@ async def start_api(
     # With a generated token on loopback, the topology page's status reads stay open (after the
     # Host and Origin checks); an operator who set a token locks everything.
     guard = ApiGuard(token_value, host, open_reads=token is None and is_loopback(host))
-    app = web.Application(client_max_size=MAX_REQUEST, middlewares=[guard.middleware])
+    # OpenAI's error JSON outermost: its clients read the guard's 401 and 403 that way too.
+    middlewares = [openai_errors, guard.middleware]
+    app = web.Application(client_max_size=MAX_REQUEST, middlewares=middlewares)
     app[NODE_KEY] = node
     app.router.add_get("/v1/peers", _peers)
     app.router.add_get("/v1/info", _info)
     app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
     app.router.add_post("/v1/bench/rtt", _bench_rtt)
     add_routes(app, NODE_KEY)
+    add_openai_routes(app, NODE_KEY)
     add_storage_routes(app, NODE_KEY)
     app.router.add_post("/v1/bench/bulk", _bench_bulk)
     add_web_routes(app)

@@ -29,7 +29,7 @@ def add_generate_command(subparsers: Any) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="random when omitted")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--split", type=int, default=None, help="force a split into N stages")
     add_api_args(g)

@@ -24,11 +24,19 @@ from mesh.net.rpc import MeshCaller as Mesh
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "UnknownModel"]
 
 log = logging.getLogger(__name__)
 
 STRANGER_CHECKS = 0.25  # strangers' stage steps recomputed: a liar lasts 4 steps on average
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int and 0 < value <= 1 << 24 else None
+
+
+class UnknownModel(ModelError):
+    """No peer (and not this node) knows a model by that name or id."""
 
 
 class Coordinator:
@@ -193,7 +201,7 @@ class Coordinator:
             )
         if found:
             return found.pop()
-        raise ModelError(f"no peer knows a model named {model!r}")
+        raise UnknownModel(f"no peer knows a model named {model!r}")
 
     async def list_models(self) -> list[dict[str, Any]]:
         seen: dict[str, dict[str, Any]] = {}
@@ -211,6 +219,8 @@ class Coordinator:
                             "name": m.get("name"),
                             "arch": m.get("arch"),
                             "n_layers": m.get("n_layers"),
+                            "context_length": _int_or_none(m.get("context_length")),
+                            "chat_template": m.get("chat_template") is True,
                             "holders": [],
                         },
                     )

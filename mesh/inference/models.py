@@ -286,6 +286,8 @@ class ModelRegistry:
                 "n_units": len(m.units),
                 "unit_bytes": [u.nbytes for u in m.units],
                 "held": self.held_blobs(mid),
+                "context_length": m.chat.context_length if m.chat is not None else None,
+                "chat_template": bool(m.chat is not None and m.chat.template),
             }
             for mid, m in self.manifests.items()
         ]

@@ -64,20 +64,30 @@ def tokens_of(reply: Reply) -> list[int]:
 
 
 async def tokenize_prompt(
-    mesh: MeshCaller, mid: str, tok: Any | None, holders: list[str], text: str
+    mesh: MeshCaller,
+    mid: str,
+    tok: Any | None,
+    holders: list[str],
+    text: str,
+    chat: bool = False,
 ) -> list[int]:
     """The prompt's tokens: by this node's tokenizer ``tok`` when it holds one; else by the
     first two of ``holders`` (other peers holding a tokenizer blob, best first), which must
-    agree: a lone peer's tokens would be the ground truth every spot check compares with."""
+    agree: a lone peer's tokens would be the ground truth every spot check compares with.
+    ``chat``: a rendered chat template (special tokens parsed, no BOS added: the template
+    writes it), as llama.cpp tokenizes one."""
     if len(text.encode()) > MAX_PROMPT_BYTES:
         raise ModelError(f"a prompt over {MAX_PROMPT_BYTES} bytes")
     if tok is not None:
-        return [int(t) for t in await asyncio.to_thread(tok.encode, text)]
+        return [int(t) for t in await asyncio.to_thread(tok.encode, text, not chat, chat)]
     answers: list[tuple[str, list[int]]] = []
     failure: Exception | None = None
+    params: dict[str, Any] = {"model_id": mid}
+    if chat:
+        params.update(add_bos=False, special=True)
     for peer in holders[:4]:
         try:
-            reply = await mesh.call(peer, "prompts.tokenize", {"model_id": mid}, text.encode())
+            reply = await mesh.call(peer, "prompts.tokenize", params, text.encode())
             answers.append((peer, tokens_of(reply)))
         except (RPCError, ModelError) as exc:
             failure = exc
@@ -122,6 +132,16 @@ class Pieces:
         if known != claimed:
             raise ModelError(f"last stage {last[:12]} and a tokenizer disagree on token {token}")
         return known
+
+    async def text_of(self, token: int, last: str) -> bytes:
+        """A token's text where no stage claimed one (an alternative of a logprobs list):
+        this node's tokenizer, else a holder's word, else empty."""
+        if self.tok is not None:
+            return bytes(self.tok.token_bytes(token))
+        known = self._cache.get(token)
+        if known is None:
+            known = await self._ask(token, last)
+        return known or b""
 
     def is_eos(self, token: int, claimed: bool) -> bool:
         """Whether ``token`` ends the generation: the stage's word only when nobody else's."""
@@ -214,7 +234,8 @@ class Tokenizers:
             raise ModelError("the prompt is not UTF-8") from None
         tok = await self.get(mid)
         # Up to 1 MiB of text takes llama.cpp about a second: never on the event loop.
-        tokens = await asyncio.to_thread(tok.encode, text, bool(params.get("add_bos", True)))
+        add_bos, special = params.get("add_bos", True), params.get("special", False)
+        tokens = await asyncio.to_thread(tok.encode, text, add_bos is True, special is True)
         return Reply({"n": len(tokens), "eos": tok.eos_id}, np.asarray(tokens, "<i4").tobytes())
 
     async def rpc_detokenize(

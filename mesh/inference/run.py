@@ -20,11 +20,13 @@ The node's :class:`~mesh.inference.coordinator.Coordinator` starts each generati
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mesh.errors import Error
 from mesh.inference.compute import MAX_SESSION_TOKENS, PREFILL_CHUNK
 from mesh.inference.failover import Failover
 from mesh.inference.host import AwaitedToken, RunHost
@@ -35,11 +37,15 @@ from mesh.inference.sampling import SamplingParams
 from mesh.inference.sessions import RouteSessions
 from mesh.inference.stats import RunStats
 from mesh.inference.steps import StepParams, StepRunner
+from mesh.inference.stops import StopFilter
 from mesh.inference.verify import SpotChecker, Step, VerificationFailed, VerifyParams
+from mesh.net.rpc import Reply
+from runtimes.chat_template import render_messages
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 
 __all__ = [
+    "ContextLengthExceeded",
     "Stage",
     "GenerationRequest",
     "GenerationRun",
@@ -70,6 +76,10 @@ class GenerationRequest:
     # Prompt positions per step: each stage's attention scores for a step are chunk x context,
     # not prompt x prompt (an 8192-token prompt of Gemma: 1 GiB of scores per layer at once).
     prefill_chunk: int = PREFILL_CHUNK
+    chat: bool = False  # ``prompt`` is a rendered chat template: special tokens, no BOS added
+    messages: list[dict[str, Any]] | None = None  # chat messages: rendered by the model's template
+    clip_to_context: bool = False  # max_tokens is a ceiling: what the context leaves, at most
+    logprobs: int | None = None  # each token's log-probability, with this many alternatives
 
 
 @dataclass
@@ -98,6 +108,8 @@ class GenerationRun:
         self.generated: list[int] = []
         self.text = ""
         self.pending = b""  # a trailing partial UTF-8 sequence, held back
+        self.finish = "length"  # or "stop": an end-of-sequence token or a stop string
+        self.template: str | None = None  # chat: "model" or "chatml fallback"
 
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         self.stats = RunStats()
@@ -156,24 +168,42 @@ class GenerationRun:
             key=lambda peer: peer != first,
         )
         pieces = Pieces(host.mesh, mid, tok, holders)
-        if req.tokens is not None:
-            prompt = list(req.tokens)
-        else:
-            prompt = await tokenize_prompt(host.mesh, mid, tok, holders, req.prompt)
+        prompt = await self._prompt(manifest, tok, holders, mid)
+        context = manifest.chat.context_length if manifest.chat is not None else 0
+        if context and req.clip_to_context and len(prompt) < context:
+            self.req = req = replace(req, max_tokens=min(req.max_tokens, context - len(prompt)))
+        if context and len(prompt) + req.max_tokens > context:
+            raise ContextLengthExceeded(len(prompt), req.max_tokens, context)
         # prompt + output; each stage caps it at the context
         max_tokens = min(len(prompt) + req.max_tokens, MAX_SESSION_TOKENS)
         route = RouteSessions(host, mid, max_tokens, audit=checker is not None)
         route.stages = stages
-        params = StepParams(req.mode, req.sampling, req.top, len(prompt))
+        params = StepParams(req.mode, req.sampling, req.top, len(prompt), req.logprobs)
         steps = StepRunner(host, route, params, self.stats)
         failover = Failover(planner, route, steps)
         return _Parts(mid, manifest, prompt, planner, route, failover, checker, pieces)
+
+    async def _prompt(
+        self, manifest: Manifest, tok: Any | None, holders: list[str], mid: str
+    ) -> list[int]:
+        """The prompt's tokens: given, or the text's, or the chat messages' under the
+        model's template (rendered here, off the event loop; the template is the model's
+        data, bounded by runtimes.chat_template)."""
+        req, mesh = self.req, self.host.mesh
+        if req.tokens is not None:
+            return list(req.tokens)
+        if req.messages is None:
+            return await tokenize_prompt(mesh, mid, tok, holders, req.prompt, req.chat)
+        text, own = await asyncio.to_thread(render_messages, manifest.chat, req.messages)
+        self.template = "model" if own else "chatml fallback"
+        return await tokenize_prompt(mesh, mid, tok, holders, text, chat=True)
 
     async def _decode(self, p: _Parts) -> AsyncGenerator[dict[str, Any], None]:
         """The token loop from the prompt; a checked step's token is released only after its
         check passed."""
         req, prompt, failover = self.req, p.prompt, p.failover
         self.generated, self.text, self.pending = [], "", b""
+        stops = StopFilter(req.stop)
         failover.forget()
         self.stats.decode_ms = []  # the rate of this run (a spot-check restart starts over)
         size = max(1, req.prefill_chunk)
@@ -204,14 +234,22 @@ class GenerationRun:
             self.stats.first_token()
             last = p.route.stages[-1].peer_id
             text = await p.pieces.piece(token, reply.payload, last)
+            eos = p.pieces.is_eos(token, bool(reply.result.get("eos")))
             piece, self.pending = _utf8(self.pending + text)
+            piece = stops.feed(piece)
+            end = eos or stops.stopped or i == req.max_tokens - 1
+            if end:  # what was held back for a stop string that never came
+                piece += stops.feed(self.pending.decode("utf-8", "replace")) + stops.flush()
+                self.pending = b""
             self.text += piece
+            self.finish = "stop" if eos or stops.stopped else "length"
             event: dict[str, Any] = {"token": token, "text": piece}
             if "top" in reply.result:
                 event["top"] = reply.result["top"]
+            if req.logprobs is not None:
+                event["logprobs"] = await _logprobs(p.pieces, reply, req.logprobs, last)
             yield event
-            eos = p.pieces.is_eos(token, bool(reply.result.get("eos")))
-            if eos or any(s and s in self.text for s in req.stop):
+            if end:
                 break
             feed = [token]
 
@@ -221,7 +259,10 @@ class GenerationRun:
             "model_id": p.mid,
             "prompt_tokens": len(p.prompt),
             "tokens": list(self.generated),
-            "text": self.text + self.pending.decode("utf-8", "replace"),
+            "text": self.text,
+            "finish_reason": self.finish,
+            "seed": self.req.sampling.seed,
+            "chat_template": self.template,
             "stages": [s.as_dict(p.manifest.n_layers) for s in p.route.stages],
             **self.stats.timings(),
             "reroutes": p.planner.reroutes,
@@ -231,6 +272,53 @@ class GenerationRun:
         if p.checker is not None:
             out["verification"] = p.checker.summary()
         return out
+
+
+class ContextLengthExceeded(Error, ValueError):
+    """The prompt and the tokens asked for do not fit the model's context."""
+
+    def __init__(self, prompt: int, max_tokens: int, context: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt + max_tokens} tokens ({prompt} in the prompt, {max_tokens} in the "
+            "completion). Please reduce the prompt or the completion length."
+        )
+        self.context = context
+
+
+async def _logprobs(pieces: Pieces, reply: Reply, k: int, last: str) -> dict[str, Any] | None:
+    """The event's ``logprobs``: the token's log-probability and up to ``k`` alternatives,
+    each with its text (UTF-8 bytes as a list, as OpenAI gives them)."""
+    checked = checked_logprobs(reply.result.get("logprobs"), k)
+    if checked is None:
+        return None
+    lp, alts = checked
+    top = []
+    for token, value in alts:
+        text = await pieces.text_of(token, last)
+        top.append({"id": token, "logprob": value, "bytes": list(text)})
+    return {"logprob": lp, "top": top}
+
+
+def checked_logprobs(value: Any, k: int) -> list[Any] | None:
+    """The last stage's ``[logprob, [[token, logprob], ...]]``, type-checked and capped (it
+    is a peer's word), or None."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], list)):
+        return None
+    lp, alts = value
+    if not isinstance(lp, int | float) or not lp <= 0.0:
+        return None
+    out = []
+    for alt in alts[:k]:
+        if (
+            isinstance(alt, list | tuple)
+            and len(alt) == 2
+            and type(alt[0]) is int
+            and isinstance(alt[1], int | float)
+            and alt[1] <= 0.0
+        ):
+            out.append([alt[0], float(alt[1])])
+    return [float(lp), out]
 
 
 def _utf8(data: bytes) -> tuple[str, bytes]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SamplingParams", "sample", "top_logits"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "logprobs", "sample", "top_logits"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,16 @@ def top_logits(logits: npt.NDArray[np.float32], k: int = 8) -> list[tuple[int, f
     idx = np.argpartition(-x, k - 1)[:k]
     idx = idx[np.argsort(-x[idx])]
     return [(int(i), float(x[i])) for i in idx]
+
+
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound)
+
+
+def logprobs(logits: npt.NDArray[np.float32], token: int, k: int) -> list[Any]:
+    """``[logprob of token, [[alternative, logprob], ...]]``: the model's log-softmax (at
+    temperature 1), the k likeliest alternatives first."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m).sum()))
+    top = [[t, v - lse] for t, v in top_logits(logits, k)] if k else []
+    return [float(x[token]) - lse, top]

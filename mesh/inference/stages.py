@@ -26,7 +26,7 @@ from mesh.errors import EXPECTED, Error, IdentityError, RemoteError, RPCError
 from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, step_message
 from mesh.inference.memory import LoadedShards, ShardKey
 from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, StageUnavailable
-from mesh.inference.sampling import SamplingParams, sample, top_logits
+from mesh.inference.sampling import MAX_LOGPROBS, SamplingParams, logprobs, sample, top_logits
 from mesh.net.identity import verify
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Caller
@@ -36,6 +36,8 @@ from runtimes.errors import ModelError
 __all__ = ["StageSessions", "StageSession", "MAX_SESSION_TOKENS", "PREFILL_CHUNK", "MAX_STEP_ROWS"]
 
 log = logging.getLogger(__name__)
+
+_FORWARDED = ("n", "sample", "pos", "top", "logprobs")  # step params every stage passes on
 _SID = re.compile(r"^[0-9a-f]{8,64}$")
 MAX_SESSION_TOKENS = 32768  # Gemma 3's context; memory is bounded by KV reservations
 # Prompt positions per step: a stage's attention scores are chunk x context at most.
@@ -228,7 +230,7 @@ class StageSessions(LoadedShards):
             if cur.next_peer is None or cur.next_sid is None:
                 raise ModelError("a middle stage without a next stage")
             body = np.ascontiguousarray(out, dtype="<f4").tobytes()
-            fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top", "rid")}
+            fwd = {k: v for k, v in params.items() if k in _FORWARDED + ("rid",)}
             fwd.update(sid=cur.next_sid, trace=trace)
             if cur.audit is not None:  # evidence the next stage keeps: we cannot deny it
                 pos, n = int(params["pos"]), int(params["n"])
@@ -329,7 +331,7 @@ class StageSessions(LoadedShards):
         if st.next_peer is None or st.next_sid is None:
             raise ModelError("a middle stage without a next stage")
         body = np.ascontiguousarray(out, dtype="<f4").tobytes()
-        fwd = {k: v for k, v in params.items() if k in ("n", "sample", "pos", "top")}
+        fwd = {k: v for k, v in params.items() if k in _FORWARDED}
         fwd["sid"] = st.next_sid
         try:
             reply = await self.caller.call(
@@ -358,6 +360,9 @@ class StageSessions(LoadedShards):
         top = params.get("top", 0)
         if type(top) is int and 0 < top <= 64:
             result["top"] = top_logits(logits, top)
+        k = params.get("logprobs")
+        if type(k) is int and 0 <= k <= MAX_LOGPROBS:
+            result["logprobs"] = logprobs(logits, token, k)
         tok = self.tokenizers.cached(mid)
         if tok is not None:
             result["eos"] = token == tok.eos_id

@@ -37,6 +37,7 @@ class StepParams:
     sampling: SamplingParams
     top: int  # return the top-k logits of every step
     prompt_len: int  # steps ending past it are decode steps
+    logprobs: int | None = None  # the token's log-probability and this many alternatives
 
 
 class StepRunner:
@@ -66,6 +67,8 @@ class StepRunner:
         }
         if self.params.top:
             params["top"] = self.params.top
+        if self.params.logprobs is not None:
+            params["logprobs"] = self.params.logprobs
         return params
 
     async def _forward_chain(self, feed: list[int], pos: int) -> Reply:

@@ -1,0 +1,88 @@
+"""Chat templates rendered as llama.cpp's Python binding renders them, and bounded: a
+template is data from whoever added the model, and must not spin or grow the node."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtimes.chat_template import ChatTemplateError, render_chat
+
+jinja = pytest.importorskip("llama_cpp.llama_chat_format")
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a color."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another, with ünïcödé ✓."},
+]
+TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{% set content = '<|start_header_id|>' "
+        "+ message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+        "'<|eot_id|>' %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = "
+        "messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}{% else %}"
+        "{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}{% if (message['role'] == 'user') != "
+        "(loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' ~ role ~ '\n' ~ (first if loop.first else '') ~ "
+        "message['content'] | trim ~ '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "loopcontrols": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+        "{{ m['role'][0] }}:{{ m['content'] }}|{% endfor %}{{ messages | tojson }}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_renders_as_llama_cpp(name: str) -> None:
+    template = TEMPLATES[name]
+    theirs = jinja.Jinja2ChatFormatter(template, "</s>", "<s>")(messages=MESSAGES).prompt
+    assert render_chat(template, MESSAGES, bos_token="<s>", eos_token="</s>") == theirs
+
+
+def test_raise_exception_is_a_clear_error() -> None:
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        render_chat(TEMPLATES["gemma"], bad, bos_token="", eos_token="")
+
+
+HOSTILE = {
+    "long loop": "{% for i in range(10**6) %}x{% endfor %}",
+    "nested loops": "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+    "repetition": "{{ 'a' * 100000000 }}",
+    "doubling ~": "{% set ns = namespace(x='ab') %}{% for m in messages %}"
+    "{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x | length }}",
+    "doubling +": "{% set ns = namespace(x=[1]) %}{% for m in messages %}"
+    "{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x | length }}",
+    "doubling join": "{% set ns = namespace(x='ab') %}{% for m in messages %}"
+    "{% set ns.x = [ns.x, ns.x] | join %}{% endfor %}{{ ns.x | length }}",
+    "doubling %": "{% set ns = namespace(x='ab') %}{% for m in messages %}"
+    "{% set ns.x = '%s%s' % (ns.x, ns.x) %}{% endfor %}{{ ns.x | length }}",
+    "wide center": "{{ 'x'.center(1000000000) }}",
+    "wide filter": "{{ 'x' | center(1000000000) }}",
+    "wide format": "{{ '{0:>999999999}'.format('x') }}",
+    "wide %": "{{ '%999999999s' % 'x' }}",
+    "power": "{{ 10 ** 100000000 }}",
+    "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "internals": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_template_is_refused_within_its_bounds(name: str) -> None:
+    """Each of these ran (or would run) for minutes or took gigabytes in a plain sandbox
+    (the doubling ones reach 2**40 characters over 40 messages)."""
+    many = [{"role": "user", "content": "hi"}] * 40
+    with pytest.raises(ChatTemplateError):
+        render_chat(HOSTILE[name], many, bos_token="", eos_token="")
