@@ -2,7 +2,8 @@
 configuration read from GGUF metadata.
 
 The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma 3's
-embedding scale, per-head q/k norms, post-norms, GELU(tanh) FFN and sliding-window layers.
+embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN and
+sliding-window layers.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ _COMMON_BLOCK = (
     "ffn_down.weight",
 )
 
+_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+_POST_NORMS = ("post_attention_norm.weight", "post_ffw_norm.weight")
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(
         name="llama",
@@ -91,13 +95,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embed_scale_sqrt_d=True,
         default_swa_pattern=6,
         default_rope_base=10000.0,
-        block_tensors=_COMMON_BLOCK
-        + (
-            "attn_q_norm.weight",
-            "attn_k_norm.weight",
-            "post_attention_norm.weight",
-            "post_ffw_norm.weight",
-        ),
+        block_tensors=_COMMON_BLOCK + _QK_NORMS + _POST_NORMS,
+    ),
+    "qwen3": ArchSpec(
+        name="qwen3",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=True,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK + _QK_NORMS,
     ),
 }
 
@@ -210,6 +220,39 @@ def config_from_metadata(
         )
     spec = ARCHITECTURES[arch]
     p = arch + "."
+    dims = _dims(meta, p)
+    n_layers, d_model, n_heads, head_dim = (
+        dims["n_layers"],
+        dims["d_model"],
+        dims["n_heads"],
+        dims["head_dim"],
+    )
+    window, swa = _sliding_window(meta, p, spec, n_layers)
+    rope_base = _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+    # llama.cpp (gemma3): the 27B model scales by d_model / n_heads
+    big = arch == "gemma3" and n_layers == 62
+    attn_scale = 1.0 / math.sqrt(d_model / n_heads if big else head_dim)
+    return ModelConfig(
+        arch=arch,
+        name=str(meta.get("general.name", arch)),
+        vocab_size=_positive("vocab", _vocab(meta, p, vocab_rows)),
+        rms_eps=_get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_base=rope_base,
+        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, 10000.0),
+        rope_freq_scale=_rope_freq_scale(meta, p),
+        context_length=_get(meta, p + "context_length", int, 4096),
+        sliding_window=window,
+        swa_layers=swa,
+        attn_scale=attn_scale,
+        tied_embeddings="output.weight" not in tensor_names,
+        has_rope_freqs="rope_freqs.weight" in tensor_names,
+        final_logit_softcap=float(meta.get(p + "final_logit_softcapping", 0.0)),
+        **dims,
+    )
+
+
+def _dims(meta: Mapping[str, Any], p: str) -> dict[str, int]:
+    """Layer count and the widths of one block."""
     n_layers = _positive("block_count", _get(meta, p + "block_count", int))
     d_model = _positive("embedding_length", _get(meta, p + "embedding_length", int))
     n_heads = _positive("head_count", _get(meta, p + "attention.head_count", int))
@@ -226,7 +269,17 @@ def config_from_metadata(
     if head_dim % 2:
         raise MalformedModelError(f"head dim {head_dim} is odd")
     d_ff = _positive("feed_forward_length", _get(meta, p + "feed_forward_length", int))
+    return {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "d_ff": d_ff,
+    }
 
+
+def _vocab(meta: Mapping[str, Any], p: str, vocab_rows: int | None) -> int:
     if "tokenizer.ggml.tokens" in meta:
         vocab = len(meta["tokenizer.ggml.tokens"])
     elif p + "vocab_size" in meta:
@@ -237,56 +290,31 @@ def config_from_metadata(
         raise MalformedModelError("cannot tell the vocabulary size")
     if vocab_rows is not None and vocab_rows != vocab:
         raise MalformedModelError(f"vocabulary has {vocab} tokens but embeddings {vocab_rows} rows")
+    return vocab
 
-    window = _get(meta, p + "attention.sliding_window", int, 0) if spec.default_swa_pattern else 0
-    swa: tuple[bool, ...]
-    if window > 0:
-        pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
-        if isinstance(pattern, list | tuple):
-            if len(pattern) != n_layers:
-                raise MalformedModelError("sliding_window_pattern length differs from block_count")
-            swa = tuple(bool(x) for x in pattern)
-        else:
-            n = int(pattern)
-            # llama.cpp: layer il is local unless il % n == n - 1
-            swa = tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
-    else:
-        swa = (False,) * n_layers
 
-    rope_base = _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+def _sliding_window(
+    meta: Mapping[str, Any], p: str, spec: ArchSpec, n_layers: int
+) -> tuple[int, tuple[bool, ...]]:
+    """The window and, per layer, whether it is a local (sliding-window) layer."""
+    if not spec.default_swa_pattern:
+        return 0, (False,) * n_layers
+    window = _get(meta, p + "attention.sliding_window", int, 0)
+    if window <= 0:
+        return 0, (False,) * n_layers
+    pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
+    if isinstance(pattern, list | tuple):
+        if len(pattern) != n_layers:
+            raise MalformedModelError("sliding_window_pattern length differs from block_count")
+        return window, tuple(bool(x) for x in pattern)
+    n = int(pattern)
+    # llama.cpp: layer il is local unless il % n == n - 1
+    return window, tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
+
+
+def _rope_freq_scale(meta: Mapping[str, Any], p: str) -> float:
     scale_type = meta.get(p + "rope.scaling.type", "none")
     factor = float(meta.get(p + "rope.scaling.factor", 1.0))
     if scale_type not in ("none", "linear") and factor != 1.0:
         raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
-    freq_scale = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
-
-    if arch == "gemma3":
-        if n_layers == 62:  # llama.cpp: the 27B model scales by d_model / n_heads
-            attn_scale = 1.0 / math.sqrt(d_model / n_heads)
-        else:
-            attn_scale = 1.0 / math.sqrt(head_dim)
-    else:
-        attn_scale = 1.0 / math.sqrt(head_dim)
-
-    return ModelConfig(
-        arch=arch,
-        name=str(meta.get("general.name", arch)),
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        d_ff=d_ff,
-        vocab_size=_positive("vocab", vocab),
-        rms_eps=_get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
-        rope_base=rope_base,
-        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, 10000.0),
-        rope_freq_scale=freq_scale,
-        context_length=_get(meta, p + "context_length", int, 4096),
-        sliding_window=window,
-        swa_layers=swa,
-        attn_scale=attn_scale,
-        tied_embeddings="output.weight" not in tensor_names,
-        has_rope_freqs="rope_freqs.weight" in tensor_names,
-        final_logit_softcap=float(meta.get(p + "final_logit_softcapping", 0.0)),
-    )
+    return 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0

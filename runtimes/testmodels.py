@@ -114,6 +114,25 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "ffn_down.weight": Q.Q6_K,
         },
     ),
+    "qwen3": TestModelSpec(
+        arch="qwen3",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=128,  # q width 512 != d_model, as in Qwen 3 0.6B
+        tied=True,
+        rope_base=1000000.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
 }
 
 
@@ -339,10 +358,21 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     """Write a random-weight GGUF for ``spec`` (or a DEFAULT_SPECS key); returns the path."""
     if isinstance(spec, str):
         spec = DEFAULT_SPECS[spec]
-    arch = ARCHITECTURES[spec.arch]
     out = Path(path)
     rng = np.random.default_rng(spec.seed)
     w = gguf.GGUFWriter(str(out), spec.arch)
+    _write_hparams(w, spec)
+    vocab = _write_vocab(w, spec)
+    _write_tensors(w, spec, rng, vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    log.debug("wrote test model %s (%s)", out, spec.arch)
+    return out
+
+
+def _write_hparams(w: Any, spec: TestModelSpec) -> None:
     w.add_name(f"edgemesh-test-{spec.arch}")
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.d_model)
@@ -359,7 +389,10 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_sliding_window(spec.sliding_window)
     w.add_file_type(1)
 
-    if spec.arch == "qwen2":
+
+def _write_vocab(w: Any, spec: TestModelSpec) -> int:
+    """Qwen archs get a byte-level BPE vocab, the others a SentencePiece one; its size."""
+    if spec.arch.startswith("qwen"):
         tokens, types, merges = _bpe_vocab()
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2")
@@ -379,27 +412,13 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
-    vocab = len(tokens)
+    return len(tokens)
 
+
+def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
     d, hd, ff = spec.d_model, spec.head_dim, spec.d_ff
     qd, kvd = spec.n_heads * hd, spec.n_kv_heads * hd
-
-    def mat(name: str, suffix: str, rows: int, cols: int, std: float) -> None:
-        qtype = spec.types.get(suffix, Q.Q8_0)
-        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
-        data = _encode(rng, values, qtype, std)
-        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype  # BF16 data is raw bytes too
-        w.add_tensor(name, data, raw_dtype=raw_dtype)
-
-    def vec(name: str, n: int, center: float, std: float) -> None:
-        w.add_tensor(name, (center + rng.standard_normal(n) * std).astype(np.float32))
-
-    # tied tables also produce the logits: keep them small so that logits stay in a few units
-    mat("token_embd.weight", "token_embd.weight", vocab, d, 0.15 if spec.tied else 1.0)
-    vec("output_norm.weight", d, 1.0, 0.1)
-    if not spec.tied:
-        mat("output.weight", "output.weight", vocab, d, 3.0 / np.sqrt(d))  # logits of a few units
-    shapes: dict[str, tuple[int, ...]] = {
+    return {
         "attn_q.weight": (qd, d),
         "attn_k.weight": (kvd, d),
         "attn_v.weight": (kvd, d),
@@ -413,19 +432,35 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         "attn_q_norm.weight": (hd,),
         "attn_k_norm.weight": (hd,),
     }
+
+
+def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab: int) -> None:
+    d = spec.d_model
+
+    def mat(name: str, suffix: str, shape: tuple[int, ...], std: float) -> None:
+        qtype = spec.types.get(suffix, Q.Q8_0)
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        data = _encode(rng, values, qtype, std)
+        raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype  # BF16 data is raw bytes too
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+
+    def vec(name: str, n: int, center: float, std: float) -> None:
+        w.add_tensor(name, (center + rng.standard_normal(n) * std).astype(np.float32))
+
+    # tied tables also produce the logits: keep them small so that logits stay in a few units
+    mat("token_embd.weight", "token_embd.weight", (vocab, d), 0.15 if spec.tied else 1.0)
+    vec("output_norm.weight", d, 1.0, 0.1)
+    if not spec.tied:
+        mat("output.weight", "output.weight", (vocab, d), 3.0 / np.sqrt(d))  # a few units
+    shapes = _block_shapes(spec)
     for i in range(spec.n_layers):
-        for suffix in arch.block_tensors:
+        for suffix in ARCHITECTURES[spec.arch].block_tensors:
             name = f"blk.{i}.{suffix}"
             shape = shapes.get(suffix, (d,))
-            if len(shape) == 2:
-                mat(name, suffix, shape[0], shape[1], 1.0 / np.sqrt(shape[1]))
+            if len(shape) >= 2:
+                mat(name, suffix, shape, 1.0 / np.sqrt(shape[-1]))
             elif suffix.endswith(".bias"):
                 vec(name, shape[0], 0.0, 0.5)
             else:
                 vec(name, shape[0], 1.0, 0.2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    log.debug("wrote test model %s (%s)", out, spec.arch)
-    return out

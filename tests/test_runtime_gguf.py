@@ -16,7 +16,7 @@ from runtimes.gguf_io import open_gguf  # noqa: E402
 from runtimes.quant import dequantize_nbits, to_nbits  # noqa: E402
 from runtimes.testmodels import DEFAULT_SPECS, write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_config_from_generated_model(models: dict[str, Path], arch: str) -> None
     m = open_gguf(models[arch])
     c = m.config
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == (
-        arch,
+        spec.arch,
         spec.n_layers,
         spec.d_model,
         spec.n_heads,

@@ -35,7 +35,7 @@ from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
 from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
 # One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
@@ -48,7 +48,13 @@ KNOWN = {
     # other way by 0.10 with int8 activations and by 0.05 with float32 ones, so the flip is
     # llama.cpp's rounding (IQ4_XS dot products take activations in int8 per 256 values).
     ("qwen2", Q.IQ4_XS): "llama.cpp margin 0.251 at a position onnx's float32 path also flips",
+    # Q4_K's generated blocks have uncentred random mins (testmodels._random_k_quant), the
+    # case where rounding activations to int8 costs most (see GraphOptions.round_block_sums):
+    # float32 activations (accuracy_level=0) measure 2.03%, rounded block sums 1.80%, with
+    # every decided position agreeing.
+    ("qwen3", Q.Q4_K): "4.12% of the range with int8 activations (0-level: 2.03%)",
 }
+SPEC_CHANGES: dict[str, dict[str, object]] = {}
 
 
 def _oracle(path: Path, threads: int = THREADS) -> LlamaCppRuntime:
@@ -70,7 +76,8 @@ def _cases() -> list[object]:
 
 @pytest.mark.parametrize(("arch", "qtype"), _cases())
 def test_onnx_agrees_with_llama_cpp(tmp_path: Path, arch: str, qtype: object) -> None:
-    path = write_test_model(tmp_path / "m.gguf", uniform_spec(arch, qtype))  # type: ignore[arg-type]
+    spec = uniform_spec(arch, qtype, **SPEC_CHANGES.get(arch, {}))  # type: ignore[arg-type]
+    path = write_test_model(tmp_path / "m.gguf", spec)
     store = ShardStore(tmp_path / "store")
     manifest = store.add_model(path)
     n = len(manifest.units)
