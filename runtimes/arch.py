@@ -1,9 +1,9 @@
 """The architecture table: how each supported GGUF architecture computes, and the model
 configuration read from GGUF metadata.
 
-The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma 3's
-embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN and
-sliding-window layers.
+The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma's
+embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN,
+sliding-window layers and Gemma 2's tanh soft-capping of attention scores and logits.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class ArchSpec:
     default_swa_pattern: int  # every n-th layer is global, others local; 0: no sliding window
     default_rope_base: float
     block_tensors: tuple[str, ...]  # per-block tensor suffixes, "blk.{i}." prefixed
+    attn_softcap: bool = False  # gemma2: scores = cap * tanh(scores / cap) before the softmax
+    default_final_softcap: float = 0.0  # gemma2 caps the logits (30) unless metadata says
+    default_sliding_window: int = 0  # gemma2: 4096 when the metadata has no window
+    swa_base_is_global: bool = False  # gemma2: local layers use rope_base unless told
 
 
 _COMMON_BLOCK = (
@@ -109,6 +113,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         default_rope_base=10000.0,
         block_tensors=_COMMON_BLOCK + _QK_NORMS,
     ),
+    "gemma2": ArchSpec(
+        name="gemma2",
+        rope_type="neox",
+        ffn_act="gelu_tanh",
+        qkv_bias=False,
+        qk_norm=False,
+        post_norms=True,
+        embed_scale_sqrt_d=True,
+        default_swa_pattern=2,  # llama.cpp: even layers local, odd layers global
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK + _POST_NORMS,
+        attn_softcap=True,
+        default_final_softcap=30.0,
+        default_sliding_window=4096,
+        swa_base_is_global=True,
+    ),
 }
 
 
@@ -136,6 +156,7 @@ class ModelConfig:
     tied_embeddings: bool
     has_rope_freqs: bool  # llama3's rope_freqs.weight divides the RoPE frequencies
     final_logit_softcap: float  # 0: none
+    attn_logit_softcap: float = 0.0  # 0: none (gemma2: 50)
 
     @property
     def spec(self) -> ArchSpec:
@@ -229,16 +250,18 @@ def config_from_metadata(
     )
     window, swa = _sliding_window(meta, p, spec, n_layers)
     rope_base = _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
-    # llama.cpp (gemma3): the 27B model scales by d_model / n_heads
-    big = arch == "gemma3" and n_layers == 62
+    swa_base_default = rope_base if spec.swa_base_is_global else 10000.0
+    # llama.cpp (gemma2, gemma3): the 27B models scale by d_model / n_heads
+    big = {"gemma2": 46, "gemma3": 62}.get(arch) == n_layers
     attn_scale = 1.0 / math.sqrt(d_model / n_heads if big else head_dim)
+    softcap = float(meta.get(p + "attn_logit_softcapping", 50.0)) if spec.attn_softcap else 0.0
     return ModelConfig(
         arch=arch,
         name=str(meta.get("general.name", arch)),
         vocab_size=_positive("vocab", _vocab(meta, p, vocab_rows)),
         rms_eps=_get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
         rope_base=rope_base,
-        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, 10000.0),
+        rope_base_swa=_get(meta, p + "rope.freq_base_swa", float, swa_base_default),
         rope_freq_scale=_rope_freq_scale(meta, p),
         context_length=_get(meta, p + "context_length", int, 4096),
         sliding_window=window,
@@ -246,7 +269,10 @@ def config_from_metadata(
         attn_scale=attn_scale,
         tied_embeddings="output.weight" not in tensor_names,
         has_rope_freqs="rope_freqs.weight" in tensor_names,
-        final_logit_softcap=float(meta.get(p + "final_logit_softcapping", 0.0)),
+        final_logit_softcap=float(
+            meta.get(p + "final_logit_softcapping", spec.default_final_softcap)
+        ),
+        attn_logit_softcap=softcap,
         **dims,
     )
 
@@ -299,7 +325,7 @@ def _sliding_window(
     """The window and, per layer, whether it is a local (sliding-window) layer."""
     if not spec.default_swa_pattern:
         return 0, (False,) * n_layers
-    window = _get(meta, p + "attention.sliding_window", int, 0)
+    window = _get(meta, p + "attention.sliding_window", int, spec.default_sliding_window)
     if window <= 0:
         return 0, (False,) * n_layers
     pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)

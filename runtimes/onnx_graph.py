@@ -484,6 +484,10 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
         perm=[1, 2, 0, 3],
     )  # [hk, g, S, hd]
     scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
+    if cfg.attn_logit_softcap:  # gemma2: cap * tanh(scores / cap), before the mask
+        c = cfg.attn_logit_softcap
+        inner = b.op("Mul", [scores, b.const(np.array(1.0 / c, np.float32), "c")])
+        scores = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     scores = b.op("Add", [scores, f"mask_{tag}"])
     probs = b.op("Softmax", [scores], axis=-1)
     att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])

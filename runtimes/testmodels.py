@@ -55,6 +55,8 @@ class TestModelSpec:
     tied: bool = True
     rope_base: float = 10000.0
     context_length: int = 256
+    attn_softcap: float = 0.0  # gemma2: written as attn_logit_softcapping when set
+    final_softcap: float = 0.0  # gemma2: written as final_logit_softcapping when set
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
@@ -130,6 +132,28 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "attn_output.weight": Q.Q4_0,
             "ffn_gate.weight": Q.Q4_K,
             "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
+    "gemma2": TestModelSpec(
+        arch="gemma2",
+        n_layers=4,  # llama.cpp's default pattern: layers 0 and 2 local, 1 and 3 global
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=128,
+        sliding_window=5,
+        tied=True,
+        # caps that bend these models' scores and logits (Gemma 2's are 50 and 30)
+        attn_softcap=3.0,
+        final_softcap=20.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q5_0,
+            "attn_k.weight": Q.Q4_K,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q5_0,
+            "ffn_up.weight": Q.Q4_0,
             "ffn_down.weight": Q.Q6_K,
         },
     ),
@@ -387,6 +411,10 @@ def _write_hparams(w: Any, spec: TestModelSpec) -> None:
     w.add_rope_freq_base(spec.rope_base)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
+    if spec.attn_softcap:
+        w.add_attn_logit_softcapping(spec.attn_softcap)
+    if spec.final_softcap:
+        w.add_final_logit_softcapping(spec.final_softcap)
     w.add_file_type(1)
 
 

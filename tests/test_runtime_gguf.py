@@ -16,7 +16,7 @@ from runtimes.gguf_io import open_gguf  # noqa: E402
 from runtimes.quant import dequantize_nbits, to_nbits  # noqa: E402
 from runtimes.testmodels import DEFAULT_SPECS, write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,8 @@ def test_config_from_generated_model(models: dict[str, Path], arch: str) -> None
         assert c.swa_layers == (True,) * 5 + (False,)
         assert c.sliding_window == spec.sliding_window
         assert c.embed_scale == pytest.approx(16.0)
+    elif arch == "gemma2":
+        assert c.swa_layers == (True, False) * 2  # llama.cpp's pattern of 2
     else:
         assert not any(c.swa_layers)
 

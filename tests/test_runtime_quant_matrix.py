@@ -35,7 +35,7 @@ from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
 from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
 # One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
