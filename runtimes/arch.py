@@ -3,7 +3,8 @@ configuration read from GGUF metadata.
 
 The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma's
 embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN,
-sliding-window layers and Gemma 2's tanh soft-capping of attention scores and logits.
+sliding-window layers, Gemma 2's tanh soft-capping of attention scores and logits, and Phi 3's
+fused q|k|v and gate|up matrices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "ARCHITECTURES",
     "ModelConfig",
     "config_from_metadata",
+    "extra_tensor_shapes",
     "unit_count",
     "unit_kind",
     "unit_tensor_names",
@@ -47,6 +49,8 @@ class ArchSpec:
     default_final_softcap: float = 0.0  # gemma2 caps the logits (30) unless metadata says
     default_sliding_window: int = 0  # gemma2: 4096 when the metadata has no window
     swa_base_is_global: bool = False  # gemma2: local layers use rope_base unless told
+    fused_qkv: bool = False  # phi3: one attn_qkv matrix, rows q then k then v
+    fused_gate_up: bool = False  # phi3: ffn_up holds the gate rows then the up rows
 
 
 _COMMON_BLOCK = (
@@ -63,6 +67,14 @@ _COMMON_BLOCK = (
 
 _QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
 _POST_NORMS = ("post_attention_norm.weight", "post_ffw_norm.weight")
+_PHI3_BLOCK = (
+    "attn_norm.weight",
+    "attn_qkv.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(
@@ -128,6 +140,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         default_final_softcap=30.0,
         default_sliding_window=4096,
         swa_base_is_global=True,
+    ),
+    "phi3": ArchSpec(
+        name="phi3",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=False,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,  # llama.cpp ignores Phi 3's sliding window (its PR 13676)
+        default_rope_base=10000.0,
+        block_tensors=_PHI3_BLOCK,
+        fused_qkv=True,
+        fused_gate_up=True,
     ),
 }
 
@@ -241,6 +267,9 @@ def config_from_metadata(
         )
     spec = ARCHITECTURES[arch]
     p = arch + "."
+    if any(n.startswith("rope_factors_") for n in tensor_names):
+        # Phi 3's longrope: llama.cpp picks long or short factors by context length
+        raise UnsupportedModelError("rope_factors_long/short (longrope) are not supported")
     dims = _dims(meta, p)
     n_layers, d_model, n_heads, head_dim = (
         dims["n_layers"],
@@ -344,3 +373,15 @@ def _rope_freq_scale(meta: Mapping[str, Any], p: str) -> float:
     if scale_type not in ("none", "linear") and factor != 1.0:
         raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
     return 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
+
+
+def extra_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Logical shapes of the tensors only some architectures have (by block suffix), and of
+    those whose shape differs by architecture (Phi 3's fused ffn_up)."""
+    d, hd, ff = config.d_model, config.head_dim, config.d_ff
+    out: dict[str, tuple[int, ...]] = {}
+    if config.spec.fused_qkv:
+        out["attn_qkv.weight"] = ((config.n_heads + 2 * config.n_kv_heads) * hd, d)
+    if config.spec.fused_gate_up:
+        out["ffn_up.weight"] = (2 * ff, d)
+    return out

@@ -157,6 +157,22 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "ffn_down.weight": Q.Q6_K,
         },
     ),
+    "phi3": TestModelSpec(
+        arch="phi3",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,  # Phi 3 mini has no GQA; attn_output is d x d in llama.cpp
+        head_dim=64,
+        tied=False,
+        types={
+            "token_embd.weight": Q.Q4_0,
+            "attn_qkv.weight": Q.Q5_0,
+            "attn_output.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+            "output.weight": Q.Q6_K,
+        },
+    ),
 }
 
 
@@ -369,6 +385,7 @@ _MATRICES = (
     "ffn_gate.weight",
     "ffn_up.weight",
     "ffn_down.weight",
+    "attn_qkv.weight",
 )
 
 
@@ -433,6 +450,10 @@ def _write_vocab(w: Any, spec: TestModelSpec) -> int:
         w.add_add_bos_token(False)
     else:
         tokens, scores, types = _spm_vocab()
+        if spec.arch == "phi3":  # llama.cpp's vocab loader looks these up by name for Phi 3
+            tokens += ["<|endoftext|>", "<|end|>"]
+            scores += [0.0, 0.0]
+            types += [int(gguf.TokenType.CONTROL)] * 2
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
@@ -450,9 +471,10 @@ def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
         "attn_q.weight": (qd, d),
         "attn_k.weight": (kvd, d),
         "attn_v.weight": (kvd, d),
+        "attn_qkv.weight": (qd + 2 * kvd, d),
         "attn_output.weight": (d, qd),
         "ffn_gate.weight": (ff, d),
-        "ffn_up.weight": (ff, d),
+        "ffn_up.weight": (2 * ff if ARCHITECTURES[spec.arch].fused_gate_up else ff, d),
         "ffn_down.weight": (d, ff),
         "attn_q.bias": (qd,),
         "attn_k.bias": (kvd,),

@@ -35,7 +35,7 @@ from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
 from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
 # One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
@@ -50,9 +50,10 @@ KNOWN = {
     ("qwen2", Q.IQ4_XS): "llama.cpp margin 0.251 at a position onnx's float32 path also flips",
     # Q4_K's generated blocks have uncentred random mins (testmodels._random_k_quant), the
     # case where rounding activations to int8 costs most (see GraphOptions.round_block_sums):
-    # float32 activations (accuracy_level=0) measure 2.03%, rounded block sums 1.80%, with
-    # every decided position agreeing.
+    # float32 activations (accuracy_level=0) measure 2.03% and 0.67%, rounded block sums
+    # 1.80% and 0.84%, with every decided position agreeing.
     ("qwen3", Q.Q4_K): "4.12% of the range with int8 activations (0-level: 2.03%)",
+    ("phi3", Q.Q4_K): "position 5 flips (llama.cpp margin 1.160, onnx -0.081; float32 1.175)",
 }
 SPEC_CHANGES: dict[str, dict[str, object]] = {}
 
