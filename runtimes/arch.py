@@ -3,8 +3,9 @@ configuration read from GGUF metadata.
 
 The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma's
 embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN,
-sliding-window layers, Gemma 2's tanh soft-capping of attention scores and logits, and Phi 3's
-fused q|k|v and gate|up matrices.
+sliding-window layers, Gemma 2's tanh soft-capping of attention scores and logits, Phi 3's fused
+q|k|v and gate|up matrices, and Qwen 3 MoE's routed experts (softmax over all experts, top-k,
+the k weights renormalised to sum 1, as llama.cpp's build_moe_ffn with norm_w).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ArchSpec:
     swa_base_is_global: bool = False  # gemma2: local layers use rope_base unless told
     fused_qkv: bool = False  # phi3: one attn_qkv matrix, rows q then k then v
     fused_gate_up: bool = False  # phi3: ffn_up holds the gate rows then the up rows
+    moe: bool = False  # qwen3moe: a router and 3-D expert tensors instead of one FFN
 
 
 _COMMON_BLOCK = (
@@ -67,6 +69,16 @@ _COMMON_BLOCK = (
 
 _QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
 _POST_NORMS = ("post_attention_norm.weight", "post_ffw_norm.weight")
+_MOE_BLOCK = (
+    _COMMON_BLOCK[:6]
+    + _QK_NORMS
+    + (
+        "ffn_gate_inp.weight",
+        "ffn_gate_exps.weight",
+        "ffn_up_exps.weight",
+        "ffn_down_exps.weight",
+    )
+)
 _PHI3_BLOCK = (
     "attn_norm.weight",
     "attn_qkv.weight",
@@ -155,6 +167,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         fused_qkv=True,
         fused_gate_up=True,
     ),
+    "qwen3moe": ArchSpec(
+        name="qwen3moe",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=True,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_MOE_BLOCK,
+        moe=True,
+    ),
 }
 
 
@@ -183,6 +208,9 @@ class ModelConfig:
     has_rope_freqs: bool  # llama3's rope_freqs.weight divides the RoPE frequencies
     final_logit_softcap: float  # 0: none
     attn_logit_softcap: float = 0.0  # 0: none (gemma2: 50)
+    n_experts: int = 0  # MoE: experts per layer (0: a dense FFN)
+    n_experts_used: int = 0  # MoE: experts each token is routed to
+    d_ff_expert: int = 0  # MoE: rows of each expert's gate and up matrices
 
     @property
     def spec(self) -> ArchSpec:
@@ -303,6 +331,7 @@ def config_from_metadata(
         ),
         attn_logit_softcap=softcap,
         **dims,
+        **_experts(meta, p, spec, dims["d_ff"]),
     )
 
 
@@ -375,6 +404,23 @@ def _rope_freq_scale(meta: Mapping[str, Any], p: str) -> float:
     return 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
 
 
+def _experts(meta: Mapping[str, Any], p: str, spec: ArchSpec, d_ff: int) -> dict[str, int]:
+    """Expert count, experts used per token and each expert's FFN width (MoE archs)."""
+    if not spec.moe:
+        return {}
+    n_exp = _positive("expert_count", _get(meta, p + "expert_count", int))
+    n_used = _positive("expert_used_count", _get(meta, p + "expert_used_count", int))
+    if n_used > n_exp:
+        raise MalformedModelError(f"expert_used_count {n_used} exceeds expert_count {n_exp}")
+    ff_exp = meta.get(p + "expert_feed_forward_length", 0)
+    if isinstance(ff_exp, list | tuple):  # llama.cpp reads a key or a per-layer array
+        if len(set(ff_exp)) != 1:
+            raise UnsupportedModelError("per-layer expert widths are not supported")
+        ff_exp = ff_exp[0]
+    ff = int(ff_exp) if ff_exp else d_ff // n_used  # llama.cpp's default
+    return {"n_experts": n_exp, "n_experts_used": n_used, "d_ff_expert": _positive("ff_exp", ff)}
+
+
 def extra_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Logical shapes of the tensors only some architectures have (by block suffix), and of
     those whose shape differs by architecture (Phi 3's fused ffn_up)."""
@@ -384,4 +430,10 @@ def extra_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out["attn_qkv.weight"] = ((config.n_heads + 2 * config.n_kv_heads) * hd, d)
     if config.spec.fused_gate_up:
         out["ffn_up.weight"] = (2 * ff, d)
+    if config.spec.moe:
+        e, fe = config.n_experts, config.d_ff_expert
+        out["ffn_gate_inp.weight"] = (e, d)
+        out["ffn_gate_exps.weight"] = (e, fe, d)
+        out["ffn_up_exps.weight"] = (e, fe, d)
+        out["ffn_down_exps.weight"] = (e, d, fe)
     return out

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .arch import ModelConfig
 from .errors import UnsupportedModelError
 from .gguf_io import TensorRef
-from .onnx_weights import row_slice
+from .onnx_weights import moe_ffn, row_slice
 from .quant import NBitsWeight, to_nbits
 from .shards import ShardSpec
 
@@ -511,6 +511,8 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
 def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     p = f"blk.{i}."
     cfg = shard.config
+    if cfg.spec.moe:
+        return moe_ffn(b, shard, i, h)
     if cfg.spec.fused_gate_up:  # phi3: ffn_up is gate rows then up rows (llama.cpp's swiglu)
         fused, ff = shard.tensor(p + "ffn_up.weight"), cfg.d_ff
         g_ref = row_slice(fused, 0, ff, p + "ffn_gate.weight")

@@ -57,6 +57,9 @@ class TestModelSpec:
     context_length: int = 256
     attn_softcap: float = 0.0  # gemma2: written as attn_logit_softcapping when set
     final_softcap: float = 0.0  # gemma2: written as final_logit_softcapping when set
+    n_experts: int = 0  # MoE archs: experts per layer, experts per token, expert FFN width
+    n_experts_used: int = 0
+    d_ff_expert: int = 0
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
@@ -171,6 +174,28 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "ffn_up.weight": Q.Q4_K,
             "ffn_down.weight": Q.Q6_K,
             "output.weight": Q.Q6_K,
+        },
+    ),
+    "qwen3moe": TestModelSpec(
+        arch="qwen3moe",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=64,
+        tied=True,
+        rope_base=1000000.0,
+        n_experts=4,
+        n_experts_used=2,
+        d_ff_expert=256,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate_exps.weight": Q.Q4_K,
+            "ffn_up_exps.weight": Q.Q5_0,
+            "ffn_down_exps.weight": Q.Q6_K,
         },
     ),
 }
@@ -386,6 +411,9 @@ _MATRICES = (
     "ffn_up.weight",
     "ffn_down.weight",
     "attn_qkv.weight",
+    "ffn_gate_exps.weight",
+    "ffn_up_exps.weight",
+    "ffn_down_exps.weight",
 )
 
 
@@ -432,6 +460,10 @@ def _write_hparams(w: Any, spec: TestModelSpec) -> None:
         w.add_attn_logit_softcapping(spec.attn_softcap)
     if spec.final_softcap:
         w.add_final_logit_softcapping(spec.final_softcap)
+    if spec.n_experts:
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
+        w.add_expert_feed_forward_length(spec.d_ff_expert)
     w.add_file_type(1)
 
 
@@ -467,6 +499,7 @@ def _write_vocab(w: Any, spec: TestModelSpec) -> int:
 def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
     d, hd, ff = spec.d_model, spec.head_dim, spec.d_ff
     qd, kvd = spec.n_heads * hd, spec.n_kv_heads * hd
+    e, fe = spec.n_experts, spec.d_ff_expert
     return {
         "attn_q.weight": (qd, d),
         "attn_k.weight": (kvd, d),
@@ -476,6 +509,10 @@ def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
         "ffn_gate.weight": (ff, d),
         "ffn_up.weight": (2 * ff if ARCHITECTURES[spec.arch].fused_gate_up else ff, d),
         "ffn_down.weight": (d, ff),
+        "ffn_gate_inp.weight": (e, d),
+        "ffn_gate_exps.weight": (e, fe, d),
+        "ffn_up_exps.weight": (e, fe, d),
+        "ffn_down_exps.weight": (e, d, fe),
         "attn_q.bias": (qd,),
         "attn_k.bias": (kvd,),
         "attn_v.bias": (kvd,),
@@ -488,10 +525,12 @@ def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab:
     d = spec.d_model
 
     def mat(name: str, suffix: str, shape: tuple[int, ...], std: float) -> None:
-        qtype = spec.types.get(suffix, Q.Q8_0)
+        default = Q.F32 if suffix == "ffn_gate_inp.weight" else Q.Q8_0
+        qtype = spec.types.get(suffix, default)
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
         values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
         data = _encode(rng, values, qtype, std)
+        data = data.reshape(shape[:-1] + (data.shape[-1],))  # 3-D expert tensors
         raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype  # BF16 data is raw bytes too
         w.add_tensor(name, data, raw_dtype=raw_dtype)
 
@@ -508,7 +547,9 @@ def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab:
         for suffix in ARCHITECTURES[spec.arch].block_tensors:
             name = f"blk.{i}.{suffix}"
             shape = shapes.get(suffix, (d,))
-            if len(shape) >= 2:
+            if suffix == "ffn_gate_inp.weight":  # router logits a few units apart
+                mat(name, suffix, shape, 2.0 / np.sqrt(shape[-1]))
+            elif len(shape) >= 2:
                 mat(name, suffix, shape, 1.0 / np.sqrt(shape[-1]))
             elif suffix.endswith(".bias"):
                 vec(name, shape[0], 0.0, 0.5)

@@ -16,7 +16,7 @@ from runtimes.gguf_io import open_gguf  # noqa: E402
 from runtimes.quant import dequantize_nbits, to_nbits  # noqa: E402
 from runtimes.testmodels import DEFAULT_SPECS, write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe"]
 
 
 @pytest.fixture(scope="module")

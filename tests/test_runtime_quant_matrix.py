@@ -35,7 +35,7 @@ from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
 from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
 # One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
@@ -54,8 +54,20 @@ KNOWN = {
     # 1.80% and 0.84%, with every decided position agreeing.
     ("qwen3", Q.Q4_K): "4.12% of the range with int8 activations (0-level: 2.03%)",
     ("phi3", Q.Q4_K): "position 5 flips (llama.cpp margin 1.160, onnx -0.081; float32 1.175)",
+    # With every expert used there is no routing left to flip (below): what remains is the
+    # Q4_K rounding above, two decided positions flip (3.30%).
+    ("qwen3moe", Q.Q4_K): "Q4_K's int8-activation rounding, as qwen3/phi3 (3.30%, 2 flips)",
 }
-SPEC_CHANGES: dict[str, dict[str, object]] = {}
+# Changes to a model's DEFAULT_SPECS entry for its rows. Qwen 3 MoE's rows use all 4 experts
+# per token: the router's softmax weights still scale every expert, but no top-k choice is
+# left to flip. With top-2 of 4 (the default spec, which test_runtime_onnx runs) 7 of the 24
+# types disagree, each where a router near-tie (2nd/3rd expert probabilities 0.001-0.013
+# apart) goes the other way under the activation rounding of one side (measured: onnx's own
+# choice changes between float32 and int8 activations at exactly the worst positions of
+# Q3_K, Q4_1 and Q8_0; IQ2_S, IQ2_XS and IQ3_S flip on llama.cpp's side, whose IQ dot
+# products round activations per 256 values). Routing is discontinuous; the expert math is
+# what these rows check type by type.
+SPEC_CHANGES: dict[str, dict[str, object]] = {"qwen3moe": {"n_experts_used": 4}}
 
 
 def _oracle(path: Path, threads: int = THREADS) -> LlamaCppRuntime:
