@@ -397,9 +397,11 @@ def _sliding_window(
 
 
 def _rope_freq_scale(meta: Mapping[str, Any], p: str) -> float:
+    """Linear RoPE scaling; llama3's scaling comes as the rope_freqs tensor instead (as
+    llama.cpp reads it), so a "llama3" type with that tensor needs nothing here."""
     scale_type = meta.get(p + "rope.scaling.type", "none")
     factor = float(meta.get(p + "rope.scaling.factor", 1.0))
-    if scale_type not in ("none", "linear") and factor != 1.0:
+    if scale_type not in ("none", "linear", "llama3") and factor != 1.0:
         raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
     return 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
 

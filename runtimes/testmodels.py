@@ -60,6 +60,7 @@ class TestModelSpec:
     n_experts: int = 0  # MoE archs: experts per layer, experts per token, expert FFN width
     n_experts_used: int = 0
     d_ff_expert: int = 0
+    rope_freqs: bool = False  # llama3-style RoPE scaling: a rope_freqs.weight tensor
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
@@ -196,6 +197,25 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "ffn_gate_exps.weight": Q.Q4_K,
             "ffn_up_exps.weight": Q.Q5_0,
             "ffn_down_exps.weight": Q.Q6_K,
+        },
+    ),
+    # the llama arch with llama3's RoPE scaling (rope_freqs.weight divides the frequencies)
+    "llama3": TestModelSpec(
+        arch="llama",
+        n_layers=2,
+        tied=False,
+        rope_base=500000.0,
+        rope_freqs=True,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q4_K,
+            "attn_v.weight": Q.Q6_K,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+            "output.weight": Q.Q6_K,
         },
     ),
 }
@@ -418,7 +438,8 @@ _MATRICES = (
 
 
 def uniform_spec(arch: str, qtype: Q, **changes: Any) -> TestModelSpec:
-    """DEFAULT_SPECS[arch] with every matrix of type ``qtype`` (vectors stay F32)."""
+    """DEFAULT_SPECS[arch] (a model name: an arch, or "llama3") with every matrix of type
+    ``qtype`` (vectors stay F32, and so does a MoE router, as llama.cpp's quantizer keeps it)."""
     base = DEFAULT_SPECS[arch]
     return replace(base, types={m: qtype for m in _MATRICES}, **changes)
 
@@ -521,6 +542,18 @@ def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
     }
 
 
+def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, ctx: int = 64) -> Any:
+    """llama3's rope_freqs (as convert_hf_to_gguf computes them, low/high factors 1 and 4),
+    over an original context of ``ctx`` so that a test model's dims span all three regimes."""
+    freqs = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    low_wl, high_wl = ctx / 1.0, ctx / 4.0
+    smooth = (ctx / wavelen - 1.0) / (4.0 - 1.0)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, factor, mid))
+    return out.astype(np.float32)
+
+
 def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab: int) -> None:
     d = spec.d_model
 
@@ -542,6 +575,8 @@ def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab:
     vec("output_norm.weight", d, 1.0, 0.1)
     if not spec.tied:
         mat("output.weight", "output.weight", (vocab, d), 3.0 / np.sqrt(d))  # a few units
+    if spec.rope_freqs:
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(spec.head_dim, spec.rope_base))
     shapes = _block_shapes(spec)
     for i in range(spec.n_layers):
         for suffix in ARCHITECTURES[spec.arch].block_tensors:

@@ -16,7 +16,8 @@ from runtimes.gguf_io import open_gguf  # noqa: E402
 from runtimes.quant import dequantize_nbits, to_nbits  # noqa: E402
 from runtimes.testmodels import DEFAULT_SPECS, write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe"]
+# DEFAULT_SPECS names: the architectures, and llama3 (the llama arch with rope_freqs)
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe", "llama3"]
 
 
 @pytest.fixture(scope="module")
