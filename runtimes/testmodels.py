@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .arch import ARCHITECTURES
+from .testvocab import bpe_vocab, spm_vocab
 
 __all__ = [
     "TestModelSpec",
@@ -219,58 +220,6 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
         },
     ),
 }
-
-
-def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocab: unk, bos, eos, 256 byte tokens, then word pieces."""
-    tokens = ["<unk>", "<s>", "</s>"]
-    types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [int(gguf.TokenType.BYTE)] * 256
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    pieces = ["\u2581" + c for c in letters] + list(letters)
-    pieces += ["\u2581the", "\u2581of", "\u2581and", "in", "er", "on", "\u2581"]
-    tokens += pieces
-    types += [int(gguf.TokenType.NORMAL)] * len(pieces)
-    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(pieces))]
-    return tokens, scores, types
-
-
-def _byte_unicode() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out: dict[int, str] = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
-def _bpe_vocab() -> tuple[list[str], list[int], list[str]]:
-    """A GPT-2 byte-level BPE vocab with a few merges (each merge's result is a token)."""
-    tokens = _byte_unicode()
-    merges: list[str] = []
-    for a, b in [
-        ("\u0120", "t"),
-        ("h", "e"),
-        ("i", "n"),
-        ("\u0120t", "he"),
-        ("e", "r"),
-        ("o", "n"),
-        ("\u0120", "a"),
-        ("a", "n"),
-        ("r", "e"),
-        ("\u0120", "s"),
-    ]:
-        merges.append(f"{a} {b}")
-        if a + b not in tokens:
-            tokens.append(a + b)
-    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
-    tokens.append("<|endoftext|>")
-    types.append(int(gguf.TokenType.CONTROL))
-    return tokens, types, merges
 
 
 def _random_k_quant(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> Any:
@@ -491,7 +440,7 @@ def _write_hparams(w: Any, spec: TestModelSpec) -> None:
 def _write_vocab(w: Any, spec: TestModelSpec) -> int:
     """Qwen archs get a byte-level BPE vocab, the others a SentencePiece one; its size."""
     if spec.arch.startswith("qwen"):
-        tokens, types, merges = _bpe_vocab()
+        tokens, types, merges = bpe_vocab()
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2")
         w.add_token_list(tokens)
@@ -502,7 +451,7 @@ def _write_vocab(w: Any, spec: TestModelSpec) -> int:
         w.add_eos_token_id(eos)
         w.add_add_bos_token(False)
     else:
-        tokens, scores, types = _spm_vocab()
+        tokens, scores, types = spm_vocab()
         if spec.arch == "phi3":  # llama.cpp's vocab loader looks these up by name for Phi 3
             tokens += ["<|endoftext|>", "<|end|>"]
             scores += [0.0, 0.0]
