@@ -1,8 +1,11 @@
 """The architecture table: how each supported GGUF architecture computes, and the model
 configuration read from GGUF metadata.
 
-The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma 3's
-embedding scale, per-head q/k norms, post-norms, GELU(tanh) FFN and sliding-window layers.
+The numbers here follow llama.cpp's graphs (the oracle): RoPE layout per architecture, Gemma's
+embedding scale, per-head q/k norms (Gemma 3, Qwen 3), post-norms, GELU(tanh) FFN,
+sliding-window layers, Gemma 2's tanh soft-capping of attention scores and logits, Phi 3's fused
+q|k|v and gate|up matrices, and Qwen 3 MoE's routed experts (softmax over all experts, top-k,
+the k weights renormalised to sum 1, as llama.cpp's build_moe_ffn with norm_w).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "ARCHITECTURES",
     "ModelConfig",
     "config_from_metadata",
+    "extra_tensor_shapes",
     "unit_count",
     "unit_kind",
     "unit_tensor_names",
@@ -42,6 +46,13 @@ class ArchSpec:
     default_swa_pattern: int  # every n-th layer is global, others local; 0: no sliding window
     default_rope_base: float
     block_tensors: tuple[str, ...]  # per-block tensor suffixes, "blk.{i}." prefixed
+    attn_softcap: bool = False  # gemma2: scores = cap * tanh(scores / cap) before the softmax
+    default_final_softcap: float = 0.0  # gemma2 caps the logits (30) unless metadata says
+    default_sliding_window: int = 0  # gemma2: 4096 when the metadata has no window
+    swa_base_is_global: bool = False  # gemma2: local layers use rope_base unless told
+    fused_qkv: bool = False  # phi3: one attn_qkv matrix, rows q then k then v
+    fused_gate_up: bool = False  # phi3: ffn_up holds the gate rows then the up rows
+    moe: bool = False  # qwen3moe: a router and 3-D expert tensors instead of one FFN
 
 
 _COMMON_BLOCK = (
@@ -52,6 +63,27 @@ _COMMON_BLOCK = (
     "attn_output.weight",
     "ffn_norm.weight",
     "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
+
+_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+_POST_NORMS = ("post_attention_norm.weight", "post_ffw_norm.weight")
+_MOE_BLOCK = (
+    _COMMON_BLOCK[:6]
+    + _QK_NORMS
+    + (
+        "ffn_gate_inp.weight",
+        "ffn_gate_exps.weight",
+        "ffn_up_exps.weight",
+        "ffn_down_exps.weight",
+    )
+)
+_PHI3_BLOCK = (
+    "attn_norm.weight",
+    "attn_qkv.weight",
+    "attn_output.weight",
+    "ffn_norm.weight",
     "ffn_up.weight",
     "ffn_down.weight",
 )
@@ -91,13 +123,62 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embed_scale_sqrt_d=True,
         default_swa_pattern=6,
         default_rope_base=10000.0,
-        block_tensors=_COMMON_BLOCK
-        + (
-            "attn_q_norm.weight",
-            "attn_k_norm.weight",
-            "post_attention_norm.weight",
-            "post_ffw_norm.weight",
-        ),
+        block_tensors=_COMMON_BLOCK + _QK_NORMS + _POST_NORMS,
+    ),
+    "qwen3": ArchSpec(
+        name="qwen3",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=True,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK + _QK_NORMS,
+    ),
+    "gemma2": ArchSpec(
+        name="gemma2",
+        rope_type="neox",
+        ffn_act="gelu_tanh",
+        qkv_bias=False,
+        qk_norm=False,
+        post_norms=True,
+        embed_scale_sqrt_d=True,
+        default_swa_pattern=2,  # llama.cpp: even layers local, odd layers global
+        default_rope_base=10000.0,
+        block_tensors=_COMMON_BLOCK + _POST_NORMS,
+        attn_softcap=True,
+        default_final_softcap=30.0,
+        default_sliding_window=4096,
+        swa_base_is_global=True,
+    ),
+    "phi3": ArchSpec(
+        name="phi3",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=False,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,  # llama.cpp ignores Phi 3's sliding window (its PR 13676)
+        default_rope_base=10000.0,
+        block_tensors=_PHI3_BLOCK,
+        fused_qkv=True,
+        fused_gate_up=True,
+    ),
+    "qwen3moe": ArchSpec(
+        name="qwen3moe",
+        rope_type="neox",
+        ffn_act="silu",
+        qkv_bias=False,
+        qk_norm=True,
+        post_norms=False,
+        embed_scale_sqrt_d=False,
+        default_swa_pattern=0,
+        default_rope_base=10000.0,
+        block_tensors=_MOE_BLOCK,
+        moe=True,
     ),
 }
 
@@ -126,6 +207,10 @@ class ModelConfig:
     tied_embeddings: bool
     has_rope_freqs: bool  # llama3's rope_freqs.weight divides the RoPE frequencies
     final_logit_softcap: float  # 0: none
+    attn_logit_softcap: float = 0.0  # 0: none (gemma2: 50)
+    n_experts: int = 0  # MoE: experts per layer (0: a dense FFN)
+    n_experts_used: int = 0  # MoE: experts each token is routed to
+    d_ff_expert: int = 0  # MoE: rows of each expert's gate and up matrices
 
     @property
     def spec(self) -> ArchSpec:
@@ -221,26 +306,6 @@ def _vocab_size(meta: Mapping[str, Any], p: str, vocab_rows: int | None) -> int:
     return int(vocab)
 
 
-def _sliding_window(
-    meta: Mapping[str, Any], p: str, spec: ArchSpec, n_layers: int
-) -> tuple[int, tuple[bool, ...]]:
-    window = _get(meta, p + "attention.sliding_window", int, 0) if spec.default_swa_pattern else 0
-    swa: tuple[bool, ...]
-    if window > 0:
-        pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
-        if isinstance(pattern, list | tuple):
-            if len(pattern) != n_layers:
-                raise MalformedModelError("sliding_window_pattern length differs from block_count")
-            swa = tuple(bool(x) for x in pattern)
-        else:
-            n = _get(meta, p + "attention.sliding_window_pattern", int, spec.default_swa_pattern)
-            # llama.cpp: layer il is local unless il % n == n - 1
-            swa = tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
-    else:
-        swa = (False,) * n_layers
-    return window, swa
-
-
 def config_from_metadata(
     meta: Mapping[str, Any], tensor_names: set[str], vocab_rows: int | None
 ) -> ModelConfig:
@@ -256,6 +321,59 @@ def config_from_metadata(
         )
     spec = ARCHITECTURES[arch]
     p = arch + "."
+    if any(n.startswith("rope_factors_") for n in tensor_names):
+        # Phi 3's longrope: llama.cpp picks long or short factors by context length
+        raise UnsupportedModelError("rope_factors_long/short (longrope) are not supported")
+    dims = _dims(meta, p)
+    n_layers, d_model, n_heads, head_dim = (
+        dims["n_layers"],
+        dims["d_model"],
+        dims["n_heads"],
+        dims["head_dim"],
+    )
+    window, swa = _sliding_window(meta, p, spec, n_layers)
+    rope_base = _positive_float(
+        "rope.freq_base", _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
+    )
+    swa_base_default = rope_base if spec.swa_base_is_global else 10000.0
+    # llama.cpp (gemma2, gemma3): the 27B models scale by d_model / n_heads
+    big = {"gemma2": 46, "gemma3": 62}.get(arch) == n_layers
+    attn_scale = 1.0 / math.sqrt(d_model / n_heads if big else head_dim)
+    softcap = (
+        _nonnegative("attn_softcap", _get(meta, p + "attn_logit_softcapping", float, 50.0))
+        if spec.attn_softcap
+        else 0.0
+    )
+    return ModelConfig(
+        arch=arch,
+        name=str(meta.get("general.name", arch)),
+        vocab_size=_positive("vocab", _vocab_size(meta, p, vocab_rows)),
+        rms_eps=_nonnegative(
+            "rms_epsilon", _get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5)
+        ),
+        rope_base=rope_base,
+        rope_base_swa=_positive_float(
+            "freq_base_swa", _get(meta, p + "rope.freq_base_swa", float, swa_base_default)
+        ),
+        rope_freq_scale=_rope_freq_scale(meta, p),
+        context_length=_positive("context_length", _get(meta, p + "context_length", int, 4096)),
+        sliding_window=window,
+        swa_layers=swa,
+        attn_scale=attn_scale,
+        tied_embeddings="output.weight" not in tensor_names,
+        has_rope_freqs="rope_freqs.weight" in tensor_names,
+        final_logit_softcap=_nonnegative(
+            "final_logit_softcapping",
+            _get(meta, p + "final_logit_softcapping", float, spec.default_final_softcap),
+        ),
+        attn_logit_softcap=softcap,
+        **dims,
+        **_experts(meta, p, spec, dims["d_ff"]),
+    )
+
+
+def _dims(meta: Mapping[str, Any], p: str) -> dict[str, int]:
+    """Layer count and the widths of one block."""
     # a manifest holds fewer than 2**16 layers; the cap also bounds per-layer tables
     n_layers = _positive("block_count", _get(meta, p + "block_count", int), (1 << 16) - 1)
     d_model = _positive("embedding_length", _get(meta, p + "embedding_length", int))
@@ -277,55 +395,82 @@ def config_from_metadata(
     if head_dim % 2:
         raise MalformedModelError(f"head dim {head_dim} is odd")
     d_ff = _positive("feed_forward_length", _get(meta, p + "feed_forward_length", int))
+    return {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "d_ff": d_ff,
+    }
 
-    vocab = _vocab_size(meta, p, vocab_rows)
-    window, swa = _sliding_window(meta, p, spec, n_layers)
 
-    rope_base = _positive_float(
-        "rope.freq_base", _get(meta, p + "rope.freq_base", float, spec.default_rope_base)
-    )
+def _sliding_window(
+    meta: Mapping[str, Any], p: str, spec: ArchSpec, n_layers: int
+) -> tuple[int, tuple[bool, ...]]:
+    """The window and, per layer, whether it is a local (sliding-window) layer."""
+    if not spec.default_swa_pattern:
+        return 0, (False,) * n_layers
+    window = _get(meta, p + "attention.sliding_window", int, spec.default_sliding_window)
+    if window <= 0:
+        return 0, (False,) * n_layers
+    pattern = meta.get(p + "attention.sliding_window_pattern", spec.default_swa_pattern)
+    if isinstance(pattern, list | tuple):
+        if len(pattern) != n_layers:
+            raise MalformedModelError("sliding_window_pattern length differs from block_count")
+        return window, tuple(bool(x) for x in pattern)
+    n = _get(meta, p + "attention.sliding_window_pattern", int, spec.default_swa_pattern)
+    # llama.cpp: layer il is local unless il % n == n - 1
+    return window, tuple(n == 0 or (il % n < n - 1) for il in range(n_layers))
+
+
+def _rope_freq_scale(meta: Mapping[str, Any], p: str) -> float:
+    """Linear RoPE scaling; llama3's scaling comes as the rope_freqs tensor instead (as
+    llama.cpp reads it), so a "llama3" type with that tensor needs nothing here."""
     scale_type = meta.get(p + "rope.scaling.type", "none")
     factor = _get(meta, p + "rope.scaling.factor", float, 1.0)
-    if scale_type not in ("none", "linear") and factor != 1.0:
+    if scale_type not in ("none", "linear", "llama3") and factor != 1.0:
         raise UnsupportedModelError(f"rope scaling {scale_type!r} is not supported")
-    freq_scale = 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
+    return 1.0 / factor if scale_type == "linear" and factor > 0 else 1.0
 
-    if arch == "gemma3":
-        if n_layers == 62:  # llama.cpp: the 27B model scales by d_model / n_heads
-            attn_scale = 1.0 / math.sqrt(d_model / n_heads)
-        else:
-            attn_scale = 1.0 / math.sqrt(head_dim)
+
+def _experts(meta: Mapping[str, Any], p: str, spec: ArchSpec, d_ff: int) -> dict[str, int]:
+    """Expert count, experts used per token and each expert's FFN width (MoE archs)."""
+    if not spec.moe:
+        return {}
+    n_exp = _positive("expert_count", _get(meta, p + "expert_count", int))
+    n_used = _positive("expert_used_count", _get(meta, p + "expert_used_count", int))
+    if n_used > n_exp:
+        raise MalformedModelError(f"expert_used_count {n_used} exceeds expert_count {n_exp}")
+    ff_exp = meta.get(p + "expert_feed_forward_length", 0)
+    if isinstance(ff_exp, list | tuple):  # llama.cpp reads a key or a per-layer array
+        if not ff_exp or not all(type(x) is int for x in ff_exp):
+            raise MalformedModelError("expert_feed_forward_length is not a list of integers")
+        if len(set(ff_exp)) != 1:
+            raise UnsupportedModelError("per-layer expert widths are not supported")
+        ff_exp = ff_exp[0]
     else:
-        attn_scale = 1.0 / math.sqrt(head_dim)
+        ff_exp = _get(meta, p + "expert_feed_forward_length", int, 0)
+    ff = ff_exp if ff_exp else d_ff // n_used  # llama.cpp's default
+    return {"n_experts": n_exp, "n_experts_used": n_used, "d_ff_expert": _positive("ff_exp", ff)}
 
-    return ModelConfig(
-        arch=arch,
-        name=str(meta.get("general.name", arch)),
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        d_ff=d_ff,
-        vocab_size=_positive("vocab", vocab),
-        rms_eps=_nonnegative(
-            "rms_epsilon", _get(meta, p + "attention.layer_norm_rms_epsilon", float, 1e-5)
-        ),
-        rope_base=rope_base,
-        rope_base_swa=_positive_float(
-            "freq_base_swa", _get(meta, p + "rope.freq_base_swa", float, 10000.0)
-        ),
-        rope_freq_scale=freq_scale,
-        context_length=_positive("context_length", _get(meta, p + "context_length", int, 4096)),
-        sliding_window=window,
-        swa_layers=swa,
-        attn_scale=attn_scale,
-        tied_embeddings="output.weight" not in tensor_names,
-        has_rope_freqs="rope_freqs.weight" in tensor_names,
-        final_logit_softcap=_nonnegative(
-            "final_logit_softcapping", _get(meta, p + "final_logit_softcapping", float, 0.0)
-        ),
-    )
+
+def extra_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Logical shapes of the tensors only some architectures have (by block suffix), and of
+    those whose shape differs by architecture (Phi 3's fused ffn_up)."""
+    d, hd, ff = config.d_model, config.head_dim, config.d_ff
+    out: dict[str, tuple[int, ...]] = {}
+    if config.spec.fused_qkv:
+        out["attn_qkv.weight"] = ((config.n_heads + 2 * config.n_kv_heads) * hd, d)
+    if config.spec.fused_gate_up:
+        out["ffn_up.weight"] = (2 * ff, d)
+    if config.spec.moe:
+        e, fe = config.n_experts, config.d_ff_expert
+        out["ffn_gate_inp.weight"] = (e, d)
+        out["ffn_gate_exps.weight"] = (e, fe, d)
+        out["ffn_up_exps.weight"] = (e, fe, d)
+        out["ffn_down_exps.weight"] = (e, d, fe)
+    return out
 
 
 def _nonnegative(key: str, value: float) -> float:

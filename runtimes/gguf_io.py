@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .arch import ModelConfig, config_from_metadata, unit_count, unit_kind, unit_tensor_names
+from .arch import (
+    ModelConfig,
+    config_from_metadata,
+    extra_tensor_shapes,
+    unit_count,
+    unit_kind,
+    unit_tensor_names,
+)
 from .errors import MalformedModelError, ModelError, UnsupportedModelError
 
 __all__ = [
@@ -258,6 +265,7 @@ def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
         "ffn_gate.weight": (config.d_ff, d),
         "ffn_up.weight": (config.d_ff, d),
         "ffn_down.weight": (d, config.d_ff),
+        **extra_tensor_shapes(config),
     }
     return table.get(suffix)
 

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .arch import ModelConfig
 from .errors import UnsupportedModelError
 from .gguf_io import TensorRef
+from .onnx_weights import moe_ffn, row_slice
 from .quant import NBitsWeight, to_nbits
 from .shards import ShardSpec
 
@@ -445,11 +446,7 @@ def _qkv(b: _Builder, shard: ShardSpec, i: int, h: str) -> tuple[str, str, str]:
         bias["attn_q"] = bq * np.float32(qscale)
     q, k, v = b.linear(
         h,
-        [
-            (p + "attn_q.weight", shard.tensor(p + "attn_q.weight"), bias["attn_q"]),
-            (p + "attn_k.weight", shard.tensor(p + "attn_k.weight"), bias["attn_k"]),
-            (p + "attn_v.weight", shard.tensor(p + "attn_v.weight"), bias["attn_v"]),
-        ],
+        [(p + n + ".weight", w, bias[n]) for n, w in _qkv_weights(shard, i).items()],
         row_scale={p + "attn_q.weight": qscale},
         perm=perms,
     )
@@ -460,6 +457,18 @@ def _qkv(b: _Builder, shard: ShardSpec, i: int, h: str) -> tuple[str, str, str]:
         q = b.rms_norm(q, qn, p + "attn_q_norm")
         k = b.rms_norm(k, _vec(shard, p + "attn_k_norm.weight"), p + "attn_k_norm")
     return q, k, v
+
+
+def _qkv_weights(shard: ShardSpec, i: int) -> dict[str, TensorRef]:
+    """attn_q, attn_k and attn_v of layer i; Phi 3's fused attn_qkv is split by rows."""
+    cfg = shard.config
+    p = f"blk.{i}."
+    if not cfg.spec.fused_qkv:
+        return {n: shard.tensor(p + n + ".weight") for n in ("attn_q", "attn_k", "attn_v")}
+    qkv = shard.tensor(p + "attn_qkv.weight")
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    cuts = {"attn_q": (0, qd), "attn_k": (qd, qd + kvd), "attn_v": (qd + kvd, qd + 2 * kvd)}
+    return {n: row_slice(qkv, a, z, p + n + ".weight") for n, (a, z) in cuts.items()}
 
 
 def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
@@ -484,6 +493,10 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
         perm=[1, 2, 0, 3],
     )  # [hk, g, S, hd]
     scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
+    if cfg.attn_logit_softcap:  # gemma2: cap * tanh(scores / cap), before the mask
+        c = cfg.attn_logit_softcap
+        inner = b.op("Mul", [scores, b.const(np.array(1.0 / c, np.float32), "c")])
+        scores = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     scores = b.op("Add", [scores, f"mask_{tag}"])
     probs = b.op("Softmax", [scores], axis=-1)
     att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])
@@ -497,13 +510,16 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
 
 def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     p = f"blk.{i}."
-    gate, up = b.linear(
-        h,
-        [
-            (p + "ffn_gate.weight", shard.tensor(p + "ffn_gate.weight"), None),
-            (p + "ffn_up.weight", shard.tensor(p + "ffn_up.weight"), None),
-        ],
-    )
+    cfg = shard.config
+    if cfg.spec.moe:
+        return moe_ffn(b, shard, i, h)
+    if cfg.spec.fused_gate_up:  # phi3: ffn_up is gate rows then up rows (llama.cpp's swiglu)
+        fused, ff = shard.tensor(p + "ffn_up.weight"), cfg.d_ff
+        g_ref = row_slice(fused, 0, ff, p + "ffn_gate.weight")
+        u_ref = row_slice(fused, ff, 2 * ff, p + "ffn_up.weight")
+    else:
+        g_ref, u_ref = shard.tensor(p + "ffn_gate.weight"), shard.tensor(p + "ffn_up.weight")
+    gate, up = b.linear(h, [(g_ref.name, g_ref, None), (u_ref.name, u_ref, None)])
     if shard.config.spec.ffn_act == "silu":
         act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
     else:

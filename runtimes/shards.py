@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +474,8 @@ class ShardStore:
                     tensors[n] = f.tensors[n]
         if config is None or config.arch != manifest.architecture:
             raise MalformedModelError("manifest and blobs disagree on the architecture")
+        # an embedding-only blob cannot tell that the blocks have rope_freqs (llama3)
+        config = replace(config, has_rope_freqs=any(f.config.has_rope_freqs for f in files))
         whole = files[0].path if len(files) == 1 and files[0].is_whole_model else None
         return ShardSpec(config, start, end, tensors, files, whole)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .arch import ARCHITECTURES
+from .testvocab import bpe_vocab, spm_vocab
 
 __all__ = [
     "TestModelSpec",
@@ -55,6 +56,12 @@ class TestModelSpec:
     tied: bool = True
     rope_base: float = 10000.0
     context_length: int = 256
+    attn_softcap: float = 0.0  # gemma2: written as attn_logit_softcapping when set
+    final_softcap: float = 0.0  # gemma2: written as final_logit_softcapping when set
+    n_experts: int = 0  # MoE archs: experts per layer, experts per token, expert FFN width
+    n_experts_used: int = 0
+    d_ff_expert: int = 0
+    rope_freqs: bool = False  # llama3-style RoPE scaling: a rope_freqs.weight tensor
     # tensor suffix -> type; anything not named is F32 (1-D) or Q8_0 (2-D)
     types: Mapping[str, Q] = field(default_factory=dict)
     seed: int = 0
@@ -115,59 +122,105 @@ DEFAULT_SPECS: dict[str, TestModelSpec] = {
             "ffn_down.weight": Q.Q6_K,
         },
     ),
+    "qwen3": TestModelSpec(
+        arch="qwen3",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=128,  # q width 512 != d_model, as in Qwen 3 0.6B
+        tied=True,
+        rope_base=1000000.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
+    "gemma2": TestModelSpec(
+        arch="gemma2",
+        n_layers=4,  # llama.cpp's default pattern: layers 0 and 2 local, 1 and 3 global
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=128,
+        sliding_window=5,
+        tied=True,
+        # caps that bend these models' scores and logits (Gemma 2's are 50 and 30)
+        attn_softcap=3.0,
+        final_softcap=20.0,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q5_0,
+            "attn_k.weight": Q.Q4_K,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q5_0,
+            "ffn_up.weight": Q.Q4_0,
+            "ffn_down.weight": Q.Q6_K,
+        },
+    ),
+    "phi3": TestModelSpec(
+        arch="phi3",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,  # Phi 3 mini has no GQA; attn_output is d x d in llama.cpp
+        head_dim=64,
+        tied=False,
+        types={
+            "token_embd.weight": Q.Q4_0,
+            "attn_qkv.weight": Q.Q5_0,
+            "attn_output.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+            "output.weight": Q.Q6_K,
+        },
+    ),
+    "qwen3moe": TestModelSpec(
+        arch="qwen3moe",
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=64,
+        tied=True,
+        rope_base=1000000.0,
+        n_experts=4,
+        n_experts_used=2,
+        d_ff_expert=256,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q5_0,
+            "attn_v.weight": Q.Q8_0,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate_exps.weight": Q.Q4_K,
+            "ffn_up_exps.weight": Q.Q5_0,
+            "ffn_down_exps.weight": Q.Q6_K,
+        },
+    ),
+    # the llama arch with llama3's RoPE scaling (rope_freqs.weight divides the frequencies)
+    "llama3": TestModelSpec(
+        arch="llama",
+        n_layers=2,
+        tied=False,
+        rope_base=500000.0,
+        rope_freqs=True,
+        types={
+            "token_embd.weight": Q.Q8_0,
+            "attn_q.weight": Q.Q4_K,
+            "attn_k.weight": Q.Q4_K,
+            "attn_v.weight": Q.Q6_K,
+            "attn_output.weight": Q.Q4_0,
+            "ffn_gate.weight": Q.Q4_K,
+            "ffn_up.weight": Q.Q4_K,
+            "ffn_down.weight": Q.Q6_K,
+            "output.weight": Q.Q6_K,
+        },
+    ),
 }
-
-
-def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocab: unk, bos, eos, 256 byte tokens, then word pieces."""
-    tokens = ["<unk>", "<s>", "</s>"]
-    types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [int(gguf.TokenType.BYTE)] * 256
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    pieces = ["\u2581" + c for c in letters] + list(letters)
-    pieces += ["\u2581the", "\u2581of", "\u2581and", "in", "er", "on", "\u2581"]
-    tokens += pieces
-    types += [int(gguf.TokenType.NORMAL)] * len(pieces)
-    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(pieces))]
-    return tokens, scores, types
-
-
-def _byte_unicode() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out: dict[int, str] = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
-def _bpe_vocab() -> tuple[list[str], list[int], list[str]]:
-    """A GPT-2 byte-level BPE vocab with a few merges (each merge's result is a token)."""
-    tokens = _byte_unicode()
-    merges: list[str] = []
-    for a, b in [
-        ("\u0120", "t"),
-        ("h", "e"),
-        ("i", "n"),
-        ("\u0120t", "he"),
-        ("e", "r"),
-        ("o", "n"),
-        ("\u0120", "a"),
-        ("a", "n"),
-        ("r", "e"),
-        ("\u0120", "s"),
-    ]:
-        merges.append(f"{a} {b}")
-        if a + b not in tokens:
-            tokens.append(a + b)
-    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
-    tokens.append("<|endoftext|>")
-    types.append(int(gguf.TokenType.CONTROL))
-    return tokens, types, merges
 
 
 def _random_k_quant(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> Any:
@@ -327,11 +380,16 @@ _MATRICES = (
     "ffn_gate.weight",
     "ffn_up.weight",
     "ffn_down.weight",
+    "attn_qkv.weight",
+    "ffn_gate_exps.weight",
+    "ffn_up_exps.weight",
+    "ffn_down_exps.weight",
 )
 
 
 def uniform_spec(arch: str, qtype: Q, **changes: Any) -> TestModelSpec:
-    """DEFAULT_SPECS[arch] with every matrix of type ``qtype`` (vectors stay F32)."""
+    """DEFAULT_SPECS[arch] (a model name: an arch, or "llama3") with every matrix of type
+    ``qtype`` (vectors stay F32, and so does a MoE router, as llama.cpp's quantizer keeps it)."""
     base = DEFAULT_SPECS[arch]
     return replace(base, types={m: qtype for m in _MATRICES}, **changes)
 
@@ -340,10 +398,21 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     """Write a random-weight GGUF for ``spec`` (or a DEFAULT_SPECS key); returns the path."""
     if isinstance(spec, str):
         spec = DEFAULT_SPECS[spec]
-    arch = ARCHITECTURES[spec.arch]
     out = Path(path)
     rng = np.random.default_rng(spec.seed)
     w = gguf.GGUFWriter(str(out), spec.arch)
+    _write_hparams(w, spec)
+    vocab = _write_vocab(w, spec)
+    _write_tensors(w, spec, rng, vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    log.debug("wrote test model %s (%s)", out, spec.arch)
+    return out
+
+
+def _write_hparams(w: Any, spec: TestModelSpec) -> None:
     w.add_name(f"edgemesh-test-{spec.arch}")
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.d_model)
@@ -358,10 +427,21 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
     w.add_rope_freq_base(spec.rope_base)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
+    if spec.attn_softcap:
+        w.add_attn_logit_softcapping(spec.attn_softcap)
+    if spec.final_softcap:
+        w.add_final_logit_softcapping(spec.final_softcap)
+    if spec.n_experts:
+        w.add_expert_count(spec.n_experts)
+        w.add_expert_used_count(spec.n_experts_used)
+        w.add_expert_feed_forward_length(spec.d_ff_expert)
     w.add_file_type(1)
 
-    if spec.arch == "qwen2":
-        tokens, types, merges = _bpe_vocab()
+
+def _write_vocab(w: Any, spec: TestModelSpec) -> int:
+    """Qwen archs get a byte-level BPE vocab, the others a SentencePiece one; its size."""
+    if spec.arch.startswith("qwen"):
+        tokens, types, merges = bpe_vocab()
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2")
         w.add_token_list(tokens)
@@ -372,7 +452,11 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_eos_token_id(eos)
         w.add_add_bos_token(False)
     else:
-        tokens, scores, types = _spm_vocab()
+        tokens, scores, types = spm_vocab()
+        if spec.arch == "phi3":  # llama.cpp's vocab loader looks these up by name for Phi 3
+            tokens += ["<|endoftext|>", "<|end|>"]
+            scores += [0.0, 0.0]
+            types += [int(gguf.TokenType.CONTROL)] * 2
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
@@ -382,15 +466,56 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_add_bos_token(True)
     if spec.chat_template:
         w.add_chat_template(spec.chat_template)
-    vocab = len(tokens)
+    return len(tokens)
 
+
+def _block_shapes(spec: TestModelSpec) -> dict[str, tuple[int, ...]]:
     d, hd, ff = spec.d_model, spec.head_dim, spec.d_ff
     qd, kvd = spec.n_heads * hd, spec.n_kv_heads * hd
+    e, fe = spec.n_experts, spec.d_ff_expert
+    return {
+        "attn_q.weight": (qd, d),
+        "attn_k.weight": (kvd, d),
+        "attn_v.weight": (kvd, d),
+        "attn_qkv.weight": (qd + 2 * kvd, d),
+        "attn_output.weight": (d, qd),
+        "ffn_gate.weight": (ff, d),
+        "ffn_up.weight": (2 * ff if ARCHITECTURES[spec.arch].fused_gate_up else ff, d),
+        "ffn_down.weight": (d, ff),
+        "ffn_gate_inp.weight": (e, d),
+        "ffn_gate_exps.weight": (e, fe, d),
+        "ffn_up_exps.weight": (e, fe, d),
+        "ffn_down_exps.weight": (e, d, fe),
+        "attn_q.bias": (qd,),
+        "attn_k.bias": (kvd,),
+        "attn_v.bias": (kvd,),
+        "attn_q_norm.weight": (hd,),
+        "attn_k_norm.weight": (hd,),
+    }
 
-    def mat(name: str, suffix: str, rows: int, cols: int, std: float) -> None:
-        qtype = spec.types.get(suffix, Q.Q8_0)
+
+def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, ctx: int = 64) -> Any:
+    """llama3's rope_freqs (as convert_hf_to_gguf computes them, low/high factors 1 and 4),
+    over an original context of ``ctx`` so that a test model's dims span all three regimes."""
+    freqs = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    low_wl, high_wl = ctx / 1.0, ctx / 4.0
+    smooth = (ctx / wavelen - 1.0) / (4.0 - 1.0)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, factor, mid))
+    return out.astype(np.float32)
+
+
+def _write_tensors(w: Any, spec: TestModelSpec, rng: np.random.Generator, vocab: int) -> None:
+    d = spec.d_model
+
+    def mat(name: str, suffix: str, shape: tuple[int, ...], std: float) -> None:
+        default = Q.F32 if suffix == "ffn_gate_inp.weight" else Q.Q8_0
+        qtype = spec.types.get(suffix, default)
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
         values = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
         data = _encode(rng, values, qtype, std)
+        data = data.reshape(shape[:-1] + (data.shape[-1],))  # 3-D expert tensors
         raw_dtype = None if qtype in (Q.F32, Q.F16) else qtype  # BF16 data is raw bytes too
         w.add_tensor(name, data, raw_dtype=raw_dtype)
 
@@ -398,37 +523,22 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec | str) ->
         w.add_tensor(name, (center + rng.standard_normal(n) * std).astype(np.float32))
 
     # tied tables also produce the logits: keep them small so that logits stay in a few units
-    mat("token_embd.weight", "token_embd.weight", vocab, d, 0.15 if spec.tied else 1.0)
+    mat("token_embd.weight", "token_embd.weight", (vocab, d), 0.15 if spec.tied else 1.0)
     vec("output_norm.weight", d, 1.0, 0.1)
     if not spec.tied:
-        mat("output.weight", "output.weight", vocab, d, 3.0 / np.sqrt(d))  # logits of a few units
-    shapes: dict[str, tuple[int, ...]] = {
-        "attn_q.weight": (qd, d),
-        "attn_k.weight": (kvd, d),
-        "attn_v.weight": (kvd, d),
-        "attn_output.weight": (d, qd),
-        "ffn_gate.weight": (ff, d),
-        "ffn_up.weight": (ff, d),
-        "ffn_down.weight": (d, ff),
-        "attn_q.bias": (qd,),
-        "attn_k.bias": (kvd,),
-        "attn_v.bias": (kvd,),
-        "attn_q_norm.weight": (hd,),
-        "attn_k_norm.weight": (hd,),
-    }
+        mat("output.weight", "output.weight", (vocab, d), 3.0 / np.sqrt(d))  # a few units
+    if spec.rope_freqs:
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(spec.head_dim, spec.rope_base))
+    shapes = _block_shapes(spec)
     for i in range(spec.n_layers):
-        for suffix in arch.block_tensors:
+        for suffix in ARCHITECTURES[spec.arch].block_tensors:
             name = f"blk.{i}.{suffix}"
             shape = shapes.get(suffix, (d,))
-            if len(shape) == 2:
-                mat(name, suffix, shape[0], shape[1], 1.0 / np.sqrt(shape[1]))
+            if suffix == "ffn_gate_inp.weight":  # router logits a few units apart
+                mat(name, suffix, shape, 2.0 / np.sqrt(shape[-1]))
+            elif len(shape) >= 2:
+                mat(name, suffix, shape, 1.0 / np.sqrt(shape[-1]))
             elif suffix.endswith(".bias"):
                 vec(name, shape[0], 0.0, 0.5)
             else:
                 vec(name, shape[0], 1.0, 0.2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    log.debug("wrote test model %s (%s)", out, spec.arch)
-    return out

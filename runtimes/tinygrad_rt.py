@@ -54,7 +54,11 @@ class _Layer:
         def f32(name: str) -> np.ndarray[Any, Any]:
             return shard.tensor(p + name).dequantize()
 
-        wq, wk, wv = f32("attn_q.weight"), f32("attn_k.weight"), f32("attn_v.weight")
+        if spec.fused_qkv:  # phi3: rows q, then k, then v
+            qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+            wq, wk, wv = np.split(f32("attn_qkv.weight"), [qd, qd + kvd])
+        else:
+            wq, wk, wv = f32("attn_q.weight"), f32("attn_k.weight"), f32("attn_v.weight")
         bq = f32("attn_q.bias") if spec.qkv_bias else None
         bk = f32("attn_k.bias") if spec.qkv_bias else None
         bv = f32("attn_v.bias") if spec.qkv_bias else None
@@ -72,9 +76,14 @@ class _Layer:
         )
         self.splits = (wq.shape[0], wk.shape[0], wv.shape[0])
         self.wo = Tensor(np.ascontiguousarray(f32("attn_output.weight").T)).realize()
-        gate_up = np.concatenate([f32("ffn_gate.weight"), f32("ffn_up.weight")])
-        self.wgu = Tensor(np.ascontiguousarray(gate_up.T)).realize()
-        self.wd = Tensor(np.ascontiguousarray(f32("ffn_down.weight").T)).realize()
+        self.moe = _Experts(shard, i) if spec.moe else None
+        if self.moe is None:
+            if spec.fused_gate_up:  # phi3: ffn_up is gate rows then up rows
+                gate_up = f32("ffn_up.weight")
+            else:
+                gate_up = np.concatenate([f32("ffn_gate.weight"), f32("ffn_up.weight")])
+            self.wgu = Tensor(np.ascontiguousarray(gate_up.T)).realize()
+            self.wd = Tensor(np.ascontiguousarray(f32("ffn_down.weight").T)).realize()
         self.attn_norm = Tensor(f32("attn_norm.weight")).realize()
         self.ffn_norm = Tensor(f32("ffn_norm.weight")).realize()
         self.q_norm = Tensor(f32("attn_q_norm.weight")).realize() if spec.qk_norm else None
@@ -84,6 +93,48 @@ class _Layer:
         )
         self.post_ffw = Tensor(f32("post_ffw_norm.weight")).realize() if spec.post_norms else None
         self.local = cfg.swa_layers[i]
+
+
+class _Experts:
+    """Qwen 3 MoE's routed FFN (llama.cpp's build_moe_ffn: softmax over the experts, top-k,
+    the k weights renormalised). Routing is decided on the host from the router's
+    probabilities; each expert that any token of the step uses runs on all the step's tokens
+    and is weighted by 0 where not routed (exact, and one kernel shape per step length,
+    which tinygrad's kernel cache needs), so a step costs up to min(S * k, n_expert)
+    experts."""
+
+    def __init__(self, shard: ShardSpec, i: int) -> None:
+        cfg = shard.config
+        p = f"blk.{i}."
+        self.k = cfg.n_experts_used
+        self.router = Tensor(
+            np.ascontiguousarray(shard.tensor(p + "ffn_gate_inp.weight").dequantize().T)
+        ).realize()
+        gate = shard.tensor(p + "ffn_gate_exps.weight").dequantize()
+        up = shard.tensor(p + "ffn_up_exps.weight").dequantize()
+        down = shard.tensor(p + "ffn_down_exps.weight").dequantize()
+        self.wgu = [
+            Tensor(np.ascontiguousarray(np.concatenate([g, u]).T)).realize()
+            for g, u in zip(gate, up, strict=True)
+        ]
+        self.wd = [Tensor(np.ascontiguousarray(d.T)).realize() for d in down]
+        self.ff = gate.shape[1]
+
+    def __call__(self, h: Any) -> Any:
+        probs = h.matmul(self.router).softmax(-1).numpy()  # [S, n_expert]
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, : self.k]
+        w = np.take_along_axis(probs, top, axis=-1)
+        w = w / np.maximum(w.sum(-1, keepdims=True), np.float32(6.103515625e-5))
+        dense = np.zeros_like(probs)
+        np.put_along_axis(dense, top, w, axis=-1)
+        out: Any = None
+        for e in sorted({int(x) for x in top.reshape(-1)}):
+            gate, up = h.matmul(self.wgu[e]).split([self.ff, self.ff], dim=-1)
+            f = (gate.silu() * up).matmul(self.wd[e]) * Tensor(
+                np.ascontiguousarray(dense[:, e : e + 1])
+            )
+            out = f if out is None else out + f
+        return out
 
 
 class TinygradRuntime(Runtime):
@@ -169,16 +220,23 @@ class TinygradRuntime(Runtime):
             pad = ((0, 0), (0, mask.shape[1] - kn.shape[1]), (0, 0))
             k, v = Tensor(np.pad(kn, pad)), Tensor(np.pad(vn, pad))
             qh = q.reshape(n, hk, g, hd).permute(1, 2, 0, 3)  # [hk, g, S, hd]
-            scores = qh.matmul(k.unsqueeze(1).transpose(-1, -2)) + mask
+            scores = qh.matmul(k.unsqueeze(1).transpose(-1, -2))
+            if cfg.attn_logit_softcap:  # gemma2
+                cap = cfg.attn_logit_softcap
+                scores = (scores / cap).tanh() * cap
+            scores = scores + mask
             att = scores.softmax(-1).matmul(v.unsqueeze(1))  # [hk, g, S, hd]
             o = att.permute(2, 0, 1, 3).reshape(n, hq * hd).matmul(L.wo)
             if L.post_attn is not None:
                 o = self._norm(o, L.post_attn)
             x = x + o
             h = self._norm(x, L.ffn_norm)
-            gate, up = h.matmul(L.wgu).split([cfg.d_ff, cfg.d_ff], dim=-1)
-            act = gate.gelu() if cfg.spec.ffn_act == "gelu_tanh" else gate.silu()
-            f = (act * up).matmul(L.wd)
+            if L.moe is not None:
+                f = L.moe(h)
+            else:
+                gate, up = h.matmul(L.wgu).split([cfg.d_ff, cfg.d_ff], dim=-1)
+                act = gate.gelu() if cfg.spec.ffn_act == "gelu_tanh" else gate.silu()
+                f = (act * up).matmul(L.wd)
             if L.post_ffw is not None:
                 f = self._norm(f, L.post_ffw)
             x = (x + f).realize()

@@ -17,7 +17,8 @@ from runtimes.gguf_io import open_gguf  # noqa: E402
 from runtimes.quant import dequantize_nbits, to_nbits  # noqa: E402
 from runtimes.testmodels import DEFAULT_SPECS, write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+# DEFAULT_SPECS names: the architectures, and llama3 (the llama arch with rope_freqs)
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe", "llama3"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_config_from_generated_model(models: dict[str, Path], arch: str) -> None
     m = open_gguf(models[arch])
     c = m.config
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == (
-        arch,
+        spec.arch,
         spec.n_layers,
         spec.d_model,
         spec.n_heads,
@@ -54,6 +55,8 @@ def test_config_from_generated_model(models: dict[str, Path], arch: str) -> None
         assert c.swa_layers == (True,) * 5 + (False,)
         assert c.sliding_window == spec.sliding_window
         assert c.embed_scale == pytest.approx(16.0)
+    elif arch == "gemma2":
+        assert c.swa_layers == (True, False) * 2  # llama.cpp's pattern of 2
     else:
         assert not any(c.swa_layers)
 

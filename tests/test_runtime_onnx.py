@@ -22,7 +22,7 @@ from runtimes.oracle import Chain, compare_chain  # noqa: E402
 from runtimes.shards import ShardSpec, ShardStore  # noqa: E402
 from runtimes.testmodels import write_test_model  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "gemma3"]
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe", "llama3"]
 REL_BOUND = 0.04
 PROMPT = [1, 5, 9, 40, 77, 100, 3, 8, 200, 7, 7, 7, 12, 30]
 

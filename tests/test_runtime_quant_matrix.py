@@ -8,6 +8,11 @@ Measured: 0.3-3.6% (F16/BF16 0.02-0.2%), all of it how each side rounds activati
 (llama.cpp per 256 values for K-quant and IQ matrices, onnxruntime per 16 or 32); the types
 with per-block mins are the 2-3.6% ones, 0.7-2.1% with GraphOptions.round_block_sums. Over
 seeds 0-2 of the generator (207 models) one decided position disagreed (see KNOWN).
+
+The rows for qwen3, gemma2, phi3, qwen3moe (all experts used, see SPEC_CHANGES) and llama3
+(the llama arch with rope_freqs) measure 0.03-3.3% at seed 0 where they pass, again mostly
+activation rounding; KNOWN lists the four that break the rule (qwen3, phi3 and qwen3moe on
+Q4_K, llama3 on IQ4_XS), each measured against float32 activations too.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from runtimes.testmodels import uniform_spec, write_test_model  # noqa: E402
 from tests.test_runtime_onnx import PROMPT, REL_BOUND  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-ARCHS = ["llama", "qwen2", "gemma3"]
+# model names of testmodels.DEFAULT_SPECS: the archs, and llama3 (llama with rope_freqs)
+ARCHS = ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe", "llama3"]
 TYPES = sorted((q for q in SUPPORTED_TYPES if q != Q.F32), key=lambda q: q.name)
 DECODE_STEPS = 8
 # One thread each: on these tiny models two threads mostly wait on each other (llama.cpp's
@@ -48,7 +54,29 @@ KNOWN = {
     # other way by 0.10 with int8 activations and by 0.05 with float32 ones, so the flip is
     # llama.cpp's rounding (IQ4_XS dot products take activations in int8 per 256 values).
     ("qwen2", Q.IQ4_XS): "llama.cpp margin 0.251 at a position onnx's float32 path also flips",
+    # Position 7: llama.cpp's margin 0.285; onnx ranks the pair -0.012 with int8 activations,
+    # +0.123 with float32 ones: the same IQ4_XS rounding as qwen2's.
+    ("llama3", Q.IQ4_XS): "llama.cpp margin 0.285, onnx -0.012 (int8) / +0.123 (float32)",
+    # Q4_K's generated blocks have uncentred random mins (testmodels._random_k_quant), the
+    # case where rounding activations to int8 costs most (see GraphOptions.round_block_sums):
+    # float32 activations (accuracy_level=0) measure 2.03% and 0.67%, rounded block sums
+    # 1.80% and 0.84%, with every decided position agreeing.
+    ("qwen3", Q.Q4_K): "4.12% of the range with int8 activations (0-level: 2.03%)",
+    ("phi3", Q.Q4_K): "position 5 flips (llama.cpp margin 1.160, onnx -0.081; float32 1.175)",
+    # With every expert used there is no routing left to flip (below): what remains is the
+    # Q4_K rounding above, two decided positions flip (3.30%).
+    ("qwen3moe", Q.Q4_K): "Q4_K's int8-activation rounding, as qwen3/phi3 (3.30%, 2 flips)",
 }
+# Changes to a model's DEFAULT_SPECS entry for its rows. Qwen 3 MoE's rows use all 4 experts
+# per token: the router's softmax weights still scale every expert, but no top-k choice is
+# left to flip. With top-2 of 4 (the default spec, which test_runtime_onnx runs) 7 of the 24
+# types disagree, each where a router near-tie (2nd/3rd expert probabilities 0.001-0.013
+# apart) goes the other way under the activation rounding of one side (measured: onnx's own
+# choice changes between float32 and int8 activations at exactly the worst positions of
+# Q3_K, Q4_1 and Q8_0; IQ2_S, IQ2_XS and IQ3_S flip on llama.cpp's side, whose IQ dot
+# products round activations per 256 values). Routing is discontinuous; the expert math is
+# what these rows check type by type.
+SPEC_CHANGES: dict[str, dict[str, object]] = {"qwen3moe": {"n_experts_used": 4}}
 
 
 def _oracle(path: Path, threads: int = THREADS) -> LlamaCppRuntime:
@@ -70,7 +98,8 @@ def _cases() -> list[object]:
 
 @pytest.mark.parametrize(("arch", "qtype"), _cases())
 def test_onnx_agrees_with_llama_cpp(tmp_path: Path, arch: str, qtype: object) -> None:
-    path = write_test_model(tmp_path / "m.gguf", uniform_spec(arch, qtype))  # type: ignore[arg-type]
+    spec = uniform_spec(arch, qtype, **SPEC_CHANGES.get(arch, {}))  # type: ignore[arg-type]
+    path = write_test_model(tmp_path / "m.gguf", spec)
     store = ShardStore(tmp_path / "store")
     manifest = store.add_model(path)
     n = len(manifest.units)

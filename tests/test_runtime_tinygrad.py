@@ -29,7 +29,9 @@ REL_BOUND = 0.04
 PROMPT = [1, 5, 9, 40, 77, 100, 3, 8, 200, 7, 7, 7, 12, 30]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "gemma3", "qwen3", "gemma2", "phi3", "qwen3moe", "llama3"]
+)
 def test_two_shards_agree_with_llama_cpp(tmp_path: Path, arch: str) -> None:
     p = write_test_model(tmp_path / f"{arch}.gguf", arch)
     n = ShardSpec.open(p).config.n_units
