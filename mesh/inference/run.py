@@ -21,6 +21,7 @@ The node's :class:`~mesh.inference.coordinator.Coordinator` starts each generati
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -98,6 +99,23 @@ class GenerationRun:
         self.generated: list[int] = []
         self.text = ""
         self.pending = b""  # a trailing partial UTF-8 sequence, held back
+        self.started = time.time()
+
+    def progress(self) -> dict[str, Any] | None:
+        """Where the run is (the topology page draws its route): None before it is planned."""
+        p = self.parts
+        if p is None:
+            return None
+        n_layers = p.manifest.n_layers
+        return {
+            "model_id": p.mid,
+            "model": self.req.model,
+            "n_layers": n_layers,
+            "stages": [s.as_dict(n_layers) for s in p.route.stages],
+            "tokens": len(self.generated),
+            "tokens_per_s": self.stats.timings()["tokens_per_s"],
+            "started": round(self.started, 3),
+        }
 
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         self.stats = RunStats()

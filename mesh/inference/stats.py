@@ -4,6 +4,7 @@ and hops, the decode rate, and the summary the client gets at the end."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from mesh.net.rpc import Reply
 
-__all__ = ["RunStats"]
+__all__ = ["RunStats", "Rate"]
 
 
 @dataclass
@@ -58,3 +59,20 @@ class RunStats:
 
     def total_s(self) -> float:
         return round(time.perf_counter() - self.t_start, 3)
+
+
+class Rate:
+    """Events per second over the last ``window`` seconds (a stage's tokens, for the page)."""
+
+    def __init__(self, window: float = 5.0, cap: int = 4096) -> None:
+        self.window = window
+        self._events: deque[tuple[float, int]] = deque(maxlen=cap)
+
+    def add(self, n: int, now: float | None = None) -> None:
+        self._events.append((time.monotonic() if now is None else now, n))
+
+    def per_s(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._events and self._events[0][0] < now - self.window:
+            self._events.popleft()
+        return round(sum(n for _, n in self._events) / self.window, 2)
