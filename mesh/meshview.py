@@ -30,6 +30,7 @@ MAX_ITEMS = 32  # shards, stages, recent generations of one member
 MAX_GENERATIONS = 8  # running generations one member reports
 MAX_TEXT = 64
 MAX_ADDRESSES = 8
+MAX_SERIES = 120  # seconds of a rate's history
 _PEER_ID = re.compile(r"^[A-Za-z0-9]{16,64}$")
 
 Summary = dict[str, Any]
@@ -97,6 +98,7 @@ def _generation(v: dict[str, Any]) -> dict[str, Any] | None:
         "stages": stages,
         "tokens": _count(v.get("tokens")) or 0,
         "tokens_per_s": _rate(v.get("tokens_per_s")) or 0.0,
+        "rate_history": _series(v.get("rate_history")),
     }
 
 
@@ -107,6 +109,13 @@ def _recent(v: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": _rate(v.get("tokens_per_s")) or 0.0,
         "ended": _rate(v.get("ended")),
     }
+
+
+def _series(v: Any) -> list[int]:
+    """Counts per second (a rate's history), oldest first."""
+    if not isinstance(v, list):
+        return []
+    return [x if type(x) is int and 0 <= x < 1 << 32 else 0 for x in v[-MAX_SERIES:]]
 
 
 def _link(v: dict[str, Any]) -> dict[str, Any] | None:
@@ -137,6 +146,7 @@ def parse_summary(peer_id: str, obj: Any) -> Summary | None:
         "shards": [s for s in shards if s is not None],
         "running": [s for s in running if s is not None],
         "tokens_per_s": _rate(obj.get("tokens_per_s")) or 0.0,
+        "rate_history": _series(obj.get("rate_history")),
         "generations": [g for g in gens if g is not None],
         "recent": [_recent(r) for r in _list(obj.get("recent"), MAX_ITEMS)],
         "links": [x for x in links if x is not None and x["peer_id"] != peer_id],
@@ -156,6 +166,7 @@ def own_summary(
         **{k: compute.get(k) for k in ("memory_used", "memory_limit", "sessions", "shards")},
         "running": compute.get("running"),
         "tokens_per_s": compute.get("tokens_per_s"),
+        "rate_history": compute.get("rate_history"),
         "generations": coordinator.get("generations"),
         "recent": coordinator.get("recent"),
     }

@@ -35,14 +35,12 @@ from mesh.errors import Error
 __all__ = ["TOKEN_FILE", "ApiGuard", "is_loopback", "node_token"]
 
 TOKEN_FILE = "api.token"
+# The page and its assets hold no data: served without the token wherever the API listens.
+PAGE = frozenset({"/", "/web/topology.js", "/web/topology.css", "/web/chat.js"})
 # Readable without the token on a loopback bind with a generated token: the topology page and
 # the status it polls. Nothing here reads local files, starts work or changes state
 # (/v1/mesh asks the linked peers' node.info at most once per few seconds, however polled).
-OPEN_READS = frozenset(
-    {"/", "/web/topology.js", "/web/topology.css", "/v1/info", "/v1/peers", "/v1/mesh"}
-)
-# The page and its assets hold no data: served without the token wherever the API listens.
-PAGE = frozenset({"/", "/web/topology.js", "/web/topology.css"})
+OPEN_READS = PAGE | {"/v1/info", "/v1/peers", "/v1/mesh"}
 UPLOADS = frozenset({"/v1/objects"})  # raw bytes, not JSON
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

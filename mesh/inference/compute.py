@@ -79,4 +79,5 @@ class ComputeService(AuditedStages):
                 for st in list(self.sessions.values())[:MAX_LISTED]
             ],
             "tokens_per_s": self.throughput.per_s(),
+            "rate_history": self.throughput.history(),  # rows in each of the last 60 s
         }

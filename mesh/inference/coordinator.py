@@ -244,4 +244,6 @@ class Coordinator:
             done = run.progress()
             if done is not None:
                 done["ended"] = round(time.time(), 3)
-                self.recent.append({k: v for k, v in done.items() if k != "stages"})
+                self.recent.append(
+                    {k: v for k, v in done.items() if k not in ("stages", "rate_history")}
+                )

@@ -113,7 +113,8 @@ class GenerationRun:
             "n_layers": n_layers,
             "stages": [s.as_dict(n_layers) for s in p.route.stages],
             "tokens": len(self.generated),
-            "tokens_per_s": self.stats.timings()["tokens_per_s"],
+            "tokens_per_s": self.stats.recent_rate(),
+            "rate_history": self.stats.rate.history(),  # tokens in each of the last 60 s
             "started": round(self.started, 3),
         }
 
