@@ -128,7 +128,8 @@ def parse_summary(peer_id: str, obj: Any) -> Summary | None:
     when it is not an object. ``peer_id`` is the one its link proved."""
     if not isinstance(obj, dict):
         return None
-    addresses = obj.get("addresses")
+    addresses, models = obj.get("addresses"), obj.get("models")
+    models = models if isinstance(models, list) else []
     addresses = addresses[:MAX_ADDRESSES] if isinstance(addresses, list) else []
     shards = [_shard(s, False) for s in _list(obj.get("shards"), MAX_ITEMS)]
     running = [_shard(s, True) for s in _list(obj.get("running"), MAX_ITEMS)]
@@ -143,6 +144,7 @@ def parse_summary(peer_id: str, obj: Any) -> Summary | None:
         "memory_used": _count(obj.get("memory_used")),
         "memory_limit": _count(obj.get("memory_limit")),
         "sessions": _count(obj.get("sessions")) or 0,
+        "models": [_text(m) for m in models[:MAX_ITEMS] if isinstance(m, str)],
         "shards": [s for s in shards if s is not None],
         "running": [s for s in running if s is not None],
         "tokens_per_s": _rate(obj.get("tokens_per_s")) or 0.0,
@@ -164,6 +166,7 @@ def own_summary(
     raw = {
         **node,
         **{k: compute.get(k) for k in ("memory_used", "memory_limit", "sessions", "shards")},
+        "models": compute.get("models"),  # the names it knows
         "running": compute.get("running"),
         "tokens_per_s": compute.get("tokens_per_s"),
         "rate_history": compute.get("rate_history"),

@@ -38,6 +38,8 @@ def test_a_hostile_answer_keeps_only_typed_bounded_fields() -> None:
             {"n_layers": 4, "stages": [{"peer_id": "bad id!", "units": [0, 3], "layers": [0, 2]}]},
         ],
         "links": [{"peer_id": A, "rtt_ms": 1e99}, {"peer_id": B, "rtt_ms": 2}] * 100,
+        "models": [1, "m" * 100, None],
+        "rate_history": [1, -1, "x", 2.5, 3] * 100,
         "extra": "dropped",
     }
     got = parse_summary(B, evil)
@@ -52,6 +54,8 @@ def test_a_hostile_answer_keeps_only_typed_bounded_fields() -> None:
     # its link to itself is dropped, the absurd RTT is none, at most MAX_LINKS are read
     assert {x["peer_id"] for x in got["links"]} == {A}
     assert len(got["links"]) == MAX_LINKS // 2 and got["links"][0]["rtt_ms"] is None
+    assert got["models"] == ["m" * 64]
+    assert got["rate_history"] == [1, 0, 0, 0, 3] * 24  # the last 120 s, bad counts as 0
     assert "extra" not in got
     assert parse_summary(B, ["not", "an", "object"]) is None
 
@@ -64,6 +68,8 @@ def test_own_summary_has_the_parsed_shape() -> None:
         "shards": [{"model_id": "m", "model": "tiny", "units": [0, 2], "runtime": "onnx"}],
         "running": [{"model_id": "m", "model": "tiny", "units": [0, 2], "owner": A}],
         "tokens_per_s": 3.5,
+        "models": ["tiny"],
+        "rate_history": [0, 4, 5],
     }
     coord = {"generations": [], "recent": [{"model": "tiny", "tokens": 4, "tokens_per_s": 2}]}
     node = {"name": "me", "zone": "z", "addresses": ["127.0.0.1:1"], "hw": None, "links": []}
@@ -71,6 +77,19 @@ def test_own_summary_has_the_parsed_shape() -> None:
     assert mine == parse_summary(A, mine)
     assert mine["shards"] == [{"model_id": "m", "model": "tiny", "units": [0, 2]}]
     assert mine["recent"][0]["tokens_per_s"] == 2.0
+    assert mine["models"] == ["tiny"] and mine["rate_history"] == [0, 4, 5]
+
+
+def test_a_rate_counts_whole_seconds() -> None:
+    from mesh.inference.stats import Rate
+
+    rate = Rate(window=5.0, keep=4)
+    for t, n in ((100.2, 1), (101.5, 2), (101.9, 3), (103.1, 7), (104.0, 9)):
+        rate.add(n, now=t)
+    # seconds 100..103 are whole at 104.5; the current one (104) is not counted yet
+    assert rate.history(now=104.5) == [1, 5, 0, 7]
+    assert rate.per_s(now=104.5) == round((1 + 5 + 7 + 9) / 5.0, 2)
+    assert rate.history(now=200.0) == [0, 0, 0, 0] and rate.per_s(now=200.0) == 0.0
 
 
 async def test_the_view_joins_links_and_caches() -> None:

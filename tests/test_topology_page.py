@@ -393,3 +393,94 @@ async def test_page_renders_shards_zone_and_rates_from_untrusted_fields(tmp_path
     members = {p["data-peer-id"]: p for p in dom.find("polyline", "member")}
     assert set(members) == {"self0", "p1", "p2"} and members["p1"]["data-samples"] == "3"
     assert polls[0] >= 2
+
+
+CHAT = """(async () => {
+  const $ = (id) => document.getElementById(id);
+  const out = $("chat-out");
+  const ask = async (token) => {
+    $("chat-token").value = token;
+    $("chat-token").dispatchEvent(new Event("change"));
+    $("chat-prompt").value = "hello";
+    out.setAttribute("data-state", "idle");
+    $("chat-send").click();
+    for (let i = 0; i < 1200; i++) {
+      const state = out.getAttribute("data-state");
+      if (state === "done" || state === "error") {
+        return { state, text: out.textContent, chunks: out.getAttribute("data-chunks") };
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return { state: "timeout", text: out.textContent };
+  };
+  for (let i = 0; i < 200 && !$("chat-model").value; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));  // the first poll names the model
+  }
+  const none = await ask("");
+  const wrong = await ask("x".repeat(43));
+  const right = await ask(TOKEN);
+  return { none, wrong, right, model: $("chat-model").value,
+           kept: sessionStorage.getItem("edgemesh.api_token") === TOKEN };
+})()"""
+
+
+async def _devtools(proc: asyncio.subprocess.Process) -> str:
+    """The DevTools address Chromium prints on stderr when it starts."""
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode(errors="replace")
+        assert line, "chromium exited before it listened for DevTools"
+        if "DevTools listening on ws://" in line:
+            return line.split("ws://", 1)[1].split("/", 1)[0]
+
+
+async def _evaluate(ws: aiohttp.ClientWebSocketResponse, expression: str) -> object:
+    """Run ``expression`` in the page (awaiting a promise) and return its value."""
+    params = {"expression": expression, "awaitPromise": True, "returnByValue": True}
+    await ws.send_json({"id": 1, "method": "Runtime.evaluate", "params": params})
+    while True:
+        msg = await asyncio.wait_for(ws.receive_json(), 120)
+        if msg.get("id") == 1:
+            assert "exceptionDetails" not in msg["result"], msg
+            return msg["result"]["result"].get("value")
+
+
+async def test_chat_box_streams_from_the_node_with_the_pasted_token(
+    local_mesh, long_model, tmp_path
+):
+    """A real browser types into the chat box (over the DevTools protocol): without the token
+    and with a wrong one it says so; with the node's token the reply streams in."""
+    chromium_path()
+    node = await local_mesh.start_node("solo", ["--no-mdns"])
+    await local_mesh.post(node, "/v1/models", {"path": str(long_model), "name": "tiny"})
+    proc = await asyncio.create_subprocess_exec(
+        chromium_path(),
+        *FLAGS,
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--remote-debugging-port=0",
+        node.api + "/",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        address = await _devtools(proc)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{address}/json/list") as resp:
+                pages = [t for t in await resp.json() if t["type"] == "page"]
+            async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ready = "document.readyState === 'complete' && !!document.getElementById('chat')"
+                await wait_for(lambda: _evaluate(ws, ready), 30, "the page to load", 0.2)
+                got = await _evaluate(ws, CHAT.replace("TOKEN", json.dumps(node.token)))
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert isinstance(got, dict), got
+    assert got["model"] == "tiny"  # named by the page from what the mesh holds
+    assert got["none"]["state"] == "error" and "paste the API token" in got["none"]["text"]
+    assert got["wrong"] == {
+        "state": "error",
+        "text": "the API token is not this node's",
+        "chunks": None,
+    }
+    assert got["right"]["state"] == "done", got["right"]
+    assert int(got["right"]["chunks"]) >= 1 and got["kept"]

@@ -24,9 +24,12 @@ function chatSetup() {
     if (!token.value.trim()) { show("error", "paste the API token (api.token in the node's data dir)"); return; }
     send.disabled = true;
     show("streaming", "");
+    let chunks = 0;
     try {
       await stream(token.value.trim(), model.value.trim(), prompt.value, (piece) => {
         out.textContent += piece;
+        chunks += 1;
+        out.setAttribute("data-chunks", String(chunks));
       });
       out.setAttribute("data-state", "done");
     } catch (err) {

@@ -329,9 +329,10 @@ function draw(info, peers, mesh, now) {
   drawRate(gens, all, colorOf);
   drawTable(all, me, now, names);
   const model = document.getElementById("chat-model");
-  if (model && !model.value) {
-    const held = all.flatMap((m) => list(m.shards)).map((s) => str(s.model)).find(Boolean);
-    model.value = gens.length ? str(gens[0].model) : held || "";
+  if (model && !model.value) { // a running model, else one this node has a name for
+    const mine = all.find((m) => m.id === me);
+    const known = mine && Array.isArray(mine.models) ? mine.models.map(str).find(Boolean) : "";
+    model.value = (gens.length ? str(gens[0].model) : "") || known || "";
   }
   return all;
 }
