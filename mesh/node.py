@@ -95,7 +95,8 @@ def local_addresses() -> list[str]:
 
 
 class CoreService:
-    """RPCs every node serves: liveness, echo and sink for transport benchmarks."""
+    """RPCs every node serves: its summary for members' topology pages (``info``), echo and
+    sink for transport benchmarks."""
 
     name = "node"  # RPC namespace: peers call "node.<method>"
 
