@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -467,20 +468,15 @@ async def _evaluate(ws: aiohttp.ClientWebSocketResponse, expression: str) -> obj
             return msg["result"]["result"].get("value")
 
 
-async def test_chat_box_streams_from_the_node_with_the_pasted_token(
-    local_mesh, long_model, tmp_path
-):
-    """A real browser types into the chat box (over the DevTools protocol): without the token
-    and with a wrong one it says so; with the node's token the reply streams in."""
-    chromium_path()
-    node = await local_mesh.start_node("solo", ["--no-mdns"])
-    await local_mesh.post(node, "/v1/models", {"path": str(long_model), "name": "tiny"})
+@contextlib.asynccontextmanager
+async def devtools(url: str, profile: Path) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """The page at ``url`` in headless Chromium, driven over the DevTools protocol."""
     proc = await asyncio.create_subprocess_exec(
         chromium_path(),
         *FLAGS,
-        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--user-data-dir={profile}",
         "--remote-debugging-port=0",
-        node.api + "/",
+        url,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -492,10 +488,22 @@ async def test_chat_box_streams_from_the_node_with_the_pasted_token(
             async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                 ready = "document.readyState === 'complete' && !!document.getElementById('chat')"
                 await wait_for(lambda: _evaluate(ws, ready), 30, "the page to load", 0.2)
-                got = await _evaluate(ws, CHAT.replace("TOKEN", json.dumps(node.token)))
+                yield ws
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_chat_box_streams_from_the_node_with_the_pasted_token(
+    local_mesh, long_model, tmp_path
+):
+    """A real browser types into the chat box (over the DevTools protocol): without the token
+    and with a wrong one it says so; with the node's token the reply streams in."""
+    chromium_path()
+    node = await local_mesh.start_node("solo", ["--no-mdns"])
+    await local_mesh.post(node, "/v1/models", {"path": str(long_model), "name": "tiny"})
+    async with devtools(node.api + "/", tmp_path / "chromium") as ws:
+        got = await _evaluate(ws, CHAT.replace("TOKEN", json.dumps(node.token)))
     assert isinstance(got, dict), got
     assert got["model"] == "tiny"  # named by the page from what the mesh holds
     assert got["none"]["state"] == "error" and "paste the API token" in got["none"]["text"]
@@ -506,3 +514,30 @@ async def test_chat_box_streams_from_the_node_with_the_pasted_token(
     }
     assert got["right"]["state"] == "done", got["right"]
     assert int(got["right"]["chunks"]) >= 1 and got["kept"]
+
+
+async def test_a_locked_node_shows_its_page_once_the_token_is_pasted(local_mesh, tmp_path):
+    """With EDGEMESH_API_TOKEN set even the status reads need the token: the page says so,
+    and draws once the user pastes it."""
+    chromium_path()
+    local_mesh.env = {"EDGEMESH_API_TOKEN": "operator-token"}
+    node = await local_mesh.start_node("locked", ["--no-mdns"])
+    status = (
+        "[document.body.getAttribute('data-status'), document.getElementById('status').textContent]"
+    )
+    async with devtools(node.api + "/", tmp_path / "chromium") as ws:
+
+        async def shown(want: str) -> object:
+            got = await _evaluate(ws, status)
+            return got if isinstance(got, list) and got[0] == want else None
+
+        refused = await wait_for(lambda: shown("error"), 30, "the page to fail", 0.2)
+        assert "needs the node's API token" in str(refused[1])
+        paste = (
+            "(() => { const t = document.getElementById('chat-token'); t.value = 'operator-token';"
+            " t.dispatchEvent(new Event('change')); })()"
+        )
+        await _evaluate(ws, paste)
+        await wait_for(lambda: shown("ok"), 30, "the page to draw", 0.2)
+        drawn = await _evaluate(ws, "document.querySelectorAll('tr.peer-row').length")
+    assert drawn == 1

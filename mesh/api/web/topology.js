@@ -221,7 +221,7 @@ function drawGraph(all, me, mesh, gens, colorOf) {
   const more = all.length - drawn.length;
   if (more > 0) nodes.push(svg("text", { x: 590, y: 360 }, `+${more} more`));
   graph.replaceChildren(...edges, ...labels, ...nodes, ...bands);
-  const ys = drawn.map((m) => at.get(m.id)[1]);
+  const ys = drawn.length ? drawn.map((m) => at.get(m.id)[1]) : [190];
   const top = Math.min(...ys) - 35;
   graph.setAttribute("viewBox", `0 ${top} 640 ${Math.max(...ys) + 60 - top}`);
   document.body.setAttribute("data-drawn", String(drawn.length));
@@ -304,8 +304,19 @@ function setStatus(status, text) {
   document.getElementById("status").textContent = text;
 }
 
+// The token the user pasted (chat.js keeps it for this tab): a node whose operator set
+// EDGEMESH_API_TOKEN opens even its status reads only to it. Without one, none is sent.
+function pastedToken() {
+  try { return sessionStorage.getItem("edgemesh.api_token") || ""; } catch { return ""; }
+}
+
 async function getJSON(path) {
-  const resp = await fetch(path, { cache: "no-store" });
+  const token = pastedToken();
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const resp = await fetch(path, { cache: "no-store", headers });
+  if (resp.status === 401) {
+    throw new Error(`${path} needs the node's API token: paste it in the chat box's token field`);
+  }
   if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
   return resp.json();
 }
