@@ -181,7 +181,7 @@ async def test_topology_page_draws_the_mesh_and_a_running_route(local_mesh, long
 
 async def _mesh_ready(mesh, a, ids: set[str]) -> dict | None:
     """/v1/mesh once every member reports its hardware, runs a stage of the generation and
-    has a rate, and the route covers all three."""
+    has a rate, the route covers all three and its rate's history has a second counted."""
     view = await mesh.get(a, "/v1/mesh")
     members = {m["peer_id"]: m for m in view["members"]}
     gens = view["generations"]
@@ -193,6 +193,7 @@ async def _mesh_ready(mesh, a, ids: set[str]) -> dict | None:
         and len(gens) == 1
         and {s["peer_id"] for s in gens[0]["stages"]} == ids
         and len(view["links"]) == 3
+        and sum(gens[0]["rate_history"]) > 0  # a whole second of it counted
     )
     return view if ok else None
 
