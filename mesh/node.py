@@ -31,6 +31,7 @@ from mesh.inference.compute import ComputeConfig, ComputeService
 from mesh.inference.coordinator import Coordinator
 from mesh.jobs.service import JobService
 from mesh.local import DataDirLock
+from mesh.meshview import MeshView, own_summary
 from mesh.net.connections import ConnectionParams, Connections
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
@@ -96,7 +97,8 @@ def local_addresses() -> list[str]:
 
 
 class CoreService:
-    """RPCs every node serves: liveness, echo and sink for transport benchmarks."""
+    """RPCs every node serves: its summary for members' topology pages (``info``), echo and
+    sink for transport benchmarks."""
 
     name = "node"  # RPC namespace: peers call "node.<method>"
 
@@ -109,7 +111,8 @@ class CoreService:
     async def rpc_info(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
     ) -> dict[str, Any]:
-        return {"peer_id": self._node.identity.peer_id, "name": self._node.config.name}
+        """This node's summary for a member's topology page (mesh/meshview.py)."""
+        return self._node.summary()
 
     async def rpc_echo(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         return Reply({"n": len(payload)}, payload)
@@ -169,6 +172,7 @@ class Node:
             gate=self.policy,
         )
         self.peers = self.conns.peers
+        self.meshview = MeshView(self.summary, self.connected_peer_ids, self._ask_info)
         self._bans_file = Path(config.data_dir) / "banned.json"
         self._load_bans()
         self.signaling: SignalingServer | None = None
@@ -522,6 +526,27 @@ class Node:
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},
         }
+
+    def summary(self) -> dict[str, Any]:
+        """What this node runs and links to: its ``node.info`` answer and its part of
+        ``/v1/mesh``."""
+        listed = [e.as_dict() for e in self.peers.listed() if e.connected]
+        links = [{"peer_id": d["peer_id"], "rtt_ms": d["rtt_ms"]} for d in listed]
+        part = {
+            "name": self.config.name,
+            "zone": self.objects.config.zone,
+            "addresses": self._signaling_endpoints(),
+            "hw": self.hw_summary,
+            "links": links,
+        }
+        return own_summary(self.me, part, self.compute.status(), self.coordinator.status())
+
+    async def _ask_info(self, peer_id: str) -> Any:
+        return (await self.call(peer_id, "node.info", timeout=5)).result
+
+    async def mesh_view(self) -> dict[str, Any]:
+        """Every member's summary and the links each reports (``GET /v1/mesh``)."""
+        return await self.meshview.view()
 
     def _owner_routes(self) -> list[Any]:
         """The mesh owner's node redeems invites on its signaling port."""

@@ -40,8 +40,9 @@ async def test_token_required_when_set(local_mesh):
     local_mesh.env = {"EDGEMESH_API_TOKEN": "s3cret-token"}
     node = await local_mesh.start_node("t", ["--no-mdns"])
     async with aiohttp.ClientSession() as http:
-        async with http.get(node.api + "/v1/peers") as resp:
-            assert resp.status == 401
+        for path in ("/v1/peers", "/v1/mesh", "/v1/info"):
+            async with http.get(node.api + path) as resp:
+                assert resp.status == 401, path
         headers = {"Authorization": "Bearer wrong"}
         async with http.get(node.api + "/v1/peers", headers=headers) as resp:
             assert resp.status == 401
@@ -102,10 +103,10 @@ async def test_rebinding_host_and_foreign_origin_are_refused(local_mesh):
     node = await local_mesh.start_node("victim", ["--no-mdns"])
     port = _port(node)
     async with aiohttp.ClientSession() as http:
-        for path in ("/v1/info", "/v1/peers", "/", "/v1/storage"):
+        for path in ("/v1/info", "/v1/peers", "/v1/mesh", "/", "/v1/storage"):
             rebound = {"Host": f"attacker.example:{port}", **node.auth_headers()}
             assert await _status(http, "GET", node.api + path, headers=rebound) == 403, path
-        for path in ("/v1/info", "/v1/peers"):
+        for path in ("/v1/info", "/v1/peers", "/v1/mesh"):
             foreign = {"Origin": EVIL_ORIGIN}
             assert await _status(http, "GET", node.api + path, headers=foreign) == 403, path
             assert await _status(http, "GET", node.api + path, headers={"Origin": "null"}) == 403
@@ -129,6 +130,7 @@ async def test_no_token_no_mutation_on_loopback(local_mesh):
             ("POST", "/v1/models"),
             ("POST", "/v1/generate"),
             ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
             ("POST", "/v1/objects/" + "0" * 64 + "/pin"),
             ("DELETE", "/v1/objects/" + "0" * 64 + "/pin"),
             ("GET", "/v1/objects/" + "0" * 64),  # fetches from peers, reads the store
@@ -140,7 +142,7 @@ async def test_no_token_no_mutation_on_loopback(local_mesh):
             wrong = {"Authorization": "Bearer " + "x" * 43}
             assert await _status(http, method, node.api + path, json={}, headers=wrong) == 401
         # status reads for the topology page stay open on loopback (after the Host check)
-        for path in ("/v1/info", "/v1/peers", "/", "/web/topology.js"):
+        for path in ("/v1/info", "/v1/peers", "/v1/mesh", "/", "/web/topology.js"):
             assert await _status(http, "GET", node.api + path) == 200, path
         status = await _status(http, "GET", node.api + "/v1/storage", headers=node.auth_headers())
         assert status == 200

@@ -7,8 +7,9 @@ rebound to 127.0.0.1 can also read the answers, and any program on the machine c
 - The node always has a token: the operator's (``EDGEMESH_API_TOKEN``) or one generated at every
   start and written to ``DATA_DIR/api.token``, created 0600 (never readable by others, even
   briefly). Everything needs ``Authorization: Bearer <token>`` except, on a loopback bind with a
-  generated token, the topology page and the two status reads it polls (``/v1/info``,
-  ``/v1/peers``): a browser never attaches that header by itself, so no page can use the token.
+  generated token, the topology page and the status reads it polls (``/v1/info``,
+  ``/v1/peers``, ``/v1/mesh``): a browser never attaches that header by itself, so no page can
+  use the token.
 - The Host header must name the node itself (127.0.0.1, localhost, [::1] or the configured API
   host, on the bound port): a rebound name is refused (403) before anything else runs.
 - An Origin header, when present, must be the node's own origin (403 otherwise).
@@ -34,11 +35,12 @@ from mesh.errors import Error
 __all__ = ["TOKEN_FILE", "ApiGuard", "is_loopback", "node_token"]
 
 TOKEN_FILE = "api.token"
-# Readable without the token on a loopback bind with a generated token: the topology page and
-# the status it polls. Nothing here reads local files, starts work or changes state.
-OPEN_READS = frozenset({"/", "/web/topology.js", "/web/topology.css", "/v1/info", "/v1/peers"})
 # The page and its assets hold no data: served without the token wherever the API listens.
-PAGE = frozenset({"/", "/web/topology.js", "/web/topology.css"})
+PAGE = frozenset({"/", "/web/topology.js", "/web/topology.css", "/web/chat.js"})
+# Readable without the token on a loopback bind with a generated token: the topology page and
+# the status it polls. Nothing here reads local files, starts work or changes state
+# (/v1/mesh asks the linked peers' node.info at most once per few seconds, however polled).
+OPEN_READS = PAGE | {"/v1/info", "/v1/peers", "/v1/mesh"}
 UPLOADS = frozenset({"/v1/objects"})  # raw bytes, not JSON
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -3,6 +3,8 @@
 ``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
 ``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
 ``GET /v1/info``    this node: id, name, endpoints, counters of refused input
+``GET /v1/mesh``    every member's summary (hardware, memory, shards, stages, tokens/s,
+                    generations and routes) and the links each reports (mesh/meshview.py)
 ``GET /v1/dht/peer/{id}``  a peer's verified DHT record
 ``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
 ``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
@@ -61,6 +63,7 @@ async def start_api(
     app[NODE_KEY] = node
     app.router.add_get("/v1/peers", _peers)
     app.router.add_get("/v1/info", _info)
+    app.router.add_get("/v1/mesh", _mesh)
     app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
     app.router.add_post("/v1/bench/rtt", _bench_rtt)
     add_routes(app, NODE_KEY)
@@ -108,6 +111,10 @@ async def _peers(request: web.Request) -> web.Response:
 
 async def _info(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].info())
+
+
+async def _mesh(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[NODE_KEY].mesh_view())
 
 
 async def _dht_peer(request: web.Request) -> web.Response:

@@ -41,6 +41,8 @@ __all__ = [
     "PREFILL_CHUNK",
 ]
 
+MAX_LISTED = 64  # stage sessions listed in the status
+
 
 class ComputeService(AuditedStages):
     """Models, shards, memory, stage sessions and their audits, as one RPC service."""
@@ -49,14 +51,33 @@ class ComputeService(AuditedStages):
 
     def status(self) -> dict[str, Any]:
         """Memory, sessions, loaded shards and models (``compute`` in ``/v1/info``)."""
+        named = {mid: name for name, mid in sorted(self.names.items())}
         return {
             "runtime": self.config.runtime,
             "memory_limit": self.config.memory_limit,
             "memory_used": self.memory_used(),
             "sessions": len(self.sessions),
             "shards": [
-                {"model_id": k[0], "units": [k[1], k[2]], "runtime": k[3], "sessions": v.sessions}
+                {
+                    "model_id": k[0],
+                    "model": named.get(k[0], ""),
+                    "units": [k[1], k[2]],
+                    "runtime": k[3],
+                    "sessions": v.sessions,
+                }
                 for k, v in self.loaded.items()
             ],
             "models": sorted(self.names),
+            # The stage sessions running here and the rows they ran lately (the page's view).
+            "running": [
+                {
+                    "model_id": st.key[0],
+                    "model": named.get(st.key[0], ""),
+                    "units": [st.key[1], st.key[2]],
+                    "owner": st.owner,
+                }
+                for st in list(self.sessions.values())[:MAX_LISTED]
+            ],
+            "tokens_per_s": self.throughput.per_s(),
+            "rate_history": self.throughput.history(),  # rows in each of the last 60 s
         }

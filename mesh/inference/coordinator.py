@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = ["Coordinator", "UnknownModel"]
 log = logging.getLogger(__name__)
 
 STRANGER_CHECKS = 0.25  # strangers' stage steps recomputed: a liar lasts 4 steps on average
+MAX_SHOWN = 16  # running generations listed in the status
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -45,7 +48,13 @@ class Coordinator:
     name = "coordinator"  # RPC namespace: peers call "coordinator.<method>"
 
     def status(self) -> dict[str, Any]:
-        return {"steps_awaited": len(self.waiting), "peers_measured": len(self.measured)}
+        running = [g for run in list(self.running.values()) if (g := run.progress())]
+        return {
+            "steps_awaited": len(self.waiting),
+            "peers_measured": len(self.measured),
+            "generations": running[:MAX_SHOWN],  # running now, each with its route
+            "recent": list(self.recent),  # finished: model, tokens, decode rate
+        }
 
     def __init__(
         self,
@@ -63,6 +72,8 @@ class Coordinator:
         self.pair_rtt = pair_rtt  # RTT between two peers where known (network coordinates)
         self.waiting: dict[tuple[str, int], AwaitedToken] = {}
         self.measured = Measured()  # peers' bandwidth as routes showed it, over their claims
+        self.running: dict[int, GenerationRun] = {}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=MAX_SHOWN)
 
     async def rpc_stage_token(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -232,7 +243,17 @@ class Coordinator:
         """Yields ``{"route"}`` first, ``{"token", "text"}`` per token, then one
         ``{"done": True, ...}`` summary (route, timings, re-routes)."""
         run = GenerationRun(self, req)
-        # aclosing: a client that leaves frees every stage now, not when the GC gets to it
-        async with contextlib.aclosing(run.run()) as events:
-            async for event in events:
-                yield event
+        self.running[id(run)] = run
+        try:
+            # aclosing: a client that leaves frees every stage now, not when the GC gets to it
+            async with contextlib.aclosing(run.run()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            del self.running[id(run)]
+            done = run.progress()
+            if done is not None:
+                done["ended"] = round(time.time(), 3)
+                self.recent.append(
+                    {k: v for k, v in done.items() if k not in ("stages", "rate_history")}
+                )

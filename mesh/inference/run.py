@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -110,6 +111,24 @@ class GenerationRun:
         self.pending = b""  # a trailing partial UTF-8 sequence, held back
         self.finish = "length"  # or "stop": an end-of-sequence token or a stop string
         self.template: str | None = None  # chat: "model" or "chatml fallback"
+        self.started = time.time()
+
+    def progress(self) -> dict[str, Any] | None:
+        """Where the run is (the topology page draws its route): None before it is planned."""
+        p = self.parts
+        if p is None:
+            return None
+        n_layers = p.manifest.n_layers
+        return {
+            "model_id": p.mid,
+            "model": self.req.model,
+            "n_layers": n_layers,
+            "stages": [s.as_dict(n_layers) for s in p.route.stages],
+            "tokens": len(self.generated),
+            "tokens_per_s": self.stats.recent_rate(),
+            "rate_history": self.stats.rate.history(),  # tokens in each of the last 60 s
+            "started": round(self.started, 3),
+        }
 
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         self.stats = RunStats()

@@ -27,6 +27,7 @@ from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, step_mes
 from mesh.inference.memory import LoadedShards, ShardKey
 from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, StageUnavailable
 from mesh.inference.sampling import MAX_LOGPROBS, SamplingParams, logprobs, sample, top_logits
+from mesh.inference.stats import Rate
 from mesh.net.identity import verify
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Caller
@@ -74,6 +75,7 @@ class StageSessions(LoadedShards):
         super().__init__(caller, me, root, config, objects)
         self.sessions: dict[str, StageSession] = {}
         self._opening: dict[str, str] = {}  # session ids being opened -> owner
+        self.throughput = Rate()  # rows (token positions) this node's stages ran
         self._janitor: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -293,6 +295,7 @@ class StageSessions(LoadedShards):
         st.pos = pos  # before the await: a concurrent duplicate is refused too
         t0 = time.perf_counter()
         out = await loaded.shard.forward(st.session, x)
+        self.throughput.add(n)
         own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
         return st, spec, out, own
 

@@ -3,7 +3,9 @@ and hops, the decode rate, and the summary the client gets at the end."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,42 @@ import numpy as np
 
 from mesh.net.rpc import Reply
 
-__all__ = ["RunStats"]
+__all__ = ["RunStats", "Rate"]
+
+
+class Rate:
+    """Events per second over the last ``window`` seconds, and per second over the last
+    ``keep`` seconds (a stage's rows, a generation's tokens: the page's plot)."""
+
+    def __init__(self, window: float = 5.0, keep: int = 60, cap: int = 8192) -> None:
+        self.window = window
+        self.keep = keep
+        self._events: deque[tuple[float, int]] = deque(maxlen=cap)
+
+    def add(self, n: int, now: float | None = None) -> None:
+        self._events.append((time.monotonic() if now is None else now, n))
+
+    def _drop(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.keep - 1:
+            self._events.popleft()
+
+    def per_s(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._drop(now)
+        recent = sum(n for t, n in self._events if t >= now - self.window)
+        return round(recent / self.window, 2)
+
+    def history(self, now: float | None = None) -> list[int]:
+        """Events in each of the last ``keep`` whole seconds, oldest first."""
+        now = time.monotonic() if now is None else now
+        self._drop(now)
+        end = math.floor(now)
+        out = [0] * self.keep
+        for t, n in self._events:
+            i = self.keep - (end - math.floor(t))
+            if 0 <= i < self.keep:
+                out[i] += n
+        return out
 
 
 @dataclass
@@ -22,12 +59,14 @@ class RunStats:
     hop_ms: list[float] = field(default_factory=list)
     compute_ms: dict[str, list[float]] = field(default_factory=dict)  # by stage peer
     ttft: float | None = None
+    rate: Rate = field(default_factory=Rate)  # decode steps, for the page's plot
 
     def account(self, reply: Reply, ms: float, stages: int, decode: bool) -> None:
         """One step that took ``ms`` over ``stages`` stages; ``decode``: a step of the
         generation itself (no prompt chunk, no replay), which the decode rate counts."""
         if decode:
             self.decode_ms.append(ms)
+            self.rate.add(1)
         trace = reply.result.get("trace", [])
         compute = 0.0
         for t in trace if isinstance(trace, list) else []:
@@ -55,6 +94,11 @@ class RunStats:
             "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,
             "stage_ms": {p: round(float(np.median(v)), 3) for p, v in self.compute_ms.items()},
         }
+
+    def recent_rate(self, steps: int = 32) -> float:
+        """Tokens per second over the last ``steps`` decode steps (a running generation's)."""
+        last = self.decode_ms[-steps:]
+        return round(len(last) / (sum(last) / 1000), 2) if last and sum(last) > 0 else 0.0
 
     def total_s(self) -> float:
         return round(time.perf_counter() - self.t_start, 3)

@@ -159,8 +159,9 @@ class TrustService:
 
 
 # What a stranger of an open mesh may not ask for: running its batch jobs, storing its
-# replicas. (In a private mesh every linked peer is a member, so nothing changes there.)
-MEMBERS_ONLY = ("jobs.job_task", "storage.obj_replicate")
+# replicas, what this node runs and for whom (the topology page's node.info). (In a private
+# mesh every linked peer is a member, so nothing changes there.)
+MEMBERS_ONLY = ("jobs.job_task", "storage.obj_replicate", "node.info")
 
 
 def members_only(policy: MembershipPolicy, handlers: dict[str, Handler]) -> None:

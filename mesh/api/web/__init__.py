@@ -1,8 +1,10 @@
 """The topology page: static HTML, JS and CSS served by the node's HTTP API.
 
-``GET /`` is the page; it polls ``/v1/info`` and ``/v1/peers`` every second and draws with
-DOM methods and ``textContent`` only (never ``innerHTML`` with data). The files are read once,
-when the API starts; a strict Content-Security-Policy allows only these same-origin scripts.
+``GET /`` is the page; it polls ``/v1/info``, ``/v1/peers`` and ``/v1/mesh`` every second and
+draws with DOM methods and ``textContent`` only (never ``innerHTML`` with data). Its chat box
+(``chat.js``) streams from ``/v1/chat/completions`` with the token the user pastes. The files
+are read once, when the API starts; a strict Content-Security-Policy allows only these
+same-origin scripts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ PAGE_FILES = {
     "index.html": "text/html",
     "topology.js": "text/javascript",
     "topology.css": "text/css",
+    "chat.js": "text/javascript",
 }
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
