@@ -86,6 +86,20 @@ async def test_chat_applies_the_gguf_template_as_llama_cpp_does(
     assert summary["chat_template"] == "model" and len(summary["stages"]) == 2
     assert summary["text"] == chat.choices[0].message.content
 
+    # the same seed gives the same sampled text on any route: one stage or two
+    sampled = [
+        await client.completions.create(
+            model="chat",
+            prompt="Once upon",
+            max_tokens=8,
+            temperature=1.0,
+            seed=5,
+            extra_body={"split": split},
+        )
+        for split in (1, 2)
+    ]
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text
+
     ref = LlamaCppRuntime(ShardSpec.open(chat_model), n_ctx=512, logits_all=True, threads=2)
     ref_tokens, margins = greedy_continuation(ref, ref_prompt, len(summary["tokens"]), 512)
     ref.close()
