@@ -1,0 +1,144 @@
+"""Where the onnx runtime's weights live, so that each is held once.
+
+onnxruntime prepacks every ``MatMulNBits`` (and float ``MatMul``) weight into its own buffer
+and then drops the initializer, if no other node reads it. Handed over as OrtValues the
+original bytes stay ours and stay resident beside the packed copy; read from an ONNX
+external-data file, onnxruntime maps each initializer from the file on its own and unmaps it
+once packed. :class:`WeightFile` therefore writes the re-laid-out weights one at a time to a
+private temporary file as the graph is built (never all in memory at once) and the session
+loads the graph from there; the file is deleted once the session exists (what onnxruntime
+still maps stays readable until it unmaps it).
+
+The token embedding is not in the graph: :func:`embedding_rows` dequantizes the rows of the
+step's tokens straight from the GGUF's memory map, so a tied table is held once (as the head's
+packed copy) and an untied one not at all beyond the pages of the rows used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType as Q
+
+from .gguf_io import TensorRef
+
+__all__ = ["WeightFile", "embedding_rows"]
+
+_ALIGN = 4096  # onnxruntime maps external data in place when the offset is page-aligned
+WEIGHTS_FILE = "weights.bin"
+_MADV_DONTNEED = 4
+
+
+class WeightFile:
+    """A temporary directory holding ``weights.bin`` (external data) and ``model.onnx``."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edgemesh-onnx-", dir=directory))
+        self._f = open(self.dir / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in close()
+        self.nbytes = 0
+
+    def add(self, arr: npt.NDArray[Any]) -> list[tuple[str, str]]:
+        """Writes ``arr`` and returns its ``external_data`` entries (location, offset, length)."""
+        pad = -self.nbytes % _ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.nbytes += pad
+        offset = self.nbytes
+        data = np.ascontiguousarray(arr)
+        self._f.write(data.data.cast("B"))
+        self.nbytes += data.nbytes
+        return [("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(data.nbytes))]
+
+    def release_mapped_pages(self) -> int:
+        """Drops from the resident set the pages onnxruntime still maps from ``weights.bin``
+        (inputs it read while prepacking but keeps, such as MatMulNBits scales: clean file
+        pages, read again from the file if used). Linux only; returns the bytes advised."""
+        return release_file_pages(str(self.dir / WEIGHTS_FILE))
+
+    @contextmanager
+    def releasing_pages(self, every_s: float = 0.02) -> Iterator[None]:
+        """While the body runs (onnxruntime creating the session: mapping, prepacking and
+        unmapping one initializer after another), keeps dropping the mapped file pages, so
+        that the inputs it keeps mapped (scales, zero points) and the one being packed do not
+        add up beside the packed copies. Safe: the mappings are read-only and file-backed."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                self.release_mapped_pages()
+
+        t = threading.Thread(target=loop, name="edgemesh-onnx-pages", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self.release_mapped_pages()
+
+    def write_model(self, model_bytes: bytes) -> str:
+        self._f.close()
+        path = self.dir / "model.onnx"
+        path.write_bytes(model_bytes)
+        return str(path)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> WeightFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def release_file_pages(path: str) -> int:
+    """madvise(MADV_DONTNEED) every mapping of ``path`` in this process (read-only file
+    mappings: the pages are re-read from the file when touched). 0 where unsupported."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.rstrip("\n").endswith(path)]
+    except OSError:
+        return 0
+    done = 0
+    for ln in lines:
+        lo, hi = (int(v, 16) for v in ln.split(None, 1)[0].split("-"))
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+            done += hi - lo
+    return done
+
+
+def default_weight_dir() -> str | None:
+    """``EDGEMESH_ONNX_TMPDIR`` if set, else the system's temporary directory."""
+    return os.environ.get("EDGEMESH_ONNX_TMPDIR") or None
+
+
+def embedding_rows(ref: TensorRef, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """Float32 rows ``ids`` of an embedding table ``[vocab, d]``, dequantized as llama.cpp
+    does, reading only those rows' bytes (the caller has checked the ids' range)."""
+    rows = ref.shape[0]
+    raw = np.asarray(ref.data).reshape(rows, -1)[ids]
+    if ref.qtype == Q.F32:
+        out = np.asarray(raw, dtype=np.float32)
+    elif ref.qtype == Q.F16:
+        out = np.asarray(raw, dtype=np.float16).astype(np.float32)
+    else:
+        out = np.asarray(gguf.quants.dequantize(raw, ref.qtype), dtype=np.float32)
+    return np.ascontiguousarray(out.reshape(len(ids), ref.shape[1]))
