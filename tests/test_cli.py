@@ -93,6 +93,37 @@ async def test_demo_json(tmp_path):
     assert body["tokens_per_s"] > 0 and body["single_peer_tokens_per_s"] > 0
 
 
+async def test_demo_on_any_gguf_splits_and_agrees_with_llama_cpp(tmp_path):
+    """`edgemesh demo --model PATH` on a generated GGUF: the limits it sets for that file's
+    size force a split, and its greedy tokens are llama.cpp's on the same file."""
+    pytest.importorskip("llama_cpp")
+    from runtimes.testmodels import write_test_model
+
+    model = write_test_model(tmp_path / "tiny.gguf", "llama")
+    code, out, err = await run_cli(
+        "demo",
+        "--model",
+        str(model),
+        "--peers",
+        "2",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--no-baseline",
+        "--json",
+        "--dir",
+        str(tmp_path / "mesh"),
+    )
+    assert code == 0, err[-3000:]
+    body = json.loads(out)
+    assert len(body["stages"]) >= 2  # the limits forced a split
+    assert len({s["peer_id"] for s in body["stages"]}) == len(body["stages"])
+    assert len(body["tokens"]) == 8
+    assert body["llamacpp_tokens"] == body["tokens"] and body["agrees_with_llamacpp"] is True
+    assert "same tokens: yes" in err
+
+
 async def test_link_drop_reconnects(local_mesh):
     """A frozen peer (a closed laptop lid) is dropped, then rejoins when it wakes."""
     a = await local_mesh.start_node("a")

@@ -1,11 +1,13 @@
 """``edgemesh demo``: the main job, on one machine.
 
 Starts N node processes on loopback (mDNS, WebRTC links), gives them memory limits that no
-single one can fit Gemma 3 270M into, adds the model on the first node, and generates: the
-peers that lack their shard pull it from the first node (a progress bar shows it; a second run
-reuses what they stored). It prints the text, the stages, TTFT, tokens/s, per-hop latency and
-bytes moved, then runs the same prompt on one peer holding the whole model and prints the
-ratio.
+single one can fit the model (Gemma 3 270M by default) into, adds the model on the first node,
+and generates: the peers that lack their shard pull it from the first node (a progress bar
+shows it; a second run reuses what they stored). It prints the text, the stages, TTFT,
+tokens/s, per-hop latency and bytes moved, then runs the same prompt on one peer holding the
+whole model and prints the ratio. ``--model PATH`` runs it on any GGUF the runtimes accept,
+with limits sized for that file; at temperature 0 the tokens are checked against llama.cpp's
+greedy ones on the same file (exit status 1 if they differ).
 """
 
 from __future__ import annotations
@@ -19,20 +21,24 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from mesh.inference.run import SHARD_OVERHEAD
+from mesh.inference.routes import SHARD_OVERHEAD, unit_memory
 from mesh.launch.localmesh import LocalMesh, NodeProcess
 from runtimes.gguf_io import open_gguf
 
-__all__ = ["run_demo", "demo_memory_limit"]
+__all__ = ["run_demo", "demo_memory_limit", "llamacpp_greedy"]
 
 
 def demo_memory_limit(gguf: Path, peers: int) -> int:
-    """A per-node limit that forces a split into about ``peers`` stages."""
+    """A per-node limit that forces a split into about ``peers`` stages, sized from the file
+    with the planner's own per-stage need (routes.unit_memory): a 1/peers share of the model
+    plus half a layer, and never less than its largest unit (the embedding, say) alone needs."""
     f = open_gguf(gguf)
     units = [f.unit_nbytes(i) for i in range(f.config.n_units)]
-    need = [2 * b + SHARD_OVERHEAD for b in units]
-    total = 2 * sum(units) + SHARD_OVERHEAD
-    return int(max(total / peers + max(need) / 2, max(need) * 1.05))
+    n = len(units)
+    need = [unit_memory(units, i, i + 1) - SHARD_OVERHEAD for i in range(n)]
+    layer = max(need[1:-1], default=0)
+    share = SHARD_OVERHEAD + (unit_memory(units, 0, n) - SHARD_OVERHEAD) / peers + layer / 2
+    return int(max(share, (max(need) + SHARD_OVERHEAD) * 1.05))
 
 
 async def _progress(mesh: LocalMesh, done: asyncio.Event, out: TextIO) -> None:
@@ -160,10 +166,69 @@ async def run_demo(
                 f"= {ratio:.2f}x; same tokens: {'yes' if same else 'no'}",
                 file=out,
             )
+        oracle = await _oracle(model_path, prompt, summary["tokens"], temperature, threads, out)
         if as_json:
             result = _json_result(prompt, summary, single, setup_s, warm, moved, limit)
+            result["llamacpp_tokens"] = oracle
+            result["agrees_with_llamacpp"] = None if oracle is None else oracle == summary["tokens"]
             print(json.dumps(result))
-    return 0
+    return 0 if oracle is None or oracle == summary["tokens"] else 1
+
+
+async def _oracle(
+    model_path: Path,
+    prompt: str,
+    tokens: list[int],
+    temperature: float,
+    threads: int | None,
+    out: TextIO,
+) -> list[int] | None:
+    if temperature != 0:
+        return None
+    oracle = await asyncio.to_thread(llamacpp_greedy, model_path, prompt, len(tokens), threads)
+    _print_oracle(tokens, oracle, out)
+    return oracle
+
+
+def llamacpp_greedy(
+    model_path: Path, prompt: str, n: int, threads: int | None = None
+) -> list[int] | None:
+    """llama.cpp's n greedy tokens on the same file and the same prompt tokens (the mesh's
+    tokenizer); None where llama-cpp-python is not installed."""
+    from runtimes.errors import RuntimeUnavailableError
+    from runtimes.oracle import greedy_continuation
+    from runtimes.shards import ShardSpec
+    from runtimes.tokenizer import Tokenizer
+
+    try:
+        from runtimes.llamacpp import LlamaCppRuntime
+    except RuntimeUnavailableError:
+        return None
+    ids = Tokenizer(model_path).encode(prompt, True)
+    rt = LlamaCppRuntime(ShardSpec.open(model_path), n_ctx=len(ids) + n + 8, threads=threads)
+    try:
+        return greedy_continuation(rt, ids, n, len(ids) + n + 8)[0] if n else []
+    finally:
+        rt.close()
+
+
+def _print_oracle(tokens: list[int], oracle: list[int] | None, out: TextIO) -> None:
+    if oracle is None:
+        print("llama.cpp check skipped: llama-cpp-python is not installed", file=out)
+        return
+    same = sum(a == b for a, b in zip(tokens, oracle, strict=False))
+    verdict = "yes" if tokens == oracle else f"NO (first {_common_prefix(tokens, oracle)} agree)"
+    print(
+        f"llama.cpp on the same file, greedy: same tokens: {verdict}, {same}/{len(tokens)}",
+        file=out,
+    )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 async def _start_mesh(
