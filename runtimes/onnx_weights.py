@@ -68,7 +68,7 @@ class WeightFile:
         return release_file_pages(str(self.dir / WEIGHTS_FILE))
 
     @contextmanager
-    def releasing_pages(self, every_s: float = 0.02) -> Iterator[None]:
+    def releasing_pages(self, every_s: float = 0.05) -> Iterator[None]:
         """While the body runs (onnxruntime creating the session: mapping, prepacking and
         unmapping one initializer after another), keeps dropping the mapped file pages, so
         that the inputs it keeps mapped (scales, zero points) and the one being packed do not
@@ -107,22 +107,42 @@ class WeightFile:
 
 
 def release_file_pages(path: str) -> int:
-    """madvise(MADV_DONTNEED) every mapping of ``path`` in this process (read-only file
-    mappings: the pages are re-read from the file when touched). 0 where unsupported."""
+    """madvise(MADV_DONTNEED) every unwritten mapping of ``path`` in this process: the pages
+    are re-read from the file when touched. onnxruntime maps external data private and
+    writable but never writes constant initializers; a mapping with a page written (copied on
+    write, "Anonymous" in smaps) is left alone all the same, since dropping it would lose the
+    write. Returns the bytes advised; 0 off Linux."""
     if sys.platform != "linux":
         return 0
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = [ln for ln in f if ln.rstrip("\n").endswith(path)]
+        ranges = _clean_mappings(path)
     except OSError:
         return 0
     done = 0
-    for ln in lines:
-        lo, hi = (int(v, 16) for v in ln.split(None, 1)[0].split("-"))
+    for lo, hi in ranges:
         if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
             done += hi - lo
     return done
+
+
+def _clean_mappings(path: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of ``path`` with no copied-on-write page."""
+    out: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line
+                current = None
+                if line.rstrip("\n").endswith(path):
+                    lo, hi = head.split("-")
+                    current = (int(lo, 16), int(hi, 16))
+            elif current is not None and head == "Anonymous:":  # copied-on-write pages
+                if int(line.split()[1]) == 0:
+                    out.append(current)
+                current = None
+    return out
 
 
 def default_weight_dir() -> str | None:
