@@ -38,7 +38,7 @@ __all__ = ["WeightFile", "embedding_rows"]
 
 _ALIGN = 4096  # onnxruntime maps external data in place when the offset is page-aligned
 WEIGHTS_FILE = "weights.bin"
-_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing is released
 
 
 class WeightFile:
@@ -70,9 +70,9 @@ class WeightFile:
     @contextmanager
     def releasing_pages(self, every_s: float = 0.05) -> Iterator[None]:
         """While the body runs (onnxruntime creating the session: mapping, prepacking and
-        unmapping one initializer after another), keeps dropping the mapped file pages, so
+        unmapping one initializer after another), keeps paging out the mapped file pages, so
         that the inputs it keeps mapped (scales, zero points) and the one being packed do not
-        add up beside the packed copies. Safe: the mappings are read-only and file-backed."""
+        add up beside the packed copies (see release_file_pages for why this is safe)."""
         stop = threading.Event()
 
         def loop() -> None:
@@ -107,11 +107,16 @@ class WeightFile:
 
 
 def release_file_pages(path: str) -> int:
-    """madvise(MADV_DONTNEED) every unwritten mapping of ``path`` in this process: the pages
-    are re-read from the file when touched. onnxruntime maps external data private and
-    writable but never writes constant initializers; a mapping with a page written (copied on
-    write, "Anonymous" in smaps) is left alone all the same, since dropping it would lose the
-    write. Returns the bytes advised; 0 off Linux."""
+    """madvise(MADV_PAGEOUT) every unwritten mapping of ``path`` in this process: its clean
+    file pages leave the resident set and are read from the file again when touched.
+
+    PAGEOUT, not DONTNEED, because this runs while onnxruntime unmaps initializers and
+    allocates packed buffers: a range read from smaps may be reused for anonymous memory by
+    the time of the madvise, and DONTNEED would zero it (it did: packed weights and malloc
+    headers, garbage tokens and "free(): invalid pointer"); PAGEOUT never loses data (anonymous
+    pages go to swap or stay). onnxruntime maps external data private and writable but never
+    writes constant initializers; a mapping with a page copied on write ("Anonymous" in
+    smaps) is skipped all the same. Returns the bytes advised; 0 off Linux."""
     if sys.platform != "linux":
         return 0
     try:
@@ -121,7 +126,7 @@ def release_file_pages(path: str) -> int:
         return 0
     done = 0
     for lo, hi in ranges:
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0:
             done += hi - lo
     return done
 
