@@ -7,7 +7,9 @@ external-data file, onnxruntime maps each initializer from the file on its own a
 once packed. :class:`WeightFile` therefore writes the re-laid-out weights one at a time to a
 private temporary file as the graph is built (never all in memory at once) and the session
 loads the graph from there; the file is deleted once the session exists (what onnxruntime
-still maps stays readable until it unmaps it).
+still maps stays readable until it unmaps it). The file goes to ``$EDGEMESH_ONNX_TMPDIR`` or
+the system's temporary directory: it needs room for the shard's re-laid-out weights
+(``quant.onnx_weight_bytes``; 284 MB for Gemma 3 270M) while the shard loads.
 
 The token embedding is not in the graph: :func:`embedding_rows` dequantizes the rows of the
 step's tokens straight from the GGUF's memory map, so a tied table is held once (as the head's
