@@ -1,6 +1,7 @@
 """Builds the ONNX graph of one shard (a unit range) with ``onnx.helper``.
 
-Graph inputs: ``tokens`` int64 [S] (first stage) or ``hidden_in`` float32 [S, d]; RoPE tables
+Graph inputs: ``embeds`` float32 [S, d] (first stage: the embedding rows of the step's tokens,
+looked up outside the graph) or ``hidden_in`` float32 [S, d]; RoPE tables
 ``cos_g``/``sin_g`` (and ``cos_l``/``sin_l`` for sliding-window layers with their own base),
 float32 [S, 1, head_dim]; additive masks ``mask_g``/``mask_l`` [S, T]; per layer ``past_k_i``
 [Hkv, hd, P] (stored transposed so no per-step transpose of the cache) and ``past_v_i``
@@ -16,7 +17,7 @@ scale is folded into Wq (or Gemma's q-norm weight).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +26,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .arch import ModelConfig
-from .errors import UnsupportedModelError
 from .gguf_io import TensorRef
-from .onnx_weights import moe_ffn, row_slice
+from .onnx_parts import moe_ffn, row_slice
 from .quant import NBitsWeight, to_nbits
 from .shards import ShardSpec
 
@@ -49,6 +49,11 @@ class GraphOptions:
     # of the logit range -> 2.7-3.7%) but turns one near-tie the other way (llama.cpp's margin
     # 0.277, float32 activations 0.011), which test_runtime_gemma's rule counts as a mismatch.
     round_block_sums: bool = False
+    # The output head as several matmuls over row ranges of this many rows (0: one matmul):
+    # each range is converted, written and prepacked on its own, so that building the graph
+    # and onnxruntime's prepacking never hold a whole second copy of a large head (Gemma 3:
+    # 262144 rows, 170 MiB). Costs one Concat of the logits per step.
+    head_chunk_rows: int = 32768
 
 
 @dataclass
@@ -58,6 +63,9 @@ class _Builder:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
     external: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    # where large weights go: returns their external_data entries (see onnx_weights.py);
+    # None keeps them in ``external`` for add_external_initializers
+    sink: Callable[[np.ndarray[Any, Any]], list[tuple[str, str]]] | None = None
     _n: int = 0
 
     def name(self, hint: str) -> str:
@@ -109,15 +117,16 @@ class _Builder:
         t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
         t.dims.extend(arr.shape)
         t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (
-            ("location", "edgemesh-external"),
-            ("offset", "0"),
-            ("length", str(arr.nbytes)),
-        ):
+        if self.sink is None:
+            entries = [("location", "edgemesh-external"), ("offset", "0")]
+            entries.append(("length", str(arr.nbytes)))
+            self.external[name] = arr
+        else:
+            entries = self.sink(arr)
+        for k, v in entries:
             e = t.external_data.add()
             e.key, e.value = k, v
         self.inits[name] = t
-        self.external[name] = arr
         return name
 
     # -- building blocks ---------------------------------------------------------------
@@ -249,42 +258,6 @@ class _Builder:
         step = self.op("Div", [amax, self.const(np.array(127.0, np.float32), "c127")])
         return str(self.op("Mul", [qsum, self.op("Squeeze", [step, ax])], "bsum"))
 
-    def embedding(self, tokens: str, ref: TensorRef, shared_name: str) -> str:
-        d = self.cfg.d_model
-        nb = to_nbits(ref)
-        if nb is None:
-            table = self.init("token_embd.f32", ref.dequantize())
-            return str(self.op("Gather", [table, tokens], "emb", axis=0))
-        # same initializer names as the head's MatMulNBits: a tied model stores it once
-        qb = self.init(shared_name + ".qb", nb.b)
-        rows = self.op("Gather", [qb, tokens], "embq", axis=0)  # [S, nb, bytes]
-        if nb.bits == 4:
-            lo = self.op("BitwiseAnd", [rows, self.const(np.array(15, np.uint8), "c15")])
-            hi = self.op(
-                "BitShift", [rows, self.const(np.array(4, np.uint8), "c4")], direction="RIGHT"
-            )
-            pair = self.op(
-                "Concat",
-                [
-                    self.op("Unsqueeze", [lo, self.const([-1], "ax")]),
-                    self.op("Unsqueeze", [hi, self.const([-1], "ax")]),
-                ],
-                axis=-1,
-            )
-            rows = self.op("Reshape", [pair, self.const([-1, nb.n_blocks, nb.block], "shp")])
-        vals = self.op("Cast", [rows], "embf", to=_F)
-        zp = float(nb.zero_points.flat[0])
-        if not np.all(nb.zero_points == nb.zero_points.flat[0]):
-            raise UnsupportedModelError("embedding zero points must be uniform")
-        if zp:
-            vals = self.op("Sub", [vals, self.const(np.array(zp, np.float32), "zp")])
-        sc = self.init("token_embd.emb_scales", nb.scales[..., None])
-        vals = self.op("Mul", [vals, self.op("Gather", [sc, tokens], axis=0)])
-        if nb.offsets is not None:
-            off = self.init("token_embd.emb_offsets", nb.offsets[..., None])
-            vals = self.op("Sub", [vals, self.op("Gather", [off, tokens], axis=0)])
-        return str(self.op("Reshape", [vals, self.const([-1, d], "shp")], "emb"))
-
 
 def _rows(w: Any) -> int:
     return int(w.shape[0]) if isinstance(w, np.ndarray) else int(w.n)
@@ -326,17 +299,23 @@ def _vec(shard: ShardSpec, name: str) -> np.ndarray[Any, Any]:
 
 
 def build_shard_graph(
-    shard: ShardSpec, opts: GraphOptions | None = None
+    shard: ShardSpec,
+    opts: GraphOptions | None = None,
+    sink: Callable[[np.ndarray[Any, Any]], list[tuple[str, str]]] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray[Any, Any]]]:
-    """The graph and its external initializers (name -> array, kept alive by the caller)."""
+    """The graph and its external initializers (name -> array, kept alive by the caller);
+    with ``sink`` each large weight goes there as it is made and the dict stays empty."""
     cfg = shard.config
-    b = _Builder(cfg, opts or GraphOptions())
+    b = _Builder(cfg, opts or GraphOptions(), sink=sink)
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []
     x = _stage_input(b, shard, inputs)
     inputs += _position_inputs(shard)
     for i in shard.layers:
         x = _layer(b, shard, i, x, inputs, outputs)
+        if sink is not None:  # this layer's GGUF bytes are re-laid out and written: drop them
+            for f in shard.files:
+                f.release_pages()
     if shard.is_last:
         inputs.append(helper.make_tensor_value_info("out_idx", TensorProto.INT64, ["M"]))
         logits = _head(b, shard, x)
@@ -361,15 +340,14 @@ def build_shard_graph(
 
 
 def _stage_input(b: _Builder, shard: ShardSpec, inputs: list[onnx.ValueInfoProto]) -> str:
-    """Token embeddings (first stage) or the previous stage's hidden states."""
+    """The token embeddings (first stage: ``embeds``, the table's rows of the step's tokens,
+    which the runtime reads from the GGUF, see onnx_weights.embedding_rows) or the previous
+    stage's hidden states."""
     cfg = shard.config
-    if not shard.is_first:
-        inputs.append(helper.make_tensor_value_info("hidden_in", _F, ["S", cfg.d_model]))
-        return "hidden_in"
-    inputs.append(helper.make_tensor_value_info("tokens", TensorProto.INT64, ["S"]))
-    emb_name = "token_embd.weight"
-    x = b.embedding("tokens", shard.tensor(emb_name), emb_name)
-    if cfg.embed_scale != 1.0:
+    name = "embeds" if shard.is_first else "hidden_in"
+    inputs.append(helper.make_tensor_value_info(name, _F, ["S", cfg.d_model]))
+    x = name
+    if shard.is_first and cfg.embed_scale != 1.0:
         x = b.op("Mul", [x, b.const(np.array(cfg.embed_scale, np.float32), "escale")])
     return str(x)
 
@@ -537,12 +515,27 @@ def _head(b: _Builder, shard: ShardSpec, x: str) -> str:
     x = b.op("Gather", [x, "out_idx"], axis=0)
     x = b.rms_norm(x, _vec(shard, "output_norm.weight"), "output_norm")
     out_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-    (logits,) = b.linear(x, [(out_name, shard.tensor(out_name), None)])
+    ref = shard.tensor(out_name)
+    step = b.opts.head_chunk_rows or ref.shape[0]
+    parts: list[str] = []
+    for r in range(0, ref.shape[0], step):
+        parts += b.linear(x, [(f"{out_name}.rows{r}", _row_slice(ref, r, r + step), None)])
+        if b.sink is not None:  # these rows are written out: drop their GGUF pages
+            for f in shard.files:
+                f.release_pages()
+    logits = parts[0] if len(parts) == 1 else b.op("Concat", parts, "logits", axis=-1)
     if cfg.final_logit_softcap:
         c = cfg.final_logit_softcap
         inner = b.op("Mul", [logits, b.const(np.array(1.0 / c, np.float32), "c")])
         logits = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     return logits
+
+
+def _row_slice(ref: TensorRef, start: int, stop: int) -> TensorRef:
+    """Rows [start, stop) of a matrix, without a copy."""
+    stop = min(stop, ref.shape[0])
+    data = np.asarray(ref.data).reshape(ref.shape[0], -1)[start:stop]
+    return TensorRef(f"{ref.name}[{start}:{stop}]", ref.qtype, (stop - start, ref.shape[1]), data)
 
 
 def _rope(b: _Builder, x: str, tag: str) -> str:

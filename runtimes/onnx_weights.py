@@ -1,97 +1,171 @@
-"""Shard-graph pieces for weights that are not one matrix per linear: row slices of a fused
-matrix (Phi 3's attn_qkv and gate|up ffn_up), one expert of a 3-D expert tensor, and the
-routed mixture-of-experts FFN of Qwen 3 MoE.
+"""Where the onnx runtime's weights live, so that each is held once.
 
-The MoE FFN follows llama.cpp's ``build_moe_ffn`` for qwen3moe: router logits (the router is
-F32, as llama.cpp's quantizer keeps it), softmax over all experts, the top-k probabilities
-renormalised to sum 1 (the sum clamped below at 2^-14), each token's output the weighted sum
-of its k experts' SwiGLU FFNs. Experts are gathered per token, not computed for every token
-and masked: for each expert the graph picks the tokens routed to it (NonZero), runs that
-expert's quantized matrices (MatMulNBits, as the dense FFN) on those rows only (often none:
-onnxruntime accepts zero rows) and scatter-adds the weighted rows back. The work is the
-tokens' k experts, as in llama.cpp; the graph has a few nodes per expert and layer.
+onnxruntime prepacks every ``MatMulNBits`` (and float ``MatMul``) weight into its own buffer
+and then drops the initializer, if no other node reads it. Handed over as OrtValues the
+original bytes stay ours and stay resident beside the packed copy; read from an ONNX
+external-data file, onnxruntime maps each initializer from the file on its own and unmaps it
+once packed. :class:`WeightFile` therefore writes the re-laid-out weights one at a time to a
+private temporary file as the graph is built (never all in memory at once) and the session
+loads the graph from there; the file is deleted once the session exists (what onnxruntime
+still maps stays readable until it unmaps it). The file goes to ``$EDGEMESH_ONNX_TMPDIR`` or
+the system's temporary directory: it needs room for the shard's re-laid-out weights
+(``quant.onnx_weight_bytes``; 284 MB for Gemma 3 270M) while the shard loads.
+
+The token embedding is not in the graph: :func:`embedding_rows` dequantizes the rows of the
+step's tokens straight from the GGUF's memory map, so a tied table is held once (as the head's
+packed copy) and an untied one not at all beyond the pages of the rows used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+import ctypes
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import gguf
 import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType as Q
 
 from .gguf_io import TensorRef
-from .shards import ShardSpec
 
-__all__ = ["GraphOps", "row_slice", "expert_slice", "moe_ffn"]
+__all__ = ["WeightFile", "embedding_rows"]
 
-
-class GraphOps(Protocol):
-    """What these functions need of onnx_graph's builder."""
-
-    def op(
-        self,
-        op_type: str,
-        inputs: Sequence[str],
-        hint: str = "",
-        n_out: int = 1,
-        domain: str = "",
-        **attrs: Any,
-    ) -> Any: ...
-
-    def const(self, value: Any, hint: str) -> str: ...
-
-    def linear(
-        self,
-        x: str,
-        weights: list[tuple[str, TensorRef, np.ndarray[Any, Any] | None]],
-        row_scale: dict[str, float] | None = None,
-        perm: dict[str, np.ndarray[Any, Any]] | None = None,
-    ) -> list[str]: ...
+_ALIGN = 4096  # onnxruntime maps external data in place when the offset is page-aligned
+WEIGHTS_FILE = "weights.bin"
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing is released
 
 
-def row_slice(ref: TensorRef, start: int, stop: int, name: str) -> TensorRef:
-    """Rows [start, stop) of a matrix, as its own tensor (no copy: a view of the bytes)."""
-    return TensorRef(name, ref.qtype, (stop - start,) + ref.shape[1:], ref.data[start:stop])
+class WeightFile:
+    """A temporary directory holding ``weights.bin`` (external data) and ``model.onnx``."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edgemesh-onnx-", dir=directory))
+        self._f = open(self.dir / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in close()
+        self.nbytes = 0
+
+    def add(self, arr: npt.NDArray[Any]) -> list[tuple[str, str]]:
+        """Writes ``arr`` and returns its ``external_data`` entries (location, offset, length)."""
+        pad = -self.nbytes % _ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.nbytes += pad
+        offset = self.nbytes
+        data = np.ascontiguousarray(arr)
+        self._f.write(data.data.cast("B"))
+        self.nbytes += data.nbytes
+        return [("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(data.nbytes))]
+
+    def release_mapped_pages(self) -> int:
+        """Drops from the resident set the pages onnxruntime still maps from ``weights.bin``
+        (inputs it read while prepacking but keeps, such as MatMulNBits scales: clean file
+        pages, read again from the file if used). Linux only; returns the bytes advised."""
+        return release_file_pages(str(self.dir / WEIGHTS_FILE))
+
+    @contextmanager
+    def releasing_pages(self, every_s: float = 0.05) -> Iterator[None]:
+        """While the body runs (onnxruntime creating the session: mapping, prepacking and
+        unmapping one initializer after another), keeps paging out the mapped file pages, so
+        that the inputs it keeps mapped (scales, zero points) and the one being packed do not
+        add up beside the packed copies (see release_file_pages for why this is safe)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                self.release_mapped_pages()
+
+        t = threading.Thread(target=loop, name="edgemesh-onnx-pages", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self.release_mapped_pages()
+
+    def write_model(self, model_bytes: bytes) -> str:
+        self._f.close()
+        path = self.dir / "model.onnx"
+        path.write_bytes(model_bytes)
+        return str(path)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> WeightFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def expert_slice(ref: TensorRef, e: int) -> TensorRef:
-    """Expert e's matrix of a 3-D expert tensor [n_expert, rows, cols]."""
-    return TensorRef(f"{ref.name}.{e}", ref.qtype, ref.shape[1:], ref.data[e])
+def release_file_pages(path: str) -> int:
+    """madvise(MADV_PAGEOUT) every unwritten mapping of ``path`` in this process: its clean
+    file pages leave the resident set and are read from the file again when touched.
+
+    PAGEOUT, not DONTNEED, because this runs while onnxruntime unmaps initializers and
+    allocates packed buffers: a range read from smaps may be reused for anonymous memory by
+    the time of the madvise, and DONTNEED would zero it (it did: packed weights and malloc
+    headers, garbage tokens and "free(): invalid pointer"); PAGEOUT never loses data (anonymous
+    pages go to swap or stay). onnxruntime maps external data private and writable but never
+    writes constant initializers; a mapping with a page copied on write ("Anonymous" in
+    smaps) is skipped all the same. Returns the bytes advised; 0 off Linux."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ranges = _clean_mappings(path)
+    except OSError:
+        return 0
+    done = 0
+    for lo, hi in ranges:
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0:
+            done += hi - lo
+    return done
 
 
-def moe_ffn(b: GraphOps, shard: ShardSpec, i: int, h: str) -> str:
-    """The routed FFN of layer i on h [S, d]: [S, d]."""
-    cfg = shard.config
-    p = f"blk.{i}."
-    n_exp, k = cfg.n_experts, cfg.n_experts_used
-    router = shard.tensor(p + "ffn_gate_inp.weight")
-    (logits,) = b.linear(h, [(router.name, router, None)])  # [S, n_exp]
-    probs = b.op("Softmax", [logits], "probs", axis=-1)
-    top, idx = b.op("TopK", [probs, b.const([k], "k")], "topk", n_out=2, axis=-1)
-    total = b.op("ReduceSum", [top, b.const([1], "ax")], "wsum", keepdims=1)
-    total = b.op("Max", [total, b.const(np.array(6.103515625e-5, np.float32), "eps")])
-    weights = b.op("Div", [top, total], "w")  # [S, k]
-    # the weight of every expert for every token, 0 where not routed: [S, n_exp]
-    dense = b.op("ScatterElements", [_zeros(b, probs), idx, weights], "wdense", axis=1)
-    out = _zeros(b, h)
-    names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
-    gate_t, up_t, down_t = (shard.tensor(p + n) for n in names)
-    for e in range(n_exp):
-        ce = b.const([e], "e")  # 1-D: the builder's constants are at least 1-D
-        # (token, slot) pairs routed to e; a token picks an expert once: distinct tokens
-        pairs = b.op("NonZero", [b.op("Equal", [idx, ce])])  # [2, n_e]
-        tok_col = b.op("Transpose", [b.op("Gather", [pairs, b.const([0], "c0")], axis=0)])
-        tok = b.op("Reshape", [tok_col, b.const([-1], "shp")], "tok")  # [n_e]
-        xe = b.op("Gather", [h, tok], "xe", axis=0)  # [n_e, d]
-        g, u, dn = (expert_slice(t, e) for t in (gate_t, up_t, down_t))
-        gate, up = b.linear(xe, [(g.name, g, None), (u.name, u, None)])
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        (ye,) = b.linear(act, [(dn.name, dn, None)])  # [n_e, d]
-        we = b.op("Gather", [b.op("Gather", [dense, tok], axis=0), ce], "we", axis=1)  # [n_e, 1]
-        ye = b.op("Mul", [ye, we])
-        out = b.op("ScatterND", [out, tok_col, ye], "moe", reduction="add")
-    return str(out)
+def _clean_mappings(path: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of ``path`` with no copied-on-write page."""
+    out: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line
+                current = None
+                if line.rstrip("\n").endswith(path):
+                    lo, hi = head.split("-")
+                    current = (int(lo, 16), int(hi, 16))
+            elif current is not None and head == "Anonymous:":  # copied-on-write pages
+                if int(line.split()[1]) == 0:
+                    out.append(current)
+                current = None
+    return out
 
 
-def _zeros(b: GraphOps, like: str) -> str:
-    return str(b.op("ConstantOfShape", [b.op("Shape", [like])], "zeros"))
+def default_weight_dir() -> str | None:
+    """``EDGEMESH_ONNX_TMPDIR`` if set, else the system's temporary directory."""
+    return os.environ.get("EDGEMESH_ONNX_TMPDIR") or None
+
+
+def embedding_rows(ref: TensorRef, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """Float32 rows ``ids`` of an embedding table ``[vocab, d]``, dequantized as llama.cpp
+    does, reading only those rows' bytes (the caller has checked the ids' range)."""
+    rows = ref.shape[0]
+    raw = np.asarray(ref.data).reshape(rows, -1)[ids]
+    if ref.qtype == Q.F32:
+        out = np.asarray(raw, dtype=np.float32)
+    elif ref.qtype == Q.F16:
+        out = np.asarray(raw, dtype=np.float16).astype(np.float32)
+    else:
+        out = np.asarray(gguf.quants.dequantize(raw, ref.qtype), dtype=np.float32)
+    return np.ascontiguousarray(out.reshape(len(ids), ref.shape[1]))

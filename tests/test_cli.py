@@ -89,8 +89,41 @@ async def test_demo_json(tmp_path):
     assert len({s["peer_id"] for s in body["stages"]}) == len(body["stages"])
     assert all(set(s) == {"peer_id", "layers", "runtime"} for s in body["stages"])
     assert len(body["tokens"]) == 16 and body["tokens"] == body["single_peer_tokens"]
+    assert body["agrees_with_llamacpp"] is True, body["llamacpp"]  # but at near-ties
     assert "Paris" in body["text"] or "France" in body["text"]  # coherent, not noise
     assert body["tokens_per_s"] > 0 and body["single_peer_tokens_per_s"] > 0
+
+
+async def test_demo_on_any_gguf_splits_and_agrees_with_llama_cpp(tmp_path):
+    """`edgemesh demo --model PATH` on a generated GGUF: the limits it sets for that file's
+    size force a split, and its greedy tokens are llama.cpp's on the same file."""
+    pytest.importorskip("llama_cpp")
+    from runtimes.testmodels import write_test_model
+
+    model = write_test_model(tmp_path / "tiny.gguf", "llama")
+    code, out, err = await run_cli(
+        "demo",
+        "--model",
+        str(model),
+        "--peers",
+        "2",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--no-baseline",
+        "--json",
+        "--dir",
+        str(tmp_path / "mesh"),
+    )
+    assert code == 0, err[-3000:]
+    body = json.loads(out)
+    assert len(body["stages"]) >= 2  # the limits forced a split
+    assert len({s["peer_id"] for s in body["stages"]}) == len(body["stages"])
+    assert len(body["tokens"]) == 8
+    assert body["agrees_with_llamacpp"] is True
+    assert body["llamacpp"]["tokens"] == body["tokens"] and body["llamacpp"]["same"]
+    assert "agrees: yes, 8/8 tokens" in err
 
 
 async def test_link_drop_reconnects(local_mesh):

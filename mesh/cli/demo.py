@@ -1,11 +1,14 @@
 """``edgemesh demo``: the main job, on one machine.
 
 Starts N node processes on loopback (mDNS, WebRTC links), gives them memory limits that no
-single one can fit Gemma 3 270M into, adds the model on the first node, and generates: the
-peers that lack their shard pull it from the first node (a progress bar shows it; a second run
-reuses what they stored). It prints the text, the stages, TTFT, tokens/s, per-hop latency and
-bytes moved, then runs the same prompt on one peer holding the whole model and prints the
-ratio.
+single one can fit the model (Gemma 3 270M by default) into, adds the model on the first node,
+and generates: the peers that lack their shard pull it from the first node (a progress bar
+shows it; a second run reuses what they stored). It prints the text, the stages, TTFT,
+tokens/s, per-hop latency and bytes moved, then runs the same prompt on one peer holding the
+whole model and prints the ratio. ``--model PATH`` runs it on any GGUF the runtimes accept,
+with limits sized for that file; at temperature 0 the tokens are checked against llama.cpp's
+greedy ones on the same file, token by token on the same history (exit status 1 if they
+differ anywhere but at a near-tie, as tests/test_runtime_onnx.py rules).
 """
 
 from __future__ import annotations
@@ -18,21 +21,26 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import numpy as np
 
-from mesh.inference.run import SHARD_OVERHEAD
+from mesh.inference.routes import SHARD_OVERHEAD, unit_memory
 from mesh.launch.localmesh import LocalMesh, NodeProcess
 from runtimes.gguf_io import open_gguf
 
-__all__ = ["run_demo", "demo_memory_limit"]
+__all__ = ["run_demo", "demo_memory_limit", "llamacpp_check"]
 
 
 def demo_memory_limit(gguf: Path, peers: int) -> int:
-    """A per-node limit that forces a split into about ``peers`` stages."""
+    """A per-node limit that forces a split into about ``peers`` stages, sized from the file
+    with the planner's own per-stage need (routes.unit_memory): a 1/peers share of the model
+    plus half a layer, and never less than its largest unit (the embedding, say) alone needs."""
     f = open_gguf(gguf)
     units = [f.unit_nbytes(i) for i in range(f.config.n_units)]
-    need = [2 * b + SHARD_OVERHEAD for b in units]
-    total = 2 * sum(units) + SHARD_OVERHEAD
-    return int(max(total / peers + max(need) / 2, max(need) * 1.05))
+    n = len(units)
+    need = [unit_memory(units, i, i + 1) - SHARD_OVERHEAD for i in range(n)]
+    layer = max(need[1:-1], default=0)
+    share = SHARD_OVERHEAD + (unit_memory(units, 0, n) - SHARD_OVERHEAD) / peers + layer / 2
+    return int(max(share, (max(need) + SHARD_OVERHEAD) * 1.05))
 
 
 async def _progress(mesh: LocalMesh, done: asyncio.Event, out: TextIO) -> None:
@@ -160,10 +168,91 @@ async def run_demo(
                 f"= {ratio:.2f}x; same tokens: {'yes' if same else 'no'}",
                 file=out,
             )
+        oracle = await _oracle(model_path, prompt, summary["tokens"], temperature, threads, out)
         if as_json:
             result = _json_result(prompt, summary, single, setup_s, warm, moved, limit)
+            result["llamacpp"] = oracle
+            result["agrees_with_llamacpp"] = None if oracle is None else oracle["ok"]
             print(json.dumps(result))
-    return 0
+    return 0 if oracle is None or oracle["ok"] else 1
+
+
+NEAR_TIE = 0.25  # the oracle rule of tests/test_runtime_onnx.py: llama.cpp's top-2 margin
+
+
+async def _oracle(
+    model_path: Path,
+    prompt: str,
+    tokens: list[int],
+    temperature: float,
+    threads: int | None,
+    out: TextIO,
+) -> dict[str, Any] | None:
+    if temperature != 0:
+        return None
+    check = await asyncio.to_thread(llamacpp_check, model_path, prompt, tokens, threads)
+    _print_oracle(check, len(tokens), out)
+    return check
+
+
+def llamacpp_check(
+    model_path: Path, prompt: str, tokens: list[int], threads: int | None = None
+) -> dict[str, Any] | None:
+    """llama.cpp on the same file, fed the same prompt tokens (the mesh's tokenizer) and then
+    the mesh's tokens: at each step its greedy token, and whether the mesh's token is it.
+    A step where llama.cpp's top-2 margin is <= NEAR_TIE is a near-tie, which a different
+    rounding may turn either way, so only the others decide ``ok``. None where
+    llama-cpp-python is not installed."""
+    from runtimes.errors import RuntimeUnavailableError
+    from runtimes.shards import ShardSpec
+    from runtimes.tokenizer import Tokenizer
+
+    try:
+        from runtimes.llamacpp import LlamaCppRuntime
+    except RuntimeUnavailableError:
+        return None
+    ids = Tokenizer(model_path).encode(prompt, True)
+    n_ctx = len(ids) + len(tokens) + 8
+    rt = LlamaCppRuntime(ShardSpec.open(model_path), n_ctx=n_ctx, threads=threads)
+    greedy: list[int] = []
+    near: list[int] = []
+    try:
+        s = rt.open_session(n_ctx)
+        row = rt.forward(s, np.asarray(ids))[-1]
+        for i, t in enumerate(tokens):
+            greedy.append(int(row.argmax()))
+            top = np.partition(row, -2)[-2:]
+            if float(top[1] - top[0]) <= NEAR_TIE:
+                near.append(i)
+            if i + 1 < len(tokens):
+                row = rt.forward(s, np.asarray([t]))[-1]
+    finally:
+        rt.close()
+    wrong = [i for i, (a, b) in enumerate(zip(greedy, tokens, strict=True)) if a != b]
+    return {
+        "tokens": greedy,
+        "same": not wrong,
+        "near_ties": near,
+        "mismatches": wrong,
+        "ok": all(i in near for i in wrong),
+    }
+
+
+def _print_oracle(check: dict[str, Any] | None, n: int, out: TextIO) -> None:
+    if check is None:
+        print("llama.cpp check skipped: llama-cpp-python is not installed", file=out)
+        return
+    wrong, near = check["mismatches"], check["near_ties"]
+    agreed = n - len(wrong)
+    verdict = "yes" if check["ok"] else "NO"
+    ties = [i for i in wrong if i in near]
+    plural = "s" if len(ties) > 1 else ""
+    note = f" ({len(ties)} near-tie{plural} within {NEAR_TIE}, at {ties})" if ties else ""
+    print(
+        f"llama.cpp on the same file, greedy on the same tokens: agrees: {verdict}, "
+        f"{agreed}/{n} tokens{note}",
+        file=out,
+    )
 
 
 async def _start_mesh(
