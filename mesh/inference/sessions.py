@@ -1,9 +1,13 @@
-"""The open route of one generation: a stage session per stage, opened last stage first so
-each knows where to push, and closed together (a dead stage has nothing left to free)."""
+"""The open route of one generation: a stage session per stage, all opened at once (each is
+told its next stage's session id up front, and a stage pushes only once a step comes, so no
+open waits for another: a route's set-up costs one round trip, and its stages pull their
+shards side by side), and closed together (a dead stage has nothing left to free)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 from mesh.errors import RPCError
 from mesh.inference.host import SessionHost
@@ -25,7 +29,7 @@ class RouteSessions:
         self.sids: list[str] = []
         self.warm = 0  # steps since the route was (re)opened
         self.bytes_pulled = 0  # shard bytes the stages pulled to open
-        self.last_opened = ""  # the stage asked last: the one to blame if opening failed
+        self.last_opened = ""  # the first stage (in route order) whose open failed
 
     async def open(self, stages: list[Stage]) -> None:
         """Open sessions on ``stages``; on any failure those already opened are closed."""
@@ -41,30 +45,40 @@ class RouteSessions:
 
     async def _open_stages(self) -> None:
         mesh = self.host.mesh
-        for i in reversed(range(len(self.stages))):
-            st = self.stages[i]
-            nxt = self.stages[i + 1].peer_id if i + 1 < len(self.stages) else None
-            params = {
-                "sid": self.sids[i],
-                "model_id": self.mid,
-                "units": list(st.units),
-                "runtime": st.runtime,
-                "next": nxt,
-                "next_sid": self.sids[i + 1] if nxt else None,
-                "prev": self.stages[i - 1].peer_id if i > 0 else None,
-                "max_tokens": self.max_tokens,
-                "source": mesh.me if self.host.holds_manifest(self.mid) else None,
-                "audit": self.audit,
-            }
-            self.last_opened = st.peer_id
-            reply = await mesh.call(st.peer_id, "compute.stage_open", params, timeout=600)
+        calls = [
+            mesh.call(st.peer_id, "compute.stage_open", self._params(i), timeout=600)
+            for i, st in enumerate(self.stages)
+        ]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for st, reply in zip(self.stages, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.last_opened = st.peer_id  # the first stage, in route order, that failed
+                raise reply
             self.bytes_pulled += int(reply.result.get("pulled", 0))
+        self.last_opened = self.stages[-1].peer_id if self.stages else ""
+
+    def _params(self, i: int) -> dict[str, Any]:
+        st = self.stages[i]
+        nxt = self.stages[i + 1].peer_id if i + 1 < len(self.stages) else None
+        return {
+            "sid": self.sids[i],
+            "model_id": self.mid,
+            "units": list(st.units),
+            "runtime": st.runtime,
+            "next": nxt,
+            "next_sid": self.sids[i + 1] if nxt else None,
+            "prev": self.stages[i - 1].peer_id if i > 0 else None,
+            "max_tokens": self.max_tokens,
+            "source": self.host.mesh.me if self.host.holds_manifest(self.mid) else None,
+            "audit": self.audit,
+        }
 
     async def close(self) -> None:
-        for st, sid in zip(self.stages, self.sids, strict=False):
+        async def one(peer: str, sid: str) -> None:
             try:
-                await self.host.mesh.call(
-                    st.peer_id, "compute.stage_close", {"sid": sid}, timeout=5
-                )
+                await self.host.mesh.call(peer, "compute.stage_close", {"sid": sid}, timeout=5)
             except RPCError:
                 pass  # a dead stage has nothing left to free
+
+        pairs = zip(self.stages, self.sids, strict=False)
+        await asyncio.gather(*(one(st.peer_id, sid) for st, sid in pairs))
