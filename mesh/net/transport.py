@@ -39,6 +39,7 @@ __all__ = [
     "accept_offer",
     "complete_offer",
     "peer_connection",
+    "candidate_pair",
     "Teardowns",
     "CHANNEL_LABEL",
 ]
@@ -243,6 +244,7 @@ class PendingConnection:
         # The pc closes whenever the link closes, from the first message on.
         link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
         link.offerer = self.offerer
+        link.path = lambda: candidate_pair(pc)
         self._link = link
         # Messages that raced the end of the handshake belong to the link.
         while not self._inbox.empty() and link.is_open:
@@ -389,6 +391,28 @@ async def _relay_again(
         return []
     ice._protocols.append(protocol)  # as aioice does with the relay candidates it gathers
     return [candidate]
+
+
+def candidate_pair(pc: RTCPeerConnection) -> dict[str, Any] | None:
+    """The ICE candidate pair the data channel runs over, read from the live aioice
+    connection: candidate types (host, srflx, prflx, relay) and protocol; None before ICE
+    nominated a pair or after it closed. ``relay_protocol``: how we reach the TURN server."""
+    sctp = pc.sctp
+    if sctp is None:
+        return None
+    ice = sctp.transport.transport.iceGatherer._connection
+    pair = ice._nominated.get(1)
+    if pair is None:
+        return None
+    local, remote = pair.local_candidate, pair.remote_candidate
+    out: dict[str, Any] = {
+        "local": local.type,
+        "remote": remote.type,
+        "protocol": local.transport.lower(),
+    }
+    if local.type == "relay":
+        out["relay_protocol"] = ("tls/" if ice.turn_ssl else "") + str(ice.turn_transport)
+    return out
 
 
 def peer_connection(config: TransportConfig) -> RTCPeerConnection:
