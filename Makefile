@@ -9,7 +9,8 @@ DEMO_EXTRAS ?= onnx,llamacpp,gemma3
 # llama-cpp-python builds from source: a portable x86-64-v3 build. The native build enables
 # ggml's AMX kernels on this CPU, and they segfault here in the first matmul.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-APT_PACKAGES ?= mosquitto clang chromium
+# COMMAND[:PACKAGE] (the package when it is not named after its command)
+APT_PACKAGES ?= mosquitto clang chromium turnserver:coturn
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-test apt lint clean
@@ -28,10 +29,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# Debian packages the tests use; installed only when missing (apt does not start mosquitto:
-# the tests run their own broker on a free loopback port).
+# Debian packages the tests use; installed only when their command is missing (apt starts
+# neither mosquitto nor coturn here: the tests run their own on free loopback ports).
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \

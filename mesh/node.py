@@ -521,7 +521,9 @@ class Node:
                 "not_member_from_dht_datagram": self.dht.not_member if self.dht else 0,
                 **self.policy.counters(),
                 **{f"not_member_from_{k}": v for k, v in self.conns.not_member.items()},
+                "turn_relay_failures": self.conns.transport.stats.relay_failures,
             },
+            "last_turn_error": self.conns.transport.stats.last_relay_error,
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},

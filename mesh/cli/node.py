@@ -109,7 +109,26 @@ def _add_node_network_args(n: argparse.ArgumentParser) -> None:
         help="restrict ICE host candidates to these addresses",
     )
     n.add_argument(
-        "--stun", action="append", default=[], metavar="URL", help="STUN/TURN server URL"
+        "--stun",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN server URL, no credentials (stun:HOST[:PORT], turn:HOST[:PORT]"
+        "[?transport=tcp], turns:HOST[:PORT]); TURN credentials come from the ICE config or "
+        "$EDGEMESH_TURN_USERNAME/$EDGEMESH_TURN_CREDENTIAL",
+    )
+    n.add_argument(
+        "--ice-config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="ICE servers with credentials, a JSON list of {urls, username, credential} "
+        "(default: DATA_DIR/ice.json when it exists)",
+    )
+    n.add_argument(
+        "--ice-relay-only",
+        action="store_true",
+        help="connect through the TURN relay only (peers never see this node's addresses)",
     )
 
 
@@ -203,12 +222,12 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     """The node's config from the ``node`` command's arguments."""
     from mesh.cli.storage import storage_config
     from mesh.inference.compute import ComputeConfig
-    from mesh.net.transport import TransportConfig
     from mesh.node import NodeConfig
 
     api = args.api or ("127.0.0.1", DEFAULT_API_PORT)
+    data_dir = args.data_dir or default_data_dir()
     return NodeConfig(
-        data_dir=args.data_dir or default_data_dir(),
+        data_dir=data_dir,
         name=args.name,
         api_host=api[0],
         api_port=api[1],
@@ -220,7 +239,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         static_peers=[f"{h}:{p}" for h, p in map(_hostport, args.peer)],
         ice_addresses=args.ice_address,
         ready_file=args.ready_file,
-        transport=TransportConfig(ice_servers=tuple(args.stun)),
+        transport=_transport_config(args, data_dir),
         mesh=args.mesh,
         mqtt=_mqtt_config(args),
         dht_port=args.dht_port,
@@ -236,6 +255,21 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         ),
         storage=storage_config(args),
     )
+
+
+def _transport_config(args: argparse.Namespace, data_dir: Path) -> Any:
+    """ICE servers from --stun, the ICE config file and the environment; CliError (the node
+    does not start) when they cannot work or a credential is on the command line."""
+    from mesh.net.ice import ICE_FILE, IceConfigError, resolve_ice_servers
+    from mesh.net.transport import TransportConfig
+
+    try:
+        servers = resolve_ice_servers(
+            args.stun, config_file=args.ice_config, default_file=data_dir / ICE_FILE
+        )
+        return TransportConfig(ice_servers=servers, relay_only=args.ice_relay_only)
+    except IceConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def probe_data_dir(args: argparse.Namespace) -> None:

@@ -29,8 +29,16 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
     )
 
 
+def _path(ice: Any) -> str:
+    """``host->relay udp`` (local and remote candidate types, protocol; TURN's in brackets)."""
+    if not isinstance(ice, dict):
+        return "-"
+    relay = f" (turn {ice['relay_protocol']})" if ice.get("relay_protocol") else ""
+    return f"{ice.get('local', '?')}->{ice.get('remote', '?')} {ice.get('protocol', '?')}{relay}"
+
+
 def format_peers(peers: list[dict[str, Any]]) -> str:
-    rows = [("PEER", "NAME", "STATE", "RTT MS", "SOURCE")]
+    rows = [("PEER", "NAME", "STATE", "RTT MS", "PATH", "SOURCE")]
     for p in peers:
         rtt = p.get("rtt_ms")
         rows.append(
@@ -39,6 +47,7 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
                 str(p.get("name", ""))[:20],
                 str(p.get("state", "")),
                 f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
+                _path(p.get("ice")),
                 str(p.get("source", "")),
             )
         )

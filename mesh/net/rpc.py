@@ -172,6 +172,8 @@ class Link:
         self._serving_bytes = 0
         self._congested_since: float | None = None
         self.offerer = False  # set by the transport: whether we sent the offer
+        # Set by the transport: the ICE candidate pair in use (types, protocol), None if unknown.
+        self.path: Callable[[], dict[str, Any] | None] = lambda: None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = time.time()

@@ -14,27 +14,32 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioice import TransportPolicy
+from aioice import ice as aioice_ice
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
-    RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
 
 from mesh.errors import EXPECTED, HandshakeError, TransportError, WireError
 from mesh.net.handshake import Gate, HandshakeState, fingerprint_from_sdp
+from mesh.net.ice import IceConfigError, IceServer, check_servers
 from mesh.net.identity import Identity
 from mesh.net.rpc import Handler, Link, LinkParams
 from mesh.net.wire import Encoder, Limits, Reassembler
 
 __all__ = [
     "TransportConfig",
+    "IceStats",
     "PendingConnection",
     "open_offer",
     "accept_offer",
     "complete_offer",
     "peer_connection",
+    "candidate_pair",
     "Teardowns",
     "CHANNEL_LABEL",
 ]
@@ -65,9 +70,25 @@ class Teardowns:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
+class IceStats:
+    """What ICE gathering went wrong with, for /v1/info: shared by every connection built
+    with one config (one node's)."""
+
+    def __init__(self) -> None:
+        self.relay_failures = 0
+        self.last_relay_error: str | None = None
+
+    def relay_failed(self, why: str) -> None:
+        self.relay_failures += 1
+        self.last_relay_error = why
+        log.warning("no relay candidate: %s", why)
+
+
 @dataclass(frozen=True)
 class TransportConfig:
-    """How links are built. ``ice_servers`` are STUN/TURN URLs; empty means none are contacted.
+    """How links are built. ``ice_servers`` are STUN/TURN servers (a bare string is a URL
+    without credentials), checked when the config is built (IceConfigError); empty means none
+    are contacted. ``relay_only``: gather and use relay (TURN) candidates only.
 
     ``candidate_addresses``: the only local addresses our peer connections gather ICE host
     candidates on (None: aioice's choice, every interface but loopback). A loopback mesh needs
@@ -75,15 +96,29 @@ class TransportConfig:
     only, never to other aiortc users in the process.
     """
 
-    ice_servers: tuple[str, ...] = ()
+    ice_servers: tuple[IceServer | str, ...] = ()
+    relay_only: bool = False
+    stats: IceStats = field(default_factory=lambda: IceStats(), compare=False)
     candidate_addresses: tuple[str, ...] | None = None
     handshake_timeout: float = 10.0
     connect_timeout: float = 20.0
     link: LinkParams = field(default_factory=LinkParams)
 
+    def __post_init__(self) -> None:
+        check_servers(self.servers)
+        if self.relay_only and not any(s.is_turn for s in self.servers):
+            raise IceConfigError("relay-only ICE needs a TURN server")
+
+    @property
+    def servers(self) -> tuple[IceServer, ...]:
+        return tuple(s if isinstance(s, IceServer) else IceServer(s) for s in self.ice_servers)
+
     def rtc_configuration(self) -> RTCConfiguration:
         # Explicit empty list: aiortc otherwise contacts a public STUN server.
-        return RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in self.ice_servers])
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        return RTCConfiguration(
+            iceServers=[s.rtc() for s in self.servers], iceTransportPolicy=policy
+        )
 
 
 class PendingConnection:
@@ -209,6 +244,7 @@ class PendingConnection:
         # The pc closes whenever the link closes, from the first message on.
         link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
         link.offerer = self.offerer
+        link.path = lambda: candidate_pair(pc)
         self._link = link
         # Messages that raced the end of the handshake belong to the link.
         while not self._inbox.empty() and link.is_open:
@@ -279,24 +315,25 @@ def check_sdp(sdp: str) -> None:
 
 
 class _ScopedPeerConnection(RTCPeerConnection):
-    """A peer connection that gathers host candidates on its config's addresses only.
+    """A peer connection that gathers host candidates on its config's addresses only, and
+    says why a TURN server gave no relay candidate.
 
     aioice picks host addresses through a module function (``aioice.ice.get_host_addresses``)
     and has no option for them; replacing that function would change every connection in the
     process. Instead, just before this connection gathers (only ``setLocalDescription`` does),
-    each of its own ICE connections gets the addresses handed to its candidate gathering.
+    each of its own ICE connections gets its gathering wrapped (:func:`_scope_candidates`).
     """
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(configuration=config.rtc_configuration())
         self._candidate_addresses = config.candidate_addresses
+        self._stats = config.stats
 
     async def setLocalDescription(
         self, sessionDescription: RTCSessionDescription | None = None
     ) -> None:
-        if self._candidate_addresses is not None:
-            for ice in self._ice_connections():
-                _scope_candidates(ice, self._candidate_addresses)
+        for ice in self._ice_connections():
+            _scope_candidates(ice, self._candidate_addresses, self._stats)
         await super().setLocalDescription(sessionDescription)
 
     def _ice_connections(self) -> list[Any]:
@@ -306,22 +343,76 @@ class _ScopedPeerConnection(RTCPeerConnection):
         return [dtls.transport.iceGatherer._connection for dtls in transports]
 
 
-def _scope_candidates(ice: Any, ours: tuple[str, ...]) -> None:
-    """Make one aioice connection gather host candidates on ``ours`` (this instance only).
+def _scope_candidates(ice: Any, ours: tuple[str, ...] | None, stats: IceStats) -> None:
+    """Wrap one aioice connection's gathering (this instance only): host candidates on
+    ``ours`` (None: aioice's choice), and a TURN server that gave no relay candidate is asked
+    once more, its error logged and counted in ``stats`` (aioice drops it without a word).
 
     aioice calls ``get_component_candidates(component=, addresses=)`` with the host addresses
-    it chose; the instance attribute set here shadows the method for this connection alone.
-    Our configs never set a relay-only policy, so aioice always passes host addresses here.
+    it chose (none with the relay-only policy); the instance attribute set here shadows the
+    method for this connection alone.
     """
     if getattr(ice, "_edgemesh_scoped", False):
         return
     gather = ice.get_component_candidates  # bound method: aioice's own gathering
+    relay_only = ice._transport_policy != TransportPolicy.ALL
 
-    def scoped(component: int, addresses: list[str], timeout: int = 5) -> Awaitable[Any]:
-        return gather(component=component, addresses=list(ours), timeout=timeout)  # type: ignore[no-any-return]
+    async def scoped(component: int, addresses: list[str], timeout: int = 5) -> list[Any]:
+        hosts = addresses if ours is None or relay_only else list(ours)
+        found: list[Any] = await gather(component=component, addresses=hosts, timeout=timeout)
+        if ice.turn_server is not None and not any(c.type == "relay" for c in found):
+            found += await _relay_again(ice, component, timeout, relay_only, stats)
+        return found
 
     ice.get_component_candidates = scoped
     ice._edgemesh_scoped = True
+
+
+async def _relay_again(
+    ice: Any, component: int, timeout: float, relay_only: bool, stats: IceStats
+) -> list[Any]:
+    """A second TURN allocation after aioice's failed one, to learn (and log) why."""
+    host, port = ice.turn_server
+    try:
+        async with asyncio.timeout(timeout):
+            candidate, protocol = await aioice_ice.relayed_candidate(
+                component=component,
+                hide_related_address=relay_only,
+                protocol_factory=lambda: aioice_ice.StunProtocol(ice),
+                turn_server=ice.turn_server,
+                turn_username=ice.turn_username,
+                turn_password=ice.turn_password,
+                turn_ssl=ice.turn_ssl,
+                turn_transport=ice.turn_transport,
+            )
+    except Exception as exc:  # aioice raises TransactionFailed, ConnectionError, OSError...
+        why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        stats.relay_failed(f"TURN {host}:{port} ({ice.turn_transport}): {why}")
+        return []
+    ice._protocols.append(protocol)  # as aioice does with the relay candidates it gathers
+    return [candidate]
+
+
+def candidate_pair(pc: RTCPeerConnection) -> dict[str, Any] | None:
+    """The ICE candidate pair the data channel runs over, read from the live aioice
+    connection: candidate types (host, srflx, prflx, relay) and protocol; None before ICE
+    nominated a pair or after it closed. ``relay_protocol``: how we reach the TURN server."""
+    sctp = pc.sctp
+    if sctp is None:
+        return None
+    ice = sctp.transport.transport.iceGatherer._connection
+    pair = ice._nominated.get(1)
+    if pair is None:
+        return None
+    local, remote = pair.local_candidate, pair.remote_candidate
+    out: dict[str, Any] = {
+        "local": local.type,
+        "remote": remote.type,
+        "protocol": local.transport.lower(),
+    }
+    if local.type == "relay":
+        out["relay_protocol"] = ("tls/" if ice.turn_ssl else "") + str(ice.turn_transport)
+    return out
 
 
 def peer_connection(config: TransportConfig) -> RTCPeerConnection:
