@@ -121,7 +121,9 @@ async def test_shards_are_objects_pulled_verified_replicated_and_got(
         lambda: _gone(mesh, other, a.peer_id), 30, "the puller to see the first holder leave"
     )
     done = await fetch(other, target["id"])
-    assert set(done["sources"]) == {holder.peer_id}
+    # From the replica; or nothing to pull: once the first holder is gone the replica is
+    # below its factor and leads the repair, which may already have asked ``other`` for a copy.
+    assert set(done["sources"]) <= {holder.peer_id}, done
     path = other.data_dir / "objects" / "packed" / f"{target['id']}.data"
     assert sha256_file(path) == target["name"].removesuffix(".gguf")
     spec = ShardSpec.open(path)  # a runtime opens the store's file as it is
