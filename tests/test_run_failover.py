@@ -354,27 +354,22 @@ async def test_fault_during_the_replay_counts_and_is_routed_around(
     assert mesh.sessions_left() == {}
 
 
-async def test_stage_failed_naming_a_peer_off_the_route_excludes_nobody(
-    tmp_path: Path, tiny: Path
-) -> None:
-    """The middle stage reports that a peer off the route failed: a stage may only blame
-    stages of the route, so the run fails with the reporter's error and nobody is excluded."""
-    mesh = await Mesh.start(tmp_path / "m", tiny)
-    run = GenerationRun(mesh.coord, mesh.request(split=3))
+def report_failed(
+    mesh: Mesh, run: GenerationRun, reporter: int, blamed: Callable[[list[Any]], str]
+) -> list[str]:
+    """From position 12 the route's stage ``reporter`` does not compute: it reports the
+    peer ``blamed(stages)`` as failed. Returns the peers it named, as it names them."""
     reported: list[str] = []
 
     def scripted(me: str, real: Handler) -> Handler:
-        """The stage's own handler, except as the route's middle stage from position 12."""
-
         async def stage_push(ctx: CallContext, params: dict[str, Any], payload: bytes) -> None:
             assert run.parts is not None
             stages = run.parts.route.stages
-            if me != stages[1].peer_id or params["pos"] < 12:
+            if me != stages[reporter].peer_id or params["pos"] < 12:
                 await real(ctx, params, payload)
                 return
-            outsider = next(p for p in mesh.peers if p not in {s.peer_id for s in stages})
-            reported.append(outsider)
-            report = {"rid": params["rid"], "pos": params["pos"], "failed": outsider}
+            reported.append(blamed(stages))
+            report = {"rid": params["rid"], "pos": params["pos"], "failed": reported[-1]}
             await mesh.net.caller(me).notify(COORD, "coordinator.stage_failed", report)
 
         return stage_push
@@ -382,6 +377,21 @@ async def test_stage_failed_naming_a_peer_off_the_route_excludes_nobody(
     for peer in mesh.peers:
         handlers = mesh.net.handlers[peer]
         handlers["compute.stage_push"] = scripted(peer, handlers["compute.stage_push"])
+    return reported
+
+
+async def test_stage_failed_naming_a_peer_off_the_route_excludes_nobody(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """The middle stage reports that a peer off the route failed: a stage may only blame
+    stages of the route, so the run fails with the reporter's error and nobody is excluded."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    run = GenerationRun(mesh.coord, mesh.request(split=3))
+
+    def outsider(stages: list[Any]) -> str:
+        return next(p for p in mesh.peers if p not in {s.peer_id for s in stages})
+
+    reported = report_failed(mesh, run, 1, outsider)
     try:
         with pytest.raises(RemoteError) as failed:
             await mesh.generate(run)
@@ -428,24 +438,7 @@ async def test_stage_failed_may_name_only_the_reporters_next_hop(
     reporter's own error and nobody is excluded."""
     mesh = await Mesh.start(tmp_path / "m", tiny)
     run = GenerationRun(mesh.coord, mesh.request(split=3))
-    reported: list[str] = []
-
-    def scripted(me: str, real: Handler) -> Handler:
-        async def stage_push(ctx: CallContext, params: dict[str, Any], payload: bytes) -> None:
-            assert run.parts is not None
-            stages = run.parts.route.stages
-            if me != stages[-1].peer_id or params["pos"] < 12:
-                await real(ctx, params, payload)
-                return
-            reported.append(stages[0].peer_id)
-            report = {"rid": params["rid"], "pos": params["pos"], "failed": stages[0].peer_id}
-            await mesh.net.caller(me).notify(COORD, "coordinator.stage_failed", report)
-
-        return stage_push
-
-    for peer in mesh.peers:
-        handlers = mesh.net.handlers[peer]
-        handlers["compute.stage_push"] = scripted(peer, handlers["compute.stage_push"])
+    reported = report_failed(mesh, run, -1, lambda stages: stages[0].peer_id)
     try:
         with pytest.raises(RemoteError) as failed:
             await mesh.generate(run)
