@@ -48,6 +48,7 @@ class ChatTemplateError(ModelError):
     bound."""
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> Any:
     import jinja2
     import jinja2.ext
@@ -149,6 +150,18 @@ def _tojson(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    """A template compiled once (a model's template is rendered for every chat request);
+    its renders share nothing but the code, so threads may render it at once."""
+    compiled = _environment().from_string(template)
+    # "~" compiles to the module-level str_join/markup_join: capped like "+" is.
+    namespace = compiled.root_render_func.__globals__
+    namespace["str_join"] = _bounded_join
+    namespace["markup_join"] = _bounded_join
+    return compiled
+
+
 def render_chat(
     template: str,
     messages: Sequence[dict[str, Any]],
@@ -175,15 +188,11 @@ def render_chat(
         raise ChatTemplateError(f"the chat template refused the messages: {message}"[:500])
 
     try:
-        compiled = _environment().from_string(template)
-        compiled.globals["range"] = bounded_range
-        # "~" compiles to the module-level str_join/markup_join: capped like "+" is.
-        namespace = compiled.root_render_func.__globals__
-        namespace["str_join"] = _bounded_join
-        namespace["markup_join"] = _bounded_join
+        compiled = _compiled(template)
         out: list[str] = []
         size = 0
         for piece in compiled.generate(
+            range=bounded_range,  # this render's budget: shadows the environment's range
             messages=[dict(m) for m in messages],
             bos_token=bos_token,
             eos_token=eos_token,

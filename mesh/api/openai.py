@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -100,8 +99,6 @@ def parse_openai(body: dict[str, Any], *, chat: bool) -> OpenAIRequest:
     include_usage = options.get("include_usage", False) is True
     _check_ranges(body)
     fields = dict(body)
-    seed = body.get("seed")
-    fields["seed"] = secrets.randbits(31) if seed is None else seed
     logprobs, k = _logprobs(body, chat)
     if chat:
         fields["prompt"] = ""
