@@ -4,20 +4,24 @@ A stage's input is token ids (first stage: 1-D int array of length S) or hidden 
 (float32 ``[S, d_model]``); its output is hidden states ``[S, d_model]`` or, for the last stage,
 logits ``[M, vocab]`` (M = S with ``all_logits``, else 1: the last position only).
 
-Inference blocks, so :class:`AsyncShard` runs every call of one loaded shard on its own
-single worker thread, never on the event loop; one thread also serialises the sessions of a
-shard, which the engines need (none of them is safe for concurrent calls on one model).
+Inference blocks, so :class:`runtimes.batching.AsyncShard` runs every call of one loaded shard
+on its own single worker thread, never on the event loop; one thread also serialises the
+sessions of a shard, which the engines need (none is safe for concurrent calls on one model).
+
+Continuous batching: steps of different sessions that are queued together run as one call of
+:meth:`Runtime.forward_steps` (see :mod:`runtimes.batching`). An engine with a batched path
+(onnx) reads every weight once for all of them, which is most of a decode step's cost on a CPU;
+the others run the steps one after another. Each session keeps its own KV cache and positions.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
 import itertools
 import logging
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,7 +34,7 @@ from .shards import ShardSpec
 __all__ = [
     "Runtime",
     "Session",
-    "AsyncShard",
+    "Step",
     "RUNTIME_NAMES",
     "get_runtime",
     "load_runtime",
@@ -52,10 +56,22 @@ class Session:
     state: Any = None  # the runtime's own KV cache object
 
 
+@dataclass(frozen=True)
+class Step:
+    """One session's rows for one forward: validated inputs (see :meth:`Runtime.check_step`)."""
+
+    session: Session
+    inputs: np.ndarray[Any, Any]
+    all_logits: bool = False
+
+
 class Runtime(ABC):
     """One loaded shard on one engine."""
 
     name: ClassVar[str]
+    # True where _forward_batch reads the weights once for all of a batch's sessions; the
+    # batcher then queues steps that arrive together instead of running them one by one.
+    batches: ClassVar[bool] = False
 
     def __init__(self, shard: ShardSpec) -> None:
         self.shard = shard
@@ -100,10 +116,18 @@ class Runtime(ABC):
         session.state = None
         self._sessions.pop(session.id, None)
 
-    def forward(
-        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
-    ) -> npt.NDArray[np.float32]:
-        """Tokens or hidden states in; hidden states or logits out (see the module doc)."""
+    def _forward_batch(self, steps: Sequence[Step]) -> list[Any]:
+        """Run several sessions' steps (distinct sessions, each checked); one output each.
+
+        The engine must leave every session's KV state as it was if it raises. This default
+        runs them one by one; an engine that can share the weight reads overrides it."""
+        return [self._forward(st.session, st.inputs, st.all_logits) for st in steps]
+
+    def check_step(
+        self, session: Session, inputs: npt.ArrayLike, all_logits: bool = False
+    ) -> Step:
+        """The step, validated: an open session of this shard, inputs of the right kind, and
+        room left in the session."""
         if session.closed or self._sessions.get(session.id) is not session:
             raise SessionError(f"session {session.id} is closed or belongs to another shard")
         x = self._check_inputs(inputs)
@@ -112,9 +136,29 @@ class Runtime(ABC):
             raise SessionError(
                 f"session {session.id}: {session.n_past} + {n} tokens exceed {session.max_tokens}"
             )
-        out = np.asarray(self._forward(session, x, all_logits), dtype=np.float32)
-        session.n_past += n
+        return Step(session, x, all_logits)
+
+    def forward(
+        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Tokens or hidden states in; hidden states or logits out (see the module doc)."""
+        st = self.check_step(session, inputs, all_logits)
+        out = np.asarray(self._forward(session, st.inputs, all_logits), dtype=np.float32)
+        session.n_past += st.inputs.shape[0]
         return out
+
+    def forward_steps(self, steps: Sequence[Step]) -> list[npt.NDArray[np.float32]]:
+        """Checked steps of distinct sessions, run together; one output per step, in order."""
+        if len({id(st.session) for st in steps}) != len(steps):
+            raise SessionError("a batch holds at most one step per session")
+        if len(steps) == 1:
+            st = steps[0]
+            outs = [self._forward(st.session, st.inputs, st.all_logits)]
+        else:
+            outs = self._forward_batch(steps)
+        for st in steps:
+            st.session.n_past += st.inputs.shape[0]
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def _check_inputs(self, inputs: npt.ArrayLike) -> np.ndarray[Any, Any]:
         x = np.asarray(inputs)
@@ -182,67 +226,3 @@ def get_runtime(name: str) -> type[Runtime]:
 def load_runtime(name: str, shard: ShardSpec, **options: Any) -> Runtime:
     rt: Runtime = get_runtime(name)(shard, **options)
     return rt
-
-
-class AsyncShard:
-    """A loaded shard whose blocking calls run on its own single worker thread.
-
-    ``prefill_delay``: fault injection, off by default (0): seconds every multi-row forward
-    (a prompt chunk) waits before it runs, so a fault test can kill or stop a stage in its
-    prefill. It reaches :meth:`load` as a runtime option (tests/fixtures/fault_node.py sets
-    it); never from the command line or the environment.
-    """
-
-    def __init__(
-        self, runtime: Runtime, executor: ThreadPoolExecutor, *, prefill_delay: float = 0.0
-    ) -> None:
-        self.runtime = runtime
-        self._executor = executor
-        self._closed = False
-        self._prefill_delay = max(0.0, float(prefill_delay))
-
-    @classmethod
-    async def load(
-        cls, name: str, shard: ShardSpec, *, prefill_delay: float = 0.0, **options: Any
-    ) -> AsyncShard:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rt-{name}")
-        loop = asyncio.get_running_loop()
-        try:
-            rt = await loop.run_in_executor(executor, lambda: load_runtime(name, shard, **options))
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(rt, executor, prefill_delay=prefill_delay)
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        if self._closed:
-            raise ModelError("shard is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
-
-    async def open_session(self, max_tokens: int = 2048) -> Session:
-        s: Session = await self._call(self.runtime.open_session, max_tokens)
-        return s
-
-    async def close_session(self, session: Session) -> None:
-        await self._call(self.runtime.close_session, session)
-
-    async def forward(
-        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
-    ) -> npt.NDArray[np.float32]:
-        delay = self._prefill_delay
-        if delay and np.shape(inputs)[0] > 1:  # several rows: a prompt chunk, not one token
-            log.warning("fault injection: prefill held for %.1f s", delay)
-            await asyncio.sleep(delay)  # fault injection only: a window for a fault to land
-        out: npt.NDArray[np.float32] = await self._call(
-            lambda: self.runtime.forward(session, inputs, all_logits=all_logits)
-        )
-        return out
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.runtime.close)
-        self._closed = True
-        self._executor.shutdown(wait=True)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import Runtime, Session
+from .base import Runtime, Session, Step
 from .errors import RuntimeUnavailableError
-from .positions import attention_masks, rope_tables
+from .onnx_batch import BatchLayout, concat_pasts, output_rows, split_presents
+from .positions import attention_masks, batch_masks, rope_tables
 from .quant import onnx_weight_bytes
 from .shards import ShardSpec
 
@@ -42,6 +44,7 @@ class _KV:
 
 class OnnxRuntime(Runtime):
     name = "onnx"
+    batches = True  # one graph call reads every weight once for a whole batch (onnx_batch.py)
 
     def __init__(
         self,
@@ -120,27 +123,12 @@ class OnnxRuntime(Runtime):
         session.state = _KV(vals)
 
     def _forward(self, session: Session, inputs: np.ndarray[Any, Any], all_logits: bool) -> Any:
-        cfg = self.config
         n = inputs.shape[0]
         kv: _KV = session.state
         feeds: dict[str, Any] = dict(kv.values)
-        if self._embed is not None:
-            feeds["embeds"] = _ov(embedding_rows(self._embed, inputs))
-        else:
-            feeds["hidden_in"] = _ov(inputs)
-        pos = session.n_past + np.arange(n)
-        if "cos_g" in self._input_names:
-            c, s = rope_tables(
-                pos, cfg.head_dim, cfg.rope_base, cfg.rope_freq_scale, self._freq_factors
-            )
-            feeds["cos_g"], feeds["sin_g"] = _ov(c), _ov(s)
-            feeds["mask_g"] = _ov(attention_masks(session.n_past, n, 0))
-        if "cos_l" in self._input_names:
-            c, s = rope_tables(
-                pos, cfg.head_dim, cfg.rope_base_swa, cfg.rope_freq_scale, self._freq_factors
-            )
-            feeds["cos_l"], feeds["sin_l"] = _ov(c), _ov(s)
-            feeds["mask_l"] = _ov(attention_masks(session.n_past, n, cfg.sliding_window))
+        feeds.update(self._row_feeds(inputs, session.n_past + np.arange(n)))
+        for tag, window in self._mask_tags():
+            feeds[f"mask_{tag}"] = _ov(attention_masks(session.n_past, n, window))
         if self.shard.is_last:
             idx = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64)
             feeds["out_idx"] = _ov(idx)
@@ -149,6 +137,59 @@ class OnnxRuntime(Runtime):
         for name, val in zip(self._out_names[1:], outs[1:], strict=True):
             kv.values[name.replace("present_", "past_")] = val
         return result
+
+    def _forward_batch(self, steps: Sequence[Step]) -> list[Any]:
+        """The steps of several sessions as one call (see onnx_batch.py); each session's
+        cache is replaced only once the call has succeeded."""
+        layout = BatchLayout(
+            tuple(st.session.n_past for st in steps), tuple(st.inputs.shape[0] for st in steps)
+        )
+        rows = np.concatenate([st.inputs for st in steps], axis=0)
+        pos = np.concatenate([st.session.n_past + np.arange(st.inputs.shape[0]) for st in steps])
+        caches = [st.session.state.values for st in steps]
+        feeds: dict[str, Any] = {
+            n: _ov(a) for n, a in concat_pasts(caches, list(caches[0])).items()
+        }
+        feeds.update(self._row_feeds(rows, pos))
+        for tag, window in self._mask_tags():
+            feeds[f"mask_{tag}"] = _ov(batch_masks(list(layout.pasts), list(layout.news), window))
+        spans = output_rows(layout, [st.all_logits for st in steps])
+        if self.shard.is_last:
+            feeds["out_idx"] = _ov(np.concatenate([np.arange(a, b) for a, b in spans]))
+        outs = self._sess.run_with_ort_values(self._out_names, feeds)
+        result = outs[0].numpy()
+        presents = dict(zip(self._out_names[1:], outs[1:], strict=True))
+        for st, cache in zip(steps, split_presents(layout, presents), strict=True):
+            st.session.state.values = {n: _ov(a) for n, a in cache.items()}
+        if not self.shard.is_last:
+            ro = layout.row_offsets()
+            return [result[a:b] for a, b in zip(ro, ro[1:], strict=False)]
+        out, start = [], 0
+        for a, b in spans:
+            out.append(result[start : start + b - a])
+            start += b - a
+        return out
+
+    def _row_feeds(self, inputs: np.ndarray[Any, Any], pos: np.ndarray[Any, Any]) -> dict[str, Any]:
+        """The stage input and the RoPE tables of rows at positions ``pos``."""
+        cfg = self.config
+        feeds: dict[str, Any] = {}
+        if self._embed is not None:
+            feeds["embeds"] = _ov(embedding_rows(self._embed, inputs))
+        else:
+            feeds["hidden_in"] = _ov(inputs)
+        for tag, base in (("g", cfg.rope_base), ("l", cfg.rope_base_swa)):
+            if f"cos_{tag}" in self._input_names:
+                c, s = rope_tables(pos, cfg.head_dim, base, cfg.rope_freq_scale, self._freq_factors)
+                feeds[f"cos_{tag}"], feeds[f"sin_{tag}"] = _ov(c), _ov(s)
+        return feeds
+
+    def _mask_tags(self) -> list[tuple[str, int]]:
+        """The graph's mask inputs: global ("g", no window) and sliding-window ("l")."""
+        tags = [("g", 0)] if "mask_g" in self._input_names else []
+        if "mask_l" in self._input_names:
+            tags.append(("l", self.config.sliding_window))
+        return tags
 
     def close(self) -> None:
         super().close()

@@ -30,7 +30,7 @@ from mesh.storage.service import (
     ReplicationBusy,
     StorageConfig,
 )
-from runtimes.base import AsyncShard
+from runtimes.batching import AsyncShard
 from runtimes.errors import ModelError
 from runtimes.fake import fake_shard
 

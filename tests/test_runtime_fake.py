@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from runtimes.base import AsyncShard, get_runtime, load_runtime
+from runtimes.base import get_runtime, load_runtime
+from runtimes.batching import AsyncShard
 from runtimes.errors import ModelError, RuntimeUnavailableError, SessionError
 from runtimes.fake import FakeRuntime, fake_config, fake_shard
 from runtimes.oracle import Chain, greedy_continuation

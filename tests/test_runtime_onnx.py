@@ -125,7 +125,7 @@ def test_memory_estimate_is_positive(models: dict[str, Path]) -> None:
 
 
 async def test_async_shard_with_onnx(models: dict[str, Path]) -> None:
-    from runtimes.base import AsyncShard
+    from runtimes.batching import AsyncShard
 
     p = models["llama"]
     shard = await AsyncShard.load("onnx", ShardSpec.open(p), threads=2)

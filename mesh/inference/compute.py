@@ -64,6 +64,8 @@ class ComputeService(AuditedStages):
                     "units": [k[1], k[2]],
                     "runtime": k[3],
                     "sessions": v.sessions,
+                    # continuous batching: engine calls run and the steps they held
+                    "batching": v.shard.batching,
                 }
                 for k, v in self.loaded.items()
             ],

@@ -1,0 +1,238 @@
+"""Continuous batching for one loaded shard: steps queued together run as one forward.
+
+A stage's worker thread runs one call at a time. While it runs, the steps that arrive for the
+shard (other sessions' decode tokens, prompt chunks) wait in a queue; when it frees, all that
+are waiting join the next call, up to a row budget and at most one step per session (a
+session's steps must run in order, each after the last). Sessions join and leave between
+calls; nothing about one session's step depends on which others share its call.
+
+A batch is checked step by step before it runs, so one bad step (a closed session, wrong
+inputs) fails alone; if the engine fails on the whole batch, each step is retried alone, so a
+step that breaks the engine fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .base import Runtime, Session, Step, load_runtime
+from .errors import ModelError
+from .shards import ShardSpec
+
+__all__ = ["AsyncShard", "Batcher", "Pending", "run_batch", "BATCH_ROWS"]
+
+log = logging.getLogger(__name__)
+
+# Rows of one batched call: enough for 16 decode streams beside a prompt chunk, few enough that
+# a long prompt chunk does not hold everyone else's token for long.
+BATCH_ROWS = 512
+
+
+@dataclass
+class Pending:
+    """One queued step and the future its caller awaits."""
+
+    session: Session
+    inputs: Any
+    all_logits: bool
+    future: asyncio.Future[npt.NDArray[np.float32]]
+    rows: int = field(default=1)
+
+
+def run_batch(runtime: Runtime, pending: list[Pending]) -> list[Any]:
+    """On the shard's worker thread: one output or exception per pending step, in order."""
+    results: list[Any] = [None] * len(pending)
+    steps: list[Step] = []
+    where: list[int] = []
+    for i, p in enumerate(pending):
+        try:
+            steps.append(runtime.check_step(p.session, p.inputs, p.all_logits))
+            where.append(i)
+        except Exception as exc:  # this step's own error: the others still run
+            results[i] = exc
+    if not steps:
+        return results
+    outs: list[Any] = []
+    if runtime.batches and len(steps) > 1:
+        try:
+            outs = list(runtime.forward_steps(steps))
+        except Exception as exc:
+            log.warning("a batch of %d steps failed (%s); running each alone", len(steps), exc)
+    if not outs:  # an engine without a batched path, one step, or a failed batch
+        for st in steps:
+            try:
+                outs.append(runtime.forward_steps([st])[0])
+            except Exception as one:
+                outs.append(one)
+    for i, out in zip(where, outs, strict=True):
+        results[i] = out
+    return results
+
+
+class Batcher:
+    """The queue in front of one shard's worker; ``call`` runs a blocking function there."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        call: Callable[..., Any],
+        *,
+        max_rows: int = BATCH_ROWS,
+    ) -> None:
+        self._runtime = runtime
+        self._call = call
+        self._max_rows = max(1, int(max_rows))
+        self._queue: list[Pending] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._batches = 0
+        self._batched_steps = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Calls run and the steps they ran (steps / calls = the mean batch size)."""
+        return {"batches": self._batches, "steps": self._batched_steps}
+
+    async def forward(
+        self, session: Session, inputs: Any, all_logits: bool
+    ) -> npt.NDArray[np.float32]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[npt.NDArray[np.float32]] = loop.create_future()
+        rows = int(np.shape(inputs)[0]) if np.ndim(inputs) else 1
+        self._queue.append(Pending(session, inputs, all_logits, fut, rows))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await fut
+
+    def _take(self) -> list[Pending]:
+        """The next batch: the oldest step of each session, oldest first, within the budget."""
+        batch: list[Pending] = []
+        rest: list[Pending] = []
+        seen: set[int] = set()
+        rows = 0
+        for p in self._queue:
+            if p.future.done():  # its caller gave up before it ran: never run it
+                continue
+            fits = not batch or rows + p.rows <= self._max_rows
+            if p.session.id in seen or not fits:
+                seen.add(p.session.id)  # a later step of this session waits for this one
+                rest.append(p)
+                continue
+            seen.add(p.session.id)
+            batch.append(p)
+            rows += p.rows
+        self._queue = rest
+        return batch
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._call(run_batch, self._runtime, batch)
+            except BaseException as exc:  # the shard closed under us, or we were cancelled
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(
+                            exc if isinstance(exc, Exception) else asyncio.CancelledError()
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self._batches += 1
+            self._batched_steps += len(batch)
+            for p, r in zip(batch, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)
+
+    def fail_all(self, exc: Exception) -> None:
+        """The shard is closing: every queued step fails with ``exc``."""
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(exc)
+        self._queue.clear()
+
+
+class AsyncShard:
+    """A loaded shard whose blocking calls run on its own single worker thread.
+
+    ``prefill_delay``: fault injection, off by default (0): seconds every multi-row forward
+    (a prompt chunk) waits before it runs, so a fault test can kill or stop a stage in its
+    prefill. It reaches :meth:`load` as a runtime option (tests/fixtures/fault_node.py sets
+    it); never from the command line or the environment.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        executor: ThreadPoolExecutor,
+        *,
+        prefill_delay: float = 0.0,
+        batch_rows: int = BATCH_ROWS,
+    ) -> None:
+        self.runtime = runtime
+        self._executor = executor
+        self._closed = False
+        self._prefill_delay = max(0.0, float(prefill_delay))
+        self._batcher = Batcher(runtime, self._call, max_rows=batch_rows)
+
+    @property
+    def batching(self) -> dict[str, int]:
+        """Batched calls run so far and the steps they held."""
+        return self._batcher.stats
+
+    @classmethod
+    async def load(
+        cls, name: str, shard: ShardSpec, *, prefill_delay: float = 0.0, **options: Any
+    ) -> AsyncShard:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rt-{name}")
+        loop = asyncio.get_running_loop()
+        try:
+            rt = await loop.run_in_executor(executor, lambda: load_runtime(name, shard, **options))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(rt, executor, prefill_delay=prefill_delay)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise ModelError("shard is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def open_session(self, max_tokens: int = 2048) -> Session:
+        s: Session = await self._call(self.runtime.open_session, max_tokens)
+        return s
+
+    async def close_session(self, session: Session) -> None:
+        await self._call(self.runtime.close_session, session)
+
+    async def forward(
+        self, session: Session, inputs: npt.ArrayLike, *, all_logits: bool = False
+    ) -> npt.NDArray[np.float32]:
+        delay = self._prefill_delay
+        if delay and np.shape(inputs)[0] > 1:  # several rows: a prompt chunk, not one token
+            log.warning("fault injection: prefill held for %.1f s", delay)
+            await asyncio.sleep(delay)  # fault injection only: a window for a fault to land
+        return await self._batcher.forward(session, inputs, all_logits)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._batcher.fail_all(ModelError("shard is closed"))
+        self._closed = True  # steps sent from now on fail at once (see _call)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.runtime.close)
+        self._executor.shutdown(wait=True)
