@@ -94,11 +94,12 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._batches = 0
         self._batched_steps = 0
+        self._largest = 0
 
     @property
     def stats(self) -> dict[str, int]:
-        """Calls run and the steps they ran (steps / calls = the mean batch size)."""
-        return {"batches": self._batches, "steps": self._batched_steps}
+        """Calls run, the steps they ran (steps / calls = the mean batch size), the largest."""
+        return {"batches": self._batches, "steps": self._batched_steps, "largest": self._largest}
 
     async def forward(
         self, session: Session, inputs: Any, all_logits: bool
@@ -149,6 +150,7 @@ class Batcher:
                 continue
             self._batches += 1
             self._batched_steps += len(batch)
+            self._largest = max(self._largest, len(batch))
             for p, r in zip(batch, results, strict=True):
                 if p.future.done():
                     continue

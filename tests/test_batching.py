@@ -189,7 +189,7 @@ async def test_steps_queued_together_run_as_one_call() -> None:
     rt.gate.set()
     outs = [await held] + [await f for f in rest]
     assert rt.calls == [[sessions[0].id], [s.id for s in sessions[1:]]]  # one call for eight
-    assert shard.batching == {"batches": 2, "steps": 9}
+    assert shard.batching == {"batches": 2, "steps": 9, "largest": 8}
     ref = _sequential([[3]] + [[1 + i] for i in range(8)])
     for got, want in zip(outs, ref, strict=True):
         np.testing.assert_array_equal(got, want[0])
