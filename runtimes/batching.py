@@ -27,13 +27,17 @@ from .base import Runtime, Session, Step, load_runtime
 from .errors import ModelError
 from .shards import ShardSpec
 
-__all__ = ["AsyncShard", "Batcher", "Pending", "run_batch", "BATCH_ROWS"]
+__all__ = ["AsyncShard", "Batcher", "Pending", "run_batch", "BATCH_ROWS", "BATCH_AREA"]
 
 log = logging.getLogger(__name__)
 
 # Rows of one batched call: enough for 16 decode streams beside a prompt chunk, few enough that
 # a long prompt chunk does not hold everyone else's token for long.
 BATCH_ROWS = 512
+# Rows x keys of one batched call: the batch's attention scores and masks are that large (per
+# head), and a batch's keys are all its sessions' caches. 4 Mi entries: 16 MiB per mask, about
+# what one session's 512-row chunk over a 2k context takes alone (a first step always runs).
+BATCH_AREA = 1 << 22
 
 
 @dataclass
@@ -86,10 +90,12 @@ class Batcher:
         call: Callable[..., Any],
         *,
         max_rows: int = BATCH_ROWS,
+        max_area: int = BATCH_AREA,
     ) -> None:
         self._runtime = runtime
         self._call = call
         self._max_rows = max(1, int(max_rows))
+        self._max_area = max(1, int(max_area))
         self._queue: list[Pending] = []
         self._worker: asyncio.Task[None] | None = None
         self._batches = 0
@@ -113,22 +119,27 @@ class Batcher:
         return await fut
 
     def _take(self) -> list[Pending]:
-        """The next batch: the oldest step of each session, oldest first, within the budget."""
+        """The next batch: the oldest step of each session, oldest first, within the budgets
+        (rows, and rows x keys); the first step always runs, whatever its size."""
         batch: list[Pending] = []
         rest: list[Pending] = []
         seen: set[int] = set()
-        rows = 0
+        rows = keys = 0
         for p in self._queue:
             if p.future.done():  # its caller gave up before it ran: never run it
                 continue
-            fits = not batch or rows + p.rows <= self._max_rows
+            # n_past is settled: no step runs while the next batch is chosen
+            k = keys + p.session.n_past + p.rows
+            fits = not batch or (
+                rows + p.rows <= self._max_rows and (rows + p.rows) * k <= self._max_area
+            )
             if p.session.id in seen or not fits:
                 seen.add(p.session.id)  # a later step of this session waits for this one
                 rest.append(p)
                 continue
             seen.add(p.session.id)
             batch.append(p)
-            rows += p.rows
+            rows, keys = rows + p.rows, k
         self._queue = rest
         return batch
 
@@ -183,12 +194,13 @@ class AsyncShard:
         *,
         prefill_delay: float = 0.0,
         batch_rows: int = BATCH_ROWS,
+        batch_area: int = BATCH_AREA,
     ) -> None:
         self.runtime = runtime
         self._executor = executor
         self._closed = False
         self._prefill_delay = max(0.0, float(prefill_delay))
-        self._batcher = Batcher(runtime, self._call, max_rows=batch_rows)
+        self._batcher = Batcher(runtime, self._call, max_rows=batch_rows, max_area=batch_area)
 
     @property
     def batching(self) -> dict[str, int]:

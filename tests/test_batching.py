@@ -258,6 +258,24 @@ async def test_the_row_budget_bounds_a_batch() -> None:
     await shard.aclose()
 
 
+async def test_the_attention_area_bounds_a_batch() -> None:
+    """Rows x keys (every session's cache is a key of the batch): long contexts batch less."""
+    rt = _Gated(fake_shard(0, 4))
+    shard, (holder, *deep) = await _shard(rt, 5, batch_area=3 * 40)
+    for s in deep:
+        await shard.forward(s, list(range(19)))  # 19 cached positions each
+    held = await _hold(rt, shard, holder)
+    futs = [asyncio.ensure_future(shard.forward(s, [1])) for s in deep]
+    await _queue()
+    rt.gate.set()
+    await held
+    for f in futs:
+        await f
+    # two steps: 2 rows x 40 keys = 80 fits; a third: 3 x 60 = 180 > 120
+    assert rt.calls[-2:] == [[deep[0].id, deep[1].id], [deep[2].id, deep[3].id]]
+    await shard.aclose()
+
+
 async def test_closing_the_shard_fails_queued_steps() -> None:
     rt = _Gated(fake_shard(0, 4))
     shard, (holder, s) = await _shard(rt, 2)
