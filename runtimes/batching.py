@@ -6,7 +6,9 @@ are waiting join the next call, up to a row budget and at most one step per sess
 session's steps must run in order, each after the last). Sessions join and leave between
 calls; nothing about one session's step depends on which others share its call.
 
-A batch is checked step by step before it runs, so one bad step (a closed session, wrong
+A batch holds steps of one size (as many rows each: decode steps together, equal prompt
+chunks together), which onnx_batch.py needs to give each session the same arithmetic as
+alone. A batch is checked step by step before it runs, so one bad step (a closed session, wrong
 inputs) fails alone; if the engine fails on the whole batch, each step is retried alone, so a
 step that breaks the engine fails only itself.
 """
@@ -119,8 +121,8 @@ class Batcher:
         return await fut
 
     def _take(self) -> list[Pending]:
-        """The next batch: the oldest step of each session, oldest first, within the budgets
-        (rows, and rows x keys); the first step always runs, whatever its size."""
+        """The next batch: the oldest step of each session, oldest first, of the oldest step's
+        size, within the budgets (rows, and rows x keys); the first always runs."""
         batch: list[Pending] = []
         rest: list[Pending] = []
         seen: set[int] = set()
@@ -131,7 +133,9 @@ class Batcher:
             # n_past is settled: no step runs while the next batch is chosen
             k = keys + p.session.n_past + p.rows
             fits = not batch or (
-                rows + p.rows <= self._max_rows and (rows + p.rows) * k <= self._max_area
+                p.rows == batch[0].rows
+                and rows + p.rows <= self._max_rows
+                and (rows + p.rows) * k <= self._max_area
             )
             if p.session.id in seen or not fits:
                 seen.add(p.session.id)  # a later step of this session waits for this one

@@ -1,91 +1,157 @@
-"""Several sessions' steps in one call of a shard's ONNX graph (continuous batching).
+"""How one call of a shard's ONNX graph runs the steps of one or several sessions.
 
-The graph knows nothing of sessions: it takes rows ``[T, d]`` with a RoPE table per row, an
-additive mask ``[T, K]`` over the keys, and ``past_*`` caches that it concatenates with the new
-keys and values. So a batch is fed as one sequence: the sessions' rows one after another, their
-caches concatenated, and a mask that lets each row see only its own session's keys
-(:func:`runtimes.positions.batch_masks`). Every weight is then read once for all of the
-batch's rows, which is most of a decode step's cost on a CPU. The ``present_*`` outputs are
-cut back into one cache per session afterwards.
+The linear layers take the step's rows ``[S, d]`` of every session one after another: every
+weight is read once for all of them (continuous batching), and a row's result depends on that
+row alone (MatMulNBits quantizes and multiplies each row by itself, measured bit-exact for any
+number of rows). Attention runs per session (onnx_graph._attention): the graph gathers each
+session's keys and values, its cache then its new rows, into its own row of ``[B, C]`` from
+key 0, and its queries into ``[B, Q]`` slots. Keys past a session's own are zeros, masked.
 
-A row's result does not depend on the other rows beyond floating-point summation order in the
-attention (masked keys contribute exact zeros).
+That makes a session's attention the same arithmetic alone and in any batch, bit for bit, on
+conditions measured on onnxruntime 1.32's CPU kernels:
+- the session's keys start at 0 in its row (reductions group elements from the row start);
+- the row is longer than 256 keys every time (the kernels switch methods at 128 and 256 keys;
+  above that, masked zeros added at the end change nothing): C >= :data:`MIN_KEYS`;
+- every call has at least two session slots (with one, MatMul folds the heads into one
+  matrix product, whose rows differ in the last bits from the per-slot products): a lone
+  session gets an idle second slot;
+- the sessions of a call have the same number of rows (a slot's rows go through one matrix
+  product, whose per-row result depends on its row count): the batcher groups steps so.
+
+Bit-exactness matters more than it seems: the int8 activation quantization in MatMulNBits turns a last-bit difference into a
+rounding step, which on Gemma 3 moved logits by ~1.0 and changed greedy tokens.
+
+Each session's cache lives here as numpy arrays ``[capacity, hk, hd]`` per layer that grow by
+doubling; the graph returns only the step's new rows, which are appended.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BatchLayout", "concat_pasts", "split_presents", "output_rows"]
+__all__ = ["MIN_KEYS", "BatchLayout", "KVCache"]
 
-# the axis of a cached K ([hk, hd, P]) and V ([hk, P, hd]) along which positions grow
-_K_AXIS, _V_AXIS = 2, 1
+MIN_KEYS = 257
 
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """Where each session's rows and cached positions sit in the batched call."""
+    """Where each session's rows and keys sit in one call."""
 
     pasts: tuple[int, ...]  # cached positions per session
     news: tuple[int, ...]  # new rows per session
 
     @property
-    def total_past(self) -> int:
-        return sum(self.pasts)
+    def keys(self) -> int:
+        """C: every session's key row, padded."""
+        return max(MIN_KEYS, max(p + n for p, n in zip(self.pasts, self.news, strict=True)))
+
+    @property
+    def slots(self) -> int:
+        """Q: query slots per session."""
+        return max(self.news)
 
     def row_offsets(self) -> list[int]:
         return [0, *np.cumsum(self.news).tolist()]
 
-    def past_offsets(self) -> list[int]:
-        return [0, *np.cumsum(self.pasts).tolist()]
+    def positions(self) -> np.ndarray[Any, Any]:
+        """The position of every row of the call."""
+        return np.concatenate(
+            [p + np.arange(n) for p, n in zip(self.pasts, self.news, strict=True)]
+        )
+
+    @property
+    def sessions(self) -> int:
+        """B: session slots, at least two (the second of a lone session's call stays idle)."""
+        return max(2, len(self.news))
+
+    def indices(self) -> dict[str, np.ndarray[Any, Any]]:
+        """kv_idx [B, C] into the pool (row 0 zeros, then each session's cache, then the new
+        rows), q_idx [B, Q] into the rows, row_idx [S] into the B x Q slots. An idle slot
+        reads the zero row and row 0."""
+        b_n, c_n, q_n = self.sessions, self.keys, self.slots
+        n_pool = 1 + sum(self.pasts)
+        ro = self.row_offsets()
+        kv = np.zeros((b_n, c_n), np.int64)
+        q = np.zeros((b_n, q_n), np.int64)
+        rows = np.zeros(ro[-1], np.int64)
+        off = 1
+        for b, (p, n) in enumerate(zip(self.pasts, self.news, strict=True)):
+            kv[b, :p] = off + np.arange(p)
+            kv[b, p : p + n] = n_pool + ro[b] + np.arange(n)
+            off += p
+            q[b, :n] = ro[b] + np.arange(n)
+            q[b, n:] = ro[b]  # padding slots: any row; their outputs are never read
+            rows[ro[b] : ro[b + 1]] = b * q_n + np.arange(n)
+        return {"kv_idx": kv, "q_idx": q, "row_idx": rows}
+
+    def mask(self, window: int) -> np.ndarray[Any, Any]:
+        """Additive [B, 1, 1, Q, C]: a query at position t sees keys 0..t of its session (and,
+        with a window, only the last ``window`` of them), as runtimes.positions does."""
+        b_n, c_n, q_n = self.sessions, self.keys, self.slots
+        key = np.arange(c_n, dtype=np.int64)[None, :]
+        out = np.full((b_n, 1, 1, q_n, c_n), -np.inf, np.float32)
+        out[:, 0, 0, :, 0] = 0.0  # idle slots see one key: no all-masked row (NaN)
+        for b, (p, n) in enumerate(zip(self.pasts, self.news, strict=True)):
+            qpos = p + np.arange(n, dtype=np.int64)[:, None]
+            ok = key <= qpos
+            if window > 0:
+                ok &= (qpos - key) < window
+            out[b, 0, 0, :n] = np.where(ok, np.float32(0.0), np.float32(-np.inf))
+        return out
 
 
-def _axis(name: str) -> int:
-    return _K_AXIS if name.startswith(("past_k_", "present_k_")) else _V_AXIS
+@dataclass
+class KVCache:
+    """One session's keys and values per layer, ``[capacity, hk, hd]``, the first
+    ``Session.n_past`` rows valid."""
+
+    kv_heads: int
+    head_dim: int
+    keys: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
+    values: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+    def rows(self, layer: int, n: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        k, v = self.keys.get(layer), self.values.get(layer)
+        if k is None or v is None or n == 0:
+            empty = np.zeros((0, self.kv_heads, self.head_dim), np.float32)
+            return empty, empty
+        return k[:n], v[:n]
+
+    def append(self, layer: int, at: int, k: np.ndarray[Any, Any], v: np.ndarray[Any, Any]) -> None:
+        """Write rows ``at .. at + len(k)`` (overwriting any rolled-back rows there)."""
+        need = at + k.shape[0]
+        old = self.keys.get(layer)
+        if old is None or old.shape[0] < need:
+            cap = max(16, need, 2 * (old.shape[0] if old is not None else 0))
+            for store in (self.keys, self.values):
+                grown = np.zeros((cap, self.kv_heads, self.head_dim), np.float32)
+                prev = store.get(layer)
+                if prev is not None:
+                    grown[:at] = prev[:at]
+                store[layer] = grown
+        self.keys[layer][at:need] = k
+        self.values[layer][at:need] = v
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys.values()) + sum(
+            a.nbytes for a in self.values.values()
+        )
 
 
-def concat_pasts(caches: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """name -> numpy array of every session's cache along the position axis, in order."""
-    return {
-        n: np.ascontiguousarray(np.concatenate([_np(c[n]) for c in caches], axis=_axis(n)))
-        for n in names
-    }
-
-
-def split_presents(
-    layout: BatchLayout, presents: dict[str, Any]
-) -> list[dict[str, np.ndarray[Any, Any]]]:
-    """One ``past_*`` dict per session from the batched ``present_*`` outputs."""
-    po, ro, tp = layout.past_offsets(), layout.row_offsets(), layout.total_past
-    per: list[dict[str, np.ndarray[Any, Any]]] = [{} for _ in layout.news]
-    for name, val in presents.items():
-        arr = _np(val)
-        ax = _axis(name)
-        past_name = name.replace("present_", "past_")
-        for j in range(len(layout.news)):
-            old = arr[_cut(ax, po[j], po[j + 1])]
-            new = arr[_cut(ax, tp + ro[j], tp + ro[j + 1])]
-            per[j][past_name] = np.ascontiguousarray(np.concatenate([old, new], axis=ax))
-    return per
-
-
-def output_rows(layout: BatchLayout, all_logits: Sequence[bool]) -> list[tuple[int, int]]:
-    """The [start, stop) rows of the batched rows each session needs from the last stage:
-    all its rows with ``all_logits``, else its last row."""
-    ro = layout.row_offsets()
-    return [
-        (ro[j], ro[j + 1]) if everything else (ro[j + 1] - 1, ro[j + 1])
-        for j, everything in enumerate(all_logits)
-    ]
-
-
-def _cut(axis: int, start: int, stop: int) -> tuple[slice, ...]:
-    return (slice(None),) * axis + (slice(start, stop),)
-
-
-def _np(val: Any) -> np.ndarray[Any, Any]:
-    return val if isinstance(val, np.ndarray) else np.asarray(val.numpy())
+def pool(caches: Sequence[KVCache], pasts: Sequence[int], layer: int) -> tuple[Any, Any]:
+    """The pooled keys and values of one layer for a call: a zero row, then every session's
+    cached rows in order (the layout ``BatchLayout.indices`` points into)."""
+    hk, hd = caches[0].kv_heads, caches[0].head_dim
+    zero = np.zeros((1, hk, hd), np.float32)
+    ks, vs = [zero], [zero]
+    for c, p in zip(caches, pasts, strict=True):
+        k, v = c.rows(layer, p)
+        ks.append(k)
+        vs.append(v)
+    return np.concatenate(ks), np.concatenate(vs)

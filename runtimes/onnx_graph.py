@@ -353,7 +353,9 @@ def _stage_input(b: _Builder, shard: ShardSpec, inputs: list[onnx.ValueInfoProto
 
 
 def _position_inputs(shard: ShardSpec) -> list[onnx.ValueInfoProto]:
-    """RoPE tables and masks, one set for global layers (g), one for sliding-window ones (l)."""
+    """RoPE tables per row and masks, one set for global layers (g), one for sliding-window
+    ones (l); and the indices that lay the step's rows and every session's keys out per
+    session for attention (runtimes/onnx_batch.py)."""
     cfg = shard.config
     hd = cfg.head_dim
     layers = list(shard.layers)
@@ -363,8 +365,14 @@ def _position_inputs(shard: ShardSpec) -> list[onnx.ValueInfoProto]:
             out += [
                 helper.make_tensor_value_info(f"cos_{tag}", _F, ["S", 1, hd]),
                 helper.make_tensor_value_info(f"sin_{tag}", _F, ["S", 1, hd]),
-                helper.make_tensor_value_info(f"mask_{tag}", _F, ["S", "T"]),
+                helper.make_tensor_value_info(f"mask_{tag}", _F, ["B", 1, 1, "Q", "C"]),
             ]
+    if layers:
+        out += [
+            helper.make_tensor_value_info("kv_idx", TensorProto.INT64, ["B", "C"]),
+            helper.make_tensor_value_info("q_idx", TensorProto.INT64, ["B", "Q"]),
+            helper.make_tensor_value_info("row_idx", TensorProto.INT64, ["S"]),
+        ]
     return out
 
 
@@ -380,13 +388,15 @@ def _layer(
     spec = cfg.spec
     hk, hd = cfg.n_kv_heads, cfg.head_dim
     p = f"blk.{i}."
+    # past: every session's cached keys (values) of the step, one pool [P, hk, hd] whose row
+    # 0 is zeros; present: the step's own new rows [S, hk, hd], which the runtime appends
     inputs += [
-        helper.make_tensor_value_info(f"past_k_{i}", _F, [hk, hd, "P"]),
-        helper.make_tensor_value_info(f"past_v_{i}", _F, [hk, "P", hd]),
+        helper.make_tensor_value_info(f"past_k_{i}", _F, ["P", hk, hd]),
+        helper.make_tensor_value_info(f"past_v_{i}", _F, ["P", hk, hd]),
     ]
     outputs += [
-        helper.make_tensor_value_info(f"present_k_{i}", _F, [hk, hd, "T"]),
-        helper.make_tensor_value_info(f"present_v_{i}", _F, [hk, "T", hd]),
+        helper.make_tensor_value_info(f"present_k_{i}", _F, ["S", hk, hd]),
+        helper.make_tensor_value_info(f"present_v_{i}", _F, ["S", hk, hd]),
     ]
     h = b.rms_norm(x, _vec(shard, p + "attn_norm.weight"), p + "attn_norm")
     o = _attention(b, shard, i, h)
@@ -450,37 +460,42 @@ def _qkv_weights(shard: ShardSpec, i: int) -> dict[str, TensorRef]:
 
 
 def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
-    """Self-attention of layer i over the cache (past_*_i in, present_*_i out); [S, d]."""
+    """Self-attention of layer i; [S, d] in and out.
+
+    Attention runs per session ``[B, ...]``: each session's keys are gathered from the pool
+    (its cache, then its new rows) into its own row starting at key 0, padded with masked
+    zeros to the step's key count C, and its queries into ``[B, Q]`` slots. So a session's
+    scores and weighted sums are the same computation whether it runs alone or batched with
+    others (the runtime keeps C above the kernels' small-size paths, see onnx_batch.py)."""
     cfg = shard.config
     hd, hq, hk = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    g = hq // hk
     tag = "l" if cfg.swa_layers[i] else "g"
     q, k, v = _qkv(b, shard, i, h)
     q = _rope(b, q, tag)
-    k = _rope(b, k, tag)
-    k_t = b.op("Transpose", [k], perm=[1, 2, 0])  # [hk, hd, S]
-    v_t = b.op(
-        "Transpose", [b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])], perm=[1, 0, 2]
-    )  # [hk, S, hd]
-    pk = b.op("Concat", [f"past_k_{i}", k_t], axis=2)
-    pv = b.op("Concat", [f"past_v_{i}", v_t], axis=1)
-    b.nodes.append(helper.make_node("Identity", [pk], [f"present_k_{i}"]))
-    b.nodes.append(helper.make_node("Identity", [pv], [f"present_v_{i}"]))
-    qh = b.op(
-        "Transpose",
-        [b.op("Reshape", [q, b.const([-1, hk, hq // hk, hd], "shp")])],
-        perm=[1, 2, 0, 3],
-    )  # [hk, g, S, hd]
-    scores = b.op("MatMul", [qh, b.op("Unsqueeze", [pk, b.const([1], "ax")])])
+    k = _rope(b, k, tag)  # [S, hk, hd]
+    v = b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])
+    b.nodes.append(helper.make_node("Identity", [k], [f"present_k_{i}"]))
+    b.nodes.append(helper.make_node("Identity", [v], [f"present_v_{i}"]))
+    keys = b.op("Gather", [b.op("Concat", [f"past_k_{i}", k], axis=0), "kv_idx"], axis=0)
+    vals = b.op("Gather", [b.op("Concat", [f"past_v_{i}", v], axis=0), "kv_idx"], axis=0)
+    kt = b.op("Transpose", [keys], perm=[0, 2, 3, 1])  # [B, hk, hd, C]
+    vt = b.op("Transpose", [vals], perm=[0, 2, 1, 3])  # [B, hk, C, hd]
+    ax = b.const([2], "ax")
+    qs = b.op("Gather", [b.op("Reshape", [q, b.const([-1, hk, g, hd], "shp")]), "q_idx"], axis=0)
+    qh = b.op("Transpose", [qs], perm=[0, 2, 3, 1, 4])  # [B, hk, g, Q, hd]
+    scores = b.op("MatMul", [qh, b.op("Unsqueeze", [kt, ax])])  # [B, hk, g, Q, C]
     if cfg.attn_logit_softcap:  # gemma2: cap * tanh(scores / cap), before the mask
         c = cfg.attn_logit_softcap
         inner = b.op("Mul", [scores, b.const(np.array(1.0 / c, np.float32), "c")])
         scores = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     scores = b.op("Add", [scores, f"mask_{tag}"])
     probs = b.op("Softmax", [scores], axis=-1)
-    att = b.op("MatMul", [probs, b.op("Unsqueeze", [pv, b.const([1], "ax")])])
+    att = b.op("MatMul", [probs, b.op("Unsqueeze", [vt, ax])])  # [B, hk, g, Q, hd]
     att = b.op(
-        "Reshape", [b.op("Transpose", [att], perm=[2, 0, 1, 3]), b.const([-1, hq * hd], "shp")]
-    )
+        "Reshape", [b.op("Transpose", [att], perm=[0, 3, 1, 2, 4]), b.const([-1, hq * hd], "shp")]
+    )  # [B * Q, hq * hd]
+    att = b.op("Gather", [att, "row_idx"], axis=0)  # [S, hq * hd]: each row from its slot
     p = f"blk.{i}."
     (o,) = b.linear(att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)])
     return o

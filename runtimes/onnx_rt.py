@@ -1,8 +1,11 @@
 """The onnxruntime runtime: one ONNX graph per shard (see onnx_graph.py), CPU by default.
 
-The KV cache lives in the session as onnxruntime values: each step feeds ``present_*`` back as
-``past_*`` without a round trip through numpy. RoPE tables and masks are computed here in
-numpy for the step's positions (a few KB), which keeps the graph free of position logic.
+The KV cache lives in the session as numpy arrays (onnx_batch.KVCache); a call feeds the
+cached rows of its sessions and gets back only the new ones. A call runs one session's step
+or several sessions' steps together (continuous batching), with the same arithmetic for each
+session either way (onnx_batch.py). RoPE tables, masks and the per-session layout indices are
+computed here in numpy for the step's positions (a few KB), which keeps the graph free of
+position logic.
 """
 
 from __future__ import annotations
@@ -10,19 +13,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .base import Runtime, Session, Step
 from .errors import RuntimeUnavailableError
-from .onnx_batch import BatchLayout, concat_pasts, output_rows, split_presents
-from .positions import attention_masks, batch_masks, rope_tables
+from .onnx_batch import BatchLayout, KVCache, pool
+from .positions import attention_masks, rope_tables
 from .quant import onnx_weight_bytes
 from .shards import ShardSpec
 
-__all__ = ["OnnxRuntime", "rope_tables", "attention_masks"]
+__all__ = ["OnnxRuntime", "rope_tables", "attention_masks"]  # the masks: re-exported for tests
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,6 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise RuntimeUnavailableError(
         "the onnx runtime needs onnx and onnxruntime (pip install 'edgemesh[onnx]')"
     ) from exc
-
-
-@dataclass
-class _KV:
-    values: dict[str, Any]  # input name -> OrtValue
 
 
 class OnnxRuntime(Runtime):
@@ -96,9 +93,6 @@ class OnnxRuntime(Runtime):
             else None
         )
         self._out_names = [o.name for o in self._sess.get_outputs()]
-        hk, hd = cfg.n_kv_heads, cfg.head_dim
-        self._empty_k = np.zeros((hk, hd, 0), np.float32)
-        self._empty_v = np.zeros((hk, 0, hd), np.float32)
 
     @classmethod
     def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
@@ -116,53 +110,42 @@ class OnnxRuntime(Runtime):
         return int(1.3 * held) + kv + (32 << 20)
 
     def _open(self, session: Session) -> None:
-        vals: dict[str, Any] = {}
-        for i in self._layers:
-            vals[f"past_k_{i}"] = ort.OrtValue.ortvalue_from_numpy(self._empty_k)
-            vals[f"past_v_{i}"] = ort.OrtValue.ortvalue_from_numpy(self._empty_v)
-        session.state = _KV(vals)
+        session.state = KVCache(self.config.n_kv_heads, self.config.head_dim)
 
     def _forward(self, session: Session, inputs: np.ndarray[Any, Any], all_logits: bool) -> Any:
-        n = inputs.shape[0]
-        kv: _KV = session.state
-        feeds: dict[str, Any] = dict(kv.values)
-        feeds.update(self._row_feeds(inputs, session.n_past + np.arange(n)))
-        for tag, window in self._mask_tags():
-            feeds[f"mask_{tag}"] = _ov(attention_masks(session.n_past, n, window))
-        if self.shard.is_last:
-            idx = np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64)
-            feeds["out_idx"] = _ov(idx)
-        outs = self._sess.run_with_ort_values(self._out_names, feeds)
-        result = outs[0].numpy()
-        for name, val in zip(self._out_names[1:], outs[1:], strict=True):
-            kv.values[name.replace("present_", "past_")] = val
-        return result
+        return self._forward_batch([Step(session, inputs, all_logits)])[0]
 
     def _forward_batch(self, steps: Sequence[Step]) -> list[Any]:
-        """The steps of several sessions as one call (see onnx_batch.py); each session's
-        cache is replaced only once the call has succeeded."""
+        """One graph call for the steps (one or several sessions, see onnx_batch.py); each
+        session's cache grows only once the call has succeeded."""
         layout = BatchLayout(
             tuple(st.session.n_past for st in steps), tuple(st.inputs.shape[0] for st in steps)
         )
         rows = np.concatenate([st.inputs for st in steps], axis=0)
-        pos = np.concatenate([st.session.n_past + np.arange(st.inputs.shape[0]) for st in steps])
-        caches = [st.session.state.values for st in steps]
-        feeds: dict[str, Any] = {
-            n: _ov(a) for n, a in concat_pasts(caches, list(caches[0])).items()
-        }
-        feeds.update(self._row_feeds(rows, pos))
-        for tag, window in self._mask_tags():
-            feeds[f"mask_{tag}"] = _ov(batch_masks(list(layout.pasts), list(layout.news), window))
-        spans = output_rows(layout, [st.all_logits for st in steps])
+        feeds = self._row_feeds(rows, layout.positions())
+        caches: list[KVCache] = [st.session.state for st in steps]
+        if self._layers:
+            feeds.update({n: _ov(a) for n, a in layout.indices().items()})
+            for tag, window in self._mask_tags():
+                feeds[f"mask_{tag}"] = _ov(layout.mask(window))
+            for i in self._layers:
+                k, v = pool(caches, layout.pasts, i)
+                feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = _ov(k), _ov(v)
+        ro = layout.row_offsets()
+        spans = [
+            (ro[j], ro[j + 1]) if st.all_logits else (ro[j + 1] - 1, ro[j + 1])
+            for j, st in enumerate(steps)
+        ]
         if self.shard.is_last:
             feeds["out_idx"] = _ov(np.concatenate([np.arange(a, b) for a, b in spans]))
         outs = self._sess.run_with_ort_values(self._out_names, feeds)
         result = outs[0].numpy()
-        presents = dict(zip(self._out_names[1:], outs[1:], strict=True))
-        for st, cache in zip(steps, split_presents(layout, presents), strict=True):
-            st.session.state.values = {n: _ov(a) for n, a in cache.items()}
+        new = {name: val.numpy() for name, val in zip(self._out_names[1:], outs[1:], strict=True)}
+        for i in self._layers:
+            k, v = new[f"present_k_{i}"], new[f"present_v_{i}"]
+            for j, (c, p) in enumerate(zip(caches, layout.pasts, strict=True)):
+                c.append(i, p, k[ro[j] : ro[j + 1]], v[ro[j] : ro[j + 1]])
         if not self.shard.is_last:
-            ro = layout.row_offsets()
             return [result[a:b] for a, b in zip(ro, ro[1:], strict=False)]
         out, start = [], 0
         for a, b in spans:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rope_tables", "attention_masks", "batch_masks"]
+__all__ = ["rope_tables", "attention_masks"]
 
 
 def rope_tables(
@@ -42,20 +42,3 @@ def attention_masks(n_past: int, n_new: int, window: int) -> np.ndarray[Any, Any
         ok &= (qpos - kpos) < window  # llama.cpp: masked when p1 - p0 >= n_swa
     return np.where(ok, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
 
-
-def batch_masks(pasts: list[int], news: list[int], window: int) -> np.ndarray[Any, Any]:
-    """Additive mask [sum(news), sum(pasts) + sum(news)] for several sessions in one call.
-
-    The keys are laid out as the graph concatenates them: every session's cached keys in
-    order, then every session's new rows in order. A query sees only its own session's keys,
-    by the same rule as :func:`attention_masks`."""
-    owner_new = np.repeat(np.arange(len(news), dtype=np.int32), news)
-    qpos = np.concatenate(
-        [p + np.arange(n, dtype=np.int32) for p, n in zip(pasts, news, strict=True)]
-    )
-    kown = np.concatenate([np.repeat(np.arange(len(pasts), dtype=np.int32), pasts), owner_new])
-    kpos = np.concatenate([np.arange(p, dtype=np.int32) for p in pasts] + [qpos])
-    ok = (kown[None, :] == owner_new[:, None]) & (kpos[None, :] <= qpos[:, None])
-    if window > 0:
-        ok &= (qpos[:, None] - kpos[None, :]) < window
-    return np.where(ok, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)

@@ -73,7 +73,8 @@ def _batched_step(rts: list[Any], sessions: list[list[Session]], xs: list[Any]) 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_steps_give_each_session_its_own_tokens(chains, arch: str) -> None:
     """Four sessions in one call per step; a fifth joins with its prompt while the others
-    decode (a prefill beside decode rows), and one leaves half way."""
+    decode (a prefill beside decode rows), and one leaves half way. Once every step of a call
+    has one row, each session's logits are bit for bit its own alone."""
     rts = chains[arch]
     prompts = _prompts() + [[9, 8, 7, 6, 5]]
     steps = 8
@@ -100,8 +101,37 @@ def test_batched_steps_give_each_session_its_own_tokens(chains, arch: str) -> No
         n = len(got[j])
         assert n == (4 if j == 2 else steps)
         assert got[j] == toks[:n], (arch, j)
+        # these calls mixed step sizes (the batcher never does): right up to the last bits
         for a, b in zip(logits[j], ref_logits, strict=False):
             assert float(np.abs(a - b).max()) <= 0.01 * float(np.ptp(b)), (arch, j)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_steps_of_one_size_give_each_session_its_alone_logits_bit_for_bit(chains, arch) -> None:
+    """As the batcher forms batches: prompts alone (sizes differ), decode steps together.
+    A session joins after the others' third step and one leaves after their fifth."""
+    rts = chains[arch]
+    prompts = _prompts() + [[9, 8, 7, 6, 5]]
+    steps = 8
+    alone = [_alone(rts, p, steps) for p in prompts]
+    sessions = [[rt.open_session(64) for rt in rts] for _ in prompts]
+    got: list[list[Any]] = [[] for _ in prompts]
+    for j in range(4):
+        got[j].append(_batched_step(rts, [sessions[j]], [np.asarray(prompts[j])])[0][-1])
+    for step in range(1, steps + 3):
+        if step == 3:
+            got[4].append(_batched_step(rts, [sessions[4]], [np.asarray(prompts[4])])[0][-1])
+        live = [j for j in range(5) if 0 < len(got[j]) < steps and not (j == 2 and step > 5)]
+        if not live:
+            break
+        xs = [np.asarray([int(got[j][-1].argmax())]) for j in live]
+        for j, lg in zip(live, _batched_step(rts, [sessions[j] for j in live], xs), strict=True):
+            got[j].append(lg[-1])
+    for j, (toks, ref_logits) in enumerate(alone):
+        assert len(got[j]) == (6 if j == 2 else steps)
+        assert [int(g.argmax()) for g in got[j]] == toks[: len(got[j])], (arch, j)
+        for step, (a, b) in enumerate(zip(got[j], ref_logits, strict=False)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{arch} session {j} step {step}")
 
 
 def test_a_batch_keeps_every_session_at_its_own_position(chains) -> None:
@@ -242,19 +272,22 @@ async def test_a_session_s_steps_keep_their_order_and_a_cancelled_step_never_run
     await shard.aclose()
 
 
-async def test_the_row_budget_bounds_a_batch() -> None:
+async def test_a_batch_holds_steps_of_one_size_within_the_row_budget() -> None:
     rt = _Gated(fake_shard(0, 4))
-    shard, (holder, long_s, *short) = await _shard(rt, 8, batch_rows=16)
+    shard, (holder, long_s, *short) = await _shard(rt, 8, batch_rows=4)
     held = await _hold(rt, shard, holder)
-    futs = [asyncio.ensure_future(shard.forward(long_s, list(range(12))))]
-    futs += [asyncio.ensure_future(shard.forward(s, [1])) for s in short]
+    futs = [asyncio.ensure_future(shard.forward(short[0], [1]))]
+    futs.append(asyncio.ensure_future(shard.forward(long_s, list(range(12)))))
+    futs += [asyncio.ensure_future(shard.forward(s, [1])) for s in short[1:]]
     await _queue()
     rt.gate.set()
     await held
     for f in futs:
         await f
-    assert rt.calls[1] == [long_s.id] + [s.id for s in short[:4]]  # 12 + 4 rows = the budget
-    assert rt.calls[2] == [s.id for s in short[4:]]
+    ids = [s.id for s in short]
+    # one-row steps together, four rows at most; the 12-row chunk alone (over the budget,
+    # it runs: a first step always does)
+    assert rt.calls[1:] == [ids[:4], [long_s.id], ids[4:]]
     await shard.aclose()
 
 
