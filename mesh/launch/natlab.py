@@ -453,12 +453,30 @@ class NatLab:
         Its API listens on loopback in its namespace at a port first bound here, on this
         side's loopback, by a forwarder into the namespace: the same URL works on both sides
         (and the API's Host check sees its own address)."""
+        await self._share_hw_profile(self.mesh.base_dir / name)
         api = await self._forward(host.ns)
         base = ["--no-mdns", "--mqtt", self.mqtt_url, "--api", api.removeprefix("http://")]
         node = await self.mesh.start_node(name, base + (args or []), wrap=host.wrap, **kwargs)
         if node.api != api:
             raise LabError(f"node {name} listens on {node.api}, not {api}")
         return node
+
+    async def _share_hw_profile(self, data_dir: Path) -> None:
+        """Give a new node the hardware profile the lab's first node measured.
+
+        The lab's "machines" share this machine's cores: a node's first-start benchmark
+        (numpy on every core, about a second) would stall the other nodes' event loops and
+        show up as network time. The profile is the cache (``hw.json``) a node writes and
+        reuses at every later start; the first node measures it, the others wait for it."""
+        if not self.mesh.nodes:
+            return
+        first = self.mesh.nodes[0].data_dir / "hw.json"
+        for _ in range(300):
+            if first.exists() or self.mesh.nodes[0].proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)  # polling period of a file wait with a deadline
+        if first.exists():
+            await asyncio.to_thread(_copy_into, first, data_dir)
 
     async def _forward(self, ns: str) -> str:
         """A loopback listener here whose connections go to the same port on 127.0.0.1 in
@@ -501,6 +519,11 @@ class NatLab:
             ],
             "public": [{"ns": x.ns, "ip": x.ip} for x in self.public],
         }  # fmt: skip
+
+
+def _copy_into(path: Path, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, directory / path.name)
 
 
 def _kill_pids_in(ns: str) -> None:
