@@ -156,7 +156,7 @@ async def test_an_unanswering_fast_address_is_probed_once_and_remembered(
     """A fast address that never accepts (a firewall dropping SYNs, a private address seen
     from another network): concurrent reads wait for one probe, which gives up after the
     short connect timeout, and all of them read over the link; later reads go straight to
-    the link until the retry time, when the fast path is tried again."""
+    the link until the retry time, or until the peer announces another address."""
     from mesh.storage import fastpath
 
     s_id = Identity.load_or_create(tmp_path / "s")
@@ -182,8 +182,12 @@ async def test_an_unanswering_fast_address_is_probed_once_and_remembered(
         assert await client.read_chunk(s_id.peer_id, "ff" * 32, 0) == b"via-link"
         assert dials == 1  # remembered
         assert client.as_dict()["unreachable"] == [s_id.peer_id]
-        client._unreachable[s_id.peer_id] = loop.time() - 1  # the retry time has come
+        client.svc.net.peers[s_id.peer_id] = PeerNet(fast="10.1.2.3:4001")  # it moved
         assert await client.read_chunk(s_id.peer_id, "ee" * 32, 0) == b"via-link"
-        assert dials == 2
+        assert dials == 2  # a new address is tried at once
+        retry, address = client._unreachable[s_id.peer_id]
+        client._unreachable[s_id.peer_id] = (loop.time() - 1, address)  # the retry time came
+        assert await client.read_chunk(s_id.peer_id, "dd" * 32, 0) == b"via-link"
+        assert dials == 3
     finally:
         await client.stop()

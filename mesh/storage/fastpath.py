@@ -205,7 +205,7 @@ class FastPath:
         self._pool: dict[str, list[_Conn]] = {}
         # peer -> when to try its fast path again; peers whose fast path worked; the first
         # dial to a peer not known reachable, which its other requests wait for
-        self._unreachable: dict[str, float] = {}
+        self._unreachable: dict[str, tuple[float, str]] = {}  # (retry time, its address)
         self._reachable: set[str] = set()
         self._probes: dict[str, asyncio.Future[_Conn]] = {}
         self.served = 0
@@ -353,8 +353,9 @@ class FastPath:
         info = self.svc.net.peers.get(peer)
         if info is None or not info.fast:
             return False
-        retry = self._unreachable.get(peer)
-        if retry is not None and time.monotonic() < retry:
+        failed = self._unreachable.get(peer)
+        # a new address (the peer restarted, or moved) is tried at once
+        if failed is not None and time.monotonic() < failed[0] and failed[1] == info.fast:
             return False
         self._unreachable.pop(peer, None)
         return True
@@ -374,7 +375,8 @@ class FastPath:
             except Exception as exc:  # a bad advertised address included: use the link
                 if peer not in self._unreachable:  # once per peer, not once per request
                     log.info("no fast path to %s (%r): using the link", peer[:12], exc)
-                self._unreachable[peer] = time.monotonic() + RETRY_UNREACHABLE
+                address = getattr(self.svc.net.peers.get(peer), "fast", None) or ""
+                self._unreachable[peer] = (time.monotonic() + RETRY_UNREACHABLE, address)
                 self._reachable.discard(peer)
                 return None
             try:
@@ -421,5 +423,5 @@ class FastPath:
             "address": self.address,
             "served": self.served,
             "fetched": self.fetched,
-            "unreachable": sorted(p for p, t in self._unreachable.items() if t > now),
+            "unreachable": sorted(p for p, (t, _) in self._unreachable.items() if t > now),
         }
