@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import re
@@ -185,8 +186,6 @@ class NatLab:
     def ice_file(self, path: Path, *, turn: bool = True, transport: str = "udp") -> Path:
         """An ICE config (mode 0600) with the lab's STUN and, with ``turn``, its TURN server
         and credentials, as a user writes DATA_DIR/ice.json."""
-        import json
-
         servers: list[dict[str, Any]] = [{"urls": self.stun_url}]
         if turn:
             servers.append(
