@@ -12,7 +12,7 @@ import pytest
 from mesh.launch.localmesh import NodeProcess, wait_for
 from mesh.launch.natlab import NatLab
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.natlab]
 log = logging.getLogger(__name__)
 
 

@@ -18,7 +18,7 @@ import pytest
 from mesh.launch.localmesh import NodeProcess
 from mesh.launch.natlab import NatLab
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.natlab]
 MiB = 1 << 20
 
 

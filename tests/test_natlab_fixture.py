@@ -14,7 +14,7 @@ from aioice import stun
 
 from mesh.launch.natlab import WAN_IP, Host, NatLab, in_netns, ns_connect
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.natlab]
 
 
 async def stun_probes(host: Host, count: int, timeout: float = 1.0) -> list[tuple[float, str]]:
