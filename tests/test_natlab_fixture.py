@@ -6,6 +6,7 @@ the lab's coturn, from sockets opened inside a home's host namespace."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 
@@ -96,3 +97,25 @@ async def test_the_wan_drops_private_destinations(natlab: NatLab) -> None:
             await asyncio.wait_for(ns_connect(a.hosts[0].ns, b.public_ip, port), 2)
     finally:
         server.close()
+
+
+async def test_the_lab_is_torn_down_after_a_failure(tmp_path) -> None:
+    """A test failing inside the lab leaves no namespace and no process of it behind."""
+    from mesh.launch.natlab import lab_unavailable
+
+    if (reason := lab_unavailable()) is not None:
+        pytest.skip(reason)
+    with pytest.raises(RuntimeError, match="failed here"):
+        async with NatLab(tmp_path / "lab") as lab:
+            home = await lab.add_home("cone", hosts=2, delay_ms=5, loss=0.01)
+            tag = lab.tag
+            assert home.delayer is not None
+            delayer = home.delayer.pid
+            raise RuntimeError("the test failed here")
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "list", stdout=asyncio.subprocess.PIPE
+    )
+    names, _ = await proc.communicate()
+    assert tag.encode() not in names
+    with pytest.raises(ProcessLookupError):
+        os.kill(delayer, 0)
