@@ -10,7 +10,7 @@ DEMO_EXTRAS ?= onnx,llamacpp,gemma3
 # ggml's AMX kernels on this CPU, and they segfault here in the first matmul.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 # COMMAND[:PACKAGE] (the package when it is not named after its command)
-APT_PACKAGES ?= mosquitto clang chromium turnserver:coturn
+APT_PACKAGES ?= mosquitto clang chromium turnserver:coturn iptables
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-test apt lint clean

@@ -233,11 +233,12 @@ class Node:
         self.conns.start()
         self.trust.start()
         self.compute.start()
-        # The fast path binds like signaling: loopback for a loopback API, all interfaces else.
-        fast_bind = cfg.signaling_host or (
-            "127.0.0.1" if cfg.api_host == "127.0.0.1" else "0.0.0.0"
-        )
-        await self.objects.start(fast_bind, self.announced_addresses()[0])
+        # The fast path is its own listener and listens where it is announced, as signaling
+        # does (loopback only for a loopback mesh): tied to the API's host, the default
+        # loopback API left it unreachable from other machines, which waited out a connect
+        # timeout at every pull before using the link (issue 15). It serves only peers with a
+        # link, authenticated by their link's key; the API stays where --api puts it.
+        await self.objects.start(sig_host, self.announced_addresses()[0])
         self._api_runner, self.api_url = await start_api(
             self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir, cfg.api_port_fallback
         )
