@@ -524,6 +524,8 @@ class Node:
                 "turn_relay_failures": self.conns.transport.stats.relay_failures,
             },
             "last_turn_error": self.conns.transport.stats.last_relay_error,
+            "webrtc_engine": self.conns.transport.engine_name,
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},
