@@ -122,6 +122,13 @@ class CoreService:
     ) -> dict[str, Any]:
         return {"n": len(payload)}
 
+    async def rpc_clock(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        """When the request arrived, on this machine's monotonic clock (one-way latency
+        benchmarks between processes of one machine, which share that clock)."""
+        return {"t": time.monotonic(), "n": len(payload)}
+
 
 class Node:
     def __init__(self, config: NodeConfig, services: list[object] | None = None) -> None:
