@@ -3,6 +3,7 @@ against a DTLS-terminating relay, candidate scoping."""
 
 import asyncio
 import dataclasses
+import os
 
 import aioice.ice
 import pytest
@@ -176,3 +177,20 @@ async def test_wrtc_offers_only_the_configs_addresses():
     finally:
         for p in (pa, pb):
             await p.pc.close()
+
+
+@needs_wrtc
+async def test_wrtc_send_queue_cap_is_never_reached():
+    """wrtc refuses a send past 16 MiB queued: 32 concurrent 1 MiB calls (echoed back, so
+    both directions queue 32 MiB) only pass because every frame waits on the link's water
+    marks (with them lifted, about half of these calls fail with "send queue full")."""
+    a, b = Identity.generate(), Identity.generate()
+    pa, offer = await open_offer(a, cfg("wrtc"), b.peer_id)
+    pb, answer = await accept_offer(b, cfg("wrtc"), offer, a.peer_id)
+    await complete_offer(pa, answer)
+    la, lb = await asyncio.gather(pa.establish({"echo": echo}), pb.establish({"echo": echo}))
+    blocks = [os.urandom(1 << 20) for _ in range(32)]  # incompressible: lz4 cannot shrink
+    replies = await asyncio.gather(*(la.call("echo", {}, blk, timeout=60) for blk in blocks))
+    assert [r.payload for r in replies] == blocks
+    assert la.is_open and lb.is_open
+    la.close("done")

@@ -59,7 +59,10 @@ HANDSHAKE_LIMITS = Limits(
 def wrtc_available() -> bool:
     """Whether the wrtc engine can run here (its package installed: wheels exist for
     x86_64/aarch64 Linux, macOS and Windows)."""
-    return importlib.util.find_spec("webrtc") is not None
+    try:
+        return importlib.util.find_spec("webrtc") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
 
 
 @functools.cache
