@@ -194,3 +194,20 @@ async def test_wrtc_send_queue_cap_is_never_reached():
     assert [r.payload for r in replies] == blocks
     assert la.is_open and lb.is_open
     la.close("done")
+
+
+@needs_wrtc
+def test_wrtc_candidate_filter_keeps_the_offer_within_the_remote_cap():
+    from mesh.net.engine_wrtc import MAX_OFFERED, filter_candidates
+    from mesh.net.transport import MAX_CANDIDATES, check_sdp
+
+    lines = [f"a=candidate:{i} 1 udp 1 10.0.{i}.1 {5000 + i} typ host" for i in range(40)]
+    lines += ["a=candidate:99 1 tcp 1 10.0.0.1 9 typ host tcptype active"]
+    lines += ["a=candidate:98 1 udp 1 127.0.0.1 7000 typ host"]
+    sdp = "\r\n".join(["v=0", *lines, ""])
+    out = filter_candidates(sdp, None)
+    kept = [line for line in out.split("\r\n") if line.startswith("a=candidate:")]
+    assert len(kept) == MAX_OFFERED <= MAX_CANDIDATES
+    assert "tcptype active" not in out and "127.0.0.1" not in out
+    check_sdp(out)  # what the remote side checks: accepted
+    assert filter_candidates(sdp, ("10.0.3.1",)).count("a=candidate:") == 1

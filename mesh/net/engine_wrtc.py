@@ -90,7 +90,7 @@ def _relay_error(url: str, code: int, text: str) -> str:
         where = f"{parsed['host']}:{parsed['port']} ({parsed.get('transport') or 'udp'})"
     except IceConfigError:
         where = url
-    return f"TURN {where}: {code} {text}".strip()
+    return f"TURN {where}: {f'{code} ' if code else ''}{text}".strip()
 
 
 class WrtcChannel(RtcChannel):
@@ -222,6 +222,11 @@ class WrtcPeer(RtcPeer):
             return
         for url, (code, text) in self._turn_errors.items():
             self._options.stats.relay_failed(_relay_error(url, code, text))
+        for server in self._options.servers:
+            if server.is_turn and not self._turn_errors:
+                self._options.stats.relay_failed(
+                    _relay_error(server.url, 0, "no relay candidate and no error reported")
+                )
 
     async def offer(self, label: str) -> tuple[RtcChannel, str]:
         pc = await self._build()
