@@ -37,6 +37,7 @@ from benchlib import (  # noqa: E402
 )
 
 from mesh.launch.localmesh import LocalMesh  # noqa: E402
+from mesh.net.transport import wrtc_available  # noqa: E402
 
 
 def tcp_baseline(size: int, count: int, bulk: int, message: int) -> dict[str, float]:
@@ -156,8 +157,9 @@ def main() -> int:
     p.add_argument("--message-kib", type=int, default=1024, help="bulk message size")
     p.add_argument(
         "--engines",
-        default="wrtc,aiortc",
-        help="WebRTC engines to measure, in this run (the first is the one the goals are for)",
+        default="wrtc,aiortc" if wrtc_available() else "aiortc",
+        help="WebRTC engines to measure, in this run (the first is the one the goals are for; "
+        "default wrtc,aiortc, or aiortc where wrtc is not installed)",
     )
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args()
