@@ -122,6 +122,13 @@ class CoreService:
     ) -> dict[str, Any]:
         return {"n": len(payload)}
 
+    async def rpc_clock(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        """When the request arrived, on this machine's monotonic clock (one-way latency
+        benchmarks between processes of one machine, which share that clock)."""
+        return {"t": time.monotonic(), "n": len(payload)}
+
 
 class Node:
     def __init__(self, config: NodeConfig, services: list[object] | None = None) -> None:
@@ -525,6 +532,8 @@ class Node:
                 "turn_relay_failures": self.conns.transport.stats.relay_failures,
             },
             "last_turn_error": self.conns.transport.stats.last_relay_error,
+            "webrtc_engine": self.conns.transport.engine_name,
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},
