@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mesh.inference.run import ContextLengthExceeded, GenerationRequest
@@ -103,9 +103,10 @@ def parse_prompts(
         body.setdefault("max_tokens", max_tokens)
         body.setdefault("seed", _seed(sha, n))
         try:
-            out.append(parse(body))
+            req = parse(body)
         except Exception as exc:  # the parser's whole job is to refuse a bad field
             raise BadInput(f"record {n}: {exc}") from None
+        out.append(replace(req, local=True))  # generated where its task was placed
     return out
 
 
