@@ -32,6 +32,7 @@ CHATML = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHUNK = 64 << 10
+ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the a of river stone light north quiet seven paper garden window".split()
 
 
@@ -249,3 +250,27 @@ async def test_llm_job_worker_killed_mid_job_loses_no_record(
     assert all(done[i] in holders[i] and done[i] != victim.peer_id for i in run["redone"])
     got = await read_object(local_mesh, coord, report["id"])
     assert got == want  # every record, in order, with the clean job's tokens
+
+
+async def test_bench_script_runs_both_policies(tmp_path: Path) -> None:
+    """examples/bench_llmjobs.py as a user runs it, small: both policies in one job, the
+    figures written where EDGEMESH_BENCH_DOCS says."""
+    root = ROOT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(root / "examples" / "bench_llmjobs.py"),
+        *["--records", "40", "--max-tokens", "4", "--json"],
+        cwd=root,
+        env=dict(os.environ, EDGEMESH_BENCH_DOCS=str(tmp_path)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 600)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    doc = json.loads(out)
+    ours, rand = doc["report"]["policies"]
+    assert (ours["policy"], rand["policy"]) == ("ours", "random")
+    assert ours["holder_tasks"] == ours["runs"] * doc["chunks"] and ours["input_bytes"] == 0
+    assert doc["report"]["same_results"] is True
+    assert (tmp_path / "bench" / "llmjobs.json").exists()
+    assert "## LLM batch jobs" in (tmp_path / "benchmarks.md").read_text()
