@@ -41,6 +41,7 @@ CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+TINY = "tiny chat test model (qwen2 arch)"
 WORDS = "the a of river stone light north quiet seven paper garden window".split()
 
 
@@ -145,7 +146,7 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         r["by_name"] = {names.get(p, p[:8]): cs for p, cs in r["placement"].items()}
     return {
         "machine": machine(),
-        "model": "tiny chat test model (qwen2 arch)" if args.gguf is None else model.name,
+        "model": TINY if args.gguf is None else model.name,
         "records": args.records,
         "chunks": len(chunks),
         "dataset_bytes": len(data),
@@ -198,6 +199,28 @@ def table(doc: dict[str, Any]) -> str:
     )
 
 
+def render(doc: dict[str, Any]) -> str:
+    ours, rand = doc["report"]["policies"]
+    return (
+        f"Five node processes on loopback ({doc['machine']}), 2 cores shared by every process "
+        f"(and by other work on the machine); {doc['records']} prompt records "
+        f"({doc['dataset_bytes'] / 1e6:.2f} MB, {doc['chunks']} chunks of "
+        f"{doc['chunk_size'] >> 10} KiB), {doc['max_tokens']} tokens each, model: "
+        f"{doc['model']}. A job node in zone a stores the dataset; three workers in zone a hold "
+        "the model and two thirds of the chunks each (every chunk on two of them); a fourth "
+        f"worker in zone b holds neither. Egress {doc['egress_price_per_gb']} per GB on every "
+        "peer. Both policies run in each of two jobs, after a warm-up job (ours alone, so b0 "
+        "has no shards yet) whose figures are left out: ours then random, then random then "
+        "ours; the table sums the two runs of each policy (tokens/s over their total time). "
+        "Results identical across policies and jobs: "
+        f"{doc['report']['same_results']}. Bytes moved = chunk pulls + shard pulls by routes "
+        "+ results back to the job node; activations between the stages of a route that leaves "
+        "its task's peer are not in it (ours keeps every record's route on its peer: "
+        f"{ours['local_route_records']} of {ours['records']}; random: "
+        f"{rand['local_route_records']}).\n\n" + table(doc)
+    )
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--records", type=int, default=200)
@@ -209,35 +232,25 @@ async def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-md", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="render a saved run's figures (no run)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        doc = await run(args, Path(tmp))
-    write_json(docs_dir() / "bench" / "llmjobs.json", doc)
-    tab = table(doc)
-    ours, rand = doc["report"]["policies"]
-    body = (
-        f"Five node processes on loopback ({machine()}), 2 cores shared by every process (and "
-        f"by other work on the machine); {doc['records']} prompt records "
-        f"({doc['dataset_bytes'] / 1e6:.1f} MB, {doc['chunks']} chunks of "
-        f"{args.chunk_size >> 10} KiB), {doc['max_tokens']} tokens each, model: {doc['model']}. "
-        "A job node in zone a stores the dataset; three workers in zone a hold the model and "
-        "two thirds of the chunks each (every chunk on two of them); a fourth worker in zone b "
-        f"holds neither. Egress {args.egress_price} per GB on every peer. Both policies run in "
-        "each of two jobs, after a warm-up job (ours alone, so b0 has no shards yet) whose "
-        "figures are left out: ours then random, "
-        "then random then ours; the table sums the two runs of each policy (tokens/s "
-        "over their total time). Results identical across policies and jobs: "
-        f"{doc['report']['same_results']}. Bytes moved = chunk pulls + shard pulls by routes "
-        "+ results back to the job node; activations between the stages of a route that leaves "
-        "its task's peer are not in it (ours keeps every record's route on its peer: "
-        f"{ours['local_route_records']} of {ours['records']}; random: "
-        f"{rand['local_route_records']}).\n\n" + tab
-    )
+    if args.from_json is not None:
+        doc = json.loads(args.from_json.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = await run(args, Path(tmp))
+        doc["chunk_size"] = args.chunk_size
+    gguf = doc["model"] != TINY
+    name = "llmjobs-gguf.json" if gguf else "llmjobs.json"
+    write_json(docs_dir() / "bench" / name, doc)
+    section = "LLM batch jobs" + (f", {doc['model']}" if gguf else "")
     if not args.no_md:
-        update_benchmarks_md("LLM batch jobs (examples/bench_llmjobs.py)", body)
+        update_benchmarks_md(f"{section} (examples/bench_llmjobs.py)", render(doc))
         log.info("wrote %s", bench_md())
-    print(json.dumps(doc) if args.json else tab)
+    print(json.dumps(doc) if args.json else table(doc))
     return 0
 
 
