@@ -159,3 +159,15 @@ def test_cli_help_documents_prompt_records() -> None:
         check=True,
     ).stdout
     assert "--prompts" in out and '{"prompt": "..."}' in out and "finish_reason" in out
+
+
+def test_every_batch_task_rpc_is_for_members_only() -> None:
+    """A stranger of an open mesh may not make a node run its batch tasks (ONNX or LLM):
+    before llmjobs.llm_task was listed, a stranger could spend any member's compute."""
+    from mesh.jobs.llmjob import LlmJobService
+    from mesh.jobs.service import JobService
+    from mesh.trust.service import MEMBERS_ONLY
+
+    for cls in (JobService, LlmJobService):
+        rpcs = [f"{cls.name}.{m[4:]}" for m in dir(cls) if m.startswith("rpc_")]
+        assert rpcs and set(rpcs) <= set(MEMBERS_ONLY), rpcs
