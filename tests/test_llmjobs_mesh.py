@@ -167,6 +167,8 @@ async def test_llm_job_runs_each_chunk_on_a_holder_with_the_tokens_of_single_gen
         1 for p, cs in rand["placement"].items() for i in cs if p not in holders[i]
     )
     assert ours["tokens"] == rand["tokens"] > 0 and ours["tokens_per_s"] > 0
+    assert sum(ours["tokens_by_peer"].values()) == ours["tokens"]
+    assert set(ours["tokens_by_peer"]) == set(ours["placement"])
     assert ours["result_bytes"] > 0 and ours["bytes_moved"] == ours["result_bytes"]
 
     got = await read_object(local_mesh, coord, report["id"])
@@ -215,6 +217,22 @@ async def test_llm_job_hostile_records(
         assert "failed on" not in err  # not retried, and not blamed on a peer
     info = await local_mesh.get(node, "/v1/info")
     assert not info["coordinator"]["generations"]  # nothing left running
+    # and a good one, as a person reads its report
+    path = tmp_path / "good.jsonl"
+    path.write_text('{"prompt": "a b c", "max_tokens": 2}\n{"prompt": "d e"}\n')
+    data_id = (await cli("put", str(path), node=node))["id"]
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "mesh", "job", "run", "--model", "chat", "--prompts", data_id],
+        *["--api", node.api, "--max-tokens", "3"],
+        env=dict(os.environ, EDGEMESH_API_TOKEN=node.token),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert "2 records in 1 tasks" in text and "tokens/s" in text, text
+    assert f"{node.peer_id[:12]}: chunks [0], 5 tokens" in text, text
 
 
 async def test_llm_job_worker_killed_mid_job_loses_no_record(

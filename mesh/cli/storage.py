@@ -414,5 +414,6 @@ def _llm_job(args: argparse.Namespace, api: NodeApi, policies: list[str]) -> int
             f"{run['holder_tasks']}/{doc['tasks']} tasks on a holder, {run['retries']} retries"
         )
         for peer, chunks in sorted(run["placement"].items()):
-            print(f"          {peer[:12]}: chunks {chunks}")
+            tokens = run["tokens_by_peer"].get(peer, 0)
+            print(f"          {peer[:12]}: chunks {chunks}, {tokens} tokens")
     return 0

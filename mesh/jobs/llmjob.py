@@ -54,6 +54,7 @@ MAX_JOB_TOKENS = 4096  # the job's default max_tokens, for records without one
 class _LlmRun:
     policy: str
     placement: dict[str, list[int]] = field(default_factory=dict)  # peer -> chunks it did
+    tokens_by_peer: dict[str, int] = field(default_factory=dict)  # peer -> tokens it made
     planned: dict[str, list[int]] = field(default_factory=dict)  # peer -> chunks placed first
     holder_tasks: int = 0  # tasks done by a peer that held their chunk
     model_holder_tasks: int = 0  # ... by a peer that held all of the model's shards
@@ -316,4 +317,5 @@ class LlmJobService:
         run.bytes_moved = run.input_bytes + run.result_bytes + run.shard_bytes
         run.records += int(r.get("records", 0))
         run.tokens += int(r.get("tokens", 0))
+        run.tokens_by_peer[peer] = run.tokens_by_peer.get(peer, 0) + int(r.get("tokens", 0))
         run.local_route_records += int(r.get("local_records", 0))
