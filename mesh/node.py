@@ -21,6 +21,7 @@ from typing import Any
 import ifaddr
 
 from hw import load_profile, summary
+from mesh.api.generate import parse_generation
 from mesh.api.server import start_api
 from mesh.discovery.dht import MeshDHT, Record, RecordStore
 from mesh.discovery.mdns import Announcement, MdnsDiscovery
@@ -29,6 +30,7 @@ from mesh.discovery.mqtt import MqttConfig, MqttSignaling
 from mesh.errors import DeadlineExceeded, RemoteError
 from mesh.inference.compute import ComputeConfig, ComputeService
 from mesh.inference.coordinator import Coordinator
+from mesh.jobs.llmjob import LlmJobService
 from mesh.jobs.service import JobService
 from mesh.local import DataDirLock
 from mesh.meshview import MeshView, own_summary
@@ -156,12 +158,16 @@ class Node:
         )
         # The node's services: their RPCs are served as "<name>.<method>" and their status
         # is their part of /v1/info.
+        # LLM batch jobs run their records as generations coordinated where they run; records
+        # are parsed as the API parses generation requests (the jobs layer sits below it).
+        self.llm_jobs = LlmJobService(self.jobs, self.coordinator, parse_generation)
         self.services: list[Service] = [
             CoreService(self),
             self.compute,
             self.compute.tokenizers,
             *self.objects.services(),
             self.jobs,
+            self.llm_jobs,
             self.coordinator,
             self.trust,
         ]
