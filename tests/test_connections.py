@@ -3,6 +3,8 @@
 import asyncio
 import os
 
+import pytest
+
 from mesh.errors import SignalingError
 from mesh.net import connections as conn_mod
 from mesh.net.connections import ConnectionParams, Connections
@@ -95,3 +97,75 @@ async def test_untrusted_endpoints_are_filtered():
     pid = Identity.generate().peer_id
     conns.hint(pid, "mqtt", ["evil.example:80", "1.2.3.4:80/x", "1.2.3.4:80", "[::1]:9"], "x")
     assert conns.peers.get(pid).addresses == ["1.2.3.4:80", "[::1]:9"]
+
+
+async def test_copies_of_one_offer_by_two_routes_get_one_answer():
+    """A dialer sends one sealed copy of its offer by each route (direct, broker): copies
+    arriving together or later get the first copy's answer and start no second connection;
+    a replayed copy is still a replay, and another offer while one is pending is refused."""
+    me, conns = make_conns()
+    ident = Identity.generate()
+    pending, sdp = await open_offer(ident, LOOPBACK, me.peer_id)
+    oid = os.urandom(16)
+    body = {"sdp": sdp, "oid": oid}
+    copies = [seal(ident, "offer", me.peer_id, body) for _ in range(3)]
+    try:
+        envs = [open_envelope(c, me=me.peer_id, kind="offer", guard=conns.guard) for c in copies]
+        first, second = await asyncio.gather(conns.on_offer(envs[0]), conns.on_offer(envs[1]))
+        assert first == second
+        assert await conns.on_offer(envs[2]) == first  # a late copy too
+        assert conns.handshakes_in_progress == 1  # one connection for all three
+        with pytest.raises(SignalingError, match="replayed"):
+            open_envelope(copies[0], me=me.peer_id, kind="offer", guard=conns.guard)
+        other = seal(ident, "offer", me.peer_id, {"sdp": sdp, "oid": os.urandom(16)})
+        env = open_envelope(other, me=me.peer_id, kind="offer", guard=conns.guard)
+        with pytest.raises(SignalingError, match="already in progress"):
+            await conns.on_offer(env)
+    finally:
+        await conns.stop()
+        await pending.pc.close()
+
+
+async def test_an_offer_goes_by_every_route_at_once_and_the_first_answer_wins(monkeypatch):
+    """A direct address that never answers (a NATed peer's private one) does not hold the
+    dial: the broker's answer is used as soon as it comes, and the direct attempt is
+    cancelled; when every route fails, the errors of all are reported."""
+    me, conns = make_conns()
+    conns.start()
+    stalled = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def never(session, address, offer):
+        stalled.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    async def broker(pid, offer, oid):
+        await stalled.wait()  # the direct attempt is under way at the same time
+        return b"answer"
+
+    entry = conns.peers.ensure("p" * 32, "mqtt")
+    entry.addresses = ["192.168.9.9:4000"]
+    entry.via_mqtt = True
+    conns.mqtt_exchange = broker
+    monkeypatch.setattr(conn_mod, "send_offer", never)
+    try:
+        assert await asyncio.wait_for(conns._exchange(entry, {"oid": b"x"}, b"x"), 2) == b"answer"
+        assert cancelled.is_set()
+
+        async def refused(*args):
+            raise SignalingError("no answer via the broker")
+
+        async def unreachable(session, address, offer):
+            raise SignalingError(f"cannot reach {address}")
+
+        conns.mqtt_exchange = refused
+        monkeypatch.setattr(conn_mod, "send_offer", unreachable)
+        with pytest.raises(SignalingError) as failed:
+            await conns._exchange(entry, {"oid": b"y"}, b"y")
+        assert "cannot reach 192.168.9.9:4000" in str(failed.value)
+        assert "no answer via the broker" in str(failed.value)
+    finally:
+        await conns.stop()

@@ -148,3 +148,46 @@ def test_net_info_refuses_a_fast_address_that_is_no_ip_literal():
             parse_info({**base, "fast": bad})
     assert parse_info({**base, "fast": "10.0.0.2:9000"}).fast == "10.0.0.2:9000"
     assert parse_info({**base, "fast": "[fe80::1]:9000"}).fast == "[fe80::1]:9000"
+
+
+async def test_an_unanswering_fast_address_is_probed_once_and_remembered(
+    tmp_path: Path, monkeypatch
+):
+    """A fast address that never accepts (a firewall dropping SYNs, a private address seen
+    from another network): concurrent reads wait for one probe, which gives up after the
+    short connect timeout, and all of them read over the link; later reads go straight to
+    the link until the retry time, or until the peer announces another address."""
+    from mesh.storage import fastpath
+
+    s_id = Identity.load_or_create(tmp_path / "s")
+    c_id = Identity.load_or_create(tmp_path / "c")
+    dials = 0
+
+    async def silent(host: Any, port: Any, **kw: Any) -> Any:
+        nonlocal dials
+        dials += 1
+        await asyncio.Event().wait()  # a SYN nobody answers
+
+    monkeypatch.setattr(asyncio, "open_connection", silent)
+    monkeypatch.setattr(fastpath, "CONNECT_TIMEOUT", 0.3)
+    client = make(c_id, [s_id], {s_id.peer_id: s_id.public_key})
+    client.svc.net.peers[s_id.peer_id] = PeerNet(fast="10.1.2.3:4000")
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        reads = [client.read_chunk(s_id.peer_id, f"{i:02x}" * 32, 0) for i in range(6)]
+        assert await asyncio.gather(*reads) == [b"via-link"] * 6
+        assert loop.time() - t0 < 2.0  # one connect timeout, not one per read or 5 s
+        assert dials == 1 and client.node.link_calls == 6
+        assert await client.read_chunk(s_id.peer_id, "ff" * 32, 0) == b"via-link"
+        assert dials == 1  # remembered
+        assert client.as_dict()["unreachable"] == [s_id.peer_id]
+        client.svc.net.peers[s_id.peer_id] = PeerNet(fast="10.1.2.3:4001")  # it moved
+        assert await client.read_chunk(s_id.peer_id, "ee" * 32, 0) == b"via-link"
+        assert dials == 2  # a new address is tried at once
+        retry, address = client._unreachable[s_id.peer_id]
+        client._unreachable[s_id.peer_id] = (loop.time() - 1, address)  # the retry time came
+        assert await client.read_chunk(s_id.peer_id, "dd" * 32, 0) == b"via-link"
+        assert dials == 3
+    finally:
+        await client.stop()

@@ -125,3 +125,37 @@ def test_fuzz_parse_envelope(data):
         parse_envelope(data)
     except SignalingError:
         pass
+
+
+async def test_a_late_broker_answer_to_an_offer_answered_by_another_route_is_dropped_quietly():
+    """A dial sends its offer by every route: when the direct answer wins, the broker's copy
+    of the answer arrives for an offer no longer waiting. That one is dropped without a
+    refusal; an answer to an offer never sent is still refused."""
+    from mesh.discovery.mqtt import MqttConfig, MqttSignaling
+
+    me, peer = Identity.generate(), Identity.generate()
+
+    async def no_offers(env):
+        raise AssertionError("no offer is delivered here")
+
+    mqtt = MqttSignaling(
+        me,
+        MqttConfig(url="mqtt://127.0.0.1:1", answer_timeout=0.05),
+        on_offer=no_offers,
+        on_presence=lambda pid, body: None,
+        on_absence=lambda pid: None,
+        presence_body=dict,
+        guard=ReplayGuard(),
+    )
+
+    async def published(to, data):  # no broker: the offer "goes out" and nobody answers
+        return None
+
+    mqtt._publish = published
+    with pytest.raises(SignalingError, match="no answer"):
+        await mqtt.exchange(peer.peer_id, b"offer", b"oid-1")
+    late = seal(peer, "answer", me.peer_id, {"sdp": "x", "re": b"oid-1"})
+    mqtt._handle_inbox(late)  # no exception: quietly dropped
+    stray = seal(peer, "answer", me.peer_id, {"sdp": "x", "re": b"oid-never"})
+    with pytest.raises(SignalingError, match="no offer of ours"):
+        mqtt._handle_inbox(stray)

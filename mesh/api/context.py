@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from mesh.discovery.dht import MeshDHT
 from mesh.inference.compute import ComputeService
 from mesh.inference.coordinator import Coordinator
+from mesh.jobs.llmjob import LlmJobService
 from mesh.jobs.service import JobService
 from mesh.net.peers import PeerTable
 from mesh.net.rpc import Link
@@ -37,6 +38,9 @@ class ApiNode(Protocol):
 
     @property
     def jobs(self) -> JobService: ...
+
+    @property
+    def llm_jobs(self) -> LlmJobService: ...
 
     @property
     def max_message(self) -> int:

@@ -8,6 +8,8 @@
 ``GET /v1/dht/peer/{id}``  a peer's verified DHT record
 ``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
 ``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
+``POST /v1/bench/oneway``  {peer, size, count}: one-way latency of a request, in ms (a peer
+                    on the same machine only: both ends read one monotonic clock)
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ async def start_api(
     app.router.add_get("/v1/mesh", _mesh)
     app.router.add_get("/v1/dht/peer/{peer_id}", _dht_peer)
     app.router.add_post("/v1/bench/rtt", _bench_rtt)
+    app.router.add_post("/v1/bench/oneway", _bench_oneway)
     add_routes(app, NODE_KEY)
     add_openai_routes(app, NODE_KEY)
     add_storage_routes(app, NODE_KEY)
@@ -156,6 +159,28 @@ async def _bench_rtt(request: web.Request) -> web.Response:
     except EXPECTED as exc:
         raise web.HTTPBadGateway(text=str(exc)) from None
     return web.json_response({"size": size, "count": count, "rtt_ms": samples})
+
+
+async def _bench_oneway(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    body = await json_body(request)
+    size = int_field(body, "size", 4096, 0, 1 << 20)
+    count = int_field(body, "count", 200, 1, 100_000)
+    payload = os.urandom(size)
+    try:
+        link = node.link(str(body.get("peer", "")))
+        await link.call("node.clock", {}, payload)  # warm-up
+        samples = []
+        for _ in range(count):
+            t0 = time.monotonic()
+            reply = await link.call("node.clock", {}, payload)
+            arrived = reply.result.get("t")
+            if not isinstance(arrived, float):
+                raise web.HTTPBadGateway(text="node.clock answered without a time")
+            samples.append((arrived - t0) * 1000)
+    except EXPECTED as exc:
+        raise web.HTTPBadGateway(text=str(exc)) from None
+    return web.json_response({"size": size, "count": count, "one_way_ms": samples})
 
 
 async def _bench_bulk(request: web.Request) -> web.Response:

@@ -12,6 +12,9 @@
 ``GET  /v1/accounting``                   bytes moved per source, destination, zone pair
 ``GET  /v1/netcoords``                    our Vivaldi coordinate, peers' and estimated RTTs
 ``POST /v1/jobs``                         {model, input, policies, seed} -> job report
+                                          (ONNX over float vectors), or {kind: "llm",
+                                          model, prompts, policies, seed, max_tokens}:
+                                          an LLM generation for every stored prompt
 
 Model shards are objects of this store too (format ``gguf``): they are listed, fetched,
 pinned and collected through these routes like any object.
@@ -175,12 +178,27 @@ async def _job(node: ApiNode, request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="body must be a JSON object")
     policies = body.get("policies", ["ours"])
     seed = body.get("seed", 0)
+    kind = body.get("kind", "onnx")
     if not isinstance(policies, list) or type(seed) is not int:
         raise web.HTTPBadRequest(text="policies must be a list, seed an integer")
+    if kind not in ("onnx", "llm"):
+        raise web.HTTPBadRequest(text="kind must be 'onnx' or 'llm'")
     try:
-        report = await node.jobs.run_job(
-            str(body.get("model", "")), str(body.get("input", "")), policies, seed
-        )
+        if kind == "llm":
+            max_tokens = body.get("max_tokens", 32)
+            if type(max_tokens) is not int:
+                raise web.HTTPBadRequest(text="max_tokens must be an integer")
+            report = await node.llm_jobs.run_job(
+                str(body.get("model", "")),
+                str(body.get("prompts", "")),
+                policies,
+                seed,
+                max_tokens,
+            )
+        else:
+            report = await node.jobs.run_job(
+                str(body.get("model", "")), str(body.get("input", "")), policies, seed
+            )
     except EXPECTED as exc:
         raise web.HTTPBadRequest(text=f"{type(exc).__name__}: {exc}") from None
     return web.json_response(report)

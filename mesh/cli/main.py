@@ -146,13 +146,13 @@ def _dispatch(
 ) -> int:
     if args.command in ("node", "mesh"):
         from mesh.cli.mesh import join_before_start, run_mesh_command
-        from mesh.cli.node import probe_data_dir, run_node
+        from mesh.cli.node import loop_factory, probe_data_dir, run_node
 
         if args.command == "mesh":
             return run_mesh_command(args)
         probe_data_dir(args)  # another node runs there: exit 2, having touched nothing
         join_before_start(args)  # node --join INVITE
-        return _run(run_node(args, configure))
+        return _run(run_node(args, configure), loop_factory(args.event_loop))
     if args.command in ("peers", "ps"):
         from mesh.cli.status import run_status_command
 
@@ -182,10 +182,11 @@ def _dispatch(
     return 2
 
 
-def _run(coro: Any) -> int:
+def _run(coro: Any, loop_factory: Callable[[], Any] | None = None) -> int:
     import asyncio
 
-    result: int = asyncio.run(coro)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result: int = runner.run(coro)
     return result
 
 

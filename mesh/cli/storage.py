@@ -42,6 +42,22 @@ Input formats of `edgemesh job run --model MODEL_ID --input DATASET_ID`:
            shape (batch, d). A peer's model runs only in a sandboxed child process.
   result   a new jsonl object, in dataset order, one line per record:
            {"y": [float, ...], "label": argmax of y}; its id is printed.
+
+LLM jobs, `edgemesh job run --model NAME --prompts DATASET_ID`:
+
+  prompts  a jsonl object, one record per line: {"prompt": "..."} or
+           {"messages": [{"role": "user", "content": "..."}, ...]} (a chat, rendered
+           by the model's template), with optional max_tokens, temperature, seed and
+           stop, checked as POST /v1/generate checks them; other fields are ignored.
+           Each chunk is one task, run by a peer holding the chunk and the model's
+           shards where one can (the nearest otherwise); a peer that fails has its
+           chunks redone elsewhere. A malformed record fails the job, naming it.
+  model    a model name or id known in the mesh (edgemesh model add).
+  result   a new jsonl object, in dataset order, one line per record:
+           {"i": index, "text": ..., "tokens": n, "finish_reason": "stop"|"length"}
+           (text capped at 16 KiB, "truncated": true then). The report gives tokens/s,
+           bytes moved, cross-zone bytes and egress cost, and which peer did which
+           chunks; --compare adds the random placement baseline, run in the same job.
 """
 
 
@@ -153,8 +169,18 @@ def add_storage_commands(sub: Any) -> None:
         description=JOB_FORMATS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("--model", required=True, help="object id of an ONNX model")
-    r.add_argument("--input", required=True, help="object id of a jsonl dataset")
+    r.add_argument(
+        "--model", required=True, help="object id of an ONNX model, or an LLM's name or id"
+    )
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", help="object id of a jsonl dataset of float vectors (ONNX)")
+    what.add_argument("--prompts", help="object id of a jsonl dataset of prompts (an LLM job)")
+    r.add_argument(
+        "--max-tokens",
+        type=int,
+        default=32,
+        help="LLM jobs: tokens per record for records without max_tokens (default 32)",
+    )
     r.add_argument("--compare", action="store_true", help="also run the random policy")
     r.add_argument("--seed", type=int, default=0)
     common(r)
@@ -343,6 +369,8 @@ def run_storage_command(args: argparse.Namespace) -> int:
             )
         return 0
     policies = ["ours", "random"] if args.compare else ["ours"]
+    if args.prompts is not None:
+        return _llm_job(args, api, policies)
     doc = api_post(
         api,
         "/v1/jobs",
@@ -358,4 +386,34 @@ def run_storage_command(args: argparse.Namespace) -> int:
                 f"  {run['policy']:<7} cross-zone {run['cross_zone_bytes'] / 1e6:8.2f} MB, "
                 f"moved {run['bytes_moved'] / 1e6:8.2f} MB, {run['seconds']:.2f} s"
             )
+    return 0
+
+
+def _llm_job(args: argparse.Namespace, api: NodeApi, policies: list[str]) -> int:
+    from mesh.cli.common import api_post
+
+    body = {
+        "kind": "llm",
+        "model": args.model,
+        "prompts": args.prompts,
+        "policies": policies,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+    }
+    doc = api_post(api, "/v1/jobs", body, timeout=24 * 3600)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"result {doc['id']}: {doc['records']} records in {doc['tasks']} tasks")
+    for run in doc["policies"]:
+        print(
+            f"  {run['policy']:<7} {run['tokens_per_s']:8.1f} tokens/s, "
+            f"moved {run['bytes_moved'] / 1e6:8.2f} MB, "
+            f"cross-zone {run['cross_zone_bytes'] / 1e6:8.2f} MB, "
+            f"egress {run['egress_cost']:.4f}, {run['seconds']:.2f} s, "
+            f"{run['holder_tasks']}/{doc['tasks']} tasks on a holder, {run['retries']} retries"
+        )
+        for peer, chunks in sorted(run["placement"].items()):
+            tokens = run["tokens_by_peer"].get(peer, 0)
+            print(f"          {peer[:12]}: chunks {chunks}, {tokens} tokens")
     return 0

@@ -124,6 +124,9 @@ class MqttSignaling:
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        # offers of ours no longer waiting (answered by another route, or given up): their
+        # late answers are dropped quietly (insertion-ordered, bounded)
+        self._finished: dict[bytes, None] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self.rejected = 0
         self._session = os.urandom(8)  # ours, renewed per broker connection
@@ -298,7 +301,12 @@ class MqttSignaling:
             accept_envelope(env, me=self.identity.peer_id, kind="offer", guard=self.guard)
         if env.kind == "answer":
             # checked for freshness and replay by the dialer, which matched it to its offer
-            fut = self._waiting.get(env.body.get("re"))  # type: ignore[arg-type]
+            re = env.body.get("re")
+            fut = self._waiting.get(re)  # type: ignore[arg-type]
+            if (fut is None or fut.done()) and re in self._finished:
+                # our offer went by another route too, and that answer came first
+                log.debug("late answer from %s via the broker", env.sender[:12])
+                return
             if fut is None or fut.done():
                 raise SignalingError("answer to no offer of ours")
             fut.set_result(raw)
@@ -343,3 +351,6 @@ class MqttSignaling:
             raise SignalingError(f"no answer from {to[:12]} via the broker") from None
         finally:
             self._waiting.pop(oid, None)
+            self._finished[oid] = None
+            while len(self._finished) > _MAX_WAITING:
+                self._finished.pop(next(iter(self._finished)))

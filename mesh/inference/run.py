@@ -21,6 +21,7 @@ The node's :class:`~mesh.inference.coordinator.Coordinator` starts each generati
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -33,7 +34,14 @@ from mesh.inference.failover import Failover
 from mesh.inference.host import AwaitedToken, RunHost
 from mesh.inference.planning import MAX_FAILOVERS, RoutePlanner
 from mesh.inference.prompts import Pieces, tokenize_prompt, tokenizer_blobs
-from mesh.inference.routes import KV_PER_BLOCK, SHARD_OVERHEAD, RouteError, Stage, plan_route
+from mesh.inference.routes import (
+    KV_PER_BLOCK,
+    SHARD_OVERHEAD,
+    PeerView,
+    RouteError,
+    Stage,
+    plan_route,
+)
 from mesh.inference.sampling import SamplingParams
 from mesh.inference.sessions import RouteSessions
 from mesh.inference.stats import RunStats
@@ -81,6 +89,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None  # chat messages: rendered by the model's template
     clip_to_context: bool = False  # max_tokens is a ceiling: what the context leaves, at most
     logprobs: int | None = None  # each token's log-probability, with this many alternatives
+    local: bool = False  # a batch job's record: route on this node alone when it holds it all
 
 
 @dataclass
@@ -179,7 +188,7 @@ class GenerationRun:
         views, manifest = await host.views(mid, set())
         planner = RoutePlanner(host, mid, manifest, split=req.split, runtime=req.runtime)
         planner.seen.update((v.peer_id, v) for v in views)
-        stages = planner.plan(views)
+        stages = self._first_route(planner, views, manifest)
         tok = await host.tokenizer(mid)
         ends, first = tokenizer_blobs(manifest), stages[0].peer_id
         holders = sorted(
@@ -201,6 +210,21 @@ class GenerationRun:
         steps = StepRunner(host, route, params, self.stats)
         failover = Failover(planner, route, steps)
         return _Parts(mid, manifest, prompt, planner, route, failover, checker, pieces)
+
+    def _first_route(
+        self, planner: RoutePlanner, views: list[PeerView], manifest: Manifest
+    ) -> list[Stage]:
+        """The first route. A batch job's record (``local``) runs on this node alone when it
+        holds every shard and has the memory (its task was placed here for that), however
+        fast the planner deems another peer; a failover re-plans over every peer."""
+        if self.req.local:
+            blobs = {b.sha256 for b in manifest.blobs}
+            me = self.host.mesh.me
+            mine = [v for v in views if v.peer_id == me and blobs <= v.held]
+            if mine:
+                with contextlib.suppress(RouteError):
+                    return planner.plan(mine)
+        return planner.plan(views)
 
     async def _prompt(
         self, manifest: Manifest, tok: Any | None, holders: list[str], mid: str

@@ -33,7 +33,15 @@ import numpy as np
 
 from mesh.errors import Error
 
-__all__ = ["JobError", "ModelRefused", "Limits", "ALLOWED_OPS", "check_model", "run_model"]
+__all__ = [
+    "JobError",
+    "BadInput",
+    "ModelRefused",
+    "Limits",
+    "ALLOWED_OPS",
+    "check_model",
+    "run_model",
+]
 
 CHILD = Path(__file__).with_name("_child.py")
 
@@ -57,6 +65,11 @@ _DOMAINS = ("", "ai.onnx")
 
 class JobError(Error):
     """A job is malformed or some task could not run anywhere."""
+
+
+class BadInput(JobError):
+    """A job's dataset is malformed (a record of it): every peer would refuse it the same
+    way, so the task is not retried elsewhere and the job fails with this message."""
 
 
 class ModelRefused(JobError):

@@ -25,13 +25,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mesh.errors import RPCError
-from mesh.jobs.sandbox import JobError, Limits, ModelRefused, check_model, run_model
+from mesh.errors import RemoteError, RPCError
+from mesh.jobs.sandbox import BadInput, JobError, Limits, ModelRefused, check_model, run_model
 from mesh.net.rpc import CallContext, Reply
 from mesh.storage.fetch import FetchState, fetch_chunks
 from mesh.storage.store import CHUNK_MAX, StoreError, is_id
@@ -55,6 +56,20 @@ MAX_CHECKED = 256  # model ids remembered as checked (then forgotten, and checke
 def onnx_available() -> bool:
     # onnx checks a peer's graph before onnxruntime (in the sandbox) may run it
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def task_chunk(params: dict[str, Any]) -> tuple[str, int, list[str]]:
+    """A task's chunk (sha, size) and its sources, type-checked (a peer sent them)."""
+    sha, size, sources = params.get("sha"), params.get("size"), params.get("sources")
+    if not is_id(sha) or type(size) is not int or not 0 < size <= CHUNK_MAX:
+        raise JobError("a task needs the chunk's sha and size")
+    if (
+        not isinstance(sources, list)
+        or len(sources) > 64
+        or not all(isinstance(s, str) and len(s) < 64 for s in sources)
+    ):
+        raise JobError("sources must be a list of peer ids")
+    return sha, size, sources
 
 
 def parse_records(data: bytes) -> np.ndarray:
@@ -166,49 +181,51 @@ class JobService:
             store.release(model)
         return await asyncio.to_thread(format_results, y, len(x))
 
+    async def pull_chunk(self, sha: str, size: int, sources: list[str]) -> tuple[bytes, str | None]:
+        """A task's chunk: ours when we hold it, else pulled from the planned source (the
+        first of ``sources``; the rest only if it fails), verified by hash and accounted.
+        Returns the bytes and the peer they came from (None: held here)."""
+        if self.objects.store.has_chunk(sha):
+            return await asyncio.to_thread(self.objects.store.read_chunk, sha), None
+        me = self.node.me
+        got: dict[str, bytes] = {}
+
+        async def sink(i: int, chunk: bytes, src: str) -> None:
+            got["data"], got["src"] = chunk, src.encode()
+
+        state = FetchState(sha, size, chunks_total=1)
+        order = [s for s in sources if s != me]
+        if not order:
+            raise JobError(f"no peer to pull chunk {sha[:12]} from")
+        # The planned source first: the planner chose it; the rest only if it fails.
+        await fetch_chunks(
+            self.node,
+            [(sha, size)],
+            [0],
+            order,
+            lambda s, n: 0.0 if s == order[0] else self.objects.net.cost_ms(s, n) + 1e6,
+            sink,
+            state,
+            penalize=self.objects.net.penalize,
+            per_source=1,
+            near_factor=1.0,
+            near_slack_ms=0.0,
+            read=self.objects.read_chunk_from,
+        )
+        data, pulled_from = got["data"], got["src"].decode()
+        self.objects.net.account(pulled_from, me, len(data), "job-input")
+        return data, pulled_from
+
     async def rpc_job_task(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         if not self.capable:
             raise JobError("this node runs no batch tasks")
-        model, sha, size = params.get("model"), params.get("sha"), params.get("size")
-        sources = params.get("sources")
-        if not is_id(model) or not is_id(sha) or type(size) is not int or not 0 < size <= CHUNK_MAX:
+        model = params.get("model")
+        if not is_id(model):
             raise JobError("job_task needs model, sha and size")
-        if (
-            not isinstance(sources, list)
-            or len(sources) > 64
-            or not all(isinstance(s, str) and len(s) < 64 for s in sources)
-        ):
-            raise JobError("sources must be a list of peer ids")
+        sha, size, sources = task_chunk(params)
         model_size, model_state = await self._model(model)
         me = self.node.me
-        pulled_from, data = None, b""
-        if self.objects.store.has_chunk(sha):
-            data = await asyncio.to_thread(self.objects.store.read_chunk, sha)
-        else:
-            got: dict[str, bytes] = {}
-
-            async def sink(i: int, chunk: bytes, src: str) -> None:
-                got["data"], got["src"] = chunk, src.encode()
-
-            state = FetchState(sha, size, chunks_total=1)
-            order = [s for s in sources if s != me]
-            # The planned source first: the planner chose it; the rest only if it fails.
-            await fetch_chunks(
-                self.node,
-                [(sha, size)],
-                [0],
-                order,
-                lambda s, n: 0.0 if s == order[0] else self.objects.net.cost_ms(s, n) + 1e6,
-                sink,
-                state,
-                penalize=self.objects.net.penalize,
-                per_source=1,
-                near_factor=1.0,
-                near_slack_ms=0.0,
-                read=self.objects.read_chunk_from,
-            )
-            data, pulled_from = got["data"], got["src"].decode()
-            self.objects.net.account(pulled_from, me, len(data), "job-input")
+        data, pulled_from = await self.pull_chunk(sha, size, sources)
         out = await self._run_task(model, model_size, data)
         if len(out) > MAX_RESULT:
             raise JobError("task result too large")
@@ -241,7 +258,7 @@ class JobService:
         m = await objs.get_manifest(input_id, holders)
         if m.format != "jsonl":
             raise JobError("the input must be a jsonl dataset (edgemesh put --format jsonl)")
-        chunk_holders = await self._chunk_holders(m.shas)
+        chunk_holders = await self.chunk_holders(m.shas)
         for i, hs in enumerate(chunk_holders):
             if not hs:
                 raise JobError(f"no live peer holds chunk {i} of {input_id[:12]}")
@@ -270,7 +287,7 @@ class JobService:
             "same_results": all(r == results[0] for r in results),
         }
 
-    async def _chunk_holders(self, shas: list[str]) -> list[set[str]]:
+    async def chunk_holders(self, shas: list[str]) -> list[set[str]]:
         out: list[set[str]] = [set() for _ in shas]
         me = self.node.me
 
@@ -287,7 +304,7 @@ class JobService:
         await asyncio.gather(*(ask(p) for p in [me, *self.node.connected_peer_ids()]))
         return out
 
-    def _capable(self) -> list[str]:
+    def capable_peers(self) -> list[str]:
         net = self.objects.net
         peers = [
             p
@@ -301,7 +318,7 @@ class JobService:
     ) -> list[tuple[str, list[str]]]:
         """Per task: the peer that runs it and its sources (planned first)."""
         net = self.objects.net
-        capable = self._capable()
+        capable = self.capable_peers()
         if not capable:
             raise JobError("no capable peer is connected")
         everyone = sorted(set(capable) | set().union(*holders))
@@ -367,40 +384,20 @@ class JobService:
         total = [0]  # result bytes received so far
         model_seen: set[str] = set()
 
+        def nearest(i: int, others: list[str]) -> str:
+            return min(
+                others,
+                key=lambda p: min(
+                    (net.cost_ms(h, chunks[i][1], dst=p) for h in holders[i]), default=0
+                ),
+            )
+
         async def one(i: int) -> None:
             peer, srcs = plan[i]
-            tried: list[str] = []
-            while True:
-                sem = slots.setdefault(peer, asyncio.Semaphore(PER_PEER))
-                try:
-                    async with sem:
-                        reply = await self.node.call(
-                            peer,
-                            "jobs.job_task",
-                            {
-                                "model": model,
-                                "sha": chunks[i][0],
-                                "size": chunks[i][1],
-                                "sources": srcs,
-                            },
-                            timeout=300,
-                        )
-                    break
-                except (RPCError, StoreError, JobError) as exc:
-                    tried.append(peer)
-                    run.retries += 1
-                    others = [p for p in self._capable() if p not in tried]
-                    if len(tried) >= MAX_TRIES or not others:
-                        raise JobError(
-                            f"task {i} failed on {[t[:12] for t in tried]}: {exc}"
-                        ) from None
-                    peer = min(
-                        others,
-                        key=lambda p: min(
-                            (net.cost_ms(h, chunks[i][1], dst=p) for h in holders[i]), default=0
-                        ),
-                    )
-                    log.info("task %d: retrying on %s (%s)", i, peer[:12], exc)
+            params = {"model": model, "sha": chunks[i][0], "size": chunks[i][1], "sources": srcs}
+            peer, reply = await self.call_task(
+                i, peer, "jobs.job_task", lambda p: params, slots, run, lambda o: nearest(i, o)
+            )
             self._account_task(run, peer, reply, first_task=peer not in model_seen)
             model_seen.add(peer)
             total[0] += len(reply.payload)
@@ -414,6 +411,48 @@ class JobService:
         )
         run.seconds = time.monotonic() - t0
         return run, b"".join(outputs)
+
+    async def call_task(
+        self,
+        i: int,
+        peer: str,
+        method: str,
+        params: Callable[[str], dict[str, Any]],
+        slots: dict[str, asyncio.Semaphore],
+        run: Any,
+        next_peer: Callable[[list[str]], str],
+        timeout: float = 300,
+        check: Callable[[Reply], None] | None = None,
+    ) -> tuple[str, Reply]:
+        """Task ``i`` (``params(peer)``) on ``peer`` (at most PER_PEER in flight there), or,
+        when it fails there (the peer died, its reply failed ``check``), on ``next_peer`` of
+        the capable peers not tried yet, up to MAX_TRIES. A :class:`BadInput` error (the
+        dataset's fault) is not retried: every peer would refuse it. Returns the peer that
+        did it, and its reply."""
+        tried: list[str] = []
+        while True:
+            sem = slots.setdefault(peer, asyncio.Semaphore(PER_PEER))
+            try:
+                async with sem:
+                    reply = await self.node.call(peer, method, params(peer), timeout=timeout)
+                if check is not None:
+                    check(reply)
+                return peer, reply
+            except BadInput:
+                raise
+            except RemoteError as exc:
+                if exc.code == BadInput.__name__:
+                    raise BadInput(exc.message) from None
+                err: Exception = exc
+            except (RPCError, StoreError, JobError) as exc:
+                err = exc
+            tried.append(peer)
+            run.retries += 1
+            others = [p for p in self.capable_peers() if p not in tried]
+            if len(tried) >= MAX_TRIES or not others:
+                raise JobError(f"task {i} failed on {[t[:12] for t in tried]}: {err}") from None
+            peer = next_peer(others)
+            log.info("task %d: retrying on %s (%s)", i, peer[:12], err)
 
     def _account_task(self, run: _Run, peer: str, reply: Reply, *, first_task: bool) -> None:
         """Add one finished task's bytes (input pull, model pull on a peer's first task,

@@ -55,6 +55,7 @@ __all__ = ["ConnectionParams", "Connections"]
 log = logging.getLogger(__name__)
 
 Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
+MAX_ANSWERS = 256  # offers whose answer is kept for their copies on other routes
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class Connections:
         self._pending_inbound: dict[str, PendingConnection | None] = {}
         self._pending_from: dict[str, str] = {}  # peer id -> address of its pending handshake
         self._static: dict[str, str] = {}  # address -> peer id it proved to have
+        # (peer id, offer id) -> the answer to that offer: the copies other routes bring
+        self._answers: dict[tuple[str, bytes], asyncio.Future[bytes]] = {}
         self.teardowns = Teardowns()  # peer connections of closed links, still closing
         self._dial_held = False  # params.dial_hold is spent (the first dial only)
         self.closing = False
@@ -372,7 +375,7 @@ class Connections:
                         "addrs": self.my_endpoints(),
                     }
                 )
-                raw = await self._exchange(entry, seal(self.identity, "offer", pid, body), oid)
+                raw = await self._exchange(entry, body, oid)
                 answer = open_envelope(raw, me=self.me, kind="answer", guard=self.guard)
                 if answer.sender != pid or answer.body.get("re") != oid:
                     raise SignalingError("answer is not from the dialed peer or not for our offer")
@@ -401,21 +404,38 @@ class Connections:
             return
         self._adopt(pid, link)
 
-    async def _exchange(self, entry: PeerEntry, offer: bytes, oid: bytes) -> bytes:
-        """Deliver a sealed offer by the first route that answers: direct, then the broker."""
+    async def _exchange(self, entry: PeerEntry, body: dict[str, Any], oid: bytes) -> bytes:
+        """Deliver an offer by every route at once (each direct address, the broker): the
+        first answer wins, the other attempts are cancelled.
+
+        One after another, a NATed peer's direct address (private, unreachable from here,
+        its packets dropped silently) held every dial for the full HTTP timeout before the
+        broker was tried: ~10 s to link two homes (issue 15). Each route carries its own
+        sealed copy (its own nonce, so no copy is a replay of another); the peer answers
+        every copy of one offer (same ``oid``) with the same answer, once."""
         assert self._http is not None
-        errors = []
-        for address in list(entry.addresses):
-            try:
-                return await send_offer(self._http, address, offer)
-            except SignalingError as exc:
-                errors.append(str(exc))
+        pid = entry.peer_id
+        routes: list[Awaitable[bytes]] = [
+            send_offer(self._http, address, seal(self.identity, "offer", pid, body))
+            for address in entry.addresses
+        ]
         if entry.via_mqtt and self.mqtt_exchange is not None:
-            try:
-                return await self.mqtt_exchange(entry.peer_id, offer, oid)
-            except SignalingError as exc:
-                errors.append(str(exc))
-        raise SignalingError("; ".join(errors) or "no route to the peer")
+            routes.append(self.mqtt_exchange(pid, seal(self.identity, "offer", pid, body), oid))
+        if not routes:
+            raise SignalingError("no route to the peer")
+        tasks = [asyncio.ensure_future(route) for route in routes]
+        errors = []
+        try:
+            for attempt in asyncio.as_completed(tasks):
+                try:
+                    return await attempt
+                except SignalingError as exc:
+                    errors.append(str(exc))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise SignalingError("; ".join(errors))
 
     # -- accepting -------------------------------------------------------------------------
     async def on_offer(self, env: Envelope, remote: str | None = None) -> bytes:
@@ -436,6 +456,9 @@ class Connections:
         sdp, oid = env.body.get("sdp"), env.body.get("oid")
         if not isinstance(sdp, str) or not isinstance(oid, bytes) or len(oid) > 32:
             raise SignalingError("offer carries no SDP or offer id")
+        answered = self._answers.get((pid, oid))
+        if answered is not None:  # another route's copy of an offer being (or) answered
+            return await asyncio.shield(answered)
         if pid in self._pending_inbound:
             raise SignalingError("a handshake with this peer is already in progress")
         if len(self._pending_inbound) >= self.params.max_pending_inbound:
@@ -464,6 +487,7 @@ class Connections:
         self._pending_inbound[pid] = None
         if remote is not None:
             self._pending_from[pid] = remote
+        answer = self._answer_later(pid, oid)
         try:
             pending, answer_sdp = await accept_offer(
                 self.identity, self.transport, sdp, pid, self.gate
@@ -471,10 +495,25 @@ class Connections:
         except EXPECTED as exc:
             del self._pending_inbound[pid]
             self._pending_from.pop(pid, None)
+            self._answers.pop((pid, oid), None)
+            answer.set_exception(SignalingError(str(exc)))
             raise SignalingError(str(exc)) from None
         self._pending_inbound[pid] = pending
         self._spawn(self._finish_inbound(pid, pending))
-        return seal(self.identity, "answer", pid, self._body({"sdp": answer_sdp, "re": oid}))
+        sealed = seal(self.identity, "answer", pid, self._body({"sdp": answer_sdp, "re": oid}))
+        answer.set_result(sealed)
+        return sealed
+
+    def _answer_later(self, pid: str, oid: bytes) -> asyncio.Future[bytes]:
+        """The answer to offer ``oid`` of ``pid``, for the copies of it that other routes
+        bring (the dialer sends one by each): they get this answer instead of a second
+        connection. The last ``MAX_ANSWERS`` offers are remembered."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        self._answers[(pid, oid)] = fut
+        while len(self._answers) > MAX_ANSWERS:
+            self._answers.pop(next(iter(self._answers)))
+        return fut
 
     async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
         try:

@@ -1,9 +1,10 @@
 """The identity handshake that runs first on every data channel.
 
-aiortc makes a fresh DTLS certificate per connection and cannot be given one, so DTLS alone
-proves nothing about who is on the other end. Each side therefore signs a transcript that binds
-both DTLS fingerprints, both fresh nonces and both public keys with its Ed25519 key (libp2p's
-webrtc-direct binds the same values into its Noise prologue). A man in the middle terminates
+Each connection runs DTLS with a fresh certificate (aiortc makes one; the wrtc engine generates
+one and hands it to libwebrtc), so DTLS alone proves nothing about who is on the other end.
+Each side therefore signs a transcript that binds both DTLS fingerprints, both fresh nonces
+and both public keys with its Ed25519 key (libp2p's webrtc-direct binds the same values into
+its Noise prologue). A man in the middle terminates
 DTLS with its own certificates, so the fingerprints each side sees differ and no signature
 verifies; a relayed or reflected signature fails because the role is signed too.
 
@@ -99,8 +100,9 @@ def parse_proof(header: dict[str, Any]) -> bytes:
 class HandshakeState:
     """One side of the handshake. Validates its parameters in the constructor.
 
-    ``local_fp`` is the fingerprint of our own DTLS certificate (from our SDP), ``remote_fp``
-    the one DTLS verified the peer's certificate against (from the peer's SDP).
+    ``local_fp`` is the fingerprint of our own DTLS certificate, ``remote_fp`` that of the
+    certificate the peer presented, both read from the live DTLS session by the transport
+    (mesh.net.transport, which also checks each against its SDP).
     """
 
     def __init__(

@@ -67,6 +67,7 @@ class PeerEntry:
             "rtt_ms": round(rtt, 3) if rtt is not None else None,
             # the ICE candidate pair in use: {"local", "remote", "protocol"[, "relay_protocol"]}
             "ice": link.path() if link is not None and self.connected else None,
+            "offered": link.offerer if link is not None and self.connected else None,
             "source": self.source,
             "sources": sorted(self.announced_by | ({"static"} if self.static else set())),
             "last_seen": round(time.time() if self.connected else self.last_seen, 3),

@@ -63,6 +63,11 @@ MAX_FRAME = CHUNK_MAX + 4096
 HANDSHAKE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 60.0
 POOL_PER_PEER = 4
+# A TCP connect takes one round trip (and one SYN retransmission at 1 s under loss); a
+# firewall that drops SYNs, or a private address seen from another network, never answers:
+# waiting longer only delays the fallback to the link.
+CONNECT_TIMEOUT = 1.5
+RETRY_UNREACHABLE = 300.0  # a peer whose fast path failed is tried again after this long
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,11 @@ class _Conn:
             self.writer.close()
 
 
+def _close_unclaimed(probe: asyncio.Future[_Conn]) -> None:
+    if not probe.cancelled() and probe.exception() is None:
+        probe.result().close()
+
+
 def _keys(shared: bytes, transcript: bytes) -> tuple[bytes, bytes]:
     base = hashlib.blake2b(shared + transcript, digest_size=32).digest()
     c2s = hashlib.blake2b(base, digest_size=32, person=b"edgemesh-c2s").digest()
@@ -193,7 +203,11 @@ class FastPath:
         self.server: asyncio.Server | None = None
         self.address: str | None = None
         self._pool: dict[str, list[_Conn]] = {}
-        self._unreachable: set[str] = set()
+        # peer -> when to try its fast path again; peers whose fast path worked; the first
+        # dial to a peer not known reachable, which its other requests wait for
+        self._unreachable: dict[str, tuple[float, str]] = {}  # (retry time, its address)
+        self._reachable: set[str] = set()
+        self._probes: dict[str, asyncio.Future[_Conn]] = {}
         self.served = 0
         self.fetched = 0
 
@@ -295,7 +309,7 @@ class FastPath:
         host, port = fast_endpoint(address)  # before any lookup or dial
         link = self.node.link(peer)  # the key we expect is the one the link proved
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=1 << 16), HANDSHAKE_TIMEOUT
+            asyncio.open_connection(host, port, limit=1 << 16), CONNECT_TIMEOUT
         )
         try:
             me = self.node.identity
@@ -314,9 +328,41 @@ class FastPath:
             writer.close()
             raise
 
+    async def _connect(self, peer: str) -> _Conn:
+        """A new connection to ``peer``'s fast path. The first to a peer not known reachable
+        is a probe: requests meanwhile wait for it rather than each waiting out its own
+        connect timeout, and fail with it."""
+        if peer in self._reachable:
+            return await self._dial(peer)
+        probe = self._probes.get(peer)
+        if probe is not None:
+            await asyncio.shield(probe)  # raises as the probe did
+            return await self._dial(peer)
+        probe = self._probes[peer] = asyncio.ensure_future(self._dial(peer))
+        probe.add_done_callback(lambda f: self._probes.pop(peer, None))
+        try:
+            conn = await asyncio.shield(probe)
+        except asyncio.CancelledError:  # we gave up: nobody else takes its connection
+            probe.add_done_callback(_close_unclaimed)
+            raise
+        self._reachable.add(peer)
+        return conn
+
+    def _usable(self, peer: str) -> bool:
+        """Whether to try ``peer``'s fast path: it has one, and it did not fail lately."""
+        info = self.svc.net.peers.get(peer)
+        if info is None or not info.fast:
+            return False
+        failed = self._unreachable.get(peer)
+        # a new address (the peer restarted, or moved) is tried at once
+        if failed is not None and time.monotonic() < failed[0] and failed[1] == info.fast:
+            return False
+        self._unreachable.pop(peer, None)
+        return True
+
     async def _request(self, peer: str, request: dict[str, Any]) -> bytes | None:
         """One request over the fast path; None when there is none to this peer."""
-        if peer in self._unreachable or not (info := self.svc.net.peers.get(peer)) or not info.fast:
+        if not self._usable(peer):
             return None
         pool = self._pool.setdefault(peer, [])
         stale = time.monotonic() - self.limits.idle_timeout / 2
@@ -325,10 +371,13 @@ class FastPath:
         for attempt in range(2):
             pooled = bool(pool)
             try:
-                conn = pool.pop() if pool else await self._dial(peer)
+                conn = pool.pop() if pool else await self._connect(peer)
             except Exception as exc:  # a bad advertised address included: use the link
-                log.info("no fast path to %s (%r): using the link", peer[:12], exc)
-                self._unreachable.add(peer)
+                if peer not in self._unreachable:  # once per peer, not once per request
+                    log.info("no fast path to %s (%r): using the link", peer[:12], exc)
+                address = getattr(self.svc.net.peers.get(peer), "fast", None) or ""
+                self._unreachable[peer] = (time.monotonic() + RETRY_UNREACHABLE, address)
+                self._reachable.discard(peer)
                 return None
             try:
                 await conn.send(msgpack.packb(request))
@@ -363,7 +412,16 @@ class FastPath:
     def forget(self, peer: str) -> None:
         for c in self._pool.pop(peer, []):
             c.close()
-        self._unreachable.discard(peer)
+        self._unreachable.pop(peer, None)
+        self._reachable.discard(peer)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"address": self.address, "served": self.served, "fetched": self.fetched}
+        """Bytes served and fetched over the fast path, and the peers read over their link
+        instead for now (their fast path failed)."""
+        now = time.monotonic()
+        return {
+            "address": self.address,
+            "served": self.served,
+            "fetched": self.fetched,
+            "unreachable": sorted(p for p, (t, _) in self._unreachable.items() if t > now),
+        }

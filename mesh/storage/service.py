@@ -452,6 +452,7 @@ class ObjectService:
             "penalties": self.net.penalties.as_dict(),
             "fast_path": self.fast.address if self.fast is not None else None,
             "fast_path_conns": self.fast.stats() if self.fast is not None else None,
+            "fast_path_traffic": self.fast.as_dict() if self.fast is not None else None,
             "peer_quota": self.config.peer_quota,
             "quota_refused": self.quota_refused,
             "replica_pulls": len(self._pulls),

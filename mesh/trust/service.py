@@ -161,7 +161,7 @@ class TrustService:
 # What a stranger of an open mesh may not ask for: running its batch jobs, storing its
 # replicas, what this node runs and for whom (the topology page's node.info). (In a private
 # mesh every linked peer is a member, so nothing changes there.)
-MEMBERS_ONLY = ("jobs.job_task", "storage.obj_replicate", "node.info")
+MEMBERS_ONLY = ("jobs.job_task", "llmjobs.llm_task", "storage.obj_replicate", "node.info")
 
 
 def members_only(policy: MembershipPolicy, handlers: dict[str, Handler]) -> None:

@@ -1,0 +1,166 @@
+"""The WebRTC engine interface: what :mod:`mesh.net.transport` needs from a WebRTC stack.
+
+Two implementations: :mod:`mesh.net.engine_aiortc` (aiortc, pure Python, everywhere) and
+:mod:`mesh.net.engine_wrtc` (``wrtc``: libwebrtc, Chrome's engine, where its wheels exist).
+Both speak standard WebRTC (ICE, DTLS, SCTP data channels), so meshes mixing them interoperate.
+
+An engine builds :class:`RtcPeer` objects: one peer connection with one data channel, whose
+SDP carries every candidate (no trickle: the signaling layer moves one offer and one answer).
+The identity binding (:mod:`mesh.net.handshake`) reads both DTLS certificate fingerprints from
+the live DTLS transport through :meth:`RtcPeer.dtls_fingerprints`, with either engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from mesh.net.ice import IceServer
+
+__all__ = [
+    "IceStats",
+    "PeerOptions",
+    "RtcChannel",
+    "RtcPeer",
+    "Engine",
+    "sha256_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+
+class IceStats:
+    """What ICE gathering went wrong with, for /v1/info: shared by every connection built
+    with one config (one node's)."""
+
+    def __init__(self) -> None:
+        self.relay_failures = 0
+        self.last_relay_error: str | None = None
+
+    def relay_failed(self, why: str) -> None:
+        self.relay_failures += 1
+        self.last_relay_error = why
+        log.warning("no relay candidate: %s", why)
+
+
+class PeerOptions(Protocol):
+    """How a peer connection is built (a :class:`~mesh.net.transport.TransportConfig`)."""
+
+    @property
+    def servers(self) -> tuple[IceServer, ...]: ...
+
+    @property
+    def relay_only(self) -> bool: ...
+
+    @property
+    def candidate_addresses(self) -> tuple[str, ...] | None: ...
+
+    @property
+    def stats(self) -> IceStats: ...
+
+
+def sha256_fingerprint(der: bytes) -> str:
+    """The SDP form of a certificate's sha-256 fingerprint: ``AB:CD:...`` (upper case)."""
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+class RtcChannel(ABC):
+    """One reliable, ordered data channel (satisfies :class:`mesh.net.rpc.Channel`).
+
+    ``send`` queues a message without blocking and raises :class:`~mesh.errors.TransportError`
+    when the channel is closed or the engine's queue is full; callers keep the queue short by
+    waiting on ``bufferedAmount`` (the RPC link's high/low water marks)."""
+
+    label: str
+
+    @abstractmethod
+    def send(self, data: bytes) -> None: ...
+
+    @property
+    @abstractmethod
+    def bufferedAmount(self) -> int: ...  # noqa: N802 - the WebRTC name
+
+    @property
+    @abstractmethod
+    def readyState(self) -> str: ...  # noqa: N802 - "connecting", "open", "closing", "closed"
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def bind(
+        self,
+        *,
+        on_message: Callable[[bytes], None],
+        on_open: Callable[[], None],
+        on_close: Callable[[], None],
+        on_low: Callable[[], None],
+        low_water: int,
+    ) -> None:
+        """Deliver the channel's events to these callbacks (on the event loop's thread);
+        ``on_low`` fires when ``bufferedAmount`` falls to ``low_water``."""
+
+
+class RtcPeer(ABC):
+    """One peer connection. ``on_state`` hears "failed" and "closed"; ``on_channel`` the
+    data channel the remote side opened (answerer)."""
+
+    engine: str = ""
+
+    def __init__(self) -> None:
+        self.on_state: Callable[[str], None] | None = None
+        self.on_channel: Callable[[RtcChannel], None] | None = None
+
+    def _state(self, state: str) -> None:
+        log.debug("pc %s (%s): %s", id(self), self.engine, state)
+        if self.on_state is not None and state in ("failed", "closed"):
+            self.on_state(state)
+
+    @abstractmethod
+    async def offer(self, label: str) -> tuple[RtcChannel, str]:
+        """Create our data channel and the offer; returns it and the offer SDP (every
+        candidate gathered)."""
+
+    @abstractmethod
+    async def answer(self, offer_sdp: str) -> str:
+        """Apply a remote offer; returns the answer SDP (every candidate gathered)."""
+
+    @abstractmethod
+    async def complete(self, answer_sdp: str) -> None:
+        """Apply the remote answer (offering side)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def local_sdp(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def remote_sdp(self) -> str: ...
+
+    @abstractmethod
+    def dtls_fingerprints(self) -> tuple[str, str]:
+        """(ours, theirs): sha-256 fingerprints of the certificates the live DTLS session
+        runs with: our own and the one the peer presented. Raises
+        :class:`~mesh.errors.HandshakeError` before DTLS completed."""
+
+    @abstractmethod
+    def candidate_pair(self) -> dict[str, Any] | None:
+        """The ICE candidate pair in use: ``{"local", "remote", "protocol"}`` types (host,
+        srflx, prflx, relay) and, for a relay, ``relay_protocol``; None when unknown."""
+
+
+class Engine(ABC):
+    """A WebRTC stack. ``max_message``: the largest data channel message it sends."""
+
+    name: str = ""
+    max_message: int = 64 * 1024
+
+    @abstractmethod
+    def peer(self, options: PeerOptions) -> RtcPeer: ...
