@@ -150,6 +150,15 @@ class OnnxRuntime(Runtime):
             kv.values[name.replace("present_", "past_")] = val
         return result
 
+    def _truncate(self, session: Session, n_past: int) -> None:
+        # past_k [Hkv, hd, P], past_v [Hkv, P, hd]: keep the first n_past positions (a copy,
+        # so the dropped tail's buffer is freed with the old values)
+        kv: _KV = session.state
+        for name, val in list(kv.values.items()):
+            a = val.numpy()
+            kept = a[:, :, :n_past] if name.startswith("past_k_") else a[:, :n_past, :]
+            kv.values[name] = _ov(kept)
+
     def close(self) -> None:
         super().close()
         self._sess = None
