@@ -46,9 +46,9 @@ class AuditedStages(StageSessions):
         if type(upto) is not int or type(since) is not int:
             raise ModelError("upto and since must be positions")
         audit = st.audit
-        entries = [e for e in audit.upto(upto) if e.pos >= since]
+        entries = [e for e in audit.upto(upto) if e.end >= since]
         # Incomplete only if the positions asked for go past what the full log kept.
-        short = audit.overflowed and (not audit.entries or upto > audit.entries[-1].pos)
+        short = audit.overflowed and (not audit.entries or upto > audit.entries[-1].end)
         return Reply({"n": len(entries)}, pack_entries(entries, short))
 
     async def rpc_stage_recompute(

@@ -337,22 +337,22 @@ class SpotChecker:
             return np.asarray(step.tokens[:pos], dtype="<i4").tobytes(), step.rows
         peer = stages[s].peer_id
         entries = await self._audit(peer, sids[s], pos)
-        if not entries or entries[-1].pos != pos:
+        if not entries or entries[-1].end != pos:
             raise _Blame(peer, f"audit log does not reach position {pos}")
         prev_key = self.host.mesh.peer_key(stages[s - 1].peer_id)
-        for e in entries:
+        for e in entries:  # signed whole; a verify step's rejected rows are then left out
             try:
                 verify(prev_key, step_message(sids[s], e.pos, e.n, e.body), e.sig)
             except IdentityError:
                 raise _Blame(peer, f"logged input at {e.pos} not signed by its sender") from None
-        return b"".join(e.body for e in entries), entries[-1].n
+        return b"".join(e.kept_body for e in entries), entries[-1].rows
 
     async def _output(self, step: Step, s: int) -> np.ndarray[Any, Any]:
         """What stage ``s`` sent at the step, as the next stage logged it under ``s``'s key."""
         stages, sids, pos = step.stages, step.sids, step.pos
         nxt = stages[s + 1].peer_id
         entries = await self._audit(nxt, sids[s + 1], pos, since=pos)
-        if not entries or entries[-1].pos != pos:
+        if not entries or entries[-1].end != pos:
             raise _Blame(nxt, f"audit log has no entry at {pos}")
         e = entries[-1]
         try:
@@ -362,7 +362,7 @@ class SpotChecker:
             raise _Blame(nxt, f"logged input at {pos} not signed by its sender") from None
         if len(e.body) % (4 * e.n):
             raise _Blame(nxt, "logged activation size is not n x d")
-        return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
+        return np.frombuffer(e.kept_body, dtype="<f4").reshape(e.rows, -1)
 
     async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
         """The jury for ``stage``: this node first where it can hold the units (we trust our
