@@ -305,9 +305,9 @@ class GenerationRun:
         self.stats.add_tokens(m)
         if p.checker is not None:  # every row is checkable: the chunk ran on every stage
             route, history = p.route, p.prompt + self.generated + drafts
-            step = Step(
-                route.stages, route.sids, history, end, len(chunk), self.req.sampling, i, tokens[-1]
-            )
+            sampling = self.req.sampling
+            step = Step(route.stages, route.sids, history, end, len(chunk), sampling, i, tokens[-1])
+            step = replace(step, claimed_rows=tuple(tokens))
             await p.checker.after_step(step)
         return [(tokens[j], pieces[j], eos[j] if eos else False, reply) for j in range(m + 1)]
 

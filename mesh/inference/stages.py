@@ -272,9 +272,14 @@ class StageSessions(LoadedShards):
                 log.warning("could not report a failed step to %s", owner[:12])
 
     async def _compute(
-        self, params: dict[str, Any], payload: bytes, sender: str | None = None
+        self,
+        params: dict[str, Any],
+        payload: bytes,
+        sender: str | None = None,
+        all_logits: bool = False,
     ) -> tuple[StageSession, Any, Any, dict[str, Any]]:
-        """Validate one step's input and run it on the session's shard."""
+        """Validate one step's input and run it on the session's shard (``all_logits``: a
+        last stage returns every row's logits, as for a verify step)."""
         sid, n = params.get("sid"), params.get("n")
         st = self.sessions.get(sid) if isinstance(sid, str) else None
         if st is None:
@@ -316,7 +321,8 @@ class StageSessions(LoadedShards):
         t0 = time.perf_counter()
         if rollback:
             await loaded.shard.truncate(st.session, start)
-        out = await loaded.shard.forward(st.session, x, all_logits=bool(draft) and spec.is_last)
+        every = (bool(draft) or all_logits) and spec.is_last
+        out = await loaded.shard.forward(st.session, x, all_logits=every)
         self.throughput.add(n)
         own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
         return st, spec, out, own

@@ -141,6 +141,9 @@ class Step:
     # The token the last stage gave, where it is not tokens[pos]: a prompt chunk before the
     # last (its token is dropped, but the stage's KV cache must still be right).
     claimed: int | None = None
+    # A verify step (speculative decoding): the token the last stage gave after each of its
+    # rows, all checked (the accepted drafts' and the rejected ones' alike).
+    claimed_rows: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -209,6 +212,8 @@ class SpotChecker:
             last = s == len(step.stages) - 1
             token = step.tokens[step.pos] if step.claimed is None else step.claimed
             claimed = token if last else await self._output(step, s)
+            if last and step.claimed_rows is not None:
+                claimed = list(step.claimed_rows)
         except _Blame as blame:
             self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
             return
@@ -443,7 +448,9 @@ class SpotChecker:
             )
             opened = True
             params: dict[str, Any] = {"sid": sid, "n": pos, "rows": rows}
-            if not isinstance(claimed, np.ndarray):
+            if isinstance(claimed, list):
+                params.update(claimed_rows=claimed, pos=pos, sample=step.sampling.to_wire())
+            elif not isinstance(claimed, np.ndarray):
                 params.update(claimed=int(claimed), pos=pos, sample=step.sampling.to_wire())
             reply = await mesh.call(
                 verifier, "compute.stage_recompute", params, inputs, timeout=120
@@ -470,6 +477,15 @@ class SpotChecker:
             return _Outcome(
                 ok, err, f"activation error {err:.4f} (tolerance {self.params.tolerance})"
             )
+        if isinstance(claimed, list):  # a verify step: every row, the worst one counts
+            rows = result.get("rows")
+            if not isinstance(rows, list) or len(rows) != len(claimed):
+                return _Outcome(False, math.inf, "verifier returned no rows")
+            outcomes = [
+                self._judge(r if isinstance(r, dict) else {}, b"", c)
+                for r, c in zip(rows, claimed, strict=True)
+            ]
+            return max(outcomes, key=lambda o: (not o.ok, o.deviation))
         top = result.get("top")
         pairs = [
             (int(t), float(v))
