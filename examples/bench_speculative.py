@@ -2,11 +2,12 @@
 
 Three node processes on loopback, the model split over all three (``"split": 3``). For each
 prompt (a code edit: the model rewrites a given function; a summary that quotes a given
-text; a repeated list) the same greedy request runs without speculation (the baseline,
-measured in the same run) and with prompt-lookup drafts of each ``--drafts`` length; each
-configuration ``--repeats`` times after a warm-up, the median by tokens/s kept. tokens/s is
-the client's: generated tokens over the wall time from the first token to the last (the
-prompt's prefill is left out, it is the same work either way). Every speculative run must
+text; a repeated list; all completion style, the model continues the text) the same greedy
+request runs without speculation (the baseline, measured in the same run) and with
+prompt-lookup drafts of each ``--drafts`` length; each configuration ``--repeats`` times
+after a warm-up, the median by tokens/s kept. tokens/s is the client's: generated tokens
+over the wall time from the first token to the last (the prompt's prefill is left out, it
+is the same work either way). Every speculative run must
 give the baseline's tokens; the script fails otherwise.
 
 ``--delay-ms D`` (the issue's 20 ms one-way delay between peers) needs peers in network
@@ -66,19 +67,11 @@ TEXT = (
 LIST = ", ".join(["apples", "pears", "plums", "cherries", "grapes", "lemons", "limes", "figs"])
 Prompt = list[dict[str, str]] | str | list[int]  # chat messages, text or token ids
 PROMPTS: dict[str, Prompt] = {
-    "code edit": [
-        {
-            "role": "user",
-            "content": "Rename the variable subtotal to net in this function and give the "
-            f"whole function back, nothing else:\n\n{CODE}",
-        }
-    ],
-    "summary quoting the text": [
-        {
-            "role": "user",
-            "content": f"Copy this text, then add one sentence summarising it.\n\n{TEXT}",
-        }
-    ],
+    # completion style: the model continues the text (no chat template needed)
+    "code edit": "Original code:\n\n" + CODE + "\nThe same code with the variable subtotal "
+    "renamed to net:\n\n",
+    "summary quoting the text": f"Text: {TEXT}\n\nThe text again, word for word, followed "
+    "by a one-sentence summary:\n\n",
     "repeated list": f"Repeat the list exactly.\n{LIST}\n{LIST}\n{LIST}\n{LIST.split(',')[0]},",
 }
 
@@ -230,14 +223,41 @@ def write_docs(result: dict[str, Any]) -> None:
         "tok/s: the client's, first token to last. Drafts: prompt lookup (n-gram match over "
         "the prompt and output, no draft model). Every speculative run gave the baseline's "
         f"tokens. Wall {result['seconds']:.0f} s.\n\n{table}\n\n"
-        "On loopback a step's cost is mostly the stages' compute on a shared 2-core machine, "
-        "so a verify step of k + 1 rows costs more than a one-token step and the gain is "
-        "what the kept drafts save of the per-step fixed costs (hops, runtime calls). The "
-        "issue's goal (>= 2x at 20 ms one-way delay) is for `--delay-ms 20`, where every "
-        "step saved also saves the ring's network latency; that run needs the NAT lab's "
-        "delayed namespaces (`--lab`), not measured here yet."
+        f"{why(result)}"
     )
     update_benchmarks_md(SECTION, body)
+
+
+def why(result: dict[str, Any]) -> str:
+    """Prose on what the table shows, from its own figures."""
+    spec = [r for r in result["runs"] if r["draft"]]
+    if not spec:
+        return ""
+    lo, hi = min(r["ratio"] for r in spec), max(r["ratio"] for r in spec)
+    per_step = max(r["tokens_per_step"] for r in spec)
+    text = (
+        f"With speculation the same tokens came {lo:.2f}x to {hi:.2f}x as fast as without. "
+        f"A verify step gave up to {per_step:.1f} tokens; it costs more than a one-token "
+        "step (k + 1 rows through every stage, and the last stage's logits for each), but "
+        "the figures fit a decode step dominated by costs that do not grow with the rows "
+        "(each stage reading its weights once per step on a memory-bound CPU, the WebRTC "
+        "hops between the processes, the coordinator's round trip): the speed-up follows "
+        "the tokens per step, less the verify step's extra compute and the rejected drafts."
+    )
+    spread = max(max(r["samples_tok_s"]) / max(min(r["samples_tok_s"]), 1e-9) for r in spec)
+    text += (
+        f" Repeats of one configuration differed by up to {spread:.1f}x (a machine shared "
+        "with other work; each sample is in docs/bench/speculative.json), so the ratios are "
+        "rough; the steps column is exact."
+    )
+    if not result["delay_ms"]:
+        text += (
+            " The issue's goal (>= 2x at 20 ms one-way delay between peers) is for "
+            "`--delay-ms 20`, where every step saved also saves the ring's network "
+            "latency; that run needs the NAT lab's delayed namespaces (`--lab`) and has not "
+            "been measured yet."
+        )
+    return text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

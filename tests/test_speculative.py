@@ -66,6 +66,25 @@ def test_spec_params_from_json() -> None:
             SpecParams.from_json(bad)
 
 
+def test_requests_parse_speculative() -> None:
+    from mesh.api.errors import ApiError
+    from mesh.api.generate import parse_generation
+    from mesh.api.openai import parse_openai
+
+    assert not parse_generation({"model": "m", "prompt": "x"}).speculative.on  # off by default
+    assert parse_generation({"model": "m", "speculative": 3}).speculative == SpecParams(3)
+    for bad in ("yes", 99, {"draft": "4"}):
+        with pytest.raises(ApiError, match="speculative"):
+            parse_generation({"model": "m", "speculative": bad})
+    with pytest.raises(ApiError, match="top logits"):
+        parse_generation({"model": "m", "speculative": True, "top": 4})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    o = parse_openai(dict(chat, speculative={"draft": 5, "ngram": 2}), chat=True)
+    assert o.req.speculative == SpecParams(5, 2)
+    with pytest.raises(ApiError, match="logprobs"):
+        parse_openai(dict(chat, speculative=True, logprobs=True), chat=True)
+
+
 # A tiny "model" over a vocabulary of V tokens: the logits after a token are a fixed random row.
 V = 5
 _TABLE = np.random.default_rng(7).standard_normal((V, V)).astype(np.float32) * 1.5

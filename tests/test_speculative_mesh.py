@@ -23,6 +23,7 @@ from runtimes.testmodels import write_test_model
 from tests.test_faults import generate, sessions_freed, start_route_mesh
 
 pytestmark = pytest.mark.network
+ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 # Repetitive, as the prompts speculation is for: the lookups find earlier n-grams.
@@ -71,6 +72,22 @@ async def test_three_stage_route_gives_the_plain_tokens(
     again = (await generate(local_mesh, nodes[0], dict(sampled, speculative=True)))[-1]
     assert spec_s["text"] == again["text"] == plain_s["text"]
     assert spec_s["tokens"] == plain_s["tokens"]
+
+    # the OpenAI API, speculative in the SDK's extra_body
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=nodes[0].api + "/v1", api_key=nodes[0].token)
+    kw: dict[str, Any] = {"model": "tiny", "prompt": "ab ab ab ab ab", "max_tokens": 16}
+    kw["temperature"] = 0
+    extra = {"split": 3}
+    plain_c = await client.completions.create(**kw, extra_body=extra)
+    spec_c = await client.completions.create(**kw, extra_body=dict(extra, speculative=True))
+    assert spec_c.choices[0].text == plain_c.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="speculative"):
+        await client.completions.create(**kw, extra_body=dict(extra, speculative="fast"))
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        await client.completions.create(**kw, logprobs=2, extra_body=dict(speculative=4))
+    await client.close()
 
     # every stage step recomputed elsewhere (verify steps, then the rollbacks' audit logs)
     checked = await generate(local_mesh, nodes[0], dict(body, speculative=5, verify=1.0))
@@ -168,3 +185,29 @@ async def test_gemma_two_stages_gives_the_plain_tokens(local_mesh: LocalMesh) ->
     s = spec["speculative"]
     assert s["accepted"] >= len(spec["tokens"]) // 3, s  # the repeated list is drafted
     log.warning("SPEC gemma: %s; %s", s, spec["text"][:80])
+
+
+async def test_bench_speculative_quick_runs() -> None:
+    """examples/bench_speculative.py as a user runs it (--quick: the tiny model, 3 peers):
+    it exits 0 only when every speculative run gave the baseline's tokens."""
+    import asyncio
+    import json
+    import sys
+
+    root = ROOT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(root / "examples" / "bench_speculative.py"),
+        "--quick",
+        "--json",
+        "--drafts",
+        "4",
+        cwd=root,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out)
+    assert [r["draft"] for r in result["runs"]] == [0, 4]
+    assert all(r["same_tokens"] and r["tokens"] == 16 for r in result["runs"])
