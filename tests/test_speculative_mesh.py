@@ -187,6 +187,43 @@ async def test_gemma_two_stages_gives_the_plain_tokens(local_mesh: LocalMesh) ->
     log.warning("SPEC gemma: %s; %s", s, spec["text"][:80])
 
 
+async def test_gemma_stage_killed_mid_speculation_same_tokens(tmp_path: Path) -> None:
+    """Gemma 3 270M over 3 stages of 4 node processes, speculative: the middle stage
+    SIGKILLed after 8 tokens; the replay (verify steps whole, with their rollbacks) gives
+    the fault-free plain run's tokens."""
+    from runtimes.models import gemma3_270m_path
+
+    try:
+        gemma = gemma3_270m_path()
+    except Exception as exc:  # the package is an optional extra
+        pytest.skip(f"no Gemma 3 270M: {exc}")
+    async with LocalMesh(tmp_path / "mesh", module="tests.fixtures.fault_node") as mesh:
+        nodes = [await mesh.start_node(f"f{i}", ["--threads", "1"]) for i in range(4)]
+        await mesh.wait_connected(timeout=30)
+        await mesh.post(nodes[0], "/v1/models", {"path": str(gemma), "name": "gemma"})
+        body: dict[str, Any] = {"model": "gemma", "prompt": GEMMA_PROMPT, "max_tokens": 32}
+        body["split"] = 3
+        clean = (await generate(mesh, nodes[0], body))[-1]
+        by_id = {n.peer_id: n for n in nodes}
+        route: list[str] = []
+        killed: list[NodeProcess] = []
+        seen = [0]
+
+        def fault(event: dict[str, Any]) -> None:
+            if "route" in event and not route:
+                route[:] = [s["peer_id"] for s in event["route"]]
+            seen[0] += "token" in event
+            if seen[0] >= 8 and not killed and route[1] != nodes[0].peer_id:
+                killed.append(by_id[route[1]])
+                mesh.kill(killed[0], signal.SIGKILL)
+
+        summary = (await generate(mesh, nodes[0], dict(body, speculative=6), fault))[-1]
+        assert killed, "the middle stage was the coordinator: nothing to kill"
+        assert summary["tokens"] == clean["tokens"]
+        assert [r["failed"] for r in summary["reroutes"]] == [killed[0].peer_id]
+        assert summary["speculative"]["accepted"] > 0
+
+
 async def test_bench_speculative_quick_runs() -> None:
     """examples/bench_speculative.py as a user runs it (--quick: the tiny model, 3 peers):
     it exits 0 only when every speculative run gave the baseline's tokens."""
