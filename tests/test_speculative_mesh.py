@@ -103,24 +103,26 @@ async def test_three_stage_route_gives_the_plain_tokens(
 async def test_a_lie_on_a_verify_steps_inner_row_is_caught(
     local_mesh: LocalMesh, tiny: Path, tmp_path: Path
 ) -> None:
-    """A last stage that lies only about the token after a verify step's first row (the
-    last row's stays honest): the check of every row catches it before the token is
-    released, the generation restarts without it, and the tokens are the honest ones."""
+    """A stage that lies only about a verify step's first row (as the last stage: the token
+    after it; earlier: its activations), never about the last row: the check of every row
+    catches it before the token is released, the two other stages (its verifiers) agree,
+    it is banned, and the generation restarts to the honest tokens."""
     coord = await local_mesh.start_node("coord", ["--memory-limit", "1M"])  # runs no stage
-    for i in range(2):  # two verifiers: two accusers and no defender get the liar banned
+    for i in range(2):
         await local_mesh.start_node(f"honest{i}")
     liar = await local_mesh.start_node("liar", module="tests.fixtures.spec_liar_node")
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(coord, "/v1/models", {"path": str(tiny), "name": "tiny"})
-    body: dict[str, Any] = {"model": "tiny", "tokens": PROMPT, "max_tokens": 16}
+    body: dict[str, Any] = {"model": "tiny", "tokens": PROMPT, "max_tokens": 16, "split": 3}
     body.update(speculative=5, verify=1.0, verify_seed=1)
     events = await generate(local_mesh, coord, body)
-    assert [s["peer_id"] for s in events[0]["route"]] == [liar.peer_id], "the liar must run"
+    assert liar.peer_id in {s["peer_id"] for s in events[0]["route"]}  # all three run stages
     restarts = [e for e in events if e.get("restart")]
     assert [r["banned"] for r in restarts] == [liar.peer_id], restarts
     summary = events[-1]
     assert liar.peer_id not in {s["peer_id"] for s in summary["stages"]}
-    assert summary["tokens"] == local_tokens(tiny, tmp_path / "store", summary["stages"], 16)
+    n = 16
+    assert summary["tokens"] == local_tokens(tiny, tmp_path / "store", summary["stages"], n)
 
 
 async def test_stage_killed_mid_speculation_same_tokens(tmp_path: Path, tiny: Path) -> None:
