@@ -160,10 +160,14 @@ class MeshClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
+        speculative: bool | int = False,
         **options: Any,
     ) -> AsyncIterator[str]:
         """Text pieces as tokens arrive; greedy when ``temperature`` is 0. Without a
-        ``seed`` the node draws one (the summary of :meth:`stream` gives it)."""
+        ``seed`` the node draws one (the summary of :meth:`stream` gives it).
+        ``speculative``: draft tokens by prompt lookup and verify them several per step
+        (True: the node's default draft length; an integer: that many); the tokens are
+        those of the run without it."""
         async for event in self.stream(
             model,
             prompt,
@@ -173,6 +177,7 @@ class MeshClient:
             top_p=top_p,
             seed=seed,
             stop=stop or [],
+            speculative=speculative or None,
             **options,
         ):
             if event.get("restart"):

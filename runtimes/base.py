@@ -160,6 +160,24 @@ class Runtime(ABC):
             st.session.n_past += st.inputs.shape[0]
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
+    def truncate(self, session: Session, n_past: int) -> None:
+        """Roll the session's KV cache back to its first ``n_past`` positions (speculative
+        decoding drops the positions of rejected draft tokens); the next forward continues
+        at ``n_past`` exactly as if the dropped positions had never run."""
+        if session.closed or self._sessions.get(session.id) is not session:
+            raise SessionError(f"session {session.id} is closed or belongs to another shard")
+        if type(n_past) is not int or not 0 <= n_past <= session.n_past:
+            raise SessionError(
+                f"session {session.id}: cannot roll back to {n_past!r} of {session.n_past}"
+            )
+        if n_past < session.n_past:
+            self._truncate(session, n_past)
+            session.n_past = n_past
+
+    def _truncate(self, session: Session, n_past: int) -> None:
+        """Drop cached positions ``n_past ..``; the default: this engine cannot."""
+        raise SessionError(f"the {self.name} runtime cannot roll back a KV cache")
+
     def _check_inputs(self, inputs: npt.ArrayLike) -> np.ndarray[Any, Any]:
         x = np.asarray(inputs)
         if self.shard.is_first:

@@ -246,6 +246,11 @@ class AsyncShard:
             await asyncio.sleep(delay)  # fault injection only: a window for a fault to land
         return await self._batcher.forward(session, inputs, all_logits)
 
+    async def truncate(self, session: Session, n_past: int) -> None:
+        """Roll the session back (speculative decoding). A stage rolls back only between a
+        session's steps, so none of its steps is queued meanwhile."""
+        await self._call(self.runtime.truncate, session, n_past)
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -8,15 +8,31 @@ on (config, unit range, inputs), so two peers holding the same range agree bit f
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .arch import ModelConfig
 from .base import Runtime, Session
+from .errors import SessionError
 from .shards import ShardSpec
 
-__all__ = ["FakeRuntime", "fake_config", "fake_shard"]
+__all__ = ["FakeRuntime", "fake_config", "fake_shard", "ROLLBACK_WINDOW"]
+
+# Positions a session can roll back (speculative decoding drops at most a draft's worth):
+# the running sums of the last this many positions are kept to restore them exactly.
+ROLLBACK_WINDOW = 64
+
+
+@dataclass
+class _State:
+    acc: dict[int, np.ndarray[Any, Any]]  # per layer: running sum of the block's inputs
+    # (n_past, sums) before each of the last ROLLBACK_WINDOW positions, oldest first
+    snaps: deque[tuple[int, dict[int, np.ndarray[Any, Any]]]] = field(
+        default_factory=lambda: deque(maxlen=ROLLBACK_WINDOW)
+    )
 
 
 def fake_config(
@@ -75,11 +91,22 @@ class FakeRuntime(Runtime):
 
     @classmethod
     def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
-        return 8 * shard.config.d_model * len(shard.layers)  # a running sum, not per position
+        # a running sum, not per position, and the rollback window's copies of it
+        return 8 * shard.config.d_model * len(shard.layers) * (1 + ROLLBACK_WINDOW)
 
     def _open(self, session: Session) -> None:
         # per layer: running sum of the block's inputs over all cached positions
-        session.state = {layer: np.zeros(self.config.d_model, np.float64) for layer in self._mats}
+        zeros = {layer: np.zeros(self.config.d_model, np.float64) for layer in self._mats}
+        session.state = _State(zeros)
+
+    def _truncate(self, session: Session, n_past: int) -> None:
+        state: _State = session.state
+        if not state.snaps or state.snaps[0][0] > n_past:  # checked first: nothing changes
+            raise SessionError(f"the fake runtime rolls back at most {ROLLBACK_WINDOW} positions")
+        while state.snaps[-1][0] > n_past:
+            state.snaps.pop()
+        _, sums = state.snaps.pop()
+        state.acc = sums
 
     def _forward(self, session: Session, inputs: np.ndarray[Any, Any], all_logits: bool) -> Any:
         if self._delay_s:
@@ -87,15 +114,19 @@ class FakeRuntime(Runtime):
 
             time.sleep(self._delay_s)
         h = self._embed[inputs] if self.shard.is_first else inputs.astype(np.float32)
-        state: dict[int, np.ndarray[Any, Any]] = session.state
+        state: _State = session.state
+        # the sums before each position, per layer: a rollback restores them exactly
+        snaps: list[dict[int, np.ndarray[Any, Any]]] = [{} for _ in range(h.shape[0])]
         for layer, w in self._mats.items():
             out = np.empty_like(h)
-            acc = state[layer]
+            acc = state.acc[layer]
             for t in range(h.shape[0]):
+                snaps[t][layer] = acc.copy()
                 acc += h[t]
                 mean = (acc / (session.n_past + t + 1)).astype(np.float32)
                 out[t] = np.tanh(h[t] @ w + mean)
             h = out
+        state.snaps.extend((session.n_past + t, snap) for t, snap in enumerate(snaps))
         if not self.shard.is_last:
             return h
         if not all_logits:

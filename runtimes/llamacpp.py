@@ -122,6 +122,13 @@ class LlamaCppRuntime(Runtime):
         ptr = llm._ctx.get_logits()  # type: ignore[no-untyped-call]  # the last position's logits (only output of the batch)
         return np.ctypeslib.as_array(ptr, shape=(1, llm.n_vocab())).copy()
 
+    def _truncate(self, session: Session, n_past: int) -> None:
+        history: list[int] = session.state
+        del history[n_past:]
+        if self._active == session.id and self._llm.n_tokens > n_past:
+            # eval() starts by removing the cache's positions from n_tokens on
+            self._llm.n_tokens = n_past
+
     def close_session(self, session: Session) -> None:
         if self._active == session.id:
             self._active = None

@@ -18,8 +18,9 @@ conditions measured on onnxruntime 1.32's CPU kernels:
 - the sessions of a call have the same number of rows (a slot's rows go through one matrix
   product, whose per-row result depends on its row count): the batcher groups steps so.
 
-Bit-exactness matters more than it seems: the int8 activation quantization in MatMulNBits turns a last-bit difference into a
-rounding step, which on Gemma 3 moved logits by ~1.0 and changed greedy tokens.
+Bit-exactness matters more than it seems: the int8 activation quantization in MatMulNBits
+turns a last-bit difference into a rounding step, which on Gemma 3 moved logits by ~1.0 and
+changed greedy tokens.
 
 Each session's cache lives here as numpy arrays ``[capacity, hk, hd]`` per layer that grow by
 doubling; the graph returns only the step's new rows, which are appended.

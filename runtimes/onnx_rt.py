@@ -174,6 +174,11 @@ class OnnxRuntime(Runtime):
             tags.append(("l", self.config.sliding_window))
         return tags
 
+    def _truncate(self, session: Session, n_past: int) -> None:
+        # Nothing to drop: the cache's rows past n_past are never read (a call feeds the first
+        # n_past) and the next step's rows overwrite them (KVCache.append).
+        pass
+
     def close(self) -> None:
         super().close()
         self._sess = None

@@ -169,6 +169,11 @@ class TinygradRuntime(Runtime):
     def _open(self, session: Session) -> None:
         session.state = {}  # layer -> (K [hk, T, hd], V [hk, T, hd]) as numpy arrays
 
+    def _truncate(self, session: Session, n_past: int) -> None:
+        cache: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = session.state
+        for i, (k, v) in list(cache.items()):  # K and V are [hk, T, hd]
+            cache[i] = (k[:, :n_past].copy(), v[:, :n_past].copy())
+
     def _norm(self, x: Any, w: Any) -> Any:
         return x * (x.square().mean(-1, keepdim=True) + self.config.rms_eps).rsqrt() * w
 

@@ -6,8 +6,8 @@
                                delete those no loaded shard holds
 ``POST /v1/generate``          {model, prompt | tokens, max_tokens, temperature, top_k, top_p,
                                seed, stop, split, runtime, top, verify, verify_tolerance,
-                               verify_seed, prefill_chunk}: NDJSON, one event per token,
-                               ``restart`` events when a spot check fails, then a summary
+                               verify_seed, prefill_chunk, speculative}: NDJSON, one event
+                               per token, ``restart`` events when a spot check fails, then a summary
                                (route, TTFT, tokens/s, hop latency, verification)
 ``POST /v1/completions``, ``POST /v1/chat/completions``: mesh/api/openai.py
 ``GET  /v1/transfers``         blob pulls in progress on this node
@@ -30,6 +30,7 @@ from mesh.errors import EXPECTED
 from mesh.inference.compute import MAX_STEP_ROWS, PREFILL_CHUNK
 from mesh.inference.run import GenerationRequest
 from mesh.inference.sampling import SamplingParams
+from mesh.inference.speculate import SpecParams
 from mesh.inference.verify import VerifyParams
 from runtimes.chat_template import MAX_MESSAGES
 from runtimes.errors import ModelError
@@ -180,9 +181,16 @@ def parse_generation(body: dict[str, Any]) -> GenerationRequest:
     chunk = body.get("prefill_chunk", PREFILL_CHUNK)
     if type(chunk) is not int or not 1 <= chunk <= MAX_STEP_ROWS:
         raise ApiError(400, f"prefill_chunk must be in 1..{MAX_STEP_ROWS}")
+    try:
+        speculative = SpecParams.from_json(body.get("speculative"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="speculative") from None
+    if speculative.on and top:
+        raise ApiError(400, "speculative decoding returns no top logits", param="speculative")
     req = GenerationRequest(
         model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify, chunk
     )
+    req = replace(req, speculative=speculative)
     if body.get("messages") is not None and tokens is None:  # ours too: a chat, by template
         req = replace(req, messages=parse_messages(body["messages"]))
     return req

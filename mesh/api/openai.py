@@ -8,11 +8,11 @@
 Both take ``n`` (concurrent generations, seeds ``seed + i``), ``seed`` (random when absent),
 ``stop`` (removed from the text), ``logprobs`` (``top_logprobs`` for chat),
 ``stream_options.include_usage``, and our own fields through the SDK's ``extra_body``
-(``split``, ``runtime``, ``verify``, ...). Parameters out of range, and features this node
-does not implement (tools, JSON mode, penalties, ``logit_bias``, ``echo``), are refused with
-OpenAI's error JSON rather than ignored. A request that fails before its first token (no
-such model, a prompt over the context, no route) fails with an HTTP status, also when
-streaming; a stream that fails later ends with an ``error`` event.
+(``split``, ``runtime``, ``verify``, ``speculative``, ...). Parameters out of range, and
+features this node does not implement (tools, JSON mode, penalties, ``logit_bias``,
+``echo``), are refused with OpenAI's error JSON rather than ignored. A request that fails
+before its first token (no such model, a prompt over the context, no route) fails with an
+HTTP status, also when streaming; a stream that fails later ends with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def parse_openai(body: dict[str, Any], *, chat: bool) -> OpenAIRequest:
         if fields.get("max_tokens") is None:
             fields["max_tokens"] = COMPLETION_MAX_TOKENS
     req = parse_generation(fields)
+    if logprobs and req.speculative.on:
+        raise ApiError(400, "speculative decoding returns no logprobs", param="speculative")
     req = replace(req, logprobs=k if logprobs else None)
     if chat:
         messages = parse_messages(body.get("messages"))

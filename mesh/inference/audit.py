@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -72,12 +72,30 @@ def step_message(sid: str, pos: int, n: int, body: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One step a stage received: ``n`` rows covering positions [pos - n, pos)."""
+    """One step a stage received: ``n`` rows covering positions [pos - n, pos), of which the
+    first ``keep`` stayed in the KV cache (a verify step whose rejected drafts were rolled
+    back; None: all). The body stays whole: the signature covers all ``n`` rows."""
 
     pos: int
     n: int
     body: bytes
     sig: bytes  # the sender's signature over step_message(...); empty from the owner
+    keep: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.n if self.keep is None else self.keep
+
+    @property
+    def end(self) -> int:
+        """The position after the last kept row."""
+        return self.pos - self.n + self.rows
+
+    @property
+    def kept_body(self) -> bytes:
+        if self.keep is None:
+            return self.body
+        return self.body[: self.keep * (len(self.body) // self.n)]
 
 
 @dataclass
@@ -99,18 +117,28 @@ class AuditLog:
             return
         # Sessions refuse steps out of order (compute.py), so positions only grow; should an
         # earlier position arrive anyway, the tail it contradicts goes: the log stays contiguous.
-        while self.entries and self.entries[-1].pos >= entry.pos:
+        while self.entries and self.entries[-1].end >= entry.pos:
             old = self.entries.pop()
             self.size -= len(old.body) + len(old.sig) + 32
         self.entries.append(entry)
         self.size += cost
 
+    def rollback(self, start: int) -> None:
+        """The session rolled back to ``start`` positions (rejected drafts): entries past it
+        go, and the one across it keeps only its rows before ``start``."""
+        while self.entries and self.entries[-1].pos - self.entries[-1].n >= start:
+            old = self.entries.pop()
+            self.size -= len(old.body) + len(old.sig) + 32
+        if self.entries and self.entries[-1].end > start:
+            last = self.entries[-1]
+            self.entries[-1] = replace(last, keep=start - (last.pos - last.n))
+
     def upto(self, pos: int) -> list[AuditEntry]:
-        return [e for e in self.entries if e.pos <= pos]
+        return [e for e in self.entries if e.end <= pos]
 
 
 def pack_entries(entries: list[AuditEntry], overflowed: bool) -> bytes:
-    items = [[e.pos, e.n, e.body, e.sig] for e in entries]
+    items = [[e.pos, e.n, e.body, e.sig, *([] if e.keep is None else [e.keep])] for e in entries]
     return bytes(msgpack.packb({"entries": items, "overflowed": overflowed}, use_bin_type=True))
 
 
@@ -129,16 +157,21 @@ def unpack_entries(
         raise AuditError("audit reply has no entry list")
     out: list[AuditEntry] = []
     for item in obj["entries"]:
-        if not (isinstance(item, list) and len(item) == 4):
-            raise AuditError("audit entry is not [pos, n, body, sig]")
-        pos, n, body, sig = item
+        if not (isinstance(item, list) and len(item) in (4, 5)):
+            raise AuditError("audit entry is not [pos, n, body, sig(, keep)]")
+        pos, n, body, sig = item[:4]
+        keep = item[4] if len(item) == 5 else None
         if type(pos) is not int or type(n) is not int or not 0 < n <= pos < 1 << 40:
             raise AuditError("audit entry has bad positions")
+        if keep is not None and (type(keep) is not int or not 0 < keep < n):
+            raise AuditError("audit entry keeps a bad number of rows")
         if not isinstance(body, bytes) or not isinstance(sig, bytes) or len(sig) > 64:
             raise AuditError("audit entry has a bad body or signature")
-        if out and pos - n != out[-1].pos:
+        if len(body) % n:
+            raise AuditError("audit entry body is not n rows")
+        if out and pos - n != out[-1].end:
             raise AuditError(f"audit entries are not contiguous at position {pos}")
-        out.append(AuditEntry(pos, n, body, sig))
+        out.append(AuditEntry(pos, n, body, sig, keep))
     if complete and out and out[0].pos != out[0].n:
         raise AuditError("audit entries do not start at position 0")
     if obj.get("overflowed") is True:

@@ -21,6 +21,7 @@ from mesh.inference.measured import Measured
 from mesh.inference.prompts import MAX_PIECE_BYTES
 from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
+from mesh.inference.sampling import MAX_DRAFT
 from mesh.net.rpc import CallContext, Reply
 from mesh.net.rpc import MeshCaller as Mesh
 from runtimes.errors import ModelError
@@ -83,8 +84,11 @@ class Coordinator:
             log.info("ignored a token from %s for no step of ours", ctx.peer_id[:12])
             return
         if not w.future.done() and type(params.get("token")) is int:
-            # Only a token's worth of text is kept (the run detokenizes it itself anyway).
-            w.future.set_result(Reply(params, payload[: MAX_PIECE_BYTES + 1]))
+            # Only a token's worth of text is kept (the run detokenizes it itself anyway),
+            # a verify step's: one per row (speculate.verified_tokens checks the rest).
+            rows = len(params["tokens"]) if isinstance(params.get("tokens"), list) else 1
+            cap = (MAX_PIECE_BYTES + 1) * min(rows, MAX_DRAFT + 1)
+            w.future.set_result(Reply(params, payload[:cap]))
 
     async def rpc_stage_failed(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes

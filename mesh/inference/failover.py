@@ -35,16 +35,19 @@ class Failover:
         self.planner = planner
         self.route = route
         self.steps = steps
-        # chunks fed so far, each with the token it gave (None: a prompt chunk before the last)
-        self.fed: list[tuple[list[int], int | None]] = []
+        # chunks fed so far, each with the token it gave (None: a prompt chunk before the
+        # last) and, for a verify step, how many of its positions were kept (its tokens)
+        self.fed: list[tuple[list[int], int | None, int | None]] = []
 
     @property
     def tokens_out(self) -> int:
         """Tokens the generation has produced so far (what a re-route happened after)."""
-        return sum(token is not None for _, token in self.fed)
+        return sum(keep or 1 for _, token, keep in self.fed if token is not None)
 
-    def fed_chunk(self, chunk: list[int], token: int | None) -> None:
-        self.fed.append((chunk, token))
+    def fed_chunk(self, chunk: list[int], token: int | None, keep: int | None = None) -> None:
+        """``keep``: a verify step's chunk (its last token + drafts), of which the first
+        ``keep`` positions stayed; ``token`` is then the last token it gave."""
+        self.fed.append((chunk, token, keep))
 
     def forget(self) -> None:
         """A generation starting over (after a spot check) has no history to replay."""
@@ -65,13 +68,13 @@ class Failover:
                 stages = await self.planner.replan()
         raise RouteError("no route whose peers have the memory for their stages")
 
-    async def step(self, feed: list[int], pos: int) -> Reply:
+    async def step(self, feed: list[int], pos: int, draft: int = 0) -> Reply:
         """The step's reply; a stage's fault (also during a re-route or its replay) is
         re-routed around, at most MAX_FAILOVERS times for this step."""
         failovers = 0
         while True:
             try:
-                return await self.steps.forward(feed, pos)
+                return await self.steps.forward(feed, pos, draft)
             except (RPCError, StageUnavailable) as exc:
                 failure: RPCError | StageUnavailable = exc
             while True:  # until the route is reopened and replayed
@@ -101,20 +104,24 @@ class Failover:
 
     async def replay(self) -> None:
         """Every chunk fed before the one that failed (which ``step`` then sends again), in
-        the original chunks: the same computations give the same caches."""
+        the original chunks: the same computations give the same caches. A verify step is
+        replayed whole, drafts included, and the next step rolls it back as the original
+        run did: the kept positions' caches are those the drafts' chunk computed."""
         self.steps.replaying = True
         try:
-            end = 0
-            for chunk, token in list(self.fed):
-                end += len(chunk)
-                reply = await self.steps.forward(chunk, end)
-                if token is not None and int(reply.result["token"]) != token:
-                    log.warning(
-                        "replay step at %d gave token %s, the original run %s",
-                        end,
-                        reply.result["token"],
-                        token,
-                    )
+            start = 0
+            for chunk, token, keep in list(self.fed):
+                end = start + len(chunk)
+                draft = len(chunk) - 1 if keep is not None else 0
+                reply = await self.steps.forward(chunk, end, draft)
+                tokens = reply.result.get("tokens")
+                got = reply.result.get("token")
+                if keep is not None:
+                    ok = isinstance(tokens, list) and len(tokens) >= keep
+                    got = tokens[keep - 1] if ok and isinstance(tokens, list) else None
+                if token is not None and got != token:
+                    log.warning("replay step at %d gave token %s, the original %s", end, got, token)
+                start += len(chunk) if keep is None else keep
         finally:
             self.steps.replaying = False
 

@@ -44,6 +44,13 @@ from mesh.inference.routes import (
 )
 from mesh.inference.sampling import SamplingParams
 from mesh.inference.sessions import RouteSessions
+from mesh.inference.speculate import (
+    PromptLookup,
+    SpecParams,
+    SpecStats,
+    accepted_prefix,
+    verified_tokens,
+)
 from mesh.inference.stats import RunStats
 from mesh.inference.steps import StepParams, StepRunner
 from mesh.inference.stops import StopFilter
@@ -68,6 +75,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_Out = tuple[int, bytes, bool, Reply]  # a generated token, its claimed text, eos, its step
+
 
 @dataclass
 class GenerationRequest:
@@ -90,6 +99,7 @@ class GenerationRequest:
     clip_to_context: bool = False  # max_tokens is a ceiling: what the context leaves, at most
     logprobs: int | None = None  # each token's log-probability, with this many alternatives
     local: bool = False  # a batch job's record: route on this node alone when it holds it all
+    speculative: SpecParams = field(default_factory=SpecParams)  # drafting: off by default
 
 
 @dataclass
@@ -121,6 +131,7 @@ class GenerationRun:
         self.finish = "length"  # or "stop": an end-of-sequence token or a stop string
         self.template: str | None = None  # chat: "model" or "chatml fallback"
         self.started = time.time()
+        self.spec = SpecStats()
 
     def progress(self) -> dict[str, Any] | None:
         """Where the run is (the topology page draws its route): None before it is planned."""
@@ -181,6 +192,8 @@ class GenerationRun:
         checker, verify = None, req.verify
         if req.verify.rate > 0 and req.mode != "push":
             raise ModelError("spot checks need push mode")
+        if req.speculative.on and (req.top or req.logprobs is not None):
+            raise ModelError("speculative decoding returns no top logits or logprobs")
         if host.stranger_checks > verify.strangers and req.mode == "push":
             verify = replace(verify, strangers=host.stranger_checks)
         if verify.rate > 0 or verify.strangers > 0:
@@ -248,6 +261,7 @@ class GenerationRun:
         self.generated, self.text, self.pending = [], "", b""
         stops = StopFilter(req.stop)
         failover.forget()
+        self.spec = SpecStats()
         self.stats.decode_ms = []  # the rate of this run (a spot-check restart starts over)
         size = max(1, req.prefill_chunk)
         chunks = [prompt[i : i + size] for i in range(0, len(prompt), size)]
@@ -264,37 +278,87 @@ class GenerationRun:
                     )
                 )
         feed = chunks[-1] if chunks else prompt
-        for i in range(req.max_tokens):
+        spec = req.speculative
+        lookup = PromptLookup(spec.ngram) if spec.on else None
+        if lookup is not None:
+            lookup.extend(prompt)
+        i = 0
+        while i < req.max_tokens:
             pos = len(prompt) + i
-            reply = await failover.step(feed, pos)
-            token = int(reply.result["token"])
-            self.generated.append(token)
-            failover.fed_chunk(feed, token)
-            if p.checker is not None:
-                route, tokens = p.route, prompt + self.generated
-                step = Step(route.stages, route.sids, tokens, pos, len(feed), req.sampling, i)
-                await p.checker.after_step(step)
-            self.stats.first_token()
-            last = p.route.stages[-1].peer_id
-            text = await p.pieces.piece(token, reply.payload, last)
-            eos = p.pieces.is_eos(token, bool(reply.result.get("eos")))
-            piece, self.pending = _utf8(self.pending + text)
-            piece = stops.feed(piece)
-            end = eos or stops.stopped or i == req.max_tokens - 1
-            if end:  # what was held back for a stop string that never came
-                piece += stops.feed(self.pending.decode("utf-8", "replace")) + stops.flush()
-                self.pending = b""
-            self.text += piece
-            self.finish = "stop" if eos or stops.stopped else "length"
-            event: dict[str, Any] = {"token": token, "text": piece}
-            if "top" in reply.result:
-                event["top"] = reply.result["top"]
-            if req.logprobs is not None:
-                event["logprobs"] = await _logprobs(p.pieces, reply, req.logprobs, last)
-            yield event
-            if end:
-                break
-            feed = [token]
+            # no draft for the prompt's last chunk: its rows' logits are not wanted
+            k = min(spec.draft, req.max_tokens - i - 1)
+            drafts = lookup.draft(k) if lookup is not None and i > 0 else []
+            if drafts:
+                new = await self._verify_step(p, feed, drafts, pos, i)
+            else:
+                new = [await self._plain_step(p, feed, pos, i)]
+                self.spec.plain_steps += i > 0 and lookup is not None
+            for token, said, eos_flag, reply in new:
+                event, end = await self._emit(p, stops, token, said, eos_flag, reply)
+                i += 1
+                yield event
+                if end:
+                    return
+            if lookup is not None:
+                lookup.extend([t for t, *_ in new])
+            feed = [new[-1][0]]
+
+    async def _plain_step(self, p: _Parts, feed: list[int], pos: int, i: int) -> _Out:
+        """One step giving one token (a prompt's last chunk, or a token without a draft)."""
+        req = self.req
+        reply = await p.failover.step(feed, pos)
+        token = int(reply.result["token"])
+        p.failover.fed_chunk(feed, token)
+        if p.checker is not None:
+            route, tokens = p.route, p.prompt + self.generated + [token]
+            step = Step(route.stages, route.sids, tokens, pos, len(feed), req.sampling, i)
+            await p.checker.after_step(step)
+        return token, reply.payload, bool(reply.result.get("eos")), reply
+
+    async def _verify_step(
+        self, p: _Parts, feed: list[int], drafts: list[int], pos: int, i: int
+    ) -> list[_Out]:
+        """One verify step (speculative decoding): the last token and the drafts through the
+        route; the tokens of the drafts that agree and the one after them."""
+        chunk, end = feed + drafts, pos + len(drafts)
+        reply = await p.failover.step(chunk, end, len(drafts))
+        tokens, pieces, eos = verified_tokens(reply, len(chunk))
+        m = accepted_prefix(drafts, tokens)
+        p.failover.fed_chunk(chunk, tokens[m], m + 1)
+        self.spec.record(len(drafts), m)
+        self.stats.add_tokens(m)
+        if p.checker is not None:  # every row is checkable: the chunk ran on every stage
+            route, history = p.route, p.prompt + self.generated + drafts
+            sampling = self.req.sampling
+            step = Step(route.stages, route.sids, history, end, len(chunk), sampling, i, tokens[-1])
+            step = replace(step, claimed_rows=tuple(tokens))
+            await p.checker.after_step(step)
+        return [(tokens[j], pieces[j], eos[j] if eos else False, reply) for j in range(m + 1)]
+
+    async def _emit(
+        self, p: _Parts, stops: StopFilter, token: int, claimed: bytes, eos_flag: bool, reply: Reply
+    ) -> tuple[dict[str, Any], bool]:
+        """A generated token's event, and whether the generation ends with it."""
+        req = self.req
+        self.generated.append(token)
+        self.stats.first_token()
+        last = p.route.stages[-1].peer_id
+        text = await p.pieces.piece(token, claimed, last)
+        eos = p.pieces.is_eos(token, eos_flag)
+        piece, self.pending = _utf8(self.pending + text)
+        piece = stops.feed(piece)
+        end = eos or stops.stopped or len(self.generated) == req.max_tokens
+        if end:  # what was held back for a stop string that never came
+            piece += stops.feed(self.pending.decode("utf-8", "replace")) + stops.flush()
+            self.pending = b""
+        self.text += piece
+        self.finish = "stop" if eos or stops.stopped else "length"
+        event: dict[str, Any] = {"token": token, "text": piece}
+        if "top" in reply.result:
+            event["top"] = reply.result["top"]
+        if req.logprobs is not None:
+            event["logprobs"] = await _logprobs(p.pieces, reply, req.logprobs, last)
+        return event, end
 
     def _summary(self, p: _Parts) -> dict[str, Any]:
         out = {
@@ -314,6 +378,8 @@ class GenerationRun:
         }
         if p.checker is not None:
             out["verification"] = p.checker.summary()
+        if self.req.speculative.on:
+            out["speculative"] = self.spec.summary(self.req.speculative)
         return out
 
 

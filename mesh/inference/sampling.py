@@ -12,7 +12,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "logprobs", "sample", "top_logits"]
+__all__ = [
+    "MAX_DRAFT",
+    "MAX_LOGPROBS",
+    "SamplingParams",
+    "logprobs",
+    "sample",
+    "sample_rows",
+    "target_probs",
+    "top_logits",
+]
+
+MAX_DRAFT = 16  # drafted tokens one verify step may carry (speculative decoding)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,27 @@ def sample(logits: npt.NDArray[np.float32], params: SamplingParams, pos: int) ->
     x = np.asarray(logits, dtype=np.float64).reshape(-1)
     if params.temperature == 0.0:
         return int(np.argmax(x))
+    probs = target_probs(x, params)
+    rng = np.random.default_rng([params.seed, pos])
+    return int(rng.choice(probs.size, p=probs))
+
+
+def sample_rows(rows: npt.NDArray[np.float32], params: SamplingParams, first_pos: int) -> list[int]:
+    """The token after each row of a verify step's logits, row ``j`` drawn exactly as a
+    one-token step ending at ``first_pos + j`` would draw it.
+
+    Against a point-mass draft (prompt lookup proposes one token, q = 1 there) this is the
+    speculative sampling rule of Leviathan et al. and Chen et al.: a draft ``d`` is kept when
+    the target's own draw equals it, which happens with probability p(d) = min(1, p(d)/q(d));
+    on a rejection the draw is distributed as p restricted to tokens other than d,
+    renormalised, which is norm(max(0, p - q)). So the output has the target's distribution,
+    and since each position uses its own step's random stream, the tokens are those of the
+    run without speculation under the same seed (failover replays and spot checks agree)."""
+    return [sample(row, params, first_pos + j) for j, row in enumerate(rows)]
+
+
+def target_probs(x: npt.NDArray[np.float64], params: SamplingParams) -> npt.NDArray[np.float64]:
+    """The distribution a sampled step draws from: temperature, then top-k, then top-p."""
     x = x / params.temperature
     if params.top_k and params.top_k < x.size:
         cutoff = np.partition(x, -params.top_k)[-params.top_k]
@@ -73,8 +105,7 @@ def sample(logits: npt.NDArray[np.float32], params: SamplingParams, pos: int) ->
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    rng = np.random.default_rng([params.seed, pos])
-    return int(rng.choice(probs.size, p=probs))
+    return probs
 
 
 def top_logits(logits: npt.NDArray[np.float32], k: int = 8) -> list[tuple[int, float]]:

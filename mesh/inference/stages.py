@@ -26,7 +26,15 @@ from mesh.errors import EXPECTED, Error, IdentityError, RemoteError, RPCError
 from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, step_message
 from mesh.inference.memory import LoadedShards, ShardKey
 from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, StageUnavailable
-from mesh.inference.sampling import MAX_LOGPROBS, SamplingParams, logprobs, sample, top_logits
+from mesh.inference.sampling import (
+    MAX_DRAFT,
+    MAX_LOGPROBS,
+    SamplingParams,
+    logprobs,
+    sample,
+    sample_rows,
+    top_logits,
+)
 from mesh.inference.stats import Rate
 from mesh.net.identity import verify
 from mesh.net.rpc import CallContext, Reply
@@ -38,7 +46,7 @@ __all__ = ["StageSessions", "StageSession", "MAX_SESSION_TOKENS", "PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
-_FORWARDED = ("n", "sample", "pos", "top", "logprobs")  # step params every stage passes on
+_FORWARDED = ("n", "sample", "pos", "top", "logprobs", "draft")  # step params every stage passes on
 _SID = re.compile(r"^[0-9a-f]{8,64}$")
 MAX_SESSION_TOKENS = 32768  # Gemma 3's context; memory is bounded by KV reservations
 # Prompt positions per step: a stage's attention scores are chunk x context at most.
@@ -61,6 +69,9 @@ class StageSession:
     pos: int = 0  # positions taken by steps accepted so far (set before each step runs)
     audit: AuditLog | None = None  # inputs kept (with signatures) for spot checks
     kv: int = 0  # bytes reserved against the memory limit for its KV cache
+    # After a verify step (speculative decoding, ``draft`` > 0): the earliest position the
+    # next step may start at, rolling back the rejected drafts; None: no rollback allowed.
+    spec_floor: int | None = None
 
 
 class StageSessions(LoadedShards):
@@ -261,9 +272,14 @@ class StageSessions(LoadedShards):
                 log.warning("could not report a failed step to %s", owner[:12])
 
     async def _compute(
-        self, params: dict[str, Any], payload: bytes, sender: str | None = None
+        self,
+        params: dict[str, Any],
+        payload: bytes,
+        sender: str | None = None,
+        all_logits: bool = False,
     ) -> tuple[StageSession, Any, Any, dict[str, Any]]:
-        """Validate one step's input and run it on the session's shard."""
+        """Validate one step's input and run it on the session's shard (``all_logits``: a
+        last stage returns every row's logits, as for a verify step)."""
         sid, n = params.get("sid"), params.get("n")
         st = self.sessions.get(sid) if isinstance(sid, str) else None
         if st is None:
@@ -286,15 +302,27 @@ class StageSessions(LoadedShards):
             if len(payload) != 4 * n * d:
                 raise ModelError("hidden-state payload size does not match n x d_model")
             x = np.frombuffer(payload, dtype="<f4").reshape(n, d)
-        pos = params.get("pos")
-        if type(pos) is not int or pos != st.pos + n:
-            # A repeated, skipped or reordered step would corrupt the KV cache.
+        pos, draft = params.get("pos"), params.get("draft", 0)
+        if type(draft) is not int or not 0 <= draft <= MAX_DRAFT or (draft and n != draft + 1):
+            raise ModelError(f"draft must be 0..{MAX_DRAFT}, and n = draft + 1 when it is not 0")
+        start = pos - n if type(pos) is int else -1
+        floor = st.spec_floor if st.spec_floor is not None else st.pos
+        if type(pos) is not int or not floor <= start <= st.pos:
+            # A repeated, skipped or reordered step would corrupt the KV cache; only a verify
+            # step's rejected drafts may be rolled back, by the step after it.
             raise ModelError(f"step ends at position {pos!r}; the session is at {st.pos}")
+        rollback = start < st.pos
         if st.audit is not None:
+            if rollback:
+                st.audit.rollback(start)
             self._record(st.audit, st.sid, spec.is_first, params, payload, sender)
-        st.pos = pos  # before the await: a concurrent duplicate is refused too
+        # before the awaits: a concurrent duplicate is refused too
+        st.pos, st.spec_floor = pos, (start + 1 if draft else None)
         t0 = time.perf_counter()
-        out = await loaded.shard.forward(st.session, x)
+        if rollback:
+            await loaded.shard.truncate(st.session, start)
+        every = (bool(draft) or all_logits) and spec.is_last
+        out = await loaded.shard.forward(st.session, x, all_logits=every)
         self.throughput.add(n)
         own = {"peer": self.me, "ms": round((time.perf_counter() - t0) * 1000, 3)}
         return st, spec, out, own
@@ -352,11 +380,13 @@ class StageSessions(LoadedShards):
         return reply
 
     def _finish(self, mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Reply:
-        logits = np.asarray(out, dtype=np.float32)[-1]
         try:
             sp = SamplingParams.from_wire(params.get("sample", {}))
         except ValueError as exc:
             raise ModelError(str(exc)) from None
+        if params.get("draft"):  # a verify step: a token after every position
+            return self._finish_verify(mid, out, params, sp, own)
+        logits = np.asarray(out, dtype=np.float32)[-1]
         pos = params.get("pos", 0)
         token = sample(logits, sp, pos if type(pos) is int else 0)
         result: dict[str, Any] = {"token": token, "trace": [own]}
@@ -371,6 +401,24 @@ class StageSessions(LoadedShards):
             result["eos"] = token == tok.eos_id
             return Reply(result, tok.token_bytes(token))
         return Reply(result)
+
+    def _finish_verify(
+        self, mid: str, out: Any, params: dict[str, Any], sp: SamplingParams, own: dict[str, Any]
+    ) -> Reply:
+        """A verify step's answer: the token each of its positions gives, each sampled with
+        the stream of its own position (:func:`sample_rows`), so the coordinator keeps the
+        drafts up to the first that differs; their text, concatenated (``lens`` splits it)."""
+        rows = np.asarray(out, dtype=np.float32)
+        end = int(params["pos"])  # checked by _compute
+        tokens = sample_rows(rows, sp, end - rows.shape[0] + 1)
+        result: dict[str, Any] = {"token": tokens[-1], "tokens": tokens, "trace": [own]}
+        tok = self.tokenizers.cached(mid)
+        if tok is None:
+            return Reply(result)
+        pieces = [bytes(tok.token_bytes(t)) for t in tokens]
+        result["lens"] = [len(b) for b in pieces]
+        result["eos"] = [t == tok.eos_id for t in tokens]
+        return Reply(result, b"".join(pieces))
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _evict_loop(self) -> None:

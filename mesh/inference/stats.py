@@ -60,6 +60,7 @@ class RunStats:
     compute_ms: dict[str, list[float]] = field(default_factory=dict)  # by stage peer
     ttft: float | None = None
     rate: Rate = field(default_factory=Rate)  # decode steps, for the page's plot
+    extra_tokens: int = 0  # decode steps' tokens beyond one each (accepted drafts)
 
     def account(self, reply: Reply, ms: float, stages: int, decode: bool) -> None:
         """One step that took ``ms`` over ``stages`` stages; ``decode``: a step of the
@@ -77,6 +78,11 @@ class RunStats:
         # hops: coordinator -> first, between stages, last -> coordinator
         self.hop_ms.append(max(ms - compute, 0.0) / stages)
 
+    def add_tokens(self, n: int) -> None:
+        """The last decode step gave ``n`` tokens more than one (a verify step's drafts)."""
+        self.extra_tokens += n
+        self.rate.add(n)
+
     def first_token(self) -> None:
         if self.ttft is None:
             self.ttft = (time.perf_counter() - self.t_start) * 1000
@@ -88,7 +94,11 @@ class RunStats:
         decode = self.decode_ms
         return {
             "ttft_ms": round(self.ttft or 0.0, 2),
-            "tokens_per_s": round(len(decode) / (sum(decode) / 1000), 2) if decode else 0.0,
+            "tokens_per_s": (
+                round((len(decode) + self.extra_tokens) / (sum(decode) / 1000), 2)
+                if decode
+                else 0.0
+            ),
             "decode_steps": len(decode),
             "steps": len(self.step_ms),
             "hop_ms": round(float(np.median(self.hop_ms)), 3) if self.hop_ms else 0.0,

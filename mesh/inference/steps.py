@@ -52,46 +52,50 @@ class StepRunner:
         self.stats = stats
         self.replaying = False  # replayed steps do not count towards the decode rate
 
-    async def forward(self, feed: list[int], pos: int) -> Reply:
-        """The step feeding ``feed`` that ends at position ``pos``."""
+    async def forward(self, feed: list[int], pos: int, draft: int = 0) -> Reply:
+        """The step feeding ``feed`` that ends at position ``pos``; ``draft`` > 0: a verify
+        step (speculative decoding), its last ``draft`` tokens drafted, a token back for
+        every row, and the next step may start inside it (the rejected drafts rolled back)."""
         if self.params.mode == "chain":
-            return await self._forward_chain(feed, pos)
-        return await self._forward_push(feed, pos)
+            return await self._forward_chain(feed, pos, draft)
+        return await self._forward_push(feed, pos, draft)
 
-    def _params(self, feed: list[int], pos: int) -> dict[str, Any]:
+    def _params(self, feed: list[int], pos: int, draft: int = 0) -> dict[str, Any]:
         params: dict[str, Any] = {
             "sid": self.route.sids[0],
             "n": len(feed),
             "pos": pos,
             "sample": self.params.sampling.to_wire(),
         }
+        if draft:
+            params["draft"] = draft
         if self.params.top:
             params["top"] = self.params.top
         if self.params.logprobs is not None:
             params["logprobs"] = self.params.logprobs
         return params
 
-    async def _forward_chain(self, feed: list[int], pos: int) -> Reply:
+    async def _forward_chain(self, feed: list[int], pos: int, draft: int) -> Reply:
         """One step as nested calls: each stage awaits the rest and relays the reply."""
         body = np.asarray(feed, dtype="<i4").tobytes()
         t0 = time.perf_counter()
         reply = await self.host.mesh.call(
             self.route.stages[0].peer_id,
             "compute.stage_forward",
-            self._params(feed, pos),
+            self._params(feed, pos, draft),
             body,
             timeout=self.host.forward_timeout,
         )
         self._account(reply, (time.perf_counter() - t0) * 1000, pos)
         return reply
 
-    async def _forward_push(self, feed: list[int], pos: int) -> Reply:
+    async def _forward_push(self, feed: list[int], pos: int, draft: int) -> Reply:
         """One step: tokens go to the first stage, activations flow stage to stage, and the
         last stage sends the token straight back here (no reply travels the chain)."""
         body = np.asarray(feed, dtype="<i4").tobytes()
         stages = self.route.stages
         rid = self.route.sids[0]
-        params = {"sid": rid, "rid": rid, **self._params(feed, pos)}
+        params = {"sid": rid, "rid": rid, **self._params(feed, pos, draft)}
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         route = tuple(s.peer_id for s in stages)
         waiting = self.host.waiting

@@ -141,6 +141,9 @@ class Step:
     # The token the last stage gave, where it is not tokens[pos]: a prompt chunk before the
     # last (its token is dropped, but the stage's KV cache must still be right).
     claimed: int | None = None
+    # A verify step (speculative decoding): the token the last stage gave after each of its
+    # rows, all checked (the accepted drafts' and the rejected ones' alike).
+    claimed_rows: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -209,6 +212,8 @@ class SpotChecker:
             last = s == len(step.stages) - 1
             token = step.tokens[step.pos] if step.claimed is None else step.claimed
             claimed = token if last else await self._output(step, s)
+            if last and step.claimed_rows is not None:
+                claimed = list(step.claimed_rows)
         except _Blame as blame:
             self._ban(blame.peer, blame.reason, step)  # a stage of the route: raises
             return
@@ -337,22 +342,22 @@ class SpotChecker:
             return np.asarray(step.tokens[:pos], dtype="<i4").tobytes(), step.rows
         peer = stages[s].peer_id
         entries = await self._audit(peer, sids[s], pos)
-        if not entries or entries[-1].pos != pos:
+        if not entries or entries[-1].end != pos:
             raise _Blame(peer, f"audit log does not reach position {pos}")
         prev_key = self.host.mesh.peer_key(stages[s - 1].peer_id)
-        for e in entries:
+        for e in entries:  # signed whole; a verify step's rejected rows are then left out
             try:
                 verify(prev_key, step_message(sids[s], e.pos, e.n, e.body), e.sig)
             except IdentityError:
                 raise _Blame(peer, f"logged input at {e.pos} not signed by its sender") from None
-        return b"".join(e.body for e in entries), entries[-1].n
+        return b"".join(e.kept_body for e in entries), entries[-1].rows
 
     async def _output(self, step: Step, s: int) -> np.ndarray[Any, Any]:
         """What stage ``s`` sent at the step, as the next stage logged it under ``s``'s key."""
         stages, sids, pos = step.stages, step.sids, step.pos
         nxt = stages[s + 1].peer_id
         entries = await self._audit(nxt, sids[s + 1], pos, since=pos)
-        if not entries or entries[-1].pos != pos:
+        if not entries or entries[-1].end != pos:
             raise _Blame(nxt, f"audit log has no entry at {pos}")
         e = entries[-1]
         try:
@@ -362,7 +367,7 @@ class SpotChecker:
             raise _Blame(nxt, f"logged input at {pos} not signed by its sender") from None
         if len(e.body) % (4 * e.n):
             raise _Blame(nxt, "logged activation size is not n x d")
-        return np.frombuffer(e.body, dtype="<f4").reshape(e.n, -1)
+        return np.frombuffer(e.kept_body, dtype="<f4").reshape(e.rows, -1)
 
     async def _verifiers(self, stage: Stage, suspect: str) -> list[str]:
         """The jury for ``stage``: this node first where it can hold the units (we trust our
@@ -443,7 +448,9 @@ class SpotChecker:
             )
             opened = True
             params: dict[str, Any] = {"sid": sid, "n": pos, "rows": rows}
-            if not isinstance(claimed, np.ndarray):
+            if isinstance(claimed, list):
+                params.update(claimed_rows=claimed, pos=pos, sample=step.sampling.to_wire())
+            elif not isinstance(claimed, np.ndarray):
                 params.update(claimed=int(claimed), pos=pos, sample=step.sampling.to_wire())
             reply = await mesh.call(
                 verifier, "compute.stage_recompute", params, inputs, timeout=120
@@ -470,6 +477,15 @@ class SpotChecker:
             return _Outcome(
                 ok, err, f"activation error {err:.4f} (tolerance {self.params.tolerance})"
             )
+        if isinstance(claimed, list):  # a verify step: every row, the worst one counts
+            rows = result.get("rows")
+            if not isinstance(rows, list) or len(rows) != len(claimed):
+                return _Outcome(False, math.inf, "verifier returned no rows")
+            outcomes = [
+                self._judge(r if isinstance(r, dict) else {}, b"", c)
+                for r, c in zip(rows, claimed, strict=True)
+            ]
+            return max(outcomes, key=lambda o: (not o.ok, o.deviation))
         top = result.get("top")
         pairs = [
             (int(t), float(v))

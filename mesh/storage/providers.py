@@ -222,9 +222,7 @@ class Providers:
             raise DiscoveryError("malformed provider sync") from None
         if not isinstance(raws, list):
             raise DiscoveryError("provider sync must be a list")
-        n = sum(
-            1 for r in raws if isinstance(r, bytes) and self.accept(r, sender=ctx.peer_id)
-        )
+        n = sum(1 for r in raws if isinstance(r, bytes) and self.accept(r, sender=ctx.peer_id))
         return {"accepted": n}
 
     def holders(self, oid: str, *, live_only: bool = True) -> list[Provider]:
