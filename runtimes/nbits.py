@@ -58,6 +58,13 @@ class NBitsWeight:
             return self.b
         return unpack_nibbles(self.b)
 
+    def first_values(self) -> F32:
+        """The code part ``(code - zero_point) * scale`` of each block's first value, [N, nb]
+        (without the block's offset): what onnx_acts' pinned activations correct for."""
+        first = self.b[..., 0] if self.bits == 8 else self.b[..., 0] & 0x0F
+        vals = (first.astype(np.float32) - self.zero_points.astype(np.float32)) * self.scales
+        return np.ascontiguousarray(vals, dtype=np.float32)
+
     def packed_zero_points(self) -> U8:
         """Zero points in MatMulNBits' input layout."""
         if self.bits == 8:

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .arch import ModelConfig
 from .gguf_io import TensorRef
+from .onnx_acts import LlamaActs, MatmulPlan, ggml_gelu, plan
 from .onnx_parts import moe_ffn, row_slice
 from .quant import NBitsWeight, to_nbits
 from .shards import ShardSpec
@@ -49,6 +50,9 @@ class GraphOptions:
     # of the logit range -> 2.7-3.7%) but turns one near-tie the other way (llama.cpp's margin
     # 0.277, float32 activations 0.011), which test_runtime_gemma's rule counts as a mismatch.
     round_block_sums: bool = False
+    # Round activations as llama.cpp does where MatMulNBits' own int8 rounding differs from
+    # it (Q8_K-family weights: K-quants, IQ, TQ; Q4_1/Q5_1's min terms), see onnx_acts.py
+    llama_acts: bool = True
     # The output head as several matmuls over row ranges of this many rows (0: one matmul):
     # each range is converted, written and prepacked on its own, so that building the graph
     # and onnxruntime's prepacking never hold a whole second copy of a large head (Gemma 3:
@@ -67,6 +71,11 @@ class _Builder:
     # None keeps them in ``external`` for add_external_initializers
     sink: Callable[[np.ndarray[Any, Any]], list[tuple[str, str]]] | None = None
     _n: int = 0
+    # activations rounded as llama.cpp rounds them, once per input and format (onnx_acts.py)
+    acts: LlamaActs = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.acts = LlamaActs(self)
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -152,7 +161,7 @@ class _Builder:
         """y_i = x @ W_i.T (+ b_i) for each (name, weight, bias); fused when layouts match."""
         row_scale = row_scale or {}
         perm = perm or {}
-        prepared: list[tuple[str, NBitsWeight | np.ndarray[Any, Any], Any]] = []
+        prepared: list[_Item] = []
         for name, ref, bias in weights:
             nb = to_nbits(ref)
             s = row_scale.get(name, 1.0)
@@ -161,7 +170,8 @@ class _Builder:
                 w = ref.dequantize()
                 if p is not None:
                     w = w[p]
-                prepared.append((name, (w * np.float32(s)).astype(np.float32), bias))
+                w = (w * np.float32(s)).astype(np.float32)
+                prepared.append((name, w, bias, MatmulPlan(0)))
             else:
                 if p is not None:
                     nb = _permute_rows(nb, p)
@@ -169,11 +179,17 @@ class _Builder:
                     nb.scales = (nb.scales * np.float32(s)).astype(np.float32)
                     if nb.offsets is not None:
                         nb.offsets = (nb.offsets * np.float32(s)).astype(np.float32)
-                prepared.append((name, nb, bias))
-        groups: list[list[tuple[str, Any, Any]]] = []
+                o = self.opts
+                prepared.append((name, nb, bias, plan(ref.qtype, o.accuracy_level, o.llama_acts)))
+        groups: list[list[_Item]] = []
         for item in prepared:
             g = groups[-1] if groups else None
-            if self.opts.fuse_linears and g is not None and _fusable(g[0][1], item[1]):
+            if (
+                self.opts.fuse_linears
+                and g is not None
+                and _fusable(g[0][1], item[1])
+                and g[0][3] == item[3]
+            ):
                 g.append(item)
             else:
                 groups.append([item])
@@ -183,25 +199,36 @@ class _Builder:
             if len(g) == 1:
                 outs.append(y)
                 continue
-            sizes = [_rows(w) for _, w, _ in g]
+            sizes = [_rows(w) for _, w, _, _ in g]
             outs.extend(
                 self.op("Split", [y, self.const(sizes, "split")], "part", n_out=len(g), axis=-1)
             )
         return outs
 
-    def _linear_group(self, x: str, g: list[tuple[str, Any, Any]]) -> str:
-        key = "+".join(n for n, _, _ in g)
-        first = g[0][1]
+    def _linear_group(self, x: str, g: list[_Item]) -> str:
+        key = "+".join(n for n, _, _, _ in g)
+        first, mplan = g[0][1], g[0][3]
         if isinstance(first, np.ndarray):
-            w = np.concatenate([w for _, w, _ in g], axis=0)
+            w = np.concatenate([w for _, w, _, _ in g], axis=0)
             y = self.op("MatMul", [x, self.init(key + ".T", np.ascontiguousarray(w.T))], "mm")
         else:
-            nbs: list[NBitsWeight] = [w for _, w, _ in g]
+            nbs: list[NBitsWeight] = [w for _, w, _, _ in g]
             b = np.concatenate([w.b for w in nbs], axis=0)
             sc = np.concatenate([w.scales for w in nbs], axis=0)
             zp = np.concatenate([w.zero_points for w in nbs], axis=0)
             n_total = b.shape[0]
-            ins = [x, self.init(key + ".qb", b), self.init(key + ".qs", sc.reshape(-1))]
+            # terms subtracted after the MatMulNBits: (activation side [S, m], weights [m, N])
+            minus: list[tuple[str, np.ndarray[Any, Any]]] = []
+            xin, rounded = x, None
+            if mplan.acts != "none":
+                rounded = self.acts.rounded(x, first.k, mplan.acts)
+                if mplan.pin:
+                    xin, added = self.acts.pinned(rounded, first.block)
+                    w0 = np.concatenate([w.first_values() for w in nbs], axis=0)
+                    minus.append((added, np.ascontiguousarray(w0.T)))
+                else:
+                    xin = self.acts.values(rounded)
+            ins = [xin, self.init(key + ".qb", b), self.init(key + ".qs", sc.reshape(-1))]
             default_zp = 1 << (first.bits - 1)
             if not np.all(zp == default_zp):
                 packed = NBitsWeight(
@@ -217,26 +244,34 @@ class _Builder:
                 N=n_total,
                 bits=first.bits,
                 block_size=first.block,
-                accuracy_level=self.opts.accuracy_level,
+                accuracy_level=mplan.level,
             )
             if first.offsets is not None:
                 # per-block mins (K-quants, Q4_1, ...): subtract blocksum(x) @ offsets.T
                 off = np.concatenate([w.offsets for w in nbs if w.offsets is not None], axis=0)
-                bs = self._block_sums(x, first.n_blocks, first.block)
-                corr = self.op("MatMul", [bs, self.init(key + ".qo", np.ascontiguousarray(off.T))])
+                if rounded is not None:
+                    bs = self.acts.block_sums(rounded, first.block)
+                else:
+                    bs = self._block_sums(x, first.n_blocks, first.block, mplan.level)
+                minus.append((bs, np.ascontiguousarray(off.T)))
+            if minus:  # one MatMul for the pin's and the mins' corrections
+                lhs = [m[0] for m in minus]
+                a = lhs[0] if len(lhs) == 1 else self.op("Concat", lhs, "corr_in", axis=-1)
+                w_c = np.concatenate([m[1] for m in minus], axis=0)
+                corr = self.op("MatMul", [a, self.init(key + ".qo", w_c)], "corr")
                 y = self.op("Sub", [y, corr])
-        biases = [bias for _, _, bias in g]
+        biases = [bias for _, _, bias, _ in g]
         if any(bias is not None for bias in biases):
             full = np.concatenate(
                 [
                     bias if bias is not None else np.zeros(_rows(w), np.float32)
-                    for (_, w, _), bias in zip(g, biases, strict=True)
+                    for (_, w, _, _), bias in zip(g, biases, strict=True)
                 ]
             )
             y = self.op("Add", [y, self.init(key + ".bias", full.astype(np.float32))])
         return str(y)
 
-    def _block_sums(self, x: str, n_blocks: int, block: int) -> str:
+    def _block_sums(self, x: str, n_blocks: int, block: int, level: int = 4) -> str:
         """Sums of x [S, K] per block of K, [S, n_blocks].
 
         With int8 activations (accuracy level 4) MatMulNBits multiplies the codes by x rounded
@@ -248,7 +283,7 @@ class _Builder:
         """
         xb = self.op("Reshape", [x, self.const([-1, n_blocks, block], "shp")])
         ax = self.const([2], "ax")
-        if self.opts.accuracy_level != 4 or not self.opts.round_block_sums:
+        if level != 4 or not self.opts.round_block_sums:
             return str(self.op("ReduceSum", [xb, ax], "bsum", keepdims=0))
         amax = self.op("ReduceMax", [self.op("Abs", [xb]), ax], "amax", keepdims=1)
         amax = self.op("Max", [amax, self.const(np.array(1e-30, np.float32), "tiny")])
@@ -257,6 +292,10 @@ class _Builder:
         qsum = self.op("ReduceSum", [q, ax], "qsum", keepdims=0)
         step = self.op("Div", [amax, self.const(np.array(127.0, np.float32), "c127")])
         return str(self.op("Mul", [qsum, self.op("Squeeze", [step, ax])], "bsum"))
+
+
+# one linear of a group: (weight name, its NBitsWeight or float matrix, bias, how it multiplies)
+_Item = tuple[str, Any, Any, MatmulPlan]
 
 
 def _rows(w: Any) -> int:
@@ -515,6 +554,8 @@ def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     gate, up = b.linear(h, [(g_ref.name, g_ref, None), (u_ref.name, u_ref, None)])
     if shard.config.spec.ffn_act == "silu":
         act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    elif b.opts.llama_acts and b.opts.accuracy_level:  # level 0: nothing rounded
+        act = ggml_gelu(b, gate)
     else:
         act = b.op("Gelu", [gate], approximate="tanh")
     (f,) = b.linear(

@@ -53,10 +53,11 @@ class OnnxRuntime(Runtime):
         providers: list[str] | None = None,
         spin: bool = True,
         round_block_sums: bool = False,
+        llama_acts: bool = True,
     ) -> None:
         super().__init__(shard)
         cfg = self.config
-        opts = GraphOptions(accuracy_level, fuse_linears, round_block_sums)
+        opts = GraphOptions(accuracy_level, fuse_linears, round_block_sums, llama_acts)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         so.inter_op_num_threads = 1

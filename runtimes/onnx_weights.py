@@ -7,8 +7,10 @@ external-data file, onnxruntime maps each initializer from the file on its own a
 once packed. :class:`WeightFile` therefore writes the re-laid-out weights one at a time to a
 private temporary file as the graph is built (never all in memory at once) and the session
 loads the graph from there; the file is deleted once the session exists (what onnxruntime
-still maps stays readable until it unmaps it). The file goes to ``$EDGEMESH_ONNX_TMPDIR`` or
-the system's temporary directory: it needs room for the shard's re-laid-out weights
+still maps stays readable until it unmaps it). A load killed before that leaves its
+directory behind: it is named by the loader's pid, and every load first sweeps those of dead
+processes (:func:`sweep_dead`). The file goes to ``$EDGEMESH_ONNX_TMPDIR`` or the system's
+temporary directory: it needs room for the shard's re-laid-out weights
 (``quant.onnx_weight_bytes``; 284 MB for Gemma 3 270M) while the shard loads.
 
 The token embedding is not in the graph: :func:`embedding_rows` dequantizes the rows of the
@@ -19,6 +21,7 @@ packed copy) and an untied one not at all beyond the pages of the rows used.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import sys
@@ -36,8 +39,11 @@ from gguf import GGMLQuantizationType as Q
 
 from .gguf_io import TensorRef
 
-__all__ = ["WeightFile", "embedding_rows"]
+__all__ = ["WeightFile", "embedding_rows", "sweep_dead"]
 
+log = logging.getLogger(__name__)
+
+_PREFIX = "edgemesh-onnx-"  # then the loading process's pid: see sweep_dead
 _ALIGN = 4096  # onnxruntime maps external data in place when the offset is page-aligned
 WEIGHTS_FILE = "weights.bin"
 _MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing is released
@@ -47,7 +53,9 @@ class WeightFile:
     """A temporary directory holding ``weights.bin`` (external data) and ``model.onnx``."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="edgemesh-onnx-", dir=directory))
+        sweep_dead(directory)
+        prefix = f"{_PREFIX}{os.getpid()}-"
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
         self._f = open(self.dir / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed in close()
         self.nbytes = 0
 
@@ -106,6 +114,39 @@ class WeightFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sweep_dead(directory: str | None = None) -> list[str]:
+    """Deletes the weight directories of loads whose process is gone (killed mid-load: the
+    directory is named by the loading process's pid, and only a live load can still need
+    it). Returns the paths deleted."""
+    root = Path(directory or tempfile.gettempdir())
+    gone: list[str] = []
+    try:
+        entries = list(root.glob(f"{_PREFIX}*-*"))
+    except OSError:
+        return gone
+    for d in entries:
+        pid_text = d.name[len(_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not d.is_dir() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(str(d))
+    if gone:
+        log.info("removed %d weight directories left by killed loads", len(gone))
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive, and not ours to judge
+        return True
+    return True
 
 
 def release_file_pages(path: str) -> int:
