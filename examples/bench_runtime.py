@@ -1,6 +1,6 @@
 """Prefill and decode speed and peak RSS of each runtime on Gemma 3 270M, beside llama.cpp.
 
-Each runtime runs in its own child process (so peak RSS is its own: ``ru_maxrss`` of the
+Each runtime runs in its own child process (so peak RSS is its own: ``VmHWM`` of the
 child, everything it held at any time), all layers in one shard, the same prompt and greedy
 decoding, the same thread count; the ratios are to llama.cpp in the same run. ``--types``
 adds the load time of each weight type on generated models (``runtimes.testmodels``: every
@@ -31,6 +31,15 @@ PROMPT_TEXT = (
 
 
 def _rss_mb() -> float:
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's peak, which
+    Linux carries across fork and exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
