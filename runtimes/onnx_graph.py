@@ -1,12 +1,12 @@
 """Builds the ONNX graph of one shard (a unit range) with ``onnx.helper``.
 
-Graph inputs: ``embeds`` float32 [S, d] (first stage: the embedding rows of the step's tokens,
-looked up outside the graph) or ``hidden_in`` float32 [S, d]; RoPE tables
-``cos_g``/``sin_g`` (and ``cos_l``/``sin_l`` for sliding-window layers with their own base),
-float32 [S, 1, head_dim]; additive masks ``mask_g``/``mask_l`` [S, T]; per layer ``past_k_i``
-[Hkv, hd, P] (stored transposed so no per-step transpose of the cache) and ``past_v_i``
-[Hkv, P, hd]; ``out_idx`` int64 [M] (last stage: which positions get logits).
-Outputs: ``hidden_out`` [S, d] or ``logits`` [M, vocab], and ``present_k_i``/``present_v_i``.
+Inputs: ``embeds`` [S, d] (first stage: the step's embedding rows, read outside the graph) or
+``hidden_in`` [S, d]; RoPE tables ``cos_g``/``sin_g`` (``_l`` for sliding-window layers)
+[S, 1, hd]; masks ``mask_g``/``mask_l`` [B, 1, 1, Q, C] and the layout indices ``kv_idx``,
+``q_idx``, ``row_idx`` (one call may run several sessions: runtimes/onnx_batch.py); per layer
+the pooled caches ``past_k_i``/``past_v_i`` [P, Hkv, hd]; ``out_idx`` [M] (last stage).
+Outputs: ``hidden_out`` [S, d] or ``logits`` [M, vocab], and the step's new rows
+``present_k_i``/``present_v_i`` [S, Hkv, hd].
 
 Weights stay quantized (MatMulNBits, see quant.py); F16/F32 matrices become float32 MatMul.
 RoPE is always computed in "neox" form (rotate halves): for llama's adjacent-pair layout the
