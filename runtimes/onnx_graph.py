@@ -499,13 +499,10 @@ def _qkv_weights(shard: ShardSpec, i: int) -> dict[str, TensorRef]:
 
 
 def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
-    """Self-attention of layer i; [S, d] in and out.
-
-    Attention runs per session ``[B, ...]``: each session's keys are gathered from the pool
-    (its cache, then its new rows) into its own row starting at key 0, padded with masked
-    zeros to the step's key count C, and its queries into ``[B, Q]`` slots. So a session's
-    scores and weighted sums are the same computation whether it runs alone or batched with
-    others (the runtime keeps C above the kernels' small-size paths, see onnx_batch.py)."""
+    """Self-attention of layer i, [S, d] in and out, per session ``[B, ...]``: each session's
+    keys are gathered from the pool (its cache, then its new rows) into its own row from key
+    0, padded with masked zeros to C, its queries into ``[B, Q]`` slots: the same arithmetic
+    alone or batched (onnx_batch.py says on which conditions)."""
     cfg = shard.config
     hd, hq, hk = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     g = hq // hk
