@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +51,8 @@ __all__ = [
     "in_netns",
     "TURN_USER",
     "TURN_PASSWORD",
+    "DelayedMesh",
+    "delayed_mesh",
 ]
 
 log = logging.getLogger(__name__)
@@ -518,6 +520,33 @@ class NatLab:
             ],
             "public": [{"ns": x.ns, "ip": x.ip} for x in self.public],
         }  # fmt: skip
+
+
+class DelayedMesh:
+    """A LocalMesh for benchmarks whose every node sits in its own home behind a cone NAT;
+    each home's router delays what it forwards by half of ``delay_ms``, so any two nodes are
+    ``delay_ms`` apart one way (through both routers) and link through the lab's STUN."""
+
+    def __init__(self, lab: NatLab, delay_ms: float) -> None:
+        self.lab = lab
+        self.delay_ms = delay_ms
+
+    async def start_node(
+        self, name: str, args: list[str] | None = None, **kwargs: Any
+    ) -> NodeProcess:
+        home = await self.lab.add_home("cone", delay_ms=self.delay_ms / 2)
+        lab_args = ["--mesh", "delayed", "--stun", self.lab.stun_url]
+        return await self.lab.start_node(name, home.hosts[0], lab_args + (args or []), **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # nodes, post, get, wait_connected, ...
+        return getattr(self.lab.mesh, name)
+
+
+@contextlib.asynccontextmanager
+async def delayed_mesh(workdir: Path, delay_ms: float) -> AsyncIterator[DelayedMesh]:
+    """``async with delayed_mesh(dir, 20) as mesh``: nodes ``delay_ms`` apart one way."""
+    async with NatLab(workdir) as lab:
+        yield DelayedMesh(lab, delay_ms)
 
 
 def _copy_into(path: Path, directory: Path) -> None:
