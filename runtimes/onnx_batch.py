@@ -108,35 +108,38 @@ class BatchLayout:
 
 @dataclass
 class KVCache:
-    """One session's keys and values per layer, ``[capacity, hk, hd]``, the first
-    ``Session.n_past`` rows valid."""
+    """One session's keys and values per layer, ``[1 + capacity, hk, hd]``: row 0 zeros,
+    then the positions, the first ``Session.n_past`` valid. A lone session's call feeds a
+    prefix of these arrays as its pool, without a copy (the layout BatchLayout.indices
+    points into: the zero row, then the cache)."""
 
     kv_heads: int
     head_dim: int
     keys: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
     values: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
 
-    def rows(self, layer: int, n: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    def pool(self, layer: int, n: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """The zero row and the first ``n`` positions (views)."""
         k, v = self.keys.get(layer), self.values.get(layer)
-        if k is None or v is None or n == 0:
-            empty = np.zeros((0, self.kv_heads, self.head_dim), np.float32)
-            return empty, empty
-        return k[:n], v[:n]
+        if k is None or v is None:
+            zero = np.zeros((1, self.kv_heads, self.head_dim), np.float32)
+            return zero, zero
+        return k[: 1 + n], v[: 1 + n]
 
     def append(self, layer: int, at: int, k: np.ndarray[Any, Any], v: np.ndarray[Any, Any]) -> None:
-        """Write rows ``at .. at + len(k)`` (overwriting any rolled-back rows there)."""
-        need = at + k.shape[0]
+        """Write positions ``at .. at + len(k)`` (overwriting any rolled-back ones there)."""
+        need = 1 + at + k.shape[0]
         old = self.keys.get(layer)
         if old is None or old.shape[0] < need:
-            cap = max(16, need, 2 * (old.shape[0] if old is not None else 0))
+            cap = max(17, need, 2 * (old.shape[0] if old is not None else 0))
             for store in (self.keys, self.values):
                 grown = np.zeros((cap, self.kv_heads, self.head_dim), np.float32)
                 prev = store.get(layer)
                 if prev is not None:
-                    grown[:at] = prev[:at]
+                    grown[: 1 + at] = prev[: 1 + at]
                 store[layer] = grown
-        self.keys[layer][at:need] = k
-        self.values[layer][at:need] = v
+        self.keys[layer][1 + at : need] = k
+        self.values[layer][1 + at : need] = v
 
     @property
     def nbytes(self) -> int:
@@ -147,12 +150,11 @@ class KVCache:
 
 def pool(caches: Sequence[KVCache], pasts: Sequence[int], layer: int) -> tuple[Any, Any]:
     """The pooled keys and values of one layer for a call: a zero row, then every session's
-    cached rows in order (the layout ``BatchLayout.indices`` points into)."""
-    hk, hd = caches[0].kv_heads, caches[0].head_dim
-    zero = np.zeros((1, hk, hd), np.float32)
-    ks, vs = [zero], [zero]
-    for c, p in zip(caches, pasts, strict=True):
-        k, v = c.rows(layer, p)
-        ks.append(k)
-        vs.append(v)
+    cached rows in order (the layout ``BatchLayout.indices`` points into); a lone session's
+    own arrays, uncopied."""
+    if len(caches) == 1:
+        return caches[0].pool(layer, pasts[0])
+    parts = [c.pool(layer, p) for c, p in zip(caches, pasts, strict=True)]
+    ks = [parts[0][0]] + [k[1:] for k, _ in parts[1:]]
+    vs = [parts[0][1]] + [v[1:] for _, v in parts[1:]]
     return np.concatenate(ks), np.concatenate(vs)
