@@ -225,7 +225,8 @@ def write_docs(result: dict[str, Any]) -> None:
         f"tokens. Wall {result['seconds']:.0f} s.\n\n{table}\n\n"
         f"{why(result)}"
     )
-    update_benchmarks_md(SECTION, body)
+    delayed = f"{SECTION[:-1]} --delay-ms {result['delay_ms']:g})" if result["delay_ms"] else ""
+    update_benchmarks_md(delayed or SECTION, body)  # each delay keeps its own section
 
 
 def why(result: dict[str, Any]) -> str:
