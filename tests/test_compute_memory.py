@@ -4,6 +4,7 @@ position it may take, so peers opening long sessions cannot grow a node past its
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,44 @@ async def test_sessions_reserve_their_kv_cache_against_the_memory_limit(tmp_path
     await open_(PEERS[0], 256)[1]
     await svc.stop()
     await probe.stop()
+
+
+class _Links(_Caller):
+    def __init__(self) -> None:
+        self.up: list[str] = []
+
+    def connected_peer_ids(self) -> list[str]:
+        return list(self.up)
+
+
+async def test_sessions_of_a_coordinator_without_a_link_are_freed_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    """Issue 15: a stage kept a lost coordinator's session (and its memory) until the 300 s
+    idle eviction, and the mesh refused generations meanwhile ("no peer left with memory").
+    Now a session whose owner has had no link for ``owner_grace`` is freed; one whose owner
+    came back in time, or that is its own node's, stays."""
+    path = write_test_model(tmp_path / "tiny.gguf", "llama")
+    links = _Links()
+    svc = ComputeService(links, "me", tmp_path / "node", ComputeConfig(owner_grace=15.0))  # type: ignore[arg-type]
+    manifest = await svc.add_model(str(path))
+    mid, units = manifest.model_id, [0, len(manifest.units)]
+    sids = {}
+    for owner in (PEERS[0], PEERS[1], "me"):
+        sids[owner] = os.urandom(8).hex()
+        params = {"sid": sids[owner], "model_id": mid, "units": units, "max_tokens": 64}
+        await svc.rpc_stage_open(ctx(owner), params, b"")
+    reserved = svc.kv_reserved
+    t0 = time.monotonic()  # the sessions were used just now: none is idle in what follows
+    links.up = [PEERS[1]]
+    await svc.evict_once(t0)  # PEERS[0]'s link is gone: its grace starts
+    assert set(svc.sessions) == set(sids.values())
+    links.up = []
+    await svc.evict_once(t0 + 10)  # PEERS[1] gone now too
+    links.up = [PEERS[1]]
+    await svc.evict_once(t0 + 14)  # ... and back within its grace
+    await svc.evict_once(t0 + 15)  # PEERS[0]: 15 s without a link
+    assert set(svc.sessions) == {sids[PEERS[1]], sids["me"]}
+    assert svc.kv_reserved == reserved * 2 // 3  # its KV reservation went back
+    await svc.evict_once(t0 + 100)
+    assert set(svc.sessions) == {sids[PEERS[1]], sids["me"]}

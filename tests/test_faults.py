@@ -251,3 +251,36 @@ async def test_shard_holder_killed_mid_pull(tmp_path: Path) -> None:
             elapsed,
             summary["bytes_pulled"],
         )
+
+
+async def test_stages_free_a_killed_coordinators_sessions(tmp_path: Path, tiny: Path) -> None:
+    """Issue 15: a stage kept the sessions of a coordinator it had lost until its 300 s idle
+    eviction, and the mesh refused generations meanwhile ("no peer left with memory"). Now
+    they are freed once the coordinator has had no link for the grace (15 s; the link itself
+    is declared dead within 6 s)."""
+    async with LocalMesh(tmp_path / "mesh", module="tests.fixtures.fault_node") as mesh:
+        nodes = await start_route_mesh(mesh, tiny, n=3)
+        body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 200, "split": 3}
+        seen: list[int] = []
+        killed_at: list[float] = []
+        stages = nodes[1:]
+
+        async def kill_coordinator(event: dict[str, Any]) -> None:
+            if "token" in event:
+                seen.append(event["token"])
+            if len(seen) == 3 and not killed_at:
+                mesh.kill(nodes[0], signal.SIGKILL)
+                killed_at.append(time.monotonic())
+                for n in stages:  # the precondition: its sessions were open when it died
+                    assert (await mesh.get(n, "/v1/info"))["compute"]["sessions"] == 1
+
+        with pytest.raises(Exception):  # noqa: B017 - the stream ends with its node
+            await generate(mesh, nodes[0], body, kill_coordinator)
+        assert killed_at
+
+        async def freed() -> bool:
+            infos = [await mesh.get(n, "/v1/info") for n in stages]
+            return all(i["compute"]["sessions"] == 0 for i in infos)
+
+        await wait_for(freed, 60, "the stages to free the dead coordinator's sessions")
+        log.info("sessions freed %.1f s after the kill", time.monotonic() - killed_at[0])

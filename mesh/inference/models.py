@@ -77,6 +77,9 @@ class ComputeConfig:
     runtime: str = "onnx"
     threads: int | None = None
     session_ttl: float = 300.0
+    # A session whose coordinator has had no link to this node for this long is freed: its
+    # generation failed over (or died with it), and its memory is what the next route needs.
+    owner_grace: float = 15.0
     max_sessions: int = 64
     max_sessions_per_peer: int = 16  # one peer cannot take every session slot
     spin: bool = False  # onnx worker threads busy-wait between runs (faster alone, not shared)

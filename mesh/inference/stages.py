@@ -72,6 +72,7 @@ class StageSession:
     # After a verify step (speculative decoding, ``draft`` > 0): the earliest position the
     # next step may start at, rolling back the rejected drafts; None: no rollback allowed.
     spec_floor: int | None = None
+    owner_lost: float | None = None  # when the eviction loop first saw no link to the owner
 
 
 class StageSessions(LoadedShards):
@@ -422,12 +423,26 @@ class StageSessions(LoadedShards):
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _evict_loop(self) -> None:
+        cfg = self.config
+        period = max(0.5, min(10.0, cfg.session_ttl / 2, cfg.owner_grace / 3))
         while True:
-            await asyncio.sleep(min(10.0, self.config.session_ttl / 2))  # eviction period
-            cutoff = time.monotonic() - self.config.session_ttl
-            for sid, st in list(self.sessions.items()):
-                # Still ours: a stage_close during an await below may have closed it already.
-                if st.last_used < cutoff and self.sessions.get(sid) is st:
-                    log.info("evicting idle session %s", sid[:8])
-                    del self.sessions[sid]
-                    await self._close(st)
+            await asyncio.sleep(period)  # eviction period
+            await self.evict_once(time.monotonic())
+
+    async def evict_once(self, now: float) -> None:
+        """Free sessions idle past ``session_ttl``, and those whose owner (the coordinator)
+        has had no link to us for ``owner_grace``."""
+        cutoff = now - self.config.session_ttl
+        linked = set(self.caller.connected_peer_ids()) | {self.me}
+        for sid, st in list(self.sessions.items()):
+            if st.owner in linked:
+                st.owner_lost = None
+            elif st.owner_lost is None:
+                st.owner_lost = now
+            lost = st.owner_lost is not None and now - st.owner_lost >= self.config.owner_grace
+            # Still ours: a stage_close during an await below may have closed it already.
+            if (st.last_used < cutoff or lost) and self.sessions.get(sid) is st:
+                why = "its coordinator's link is gone" if lost else "idle"
+                log.info("evicting session %s: %s", sid[:8], why)
+                del self.sessions[sid]
+                await self._close(st)
