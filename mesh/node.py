@@ -539,7 +539,7 @@ class Node:
             },
             "last_turn_error": self.conns.transport.stats.last_relay_error,
             "webrtc_engine": self.conns.transport.engine_name,
-            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            "event_loop": _loop_kind(),
             "banned": dict(self.conns.banned),
             # Each service's own part, under its name (compute, storage, net, ...).
             **{svc.name: svc.status() for svc in self.services},
@@ -585,3 +585,11 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj) + "\n")
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _loop_kind() -> str:
+    """The running event loop's implementation ("asyncio", "uvloop"); "none" outside one."""
+    try:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+    except RuntimeError:
+        return "none"
