@@ -197,15 +197,37 @@ class WrtcPeer(RtcPeer):
         if old is None or old[0] >= 700 > int(event.error_code):
             self._turn_errors[url] = (int(event.error_code), str(event.error_text))
 
+    def _enough(self, sdp: str) -> bool:
+        """Whether the SDP holds what the configured servers give: a srflx candidate for
+        STUN, a relay for TURN (or its error), host candidates otherwise. libwebrtc may not
+        report gathering complete for seconds past that (in the NAT lab: never within the
+        timeout, so every link waited 5 s for its offer and 5 s for its answer)."""
+        if not self._options.relay_only and " typ host" not in sdp:
+            return False
+        for server in self._options.servers:
+            if server.is_turn:
+                if " typ relay" not in sdp and server.url not in self._turn_errors:
+                    return False
+            elif not self._options.relay_only and " typ srflx" not in sdp:
+                return False
+        return True
+
     async def _gathered(self, pc: webrtc.RTCPeerConnection) -> str:
-        """Wait for ICE gathering (GATHER_TIMEOUT at most); our SDP with what was gathered."""
+        """Wait for ICE gathering to complete, or for the candidates the servers give
+        (GATHER_TIMEOUT at most); our SDP with what was gathered."""
         done = asyncio.get_running_loop().create_future()
 
         def _changed(_e: object) -> None:
-            if pc.ice_gathering_state == webrtc.RTCIceGatheringState.complete and not done.done():
+            if done.done():
+                return
+            desc = pc.local_description
+            complete = pc.ice_gathering_state == webrtc.RTCIceGatheringState.complete
+            if complete or (desc is not None and self._enough(desc.sdp)):
                 done.set_result(None)
 
         pc.on("icegatheringstatechange", _changed)
+        pc.on("icecandidate", _changed)
+        pc.on("icecandidateerror", _changed)
         _changed(None)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(GATHER_TIMEOUT):

@@ -37,7 +37,7 @@ from mesh.errors import (
     TooManyRequests,
     WireError,
 )
-from mesh.net.wire import Encoder, Limits, Message, Reassembler
+from mesh.net.wire import Encoder, Limits, Message, Reassembler, SendBudget
 
 __all__ = [
     "Channel",
@@ -153,6 +153,7 @@ class Link:
         self._handlers = handlers
         self._on_close = on_close
         self._encoder = Encoder(self.params.limits)
+        self._budget = SendBudget(self.params.limits)
         self._reassembler = Reassembler(self.params.limits)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -227,6 +228,13 @@ class Link:
 
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         frames = self._encoder.encode(header, payload)
+        if len(frames) == 1:
+            await self._send_frames(frames)
+            return
+        async with self._budget.hold(sum(len(f) for f in frames)):
+            await self._send_frames(frames)
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
         sent = 0
         try:
             for frame in frames:

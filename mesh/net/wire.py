@@ -18,9 +18,11 @@ decompressed; parsers are pure functions that raise :class:`~mesh.errors.WireErr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ import msgpack
 from mesh.errors import WireError
 
 __all__ = [
+    "SendBudget",
     "Limits",
     "Message",
     "Frame",
@@ -366,3 +369,36 @@ class Reassembler:
         for msg_id in stale:
             self._drop(msg_id)
         return len(stale)
+
+
+class SendBudget:
+    """The sender's side of the receiver's reassembly caps: a multi-frame message holds a
+    slot and its bytes until its last frame is sent, and at most half the receiver's
+    ``max_partial`` messages and ``max_partial_bytes`` are in flight at once (so replies and
+    the other side's traffic fit too). Without it, 32 concurrent 1 MiB calls interleaved 32
+    partial messages and the receiver closed the link (a protocol error past 16)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._slots = max(1, limits.max_partial // 2)
+        self._bytes = max(1, limits.max_partial_bytes // 2)
+        self._used_slots = 0
+        self._used_bytes = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            # a message over the byte budget still goes, alone
+            await self._changed.wait_for(
+                lambda: self._used_slots < self._slots
+                and (self._used_slots == 0 or self._used_bytes + size <= self._bytes)
+            )
+            self._used_slots += 1
+            self._used_bytes += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._used_slots -= 1
+                self._used_bytes -= size
+                self._changed.notify_all()
