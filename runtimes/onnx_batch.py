@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .positions import attention_masks
+
 __all__ = ["MIN_KEYS", "BatchLayout", "KVCache"]
 
 MIN_KEYS = 257
@@ -91,18 +93,13 @@ class BatchLayout:
         return {"kv_idx": kv, "q_idx": q, "row_idx": rows}
 
     def mask(self, window: int) -> np.ndarray[Any, Any]:
-        """Additive [B, 1, 1, Q, C]: a query at position t sees keys 0..t of its session (and,
-        with a window, only the last ``window`` of them), as runtimes.positions does."""
+        """Additive [B, 1, 1, Q, C]: each session's own mask (runtimes.positions) over its
+        keys 0..p+n, every key past those masked."""
         b_n, c_n, q_n = self.sessions, self.keys, self.slots
-        key = np.arange(c_n, dtype=np.int64)[None, :]
         out = np.full((b_n, 1, 1, q_n, c_n), -np.inf, np.float32)
         out[:, 0, 0, :, 0] = 0.0  # idle slots see one key: no all-masked row (NaN)
         for b, (p, n) in enumerate(zip(self.pasts, self.news, strict=True)):
-            qpos = p + np.arange(n, dtype=np.int64)[:, None]
-            ok = key <= qpos
-            if window > 0:
-                ok &= (qpos - key) < window
-            out[b, 0, 0, :n] = np.where(ok, np.float32(0.0), np.float32(-np.inf))
+            out[b, 0, 0, :n, : p + n] = attention_masks(p, n, window)
         return out
 
 

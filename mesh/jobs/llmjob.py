@@ -140,13 +140,7 @@ class LlmJobService:
             raise JobError(f"max_tokens must be in 1..{MAX_JOB_TOKENS}")
         mid = await self.coordinator.resolve(model)
         objs = self.jobs.objects
-        m = await objs.get_manifest(input_id, await objs.find_holders(input_id))
-        if m.format != "jsonl":
-            raise JobError("the prompts must be a jsonl dataset (edgemesh put --format jsonl)")
-        holders = await self.jobs.chunk_holders(m.shas)
-        for i, hs in enumerate(holders):
-            if not hs:
-                raise JobError(f"no live peer holds chunk {i} of {input_id[:12]}")
+        m, holders = await self.jobs.dataset(input_id, "prompts")
         runs, results = [], []
         for policy in policies:
             run, data = await self._run(policy, mid, m.chunks, holders, seed, max_tokens)

@@ -254,14 +254,7 @@ class JobService:
         if not policies or any(p not in POLICIES for p in policies):
             raise JobError(f"policies must be among {POLICIES}")
         objs = self.objects
-        holders = await objs.find_holders(input_id)
-        m = await objs.get_manifest(input_id, holders)
-        if m.format != "jsonl":
-            raise JobError("the input must be a jsonl dataset (edgemesh put --format jsonl)")
-        chunk_holders = await self.chunk_holders(m.shas)
-        for i, hs in enumerate(chunk_holders):
-            if not hs:
-                raise JobError(f"no live peer holds chunk {i} of {input_id[:12]}")
+        m, chunk_holders = await self.dataset(input_id, "input")
         runs, results = [], []
         for policy in policies:
             run, data = await self._run(policy, model, m.chunks, chunk_holders, seed)
@@ -286,6 +279,19 @@ class JobService:
             "policies": runs,
             "same_results": all(r == results[0] for r in results),
         }
+
+    async def dataset(self, input_id: str, what: str) -> tuple[Any, list[set[str]]]:
+        """A job's jsonl dataset (``what``: how the error names it): its manifest and the live
+        holders of each chunk; JobError unless every chunk has one."""
+        objs = self.objects
+        m = await objs.get_manifest(input_id, await objs.find_holders(input_id))
+        if m.format != "jsonl":
+            raise JobError(f"the {what} must be a jsonl dataset (edgemesh put --format jsonl)")
+        holders = await self.chunk_holders(m.shas)
+        for i, hs in enumerate(holders):
+            if not hs:
+                raise JobError(f"no live peer holds chunk {i} of {input_id[:12]}")
+        return m, holders
 
     async def chunk_holders(self, shas: list[str]) -> list[set[str]]:
         out: list[set[str]] = [set() for _ in shas]
