@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -89,7 +90,10 @@ async def test_broker_restart_keeps_links_and_admits_new_nodes(
     # the old link never dropped: no node logged a closed link
     for n in old:
         text = "\n".join(n.stderr_tail)  # short logs: the tail holds all of it
-        assert "closed" not in text.split("joined mesh", 1)[1], text  # no link dropped
+        # no link dropped: connections.py logs "link to <peer> closed: <why>" for each (the
+        # bare word matched uvloop's repr "closed=False" in an unrelated asyncio log line)
+        after = text.split("joined mesh", 1)[1]
+        assert not re.search(r"link to \S+ closed", after), text
         assert text.count("joined mesh") >= 2  # it rejoined the restarted broker
     log.warning("FAULT broker restarted: new node connected to the old ones in %.1f s", joined_s)
 
