@@ -4,7 +4,7 @@ the live ICE transport of either engine (real node processes on loopback: host c
 import pytest
 
 from mesh.cli.status import format_peers
-from mesh.launch.localmesh import wait_for
+from mesh.launch.localmesh import LocalMeshError, wait_for
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.network
@@ -14,21 +14,29 @@ async def test_peers_show_the_candidate_pair_in_use(local_mesh):
     a = await local_mesh.start_node("a")
     b = await local_mesh.start_node("b")
     await local_mesh.wait_connected(timeout=20, nodes=[a, b])
-    host_pair = {"local": "host", "remote": "host", "protocol": "udp"}
+    # Loopback: both ends offer host candidates only and the data channel is UDP. wrtc
+    # (libwebrtc) also checks from interfaces we do not offer, so on a machine with another
+    # interface the pair in use may keep a peer-reflexive remote (the peer's unoffered
+    # address, learnt from its checks) for good: in a clean-clone CI run it never left it
+    # within 10 s. Both are a direct path; a relay or srflx pair here would be a bug.
+    direct = ({"local": "host", "remote": r, "protocol": "udp"} for r in ("host", "prflx"))
+    direct_pairs = list(direct)
     for me, other in ((a, b), (b, a)):
 
-        async def settled(me=me) -> bool:
-            (peer,) = await local_mesh.get(me, "/v1/peers")
-            return bool(peer["ice"] == host_pair)
+        seen: list[object] = []
 
-        # wrtc (libwebrtc) checks from every local interface, so a pair with a peer-reflexive
-        # remote (the peer's unoffered address) may be in use for a moment before ICE
-        # settles on the offered host pair; aiortc reads host->host at once.
-        await wait_for(settled, 10, "the host candidate pair")
+        async def settled(me=me, seen=seen) -> bool:
+            (peer,) = await local_mesh.get(me, "/v1/peers")
+            seen.append(peer["ice"])
+            return bool(peer["ice"] in direct_pairs)
+
+        try:
+            await wait_for(settled, 10, "a direct candidate pair")
+        except LocalMeshError:
+            raise AssertionError(f"pairs seen: {seen[-3:]}") from None
         (peer,) = await local_mesh.get(me, "/v1/peers")
         assert peer["peer_id"] == other.peer_id
-        # loopback: both ends gathered host candidates only; the data channel is UDP
-        assert peer["ice"] == host_pair
+        assert peer["ice"] in direct_pairs, peer["ice"]
     info = await local_mesh.get(a, "/v1/info")
     assert info["counters"]["turn_relay_failures"] == 0 and info["last_turn_error"] is None
 
@@ -36,7 +44,8 @@ async def test_peers_show_the_candidate_pair_in_use(local_mesh):
     code, out, err = await run_cli("peers", "--api", a.api)
     assert code == 0, err
     header, row = out.splitlines()
-    assert "PATH" in header and "host->host udp" in row
+    assert "PATH" in header
+    assert "host->host udp" in row or "host->prflx udp" in row, row
 
 
 def test_format_peers_shows_relay_paths():
