@@ -83,7 +83,8 @@ def test_onnx_three_way_split_agrees_with_llama_cpp(gemma: Path, oracle: LlamaCp
 def test_tinygrad_three_way_split_agrees_with_llama_cpp(
     gemma: Path, oracle: LlamaCppRuntime
 ) -> None:
-    """One prompt only: tinygrad decodes Gemma at about 0.7 tok/s on this CPU."""
+    """One prompt and 10 decode steps only: tinygrad decodes Gemma at about 0.7 tok/s on this
+    CPU (32 steps took 110 s of CI's 30 minutes); the onnx test above covers 4 x 32 steps."""
     import shutil
 
     importlib.import_module("tinygrad")
@@ -99,7 +100,7 @@ def test_tinygrad_three_way_split_agrees_with_llama_cpp(
         ]
     )
     prompt = oracle.llama.tokenize(PROMPTS[0], add_bos=True)
-    c = compare_chain(oracle, chain, prompt, decode_steps=32, max_tokens=64)
+    c = compare_chain(oracle, chain, prompt, decode_steps=10, max_tokens=64)
     print("tinygrad", c.summary())
     assert c.relative_diff <= REL_BOUND, c.summary()
-    assert c.agreed == c.decided and c.decided >= 24, (c.summary(), c.mismatches)
+    assert c.agreed == c.decided and c.decided >= 10, (c.summary(), c.mismatches)
