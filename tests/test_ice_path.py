@@ -22,7 +22,6 @@ async def test_peers_show_the_candidate_pair_in_use(local_mesh):
     direct = ({"local": "host", "remote": r, "protocol": "udp"} for r in ("host", "prflx"))
     direct_pairs = list(direct)
     for me, other in ((a, b), (b, a)):
-
         seen: list[object] = []
 
         async def settled(me=me, seen=seen) -> bool:
