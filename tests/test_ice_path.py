@@ -19,8 +19,7 @@ async def test_peers_show_the_candidate_pair_in_use(local_mesh):
     # interface the pair in use may keep a peer-reflexive remote (the peer's unoffered
     # address, learnt from its checks) for good: in a clean-clone CI run it never left it
     # within 10 s. Both are a direct path; a relay or srflx pair here would be a bug.
-    direct = ({"local": "host", "remote": r, "protocol": "udp"} for r in ("host", "prflx"))
-    direct_pairs = list(direct)
+    direct_pairs = [{"local": "host", "remote": r, "protocol": "udp"} for r in ("host", "prflx")]
     for me, other in ((a, b), (b, a)):
         seen: list[object] = []
 
