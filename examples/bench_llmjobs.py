@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     price = ["--egress-price", str(args.egress_price)]
     async with LocalMesh(base / "mesh") as mesh:
         job = await mesh.start_node("job", ["--zone", "a", "--no-jobs", *price])
-        workers = [await mesh.start_node(f"a{k}", ["--zone", "a", *price]) for k in range(3)]
+        workers = await mesh.start_nodes([f"a{k}" for k in range(3)], ["--zone", "a", *price])
         far = await mesh.start_node("b0", ["--zone", "b", *price])
         await mesh.wait_connected(timeout=60)
         names = {n.peer_id: n.data_dir.name for n in [job, *workers, far]}

@@ -53,7 +53,7 @@ async def generate(mesh: LocalMesh, node: NodeProcess, body: dict[str, Any]) -> 
 
 async def measure(model: Path, work: Path, prompt: list[int], chunk: int, repeats: int) -> dict:
     async with LocalMesh(work / f"c{chunk}") as mesh:
-        nodes = [await mesh.start_node(f"n{i}") for i in range(2)]
+        nodes = await mesh.start_nodes([f"n{i}" for i in range(2)])
         await mesh.wait_connected(timeout=60)
         await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "gemma"})
         body = {"model": "gemma", "tokens": prompt, "max_tokens": 1, "split": 2}

@@ -61,13 +61,13 @@ async def scenario(size: int, fast: bool, base: Path) -> dict[str, Any]:
     extra = [] if fast else ["--no-fast-path"]
     async with LocalMesh(base, extra_args=extra) as mesh:
         seed = await mesh.start_node("seed")
-        first = [await mesh.start_node(f"p{i}") for i in range(3)]
+        first = await mesh.start_nodes([f"p{i}" for i in range(3)])
         await mesh.wait_connected(timeout=60)
         oid = await put(seed, size)
         t0 = time.perf_counter()
         await asyncio.gather(*(fetch(n, oid) for n in first))
         one_s = time.perf_counter() - t0
-        fresh = [await mesh.start_node(f"q{i}") for i in range(3)]
+        fresh = await mesh.start_nodes([f"q{i}" for i in range(3)])
         await mesh.wait_connected(timeout=60)
         # Wait until the fresh peers know all 4 holders (provider records sync on connect).
         deadline = time.monotonic() + 30

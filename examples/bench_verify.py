@@ -70,7 +70,7 @@ async def catch_trials(model: Path, work: Path, rate: float, trials: int, n: int
 async def overhead(model: Path, work: Path, rate: float, n: int) -> dict[str, float]:
     out = {}
     async with LocalMesh(work / "honest") as mesh:
-        nodes = [await mesh.start_node(f"n{i}") for i in range(3)]
+        nodes = await mesh.start_nodes([f"n{i}" for i in range(3)])
         await mesh.wait_connected(timeout=60)
         await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "m"})
         body = {"model": "m", "tokens": PROMPT, "max_tokens": n, "split": 2}

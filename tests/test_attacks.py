@@ -124,8 +124,7 @@ async def test_signaling_mitm_is_refused(local_mesh, mode):
 
 
 async def test_spoofed_mdns_announcement_never_connects(local_mesh):
-    a = await local_mesh.start_node("a")
-    b = await local_mesh.start_node("b")
+    a, b = await local_mesh.start_nodes(["a", "b"])
     await local_mesh.wait_connected(timeout=20)
 
     attacker, victim = Identity.generate(), Identity.generate()

@@ -63,7 +63,7 @@ async def _stream(
 
 
 async def test_concurrent_generations_through_one_route_equal_each_alone(local_mesh, tiny):
-    nodes = [await local_mesh.start_node(f"b{i}") for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"b{i}" for i in range(3)])
     await local_mesh.wait_connected(timeout=20)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     alone = [await _stream(local_mesh, nodes[0], _body(i)) for i in range(10)]

@@ -27,8 +27,7 @@ async def run_cli(*args, env=None):
 
 
 async def test_peers_command(local_mesh):
-    a = await local_mesh.start_node("a")
-    b = await local_mesh.start_node("b")
+    a, b = await local_mesh.start_nodes(["a", "b"])
     await local_mesh.wait_connected(timeout=20)
     code, out, err = await run_cli("peers", "--api", a.api, "--json")
     assert code == 0, err
@@ -128,8 +127,7 @@ async def test_demo_on_any_gguf_splits_and_agrees_with_llama_cpp(tmp_path):
 
 async def test_link_drop_reconnects(local_mesh):
     """A frozen peer (a closed laptop lid) is dropped, then rejoins when it wakes."""
-    a = await local_mesh.start_node("a")
-    b = await local_mesh.start_node("b")
+    a, b = await local_mesh.start_nodes(["a", "b"])
     await local_mesh.wait_connected(timeout=20)
     local_mesh.kill(b, signal.SIGSTOP)
     try:

@@ -68,7 +68,7 @@ def logged(node: NodeProcess, text: str) -> int:
 
 
 async def start_route_mesh(mesh: LocalMesh, tiny: Path, n: int = 4) -> list[NodeProcess]:
-    nodes = [await mesh.start_node(f"f{i}", STEP_TIMEOUT) for i in range(n)]
+    nodes = await mesh.start_nodes([f"f{i}" for i in range(n)], STEP_TIMEOUT)
     await mesh.wait_connected(timeout=30)
     await mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     return nodes
@@ -92,7 +92,7 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
     # The prefill hook holds every prompt chunk for a moment on every stage (replays too),
     # so the kill lands inside the middle stage's prefill, as its own log shows.
     prefill = phase.startswith("prefill")
-    hook = ["--fault-prefill-delay", "1.0"] if prefill else []
+    hook = ["--fault-prefill-delay", "0.5"] if prefill else []
     async with LocalMesh(
         tmp_path / "mesh", module="tests.fixtures.fault_node", extra_args=hook
     ) as mesh:
@@ -118,6 +118,7 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
                         lambda: logged(middle, "prefill held") >= chunk,
                         20,
                         f"the middle stage to enter prompt chunk {chunk}",
+                        0.02,  # well inside the hold
                     )
                     mesh.kill(middle, signal.SIGKILL)
                     killed.append(middle)
@@ -208,7 +209,7 @@ async def test_shard_holder_killed_mid_pull(tmp_path: Path) -> None:
     # Holders too small to run a stage: the route must go to the puller, which has nothing.
     holder_args = ["--serve-rate", "2M", "--memory-limit", "1M", *STEP_TIMEOUT]
     async with LocalMesh(tmp_path / "mesh") as mesh:
-        holders = [await mesh.start_node(f"h{i}", holder_args) for i in range(2)]
+        holders = await mesh.start_nodes([f"h{i}" for i in range(2)], holder_args)
         puller = await mesh.start_node("p", STEP_TIMEOUT)
         await mesh.wait_connected(timeout=30)
         for h in holders:

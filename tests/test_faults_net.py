@@ -78,7 +78,7 @@ async def test_broker_restart_keeps_links_and_admits_new_nodes(
     joining after the restart connects to the old ones: they reconnected and re-announced."""
     mesh = local_mesh
     mqtt = ["--no-mdns", "--mqtt", broker.url, "--mesh", "restart"]
-    old = [await mesh.start_node(f"o{i}", mqtt) for i in range(2)]
+    old = await mesh.start_nodes([f"o{i}" for i in range(2)], mqtt)
     await mesh.wait_connected(timeout=30, nodes=old)
     port = broker.port
     await broker.stop()

@@ -44,7 +44,7 @@ def chain_tokens(path: Path, store_dir: Path, stages, n: int) -> list[int]:
 
 
 async def test_three_way_split_matches_llama_cpp_and_the_local_chain(local_mesh, tiny, tmp_path):
-    nodes = [await local_mesh.start_node(f"g{i}") for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"g{i}" for i in range(3)])
     await local_mesh.wait_connected(timeout=20)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     events = await collect(
@@ -107,7 +107,7 @@ async def test_openai_client_streaming_and_not(local_mesh, tiny):
 
 
 async def test_client_cancellation_frees_every_stage(local_mesh, tiny):
-    nodes = [await local_mesh.start_node(f"c{i}") for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"c{i}" for i in range(3)])
     await local_mesh.wait_connected(timeout=20)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     async with MeshClient(nodes[0].api, token=nodes[0].token) as client:
@@ -173,7 +173,7 @@ async def test_long_prompt_prefilled_in_chunks_with_spot_checks(local_mesh, tmp_
         tmp_path / "long.gguf", replace(DEFAULT_SPECS["llama"], context_length=2048)
     )
     prompt = [(7 * i + 3) % 250 + 1 for i in range(600)]
-    nodes = [await local_mesh.start_node(f"p{i}") for i in range(4)]
+    nodes = await local_mesh.start_nodes([f"p{i}" for i in range(4)])
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(path), "name": "long"})
     body = {

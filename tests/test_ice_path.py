@@ -11,8 +11,7 @@ pytestmark = pytest.mark.network
 
 
 async def test_peers_show_the_candidate_pair_in_use(local_mesh):
-    a = await local_mesh.start_node("a")
-    b = await local_mesh.start_node("b")
+    a, b = await local_mesh.start_nodes(["a", "b"])
     await local_mesh.wait_connected(timeout=20, nodes=[a, b])
     # Loopback: both ends offer host candidates only and the data channel is UDP. wrtc
     # (libwebrtc) also checks from interfaces we do not offer, so on a machine with another

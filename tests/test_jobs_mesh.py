@@ -72,8 +72,8 @@ async def test_job_runs_near_its_data_and_beats_random(local_mesh: LocalMesh, tm
     # (at 0.1 the two were even, and a peer's measured speed could tip a task across)
     price = ["--egress-price", "1.0"]
     store = await mesh.start_node("a0", ["--zone", "a", "--no-jobs", *price])
-    a = [await mesh.start_node(f"a{i}", ["--zone", "a", *price]) for i in (1, 2)]
-    b = [await mesh.start_node(f"b{i}", ["--zone", "b", *price]) for i in (0, 1)]
+    a = await mesh.start_nodes([f"a{i}" for i in (1, 2)], ["--zone", "a", *price])
+    b = await mesh.start_nodes([f"b{i}" for i in (0, 1)], ["--zone", "b", *price])
     await mesh.wait_connected(timeout=40)
 
     rng = np.random.default_rng(7)

@@ -92,7 +92,7 @@ async def spread_mesh(
 ) -> tuple[NodeProcess, list[NodeProcess], str, list[set[str]]]:
     """The job's node, the three workers, the dataset's id and each chunk's worker holders."""
     coord = await mesh.start_node("c", ["--no-jobs"])
-    workers = [await mesh.start_node(f"w{k}") for k in range(3)]
+    workers = await mesh.start_nodes([f"w{k}" for k in range(3)])
     await mesh.wait_connected(timeout=40)
     for w in workers:
         await mesh.post(w, "/v1/models", {"path": str(model), "name": "chat"})

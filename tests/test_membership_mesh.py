@@ -93,7 +93,7 @@ async def _check_refused(
 
 
 async def test_non_members_never_connect_over_mdns(local_mesh):
-    members = [await local_mesh.start_node(f"m{i}") for i in range(2)]
+    members = await local_mesh.start_nodes([f"m{i}" for i in range(2)])
     intruders, control = await _intruders(local_mesh, members, [])
     await _check_refused(local_mesh, members, intruders, control)
 
@@ -109,7 +109,7 @@ async def test_non_members_never_connect_over_peer(local_mesh):
 
 async def test_non_members_never_connect_over_mqtt(local_mesh, broker):
     args = ["--no-mdns", "--mqtt", broker.url]
-    members = [await local_mesh.start_node(f"m{i}", args) for i in range(2)]
+    members = await local_mesh.start_nodes([f"m{i}" for i in range(2)], args)
     intruders, control = await _intruders(local_mesh, members, args)
     await _check_refused(local_mesh, members, intruders, control)
 
@@ -130,7 +130,7 @@ async def test_non_members_never_connect_over_the_dht(local_mesh):
 
 
 async def test_revoked_member_is_dropped_within_seconds(local_mesh):
-    a, b, c = [await local_mesh.start_node(n) for n in ("a", "b", "c")]
+    a, b, c = await local_mesh.start_nodes(["a", "b", "c"])
     await local_mesh.wait_connected(40)
     # `edgemesh mesh revoke` on the owner's machine; here a's node plays the owner's node,
     # which picks the revocation up from its data dir and spreads it.

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.network
 async def test_three_nodes_connect_and_a_killed_fourth_disappears(local_mesh, tmp_path):
     ready_file = tmp_path / "ready-0.json"
     nodes = [await local_mesh.start_node("n0", ["--ready-file", str(ready_file)])]
-    nodes += [await local_mesh.start_node(f"n{i}") for i in (1, 2)]
+    nodes += await local_mesh.start_nodes([f"n{i}" for i in (1, 2)])
     # within 20 s of the last node being ready (each start-up is a second of imports)
     await local_mesh.wait_connected(timeout=20, nodes=nodes)
 
@@ -44,8 +44,7 @@ async def test_three_nodes_connect_and_a_killed_fourth_disappears(local_mesh, tm
 
 
 async def test_sigterm_says_goodbye(local_mesh):
-    a = await local_mesh.start_node("a")
-    b = await local_mesh.start_node("b")
+    a, b = await local_mesh.start_nodes(["a", "b"])
     await local_mesh.wait_connected(timeout=20)
     local_mesh.kill(b, signal.SIGTERM)
     assert await b.proc.wait() == 0  # clean shutdown

@@ -74,11 +74,9 @@ async def test_objects_move_over_the_fast_path_where_reachable_else_the_link(
     open_host = await natlab.add_public_host()
     walled = await natlab.add_public_host(firewall=True)
     args = ["--mesh", "fast", "--stun", natlab.stun_url]
-    a = await natlab.start_node("a", home.hosts[0], args)  # the defaults: a loopback API
-    b = await natlab.start_node("b", home.hosts[1], args)
-    c = await natlab.start_node("c", other.hosts[0], args)
-    p = await natlab.start_node("p", open_host, args)
-    w = await natlab.start_node("w", walled, args)
+    hosts = [home.hosts[0], home.hosts[1], other.hosts[0], open_host, walled]
+    # the defaults: a loopback API
+    a, b, c, p, w = await natlab.start_nodes(list(zip("abcpw", hosts, strict=True)), args)
     await natlab.mesh.wait_connected(timeout=90, nodes=[a, b, c, p, w])
     fast = (await natlab.mesh.get(a, "/v1/storage"))["fast_path"]
     assert fast.startswith(home.hosts[0].ip + ":")  # announced at its LAN address

@@ -35,7 +35,7 @@ async def test_three_homes_generate_one_peers_gemma_tokens(natlab: NatLab) -> No
 
     homes = [await natlab.add_home("cone") for _ in range(3)]
     args = ["--mesh", "homes", "--stun", natlab.stun_url]
-    nodes = [await natlab.start_node(f"h{i}", h.hosts[0], args) for i, h in enumerate(homes)]
+    nodes = await natlab.start_nodes([(f"h{i}", h.hosts[0]) for i, h in enumerate(homes)], args)
     await natlab.mesh.wait_connected(timeout=60)
     for n in nodes:  # every link crosses two NATs: a srflx pair, no relay
         for peer in await natlab.mesh.get(n, "/v1/peers"):

@@ -38,7 +38,7 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def start(mesh: LocalMesh, model: Path, n: int = 1) -> tuple[list[Any], Any]:
-    nodes = [await mesh.start_node(f"o{i}") for i in range(n)]
+    nodes = await mesh.start_nodes([f"o{i}" for i in range(n)])
     if n > 1:
         await mesh.wait_connected(timeout=30)
     await mesh.post(nodes[0], "/v1/models", {"path": str(model), "name": "chat"})

@@ -57,7 +57,7 @@ async def test_shards_are_objects_pulled_verified_replicated_and_got(
     wide = TestModelSpec(arch="llama", d_model=768, n_heads=12, n_kv_heads=4, d_ff=3072, seed=3)
     m1 = write_test_model(tmp_path / "m1.gguf", wide)
     m2 = write_test_model(tmp_path / "m2.gguf", "llama")
-    a, c, d = [await mesh.start_node(n) for n in ("a", "c", "d")]
+    a, c, d = await mesh.start_nodes(["a", "c", "d"])
     e = await mesh.start_node("e", module="tests.fixtures.evil_store_node")
     await mesh.wait_connected(timeout=40)
     await mesh.post(a, "/v1/models", {"path": str(m1), "name": "m1"})

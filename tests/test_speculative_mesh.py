@@ -51,7 +51,7 @@ async def test_three_stage_route_gives_the_plain_tokens(
 ) -> None:
     """Greedy and sampled (one seed), with and without spot checks on every step: the
     speculative run's tokens are the plain run's, and greedy ones are the local chain's."""
-    nodes = [await local_mesh.start_node(f"s{i}") for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"s{i}" for i in range(3)])
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     body: dict[str, Any] = {"model": "tiny", "tokens": PROMPT, "max_tokens": 24, "split": 3}
@@ -174,7 +174,7 @@ async def test_gemma_two_stages_gives_the_plain_tokens(local_mesh: LocalMesh) ->
         gemma = gemma3_270m_path()
     except Exception as exc:  # the package is an optional extra
         pytest.skip(f"no Gemma 3 270M: {exc}")
-    nodes = [await local_mesh.start_node(f"g{i}", ["--threads", "1"]) for i in range(2)]
+    nodes = await local_mesh.start_nodes([f"g{i}" for i in range(2)], ["--threads", "1"])
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(gemma), "name": "gemma"})
     body: dict[str, Any] = {"model": "gemma", "prompt": GEMMA_PROMPT, "max_tokens": 32}
@@ -200,7 +200,7 @@ async def test_gemma_stage_killed_mid_speculation_same_tokens(tmp_path: Path) ->
     except Exception as exc:  # the package is an optional extra
         pytest.skip(f"no Gemma 3 270M: {exc}")
     async with LocalMesh(tmp_path / "mesh", module="tests.fixtures.fault_node") as mesh:
-        nodes = [await mesh.start_node(f"f{i}", ["--threads", "1"]) for i in range(4)]
+        nodes = await mesh.start_nodes([f"f{i}" for i in range(4)], ["--threads", "1"])
         await mesh.wait_connected(timeout=30)
         await mesh.post(nodes[0], "/v1/models", {"path": str(gemma), "name": "gemma"})
         body: dict[str, Any] = {"model": "gemma", "prompt": GEMMA_PROMPT, "max_tokens": 32}

@@ -67,8 +67,8 @@ def corrupt_chunk(path: Path) -> None:
 
 async def test_two_zones_nearest_fetch_corruption_failover_and_repair(local_mesh: LocalMesh):
     mesh = local_mesh
-    a = [await mesh.start_node(f"a{i}", ["--zone", "a", *ZONE_ARGS]) for i in range(3)]
-    b = [await mesh.start_node(f"b{i}", ["--zone", "b", *ZONE_ARGS]) for i in range(2)]
+    a = await mesh.start_nodes([f"a{i}" for i in range(3)], ["--zone", "a", *ZONE_ARGS])
+    b = await mesh.start_nodes([f"b{i}" for i in range(2)], ["--zone", "b", *ZONE_ARGS])
     await mesh.wait_connected(timeout=40)
     zone = {n.peer_id: z for z, group in (("a", a), ("b", b)) for n in group}
 

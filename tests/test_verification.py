@@ -51,7 +51,7 @@ async def test_perturbing_stage_is_caught_banned_and_routed_around(
 ) -> None:
     # The coordinator cannot run a stage itself (1 MiB): the route is h0, h1 and the liar.
     coord = await local_mesh.start_node("coord", ["--memory-limit", "1M"])
-    honest = [await local_mesh.start_node(f"h{i}") for i in range(2)]
+    honest = await local_mesh.start_nodes([f"h{i}" for i in range(2)])
     evil = await local_mesh.start_node("evil", module="tests.fixtures.evil_node")
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(coord, "/v1/models", {"path": str(tiny), "name": "tiny"})
@@ -97,7 +97,7 @@ async def test_perturbing_stage_is_caught_banned_and_routed_around(
 async def test_honest_route_passes_every_check(
     local_mesh: LocalMesh, tiny: Path, tmp_path: Path
 ) -> None:
-    nodes = [await local_mesh.start_node(f"n{i}") for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"n{i}" for i in range(3)])
     await local_mesh.wait_connected(timeout=30)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 8, "split": 3, "verify": 1.0}

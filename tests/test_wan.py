@@ -10,7 +10,7 @@ pytestmark = pytest.mark.network
 
 async def test_mqtt_mesh_connects_and_other_mesh_sees_nothing(local_mesh, broker):
     mqtt = ["--no-mdns", "--mqtt", broker.url, "--mesh", "alpha"]
-    nodes = [await local_mesh.start_node(f"m{i}", mqtt) for i in range(3)]
+    nodes = await local_mesh.start_nodes([f"m{i}" for i in range(3)], mqtt)
     other = await local_mesh.start_node(
         "other", ["--no-mdns", "--mqtt", broker.url, "--mesh", "beta"]
     )

@@ -259,8 +259,8 @@ async def _start_mesh(
     mesh: LocalMesh, n_peers: int, args: list[str], limit: int, timeout: float, out: TextIO
 ) -> None:
     t0 = time.perf_counter()
-    for i in range(n_peers):
-        node = await mesh.start_node(f"node-{i}", args)
+    nodes = await mesh.start_nodes([f"node-{i}" for i in range(n_peers)], args)
+    for i, node in enumerate(nodes):
         print(f"started node-{i}: {node.peer_id[:16]}  (memory limit {limit >> 20} MiB)", file=out)
     await mesh.wait_connected(timeout)
     print(f"mesh of {n_peers} connected in {time.perf_counter() - t0:.1f} s", file=out)

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,20 @@ __all__ = ["NodeProcess", "LocalMesh", "LocalBroker", "wait_for"]
 
 
 _PROVISION_LOCK = threading.Lock()
+HW_CACHE = "hw.json"  # hw.profile.CACHE_NAME: the node's cached hardware profile
+MAX_HW_CACHE = 64 * 1024  # hw.profile.MAX_CACHE_BYTES
+# Every local mesh of a process runs on this one machine. The hardware profile the first node
+# measured (a second of numpy on every core, off the node's start-up path) is seeded into each
+# later node's data dir, so that node starts do not benchmark over one another and over the
+# work already running (they would also measure a share of the cores, not the machine).
+_HW_SEED: dict[str, bytes] = {}
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
 
 
 class LocalMeshError(Error):
@@ -117,9 +131,11 @@ class LocalMesh:
         env: dict[str, str] | None = None,
         mesh: str | None = None,
         module: str = "mesh",
+        share_hw_profile: bool = True,
     ) -> None:
         """``module``: what ``python -m`` runs for every node unless ``start_node`` names
-        another (tests run wrappers of the CLI, e.g. ``tests.fixtures.fault_node``)."""
+        another (tests run wrappers of the CLI, e.g. ``tests.fixtures.fault_node``);
+        ``share_hw_profile``: seed new nodes with the hardware profile measured first."""
         self.base_dir = Path(base_dir)
         # A mesh name of its own: local meshes started side by side do not see each other.
         self.mesh = mesh or f"local-{os.urandom(4).hex()}"
@@ -127,6 +143,7 @@ class LocalMesh:
         self.extra_args = extra_args or []
         self.env = env
         self.module = module
+        self.share_hw_profile = share_hw_profile
         self.nodes: list[NodeProcess] = []
         self._http: aiohttp.ClientSession | None = None
 
@@ -166,6 +183,8 @@ class LocalMesh:
         data_dir = self.base_dir / name
         if member:
             await asyncio.to_thread(self.provision, data_dir)
+        if self.share_hw_profile:
+            await asyncio.to_thread(self._seed_hw_profile, data_dir)
         cmd = [
             sys.executable,
             "-m",
@@ -203,6 +222,46 @@ class LocalMesh:
                 f"node {name} did not become ready: {' | '.join(node.stderr_tail[-5:])}"
             ) from None
         return node
+
+    async def start_nodes(
+        self, names: Sequence[str], args: list[str] | None = None, **kwargs: Any
+    ) -> list[NodeProcess]:
+        """Start nodes side by side, in the order of ``names`` (a start is mostly its
+        interpreter's imports). With no hardware profile to share yet, the first starts
+        alone and measures it, and the others start once it is there."""
+        names = list(names)
+        first: list[NodeProcess] = []
+        if names and self.share_hw_profile and self._hw_seed() is None:
+            first.append(await self.start_node(names.pop(0), args, **kwargs))
+
+            def measured() -> bool:
+                done = first[0].proc.returncode is not None
+                return done or (first[0].data_dir / HW_CACHE).exists()
+
+            with contextlib.suppress(LocalMeshError):  # no profile: the rest measure theirs
+                await wait_for(measured, 10, "the first node's hardware profile", 0.05)
+        rest = await asyncio.gather(*(self.start_node(n, args, **kwargs) for n in names))
+        return first + list(rest)
+
+    def _hw_seed(self) -> bytes | None:
+        """The profile to seed: this process's, or the first one a node of this mesh wrote."""
+        if HW_CACHE not in _HW_SEED:
+            for node in self.nodes:
+                with contextlib.suppress(OSError):
+                    raw = (node.data_dir / HW_CACHE).read_bytes()
+                    if len(raw) <= MAX_HW_CACHE and _is_json_object(raw):  # not half-written
+                        _HW_SEED[HW_CACHE] = raw
+                        break
+        return _HW_SEED.get(HW_CACHE)
+
+    def _seed_hw_profile(self, data_dir: Path) -> None:
+        """Write the shared profile into a new node's data dir (the node still checks it:
+        a profile for other hardware, or a stale one, is measured again)."""
+        seed = self._hw_seed()
+        if seed is None or (data_dir / HW_CACHE).exists():
+            return
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / HW_CACHE).write_bytes(seed)
 
     @property
     def owner_dir(self) -> Path:

@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -461,6 +461,18 @@ class NatLab:
         if node.api != api:
             raise LabError(f"node {name} listens on {node.api}, not {api}")
         return node
+
+    async def start_nodes(
+        self, hosts: Sequence[tuple[str, Host]], args: list[str] | None = None, **kwargs: Any
+    ) -> list[NodeProcess]:
+        """``start_node`` for each (name, host), side by side once the first is up (the
+        others wait for the hardware profile it measures: ``_share_hw_profile``)."""
+        if not hosts:
+            return []
+        (name, host), rest = hosts[0], hosts[1:]
+        first = await self.start_node(name, host, args, **kwargs)
+        more = await asyncio.gather(*(self.start_node(n, h, args, **kwargs) for n, h in rest))
+        return [first, *more]
 
     async def _share_hw_profile(self, data_dir: Path) -> None:
         """Give a new node the hardware profile the lab's first node measured.
