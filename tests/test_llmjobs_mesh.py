@@ -106,16 +106,18 @@ async def spread_mesh(
     third = len(chunks) // 3
     runs = [chunks[:third], chunks[third : 2 * third], chunks[2 * third :]]
     holders: list[set[str]] = [set() for _ in chunks]
+    puts = []
     for k, w in enumerate(workers):
         for r in (k, (k + 1) % 3):
             part = tmp_path / f"part{k}-{r}.jsonl"
             part.write_bytes(b"".join(runs[r]))
             # a run of whole chunks is cut into those same chunks
             assert [sha256(c) for c in chunks_of(part.read_bytes())] == [sha256(c) for c in runs[r]]
-            await cli("put", str(part), *put, node=w)
+            puts.append(cli("put", str(part), *put, node=w))
             first = sum(map(len, runs[:r]))
             for i in range(first, first + len(runs[r])):
                 holders[i].add(w.peer_id)
+    await asyncio.gather(*puts)  # each is a CLI process: side by side
     return coord, workers, data_id, holders
 
 
