@@ -83,12 +83,14 @@ class Runtime(ABC):
     def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
         """Bytes this shard needs once loaded, with one session of ``max_tokens``."""
 
+    kv_item_bytes = 4  # float32 keys and values, unless a runtime keeps them smaller
+
     @classmethod
     def kv_bytes(cls, shard: ShardSpec, positions: int) -> int:
-        """Bytes one session of ``positions`` positions adds: float32 keys and values of
-        every layer of the shard (a node reserves this when the session opens)."""
+        """Bytes one session of ``positions`` positions adds: the keys and values of every
+        layer of the shard (a node reserves this when the session opens)."""
         c = shard.config
-        return 2 * len(shard.layers) * c.n_kv_heads * c.head_dim * positions * 4
+        return 2 * len(shard.layers) * c.n_kv_heads * c.head_dim * positions * cls.kv_item_bytes
 
     @abstractmethod
     def _open(self, session: Session) -> None:
@@ -123,9 +125,7 @@ class Runtime(ABC):
         runs them one by one; an engine that can share the weight reads overrides it."""
         return [self._forward(st.session, st.inputs, st.all_logits) for st in steps]
 
-    def check_step(
-        self, session: Session, inputs: npt.ArrayLike, all_logits: bool = False
-    ) -> Step:
+    def check_step(self, session: Session, inputs: npt.ArrayLike, all_logits: bool = False) -> Step:
         """The step, validated: an open session of this shard, inputs of the right kind, and
         room left in the session."""
         if session.closed or self._sessions.get(session.id) is not session:

@@ -112,6 +112,7 @@ class KVCache:
 
     kv_heads: int
     head_dim: int
+    dtype: type[np.floating[Any]] = np.float16  # GraphOptions.kv_float16
     keys: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
     values: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
 
@@ -119,7 +120,7 @@ class KVCache:
         """The zero row and the first ``n`` positions (views)."""
         k, v = self.keys.get(layer), self.values.get(layer)
         if k is None or v is None:
-            zero = np.zeros((1, self.kv_heads, self.head_dim), np.float32)
+            zero = np.zeros((1, self.kv_heads, self.head_dim), self.dtype)
             return zero, zero
         return k[: 1 + n], v[: 1 + n]
 
@@ -130,7 +131,7 @@ class KVCache:
         if old is None or old.shape[0] < need:
             cap = max(17, need, 2 * (old.shape[0] if old is not None else 0))
             for store in (self.keys, self.values):
-                grown = np.zeros((cap, self.kv_heads, self.head_dim), np.float32)
+                grown = np.zeros((cap, self.kv_heads, self.head_dim), self.dtype)
                 prev = store.get(layer)
                 if prev is not None:
                     grown[: 1 + at] = prev[: 1 + at]

@@ -58,6 +58,10 @@ class GraphOptions:
     # and onnxruntime's prepacking never hold a whole second copy of a large head (Gemma 3:
     # 262144 rows, 170 MiB). Costs one Concat of the logits per step.
     head_chunk_rows: int = 32768
+    # The KV cache in float16, as llama.cpp keeps it by default: each new key and value is
+    # rounded once, as stored, and attention reads the stored values (widened to float32).
+    # Half the cache's bytes: 36 -> 18 KB a position on Gemma 3 270M.
+    kv_float16: bool = True
 
 
 @dataclass
@@ -429,13 +433,14 @@ def _layer(
     p = f"blk.{i}."
     # past: every session's cached keys (values) of the step, one pool [P, hk, hd] whose row
     # 0 is zeros; present: the step's own new rows [S, hk, hd], which the runtime appends
+    kv = TensorProto.FLOAT16 if b.opts.kv_float16 else _F
     inputs += [
-        helper.make_tensor_value_info(f"past_k_{i}", _F, ["P", hk, hd]),
-        helper.make_tensor_value_info(f"past_v_{i}", _F, ["P", hk, hd]),
+        helper.make_tensor_value_info(f"past_k_{i}", kv, ["P", hk, hd]),
+        helper.make_tensor_value_info(f"past_v_{i}", kv, ["P", hk, hd]),
     ]
     outputs += [
-        helper.make_tensor_value_info(f"present_k_{i}", _F, ["S", hk, hd]),
-        helper.make_tensor_value_info(f"present_v_{i}", _F, ["S", hk, hd]),
+        helper.make_tensor_value_info(f"present_k_{i}", kv, ["S", hk, hd]),
+        helper.make_tensor_value_info(f"present_v_{i}", kv, ["S", hk, hd]),
     ]
     h = b.rms_norm(x, _vec(shard, p + "attn_norm.weight"), p + "attn_norm")
     o = _attention(b, shard, i, h)
@@ -511,15 +516,23 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     q = _rope(b, q, tag)
     k = _rope(b, k, tag)  # [S, hk, hd]
     v = b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])
+    if b.opts.kv_float16:  # rounded as stored (GraphOptions.kv_float16)
+        k = b.op("Cast", [k], to=TensorProto.FLOAT16)
+        v = b.op("Cast", [v], to=TensorProto.FLOAT16)
     b.nodes.append(helper.make_node("Identity", [k], [f"present_k_{i}"]))
     b.nodes.append(helper.make_node("Identity", [v], [f"present_v_{i}"]))
     keys = b.op("Gather", [b.op("Concat", [f"past_k_{i}", k], axis=0), "kv_idx"], axis=0)
     vals = b.op("Gather", [b.op("Concat", [f"past_v_{i}", v], axis=0), "kv_idx"], axis=0)
+    if b.opts.kv_float16:
+        keys = b.op("Cast", [keys], to=_F)
+        vals = b.op("Cast", [vals], to=_F)
     kt = b.op("Transpose", [keys], perm=[0, 2, 3, 1])  # [B, hk, hd, C]
     vt = b.op("Transpose", [vals], perm=[0, 2, 1, 3])  # [B, hk, C, hd]
     ax = b.const([2], "ax")
     qs = b.op("Gather", [b.op("Reshape", [q, b.const([-1, hk, g, hd], "shp")]), "q_idx"], axis=0)
     qh = b.op("Transpose", [qs], perm=[0, 2, 3, 1, 4])  # [B, hk, g, Q, hd]
+    if b.opts.kv_float16:  # llama.cpp multiplies a float16 cache by float16 queries
+        qh = _round_f16(b, qh)
     scores = b.op("MatMul", [qh, b.op("Unsqueeze", [kt, ax])])  # [B, hk, g, Q, C]
     if cfg.attn_logit_softcap:  # gemma2: cap * tanh(scores / cap), before the mask
         c = cfg.attn_logit_softcap
@@ -527,6 +540,8 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
         scores = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     scores = b.op("Add", [scores, f"mask_{tag}"])
     probs = b.op("Softmax", [scores], axis=-1)
+    if b.opts.kv_float16:  # ... and float16 values by float16 probabilities
+        probs = _round_f16(b, probs)
     att = b.op("MatMul", [probs, b.op("Unsqueeze", [vt, ax])])  # [B, hk, g, Q, hd]
     att = b.op(
         "Reshape", [b.op("Transpose", [att], perm=[0, 3, 1, 2, 4]), b.const([-1, hq * hd], "shp")]
@@ -535,6 +550,12 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     p = f"blk.{i}."
     (o,) = b.linear(att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)])
     return o
+
+
+def _round_f16(b: _Builder, x: str) -> str:
+    """x rounded to float16 and widened back (ggml's conversion of a matmul's float32
+    operand to the float16 type of the other)."""
+    return str(b.op("Cast", [b.op("Cast", [x], to=TensorProto.FLOAT16)], to=_F))
 
 
 def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:

@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 class OnnxRuntime(Runtime):
     name = "onnx"
     batches = True  # one graph call reads every weight once for a whole batch (onnx_batch.py)
+    kv_item_bytes = 2  # float16 keys and values (GraphOptions.kv_float16)
 
     def __init__(
         self,
@@ -54,10 +55,14 @@ class OnnxRuntime(Runtime):
         spin: bool = True,
         round_block_sums: bool = False,
         llama_acts: bool = True,
+        kv_float16: bool = True,
     ) -> None:
         super().__init__(shard)
         cfg = self.config
-        opts = GraphOptions(accuracy_level, fuse_linears, round_block_sums, llama_acts)
+        opts = GraphOptions(
+            accuracy_level, fuse_linears, round_block_sums, llama_acts, kv_float16=kv_float16
+        )
+        self._kv_dtype = np.float16 if kv_float16 else np.float32
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         so.inter_op_num_threads = 1
@@ -98,7 +103,7 @@ class OnnxRuntime(Runtime):
     @classmethod
     def estimate_memory(cls, shard: ShardSpec, max_tokens: int = 2048) -> int:
         c = shard.config
-        kv = 2 * len(shard.layers) * c.n_kv_heads * c.head_dim * max_tokens * 4
+        kv = cls.kv_bytes(shard, max_tokens)
         # One copy of each weight: onnxruntime's prepacked one (our re-laid-out bytes are
         # unmapped once packed), measured at 1.2x onnx_weight_bytes on Gemma 3 270M. The
         # embedding table is read row by row from the GGUF, so it counts only as the head.
@@ -111,7 +116,7 @@ class OnnxRuntime(Runtime):
         return int(1.3 * held) + kv + (32 << 20)
 
     def _open(self, session: Session) -> None:
-        session.state = KVCache(self.config.n_kv_heads, self.config.head_dim)
+        session.state = KVCache(self.config.n_kv_heads, self.config.head_dim, self._kv_dtype)
 
     def _forward(self, session: Session, inputs: np.ndarray[Any, Any], all_logits: bool) -> Any:
         return self._forward_batch([Step(session, inputs, all_logits)])[0]

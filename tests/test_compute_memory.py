@@ -41,7 +41,7 @@ async def test_sessions_reserve_their_kv_cache_against_the_memory_limit(tmp_path
     spec = probe.store.open_range(manifest, 0, len(manifest.units))
     weights = OnnxRuntime.estimate_memory(spec, 0)
     kv = OnnxRuntime.kv_bytes(spec, 256)
-    assert kv == 2 * 2 * 2 * 64 * 256 * 4  # K and V, 2 layers, 2 KV heads of 64, float32
+    assert kv == 2 * 2 * 2 * 64 * 256 * 2  # K and V, 2 layers, 2 KV heads of 64, float16
 
     limit = weights + 3 * kv + kv // 2  # the shard and three full-context sessions
     svc = ComputeService(
