@@ -66,3 +66,35 @@ async def test_static_peer_without_mdns(local_mesh):
     assert peers[0]["peer_id"] == a.peer_id and peers[0]["source"] == "static"
     rtt = await local_mesh.post(b, "/v1/bench/rtt", {"peer": a.peer_id, "count": 20})
     assert len(rtt["rtt_ms"]) == 20
+
+
+async def test_nodes_started_side_by_side_share_the_first_ones_hardware_profile(
+    tmp_path, monkeypatch
+):
+    """LocalMesh.start_nodes: with no profile measured yet in this process, the first node
+    benchmarks the machine and the others start with its profile (none benchmarks over the
+    others); a later mesh's nodes start with it too; share_hw_profile=False opts out."""
+    from mesh.launch import localmesh
+    from mesh.launch.localmesh import LocalMesh
+
+    monkeypatch.setattr(localmesh, "_HW_SEED", {})  # as in a fresh process
+
+    def measured(node) -> bool:  # hw.bench logs this line only when it benchmarks
+        log = node.data_dir / "node.log"  # the whole log (stderr_tail keeps its last lines)
+        return log.exists() and "benchmarks:" in log.read_text()
+
+    async with LocalMesh(tmp_path / "one") as mesh:
+        nodes = await mesh.start_nodes(["a", "b", "c"])
+        await mesh.wait_connected(timeout=20)
+        profiles = [(n.data_dir / "hw.json").read_bytes() for n in nodes]
+        assert profiles[1] == profiles[0] and profiles[2] == profiles[0]
+        assert [measured(n) for n in nodes] == [True, False, False]
+        info = await mesh.get(nodes[2], "/v1/info")
+        assert info["hw"]["gbps"] > 0  # the seeded profile is the one in use
+    async with LocalMesh(tmp_path / "two") as mesh:
+        (later,) = await mesh.start_nodes(["d"])
+        await wait_for(lambda: (later.data_dir / "hw.json").exists(), 10, "d's profile")
+        assert (later.data_dir / "hw.json").read_bytes() == profiles[0]
+    async with LocalMesh(tmp_path / "three", share_hw_profile=False) as mesh:
+        own = await mesh.start_node("e")
+        await wait_for(lambda: measured(own), 20, "e to benchmark its machine")
