@@ -56,6 +56,7 @@ __all__ = [
     "Rounded",
     "LlamaActs",
     "ggml_gelu",
+    "fp16_round",
 ]
 
 ActFormat = Literal["none", "q8_K", "q8_0", "q8_1"]
@@ -158,7 +159,7 @@ class LlamaActs:
             d = d32 = b.op("Div", [self._f32(1.0), inv], "d")  # ggml: d = 1/iscale
         else:
             d32 = b.op("Div", [amax, self._f32(127.0)], "d32")  # ggml: amax/127, kept as fp16
-            d = _fp16(b, d32)
+            d = fp16_round(b, d32)
         return Rounded(fmt, k, block, str(q), str(d), str(d32))
 
     def values(self, r: Rounded) -> str:
@@ -211,7 +212,7 @@ class LlamaActs:
                 if block != r.block:
                     raise ValueError(f"Q8_1 block sums are per {r.block}, not {block}")
                 qs = b.op("ReduceSum", [r.q, b.const([2], "ax")], keepdims=1)
-                s = _fp16(b, b.op("Mul", [qs, r.d32]))
+                s = fp16_round(b, b.op("Mul", [qs, r.d32]))
             else:
                 q4, d4 = self._split(r, block)
                 qs = b.op("ReduceSum", [q4, b.const([3], "ax")], keepdims=1)
@@ -225,12 +226,12 @@ class LlamaActs:
 def ggml_gelu(b: GraphOps, x: str) -> str:
     """GELU (tanh form) as ggml's CPU backend computes it (GGML_GELU_FP16, vec.h): x rounded
     to fp16, looked up in a table of fp16 results; x itself from 10 up, 0 from -10 down."""
-    g = _fp16(b, b.op("Gelu", [_fp16(b, x)], approximate="tanh"))
+    g = fp16_round(b, b.op("Gelu", [fp16_round(b, x)], approximate="tanh"))
     big = b.op("GreaterOrEqual", [x, b.const(np.array(10.0, np.float32), "c")])
     return str(b.op("Where", [big, x, g], "gelu"))
 
 
-def _fp16(b: GraphOps, x: str) -> str:
+def fp16_round(b: GraphOps, x: str) -> str:
     """x rounded to float16 and back (round to nearest even, as ggml's FP32_TO_FP16)."""
     h = b.op("Cast", [x], to=TensorProto.FLOAT16)
     return str(b.op("Cast", [h], "f16r", to=TensorProto.FLOAT))

@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .arch import ModelConfig
 from .gguf_io import TensorRef
-from .onnx_acts import LlamaActs, MatmulPlan, ggml_gelu, plan
-from .onnx_parts import moe_ffn, row_slice
+from .onnx_acts import LlamaActs, MatmulPlan, fp16_round, ggml_gelu, plan
+from .onnx_parts import moe_ffn, rope, row_range, row_slice
 from .quant import NBitsWeight, to_nbits
 from .shards import ShardSpec
 
@@ -58,9 +58,8 @@ class GraphOptions:
     # and onnxruntime's prepacking never hold a whole second copy of a large head (Gemma 3:
     # 262144 rows, 170 MiB). Costs one Concat of the logits per step.
     head_chunk_rows: int = 32768
-    # The KV cache in float16, as llama.cpp keeps it by default: each new key and value is
-    # rounded once, as stored, and attention reads the stored values (widened to float32).
-    # Half the cache's bytes: 36 -> 18 KB a position on Gemma 3 270M.
+    # The KV cache in float16 (llama.cpp's default): keys and values rounded as stored, and
+    # read back widened to float32. Half the bytes: 36 -> 18 KB a position on Gemma 3 270M.
     kv_float16: bool = True
 
 
@@ -513,8 +512,8 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     g = hq // hk
     tag = "l" if cfg.swa_layers[i] else "g"
     q, k, v = _qkv(b, shard, i, h)
-    q = _rope(b, q, tag)
-    k = _rope(b, k, tag)  # [S, hk, hd]
+    q = rope(b, q, tag)
+    k = rope(b, k, tag)  # [S, hk, hd]
     v = b.op("Reshape", [v, b.const([-1, hk, hd], "shp")])
     if b.opts.kv_float16:  # rounded as stored (GraphOptions.kv_float16)
         k = b.op("Cast", [k], to=TensorProto.FLOAT16)
@@ -532,7 +531,7 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     qs = b.op("Gather", [b.op("Reshape", [q, b.const([-1, hk, g, hd], "shp")]), "q_idx"], axis=0)
     qh = b.op("Transpose", [qs], perm=[0, 2, 3, 1, 4])  # [B, hk, g, Q, hd]
     if b.opts.kv_float16:  # llama.cpp multiplies a float16 cache by float16 queries
-        qh = _round_f16(b, qh)
+        qh = fp16_round(b, qh)
     scores = b.op("MatMul", [qh, b.op("Unsqueeze", [kt, ax])])  # [B, hk, g, Q, C]
     if cfg.attn_logit_softcap:  # gemma2: cap * tanh(scores / cap), before the mask
         c = cfg.attn_logit_softcap
@@ -541,7 +540,7 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     scores = b.op("Add", [scores, f"mask_{tag}"])
     probs = b.op("Softmax", [scores], axis=-1)
     if b.opts.kv_float16:  # ... and float16 values by float16 probabilities
-        probs = _round_f16(b, probs)
+        probs = fp16_round(b, probs)
     att = b.op("MatMul", [probs, b.op("Unsqueeze", [vt, ax])])  # [B, hk, g, Q, hd]
     att = b.op(
         "Reshape", [b.op("Transpose", [att], perm=[0, 3, 1, 2, 4]), b.const([-1, hq * hd], "shp")]
@@ -550,12 +549,6 @@ def _attention(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
     p = f"blk.{i}."
     (o,) = b.linear(att, [(p + "attn_output.weight", shard.tensor(p + "attn_output.weight"), None)])
     return o
-
-
-def _round_f16(b: _Builder, x: str) -> str:
-    """x rounded to float16 and widened back (ggml's conversion of a matmul's float32
-    operand to the float16 type of the other)."""
-    return str(b.op("Cast", [b.op("Cast", [x], to=TensorProto.FLOAT16)], to=_F))
 
 
 def _ffn(b: _Builder, shard: ShardSpec, i: int, h: str) -> str:
@@ -593,7 +586,7 @@ def _head(b: _Builder, shard: ShardSpec, x: str) -> str:
     step = b.opts.head_chunk_rows or ref.shape[0]
     parts: list[str] = []
     for r in range(0, ref.shape[0], step):
-        parts += b.linear(x, [(f"{out_name}.rows{r}", _row_slice(ref, r, r + step), None)])
+        parts += b.linear(x, [(f"{out_name}.rows{r}", row_range(ref, r, r + step), None)])
         if b.sink is not None:  # these rows are written out: drop their GGUF pages
             for f in shard.files:
                 f.release_pages()
@@ -603,17 +596,3 @@ def _head(b: _Builder, shard: ShardSpec, x: str) -> str:
         inner = b.op("Mul", [logits, b.const(np.array(1.0 / c, np.float32), "c")])
         logits = b.op("Mul", [b.op("Tanh", [inner]), b.const(np.array(c, np.float32), "c")])
     return logits
-
-
-def _row_slice(ref: TensorRef, start: int, stop: int) -> TensorRef:
-    """Rows [start, stop) of a matrix, without a copy."""
-    stop = min(stop, ref.shape[0])
-    data = np.asarray(ref.data).reshape(ref.shape[0], -1)[start:stop]
-    return TensorRef(f"{ref.name}[{start}:{stop}]", ref.qtype, (stop - start, ref.shape[1]), data)
-
-
-def _rope(b: _Builder, x: str, tag: str) -> str:
-    """x * cos + swap_halves(x) * sin_signed, x: [S, H, hd]; the tables carry the signs."""
-    lo, hi = b.op("Split", [x], "half", n_out=2, axis=-1, num_outputs=2)
-    swapped = b.op("Concat", [hi, lo], axis=-1)
-    return str(b.op("Add", [b.op("Mul", [x, f"cos_{tag}"]), b.op("Mul", [swapped, f"sin_{tag}"])]))

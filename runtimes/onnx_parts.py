@@ -1,6 +1,6 @@
 """Shard-graph pieces for weights that are not one matrix per linear: row slices of a fused
 matrix (Phi 3's attn_qkv and gate|up ffn_up), one expert of a 3-D expert tensor, and the
-routed mixture-of-experts FFN of Qwen 3 MoE.
+routed mixture-of-experts FFN of Qwen 3 MoE; and RoPE on the position tables' inputs.
 
 The MoE FFN follows llama.cpp's ``build_moe_ffn`` for qwen3moe: router logits (the router is
 F32, as llama.cpp's quantizer keeps it), softmax over all experts, the top-k probabilities
@@ -22,7 +22,7 @@ import numpy as np
 from .gguf_io import TensorRef
 from .shards import ShardSpec
 
-__all__ = ["GraphOps", "row_slice", "expert_slice", "moe_ffn"]
+__all__ = ["GraphOps", "row_slice", "row_range", "expert_slice", "moe_ffn", "rope"]
 
 
 class GraphOps(Protocol):
@@ -52,6 +52,14 @@ class GraphOps(Protocol):
 def row_slice(ref: TensorRef, start: int, stop: int, name: str) -> TensorRef:
     """Rows [start, stop) of a matrix, as its own tensor (no copy: a view of the bytes)."""
     return TensorRef(name, ref.qtype, (stop - start,) + ref.shape[1:], ref.data[start:stop])
+
+
+def row_range(ref: TensorRef, start: int, stop: int) -> TensorRef:
+    """Rows [start, stop) of a matrix (stop clamped to its rows), named by the range; no
+    copy (the head's row ranges, onnx_graph._head)."""
+    stop = min(stop, ref.shape[0])
+    data = np.asarray(ref.data).reshape(ref.shape[0], -1)[start:stop]
+    return TensorRef(f"{ref.name}[{start}:{stop}]", ref.qtype, (stop - start, ref.shape[1]), data)
 
 
 def expert_slice(ref: TensorRef, e: int) -> TensorRef:
@@ -95,3 +103,11 @@ def moe_ffn(b: GraphOps, shard: ShardSpec, i: int, h: str) -> str:
 
 def _zeros(b: GraphOps, like: str) -> str:
     return str(b.op("ConstantOfShape", [b.op("Shape", [like])], "zeros"))
+
+
+def rope(b: GraphOps, x: str, tag: str) -> str:
+    """x * cos + swap_halves(x) * sin_signed, x: [S, H, hd]; the tables ``cos_{tag}`` and
+    ``sin_{tag}`` (graph inputs) carry the signs."""
+    lo, hi = b.op("Split", [x], "half", n_out=2, axis=-1, num_outputs=2)
+    swapped = b.op("Concat", [hi, lo], axis=-1)
+    return str(b.op("Add", [b.op("Mul", [x, f"cos_{tag}"]), b.op("Mul", [swapped, f"sin_{tag}"])]))
