@@ -19,6 +19,7 @@ from runtimes.testmodels import write_test_model
 
 pytestmark = pytest.mark.network
 N_TOKENS = 20
+EOS = 2  # runtimes.testmodels' EOS token id for these models
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,9 @@ async def test_concurrent_generations_through_one_route_equal_each_alone(local_m
     await local_mesh.wait_connected(timeout=20)
     await local_mesh.post(nodes[0], "/v1/models", {"path": str(tiny), "name": "tiny"})
     alone = [await _stream(local_mesh, nodes[0], _body(i)) for i in range(10)]
-    assert all(len(t) == N_TOKENS for t in alone)
+    # each runs to max_tokens unless the random model's greedy choice is its EOS (token 2)
+    assert all(len(t) == N_TOKENS or (len(t) >= 6 and t[-1] == EOS) for t in alone), alone
+    assert sum(len(t) == N_TOKENS for t in alone) >= 8
     assert len({tuple(t) for t in alone}) > 1  # the prompts differ in what they give
 
     before = await _batching(local_mesh, nodes)
