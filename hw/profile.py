@@ -19,7 +19,7 @@ from .detect import detect
 from .model import BenchResult, HardwareProfile
 from .sources import Sources, real_sources
 
-__all__ = ["load_profile", "CACHE_NAME", "MAX_AGE"]
+__all__ = ["load_profile", "CACHE_NAME", "MAX_AGE", "MAX_CACHE_BYTES"]
 
 log = logging.getLogger(__name__)
 

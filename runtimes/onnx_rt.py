@@ -42,7 +42,9 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 class OnnxRuntime(Runtime):
     name = "onnx"
     batches = True  # one graph call reads every weight once for a whole batch (onnx_batch.py)
-    kv_item_bytes = 2  # float16 keys and values (GraphOptions.kv_float16)
+    # float16 keys and values (GraphOptions.kv_float16, the default; an instance built with
+    # kv_float16=False, for comparisons, holds twice what this reserves)
+    kv_item_bytes = 2
 
     def __init__(
         self,

@@ -23,6 +23,8 @@ from typing import Any
 
 import aiohttp
 
+from hw.profile import CACHE_NAME as HW_CACHE
+from hw.profile import MAX_CACHE_BYTES as MAX_HW_CACHE
 from mesh.api.auth import TOKEN_FILE
 from mesh.errors import Error
 from mesh.trust.keys import Anchor
@@ -32,8 +34,6 @@ __all__ = ["NodeProcess", "LocalMesh", "LocalBroker", "wait_for"]
 
 
 _PROVISION_LOCK = threading.Lock()
-HW_CACHE = "hw.json"  # hw.profile.CACHE_NAME: the node's cached hardware profile
-MAX_HW_CACHE = 64 * 1024  # hw.profile.MAX_CACHE_BYTES
 # Every local mesh of a process runs on this one machine. The hardware profile the first node
 # measured (a second of numpy on every core, off the node's start-up path) is seeded into each
 # later node's data dir, so that node starts do not benchmark over one another and over the
@@ -233,15 +233,23 @@ class LocalMesh:
         first: list[NodeProcess] = []
         if names and self.share_hw_profile and self._hw_seed() is None:
             first.append(await self.start_node(names.pop(0), args, **kwargs))
-
-            def measured() -> bool:
-                done = first[0].proc.returncode is not None
-                return done or (first[0].data_dir / HW_CACHE).exists()
-
-            with contextlib.suppress(LocalMeshError):  # no profile: the rest measure theirs
-                await wait_for(measured, 10, "the first node's hardware profile", 0.05)
+            await self.wait_hw_profile(first[0])
         rest = await asyncio.gather(*(self.start_node(n, args, **kwargs) for n in names))
         return first + list(rest)
+
+    async def wait_hw_profile(self, node: NodeProcess, timeout: float = 10.0) -> None:
+        """Until ``node`` has written its hardware profile (or exited, or ``timeout``: then
+        the nodes started next measure their own)."""
+
+        def measured() -> bool:
+            return node.proc.returncode is not None or (node.data_dir / HW_CACHE).exists()
+
+        with contextlib.suppress(LocalMeshError):
+            await wait_for(measured, timeout, f"{node.data_dir.name}'s hardware profile", 0.05)
+
+    def has_hw_seed(self) -> bool:
+        """Whether a new node would start with a shared hardware profile."""
+        return self._hw_seed() is not None
 
     def _hw_seed(self) -> bytes | None:
         """The profile to seed: this process's, or the first one a node of this mesh wrote."""

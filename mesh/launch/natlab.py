@@ -454,7 +454,7 @@ class NatLab:
         Its API listens on loopback in its namespace at a port first bound here, on this
         side's loopback, by a forwarder into the namespace: the same URL works on both sides
         (and the API's Host check sees its own address)."""
-        await self._share_hw_profile(self.mesh.base_dir / name)
+        await self._await_hw_profile()
         api = await self._forward(host.ns)
         base = ["--no-mdns", "--mqtt", self.mqtt_url, "--api", api.removeprefix("http://")]
         node = await self.mesh.start_node(name, base + (args or []), wrap=host.wrap, **kwargs)
@@ -466,7 +466,7 @@ class NatLab:
         self, hosts: Sequence[tuple[str, Host]], args: list[str] | None = None, **kwargs: Any
     ) -> list[NodeProcess]:
         """``start_node`` for each (name, host), side by side once the first is up (the
-        others wait for the hardware profile it measures: ``_share_hw_profile``)."""
+        others wait for the hardware profile it measures: ``_await_hw_profile``)."""
         if not hosts:
             return []
         (name, host), rest = hosts[0], hosts[1:]
@@ -474,22 +474,15 @@ class NatLab:
         more = await asyncio.gather(*(self.start_node(n, h, args, **kwargs) for n, h in rest))
         return [first, *more]
 
-    async def _share_hw_profile(self, data_dir: Path) -> None:
-        """Give a new node the hardware profile the lab's first node measured.
+    async def _await_hw_profile(self) -> None:
+        """Before a node starts: the hardware profile the lab's first node measures.
 
         The lab's "machines" share this machine's cores: a node's first-start benchmark
         (numpy on every core, about a second) would stall the other nodes' event loops and
-        show up as network time. The profile is the cache (``hw.json``) a node writes and
-        reuses at every later start; the first node measures it, the others wait for it."""
-        if not self.mesh.nodes:
-            return
-        first = self.mesh.nodes[0].data_dir / "hw.json"
-        for _ in range(300):
-            if first.exists() or self.mesh.nodes[0].proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)  # polling period of a file wait with a deadline
-        if first.exists():
-            await asyncio.to_thread(_copy_into, first, data_dir)
+        show up as network time. The first node measures it, the others wait for it and
+        start with it (``LocalMesh.start_node`` seeds the profile it finds)."""
+        if self.mesh.nodes and not self.mesh.has_hw_seed():
+            await self.mesh.wait_hw_profile(self.mesh.nodes[0], timeout=30.0)
 
     async def _forward(self, ns: str) -> str:
         """A loopback listener here whose connections go to the same port on 127.0.0.1 in
@@ -559,11 +552,6 @@ async def delayed_mesh(workdir: Path, delay_ms: float) -> AsyncIterator[DelayedM
     """``async with delayed_mesh(dir, 20) as mesh``: nodes ``delay_ms`` apart one way."""
     async with NatLab(workdir) as lab:
         yield DelayedMesh(lab, delay_ms)
-
-
-def _copy_into(path: Path, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, directory / path.name)
 
 
 def _kill_pids_in(ns: str) -> None:
