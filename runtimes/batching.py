@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 # Rows of one batched call: enough for 16 decode streams beside a prompt chunk, few enough that
 # a long prompt chunk does not hold everyone else's token for long.
 BATCH_ROWS = 512
+# The longest a worker waits for the sessions of its last decode batch (Batcher): 4 ms, or a
+# fifth of that batch's time when less (a lone session never waits: it is the whole batch).
+GATHER_MAX = 0.004
+GATHER_FRAC = 0.2
+# ... and it stops waiting once no step has arrived for this long: the rest of a burst of steps
+# (one upstream batch's outputs, a coordinator's replies) comes within it; a session that is
+# still elsewhere on the route is not worth more.
+GATHER_GAP = 0.002
 # Rows x keys of one batched call: the batch's attention scores and masks are that large (per
 # head), and a batch's keys are all its sessions' caches. 4 Mi entries: 16 MiB per mask, about
 # what one session's 512-row chunk over a 2k context takes alone (a first step always runs).
@@ -84,7 +92,19 @@ def run_batch(runtime: Runtime, pending: list[Pending]) -> list[Any]:
 
 
 class Batcher:
-    """The queue in front of one shard's worker; ``call`` runs a blocking function there."""
+    """The queue in front of one shard's worker; ``call`` runs a blocking function there.
+
+    ``gather_max`` / ``gather_frac`` / ``gather_gap``: before a decode batch, the worker waits
+    for the sessions of the previous decode batch that have not sent their next step yet, at
+    most ``min(gather_max, gather_frac x the previous batch's time)``, and no longer than
+    ``gather_gap`` after the last step that arrived. Their next steps do not
+    arrive together: each token goes back to its coordinator, which streams it, checks its
+    stops and sends the next step, one session after another (over the network, one message
+    each). Without the wait the worker starts on the first to arrive and the rest wait for the
+    next call, so one group of sessions runs as several small batches, each paying for every
+    weight again (measured: 16 Gemma streams ran in batches of 2-4 on a 3-stage route). A
+    session that does not come back in time is not waited for again until it runs again.
+    """
 
     def __init__(
         self,
@@ -93,21 +113,40 @@ class Batcher:
         *,
         max_rows: int = BATCH_ROWS,
         max_area: int = BATCH_AREA,
+        gather_max: float = GATHER_MAX,
+        gather_frac: float = GATHER_FRAC,
+        gather_gap: float = GATHER_GAP,
     ) -> None:
         self._runtime = runtime
         self._call = call
         self._max_rows = max(1, int(max_rows))
         self._max_area = max(1, int(max_area))
+        self._gather_max = max(0.0, float(gather_max))
+        self._gather_frac = max(0.0, float(gather_frac))
+        self._gather_gap = max(0.0, float(gather_gap))
         self._queue: list[Pending] = []
         self._worker: asyncio.Task[None] | None = None
+        self._expected: set[int] = set()  # sessions of the last decode batch
+        self._last_s = 0.0  # how long the last decode batch ran
+        self._arrival: asyncio.Future[None] | None = None  # wakes a gathering worker
+        self._arrived_at = 0.0  # when the last step was queued
         self._batches = 0
         self._batched_steps = 0
         self._largest = 0
+        self._waits = 0
+        self._wait_s = 0.0
 
     @property
     def stats(self) -> dict[str, int]:
-        """Calls run, the steps they ran (steps / calls = the mean batch size), the largest."""
-        return {"batches": self._batches, "steps": self._batched_steps, "largest": self._largest}
+        """Calls run, the steps they ran (steps / calls = the mean batch size), the largest;
+        how often the worker waited for a batch's missing sessions, and for how long."""
+        return {
+            "batches": self._batches,
+            "steps": self._batched_steps,
+            "largest": self._largest,
+            "gather_waits": self._waits,
+            "gather_ms": round(self._wait_s * 1000),
+        }
 
     async def forward(
         self, session: Session, inputs: Any, all_logits: bool
@@ -116,9 +155,47 @@ class Batcher:
         fut: asyncio.Future[npt.NDArray[np.float32]] = loop.create_future()
         rows = int(np.shape(inputs)[0]) if np.ndim(inputs) else 1
         self._queue.append(Pending(session, inputs, all_logits, fut, rows))
+        self._arrived_at = loop.time()
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await fut
+
+    def forget(self, session: Session) -> None:
+        """A closed session is not waited for."""
+        self._expected.discard(session.id)
+
+    def _missing(self) -> set[int]:
+        queued = {p.session.id for p in self._queue if not p.future.done()}
+        return self._expected - queued
+
+    async def _gather(self) -> None:
+        """Wait (briefly, see the class) for the last decode batch's sessions to be queued."""
+        live = [p for p in self._queue if not p.future.done()]
+        if not live or live[0].rows != 1 or not self._missing():
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + min(self._gather_max, self._gather_frac * self._last_s)
+        self._waits += 1
+        try:
+            while self._missing():
+                now = loop.time()
+                left = min(end, self._arrived_at + self._gather_gap) - now
+                if left <= 0:
+                    self._expected -= self._missing()
+                    return
+                fut: asyncio.Future[None] = loop.create_future()
+                self._arrival = fut
+                timer = loop.call_later(left, _settle, fut)
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
+                    self._arrival = None
+        finally:
+            self._wait_s += loop.time() - start
 
     def _take(self) -> list[Pending]:
         """The next batch: the oldest step of each session, oldest first, of the oldest step's
@@ -148,10 +225,13 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._queue:
+            await self._gather()
             batch = self._take()
             if not batch:
                 continue
+            started = loop.time()
             try:
                 results = await self._call(run_batch, self._runtime, batch)
             except BaseException as exc:  # the shard closed under us, or we were cancelled
@@ -163,6 +243,9 @@ class Batcher:
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            if batch[0].rows == 1:
+                self._expected = {p.session.id for p in batch}
+                self._last_s = loop.time() - started
             self._batches += 1
             self._batched_steps += len(batch)
             self._largest = max(self._largest, len(batch))
@@ -182,6 +265,11 @@ class Batcher:
         self._queue.clear()
 
 
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AsyncShard:
     """A loaded shard whose blocking calls run on its own single worker thread.
 
@@ -199,12 +287,15 @@ class AsyncShard:
         prefill_delay: float = 0.0,
         batch_rows: int = BATCH_ROWS,
         batch_area: int = BATCH_AREA,
+        **gather: float,
     ) -> None:
         self.runtime = runtime
         self._executor = executor
         self._closed = False
         self._prefill_delay = max(0.0, float(prefill_delay))
-        self._batcher = Batcher(runtime, self._call, max_rows=batch_rows, max_area=batch_area)
+        self._batcher = Batcher(
+            runtime, self._call, max_rows=batch_rows, max_area=batch_area, **gather
+        )
 
     @property
     def batching(self) -> dict[str, int]:
@@ -235,6 +326,7 @@ class AsyncShard:
         return s
 
     async def close_session(self, session: Session) -> None:
+        self._batcher.forget(session)
         await self._call(self.runtime.close_session, session)
 
     async def forward(

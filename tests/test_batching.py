@@ -219,7 +219,11 @@ async def test_steps_queued_together_run_as_one_call() -> None:
     rt.gate.set()
     outs = [await held] + [await f for f in rest]
     assert rt.calls == [[sessions[0].id], [s.id for s in sessions[1:]]]  # one call for eight
-    assert shard.batching == {"batches": 2, "steps": 9, "largest": 8}
+    assert {k: shard.batching[k] for k in ("batches", "steps", "largest")} == {
+        "batches": 2,
+        "steps": 9,
+        "largest": 8,
+    }
     ref = _sequential([[3]] + [[1 + i] for i in range(8)])
     for got, want in zip(outs, ref, strict=True):
         np.testing.assert_array_equal(got, want[0])
@@ -337,3 +341,58 @@ def test_step_dataclass_is_what_check_step_returns() -> None:
     with pytest.raises(SessionError):
         rt.forward_steps([st, st])  # one step per session in a batch
     assert Batcher  # the queue class is public for the stage's status
+
+
+async def _step_all(shard: AsyncShard, sessions: list[Session], token: int) -> None:
+    await asyncio.gather(*(shard.forward(s, [token]) for s in sessions))
+
+
+async def test_a_decode_batch_waits_for_the_last_batch_s_sessions_that_come_back_late() -> None:
+    """A group of sessions sends its next steps one after another (each token goes back to
+    its coordinator first): the worker waits for the late ones instead of running the early
+    ones alone and the late ones in a call of their own. Without the wait: [early], [late]."""
+    rt = _Gated(fake_shard(0, 4))
+    shard, sessions = await _shard(rt, 4, gather_max=5.0, gather_frac=1e6, gather_gap=5.0)
+    held = await _hold(rt, shard, sessions[0])
+    first = asyncio.ensure_future(_step_all(shard, sessions[1:], 1))
+    await _queue()
+    rt.gate.set()
+    await held
+    await first  # the last decode batch was sessions[1:]
+    early = asyncio.ensure_future(_step_all(shard, sessions[1:3], 2))
+    await _queue()
+    assert rt.calls[-1] == [s.id for s in sessions[1:]]  # nothing ran yet: it waits
+    await _step_all(shard, sessions[3:], 2)
+    await early
+    assert rt.calls[-1] == [s.id for s in sessions[1:]]  # one call for the group again
+    assert shard.batching["gather_waits"] >= 1
+    await shard.aclose()
+
+
+async def test_a_lone_session_never_waits_and_a_missing_one_is_waited_for_once() -> None:
+    rt = _Gated(fake_shard(0, 4))
+    shard, (a, b) = await _shard(rt, 2, gather_max=0.05, gather_frac=1e6, gather_gap=0.05)
+    for t in range(3):
+        await shard.forward(a, [t])
+    assert shard.batching["gather_waits"] == 0  # the whole last batch is back each time
+    await _step_all(shard, [a, b], 5)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await shard.forward(a, [6])  # b does not come back: one wait, bounded by the window
+    assert 0.04 <= loop.time() - t0 < 2.0
+    waits = shard.batching["gather_waits"]
+    await shard.forward(a, [7])  # b is no longer expected
+    await shard.forward(a, [8])
+    assert shard.batching["gather_waits"] == waits
+    await shard.close_session(b)
+    await shard.aclose()
+
+
+async def test_a_closed_session_is_not_waited_for() -> None:
+    rt = _Gated(fake_shard(0, 4))
+    shard, (a, b) = await _shard(rt, 2, gather_max=30.0, gather_frac=1e6, gather_gap=30.0)
+    await _step_all(shard, [a, b], 1)
+    await shard.close_session(b)
+    await asyncio.wait_for(shard.forward(a, [2]), 5)  # would wait 30 s for b
+    assert shard.batching["gather_waits"] == 0
+    await shard.aclose()

@@ -68,9 +68,11 @@ class SamplingParams:
 
 def sample(logits: npt.NDArray[np.float32], params: SamplingParams, pos: int) -> int:
     """One token id from a 1-D logits vector."""
-    x = np.asarray(logits, dtype=np.float64).reshape(-1)
     if params.temperature == 0.0:
-        return int(np.argmax(x))
+        # argmax of the float32 logits: widening is exact, so it picks what float64 would,
+        # without copying 262k logits for every greedy token
+        return int(np.argmax(np.asarray(logits).reshape(-1)))
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
     probs = target_probs(x, params)
     rng = np.random.default_rng([params.seed, pos])
     return int(rng.choice(probs.size, p=probs))
