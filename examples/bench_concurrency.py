@@ -121,13 +121,15 @@ async def mesh_runs(
             runs[str(s)] = _run(list(got), s, time.perf_counter() - t0)
             say(f"  {peers} peer(s), {s} streams: {runs[str(s)]['tokens_per_s']} tok/s")
         info = [await mesh.get(nd, "/v1/info") for nd in mesh.nodes]
-    shards = [sh for i in info for sh in i["compute"]["shards"]]
+    shards = [dict(sh, node=i["name"]) for i in info for sh in i["compute"]["shards"]]
+    shards.sort(key=lambda sh: sh["units"][0])  # route order
     return {
         "peers": peers,
         "runs": runs,
         "alone": alone,
         "stages": len(shards),
-        "batching": [sh["batching"] for sh in shards],
+        # per stage, in route order: its node, its units, its engine calls and their steps
+        "batching": [dict(sh["batching"], node=sh["node"], units=sh["units"]) for sh in shards],
     }
 
 

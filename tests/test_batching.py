@@ -352,7 +352,7 @@ async def test_a_decode_batch_waits_for_the_last_batch_s_sessions_that_come_back
     its coordinator first): the worker waits for the late ones instead of running the early
     ones alone and the late ones in a call of their own. Without the wait: [early], [late]."""
     rt = _Gated(fake_shard(0, 4))
-    shard, sessions = await _shard(rt, 4, gather_max=5.0, gather_frac=1e6, gather_gap=5.0)
+    shard, sessions = await _shard(rt, 4, gather_max=5.0, gather_gap=5.0)
     held = await _hold(rt, shard, sessions[0])
     first = asyncio.ensure_future(_step_all(shard, sessions[1:], 1))
     await _queue()
@@ -371,7 +371,7 @@ async def test_a_decode_batch_waits_for_the_last_batch_s_sessions_that_come_back
 
 async def test_a_lone_session_never_waits_and_a_missing_one_is_waited_for_once() -> None:
     rt = _Gated(fake_shard(0, 4))
-    shard, (a, b) = await _shard(rt, 2, gather_max=0.05, gather_frac=1e6, gather_gap=0.05)
+    shard, (a, b) = await _shard(rt, 2, gather_max=0.05, gather_gap=0.05)
     for t in range(3):
         await shard.forward(a, [t])
     assert shard.batching["gather_waits"] == 0  # the whole last batch is back each time
@@ -390,7 +390,7 @@ async def test_a_lone_session_never_waits_and_a_missing_one_is_waited_for_once()
 
 async def test_a_closed_session_is_not_waited_for() -> None:
     rt = _Gated(fake_shard(0, 4))
-    shard, (a, b) = await _shard(rt, 2, gather_max=30.0, gather_frac=1e6, gather_gap=30.0)
+    shard, (a, b) = await _shard(rt, 2, gather_max=30.0, gather_gap=30.0)
     await _step_all(shard, [a, b], 1)
     await shard.close_session(b)
     await asyncio.wait_for(shard.forward(a, [2]), 5)  # would wait 30 s for b
