@@ -111,6 +111,41 @@ async def test_bench_latency_quick_writes_json_table_and_plot(tmp_path: Path, ti
     assert "Where the per-hop time goes" in md and "| 2 | 2 |" in md
 
 
+async def test_bench_wan_in_the_lab_puts_each_figure_beside_its_floor(
+    tmp_path: Path, tiny: Path
+) -> None:
+    from mesh.launch.natlab import lab_unavailable
+
+    why = lab_unavailable()
+    if why:
+        pytest.skip(f"the NAT lab needs root and its tools: {why}")
+    docs = tmp_path / "docs"
+    args = ["--stages", "1,2", "--delays", "0,4", "--loss-delay", "4", "--max-tokens", "6"]
+    code, out, err = await run(
+        str(EXAMPLES / "bench_wan.py"),
+        *args,
+        "--repeats",
+        "1",
+        "--model",
+        str(tiny),
+        env={"EDGEMESH_BENCH_DOCS": str(docs)},
+        timeout=240,
+    )
+    assert code == 0, err[-2000:]
+    rows = json.loads((docs / "bench" / "wan.json").read_text())["rows"]
+    got = [(r["stages"], r["delay_ms"], r["loss"]) for r in rows]
+    assert got == [(n, d, x) for n in (1, 2) for d, x in ((0, 0), (4, 0), (4, 0.01))]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["same_tokens"], r
+        assert r["crossings"] == (0 if r["stages"] == 1 else 2), r
+        # the floor counts the delay once per crossing; a 2-stage token pays it twice
+        assert r["floor_ms"] == pytest.approx(r["compute_ms"] + r["crossings"] * r["delay_ms"])
+    delayed = next(r for r in rows if r["stages"] == 2 and r["delay_ms"] == 4 and not r["loss"])
+    assert delayed["step_ms"] >= 2 * 4  # the lab's delay is real: two crossings of 4 ms
+    md = (docs / "benchmarks.md").read_text()
+    assert "## WAN (examples/bench_wan.py)" in md and "over the floor" in md and "% loss" in md
+
+
 async def test_edgemesh_bench_quick_runs_sim_egress_and_refreshes_the_docs(
     tmp_path: Path,
 ) -> None:
