@@ -213,7 +213,7 @@ def report(result: dict[str, Any]) -> str:
         for r in result["rows"]
     ]  # fmt: skip
     intro = (
-        f"Measured {result['date']} on {result['machine']}; Gemma 3 270M Q4_K_M on onnx, "
+        f"Measured {result['date']} on {result['machine']}; {result['model']} on onnx, "
         f"greedy, {result['max_tokens']} tokens, median of {result['repeats']} runs; every node "
         "in its own NAT lab home. floor = the stages' compute a token (same run) + one-way "
         "delay x crossings; the ring's measured one-way time is half the round trip of a "
@@ -236,6 +236,7 @@ async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "model": model.name,
         "max_tokens": opts.max_tokens,
         "repeats": opts.repeats,
         "rows": rows,
