@@ -56,6 +56,7 @@ __all__ = ["ConnectionParams", "Connections"]
 log = logging.getLogger(__name__)
 
 Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
+Watch = asyncio.Future[None]  # NetWatch.watch(): done once the network is back
 MAX_ANSWERS = 256  # offers whose answer is kept for their copies on other routes
 
 
@@ -68,9 +69,8 @@ class ConnectionParams:
     backoff_max: float = 30.0
     peer_expiry: float = 10.0
     give_up_after: int = 8  # failed dials before a peer no source names is forgotten
-    # A network that drops for seconds (issue 15): a peer lost within reconnect_window is
-    # redialled at least every reconnect_max; a dial or handshake older than stale_dial
-    # (likely begun while one side was offline) no longer holds off a fresh one.
+    # Outages (issue 15): a peer lost within reconnect_window is redialled every reconnect_max
+    # at most; a dial or handshake older than stale_dial (begun offline?) holds off no other.
     reconnect_window: float = 60.0
     reconnect_max: float = 2.0
     stale_dial: float = 3.0
@@ -254,14 +254,15 @@ class Connections:
                 self.peers.remove(peer_id)
 
     def _busy(self, entry: PeerEntry) -> bool:
-        dialing = entry.dialing is not None and not entry.dialing.done()
-        return dialing or entry.peer_id in self._pending_inbound
+        return self._busy_dialing(entry) or entry.peer_id in self._pending_inbound
+
+    def _busy_dialing(self, entry: PeerEntry) -> bool:
+        return entry.dialing is not None and not entry.dialing.done()
 
     def _stale_inbound(self, entry: PeerEntry, now: float) -> bool:
-        """Only an inbound connection older than ``stale_dial`` keeps ``entry`` busy: its answer
-        may never have reached the peer (lost in an outage): we dial too, not wait 20 s."""
+        """A known peer busy only with an old inbound handshake (its answer lost?): dial too."""
         pending = self._pending_inbound.get(entry.peer_id)
-        if pending is None or (entry.dialing is not None and not entry.dialing.done()):
+        if pending is None or not entry.proven or self._busy_dialing(entry):
             return False
         return now - pending.started > self.params.stale_dial
 
@@ -369,13 +370,16 @@ class Connections:
     async def _dial(self, entry: PeerEntry) -> None:
         pid = entry.peer_id
         pending: PendingConnection | None = None
+        watch = self.netwatch.watch()  # sees an outage during the gathering, if any
         try:
             async with self._dial_slots:
                 pending, offer_sdp = await open_offer(self.identity, self.transport, pid, self.gate)
                 oid = os.urandom(16)
                 offer = {"sdp": offer_sdp, "oid": oid, "name": self.my_name}
                 body = self._body(offer | {"addrs": self.my_endpoints()})
-                raw = await self._exchange_unless_online(entry, body, oid, pending.pc.gather_short)
+                if short := pending.pc.gather_short:
+                    log.info("dial %s: offer lacks %s (offline?)", pid[:12], ", ".join(short))
+                raw = await self._exchange(entry, body, oid, watch if short else None)
                 answer = open_envelope(raw, me=self.me, kind="answer", guard=self.guard)
                 if answer.sender != pid or answer.body.get("re") != oid:
                     raise SignalingError("answer is not from the dialed peer or not for our offer")
@@ -402,30 +406,27 @@ class Connections:
             log.warning("dial %s failed: %s", pid[:12], exc)
             self._backoff(entry)
             return
+        finally:
+            watch.cancel()
         self._adopt(pid, link)
 
-    async def _exchange_unless_online(
-        self, entry: PeerEntry, body: dict[str, Any], oid: bytes, short: list[str]
+    async def _exchange(
+        self, entry: PeerEntry, body: dict[str, Any], oid: bytes, watch: Watch | None = None
     ) -> bytes:
-        """The answer to an offer. One gathered without what the ICE servers give (``short``)
-        was likely built offline: once they answer again it is dropped for a fresh dial, not
-        left to wait out the signaling timeouts with candidates that cannot work."""
-        if not short:
-            return await self._exchange(entry, body, oid)
-        log.info("dial %s: offer lacks %s (offline?)", entry.peer_id[:12], ", ".join(short))
+        """The answer to an offer sent by every route at once (offer_by_every_route). With
+        ``watch``, the offer lacks what the ICE servers give (likely built offline): it is
+        dropped once the network is back, for a fresh dial, not left to wait out the
+        signaling timeouts with candidates that cannot work."""
+        assert self._http is not None
+        mqtt = self.mqtt_exchange if entry.via_mqtt else None
+        args = (self._http, self.identity, entry.peer_id, entry.addresses, mqtt, body, oid)
+        if watch is None:
+            return await offer_by_every_route(*args)
         try:
-            return await self.netwatch.unless_online(self._exchange(entry, body, oid))
+            return await self.netwatch.unless_online(offer_by_every_route(*args), watch)
         except NetworkBack:
             entry.failures = 0  # not a retry of a failure: the redial waits the first step only
             raise NetworkBack("the network is back: redialling with fresh candidates") from None
-
-    async def _exchange(self, entry: PeerEntry, body: dict[str, Any], oid: bytes) -> bytes:
-        """The answer to an offer sent by every route at once (signaling.offer_by_every_route)."""
-        assert self._http is not None
-        mqtt = self.mqtt_exchange if entry.via_mqtt else None
-        return await offer_by_every_route(
-            self._http, self.identity, entry.peer_id, entry.addresses, mqtt, body, oid
-        )
 
     # -- accepting -------------------------------------------------------------------------
     async def on_offer(self, env: Envelope, remote: str | None = None) -> bytes:
@@ -474,8 +475,7 @@ class Connections:
         if not entry.addresses:
             entry.addresses = clean_endpoints(env.body.get("addrs"))
         name = env.body.get("name")
-        if isinstance(name, str) and not entry.name:
-            entry.name = name[:63]
+        entry.name = name[:63] if isinstance(name, str) and not entry.name else entry.name
         # The slot is taken before the first await: concurrent offers cannot overrun the cap.
         self._pending_inbound[pid] = None
         if remote is not None:

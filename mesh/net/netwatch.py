@@ -6,9 +6,11 @@ and TURN servers would give, and they wait out the signaling timeouts (10 s) int
 Measured in the NAT lab (tests/test_natlab_drop.py): after a 10 s outage the links came back
 19.5 s after the network did, the dials in flight having been sent while it was down.
 
-:class:`NetWatch` tells a dial whose gathering came up short when the servers answer again,
-so the dial is dropped and a fresh one (fresh candidates) goes at once. One UDP STUN binding
-request per server per period while a dial waits: no state on the server, a few dozen bytes.
+:class:`NetWatch` tells a dial whose gathering came up short when the servers, silent at
+first, answer again, so the dial is dropped and a fresh one (fresh candidates) goes at once.
+One UDP STUN binding request per server per period while such a dial waits: no state on the
+server, a few dozen bytes. Servers that answer the first probe mean no outage (a public host's
+gathering also comes up short): nothing is dropped.
 TCP-only TURN servers are not probed (a probe needs UDP); without a UDP server nothing is
 watched and dials run their course.
 """
@@ -97,29 +99,34 @@ class NetWatch:
     def usable(self) -> bool:
         return bool(self.targets)
 
-    async def online(self) -> None:
-        """Return once any server answers (probing every ``period``); never without one."""
-        if not self.targets:
-            await asyncio.Event().wait()  # nothing to watch: the caller's other wait decides
-        while True:
-            probes = [stun_answers(h, p, self.period) for h, p in self.targets]
-            if any(await asyncio.gather(*probes)):
-                return
+    async def _answered(self) -> bool:
+        return any(
+            await asyncio.gather(*(stun_answers(h, p, self.period) for h, p in self.targets))
+        )
 
-    async def unless_online(self, work: Awaitable[T]) -> T:
-        """``work``'s result, unless the servers answer first: then ``work`` is cancelled
-        and NetworkBack raised (without a server to probe: ``work``'s result)."""
+    async def back_online(self) -> None:
+        """Return once a server answers after one did not (the network came back); wait
+        forever if the first probe answers: online all along, a short gathering has
+        another cause (a public host: libwebrtc drops a srflx equal to its host candidate
+        and may not report gathering complete in time) and must not abort anything."""
+        if not self.targets or await self._answered():
+            await asyncio.Event().wait()  # the caller's other wait decides
+        while not await self._answered():
+            pass  # each probe waits up to a period for its answer
+
+    def watch(self) -> asyncio.Future[None]:
+        """:meth:`back_online` as a running task: started with a dial's gathering, it has
+        seen the outage by the time a short offer is ready (cancel it when done with it)."""
+        return asyncio.ensure_future(self.back_online())
+
+    async def unless_online(self, work: Awaitable[T], watch: asyncio.Future[None]) -> T:
+        """``work``'s result, unless ``watch`` (:meth:`watch`) sees the network come back
+        first: then ``work`` is cancelled and NetworkBack raised."""
         task = asyncio.ensure_future(work)
-        if not self.targets:
-            return await task
-        online = asyncio.ensure_future(self.online())
-        try:
-            await asyncio.wait({task, online}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            online.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
+        both: list[asyncio.Future[Any]] = [task, watch]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise NetworkBack("the network is back")
         return task.result()
