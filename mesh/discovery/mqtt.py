@@ -124,6 +124,9 @@ class MqttSignaling:
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        # offers awaiting answers, (to, sealed offer): published again on a new connection
+        # (one published as the old one broke, in a network outage, was lost with it)
+        self._outbox: dict[bytes, tuple[str, bytes]] = {}
         # offers of ours no longer waiting (answered by another route, or given up): their
         # late answers are dropped quietly (insertion-ordered, bounded)
         self._finished: dict[bytes, None] = {}
@@ -188,6 +191,12 @@ class MqttSignaling:
                     await client.subscribe(f"{self.prefix}/presence/+", qos=1)
                     await client.subscribe(f"{self.prefix}/inbox/{self.identity.peer_id}", qos=1)
                     await self._publish_presence()
+                    for to, offer in list(self._outbox.values()):  # not awaited: see exchange
+                        task = asyncio.get_running_loop().create_task(
+                            self._publish_offer(to, offer)
+                        )
+                        self._handlers.add(task)
+                        task.add_done_callback(self._handlers.discard)
                     self._connected.set()
                     delay = 0.5
                     log.info("joined mesh %r on broker %s", self.config.mesh, self.config.url)
@@ -326,7 +335,10 @@ class MqttSignaling:
             self.rejected += 1
             log.warning("refused MQTT offer from %s: %s", env.sender[:12], exc)
             return
-        await self._publish(env.sender, answer)
+        try:
+            await self._publish(env.sender, answer)
+        except SignalingError as exc:  # e.g. the broker dropped us (a network outage)
+            log.warning("answer to %s not sent: %s", env.sender[:12], exc)
 
     async def _publish(self, to: str, data: bytes) -> None:
         client = self._client
@@ -337,6 +349,12 @@ class MqttSignaling:
         except aiomqtt.MqttError as exc:
             raise SignalingError(f"broker: {exc}") from None
 
+    async def _publish_offer(self, to: str, offer: bytes) -> None:
+        try:
+            await self._publish(to, offer)
+        except SignalingError as exc:  # the next connection publishes it, if in time
+            log.info("offer to %s waits for the broker: %s", to[:12], exc)
+
     # -- sending ---------------------------------------------------------------------------
     async def exchange(self, to: str, offer: bytes, oid: bytes) -> bytes:
         """Send a sealed offer to ``to``'s inbox; return the raw answer envelope."""
@@ -344,13 +362,19 @@ class MqttSignaling:
             raise SignalingError("too many offers awaiting answers")
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[oid] = fut
+        self._outbox[oid] = (to, offer)
+        # Not awaited before the answer: a publish on a connection broken by an outage
+        # hangs for aiomqtt's 10 s timeout, while the next connection republishes the offer
+        # (and the answer to that copy arrives).
+        publish = asyncio.ensure_future(self._publish_offer(to, offer))
         try:
-            await self._publish(to, offer)
             return await asyncio.wait_for(fut, self.config.answer_timeout)
         except TimeoutError:
             raise SignalingError(f"no answer from {to[:12]} via the broker") from None
         finally:
+            publish.cancel()
             self._waiting.pop(oid, None)
+            self._outbox.pop(oid, None)
             self._finished[oid] = None
             while len(self._finished) > _MAX_WAITING:
                 self._finished.pop(next(iter(self._finished)))

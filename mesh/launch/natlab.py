@@ -150,6 +150,7 @@ class Home:
     delay_ms: float = 0.0
     loss: float = 0.0
     delayer: asyncio.subprocess.Process | None = None
+    cut: bool = False  # its uplink is down (NatLab.cut)
 
     @property
     def subnet(self) -> str:
@@ -365,6 +366,25 @@ class NatLab:
         if delay_ms > 0:
             home.delayer = await self._start_delayer(r, delay_ms)
             self._iptables(r, "-t", "mangle", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
+
+    async def cut(self, home: Home) -> None:
+        """The home's uplink dies: its router silently drops all to and from the wan (an ISP
+        outage); hosts keep addresses, the NAT its mappings. :meth:`restore` ends it."""
+        if not home.cut:
+            await asyncio.to_thread(self._cut_rules, home, "-I")
+            home.cut = True
+
+    async def restore(self, home: Home) -> None:
+        """The home's uplink works again (after :meth:`cut`)."""
+        if home.cut:
+            await asyncio.to_thread(self._cut_rules, home, "-D")
+            home.cut = False
+
+    def _cut_rules(self, home: Home, op: str) -> None:
+        # first in their chains: ahead of the conntrack ACCEPT that lets replies in
+        first = ["1"] if op == "-I" else []
+        for chain, way in (("FORWARD", "-i"), ("FORWARD", "-o"), ("INPUT", "-i"), ("OUTPUT", "-o")):
+            self._iptables(home.router, op, chain, *first, way, "wan0", "-j", "DROP")
 
     async def _start_delayer(self, ns: str, delay_ms: float) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(

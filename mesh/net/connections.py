@@ -30,6 +30,7 @@ import aiohttp
 from mesh.errors import EXPECTED, HandshakeError, NotAMember, PeerUnavailable, SignalingError
 from mesh.net.handshake import Gate
 from mesh.net.identity import Identity
+from mesh.net.netwatch import NetWatch, NetworkBack
 from mesh.net.peers import PeerEntry, PeerTable
 from mesh.net.rpc import Handler, Link
 from mesh.net.signaling import (
@@ -37,9 +38,9 @@ from mesh.net.signaling import (
     ReplayGuard,
     clean_endpoints,
     fetch_info,
+    offer_by_every_route,
     open_envelope,
     seal,
-    send_offer,
 )
 from mesh.net.transport import (
     PendingConnection,
@@ -55,6 +56,7 @@ __all__ = ["ConnectionParams", "Connections"]
 log = logging.getLogger(__name__)
 
 Exchange = Callable[[str, bytes, bytes], Awaitable[bytes]]
+Watch = asyncio.Future[None]  # NetWatch.watch(): done once the network is back
 MAX_ANSWERS = 256  # offers whose answer is kept for their copies on other routes
 
 
@@ -67,6 +69,11 @@ class ConnectionParams:
     backoff_max: float = 30.0
     peer_expiry: float = 10.0
     give_up_after: int = 8  # failed dials before a peer no source names is forgotten
+    # Outages (issue 15): a peer lost within reconnect_window is redialled every reconnect_max
+    # at most; a dial or handshake older than stale_dial (begun offline?) holds off no other.
+    reconnect_window: float = 60.0
+    reconnect_max: float = 2.0
+    stale_dial: float = 3.0
     # Bounds.
     max_pending_inbound: int = 16  # handshakes in progress (slowloris bound)
     max_pending_per_address: int = 8  # of those, from one signaling address
@@ -124,6 +131,7 @@ class Connections:
         self._answers: dict[tuple[str, bytes], asyncio.Future[bytes]] = {}
         self.teardowns = Teardowns()  # peer connections of closed links, still closing
         self._dial_held = False  # params.dial_hold is spent (the first dial only)
+        self.netwatch = NetWatch(transport.servers)  # tells a dial gathered offline: back online
         self.closing = False
 
     @property
@@ -182,31 +190,15 @@ class Connections:
     def _ensure(self, peer_id: str, source: str) -> PeerEntry | None:
         if self.peers.get(peer_id) is None:
             unproven = [e for e in self.peers if not e.proven]
-            if len(unproven) >= self.params.max_unproven and not self._evict_unproven(unproven):
+            full = len(unproven) >= self.params.max_unproven
+            if full and not self.peers.evict_unproven(unproven, self._busy):
                 log.warning(
                     "ignoring %s from %s: %d unproven peers", peer_id[:12], source, len(unproven)
                 )
                 return None
+            if full:
+                self.counters["unproven_evicted"] += 1
         return self.peers.ensure(peer_id, source)
-
-    def _evict_unproven(self, unproven: list[PeerEntry]) -> bool:
-        """Make room for a new hint: forget the oldest unproven peer of the biggest bucket.
-
-        Identities and announcements are free, so a full table must not refuse newcomers
-        (that keeps real peers out); entries are bucketed by source and announced host, so a
-        flood from one place displaces its own entries first. Peers being dialed or
-        handshaking and --peer entries stay."""
-        buckets: dict[str, list[PeerEntry]] = {}
-        for e in unproven:
-            if not e.static and not self._busy(e):
-                buckets.setdefault(_bucket(e), []).append(e)
-        if not buckets:
-            return False
-        biggest = max(buckets.values(), key=len)
-        victim = min(biggest, key=lambda e: e.last_seen)
-        self.peers.remove(victim.peer_id)
-        self.counters["unproven_evicted"] += 1
-        return True
 
     # -- hints -----------------------------------------------------------------------------
     def hint(
@@ -262,8 +254,17 @@ class Connections:
                 self.peers.remove(peer_id)
 
     def _busy(self, entry: PeerEntry) -> bool:
-        dialing = entry.dialing is not None and not entry.dialing.done()
-        return dialing or entry.peer_id in self._pending_inbound
+        return self._busy_dialing(entry) or entry.peer_id in self._pending_inbound
+
+    def _busy_dialing(self, entry: PeerEntry) -> bool:
+        return entry.dialing is not None and not entry.dialing.done()
+
+    def _stale_inbound(self, entry: PeerEntry, now: float) -> bool:
+        """A known peer busy only with an old inbound handshake (its answer lost?): dial too."""
+        pending = self._pending_inbound.get(entry.peer_id)
+        if pending is None or not entry.proven or self._busy_dialing(entry):
+            return False
+        return now - pending.started > self.params.stale_dial
 
     def _grace(self, peer_id: str) -> float:
         return 0.0 if self.me < peer_id else self.params.dial_grace
@@ -326,7 +327,7 @@ class Connections:
             if entry.connected:
                 self._check_membership(entry)
                 continue
-            if self._busy(entry):
+            if self._busy(entry) and not self._stale_inbound(entry, now):
                 continue
             if not entry.announced and not entry.static:
                 stale = entry.disconnected_at is not None and now - entry.disconnected_at > (
@@ -337,6 +338,7 @@ class Connections:
                     continue
             if (entry.addresses or entry.via_mqtt) and now >= entry.next_attempt:
                 entry.next_attempt = now + p.backoff_max  # until the dial reports
+                entry.dial_started = now
                 entry.dialing = self._spawn(self._dial(entry))
 
     def _check_membership(self, entry: PeerEntry) -> None:
@@ -350,7 +352,12 @@ class Connections:
         entry.link.close("member certificate expired")
 
     def _backoff(self, entry: PeerEntry) -> None:
-        delay = min(self.params.backoff_base * 2**entry.failures, self.params.backoff_max)
+        p = self.params
+        delay = min(p.backoff_base * 2**entry.failures, p.backoff_max)
+        lost = entry.disconnected_at
+        if entry.proven and lost is not None and time.monotonic() - lost < p.reconnect_window:
+            # a peer linked moments ago is most likely behind a network that blinked
+            delay = min(delay, p.reconnect_max)
         entry.failures += 1
         entry.next_attempt = time.monotonic() + delay * (0.75 + 0.5 * random.random())
 
@@ -363,19 +370,16 @@ class Connections:
     async def _dial(self, entry: PeerEntry) -> None:
         pid = entry.peer_id
         pending: PendingConnection | None = None
+        watch = self.netwatch.watch()  # sees an outage during the gathering, if any
         try:
             async with self._dial_slots:
                 pending, offer_sdp = await open_offer(self.identity, self.transport, pid, self.gate)
                 oid = os.urandom(16)
-                body = self._body(
-                    {
-                        "sdp": offer_sdp,
-                        "oid": oid,
-                        "name": self.my_name,
-                        "addrs": self.my_endpoints(),
-                    }
-                )
-                raw = await self._exchange(entry, body, oid)
+                offer = {"sdp": offer_sdp, "oid": oid, "name": self.my_name}
+                body = self._body(offer | {"addrs": self.my_endpoints()})
+                if short := pending.pc.gather_short:
+                    log.info("dial %s: offer lacks %s (offline?)", pid[:12], ", ".join(short))
+                raw = await self._exchange(entry, body, oid, watch if short else None)
                 answer = open_envelope(raw, me=self.me, kind="answer", guard=self.guard)
                 if answer.sender != pid or answer.body.get("re") != oid:
                     raise SignalingError("answer is not from the dialed peer or not for our offer")
@@ -402,40 +406,27 @@ class Connections:
             log.warning("dial %s failed: %s", pid[:12], exc)
             self._backoff(entry)
             return
+        finally:
+            watch.cancel()
         self._adopt(pid, link)
 
-    async def _exchange(self, entry: PeerEntry, body: dict[str, Any], oid: bytes) -> bytes:
-        """Deliver an offer by every route at once (each direct address, the broker): the
-        first answer wins, the other attempts are cancelled.
-
-        One after another, a NATed peer's direct address (private, unreachable from here,
-        its packets dropped silently) held every dial for the full HTTP timeout before the
-        broker was tried: ~10 s to link two homes (issue 15). Each route carries its own
-        sealed copy (its own nonce, so no copy is a replay of another); the peer answers
-        every copy of one offer (same ``oid``) with the same answer, once."""
+    async def _exchange(
+        self, entry: PeerEntry, body: dict[str, Any], oid: bytes, watch: Watch | None = None
+    ) -> bytes:
+        """The answer to an offer sent by every route at once (offer_by_every_route). With
+        ``watch``, the offer lacks what the ICE servers give (likely built offline): it is
+        dropped once the network is back, for a fresh dial, not left to wait out the
+        signaling timeouts with candidates that cannot work."""
         assert self._http is not None
-        pid = entry.peer_id
-        routes: list[Awaitable[bytes]] = [
-            send_offer(self._http, address, seal(self.identity, "offer", pid, body))
-            for address in entry.addresses
-        ]
-        if entry.via_mqtt and self.mqtt_exchange is not None:
-            routes.append(self.mqtt_exchange(pid, seal(self.identity, "offer", pid, body), oid))
-        if not routes:
-            raise SignalingError("no route to the peer")
-        tasks = [asyncio.ensure_future(route) for route in routes]
-        errors = []
+        mqtt = self.mqtt_exchange if entry.via_mqtt else None
+        args = (self._http, self.identity, entry.peer_id, entry.addresses, mqtt, body, oid)
+        if watch is None:
+            return await offer_by_every_route(*args)
         try:
-            for attempt in asyncio.as_completed(tasks):
-                try:
-                    return await attempt
-                except SignalingError as exc:
-                    errors.append(str(exc))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        raise SignalingError("; ".join(errors))
+            return await self.netwatch.unless_online(offer_by_every_route(*args), watch)
+        except NetworkBack:
+            entry.failures = 0  # not a retry of a failure: the redial waits the first step only
+            raise NetworkBack("the network is back: redialling with fresh candidates") from None
 
     # -- accepting -------------------------------------------------------------------------
     async def on_offer(self, env: Envelope, remote: str | None = None) -> bytes:
@@ -460,7 +451,7 @@ class Connections:
         if answered is not None:  # another route's copy of an offer being (or) answered
             return await asyncio.shield(answered)
         if pid in self._pending_inbound:
-            raise SignalingError("a handshake with this peer is already in progress")
+            await self._supersede(pid)
         if len(self._pending_inbound) >= self.params.max_pending_inbound:
             self.counters["inbound_refused"] += 1
             raise SignalingError("too many handshakes in progress")
@@ -475,14 +466,16 @@ class Connections:
             self.counters["inbound_refused"] += 1
             raise SignalingError("too many unproven peers")
         if entry.dialing is not None and not entry.dialing.done():
-            if self.me < pid:
+            if self.me > pid:
+                entry.dialing.cancel()
+            elif time.monotonic() - entry.dial_started < self.params.stale_dial:
                 raise SignalingError("simultaneous dial: the lower peer id dials")
-            entry.dialing.cancel()
+            # else ours is stale (sent while one side was offline?) and this offer is fresh:
+            # both go on; if both links complete, _adopt keeps ours on both sides.
         if not entry.addresses:
             entry.addresses = clean_endpoints(env.body.get("addrs"))
         name = env.body.get("name")
-        if isinstance(name, str) and not entry.name:
-            entry.name = name[:63]
+        entry.name = name[:63] if isinstance(name, str) and not entry.name else entry.name
         # The slot is taken before the first await: concurrent offers cannot overrun the cap.
         self._pending_inbound[pid] = None
         if remote is not None:
@@ -503,6 +496,20 @@ class Connections:
         sealed = seal(self.identity, "answer", pid, self._body({"sdp": answer_sdp, "re": oid}))
         answer.set_result(sealed)
         return sealed
+
+    async def _supersede(self, pid: str) -> None:
+        """A new offer from a peer whose earlier one is still connecting: the peer gave that
+        dial up (it runs one per peer; e.g. one sent while it was offline), so the new offer
+        takes its slot instead of being refused until the old one times out (20 s)."""
+        old = self._pending_inbound.get(pid)
+        if old is None:  # still being answered: this offer raced it
+            raise SignalingError("a handshake with this peer is already in progress")
+        log.info("a new offer from %s replaces its pending connection", pid[:12])
+        del self._pending_inbound[pid]
+        self._pending_from.pop(pid, None)
+        await old.pc.close()
+        if pid in self._pending_inbound:  # another offer took the slot meanwhile
+            raise SignalingError("a handshake with this peer is already in progress")
 
     def _answer_later(self, pid: str, oid: bytes) -> asyncio.Future[bytes]:
         """The answer to offer ``oid`` of ``pid``, for the copies of it that other routes
@@ -526,8 +533,9 @@ class Connections:
             log.warning("inbound connection from %s failed: %s", pid[:12], exc)
             return
         finally:
-            self._pending_inbound.pop(pid, None)
-            self._pending_from.pop(pid, None)
+            if self._pending_inbound.get(pid) is pending:  # not a newer offer's (_supersede)
+                self._pending_inbound.pop(pid, None)
+                self._pending_from.pop(pid, None)
         self._adopt(pid, link)
 
     # -- links -----------------------------------------------------------------------------
@@ -590,11 +598,3 @@ class Connections:
         if entry is None or entry.link is None or not entry.connected:
             raise PeerUnavailable(f"no link to {peer_id[:12]}")
         return entry.link
-
-
-def _bucket(entry: PeerEntry) -> str:
-    """Where a hint came from: its source and the host it announced (ports are free)."""
-    if not entry.addresses:
-        return entry.source
-    host = entry.addresses[0].rpartition(":")[0]
-    return f"{entry.source} {host}"

@@ -19,7 +19,6 @@ on candidates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -206,15 +205,18 @@ class WrtcPeer(RtcPeer):
             # relay only: wait as before (sent early, the peer's relay address reached us
             # first as a prflx candidate in test_turn_relay)
             return False
-        if " typ host" not in sdp:
-            return False
+        return not self._missing(sdp)
+
+    def _missing(self, sdp: str) -> list[str]:
+        """What the SDP lacks of what the configured servers give."""
+        missing = [] if " typ host" in sdp else ["host candidates"]
         for server in self._options.servers:
             if server.is_turn:
                 if " typ relay" not in sdp and server.url not in self._turn_errors:
-                    return False
+                    missing.append(f"a relay from {server.url}")
             elif not self._options.relay_only and " typ srflx" not in sdp:
-                return False
-        return True
+                missing.append(f"a srflx candidate from {server.url}")
+        return missing
 
     async def _gathered(self, pc: webrtc.RTCPeerConnection) -> str:
         """Wait for ICE gathering to complete, or for the candidates the servers give
@@ -233,9 +235,12 @@ class WrtcPeer(RtcPeer):
         pc.on("icecandidate", _changed)
         pc.on("icecandidateerror", _changed)
         _changed(None)
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(GATHER_TIMEOUT):
                 await done
+        except TimeoutError:
+            desc = pc.local_description
+            self.gather_short = self._missing(desc.sdp if desc is not None else "")
         desc = pc.local_description
         sdp = desc.sdp if desc is not None else ""
         self._report_relay(sdp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class PeerEntry:
     proven: bool = False
     link: Link | None = None
     dialing: asyncio.Task[None] | None = None
+    dial_started: float = 0.0  # monotonic, of the dial in flight
     failures: int = 0
     next_attempt: float = 0.0
     connected_since: float | None = None  # wall clock
@@ -101,6 +103,24 @@ class PeerTable:
         if entry is not None and entry.dialing is not None:
             entry.dialing.cancel()
 
+    def evict_unproven(self, unproven: list[PeerEntry], busy: Callable[[PeerEntry], bool]) -> bool:
+        """Make room for a new hint: forget the oldest unproven peer of the biggest bucket.
+
+        Identities and announcements are free, so a full table must not refuse newcomers
+        (that keeps real peers out); entries are bucketed by source and announced host, so a
+        flood from one place displaces its own entries first. ``busy`` peers (being dialed,
+        handshaking) and --peer entries stay."""
+        buckets: dict[str, list[PeerEntry]] = {}
+        for e in unproven:
+            if not e.static and not busy(e):
+                buckets.setdefault(_bucket(e), []).append(e)
+        if not buckets:
+            return False
+        biggest = max(buckets.values(), key=len)
+        victim = min(biggest, key=lambda e: e.last_seen)
+        self.remove(victim.peer_id)
+        return True
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._entries.values()))
 
@@ -122,3 +142,11 @@ class PeerTable:
 
     def links(self) -> list[Link]:
         return [e.link for e in self._entries.values() if e.link is not None and e.connected]
+
+
+def _bucket(entry: PeerEntry) -> str:
+    """Where a hint came from: its source and the host it announced (ports are free)."""
+    if not entry.addresses:
+        return entry.source
+    host = entry.addresses[0].rpartition(":")[0]
+    return f"{entry.source} {host}"

@@ -14,6 +14,7 @@ envelope out) and ``GET /edgemesh/info`` (a signed self-description) on an ephem
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "SignalingServer",
     "fetch_info",
     "send_offer",
+    "offer_by_every_route",
     "MAX_ENVELOPE",
     "parse_endpoint",
     "format_endpoint",
@@ -328,3 +330,42 @@ async def send_offer(session: aiohttp.ClientSession, address: str, offer: bytes)
             return await _read_capped(resp)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise SignalingError(f"cannot reach {address}: {exc}") from None
+
+
+async def offer_by_every_route(
+    http: aiohttp.ClientSession,
+    identity: Identity,
+    pid: str,
+    addresses: list[str],
+    mqtt: Callable[[str, bytes, bytes], Awaitable[bytes]] | None,
+    body: dict[str, Any],
+    oid: bytes,
+) -> bytes:
+    """Deliver an offer to ``pid`` by every route at once (each direct address, the broker
+    when ``mqtt`` is given): the first answer wins, the other attempts are cancelled.
+
+    One after another, a NATed peer's direct address (private, unreachable from here,
+    its packets dropped silently) held every dial for the full HTTP timeout before the
+    broker was tried: ~10 s to link two homes (issue 15). Each route carries its own
+    sealed copy (its own nonce, so no copy is a replay of another); the peer answers
+    every copy of one offer (same ``oid``) with the same answer, once."""
+    routes: list[Awaitable[bytes]] = [
+        send_offer(http, address, seal(identity, "offer", pid, body)) for address in addresses
+    ]
+    if mqtt is not None:
+        routes.append(mqtt(pid, seal(identity, "offer", pid, body), oid))
+    if not routes:
+        raise SignalingError("no route to the peer")
+    tasks = [asyncio.ensure_future(route) for route in routes]
+    errors = []
+    try:
+        for attempt in asyncio.as_completed(tasks):
+            try:
+                return await attempt
+            except SignalingError as exc:
+                errors.append(str(exc))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    raise SignalingError("; ".join(errors))

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,7 @@ class PendingConnection:
         self.config = config
         self.offerer = offerer
         self.expected_peer = expected_peer
+        self.started = time.monotonic()
         self._channel_ready: asyncio.Future[RtcChannel] = asyncio.get_running_loop().create_future()
         # Retrieved even when nobody awaits it (a dial abandoned early), so no warning is logged.
         self._channel_ready.add_done_callback(
