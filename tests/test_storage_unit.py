@@ -384,3 +384,34 @@ def test_our_own_provider_records_are_never_refused(monkeypatch: pytest.MonkeyPa
         False,
     ]
     assert all(provs.accept(_holder_record(node.identity, o)) is not None for o in oids)
+
+
+def test_puts_pinning_from_several_threads_at_once_keep_every_pin(tmp_path: Path) -> None:
+    """The API runs each put on a worker thread, and every put pins its object: the pin file
+    was written through one shared temporary name, so two puts at once could each replace
+    it and the second found it gone (HTTP 500 in test_llmjobs_mesh's side-by-side puts)."""
+    import threading
+
+    store = BlobStore(tmp_path)
+    objects = [store.put_bytes(os.urandom(2 * KiB)) for _ in range(8)]
+    for obj in objects:
+        store.unpin(obj.id)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(objects))
+
+    def pin_often(oid: str) -> None:
+        start.wait()
+        try:
+            for k in range(200):
+                store.pin(oid, replicas=1 + k % 3)
+        except BaseException as exc:  # noqa: BLE001 - the test reports whatever broke
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pin_often, args=(o.id,)) for o in objects]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    saved = json.loads((tmp_path / "pins.json").read_text())
+    assert set(saved) == {o.id for o in objects} == set(BlobStore(tmp_path).pins)

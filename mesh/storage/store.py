@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +88,9 @@ class BlobStore:
         self.quota = quota
         self._pins_file = self.root / "pins.json"
         self.pins: dict[str, dict[str, Any]] = {}
+        # Puts run on the API's worker threads and each pins its object: pins change and
+        # reach pins.json one writer at a time.
+        self._pins_lock = threading.Lock()
         self._holds: dict[str, int] = {}  # object or chunk ids protected from GC right now
         self._manifests: dict[str, Manifest] = {}
         self._packed: set[str] = set()  # packed objects whose data file is complete
@@ -96,6 +101,8 @@ class BlobStore:
 
     # -- state -----------------------------------------------------------------------------
     def _load(self) -> None:
+        for leftover in self.root.glob("pins.*.tmp"):  # a pin write cut short by a crash
+            leftover.unlink(missing_ok=True)
         with contextlib.suppress(OSError, ValueError):
             pins = json.loads(self._pins_file.read_text())
             if isinstance(pins, dict):
@@ -121,9 +128,17 @@ class BlobStore:
                 p.unlink(missing_ok=True)
 
     def _save_pins(self) -> None:
-        tmp = self._pins_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.pins))
-        os.replace(tmp, self._pins_file)
+        """Write pins.json whole (a temporary file of its own, then a rename). Call with
+        ``_pins_lock`` held."""
+        fd, name = tempfile.mkstemp(dir=self.root, prefix="pins.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.pins))
+            os.replace(name, self._pins_file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
 
     # -- chunks ----------------------------------------------------------------------------
     def chunk_path(self, sha: str) -> Path:
@@ -349,29 +364,33 @@ class BlobStore:
         (a pin without it is this node's own and charges nobody)."""
         if self.manifest(oid) is None:
             raise StoreError(f"no object {oid[:12]} here")
-        fresh = oid not in self.pins
-        entry = self.pins.setdefault(oid, {})
-        if replicas is not None:
-            entry["replicas"] = replicas
-        if for_peer is None:
-            entry.pop("for", None)
-        elif fresh:
-            entry["for"] = for_peer
-        self._save_pins()
+        with self._pins_lock:
+            fresh = oid not in self.pins
+            entry = self.pins.setdefault(oid, {})
+            if replicas is not None:
+                entry["replicas"] = replicas
+            if for_peer is None:
+                entry.pop("for", None)
+            elif fresh:
+                entry["for"] = for_peer
+            self._save_pins()
 
     def pinned_for(self, peer: str) -> int:
         """Bytes of the objects pinned here at ``peer``'s request."""
         total = 0
-        for oid, entry in self.pins.items():
+        with self._pins_lock:
+            pins = list(self.pins.items())
+        for oid, entry in pins:
             m = self._manifests.get(oid)
             if entry.get("for") == peer and m is not None:
                 total += m.size
         return total
 
     def unpin(self, oid: str) -> bool:
-        if self.pins.pop(oid, None) is None:
-            return False
-        self._save_pins()
+        with self._pins_lock:
+            if self.pins.pop(oid, None) is None:
+                return False
+            self._save_pins()
         return True
 
     @contextlib.contextmanager
