@@ -33,9 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_latency import generate  # noqa: E402  (the summary and the client's token gaps)
 from benchlib import docs_dir, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.client import MeshClient  # noqa: E402
 from mesh.launch.localmesh import NodeProcess  # noqa: E402
 from mesh.launch.natlab import NatLab, lab_unavailable  # noqa: E402
 
@@ -51,18 +51,6 @@ LOSS_RATIO = 1.2  # the goal's mean per-token time at 1 % loss over the lossless
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-async def generate(node: NodeProcess, body: dict[str, Any]) -> dict[str, Any]:
-    """The node's summary, and the gaps between token events as this client saw them."""
-    arrivals: list[float] = []
-    async with MeshClient(node.api, token=node.token) as client:
-        async for event in client.stream(**body):
-            if "token" in event:
-                arrivals.append(time.perf_counter())
-        summary = dict(client.last_summary)
-    summary["gaps_ms"] = [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    return summary
 
 
 def crossings(coordinator: str, stages: list[dict[str, Any]]) -> int:
