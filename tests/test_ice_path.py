@@ -64,3 +64,15 @@ def test_format_peers_shows_relay_paths():
     lines = format_peers(peers).splitlines()
     assert "relay->srflx udp (turn tcp)" in lines[1]
     assert lines[2].split()[2:4] == ["-", "-"]
+
+
+def test_format_peers_with_errors_says_why_a_peer_never_linked():
+    peers = [
+        {"peer_id": "ab" * 8, "state": "connected", "rtt_ms": 0.4, "last_error": None},
+        {"peer_id": "cd" * 8, "state": "discovered", "last_error": "not a member (expired)"},
+    ]
+    header, linked, refused = format_peers(peers, errors=True).splitlines()
+    assert header.split()[-2:] == ["LAST", "ERROR"]
+    assert linked.rstrip().endswith("-")
+    assert refused.endswith("not a member (expired)")
+    assert "LAST ERROR" not in format_peers(peers)

@@ -9,7 +9,7 @@ import aioice.ice
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from mesh.errors import Error, HandshakeError
+from mesh.errors import Error, HandshakeError, TransportError
 from mesh.net.identity import Identity
 from mesh.net.rpc import Reply
 from mesh.net.transport import (
@@ -127,6 +127,24 @@ async def test_connecting_to_the_wrong_peer_fails(engines):
     ra, rb = await asyncio.gather(pa.establish({}), pb.establish({}), return_exceptions=True)
     assert isinstance(ra, HandshakeError) and "expected peer" in str(ra)
     assert isinstance(rb, Error)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_connection_closed_before_its_handshake_is_not_a_failed_proof(engine):
+    # The peer gave this dial up (a simultaneous dial, a superseding offer) just as the channel
+    # opened: the certificates are gone with the connection, which must not count as a peer
+    # failing our handshake (that counter is what flags intruders).
+    a, b = Identity.generate(), Identity.generate()
+    pa, offer = await open_offer(a, cfg(engine), b.peer_id)
+    pb, answer = await accept_offer(b, cfg(engine), offer, a.peer_id)
+    await complete_offer(pa, answer)
+    served = asyncio.ensure_future(pb.establish({}))
+    await asyncio.wait_for(asyncio.shield(pa._channel_ready), 10)
+    await pa.pc.close()
+    with pytest.raises(TransportError):
+        await pa.establish({})
+    with pytest.raises(Error):
+        await asyncio.wait_for(served, 20)
 
 
 def host_candidates(sdp: str) -> set[str]:

@@ -1,7 +1,8 @@
 """The node's HTTP API (aiohttp), bound to loopback by default; who may call it: mesh/api/auth.py.
 
 ``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
-``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes
+``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes,
+                    last_error, handshake_failures (``?all=1``: every peer heard of)
 ``GET /v1/info``    this node: id, name, endpoints, counters of refused input
 ``GET /v1/mesh``    every member's summary (hardware, memory, shards, stages, tokens/s,
                     generations and routes) and the links each reports (mesh/meshview.py)
@@ -109,7 +110,8 @@ async def _bind(runner: web.AppRunner, host: str, port: int, fallback: bool) -> 
 
 async def _peers(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.json_response([e.as_dict() for e in node.peers.listed()])
+    everyone = request.query.get("all") in ("1", "true")  # also those never linked
+    return web.json_response([e.as_dict() for e in node.peers.listed(everyone=everyone)])
 
 
 async def _info(request: web.Request) -> web.Response:

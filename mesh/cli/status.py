@@ -17,6 +17,9 @@ def add_status_commands(sub: Any) -> None:
     c = sub.add_parser("peers", help="list the peers of a running node")
     add_api_args(c)
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument(
+        "--all", action="store_true", help="also peers heard of but never linked, with why"
+    )
     ps = sub.add_parser("ps", help="sessions, loaded shards and memory of a running node")
     add_api_args(ps)
     ps.add_argument("--json", action="store_true", help="print one JSON object")
@@ -37,20 +40,20 @@ def _path(ice: Any) -> str:
     return f"{ice.get('local', '?')}->{ice.get('remote', '?')} {ice.get('protocol', '?')}{relay}"
 
 
-def format_peers(peers: list[dict[str, Any]]) -> str:
-    rows = [("PEER", "NAME", "STATE", "RTT MS", "PATH", "SOURCE")]
+def format_peers(peers: list[dict[str, Any]], *, errors: bool = False) -> str:
+    """One row per peer; with ``errors``, the last error of its link or dials too."""
+    rows = [("PEER", "NAME", "STATE", "RTT MS", "PATH", "SOURCE") + (("LAST ERROR",) * errors)]
     for p in peers:
         rtt = p.get("rtt_ms")
-        rows.append(
-            (
-                str(p.get("peer_id", ""))[:16],
-                str(p.get("name", ""))[:20],
-                str(p.get("state", "")),
-                f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
-                _path(p.get("ice")),
-                str(p.get("source", "")),
-            )
+        row = (
+            str(p.get("peer_id", ""))[:16],
+            str(p.get("name", ""))[:20],
+            str(p.get("state", "")),
+            f"{rtt:.2f}" if isinstance(rtt, float | int) else "-",
+            _path(p.get("ice")),
+            str(p.get("source", "")),
         )
+        rows.append(row + ((str(p.get("last_error") or "-")[:60],) * errors))
     return _table(rows)
 
 
@@ -86,8 +89,9 @@ def format_ps(info: dict[str, Any]) -> str:
 def run_status_command(args: argparse.Namespace) -> int:
     api = node_api(args)
     if args.command == "peers":
-        peers = api_get(api, "/v1/peers")
-        print(json.dumps({"api": api.url, "peers": peers}) if args.json else format_peers(peers))
+        peers = api_get(api, "/v1/peers?all=1" if args.all else "/v1/peers")
+        text = format_peers(peers, errors=args.all)
+        print(json.dumps({"api": api.url, "peers": peers}) if args.json else text)
         return 0
     info = api_get(api, "/v1/info")
     compute = info.get("compute") or {}

@@ -400,6 +400,7 @@ class Connections:
             self.counters["dial_failures"] += 1
             if isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1
+                entry.handshake_failures += 1
             if not isinstance(exc, EXPECTED):
                 log.exception("dial %s failed unexpectedly", pid[:12])
             entry.last_error = str(exc)
@@ -526,9 +527,12 @@ class Connections:
         try:
             link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except EXPECTED as exc:
+            entry = self.peers.get(pid)
             if isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1
-            if (entry := self.peers.get(pid)) is not None:
+                if entry is not None:
+                    entry.handshake_failures += 1
+            if entry is not None:
                 entry.last_error = str(exc)
             log.warning("inbound connection from %s failed: %s", pid[:12], exc)
             return

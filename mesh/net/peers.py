@@ -36,6 +36,7 @@ class PeerEntry:
     dialing: asyncio.Task[None] | None = None
     dial_started: float = 0.0  # monotonic, of the dial in flight
     failures: int = 0
+    handshake_failures: int = 0  # WebRTC connections with it that failed our handshake
     next_attempt: float = 0.0
     connected_since: float | None = None  # wall clock
     disconnected_at: float | None = None  # monotonic
@@ -79,6 +80,7 @@ class PeerEntry:
             "bytes_sent": link.bytes_sent if link is not None else 0,
             "bytes_received": link.bytes_received if link is not None else 0,
             "last_error": self.last_error,
+            "handshake_failures": self.handshake_failures,
         }
 
 
@@ -127,11 +129,15 @@ class PeerTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def listed(self, now: float | None = None) -> list[PeerEntry]:
-        """Proven peers that are connected or were within ``expiry`` seconds."""
+    def listed(self, now: float | None = None, *, everyone: bool = False) -> list[PeerEntry]:
+        """Proven peers that are connected or were within ``expiry`` seconds; with
+        ``everyone``, every peer heard of too (never linked, with its last error)."""
         now = time.monotonic() if now is None else now
         out = []
         for e in self._entries.values():
+            if everyone:
+                out.append(e)
+                continue
             if not e.proven:
                 continue
             if e.connected or (

@@ -288,7 +288,14 @@ class PendingConnection:
         return local, remote
 
     async def _handshake(self, channel: RtcChannel) -> Any:
-        local_fp, remote_fp = self._fingerprints()
+        try:
+            local_fp, remote_fp = self._fingerprints()
+        except HandshakeError:
+            if self._failed.is_set() or channel.readyState != "open":
+                # closed under us (the peer gave this dial up for its own): no certificate
+                # left to read is not a failed proof
+                raise TransportError("connection closed during the handshake") from None
+            raise
         state = HandshakeState(
             self.identity,
             offerer=self.offerer,

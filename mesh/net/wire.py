@@ -390,8 +390,10 @@ class SendBudget:
         async with self._changed:
             # a message over the byte budget still goes, alone
             await self._changed.wait_for(
-                lambda: self._used_slots < self._slots
-                and (self._used_slots == 0 or self._used_bytes + size <= self._bytes)
+                lambda: (
+                    self._used_slots < self._slots
+                    and (self._used_slots == 0 or self._used_bytes + size <= self._bytes)
+                )
             )
             self._used_slots += 1
             self._used_bytes += size
