@@ -113,7 +113,7 @@ async def one_lab(
     n: int, model: Path, base: Path, conditions: list[tuple[float, float]], opts: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """n nodes, each in its own home; every condition measured on the same mesh."""
-    node_args = ["--runtime", "onnx"]
+    node_args = ["--runtime", "onnx", "--copies", opts.copies]
     if opts.threads:
         node_args += ["--threads", str(opts.threads)]
     body: dict[str, Any] = {
@@ -241,6 +241,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--copies", choices=("auto", "on", "off"), default="auto", help="nodes' --copies"
+    )
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--no-docs", action="store_true")
     opts = ap.parse_args()

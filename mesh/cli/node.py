@@ -136,6 +136,14 @@ def _add_node_network_args(n: argparse.ArgumentParser) -> None:
 def _add_node_engine_args(n: argparse.ArgumentParser) -> None:
     """The WebRTC engine and the event loop of ``node``."""
     n.add_argument(
+        "--copies",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also send small frames (decode steps) on a second, unreliable data channel, so "
+        "a lost packet costs a millisecond instead of SCTP's 400 ms+ retransmission timeout; "
+        "auto: on links that cross a NAT or a TURN relay",
+    )
+    n.add_argument(
         "--webrtc-engine",
         choices=("auto", "wrtc", "aiortc"),
         default="auto",
@@ -287,7 +295,10 @@ def _transport_config(args: argparse.Namespace, data_dir: Path) -> Any:
             args.stun, config_file=args.ice_config, default_file=data_dir / ICE_FILE
         )
         return TransportConfig(
-            ice_servers=servers, relay_only=args.ice_relay_only, engine=args.webrtc_engine
+            ice_servers=servers,
+            relay_only=args.ice_relay_only,
+            engine=args.webrtc_engine,
+            copies=args.copies,
         )
     except IceConfigError as exc:
         raise CliError(str(exc)) from None

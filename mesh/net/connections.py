@@ -398,12 +398,9 @@ class Connections:
             if pending is not None:
                 await pending.pc.close()
             self.counters["dial_failures"] += 1
-            if isinstance(exc, HandshakeError):
-                self.counters["handshake_failures"] += 1
-                entry.handshake_failures += 1
+            self.counters["handshake_failures"] += entry.failed(exc)
             if not isinstance(exc, EXPECTED):
                 log.exception("dial %s failed unexpectedly", pid[:12])
-            entry.last_error = str(exc)
             log.warning("dial %s failed: %s", pid[:12], exc)
             self._backoff(entry)
             return
@@ -528,12 +525,10 @@ class Connections:
             link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
         except EXPECTED as exc:
             entry = self.peers.get(pid)
-            if isinstance(exc, HandshakeError):
-                self.counters["handshake_failures"] += 1
-                if entry is not None:
-                    entry.handshake_failures += 1
             if entry is not None:
-                entry.last_error = str(exc)
+                self.counters["handshake_failures"] += entry.failed(exc)
+            elif isinstance(exc, HandshakeError):
+                self.counters["handshake_failures"] += 1
             log.warning("inbound connection from %s failed: %s", pid[:12], exc)
             return
         finally:

@@ -114,6 +114,9 @@ class RtcPeer(ABC):
     def __init__(self) -> None:
         self.on_state: Callable[[str], None] | None = None
         self.on_channel: Callable[[RtcChannel], None] | None = None
+        # The negotiated, unordered, unretransmitted channel for copies of small frames
+        # (mesh.net.copies), made with the offer or the answer.
+        self.spare: RtcChannel | None = None
         # What our SDP lacked of what the ICE servers give (srflx, relay) when gathering was
         # cut off by its timeout: a sign that the network is down (mesh.net.netwatch).
         # Empty when gathering completed or got what the servers give.

@@ -26,6 +26,7 @@ from aiortc import (
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.errors import HandshakeError, TransportError
+from mesh.net.copies import SPARE_ID, SPARE_LABEL
 from mesh.net.engine import Engine, IceStats, PeerOptions, RtcChannel, RtcPeer, sha256_fingerprint
 
 __all__ = [
@@ -212,13 +213,22 @@ class AiortcPeer(RtcPeer):
             else:
                 channel.close()
 
+    def _add_spare(self) -> None:
+        self.spare = AiortcChannel(
+            self.pc.createDataChannel(
+                SPARE_LABEL, ordered=False, maxRetransmits=0, negotiated=True, id=SPARE_ID
+            )
+        )
+
     async def offer(self, label: str) -> tuple[RtcChannel, str]:
         channel = AiortcChannel(self.pc.createDataChannel(label, ordered=True))
+        self._add_spare()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return channel, self.local_sdp
 
     async def answer(self, offer_sdp: str) -> str:
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        self._add_spare()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.local_sdp
 

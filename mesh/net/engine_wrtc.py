@@ -27,6 +27,7 @@ from typing import Any
 import webrtc
 
 from mesh.errors import HandshakeError, TransportError
+from mesh.net.copies import SPARE_ID, SPARE_LABEL
 from mesh.net.engine import Engine, PeerOptions, RtcChannel, RtcPeer, sha256_fingerprint
 from mesh.net.ice import IceConfigError, parse_url
 
@@ -259,9 +260,16 @@ class WrtcPeer(RtcPeer):
                     _relay_error(server.url, 0, "no relay candidate and no error reported")
                 )
 
+    def _add_spare(self, pc: webrtc.RTCPeerConnection) -> None:
+        init = webrtc.RTCDataChannelInit(
+            ordered=False, max_retransmits=0, negotiated=True, id=SPARE_ID
+        )
+        self.spare = WrtcChannel(pc.create_data_channel(SPARE_LABEL, init))
+
     async def offer(self, label: str) -> tuple[RtcChannel, str]:
         pc = await self._build()
         channel = WrtcChannel(pc.create_data_channel(label, webrtc.RTCDataChannelInit()))
+        self._add_spare(pc)
         await pc.set_local_description(await pc.create_offer())
         return channel, await self._gathered(pc)
 
@@ -271,6 +279,7 @@ class WrtcPeer(RtcPeer):
             webrtc.RTCSessionDescriptionInit(type="offer", sdp=offer_sdp)
         )
         self._remote_sdp = offer_sdp
+        self._add_spare(pc)
         await pc.set_local_description(await pc.create_answer())
         return await self._gathered(pc)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.errors import HandshakeError
 from mesh.net.rpc import Link
 
 __all__ = ["PeerEntry", "PeerTable", "MAX_PEERS"]
@@ -41,6 +42,13 @@ class PeerEntry:
     connected_since: float | None = None  # wall clock
     disconnected_at: float | None = None  # monotonic
     last_error: str | None = None
+
+    def failed(self, exc: BaseException) -> int:
+        """A dial or inbound connection failed with ``exc``; 1 if our handshake failed."""
+        self.last_error = str(exc)
+        handshake = int(isinstance(exc, HandshakeError))
+        self.handshake_failures += handshake
+        return handshake
 
     @property
     def announced(self) -> bool:
@@ -81,7 +89,22 @@ class PeerEntry:
             "bytes_received": link.bytes_received if link is not None else 0,
             "last_error": self.last_error,
             "handshake_failures": self.handshake_failures,
+            "copies": _copies(link) if link is not None and self.connected else None,
         }
+
+
+def _copies(link: Link) -> dict[str, Any] | None:
+    """Copies of small frames on the spare channel (mesh.net.copies): whether they are being
+    sent, how many were, and how many frames a copy brought first (a loss it covered)."""
+    if link.copies is None:
+        return None
+    sender, resequencer = link.copies
+    return {
+        "active": sender.active,
+        "sent": sender.copies_sent,
+        "used": resequencer.copies_used,
+        "dropped": resequencer.copies_dropped,
+    }
 
 
 class PeerTable:

@@ -175,6 +175,8 @@ class Link:
         self.offerer = False  # set by the transport: whether we sent the offer
         # Set by the transport: the ICE candidate pair in use (types, protocol), None if unknown.
         self.path: Callable[[], dict[str, Any] | None] = lambda: None
+        # Set by the transport: (CopySender, Resequencer) of mesh.net.copies, for /v1/peers.
+        self.copies: tuple[Any, Any] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = time.time()

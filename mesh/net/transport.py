@@ -25,6 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from mesh.errors import EXPECTED, HandshakeError, TransportError, WireError
 from mesh.net import engine_aiortc
+from mesh.net.copies import COPY_MODES, CopySender, Resequencer
 from mesh.net.engine import Engine, IceStats, RtcChannel, RtcPeer
 from mesh.net.handshake import Gate, HandshakeState, fingerprint_from_sdp
 from mesh.net.ice import IceConfigError, IceServer, check_servers
@@ -123,12 +124,15 @@ class TransportConfig:
     connect_timeout: float = 20.0
     link: LinkParams = field(default_factory=LinkParams)
     engine: str = "auto"
+    copies: str = "auto"  # small frames copied on a second channel (mesh.net.copies)
 
     def __post_init__(self) -> None:
         check_servers(self.servers)
         if self.relay_only and not any(s.is_turn for s in self.servers):
             raise IceConfigError("relay-only ICE needs a TURN server")
         get_engine(self.engine)  # TransportError now, not at the first dial
+        if self.copies not in COPY_MODES:
+            raise TransportError(f"copies {self.copies!r}: one of {', '.join(COPY_MODES)}")
 
     @property
     def servers(self) -> tuple[IceServer, ...]:
@@ -174,6 +178,8 @@ class PendingConnection:
         )
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
         self._link: Link | None = None
+        self._copies = Resequencer()  # frames from the main channel and the spare, in order
+        self._spare: RtcChannel | None = None
         self._failed = asyncio.Event()
         pc.on_state = self._on_state
         pc.on_channel = self.attach_channel
@@ -192,11 +198,7 @@ class PendingConnection:
 
         def _on_message(data: bytes) -> None:
             if self._link is not None:
-                try:
-                    self._link.feed(data)
-                except Exception as exc:  # never let a peer's message kill the engine's loop
-                    log.exception("link to %s failed on a message", self._link.peer_id[:12])
-                    self._link.close(f"internal error: {type(exc).__name__}")
+                self._guarded(self._copies.main, data)
             elif self._inbox.full():
                 # A peer flooding before the handshake completes is misbehaving.
                 self._fail_now("too many messages before the handshake completed")
@@ -222,6 +224,28 @@ class PendingConnection:
             on_close=_on_close,
             on_low=_on_low,
             low_water=self.config.link.low_water,
+        )
+
+    def _guarded(self, take: Callable[[bytes], None], data: bytes) -> None:
+        try:
+            take(data)
+        except Exception as exc:  # never let a peer's message kill the engine's loop
+            if self._link is None:
+                log.exception("connection failed on a message before its handshake")
+                self._fail_now(f"internal error: {type(exc).__name__}")
+                return
+            log.exception("link to %s failed on a message", self._link.peer_id[:12])
+            self._link.close(f"internal error: {type(exc).__name__}")
+
+    def attach_spare(self, channel: RtcChannel) -> None:
+        """The channel copies of small frames arrive on (mesh.net.copies)."""
+        self._spare = channel
+        channel.bind(
+            on_message=lambda data: self._guarded(self._copies.copy, data),
+            on_open=lambda: None,
+            on_close=lambda: None,
+            on_low=lambda: None,
+            low_water=0,
         )
 
     def _fail_now(self, reason: str) -> None:
@@ -261,13 +285,16 @@ class PendingConnection:
                 on_close(closed)
 
         # The pc closes whenever the link closes, from the first message on.
-        link = Link(channel, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
+        sender = CopySender(channel, self._spare, self.config.copies, pc.candidate_pair)
+        link = Link(sender, hello.peer_id, hello.public_key, handlers, self.config.link, _closed)
         link.offerer = self.offerer
         link.path = pc.candidate_pair
+        link.copies = (sender, self._copies)
         self._link = link
+        self._copies.attach(link.feed)
         # Messages that raced the end of the handshake belong to the link.
         while not self._inbox.empty() and link.is_open:
-            link.feed(self._inbox.get_nowait())
+            self._copies.main(self._inbox.get_nowait())
         link.start()
         if self._failed.is_set():
             link.close("connection lost during handshake", notify=False)
@@ -381,6 +408,8 @@ async def open_offer(
         await pc.close()
         raise
     pending.attach_channel(channel)
+    if pc.spare is not None:
+        pending.attach_spare(pc.spare)
     return pending, sdp
 
 
@@ -412,6 +441,8 @@ async def accept_offer(
     except Exception as exc:
         await pc.close()
         raise TransportError(f"bad offer SDP: {exc}") from None
+    if pc.spare is not None:
+        pending.attach_spare(pc.spare)
     return pending, sdp
 
 

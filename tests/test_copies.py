@@ -1,0 +1,157 @@
+"""Copies of small frames on the spare channel (mesh.net.copies): the resequencer's order and
+bounds, and real connections with each engine pair where the main channel stalls (as SCTP does
+waiting to retransmit a lost packet) while the copies carry the link on."""
+
+import asyncio
+import dataclasses
+import struct
+
+import pytest
+
+from mesh.net.copies import MAX_AHEAD, WINDOW, CopySender, Resequencer
+from mesh.net.identity import Identity
+from mesh.net.rpc import Reply
+from mesh.net.transport import TransportConfig, accept_offer, complete_offer, open_offer
+from tests.test_transport import CFG, PAIRS
+
+
+def numbered(seq: int, frame: bytes) -> bytes:
+    return struct.pack(">Q", seq) + frame
+
+
+def test_frames_come_out_once_and_in_order_whichever_channel_is_first():
+    got: list[bytes] = []
+    r = Resequencer()
+    r.attach(got.append)
+    r.main(b"1")
+    r.copy(numbered(1, b"1"))  # late copy: dropped
+    r.copy(numbered(3, b"3"))  # ahead of a missing frame: waits
+    assert got == [b"1"] and r.waiting == 1
+    r.copy(numbered(2, b"2"))  # the missing one: both go
+    assert got == [b"1", b"2", b"3"] and r.copies_used == 2
+    r.main(b"2")
+    r.main(b"3")  # the main channel catching up brings nothing twice
+    r.main(b"4")
+    assert got == [b"1", b"2", b"3", b"4"] and r.waiting == 0
+
+
+def test_copies_before_the_link_wait_for_it():
+    got: list[bytes] = []
+    r = Resequencer()
+    r.copy(numbered(1, b"a"))
+    r.copy(numbered(2, b"b"))
+    assert got == []
+    r.attach(got.append)
+    assert got == [b"a", b"b"]
+    r.main(b"a")
+    r.main(b"b")
+    r.main(b"c")
+    assert got == [b"a", b"b", b"c"]
+
+
+def test_what_a_peer_can_make_the_resequencer_hold_is_bounded():
+    r = Resequencer()
+    r.attach(lambda frame: None)
+    r.copy(b"\x00" * 8)  # no frame after the number
+    r.copy(numbered(WINDOW + 5, b"far"))  # far past anything in flight
+    assert r.copies_dropped == 2 and r.waiting == 0
+    for seq in range(2, 2 + MAX_AHEAD + 10):  # frame 1 never comes: the rest wait, up to a cap
+        r.copy(numbered(seq, b"x" * 100))
+    assert r.waiting == MAX_AHEAD and r.copies_dropped == 12
+
+
+def test_copy_sender_modes():
+    class Sink:
+        label = "edgemesh"
+        readyState = "open"
+        bufferedAmount = 0
+
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def send(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(ValueError):
+        CopySender(Sink(), Sink(), "sometimes")  # type: ignore[arg-type]
+    lan = CopySender(Sink(), Sink(), "auto", lambda: {"local": "host", "remote": "prflx"})
+    wan = CopySender(Sink(), Sink(), "auto", lambda: {"local": "srflx", "remote": "host"})
+    off = CopySender(Sink(), Sink(), "off", lambda: {"local": "relay", "remote": "relay"})
+    assert not lan.active and wan.active and not off.active
+    assert CopySender(Sink(), None, "on").active is False  # no spare channel: nothing to copy on
+
+
+class Stalled:
+    """A main channel whose frames from the n-th on are held back, in order, until release:
+    what SCTP's ordered delivery does while it waits to retransmit a lost packet."""
+
+    def __init__(self, inner, after: int) -> None:
+        self._inner = inner
+        self._after = after
+        self._count = 0
+        self.held: list[bytes] = []
+        self.label = inner.label
+
+    @property
+    def bufferedAmount(self) -> int:  # noqa: N802
+        return self._inner.bufferedAmount
+
+    @property
+    def readyState(self) -> str:  # noqa: N802
+        return self._inner.readyState
+
+    def send(self, data: bytes) -> None:
+        self._count += 1
+        if self._count >= self._after and self.held is not None:
+            self.held.append(data)
+        else:
+            self._inner.send(data)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for frame in held:
+            self._inner.send(frame)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def echo(ctx, params, payload):
+    return Reply({"n": len(payload)}, payload)
+
+
+@pytest.mark.parametrize("engines", PAIRS)
+async def test_a_stalled_main_channel_is_carried_by_the_copies(engines):
+    a, b = Identity.generate(), Identity.generate()
+    ca = dataclasses.replace(CFG, engine=engines[0], copies="on")
+    cb = dataclasses.replace(CFG, engine=engines[1], copies="on")
+    pa, offer = await open_offer(a, ca, b.peer_id)
+    pb, answer = await accept_offer(b, cb, offer, a.peer_id)
+    await complete_offer(pa, answer)
+    la, lb = await asyncio.gather(pa.establish({"echo": echo}), pb.establish({"echo": echo}))
+    sender, _ = la.copies
+    stalled = Stalled(sender._main, after=1)
+    sender._main = stalled
+    for i in range(20):  # small calls, each while every frame since sits behind the "loss"
+        reply = await asyncio.wait_for(la.call("echo", {}, bytes([i]) * 2000), 10)
+        assert reply.payload == bytes([i]) * 2000
+    assert len(stalled.held) >= 20  # none of them came by the main channel
+    _, received = lb.copies
+    assert received.copies_used >= 20
+    stalled.release()  # the "retransmission": every frame again, dropped as seen
+    for _ in range(5):
+        reply = await asyncio.wait_for(la.call("echo", {}, b"z" * 70_000), 10)  # too big to copy
+        assert reply.payload == b"z" * 70_000
+    assert received.waiting == 0
+    la.close("done")
+    await asyncio.wait_for(lb.closed.wait(), 10)
+
+
+def test_the_copies_mode_is_checked_with_the_config():
+    from mesh.errors import TransportError
+
+    with pytest.raises(TransportError):
+        TransportConfig(copies="maybe")
