@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from mesh.net.copies import MAX_AHEAD, WINDOW, CopySender, Resequencer
+from mesh.net.copies import COPY_MAX, MAX_AHEAD, WINDOW, CopySender, Resequencer
 from mesh.net.identity import Identity
 from mesh.net.rpc import Reply
 from mesh.net.transport import TransportConfig, accept_offer, complete_offer, open_offer
@@ -54,10 +54,11 @@ def test_what_a_peer_can_make_the_resequencer_hold_is_bounded():
     r.attach(lambda frame: None)
     r.copy(b"\x00" * 8)  # no frame after the number
     r.copy(numbered(WINDOW + 5, b"far"))  # far past anything in flight
-    assert r.copies_dropped == 2 and r.waiting == 0
+    r.copy(numbered(2, b"x" * (COPY_MAX + 1)))  # bigger than any frame a sender copies
+    assert r.copies_dropped == 3 and r.waiting == 0
     for seq in range(2, 2 + MAX_AHEAD + 10):  # frame 1 never comes: the rest wait, up to a cap
         r.copy(numbered(seq, b"x" * 100))
-    assert r.waiting == MAX_AHEAD and r.copies_dropped == 12
+    assert r.waiting == MAX_AHEAD and r.copies_dropped == 13
 
 
 def test_copy_sender_modes():

@@ -153,7 +153,7 @@ class Resequencer:
         self._drain()
 
     def copy(self, data: bytes) -> None:
-        if len(data) <= _SEQ.size:
+        if not _SEQ.size < len(data) <= _SEQ.size + COPY_MAX:  # no frame, or one never copied
             self.copies_dropped += 1
             return
         (seq,) = _SEQ.unpack_from(data)
