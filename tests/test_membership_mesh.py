@@ -50,12 +50,30 @@ def _prepare(mesh: LocalMesh, name: str, kind: str, members: list[NodeProcess]) 
             revoke(mesh.owner_dir, pid, into=m.data_dir)
 
 
+async def _revocation_known(mesh: LocalMesh, members: list[NodeProcess]) -> None:
+    """Wait until every member read the revocation _prepare wrote to its data dir (its trust
+    service polls the file): the revoked intruder starts only then, as if the revocation had
+    spread before. (A member that admits a peer its revocation list does not name yet dials
+    it like any member, and the handshake's check refuses it: a failed handshake, which is
+    not what these tests ask about.)"""
+
+    async def known() -> bool | None:
+        for m in members:
+            if (await mesh.get(m, "/v1/info"))["trust"]["revoked"] < 1:
+                return None
+        return True
+
+    await wait_for(known, 20, "members to read the revocation")
+
+
 async def _intruders(
     mesh: LocalMesh, members: list[NodeProcess], args: list[str]
 ) -> tuple[list[NodeProcess], NodeProcess]:
     out = []
     for kind in KINDS:
         await asyncio.to_thread(_prepare, mesh, f"x-{kind}", kind, members)
+        if kind == "revoked":
+            await _revocation_known(mesh, members)
         out.append(await mesh.start_node(f"x-{kind}", args, module=INTRUDER, member=False))
     control = await mesh.start_node("x-valid", args, module=INTRUDER)
     return out, control
@@ -92,8 +110,12 @@ async def _check_refused(
         # Refused before any WebRTC work: no handshake with a member ever failed. (Intruders
         # link with each other and the control, and those handshakes are not the question.)
         heard = await mesh.get(x, "/v1/peers?all=1")
-        failed = {p["peer_id"]: p for p in heard if p["peer_id"] in ids and p["handshake_failures"]}
-        assert not failed, failed
+        failed = {
+            p["name"]: (p["handshake_failures"], p["last_error"])
+            for p in heard
+            if p["peer_id"] in ids and p["handshake_failures"]
+        }
+        assert not failed, (x.data_dir.name, failed)
         assert all(p["state"] != "connected" for p in heard if p["peer_id"] in ids)
 
 
