@@ -8,9 +8,11 @@ import struct
 
 import pytest
 
-from mesh.net.copies import COPY_MAX, MAX_AHEAD, WINDOW, CopySender, Resequencer
+from mesh.launch.localmesh import wait_for
+from mesh.net import copies
+from mesh.net.copies import COPY_MAX, MAX_AHEAD, STALL_HOLD, WINDOW, CopySender, Resequencer
 from mesh.net.identity import Identity
-from mesh.net.rpc import Reply
+from mesh.net.rpc import LinkParams, Reply
 from mesh.net.transport import TransportConfig, accept_offer, complete_offer, open_offer
 from tests.test_transport import CFG, PAIRS
 
@@ -61,21 +63,22 @@ def test_what_a_peer_can_make_the_resequencer_hold_is_bounded():
     assert r.waiting == MAX_AHEAD and r.copies_dropped == 13
 
 
+class Sink:
+    label = "edgemesh"
+    readyState = "open"
+    bufferedAmount = 0
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        pass
+
+
 def test_copy_sender_modes():
-    class Sink:
-        label = "edgemesh"
-        readyState = "open"
-        bufferedAmount = 0
-
-        def __init__(self) -> None:
-            self.sent: list[bytes] = []
-
-        def send(self, data: bytes) -> None:
-            self.sent.append(data)
-
-        def close(self) -> None:
-            pass
-
     with pytest.raises(ValueError):
         CopySender(Sink(), Sink(), "sometimes")  # type: ignore[arg-type]
     lan = CopySender(Sink(), Sink(), "auto", lambda: {"local": "host", "remote": "prflx"})
@@ -83,6 +86,38 @@ def test_copy_sender_modes():
     off = CopySender(Sink(), Sink(), "off", lambda: {"local": "relay", "remote": "relay"})
     assert not lan.active and wan.active and not off.active
     assert CopySender(Sink(), None, "on").active is False  # no spare channel: nothing to copy on
+
+
+def test_auto_copies_turn_on_after_a_stall_for_a_while(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(copies.time, "monotonic", lambda: clock[0])
+    host = lambda: {"local": "host", "remote": "host"}  # noqa: E731
+    lan, on, off = (CopySender(Sink(), Sink(), m, host) for m in ("auto", "on", "off"))
+    assert not lan.active and lan.reason is None
+    for s in (lan, on, off):
+        s.stalled(450.0)
+    assert lan.active and lan.reason == "stall"
+    assert on.active and on.reason == "on" and not off.active  # explicit modes keep theirs
+    clock[0] += STALL_HOLD - 1
+    assert lan.active  # still within the hold
+    lan.stalled(300.0)  # a second stall re-arms it
+    clock[0] += STALL_HOLD - 1
+    assert lan.active
+    clock[0] += 2
+    assert not lan.active and lan.reason is None
+
+
+def test_a_ping_far_slower_than_the_links_fastest_is_a_stall():
+    from mesh.net.rpc import Link
+
+    seen: list[float] = []
+    link = Link(Sink(), "p" * 32, b"k" * 32, {}, LinkParams(stall_ms=200, stall_factor=4))
+    link.on_stall = seen.append
+    for sample in (300.0, 60.0, 230.0, 239.0, 250.0):  # the first sets the floor: no stall
+        link._note_rtt(sample)
+    assert seen == [250.0] and link.stalls == 1 and link.rtt_min_ms == 60.0
+    link._note_rtt(199.0)  # 4 x 60 ms but under 200 ms: a slow path, not a stall
+    assert link.stalls == 1
 
 
 class Stalled:
@@ -147,6 +182,42 @@ async def test_a_stalled_main_channel_is_carried_by_the_copies(engines):
         reply = await asyncio.wait_for(la.call("echo", {}, b"z" * 70_000), 10)  # too big to copy
         assert reply.payload == b"z" * 70_000
     assert received.waiting == 0
+    la.close("done")
+    await asyncio.wait_for(lb.closed.wait(), 10)
+
+
+@pytest.mark.parametrize("engines", PAIRS)
+async def test_a_host_link_that_stalls_turns_its_copies_on(engines):
+    """auto mode on loopback (host candidates): no copies until the link stalls once; from
+    then on a stall of the main channel is carried by the copies."""
+    fast = LinkParams(ping_interval=0.05, dead_after=5.0)
+    a, b = Identity.generate(), Identity.generate()
+    ca = dataclasses.replace(CFG, engine=engines[0], copies="auto", link=fast)
+    cb = dataclasses.replace(CFG, engine=engines[1], copies="auto", link=fast)
+    pa, offer = await open_offer(a, ca, b.peer_id)
+    pb, answer = await accept_offer(b, cb, offer, a.peer_id)
+    await complete_offer(pa, answer)
+    la, lb = await asyncio.gather(pa.establish({"echo": echo}), pb.establish({"echo": echo}))
+    sender, _ = la.copies
+    await wait_for(lambda: la.rtt_min_ms, 10, "a first RTT sample")
+    await la.call("echo", {}, b"x" * 2000)
+    assert not sender.active and sender.copies_sent == 0  # a host pair: auto keeps them off
+    main = sender._main
+    held = Stalled(main, after=1)
+    sender._main = held
+    await asyncio.sleep(0.4)  # the outage itself (every frame held, pings included), not a wait
+    held.release()
+    sender._main = main
+    await wait_for(lambda: la.stalls or None, 10, "the held ping's pong")
+    assert sender.active and sender.reason == "stall"
+    stalled = Stalled(main, after=1)
+    sender._main = stalled
+    for i in range(10):
+        reply = await asyncio.wait_for(la.call("echo", {}, bytes([i]) * 2000), 10)
+        assert reply.payload == bytes([i]) * 2000
+    _, received = lb.copies
+    assert received.copies_used >= 10
+    stalled.release()
     la.close("done")
     await asyncio.wait_for(lb.closed.wait(), 10)
 

@@ -141,7 +141,8 @@ def _add_node_engine_args(n: argparse.ArgumentParser) -> None:
         default="auto",
         help="also send small frames (decode steps) on a second, unreliable data channel, so "
         "a lost packet costs a millisecond instead of SCTP's 400 ms+ retransmission timeout; "
-        "auto: on links that cross a NAT or a TURN relay",
+        "auto: on links that cross a NAT or a TURN relay, and on any link for 5 minutes "
+        "after it stalled",
     )
     n.add_argument(
         "--webrtc-engine",

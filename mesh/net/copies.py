@@ -14,8 +14,10 @@ in that order whichever channel brings them first and drops the second.
 
 A peer that does not create the channel gets no copies (ours is never opened, so we send
 none); a peer's copies are trusted as its main-channel frames are (same DTLS session).
-``mode``: ``on``, ``off``, or ``auto`` (on when the candidate pair in use crosses a NAT or a
-relay: srflx or relay on either side; a LAN or loopback path does not lose packets).
+``mode``: ``on``, ``off``, or ``auto``: on when the candidate pair in use crosses a NAT or a
+relay (srflx or relay on either side), and on any path for ``STALL_HOLD`` seconds after the
+link saw a stall (a ping far slower than its fastest: :attr:`mesh.net.rpc.Link.on_stall`), since
+a host pair can lose packets too (Wi-Fi, a VPN). A loopback or quiet LAN path pays nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ MAX_AHEAD = 64  # copies held for a frame still missing on both channels
 WINDOW = 4096  # a copy numbered further ahead than this is nonsense: dropped
 _SEQ = struct.Struct(">Q")
 _PATH_EVERY = 2.0  # seconds between looks at the candidate pair (auto mode)
+STALL_HOLD = 300.0  # seconds copies stay on (auto mode) after the link's last stall
 
 
 class CopySender:
@@ -72,7 +75,9 @@ class CopySender:
         self._seq = 0
         self._active = mode == "on"
         self._looked = -_PATH_EVERY
+        self._stalled_at: float | None = None
         self.copies_sent = 0
+        self.reason = "on" if mode == "on" else None  # why copies are sent, for /v1/peers
 
     @property
     def label(self) -> str:
@@ -89,11 +94,26 @@ class CopySender:
     @property
     def active(self) -> bool:
         """Whether small frames are being copied now."""
-        if self._mode == "auto" and time.monotonic() - self._looked >= _PATH_EVERY:
-            self._looked = time.monotonic()
+        now = time.monotonic()
+        if self._mode == "auto" and now - self._looked >= _PATH_EVERY:
+            self._looked = now
             pair = self._path() or {}
-            self._active = bool({pair.get("local"), pair.get("remote")} & {"srflx", "relay"})
+            crosses = bool({pair.get("local"), pair.get("remote")} & {"srflx", "relay"})
+            stalled = self._stalled_at is not None and now - self._stalled_at < STALL_HOLD
+            self._active = crosses or stalled
+            self.reason = "path" if crosses else "stall" if stalled else None
         return self._active and self._spare is not None and self._spare.readyState == "open"
+
+    def stalled(self, sample_ms: float) -> None:
+        """The link saw a stall (``sample_ms``: the ping's RTT): in auto mode, copy small
+        frames from now on, for ``STALL_HOLD`` seconds after the last one."""
+        if self._mode != "auto":
+            return
+        if not self._active:
+            log.info("copying small frames: a ping took %.0f ms", sample_ms)
+        self._stalled_at = self._looked = time.monotonic()
+        self._active = True
+        self.reason = self.reason or "stall"
 
     def send(self, data: bytes) -> None:
         self._main.send(data)

@@ -101,6 +101,8 @@ def _copies(link: Link) -> dict[str, Any] | None:
     sender, resequencer = link.copies
     return {
         "active": sender.active,
+        "why": sender.reason if sender.active else None,  # "on", "path" or "stall"
+        "stalls": link.stalls,  # pings far slower than the link's fastest
         "sent": sender.copies_sent,
         "used": resequencer.copies_used,
         "dropped": resequencer.copies_dropped,

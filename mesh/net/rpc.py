@@ -77,6 +77,8 @@ class LinkParams:
     low_water: int = 256 << 10
     ping_interval: float = 1.0
     dead_after: float = 6.0
+    stall_ms: float = 200.0  # a ping this slow (and stall_factor x the fastest) is a stall
+    stall_factor: float = 4.0
     partial_max_age: float = 60.0
     max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
     limits: Limits = field(default_factory=Limits)
@@ -169,6 +171,12 @@ class Link:
         self.rtt_ms: float | None = None
         # Called with (peer id, sample in ms) on every ping RTT sample (network coordinates).
         self.on_rtt: Callable[[str, float], None] | None = None
+        # Called with the sample (ms) when a ping took far longer than this link's fastest
+        # (``stall_ms`` and ``stall_factor`` x the minimum): what a lost packet does to a
+        # reliable, ordered channel while it waits for the retransmission.
+        self.on_stall: Callable[[float], None] | None = None
+        self.rtt_min_ms: float | None = None
+        self.stalls = 0
         self.last_rx = time.monotonic()
         self._serving_bytes = 0
         self._congested_since: float | None = None
@@ -370,12 +378,22 @@ class Link:
             if sent is not None:
                 sample = (time.monotonic() - sent) * 1000
                 self.rtt_ms = sample if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * sample
-                if self.on_rtt is not None:
-                    self.on_rtt(self.peer_id, sample)
+                self._note_rtt(sample)
         elif kind == "bye":
             self.close(f"peer said bye: {h.get('why')}", notify=False)
         else:
             log.debug("ignoring message of type %r from %s", kind, self.peer_id[:12])
+
+    def _note_rtt(self, sample: float) -> None:
+        p = self.params
+        low = self.rtt_min_ms
+        if low is not None and sample >= max(p.stall_ms, p.stall_factor * low):
+            self.stalls += 1
+            if self.on_stall is not None:
+                self.on_stall(sample)
+        self.rtt_min_ms = sample if low is None else min(low, sample)
+        if self.on_rtt is not None:
+            self.on_rtt(self.peer_id, sample)
 
     def _serve(self, msg: Message) -> None:
         h = msg.header
