@@ -3,7 +3,9 @@
 Measures, in the same run, for each engine (``--engines wrtc,aiortc``: libwebrtc and aiortc;
 ICE/UDP, DTLS, SCTP): the one-way time of a 4 KiB request (send to arrival in the peer's
 handler; one machine, one monotonic clock), its round trip (median, p99) and bulk throughput
-for 64 MiB over an edgemesh link, and the same over a TCP connection between two processes.
+for 64 MiB over an edgemesh link, the same over a TCP connection between two processes, and
+the engine's own floor: a raw data channel echo between two processes (examples/engine_floor.py)
+with no edgemesh framing, RPC or handshake.
 Writes JSON and refreshes docs/benchmarks.md.
 
     python examples/bench_transport.py [--json] [--count 500] [--bulk-mib 64] [--engines ...]
@@ -35,6 +37,7 @@ from benchlib import (  # noqa: E402
     update_benchmarks_md,
     write_json,
 )
+from engine_floor import engine_floor  # noqa: E402
 
 from mesh.launch.localmesh import LocalMesh  # noqa: E402
 from mesh.net.transport import wrtc_available  # noqa: E402
@@ -132,6 +135,9 @@ def engine_table(
         ("one_way_p99_ms", "same, p99 (ms)"),
         ("rtt_median_ms", f"{args.size // 1024} KiB RPC round trip, median (ms)"),
         ("rtt_p99_ms", "same, p99 (ms)"),
+        ("floor_rtt_median_ms", "the engine alone: raw 4 KiB echo, median (ms)"),
+        ("floor_rtt_p99_ms", "same, p99 (ms)"),
+        ("rtt_over_floor", "RPC round trip / the engine alone"),
         ("bulk_mb_per_s", f"bulk {args.bulk_mib} MiB in {args.message_kib} KiB messages (MB/s)"),
     ):
         row: list[Any] = [label] + [engines[n][key] for n in names]
@@ -168,6 +174,11 @@ def main() -> int:
     engines: dict[str, dict[str, Any]] = {}
     for engine in args.engines.split(","):
         engines[engine] = asyncio.run(mesh_figures(engine, args.size, args.count, bulk, message))
+        floor = engine_floor(engine, args.size, args.count)  # the engine alone, same run
+        engines[engine]["floor_rtt_median_ms"] = floor["rtt_median_ms"]
+        engines[engine]["floor_rtt_p99_ms"] = floor["rtt_p99_ms"]
+        rtt = engines[engine]["rtt_median_ms"]
+        engines[engine]["rtt_over_floor"] = rtt / floor["rtt_median_ms"]
     first = next(iter(engines.values()))
     result = {
         "machine": machine(),

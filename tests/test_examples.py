@@ -205,3 +205,19 @@ async def test_edgemesh_bench_order_quick_args_missing_and_failing_scripts(
 async def test_edgemesh_bench_rejects_an_unknown_script() -> None:
     code, _, err = await run("-m", "mesh", "bench", "--only", "nonsense")
     assert code == 2 and "invalid choice" in err
+
+
+@pytest.mark.parametrize("engine", ["wrtc", "aiortc"])
+async def test_engine_floor_echoes_between_two_processes(engine: str) -> None:
+    """The floor bench_transport puts beside the link's round trip: a raw channel, two
+    processes, every echo checked against what was sent."""
+    from mesh.net.transport import wrtc_available
+
+    if engine == "wrtc" and not wrtc_available():
+        pytest.skip("wrtc is not installed")
+    code, out, err = await run(
+        str(EXAMPLES / "engine_floor.py"), "--engine", engine, "--count", "20"
+    )
+    assert code == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["count"] == 20 and 0 < result["rtt_median_ms"] <= result["rtt_p99_ms"] < 1000
