@@ -3,7 +3,9 @@
 This machine's kernel has neither ``sch_netem`` nor ``sch_fq``, so a link's delay cannot be a
 qdisc. Instead iptables hands every packet crossing a lab router to queue N (``-j NFQUEUE``),
 and this process, run inside that router's namespace, gives each packet its ACCEPT verdict
-``delay`` seconds after it arrived. The delay is constant, so packets keep their order.
+``delay`` seconds after it arrived. The delay is constant, so packets keep their order. One
+thread reads and stamps packets, another sleeps to each verdict's time (to the microsecond,
+where event-loop timers would be up to a millisecond late).
 
 It speaks nfnetlink_queue directly over a netlink socket (no libnetfilter_queue binding is
 needed): bind the queue, ask for packet metadata only, read packet ids, answer verdicts.
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import errno
 import logging
+import queue
 import signal
 import socket
 import struct
 import sys
+import threading
+import time
 
 from mesh.errors import Error
 
@@ -30,6 +36,8 @@ __all__ = ["NfqDelay", "NfqError", "main"]
 log = logging.getLogger(__name__)
 
 NETLINK_NETFILTER = 12
+PR_SET_TIMERSLACK = 29
+_MAX_EARLY = 200e-6  # a sleep is cut short by at most this; the rest is a short spin
 NETLINK_NO_ENOBUFS = 5
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in the socket module
 SOL_NETLINK = 270
@@ -68,6 +76,15 @@ def _attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
+def _fine_timer_slack() -> None:
+    """Wake this thread's sleeps 1 ns after their time, not Linux's default 50 us slack."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the default slack, a little later
+        pass
+
+
 class NfqDelay:
     """Queue ``queue``'s packets, each accepted ``delay`` seconds after it arrived."""
 
@@ -77,6 +94,7 @@ class NfqDelay:
         self.maxlen = maxlen
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._seq = 0
+        self._stop = threading.Event()
         self.delayed = 0
 
     def _message(self, msg: int, family: int, body: bytes, flags: int = 0) -> bytes:
@@ -106,48 +124,83 @@ class NfqDelay:
         self._request(_attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
         self._request(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0, NFQNL_COPY_META)))
         self._request(_attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", self.maxlen)))
-        self.sock.setblocking(False)
 
     def _verdict(self, packet_id: int) -> None:
         body = _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet_id))
         try:
             self.sock.send(self._message(NFQNL_MSG_VERDICT, socket.AF_UNSPEC, body))
-        except BlockingIOError:  # the kernel drops it after its queue timeout: a lost packet
-            log.warning("verdict for packet %d not sent", packet_id)
+        except OSError as exc:  # the kernel drops it after its queue timeout: a lost packet
+            log.warning("verdict for packet %d not sent: %s", packet_id, exc)
 
-    def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
+    @staticmethod
+    def _packet_ids(data: bytes) -> list[int]:
+        """The packet ids of the queue messages in one netlink read."""
+        ids = []
+        pos = 0
+        while pos + _HDR.size <= len(data):
+            length, kind, _, _, _ = _HDR.unpack_from(data, pos)
+            if length < _HDR.size:
+                break
+            if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
+                body = data[pos + _HDR.size + _NFGEN.size : pos + length]
+                hdr = _attrs(body).get(NFQA_PACKET_HDR)
+                if hdr is not None and len(hdr) >= 4:
+                    ids.append(struct.unpack_from("!I", hdr)[0])
+            pos += (length + 3) & ~3
+        return ids
+
+    def _read(self, due: queue.SimpleQueue[tuple[float, int] | None]) -> None:
+        """Thread: stamp each packet as it arrives (its verdict is due ``delay`` later)."""
+        while not self._stop.is_set():
             try:
                 data = self.sock.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return
+            except TimeoutError:
+                continue
             except OSError as exc:  # ENOBUFS: the kernel dropped messages; carry on
-                log.warning("nfqueue read: %s", exc)
-                return
-            due = loop.time() + self.delay
-            pos = 0
-            while pos + _HDR.size <= len(data):
-                length, kind, _, _, _ = _HDR.unpack_from(data, pos)
-                if length < _HDR.size:
+                if self._stop.is_set() or exc.errno == errno.EBADF:
                     break
-                if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
-                    body = data[pos + _HDR.size + _NFGEN.size : pos + length]
-                    hdr = _attrs(body).get(NFQA_PACKET_HDR)
-                    if hdr is not None and len(hdr) >= 4:
-                        (packet_id,) = struct.unpack_from("!I", hdr)
-                        loop.call_at(due, self._verdict, packet_id)
-                        self.delayed += 1
-                pos += (length + 3) & ~3
+                log.warning("nfqueue read: %s", exc)
+                continue
+            at = time.monotonic() + self.delay
+            for packet_id in self._packet_ids(data):
+                due.put((at, packet_id))
+                self.delayed += 1
+        due.put(None)
+
+    def _release(self, due: queue.SimpleQueue[tuple[float, int] | None]) -> None:
+        """Thread: each verdict at its time. The delay is constant, so arrival order is due
+        order. ``time.sleep`` waits to the microsecond; the event loop's timers round up to
+        the next millisecond (every packet ~0.5 ms late, twice per lab crossing)."""
+        _fine_timer_slack()
+        late = 0.0  # how late a sleep wakes (moving average, capped): we sleep that much less
+        while (item := due.get()) is not None:
+            at, packet_id = item
+            wait = at - time.monotonic()
+            if wait > late:
+                time.sleep(wait - late)
+                woke = time.monotonic()
+                late = min(_MAX_EARLY, max(0.0, 0.9 * late + 0.1 * (woke - at + late)))
+                while woke < at:  # woken early: never release a packet before its time
+                    woke = time.monotonic()
+            self._verdict(packet_id)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.sock.fileno(), self._readable, loop)
+        self.sock.settimeout(0.2)  # the reader's period of looking at the stop flag
+        due: queue.SimpleQueue[tuple[float, int] | None] = queue.SimpleQueue()
+        threads = [
+            threading.Thread(target=self._read, args=(due,), name="nfq-read", daemon=True),
+            threading.Thread(target=self._release, args=(due,), name="nfq-verdict", daemon=True),
+        ]
+        for t in threads:
+            t.start()
         if ready is not None:
             ready.set()
         try:
             await asyncio.Event().wait()  # until cancelled
         finally:
-            loop.remove_reader(self.sock.fileno())
+            self._stop.set()
+            for t in threads:
+                await asyncio.to_thread(t.join, 5)
             self.sock.close()
 
 
