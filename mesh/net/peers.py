@@ -106,6 +106,7 @@ def _copies(link: Link) -> dict[str, Any] | None:
         "sent": sender.copies_sent,
         "used": resequencer.copies_used,
         "dropped": resequencer.copies_dropped,
+        "held": resequencer.waiting,  # copies waiting for an earlier frame (at most 64)
     }
 
 
