@@ -125,9 +125,7 @@ class Runtime(ABC):
         runs them one by one; an engine that can share the weight reads overrides it."""
         return [self._forward(st.session, st.inputs, st.all_logits) for st in steps]
 
-    def check_step(
-        self, session: Session, inputs: npt.ArrayLike, all_logits: bool = False
-    ) -> Step:
+    def check_step(self, session: Session, inputs: npt.ArrayLike, all_logits: bool = False) -> Step:
         """The step, validated: an open session of this shard, inputs of the right kind, and
         room left in the session."""
         if session.closed or self._sessions.get(session.id) is not session:

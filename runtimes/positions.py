@@ -41,4 +41,3 @@ def attention_masks(n_past: int, n_new: int, window: int) -> np.ndarray[Any, Any
     if window > 0:
         ok &= (qpos - kpos) < window  # llama.cpp: masked when p1 - p0 >= n_swa
     return np.where(ok, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
-

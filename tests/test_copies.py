@@ -227,3 +227,19 @@ def test_the_copies_mode_is_checked_with_the_config():
 
     with pytest.raises(TransportError):
         TransportConfig(copies="maybe")
+
+
+def test_a_link_that_broke_the_protocol_costs_a_doubling_penalty():
+    from mesh.net.peers import PENALTY_BASE, PENALTY_MAX, PeerEntry
+
+    e = PeerEntry("p" * 32)
+    e.link_closed("peer said bye: stopping", grace=0.25)
+    assert e.shunned == 0 and e.protocol_errors == 0
+    waits = []
+    for _ in range(10):
+        e.link_closed("protocol error: bad magic", grace=0.25)
+        waits.append(e.shunned)
+        assert e.next_attempt >= e.shunned_until  # no dial of ours before it either
+    assert PENALTY_BASE - 1 < waits[0] <= PENALTY_BASE
+    assert 2 * PENALTY_BASE - 1 < waits[1] <= 2 * PENALTY_BASE
+    assert PENALTY_MAX - 1 < waits[-1] <= PENALTY_MAX and e.protocol_errors == 10

@@ -59,5 +59,16 @@ async def test_garbage_copied_as_the_next_frames_closes_only_that_link(local_mes
     await v.wait_logged(f"link to {x.peer_id[:12]} closed: protocol error", timeout=30)
     assert "failed on a message" not in v.log_text()  # refused as bad input, not a crash
     assert h.peer_id in await local_mesh.connected_ids(v)
-    info = await local_mesh.get(v, "/v1/info")
+
+    # The flooder redials at once; for the penalty (5 s, doubling) it is refused before any
+    # WebRTC work, rather than relinked and broken four times a second.
+    async def refused() -> dict | None:
+        info = await local_mesh.get(v, "/v1/info")
+        return info if info["counters"].get("shunned_refused", 0) >= 1 else None
+
+    info = await wait_for(refused, 30, "the flooder's redial to be refused")
     assert info["peer_id"] == v.peer_id
+    entry = next(p for p in await local_mesh.get(v, "/v1/peers?all=1") if p["peer_id"] == x.peer_id)
+    assert entry["protocol_errors"] >= 1 and entry["refused_for_s"] > 0, entry
+    links = v.log_text().count(f"connected to {x.peer_id[:12]}")
+    assert links <= entry["protocol_errors"] + 1, (links, entry)

@@ -118,6 +118,7 @@ class Connections:
             "banned_refused": 0,
             "unproven_evicted": 0,
             "lapsed_dropped": 0,
+            "shunned_refused": 0,  # offers of a peer whose link broke the protocol, refused
         }
         self.not_member: dict[str, int] = {}  # refusals by where they came from
         self.banned: dict[str, str] = {}  # peer id -> reason (insertion ordered, bounded)
@@ -239,7 +240,7 @@ class Connections:
         # Only a source that newly names the peer resets the backoff: re-announcements don't.
         if fresh and not entry.connected and not self._busy(entry):
             entry.failures = 0
-            entry.next_attempt = time.monotonic() + self._grace(peer_id)
+            entry.next_attempt = max(time.monotonic() + self._grace(peer_id), entry.shunned_until)
 
     def unhint(self, peer_id: str, source: str) -> None:
         """A source no longer names ``peer_id`` (confirmed goodbye, will, lapsed record)."""
@@ -438,6 +439,9 @@ class Connections:
         if pid in self.banned:
             self.counters["banned_refused"] += 1
             raise SignalingError("banned")
+        if (known := self.peers.get(pid)) is not None and known.shunned:
+            self.counters["shunned_refused"] += 1
+            raise SignalingError(f"refused for {known.shunned:.0f} s: its link broke the protocol")
         try:  # before any WebRTC work: a stranger costs one signature check
             self.admit(pid, env.body.get("cert"), "offer")
         except NotAMember as exc:
@@ -569,11 +573,8 @@ class Connections:
         entry = self.peers.get(link.peer_id)
         if entry is None or entry.link is not link:
             return
-        entry.disconnected_at = time.monotonic()
-        entry.last_seen = time.time()
-        entry.last_error = link.close_reason
+        entry.link_closed(link.close_reason, self._grace(link.peer_id))
         log.info("link to %s closed: %s", link.peer_id[:12], link.close_reason)
-        entry.next_attempt = time.monotonic() + self._grace(link.peer_id)
 
     def ban(self, peer_id: str, reason: str) -> None:
         """Refuse ``peer_id`` from now on: close its link, forget its addresses."""

@@ -19,6 +19,11 @@ from mesh.net.rpc import Link
 __all__ = ["PeerEntry", "PeerTable", "MAX_PEERS"]
 
 MAX_PEERS = 1024  # hints beyond this are ignored: an attacker can announce many ids
+# A peer whose link broke the protocol (malformed frames) is refused, and not dialled, for
+# PENALTY_BASE seconds, doubling with each such link up to PENALTY_MAX: otherwise it could
+# make us set up a DTLS session and check its proofs four times a second, for ever.
+PENALTY_BASE = 5.0
+PENALTY_MAX = 300.0
 
 
 @dataclass
@@ -42,6 +47,27 @@ class PeerEntry:
     connected_since: float | None = None  # wall clock
     disconnected_at: float | None = None  # monotonic
     last_error: str | None = None
+    protocol_errors: int = 0  # links with it that closed on a malformed frame
+    shunned_until: float = 0.0  # monotonic: its offers refused, no dials, until then
+
+    def link_closed(self, reason: str | None, grace: float) -> None:
+        """Its link closed for ``reason``: redial after ``grace`` seconds, or after the
+        penalty (see PENALTY_BASE) when the link broke the protocol."""
+        now = time.monotonic()
+        self.disconnected_at = now
+        self.last_seen = time.time()
+        self.last_error = reason
+        self.next_attempt = now + grace
+        if reason is not None and reason.startswith("protocol error"):
+            self.protocol_errors += 1
+            penalty = min(PENALTY_BASE * 2 ** (self.protocol_errors - 1), PENALTY_MAX)
+            self.shunned_until = now + penalty
+            self.next_attempt = max(self.next_attempt, self.shunned_until)
+
+    @property
+    def shunned(self) -> float:
+        """Seconds left of its penalty (0: none)."""
+        return max(0.0, self.shunned_until - time.monotonic())
 
     def failed(self, exc: BaseException) -> int:
         """A dial or inbound connection failed with ``exc``; 1 if our handshake failed."""
@@ -89,6 +115,8 @@ class PeerEntry:
             "bytes_received": link.bytes_received if link is not None else 0,
             "last_error": self.last_error,
             "handshake_failures": self.handshake_failures,
+            "protocol_errors": self.protocol_errors,
+            "refused_for_s": round(self.shunned, 1),
             "copies": _copies(link) if link is not None and self.connected else None,
         }
 
