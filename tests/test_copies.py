@@ -5,6 +5,7 @@ waiting to retransmit a lost packet) while the copies carry the link on."""
 import asyncio
 import dataclasses
 import struct
+import time
 
 import pytest
 
@@ -91,8 +92,11 @@ def test_copy_sender_modes():
 def test_auto_copies_turn_on_after_a_stall_for_a_while(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(copies.time, "monotonic", lambda: clock[0])
-    host = lambda: {"local": "host", "remote": "host"}  # noqa: E731
+    host = lambda: {"local": "host", "remote": "host", "same_host": False}  # noqa: E731
     lan, on, off = (CopySender(Sink(), Sink(), m, host) for m in ("auto", "on", "off"))
+    loop = CopySender(Sink(), Sink(), "auto", lambda: {"local": "host", "same_host": True})
+    loop.stalled(450.0)
+    assert not loop.active  # a loopback path: a slow ping is a busy machine, not a loss
     assert not lan.active and lan.reason is None
     for s in (lan, on, off):
         s.stalled(450.0)
@@ -114,10 +118,19 @@ def test_a_ping_far_slower_than_the_links_fastest_is_a_stall():
     link = Link(Sink(), "p" * 32, b"k" * 32, {}, LinkParams(stall_ms=200, stall_factor=4))
     link.on_stall = seen.append
     for sample in (300.0, 60.0, 230.0, 239.0, 250.0):  # the first sets the floor: no stall
-        link._note_rtt(sample)
+        link._note_rtt(sample, at=time.monotonic())
+        link._confirm_stall()  # (the keepalive confirms a second later)
     assert seen == [250.0] and link.stalls == 1 and link.rtt_min_ms == 60.0
     link._note_rtt(199.0)  # 4 x 60 ms but under 200 ms: a slow path, not a stall
+    link._confirm_stall()
     assert link.stalls == 1
+    link._note_rtt(900.0, quiet=False)  # a megabyte moved meanwhile: behind it, not lost
+    link._confirm_stall()
+    sent = time.monotonic()
+    link._note_rtt(900.0, at=sent)
+    link._lagged_at = sent + 0.5  # our own loop woke late while the ping was out
+    link._confirm_stall()
+    assert link.stalls == 1 and seen == [250.0]
 
 
 class Stalled:
@@ -188,7 +201,7 @@ async def test_a_stalled_main_channel_is_carried_by_the_copies(engines):
 
 @pytest.mark.parametrize("engines", PAIRS)
 async def test_a_host_link_that_stalls_turns_its_copies_on(engines):
-    """auto mode on loopback (host candidates): no copies until the link stalls once; from
+    """auto mode on a host pair (loopback, read as a LAN's): no copies until it stalls once; from
     then on a stall of the main channel is carried by the copies."""
     fast = LinkParams(ping_interval=0.05, dead_after=5.0)
     a, b = Identity.generate(), Identity.generate()
@@ -199,6 +212,8 @@ async def test_a_host_link_that_stalls_turns_its_copies_on(engines):
     await complete_offer(pa, answer)
     la, lb = await asyncio.gather(pa.establish({"echo": echo}), pb.establish({"echo": echo}))
     sender, _ = la.copies
+    assert sender._path()["same_host"] is True  # which never turns copies on by a stall ...
+    sender._path = lambda: {"local": "host", "remote": "host", "same_host": False}  # a LAN
     await wait_for(lambda: la.rtt_min_ms, 10, "a first RTT sample")
     await la.call("echo", {}, b"x" * 2000)
     assert not sender.active and sender.copies_sent == 0  # a host pair: auto keeps them off

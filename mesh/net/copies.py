@@ -16,8 +16,9 @@ A peer that does not create the channel gets no copies (ours is never opened, so
 none); a peer's copies are trusted as its main-channel frames are (same DTLS session).
 ``mode``: ``on``, ``off``, or ``auto``: on when the candidate pair in use crosses a NAT or a
 relay (srflx or relay on either side), and on any path for ``STALL_HOLD`` seconds after the
-link saw a stall (a ping far slower than its fastest: :attr:`mesh.net.rpc.Link.on_stall`), since
-a host pair can lose packets too (Wi-Fi, a VPN). A loopback or quiet LAN path pays nothing.
+link saw a stall (a ping far slower than its fastest while nothing else moved:
+:attr:`mesh.net.rpc.Link.on_stall`), since a host pair can lose packets too (Wi-Fi, a VPN).
+A path within one machine never turns them on; a quiet LAN path pays nothing.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ class CopySender:
     def stalled(self, sample_ms: float) -> None:
         """The link saw a stall (``sample_ms``: the ping's RTT): in auto mode, copy small
         frames from now on, for ``STALL_HOLD`` seconds after the last one."""
-        if self._mode != "auto":
-            return
+        if self._mode != "auto" or (self._path() or {}).get("same_host"):
+            return  # (a path within this machine loses nothing: its slow pings are a busy machine)
         if not self._active:
             log.info("copying small frames: a ping took %.0f ms", sample_ms)
         self._stalled_at = self._looked = time.monotonic()

@@ -13,10 +13,14 @@ the live DTLS transport through :meth:`RtcPeer.dtls_fingerprints`, with either e
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import ifaddr
 
 from mesh.net.ice import IceServer
 
@@ -60,6 +64,37 @@ class PeerOptions(Protocol):
 
     @property
     def stats(self) -> IceStats: ...
+
+
+_OWN_TTL = 10.0  # seconds this machine's interface addresses are cached
+_own: tuple[float, frozenset[str]] = (-_OWN_TTL, frozenset())
+
+
+def _own_addresses() -> frozenset[str]:
+    global _own
+    now = time.monotonic()
+    if now - _own[0] >= _OWN_TTL:
+        ips = {
+            ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            for a in ifaddr.get_adapters()
+            for ip in a.ips
+        }
+        _own = (now, frozenset(ips))
+    return _own[1]
+
+
+def same_host(local: str | None, remote: str | None) -> bool:
+    """Whether a candidate pair (our address, the peer's) stays within this machine: either
+    end on loopback (packets from or to 127.0.0.1 never leave), or the peer's address one of
+    our own interfaces'. Such a path loses no packets. (libwebrtc hides the address of a
+    peer-reflexive remote: None.)"""
+    for address in (local, remote):
+        try:
+            if address is not None and ipaddress.ip_address(address).is_loopback:
+                return True
+        except ValueError:  # a hostname (an mDNS candidate)
+            pass
+    return remote is not None and remote in _own_addresses()
 
 
 def sha256_fingerprint(der: bytes) -> str:

@@ -27,7 +27,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.errors import HandshakeError, TransportError
 from mesh.net.copies import SPARE_ID, SPARE_LABEL
-from mesh.net.engine import Engine, IceStats, PeerOptions, RtcChannel, RtcPeer, sha256_fingerprint
+from mesh.net.engine import (
+    Engine,
+    IceStats,
+    PeerOptions,
+    RtcChannel,
+    RtcPeer,
+    same_host,
+    sha256_fingerprint,
+)
 
 __all__ = [
     "AiortcEngine",
@@ -143,6 +151,7 @@ def candidate_pair(pc: RTCPeerConnection) -> dict[str, Any] | None:
         "local": local.type,
         "remote": remote.type,
         "protocol": local.transport.lower(),
+        "same_host": same_host(local.host, remote.host),
     }
     if local.type == "relay":
         out["relay_protocol"] = ("tls/" if ice.turn_ssl else "") + str(ice.turn_transport)

@@ -28,7 +28,14 @@ import webrtc
 
 from mesh.errors import HandshakeError, TransportError
 from mesh.net.copies import SPARE_ID, SPARE_LABEL
-from mesh.net.engine import Engine, PeerOptions, RtcChannel, RtcPeer, sha256_fingerprint
+from mesh.net.engine import (
+    Engine,
+    PeerOptions,
+    RtcChannel,
+    RtcPeer,
+    same_host,
+    sha256_fingerprint,
+)
 from mesh.net.ice import IceConfigError, parse_url
 
 __all__ = ["WrtcEngine", "WrtcPeer", "filter_candidates", "GATHER_TIMEOUT"]
@@ -326,6 +333,7 @@ class WrtcPeer(RtcPeer):
             "local": str(local.type.value) if local.type else None,
             "remote": str(remote.type.value) if remote.type else None,
             "protocol": str(local.protocol.value) if local.protocol else None,
+            "same_host": same_host(local.address, remote.address),
         }
         if local.relay_protocol is not None:
             proto = str(webrtc.RTCIceServerTransportProtocol(local.relay_protocol).value)

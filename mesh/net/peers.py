@@ -103,7 +103,7 @@ class PeerEntry:
             "state": self.state,
             "rtt_ms": round(rtt, 3) if rtt is not None else None,
             # the ICE candidate pair in use: {"local", "remote", "protocol"[, "relay_protocol"]}
-            "ice": link.path() if link is not None and self.connected else None,
+            "ice": _pair(link) if link is not None and self.connected else None,
             "offered": link.offerer if link is not None and self.connected else None,
             "source": self.source,
             "sources": sorted(self.announced_by | ({"static"} if self.static else set())),
@@ -119,6 +119,12 @@ class PeerEntry:
             "refused_for_s": round(self.shunned, 1),
             "copies": _copies(link) if link is not None and self.connected else None,
         }
+
+
+def _pair(link: Link) -> dict[str, Any] | None:
+    """The candidate pair's types and protocols (not the engine's ``same_host`` flag)."""
+    pair = link.path()
+    return None if pair is None else {k: v for k, v in pair.items() if k != "same_host"}
 
 
 def _copies(link: Link) -> dict[str, Any] | None:

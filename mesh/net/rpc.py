@@ -79,6 +79,7 @@ class LinkParams:
     dead_after: float = 6.0
     stall_ms: float = 200.0  # a ping this slow (and stall_factor x the fastest) is a stall
     stall_factor: float = 4.0
+    stall_quiet: int = 64 << 10  # ... if no more than this moved, or was queued, meanwhile
     partial_max_age: float = 60.0
     max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
     limits: Limits = field(default_factory=Limits)
@@ -163,7 +164,10 @@ class Link:
         self._out_slots = asyncio.Semaphore(self.params.max_inflight_out)
         self._drained = asyncio.Event()
         self._drained.set()
-        self._pings: dict[int, float] = {}
+        # ping id -> (sent at, bytes moved until then, bytes queued then)
+        self._pings: dict[int, tuple[float, int, int]] = {}
+        self._lagged_at = -1.0  # when our keepalive last woke late (a busy event loop)
+        self._stalled: tuple[float, float] | None = None  # (RTT ms, sent at) of a slow ping
         self._ping_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -376,21 +380,24 @@ class Link:
         elif kind == "pong":
             sent = self._pings.pop(ident, None)  # type: ignore[arg-type]
             if sent is not None:
-                sample = (time.monotonic() - sent) * 1000
+                at, moved, queued = sent
+                sample = (time.monotonic() - at) * 1000
                 self.rtt_ms = sample if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * sample
-                self._note_rtt(sample)
+                # Behind a bulk transfer a ping is slow for reasons other than a lost
+                # packet: not a stall.
+                busy = self.bytes_sent + self.bytes_received - moved + queued
+                self._note_rtt(sample, busy <= self.params.stall_quiet, at)
         elif kind == "bye":
             self.close(f"peer said bye: {h.get('why')}", notify=False)
         else:
             log.debug("ignoring message of type %r from %s", kind, self.peer_id[:12])
 
-    def _note_rtt(self, sample: float) -> None:
+    def _note_rtt(self, sample: float, quiet: bool = True, at: float = 0.0) -> None:
+        """A ping's RTT (ms), sent at ``at``; ``quiet``: nothing else moved meanwhile."""
         p = self.params
         low = self.rtt_min_ms
-        if low is not None and sample >= max(p.stall_ms, p.stall_factor * low):
-            self.stalls += 1
-            if self.on_stall is not None:
-                self.on_stall(sample)
+        if quiet and low is not None and sample >= max(p.stall_ms, p.stall_factor * low):
+            self._stalled = (sample, at)  # confirmed unless our own loop was late meanwhile
         self.rtt_min_ms = sample if low is None else min(low, sample)
         if self.on_rtt is not None:
             self.on_rtt(self.peer_id, sample)
@@ -504,11 +511,25 @@ class Link:
                 self._congested_since = None
             self._reassembler.purge(p.partial_max_age)
             n = next(self._ping_ids)
-            self._pings = {k: v for k, v in self._pings.items() if now - v < p.dead_after}
-            self._pings[n] = now
+            self._pings = {k: v for k, v in self._pings.items() if now - v[0] < p.dead_after}
+            moved = self.bytes_sent + self.bytes_received
+            self._pings[n] = (now, moved, self.channel.bufferedAmount)
             with contextlib.suppress(Error):
                 self._send_now({"t": "ping", "n": n})
             await asyncio.sleep(p.ping_interval)  # a period, not synchronization
+            if time.monotonic() - now - p.ping_interval > 0.05:
+                self._lagged_at = time.monotonic()
+            self._confirm_stall()
+
+    def _confirm_stall(self) -> None:
+        """A slow ping is a stall if our event loop was not itself late since it was sent
+        (a busy loop reads the pong late whatever the network did)."""
+        stalled, self._stalled = self._stalled, None
+        if stalled is None or self._lagged_at >= stalled[1]:
+            return
+        self.stalls += 1
+        if self.on_stall is not None:
+            self.on_stall(stalled[0])
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else f"closed ({self.close_reason})"
