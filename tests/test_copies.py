@@ -5,7 +5,6 @@ waiting to retransmit a lost packet) while the copies carry the link on."""
 import asyncio
 import dataclasses
 import struct
-import time
 
 import pytest
 
@@ -117,20 +116,27 @@ def test_a_ping_far_slower_than_the_links_fastest_is_a_stall():
     seen: list[float] = []
     link = Link(Sink(), "p" * 32, b"k" * 32, {}, LinkParams(stall_ms=200, stall_factor=4))
     link.on_stall = seen.append
-    for sample in (300.0, 60.0, 230.0, 239.0, 250.0):  # the first sets the floor: no stall
-        link._note_rtt(sample, at=time.monotonic())
-        link._confirm_stall()  # (the keepalive confirms a second later)
+    t = [0.0]
+
+    def pong(sample: float, quiet: bool = True, peer_lag: int = 0) -> None:
+        t[0] += 1.0  # a ping a second; each pong settles the slow one before it
+        link._confirm_stall(t[0], peer_lag)
+        link._note_rtt(sample, quiet, t[0])
+
+    for sample in (300.0, 60.0, 230.0, 239.0, 250.0, 61.0):  # the first sets the floor
+        pong(sample)
     assert seen == [250.0] and link.stalls == 1 and link.rtt_min_ms == 60.0
-    link._note_rtt(199.0)  # 4 x 60 ms but under 200 ms: a slow path, not a stall
-    link._confirm_stall()
-    assert link.stalls == 1
-    link._note_rtt(900.0, quiet=False)  # a megabyte moved meanwhile: behind it, not lost
-    link._confirm_stall()
-    sent = time.monotonic()
-    link._note_rtt(900.0, at=sent)
-    link._lagged_at = sent + 0.5  # our own loop woke late while the ping was out
-    link._confirm_stall()
+    pong(199.0)  # 4 x 60 ms but under 200 ms: a slow path, not a stall
+    pong(900.0, quiet=False)  # a megabyte moved meanwhile: behind it, not lost
+    pong(900.0)
+    link._lagged_at = t[0] + 0.5  # our own loop woke late while the ping was out
+    pong(61.0)
+    pong(900.0)
+    pong(61.0, peer_lag=400)  # the peer's loop says it was 400 ms late meanwhile
     assert link.stalls == 1 and seen == [250.0]
+    pong(900.0)
+    pong(61.0, peer_lag=20)
+    assert link.stalls == 2 and seen == [250.0, 900.0]
 
 
 class Stalled:

@@ -54,6 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_LATE = 0.05  # seconds: a keepalive woken this late means a busy event loop
+
 
 class Channel(Protocol):
     """A reliable, ordered message channel. ``RTCDataChannel`` satisfies it.
@@ -167,6 +169,7 @@ class Link:
         # ping id -> (sent at, bytes moved until then, bytes queued then)
         self._pings: dict[int, tuple[float, int, int]] = {}
         self._lagged_at = -1.0  # when our keepalive last woke late (a busy event loop)
+        self._wakes: list[tuple[float, float]] = []  # (when, ms late) of the last keepalives
         self._stalled: tuple[float, float] | None = None  # (RTT ms, sent at) of a slow ping
         self._ping_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
@@ -376,7 +379,7 @@ class Link:
             # A peer that does not read its pongs must not grow our send queue.
             if self.channel.bufferedAmount <= self.params.high_water:
                 with contextlib.suppress(Error):
-                    self._send_now({"t": "pong", "n": ident})
+                    self._send_now({"t": "pong", "n": ident, "l": self._recent_lag_ms()})
         elif kind == "pong":
             sent = self._pings.pop(ident, None)  # type: ignore[arg-type]
             if sent is not None:
@@ -386,6 +389,8 @@ class Link:
                 # Behind a bulk transfer a ping is slow for reasons other than a lost
                 # packet: not a stall.
                 busy = self.bytes_sent + self.bytes_received - moved + queued
+                lag = h.get("l")
+                self._confirm_stall(at, lag if type(lag) is int else 0)
                 self._note_rtt(sample, busy <= self.params.stall_quiet, at)
         elif kind == "bye":
             self.close(f"peer said bye: {h.get('why')}", notify=False)
@@ -517,15 +522,26 @@ class Link:
             with contextlib.suppress(Error):
                 self._send_now({"t": "ping", "n": n})
             await asyncio.sleep(p.ping_interval)  # a period, not synchronization
-            if time.monotonic() - now - p.ping_interval > 0.05:
-                self._lagged_at = time.monotonic()
-            self._confirm_stall()
+            woke = time.monotonic()
+            late = woke - now - p.ping_interval
+            self._wakes = [w for w in self._wakes[-3:] if woke - w[0] < 3.0] + [(woke, late)]
+            if late > _LATE:
+                self._lagged_at = woke
 
-    def _confirm_stall(self) -> None:
-        """A slow ping is a stall if our event loop was not itself late since it was sent
-        (a busy loop reads the pong late whatever the network did)."""
-        stalled, self._stalled = self._stalled, None
-        if stalled is None or self._lagged_at >= stalled[1]:
+    def _recent_lag_ms(self) -> int:
+        """How late (ms) our event loop ran its keepalive at worst in the last seconds: the
+        peer reads it from our pongs, to tell its stalls from our busy spells."""
+        return round(max((late for _, late in self._wakes), default=0.0) * 1000)
+
+    def _confirm_stall(self, later: float, peer_lag_ms: int) -> None:
+        """Decide a slow ping, on the pong of a ping sent after it (``later``): a stall,
+        unless our loop was late since, or the peer's says it was (a busy loop on either
+        end reads a ping or a pong late whatever the network did)."""
+        stalled = self._stalled
+        if stalled is None or later <= stalled[1]:
+            return
+        self._stalled = None
+        if self._lagged_at >= stalled[1] or peer_lag_ms > _LATE * 1000:
             return
         self.stalls += 1
         if self.on_stall is not None:
