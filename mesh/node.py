@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ifaddr
-
 from hw import load_profile, summary
 from mesh.api.generate import parse_generation
 from mesh.api.server import start_api
@@ -35,6 +33,7 @@ from mesh.jobs.service import JobService
 from mesh.local import DataDirLock
 from mesh.meshview import MeshView, own_summary
 from mesh.net.connections import ConnectionParams, Connections
+from mesh.net.engine import interface_addresses
 from mesh.net.identity import Identity
 from mesh.net.rpc import CallContext, Handler, Link, Reply, Service, handlers_of
 from mesh.net.signaling import ReplayGuard, SignalingServer, format_endpoint
@@ -91,10 +90,10 @@ class NodeConfig:
 def local_addresses() -> list[str]:
     """Non-loopback IPv4 addresses of this host (for the mDNS announcement)."""
     out = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
-                out.append(ip.ip)
+    for ip in interface_addresses():
+        address = ipaddress.ip_address(ip)
+        if address.version == 4 and not address.is_loopback:
+            out.append(ip)
     return out or ["127.0.0.1"]
 
 

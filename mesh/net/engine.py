@@ -70,16 +70,20 @@ _OWN_TTL = 10.0  # seconds this machine's interface addresses are cached
 _own: tuple[float, frozenset[str]] = (-_OWN_TTL, frozenset())
 
 
+def interface_addresses() -> list[str]:
+    """Every address of this machine's interfaces, IPv4 and IPv6, loopback included."""
+    return [
+        ip.ip if isinstance(ip.ip, str) else ip.ip[0]  # IPv6: (address, flow, scope)
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+    ]
+
+
 def _own_addresses() -> frozenset[str]:
     global _own
     now = time.monotonic()
     if now - _own[0] >= _OWN_TTL:
-        ips = {
-            ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            for a in ifaddr.get_adapters()
-            for ip in a.ips
-        }
-        _own = (now, frozenset(ips))
+        _own = (now, frozenset(interface_addresses()))
     return _own[1]
 
 
