@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import summarize  # noqa: E402
 
+from mesh.cli.node import loop_factory  # noqa: E402
 from mesh.net.engine import RtcChannel  # noqa: E402
 from mesh.net.transport import TransportConfig  # noqa: E402
 
@@ -32,12 +33,9 @@ LOOPBACK = ("127.0.0.1",)
 
 
 def _run(coro: Any) -> Any:
-    """Under uvloop when installed, as the node processes run."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    """On the event loop the node processes run (uvloop when installed)."""
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        return runner.run(coro)
 
 
 def _bind(channel: RtcChannel, on_message: Any, opened: asyncio.Event) -> None:
