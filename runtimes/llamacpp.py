@@ -15,6 +15,7 @@ import numpy as np
 
 from .base import Runtime, Session
 from .errors import ModelError, RuntimeUnavailableError
+from .llamaload import load_llama
 from .shards import ShardSpec
 
 __all__ = ["LlamaCppRuntime"]
@@ -22,7 +23,7 @@ __all__ = ["LlamaCppRuntime"]
 log = logging.getLogger(__name__)
 
 try:
-    import llama_cpp
+    import llama_cpp  # noqa: F401 - this runtime is unavailable without it
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise RuntimeUnavailableError(
         "the llamacpp runtime needs llama-cpp-python (pip install 'edgemesh[llamacpp]')"
@@ -56,7 +57,7 @@ class LlamaCppRuntime(Runtime):
             kwargs.update(type_k=_GGML_TYPE_F32, type_v=_GGML_TYPE_F32)
         self._n_ctx = n_ctx
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm = load_llama(
                 model_path=os.fspath(shard.whole_model_path),
                 n_ctx=n_ctx,
                 n_batch=min(n_batch, n_ctx),

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from .errors import ModelError, RuntimeUnavailableError
+from .llamaload import load_llama
 from .vocab import read_vocab, write_vocab_gguf
 
 __all__ = ["Tokenizer", "StreamDecoder"]
@@ -29,7 +30,7 @@ class Tokenizer:
 
     def __init__(self, gguf_path: str | os.PathLike[str]) -> None:
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401 - a clear error here, not inside load_llama
         except ImportError as exc:
             raise RuntimeUnavailableError(
                 "tokenizing needs llama-cpp-python (pip install 'edgemesh[llamacpp]')"
@@ -41,7 +42,7 @@ class Tokenizer:
         work = Path(tempfile.mkdtemp(prefix="edgemesh-vocab-"))  # mode 0700, ours alone
         try:
             ours = write_vocab_gguf(vocab, work / "vocab.gguf")
-            self._llama = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
+            self._llama = load_llama(str(ours), vocab_only=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:  # OSError: writing our copy
             raise ModelError(f"{path}: llama.cpp could not read its vocabulary: {exc}") from exc
         finally:

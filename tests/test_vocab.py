@@ -3,6 +3,7 @@ rewritten (runtimes/vocab.py), and llama.cpp loads only our copy, with the same 
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -200,3 +201,68 @@ def test_crafted_vocab_is_refused_before_llama_cpp(
     monkeypatch.setattr(llama_cpp, "Llama", must_not_run)
     with pytest.raises(ModelError):
         Tokenizer(path)
+
+
+LOADS_SIDE_BY_SIDE = """
+import os, sys, threading
+from runtimes.tokenizer import Tokenizer
+from runtimes.llamacpp import LlamaCppRuntime
+from runtimes.shards import ShardSpec
+path = sys.argv[1]
+def vocab():
+    Tokenizer(path)
+def whole():
+    LlamaCppRuntime(ShardSpec.open(path), n_ctx=64, threads=1)
+for _ in range(6):
+    ts = [threading.Thread(target=vocab if i % 4 else whole) for i in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+os.write(2, b"stderr-still-ours\\n")
+os.write(1, b"stdout-still-ours\\n")
+"""
+
+
+def test_llama_cpp_loads_side_by_side_keep_the_process_stdio(models: dict[str, Path]) -> None:
+    """llama-cpp-python silences a load by pointing fds 1 and 2 at /dev/null and back; two
+    loads on two threads can restore each other's /dev/null, and the node's log (its stderr)
+    went silent for good mid-job. Loads side by side must leave both fds where they were."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADS_SIDE_BY_SIDE, str(models["qwen2"])],
+        cwd=root,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"stderr-still-ours" in proc.stderr
+    assert b"stdout-still-ours" in proc.stdout
+
+
+async def test_a_node_loads_each_tokenizer_once_however_many_ask_at_once(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch job's first generations all ask for the model's tokenizer together: one load
+    (Gemma 3's vocabulary costs 3-5 s and its own tables each time), the same object for all."""
+    from mesh.inference.prompts import Tokenizers
+    from runtimes import tokenizer as tok_mod
+    from runtimes.shards import ShardStore
+
+    store = ShardStore(tmp_path / "shards")
+    manifest = store.add_model(models["qwen2"], [(0, 2), (2, 4)])
+    loads: list[Path] = []
+
+    class Counted(tok_mod.Tokenizer):
+        def __init__(self, path: Path) -> None:
+            loads.append(path)
+            super().__init__(path)
+
+    monkeypatch.setattr(tok_mod, "Tokenizer", Counted)
+    toks = Tokenizers({manifest.model_id: manifest}, store.blob_path)
+    got = await asyncio.gather(*(toks.get(manifest.model_id) for _ in range(8)))
+    assert len(loads) == 1 and all(t is got[0] for t in got)
+    assert toks.status() == {"tokenizers_loaded": 1}

@@ -201,6 +201,9 @@ class Tokenizers:
         self._manifests = manifests
         self._blob_path = blob_path
         self._loaded: dict[str, Any] = {}
+        # One load at a time: a batch job's first generations all ask at once, and each load
+        # of Gemma 3's vocabulary costs 3-5 s and its own copy of the tables.
+        self._loading = asyncio.Lock()
 
     def cached(self, mid: str) -> Any | None:
         """The tokenizer if already loaded (the hot path of every step: no I/O)."""
@@ -209,6 +212,12 @@ class Tokenizers:
     async def get(self, mid: str) -> Any:
         if mid in self._loaded:
             return self._loaded[mid]
+        async with self._loading:
+            if mid in self._loaded:  # loaded while this call waited
+                return self._loaded[mid]
+            return await self._load(mid)
+
+    async def _load(self, mid: str) -> Any:
         from runtimes.tokenizer import Tokenizer
 
         for sha in sorted(tokenizer_blobs(self._manifests[mid])):
