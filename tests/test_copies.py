@@ -4,6 +4,7 @@ waiting to retransmit a lost packet) while the copies carry the link on."""
 
 import asyncio
 import dataclasses
+import random
 import struct
 
 import pytest
@@ -13,6 +14,7 @@ from mesh.net import copies
 from mesh.net.copies import COPY_MAX, MAX_AHEAD, STALL_HOLD, WINDOW, CopySender, Resequencer
 from mesh.net.identity import Identity
 from mesh.net.rpc import LinkParams, Reply
+from mesh.net.stalls import RttFloor, StallWatch
 from mesh.net.transport import TransportConfig, accept_offer, complete_offer, open_offer
 from tests.test_transport import CFG, PAIRS
 
@@ -111,32 +113,70 @@ def test_auto_copies_turn_on_after_a_stall_for_a_while(monkeypatch):
 
 
 def test_a_ping_far_slower_than_the_links_fastest_is_a_stall():
-    from mesh.net.rpc import Link
-
     seen: list[float] = []
-    link = Link(Sink(), "p" * 32, b"k" * 32, {}, LinkParams(stall_ms=200, stall_factor=4))
-    link.on_stall = seen.append
+    watch = StallWatch(stall_ms=200, factor=4, window=120)
+    watch.on_stall = seen.append
     t = [0.0]
 
     def pong(sample: float, quiet: bool = True, peer_lag: int = 0) -> None:
         t[0] += 1.0  # a ping a second; each pong settles the slow one before it
-        link._confirm_stall(t[0], peer_lag)
-        link._note_rtt(sample, quiet, t[0])
+        watch.pong(t[0], sample, quiet, peer_lag)
 
     for sample in (300.0, 60.0, 230.0, 239.0, 250.0, 61.0):  # the first sets the floor
         pong(sample)
-    assert seen == [250.0] and link.stalls == 1 and link.rtt_min_ms == 60.0
+    assert seen == [250.0] and watch.stalls == 1 and watch.floor.value == 60.0
     pong(199.0)  # 4 x 60 ms but under 200 ms: a slow path, not a stall
     pong(900.0, quiet=False)  # a megabyte moved meanwhile: behind it, not lost
     pong(900.0)
-    link._lagged_at = t[0] + 0.5  # our own loop woke late while the ping was out
+    watch.woke(t[0] + 0.5, 0.4)  # our own loop woke late while the ping was out
     pong(61.0)
     pong(900.0)
     pong(61.0, peer_lag=400)  # the peer's loop says it was 400 ms late meanwhile
-    assert link.stalls == 1 and seen == [250.0]
+    assert watch.stalls == 1 and seen == [250.0]
     pong(900.0)
     pong(61.0, peer_lag=20)
-    assert link.stalls == 2 and seen == [250.0, 900.0]
+    assert watch.stalls == 2 and seen == [250.0, 900.0]
+
+
+def test_the_lateness_a_pong_reports_covers_the_last_seconds():
+    watch = StallWatch(stall_ms=200, factor=4, window=120)
+    assert watch.recent_lag_ms(0.0) == 0
+    watch.woke(10.0, 0.3)
+    watch.woke(11.0, 0.002)
+    assert watch.recent_lag_ms(11.5) == 300
+    assert watch.recent_lag_ms(13.5) == 2  # the late wake-up is over 3 s old
+    for at in range(20, 40):
+        watch.woke(float(at), 0.001)
+    assert len(watch._wakes) <= 4  # bounded however long the link lives
+
+
+def test_a_path_that_got_slower_for_good_stops_looking_stalled():
+    """The link's fastest ping is that of the last window: after a move to a slower path
+    (LAN to a far relay) its pings are stalls only until the old samples age out, not for
+    the rest of the link's life."""
+    watch = StallWatch(stall_ms=200, factor=4, window=30)
+    for at in range(1, 11):  # ten seconds on a 2 ms path
+        watch.pong(float(at), 2.0, True, 0)
+    assert watch.floor.value == 2.0
+    for at in range(11, 80):  # then a 260 ms path, for good
+        watch.pong(float(at), 260.0, True, 0)
+    assert watch.floor.value == 260.0
+    assert 15 <= watch.stalls <= 31  # flagged while the 2 ms samples were in the window only
+    assert len(watch.floor) <= 31  # the window holds no more than its samples
+
+
+def test_the_rtt_floor_is_a_sliding_minimum():
+    rng = random.Random(5)
+    floor, seen = RttFloor(window=10.0, cap=1024), []
+    for at in range(500):
+        sample = rng.uniform(1, 100)
+        seen.append((float(at), sample))
+        floor.add(float(at), sample)
+        assert floor.value == min(s for t, s in seen if t >= at - 10.0)
+    tiny = RttFloor(window=1e9, cap=8)
+    for at in range(100):  # rising samples: each one could become the minimum later
+        tiny.add(float(at), float(at))
+    assert len(tiny) == 8 and tiny.value == 92.0  # the cap drops the oldest first
 
 
 class Stalled:

@@ -17,7 +17,7 @@ none); a peer's copies are trusted as its main-channel frames are (same DTLS ses
 ``mode``: ``on``, ``off``, or ``auto``: on when the candidate pair in use crosses a NAT or a
 relay (srflx or relay on either side), and on any path for ``STALL_HOLD`` seconds after the
 link saw a stall (a ping far slower than its fastest while nothing else moved:
-:attr:`mesh.net.rpc.Link.on_stall`), since a host pair can lose packets too (Wi-Fi, a VPN).
+:class:`mesh.net.stalls.StallWatch`), since a host pair can lose packets too (Wi-Fi, a VPN).
 A path within one machine never turns them on; a quiet LAN path pays nothing.
 """
 

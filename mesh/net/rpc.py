@@ -37,6 +37,7 @@ from mesh.errors import (
     TooManyRequests,
     WireError,
 )
+from mesh.net.stalls import StallWatch
 from mesh.net.wire import Encoder, Limits, Message, Reassembler, SendBudget
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_LATE = 0.05  # seconds: a keepalive woken this late means a busy event loop
 
 
 class Channel(Protocol):
@@ -82,6 +81,7 @@ class LinkParams:
     stall_ms: float = 200.0  # a ping this slow (and stall_factor x the fastest) is a stall
     stall_factor: float = 4.0
     stall_quiet: int = 64 << 10  # ... if no more than this moved, or was queued, meanwhile
+    rtt_floor_window: float = 120.0  # s: "the fastest" is the fastest ping of this long
     partial_max_age: float = 60.0
     max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
     limits: Limits = field(default_factory=Limits)
@@ -168,9 +168,6 @@ class Link:
         self._drained.set()
         # ping id -> (sent at, bytes moved until then, bytes queued then)
         self._pings: dict[int, tuple[float, int, int]] = {}
-        self._lagged_at = -1.0  # when our keepalive last woke late (a busy event loop)
-        self._wakes: list[tuple[float, float]] = []  # (when, ms late) of the last keepalives
-        self._stalled: tuple[float, float] | None = None  # (RTT ms, sent at) of a slow ping
         self._ping_ids = itertools.count(1)
         self._keepalive: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -178,12 +175,8 @@ class Link:
         self.rtt_ms: float | None = None
         # Called with (peer id, sample in ms) on every ping RTT sample (network coordinates).
         self.on_rtt: Callable[[str, float], None] | None = None
-        # Called with the sample (ms) when a ping took far longer than this link's fastest
-        # (``stall_ms`` and ``stall_factor`` x the minimum): what a lost packet does to a
-        # reliable, ordered channel while it waits for the retransmission.
-        self.on_stall: Callable[[float], None] | None = None
-        self.rtt_min_ms: float | None = None
-        self.stalls = 0
+        p = self.params
+        self.stall_watch = StallWatch(p.stall_ms, p.stall_factor, p.rtt_floor_window)
         self.last_rx = time.monotonic()
         self._serving_bytes = 0
         self._congested_since: float | None = None
@@ -195,6 +188,15 @@ class Link:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = time.time()
+
+    @property
+    def rtt_min_ms(self) -> float | None:
+        """The fastest ping of the last ``rtt_floor_window`` seconds."""
+        return self.stall_watch.floor.value
+
+    @property
+    def stalls(self) -> int:
+        return self.stall_watch.stalls
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -379,7 +381,7 @@ class Link:
             # A peer that does not read its pongs must not grow our send queue.
             if self.channel.bufferedAmount <= self.params.high_water:
                 with contextlib.suppress(Error):
-                    self._send_now({"t": "pong", "n": ident, "l": self._recent_lag_ms()})
+                    self._send_now({"t": "pong", "n": ident, "l": self._lag_ms()})
         elif kind == "pong":
             sent = self._pings.pop(ident, None)  # type: ignore[arg-type]
             if sent is not None:
@@ -390,22 +392,14 @@ class Link:
                 # packet: not a stall.
                 busy = self.bytes_sent + self.bytes_received - moved + queued
                 lag = h.get("l")
-                self._confirm_stall(at, lag if type(lag) is int else 0)
-                self._note_rtt(sample, busy <= self.params.stall_quiet, at)
+                quiet = busy <= self.params.stall_quiet
+                self.stall_watch.pong(at, sample, quiet, lag if type(lag) is int else 0)
+                if self.on_rtt is not None:
+                    self.on_rtt(self.peer_id, sample)
         elif kind == "bye":
             self.close(f"peer said bye: {h.get('why')}", notify=False)
         else:
             log.debug("ignoring message of type %r from %s", kind, self.peer_id[:12])
-
-    def _note_rtt(self, sample: float, quiet: bool = True, at: float = 0.0) -> None:
-        """A ping's RTT (ms), sent at ``at``; ``quiet``: nothing else moved meanwhile."""
-        p = self.params
-        low = self.rtt_min_ms
-        if quiet and low is not None and sample >= max(p.stall_ms, p.stall_factor * low):
-            self._stalled = (sample, at)  # confirmed unless our own loop was late meanwhile
-        self.rtt_min_ms = sample if low is None else min(low, sample)
-        if self.on_rtt is not None:
-            self.on_rtt(self.peer_id, sample)
 
     def _serve(self, msg: Message) -> None:
         h = msg.header
@@ -523,29 +517,10 @@ class Link:
                 self._send_now({"t": "ping", "n": n})
             await asyncio.sleep(p.ping_interval)  # a period, not synchronization
             woke = time.monotonic()
-            late = woke - now - p.ping_interval
-            self._wakes = [w for w in self._wakes[-3:] if woke - w[0] < 3.0] + [(woke, late)]
-            if late > _LATE:
-                self._lagged_at = woke
+            self.stall_watch.woke(woke, woke - now - p.ping_interval)
 
-    def _recent_lag_ms(self) -> int:
-        """How late (ms) our event loop ran its keepalive at worst in the last seconds: the
-        peer reads it from our pongs, to tell its stalls from our busy spells."""
-        return round(max((late for _, late in self._wakes), default=0.0) * 1000)
-
-    def _confirm_stall(self, later: float, peer_lag_ms: int) -> None:
-        """Decide a slow ping, on the pong of a ping sent after it (``later``): a stall,
-        unless our loop was late since, or the peer's says it was (a busy loop on either
-        end reads a ping or a pong late whatever the network did)."""
-        stalled = self._stalled
-        if stalled is None or later <= stalled[1]:
-            return
-        self._stalled = None
-        if self._lagged_at >= stalled[1] or peer_lag_ms > _LATE * 1000:
-            return
-        self.stalls += 1
-        if self.on_stall is not None:
-            self.on_stall(stalled[0])
+    def _lag_ms(self) -> int:
+        return self.stall_watch.recent_lag_ms(time.monotonic())
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else f"closed ({self.close_reason})"

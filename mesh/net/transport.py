@@ -290,7 +290,7 @@ class PendingConnection:
         link.offerer = self.offerer
         link.path = pc.candidate_pair
         link.copies = (sender, self._copies)
-        link.on_stall = sender.stalled
+        link.stall_watch.on_stall = sender.stalled
         self._link = link
         self._copies.attach(link.feed)
         # Messages that raced the end of the handshake belong to the link.
