@@ -18,8 +18,13 @@ class MemChannel:
         self.queue: list[bytes] = []
         self.paused = False
         self.sent_frames = 0
+        self.burst: int | None = None  # set to cut messages as on a long path
+        self.uncopied = 0  # frames sent with copy=False (bulk)
+        self.sizes: list[int] = []  # of every frame sent
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, copy: bool = True) -> None:
+        self.uncopied += not copy
+        self.sizes.append(len(data))
         self.bufferedAmount += len(data)
         self.queue.append(bytes(data))
         self.sent_frames += 1

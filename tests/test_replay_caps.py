@@ -85,11 +85,11 @@ async def test_duplicated_request_id_in_flight_is_refused() -> None:
     reasm = Reassembler()
     send = cb.send
 
-    def spy(data: bytes) -> None:
+    def spy(data: bytes, copy: bool = True) -> None:
         msg = reasm.feed(data)
         if msg is not None:
             seen.append(msg.header)
-        send(data)
+        send(data, copy)
 
     cb.send = spy  # type: ignore[method-assign]
     enc = Encoder()

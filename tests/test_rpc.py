@@ -1,10 +1,12 @@
 import asyncio
 import os
+import time
 
 import pytest
 
 from mesh.errors import DeadlineExceeded, PeerUnavailable, RemoteError, TooManyRequests
 from mesh.net.rpc import Link, LinkParams, Reply, handlers_of
+from mesh.net.stalls import RttFloor
 
 from .memchannel import pair, until
 
@@ -268,3 +270,29 @@ async def test_the_send_budget_keeps_half_the_receivers_caps():
     await asyncio.gather(*tasks)
     assert peak[0] <= 4 and peak[1] <= 50  # half of 8 messages, half of 100 bytes
     assert alone == [True]  # the oversize message went, alone
+
+
+async def test_on_a_long_path_messages_go_as_bursts_and_bulk_is_never_copied():
+    """libwebrtc puts 4 packets on the wire per send: on a path of many milliseconds a
+    message goes as frames of the channel's burst, each sent at once; only messages up to
+    ``copy_up_to`` may be copied."""
+    la, _, _, _, ca, _ = make_links()
+    ca.burst = 4640
+
+    async def frames_of(data: bytes) -> tuple[int, int]:
+        before, uncopied = len(ca.sizes), ca.uncopied
+        r = await la.call("echo", {}, data)
+        assert r.payload == data
+        return len(ca.sizes) - before, ca.uncopied - uncopied
+
+    prompt = os.urandom(84_000)
+    assert await frames_of(prompt) == (2, 2)  # no path measured yet: frames of the cap
+    la.stall_watch.path.add(time.monotonic(), la.params.long_path_ms / 2)  # a LAN's ping
+    assert await frames_of(prompt) == (2, 2)
+    la.stall_watch.path = RttFloor(10.0)  # a path of 40 ms
+    la.stall_watch.path.add(time.monotonic(), 40.0)
+    n, uncopied = await frames_of(prompt)
+    assert n == uncopied >= 84_000 // 4640 + 1 and max(ca.sizes[-n:]) <= 4640
+    assert await frames_of(b"s" * 2000) == (1, 0)  # a decode step: one frame, copied
+    n, uncopied = await frames_of(os.urandom(la.params.copy_up_to))
+    assert n >= 3 and uncopied == 0

@@ -41,6 +41,30 @@ def test_roundtrip(size, compress):
     assert all(len(f) <= LIMITS.max_frame for f in frames)
 
 
+@pytest.mark.parametrize("size", [0, 4000, 4640, 84_000, 330_000])
+@pytest.mark.parametrize("frame_size", [1200, 4640, 20_000, 10**9])
+def test_messages_cut_to_a_frame_size_come_back_whole(size, frame_size):
+    payload = os.urandom(size)
+    frames = Encoder(LIMITS).encode({"t": "x"}, payload, frame_size=frame_size)
+    r = Reassembler(LIMITS)
+    out = [r.feed(f) for f in frames]
+    assert out[-1].payload == payload and all(o is None for o in out[:-1])
+    cap = min(max(frame_size, PREFIX_SIZE + 64 + 1024), LIMITS.max_frame)
+    assert all(len(f) <= cap for f in frames)
+    if frame_size < LIMITS.max_frame and size > 2 * frame_size:  # cut finer than the cap
+        assert len(frames) > len(Encoder(LIMITS).encode({"t": "x"}, payload))
+
+
+def test_a_header_too_large_for_the_frame_size_takes_a_first_frame_of_the_cap():
+    header = {"t": "x", "big": "h" * 3900}  # leaves < 1 KiB of a 4640-byte frame
+    payload = os.urandom(20_000)
+    frames = Encoder(LIMITS).encode(header, payload, frame_size=4640)
+    assert len(frames[0]) > 4640 and all(len(f) <= 4640 for f in frames[1:])
+    r = Reassembler(LIMITS)
+    msg = [r.feed(f) for f in frames][-1]
+    assert msg.header == header and msg.payload == payload
+
+
 def test_random_payload_not_compressed_and_zeros_are():
     frames, _ = roundtrip({}, os.urandom(10_000))
     assert not parse_frame(frames[0], LIMITS).flags & FLAG_LZ4

@@ -7,10 +7,13 @@ is at least 400 ms, aiortc's 1 s. In the lab at 1 % loss single tokens stalled ~
 
 So each frame up to ``COPY_MAX`` bytes is also sent, a moment later (``COPY_DELAY``, so the two
 do not share an SCTP packet), on a second data channel: negotiated out of band (both sides
-create it, nothing to announce), unordered, never retransmitted. A copy carries the frame's
-sequence number on the link (the n-th frame sent on the main channel is frame n; the main
-channel cannot lose or reorder, so the receiver counts). :class:`Resequencer` delivers frames
-in that order whichever channel brings them first and drops the second.
+create it, nothing to announce), unordered, never retransmitted. The link marks the frames of
+bulk messages (over ``LinkParams.copy_up_to``, such as a shard's 2 MiB chunks) not to be
+copied; a prompt's activations, cut into frames of a few KiB on a long path, are. A copy
+carries the frame's sequence number on the link (the n-th frame sent on the main channel is
+frame n; the main channel cannot lose or reorder, so the receiver counts).
+:class:`Resequencer` delivers frames in that order whichever channel brings them first and
+drops the second.
 
 A peer that does not create the channel gets no copies (ours is never opened, so we send
 none); a peer's copies are trusted as its main-channel frames are (same DTLS session).
@@ -70,6 +73,7 @@ class CopySender:
         if mode not in COPY_MODES:
             raise ValueError(f"copies mode {mode!r}: one of {', '.join(COPY_MODES)}")
         self._main = main
+        self._burst = main.burst
         self._spare = spare
         self._mode = mode
         self._path = path
@@ -87,6 +91,10 @@ class CopySender:
     @property
     def bufferedAmount(self) -> int:  # noqa: N802 - the WebRTC name
         return self._main.bufferedAmount
+
+    @property
+    def burst(self) -> int | None:
+        return self._burst
 
     @property
     def readyState(self) -> str:  # noqa: N802
@@ -116,12 +124,13 @@ class CopySender:
         self._active = True
         self.reason = self.reason or "stall"
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, copy: bool = True) -> None:
+        """``copy=False``: never copied (a frame of bulk data)."""
         self._main.send(data)
         self._seq += 1
-        if len(data) <= COPY_MAX and self._mode != "off" and self.active:
-            copy = _SEQ.pack(self._seq) + data
-            asyncio.get_running_loop().call_later(COPY_DELAY, self._send_copy, copy)
+        if copy and len(data) <= COPY_MAX and self._mode != "off" and self.active:
+            numbered = _SEQ.pack(self._seq) + data
+            asyncio.get_running_loop().call_later(COPY_DELAY, self._send_copy, numbered)
 
     def _send_copy(self, copy: bytes) -> None:
         spare = self._spare

@@ -115,6 +115,10 @@ class RtcChannel(ABC):
     waiting on ``bufferedAmount`` (the RPC link's high/low water marks)."""
 
     label: str
+    # Bytes that one ``send`` puts on the wire at once, when the congestion window allows, or
+    # None when the stack sends all it may: the rest of a longer message waits for the peer's
+    # acknowledgements, a round trip per step (see mesh.net.rpc.LinkParams.long_path_ms).
+    burst: int | None = None
 
     @abstractmethod
     def send(self, data: bytes) -> None: ...

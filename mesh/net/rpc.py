@@ -57,16 +57,20 @@ log = logging.getLogger(__name__)
 
 
 class Channel(Protocol):
-    """A reliable, ordered message channel. ``RTCDataChannel`` satisfies it.
+    """A reliable, ordered message channel (:class:`mesh.net.copies.CopySender`).
 
-    ``send`` queues one message without blocking; ``bufferedAmount`` is the number of bytes
-    queued but not yet handed to the network.
+    ``send`` queues one message without blocking; ``copy=False`` says it is bulk, never worth
+    a second copy. ``bufferedAmount`` is the number of bytes queued but not yet handed to the
+    network; ``burst`` the bytes one ``send`` puts on the wire at once (None: no limit).
     """
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes, copy: bool = True) -> None: ...
 
     @property
     def bufferedAmount(self) -> int: ...  # noqa: N802 - the WebRTC name
+
+    @property
+    def burst(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,17 @@ class LinkParams:
     stall_factor: float = 4.0
     stall_quiet: int = 64 << 10  # ... if no more than this moved, or was queued, meanwhile
     rtt_floor_window: float = 120.0  # s: "the fastest" is the fastest ping of this long
+    # On a path whose fastest quiet ping of the last ``path_window`` s is at least this (ms),
+    # messages go as frames of the channel's burst: each send puts one on the wire at once,
+    # where one large frame goes out a burst per round trip (libwebrtc: 4 packets, then 8,
+    # 16 ... as acks return). Below it acks return sooner than small frames cost (loopback,
+    # a wired LAN).
+    long_path_ms: float = 2.0
+    path_window: float = 10.0
+    # Messages up to this size are copied (mesh.net.copies): decode steps, small calls. Not a
+    # prompt's activations: at 1 % loss the congestion window, not the retransmission timer,
+    # bounds them (~10 packets a round trip), and copies would double their bytes.
+    copy_up_to: int = 16 << 10
     partial_max_age: float = 60.0
     max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
     limits: Limits = field(default_factory=Limits)
@@ -176,7 +191,7 @@ class Link:
         # Called with (peer id, sample in ms) on every ping RTT sample (network coordinates).
         self.on_rtt: Callable[[str, float], None] | None = None
         p = self.params
-        self.stall_watch = StallWatch(p.stall_ms, p.stall_factor, p.rtt_floor_window)
+        self.stall_watch = StallWatch(p.stall_ms, p.stall_factor, p.rtt_floor_window, p.path_window)
         self.last_rx = time.monotonic()
         self._serving_bytes = 0
         self._congested_since: float | None = None
@@ -240,25 +255,31 @@ class Link:
         if not self.is_open:
             raise PeerUnavailable(f"link to {self.peer_id[:12]} closed: {self.close_reason}")
 
+    def _frames(self, header: dict[str, Any], payload: bytes) -> list[bytes]:
+        burst, path = self.channel.burst, self.stall_watch.path.value
+        long_path = burst is not None and path is not None and path >= self.params.long_path_ms
+        return self._encoder.encode(header, payload, frame_size=burst if long_path else None)
+
     def _send_now(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        for frame in self._encoder.encode(header, payload):
+        for frame in self._frames(header, payload):
             self.channel.send(frame)
             self.bytes_sent += len(frame)
 
     async def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        frames = self._encoder.encode(header, payload)
+        frames = self._frames(header, payload)
+        copy = len(payload) <= self.params.copy_up_to
         if len(frames) == 1:
-            await self._send_frames(frames)
+            await self._send_frames(frames, copy)
             return
         async with self._budget.hold(sum(len(f) for f in frames)):
-            await self._send_frames(frames)
+            await self._send_frames(frames, copy)
 
-    async def _send_frames(self, frames: list[bytes]) -> None:
+    async def _send_frames(self, frames: list[bytes], copy: bool) -> None:
         sent = 0
         try:
             for frame in frames:
                 await self._writable()
-                self.channel.send(frame)
+                self.channel.send(frame, copy)
                 self.bytes_sent += len(frame)
                 sent += 1
         except BaseException:

@@ -55,10 +55,15 @@ class StallWatch:
     """One link's pings: a ping >= ``stall_ms`` and >= ``factor`` x the window's fastest,
     quiet meanwhile, and with neither loop late, is a stall (``on_stall(sample_ms)``)."""
 
-    def __init__(self, stall_ms: float, factor: float, window: float) -> None:
+    def __init__(
+        self, stall_ms: float, factor: float, window: float, path_window: float = 10.0
+    ) -> None:
         self._stall_ms = stall_ms
         self._factor = factor
         self.floor = RttFloor(window)
+        # The fastest quiet ping of the last seconds: the path as it is now (not a path the
+        # link left a minute ago, nor the queue behind a bulk transfer).
+        self.path = RttFloor(path_window)
         self._slow: tuple[float, float] | None = None  # (RTT ms, sent at) of a slow ping
         self._lagged_at = -1.0  # when our keepalive last woke late (a busy event loop)
         self._wakes: deque[tuple[float, float]] = deque(maxlen=4)  # (when, s late)
@@ -86,6 +91,8 @@ class StallWatch:
         if quiet and low is not None and sample >= max(self._stall_ms, self._factor * low):
             self._slow = (sample, at)  # confirmed unless a loop was late meanwhile
         self.floor.add(at, sample)
+        if quiet:
+            self.path.add(at, sample)
 
     def _confirm(self, later: float, peer_lag_ms: int) -> None:
         slow = self._slow

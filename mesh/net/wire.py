@@ -207,10 +207,17 @@ class Encoder:
         self._next_id = 0
 
     def encode(
-        self, header: dict[str, Any], payload: bytes = b"", compress: bool | None = None
+        self,
+        header: dict[str, Any],
+        payload: bytes = b"",
+        compress: bool | None = None,
+        frame_size: int | None = None,
     ) -> list[bytes]:
-        """Frames for one message. ``compress=None`` compresses when a sample shows a gain."""
+        """Frames for one message. ``compress=None`` compresses when a sample shows a gain.
+        ``frame_size``: cut it into frames of at most this many bytes (not above the cap); a
+        first frame whose header leaves no room for 1 KiB of payload takes the cap's size."""
         limits = self.limits
+        size = limits.max_frame if frame_size is None else min(frame_size, limits.max_frame)
         if any(not isinstance(k, str) or k.startswith("_") for k in header):
             raise WireError("header keys must be str and must not start with '_'")
         if len(payload) > limits.max_message:
@@ -224,10 +231,10 @@ class Encoder:
                 flags |= FLAG_LZ4
                 wire_header["_z"] = len(body)
                 body = packed
-        single_room = limits.max_frame - PREFIX_SIZE - len(_pack(wire_header))
+        single_room = size - PREFIX_SIZE - len(_pack(wire_header))
         if len(body) <= single_room:
             return [encode_frame(flags, wire_header, body, limits)]
-        return list(self._chunks(flags, wire_header, body))
+        return list(self._chunks(flags, wire_header, body, size))
 
     def abort_frame(self, first_frame: bytes) -> bytes | None:
         """A frame telling the receiver to drop a chunked message we stopped sending."""
@@ -236,18 +243,22 @@ class Encoder:
             return None
         return encode_frame(FLAG_CHUNK, {"_m": frame.header["_m"], "_x": 1}, b"", self.limits)
 
-    def _chunks(self, flags: int, header: dict[str, Any], body: bytes) -> Iterator[bytes]:
+    def _chunks(
+        self, flags: int, header: dict[str, Any], body: bytes, size: int
+    ) -> Iterator[bytes]:
         limits = self.limits
-        msg_id = self._next_id
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         first: dict[str, Any] = {"_h": {k: v for k, v in header.items() if k != "_z"}}
         if "_z" in header:
             first["_z"] = header["_z"]
-        first_room = limits.max_frame - PREFIX_SIZE - _CHUNK_META_ROOM
-        first_room -= len(_pack(first))
-        room = limits.max_frame - PREFIX_SIZE - _CHUNK_META_ROOM
+        header_room = len(_pack(first))
+        room = max(size, PREFIX_SIZE + _CHUNK_META_ROOM + 1024) - PREFIX_SIZE - _CHUNK_META_ROOM
+        first_room = room - header_room
+        if first_room < 1024:  # a large header: the first frame may be as large as the cap
+            first_room = limits.max_frame - PREFIX_SIZE - _CHUNK_META_ROOM - header_room
         if first_room < 1024:
             raise WireError("header too large to leave room for payload in the first chunk")
+        msg_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         count = 1 + -(-max(0, len(body) - first_room) // room)
         pos = 0
         for index in range(count):
