@@ -155,9 +155,13 @@ class Coordinator:
 
         async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
             try:
-                cap = (await self.mesh.call(pid, "compute.capacity", timeout=5)).result
-                models = models_of(await self.mesh.call(pid, "compute.models", timeout=5))
-                return pid, *peer_view(pid, mid, cap, models, self._rtt(pid))
+                # side by side: a route's first token waits for the slowest peer's answers
+                cap_reply, models_reply = await asyncio.gather(
+                    self.mesh.call(pid, "compute.capacity", timeout=5),
+                    self.mesh.call(pid, "compute.models", timeout=5),
+                )
+                models = models_of(models_reply)
+                return pid, *peer_view(pid, mid, cap_reply.result, models, self._rtt(pid))
             except RPCError as exc:
                 log.info("peer %s left out of the route: %s", pid[:12], exc)
             except Exception as exc:  # a peer's malformed answer must not stop the route
