@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_latency import generate  # noqa: E402  (the summary and the client's token gaps)
 from benchlib import docs_dir, machine, markdown_table, update_benchmarks_md, write_json  # noqa: E402
 
-from mesh.launch.localmesh import NodeProcess  # noqa: E402
+from mesh.launch.localmesh import NodeProcess, wait_for  # noqa: E402
 from mesh.launch.natlab import NatLab, lab_unavailable  # noqa: E402
 
 SECTION = "WAN (examples/bench_wan.py)"
@@ -47,6 +47,7 @@ PROMPT = (
 HOP_ALLOWANCE_MS = 1.0  # the goal's allowance per crossing above the floor
 MAX_GAP_MS = 250.0  # the goal's longest token gap at 1 % loss
 LOSS_RATIO = 1.2  # the goal's mean per-token time at 1 % loss over the lossless one
+ECHO_SIZES = (2560, 21_000, 84_000, 330_000)  # a decode step's activation up to a long prompt's
 
 
 def say(text: str) -> None:
@@ -101,6 +102,33 @@ def figures(
     }
 
 
+async def settled(lab: NatLab, nodes: list[NodeProcess], delay_ms: float) -> None:
+    """Wait until every link reads the new delay as its path (``path_ms``: the fastest quiet
+    ping of the last seconds), which sets its frame size (mesh.net.rpc.LinkParams): a lab
+    path changes in an instant, where a real one would not."""
+
+    async def every_link_knows() -> bool:
+        for node in nodes:
+            for peer in await lab.mesh.get(node, "/v1/peers"):
+                path = peer.get("path_ms")
+                if peer.get("state") == "connected" and (path is None or path < 1.8 * delay_ms):
+                    return False
+        return True
+
+    if len(nodes) > 1:
+        await wait_for(every_link_knows, 60, f"the links to read a {delay_ms:g} ms path", 0.5)
+
+
+async def message_rtts(lab: NatLab, a: NodeProcess, b: NodeProcess) -> dict[int, float]:
+    """Median round trip (ms) of an echo of each size on one crossing: one round trip is the
+    floor, as long as the path's congestion window holds the message."""
+    out = {}
+    for size in ECHO_SIZES:
+        got = await lab.mesh.post(a, "/v1/bench/rtt", {"peer": b.peer_id, "size": size, "count": 9})
+        out[size] = round(statistics.median(got["rtt_ms"]), 2)
+    return out
+
+
 async def set_network(lab: NatLab, delay_ms: float, loss: float) -> None:
     """Every home's router: half the one-way delay, and a drop rate such that a path through
     two routers loses ``loss``."""
@@ -136,12 +164,15 @@ async def one_lab(
         reference: list[int] | None = None
         for delay_ms, loss in conditions:
             await set_network(lab, delay_ms, loss)
+            await settled(lab, nodes, delay_ms)
             await generate(first, dict(body, max_tokens=2))  # route, pulls, loading
             runs = [await generate(first, body) for _ in range(opts.repeats)]
             run = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
             measured = await path_ms(lab, nodes, ring(first.peer_id, run["stages"]))
             row = {"stages": n, "delay_ms": delay_ms, "loss": loss}
             row.update(figures(run, first.peer_id, delay_ms, measured))
+            if n == 2:  # once a condition: the first crossing of the two-stage ring
+                row["echo_ms"] = await message_rtts(lab, nodes[0], nodes[1])
             row["same_tokens"] = reference is None or run["tokens"] == reference
             reference = reference or run["tokens"]
             out.append(row)
@@ -208,7 +239,31 @@ def report(result: dict[str, Any]) -> str:
         "2.5 KiB echo on each crossing, right after (the lab's user-space delayer adds to the "
         "nominal delay)."
     )
-    return "\n".join([intro, "", markdown_table(head, rows), "", *verdicts(result["rows"])])
+    echo = [r for r in result["rows"] if r.get("echo_ms")]
+    lines = [intro, "", markdown_table(head, rows), "", *verdicts(result["rows"])]
+    if echo:
+        sizes = [int(k) for k in echo[0]["echo_ms"]]
+        lines += [
+            "",
+            "Round trip of an echo RPC on one crossing, by message size (median of 9, ms; "
+            "x: over the 2.5 KiB echo, one round trip):",
+            "",
+            markdown_table(
+                ["one-way ms", "loss", *(f"{s // 1000} KB" for s in sizes)],
+                [
+                    [r["delay_ms"], f"{100 * r['loss']:g} %"]
+                    + [echo_cell(r["echo_ms"], s, sizes[0]) for s in sizes]
+                    for r in echo
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def echo_cell(rtts: dict[Any, float], size: int, base: int) -> str:
+    """``ms (ratio x)``; the keys are ints, or strs once read back from JSON."""
+    ms, floor = rtts.get(size, rtts.get(str(size))), rtts.get(base, rtts.get(str(base)))
+    return f"{ms} ({ms / floor:.1f}x)" if ms and floor else str(ms)
 
 
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:

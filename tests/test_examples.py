@@ -146,6 +146,10 @@ async def test_bench_wan_in_the_lab_puts_each_figure_beside_its_floor(
     assert "## WAN (examples/bench_wan.py)" in md and "over the measured ring" in md
     assert "% loss" in md and tiny.name in md
     assert all(r["path_ms"] >= r["delay_ms"] * r["crossings"] for r in rows), rows
+    echoed = [r for r in rows if r["stages"] == 2]  # message round trips by size, each delay
+    assert all(set(r["echo_ms"]) == {"2560", "21000", "84000", "330000"} for r in echoed)
+    assert all(r["echo_ms"]["2560"] >= 2 * r["delay_ms"] for r in echoed), echoed
+    assert "by message size" in md
 
 
 async def test_edgemesh_bench_quick_runs_sim_egress_and_refreshes_the_docs(

@@ -23,7 +23,7 @@ async def test_three_nodes_connect_and_a_killed_fourth_disappears(local_mesh, tm
     assert ready["api"].startswith("http://127.0.0.1:") and ":" in ready["signaling"]
     peers = await local_mesh.get(nodes[0], "/v1/peers")
     assert {p["state"] for p in peers} == {"connected"}
-    assert all(set(p) >= {"peer_id", "state", "rtt_ms"} for p in peers)
+    assert all(set(p) >= {"peer_id", "state", "rtt_ms", "path_ms", "frame_size"} for p in peers)
 
     fourth = await local_mesh.start_node("n3")
     await local_mesh.wait_connected(timeout=20, nodes=nodes + [fourth])

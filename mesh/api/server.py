@@ -1,8 +1,9 @@
 """The node's HTTP API (aiohttp), bound to loopback by default; who may call it: mesh/api/auth.py.
 
 ``GET /``           the topology page (mesh/web): peers, links, shards, traffic, polled live
-``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, source, addresses, bytes,
-                    last_error, handshake_failures (``?all=1``: every peer heard of)
+``GET /v1/peers``   proven peers: peer_id, name, state, rtt_ms, path_ms, frame_size, source,
+                    addresses, bytes, last_error, handshake_failures (``?all=1``: every peer
+                    heard of)
 ``GET /v1/info``    this node: id, name, endpoints, counters of refused input
 ``GET /v1/mesh``    every member's summary (hardware, memory, shards, stages, tokens/s,
                     generations and routes) and the links each reports (mesh/meshview.py)

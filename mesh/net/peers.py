@@ -102,6 +102,9 @@ class PeerEntry:
             "name": self.name,
             "state": self.state,
             "rtt_ms": round(rtt, 3) if rtt is not None else None,
+            # the fastest quiet ping of the last seconds, and the frame size it makes
+            "path_ms": _rounded(link.path_ms) if link is not None and self.connected else None,
+            "frame_size": link.frame_size if link is not None and self.connected else None,
             # the ICE candidate pair in use: {"local", "remote", "protocol"[, "relay_protocol"]}
             "ice": _pair(link) if link is not None and self.connected else None,
             "offered": link.offerer if link is not None and self.connected else None,
@@ -119,6 +122,10 @@ class PeerEntry:
             "refused_for_s": round(self.shunned, 1),
             "copies": _copies(link) if link is not None and self.connected else None,
         }
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
 
 
 def _pair(link: Link) -> dict[str, Any] | None:

@@ -255,10 +255,21 @@ class Link:
         if not self.is_open:
             raise PeerUnavailable(f"link to {self.peer_id[:12]} closed: {self.close_reason}")
 
-    def _frames(self, header: dict[str, Any], payload: bytes) -> list[bytes]:
-        burst, path = self.channel.burst, self.stall_watch.path.value
+    @property
+    def path_ms(self) -> float | None:
+        """The fastest quiet ping of the last ``path_window`` seconds: the path as it is."""
+        return self.stall_watch.path.value
+
+    @property
+    def frame_size(self) -> int | None:
+        """The size messages are cut to now: the channel's burst on a long path, else None
+        (frames of the wire's cap)."""
+        burst, path = self.channel.burst, self.path_ms
         long_path = burst is not None and path is not None and path >= self.params.long_path_ms
-        return self._encoder.encode(header, payload, frame_size=burst if long_path else None)
+        return burst if long_path else None
+
+    def _frames(self, header: dict[str, Any], payload: bytes) -> list[bytes]:
+        return self._encoder.encode(header, payload, frame_size=self.frame_size)
 
     def _send_now(self, header: dict[str, Any], payload: bytes = b"") -> None:
         for frame in self._frames(header, payload):
