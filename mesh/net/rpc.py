@@ -86,16 +86,13 @@ class LinkParams:
     stall_factor: float = 4.0
     stall_quiet: int = 64 << 10  # ... if no more than this moved, or was queued, meanwhile
     rtt_floor_window: float = 120.0  # s: "the fastest" is the fastest ping of this long
-    # On a path whose fastest quiet ping of the last ``path_window`` s is at least this (ms),
-    # messages go as frames of the channel's burst: each send puts one on the wire at once,
-    # where one large frame goes out a burst per round trip (libwebrtc: 4 packets, then 8,
-    # 16 ... as acks return). Below it acks return sooner than small frames cost (loopback,
-    # a wired LAN).
+    # A path whose fastest quiet ping of ``path_window`` s is this slow (ms) gets frames of
+    # the channel's burst, each on the wire at once; one large frame goes out a burst per
+    # round trip (libwebrtc: 4 packets, 8, 16 ...). Faster paths ack before it matters.
     long_path_ms: float = 2.0
     path_window: float = 10.0
-    # Messages up to this size are copied (mesh.net.copies): decode steps, small calls. Not a
-    # prompt's activations: at 1 % loss the congestion window, not the retransmission timer,
-    # bounds them (~10 packets a round trip), and copies would double their bytes.
+    # Messages copied (mesh.net.copies) are up to this size: not a prompt's activations, which
+    # at 1 % loss the congestion window bounds (copies would double their bytes).
     copy_up_to: int = 16 << 10
     partial_max_age: float = 60.0
     max_serving_bytes: int = 64 << 20  # request payloads held by running handlers
