@@ -249,7 +249,7 @@ def report(result: dict[str, Any]) -> str:
             "x: over the 2.5 KiB echo, one round trip):",
             "",
             markdown_table(
-                ["one-way ms", "loss", *(f"{s // 1000} KB" for s in sizes)],
+                ["one-way ms", "loss", *(f"{s / 1000:g} KB" for s in sizes)],
                 [
                     [r["delay_ms"], f"{100 * r['loss']:g} %"]
                     + [echo_cell(r["echo_ms"], s, sizes[0]) for s in sizes]
