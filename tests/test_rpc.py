@@ -293,6 +293,9 @@ async def test_on_a_long_path_messages_go_as_bursts_and_bulk_is_never_copied():
     la.stall_watch.path.add(time.monotonic(), 40.0)
     n, uncopied = await frames_of(prompt)
     assert n == uncopied >= 84_000 // 4640 + 1 and max(ca.sizes[-n:]) <= 4640
+    la.stall_watch.path, la.stall_watch.floor = RttFloor(10.0), RttFloor(120.0)  # bulk of late
+    la.stall_watch.floor.add(time.monotonic(), 40.0)
+    assert la.path_ms == 40.0 and (await frames_of(prompt))[0] == n
     assert await frames_of(b"s" * 2000) == (1, 0)  # a decode step: one frame, copied
     n, uncopied = await frames_of(os.urandom(la.params.copy_up_to))
     assert n >= 3 and uncopied == 0

@@ -22,8 +22,8 @@ from mesh.inference.prompts import MAX_PIECE_BYTES
 from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.inference.sampling import MAX_DRAFT
+from mesh.net.callers import MeshCaller as Mesh
 from mesh.net.rpc import CallContext, Reply
-from mesh.net.rpc import MeshCaller as Mesh
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 

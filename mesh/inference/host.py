@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from mesh.inference.routes import PairRtt, PeerView, Stage
-    from mesh.net.rpc import MeshCaller, Reply
+    from mesh.net.callers import MeshCaller
+    from mesh.net.rpc import Reply
     from runtimes.shards import Manifest
 
 __all__ = [

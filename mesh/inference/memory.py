@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects
 from mesh.inference.shards import ShardPulls
-from mesh.net.rpc import MeshCaller as Caller
+from mesh.net.callers import MeshCaller as Caller
 from runtimes.base import get_runtime
 from runtimes.batching import AsyncShard
 

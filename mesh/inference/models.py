@@ -28,8 +28,8 @@ import msgpack
 
 from mesh.errors import Error
 from mesh.inference.prompts import Tokenizers
+from mesh.net.callers import MeshCaller as Caller
 from mesh.net.rpc import CallContext, Reply
-from mesh.net.rpc import MeshCaller as Caller
 from mesh.storage.fetch import FetchState
 from mesh.storage.store import PACKED, BlobStore, StoreError
 from mesh.storage.store import Manifest as ObjectManifest

@@ -23,7 +23,8 @@ import numpy as np
 
 from mesh.errors import RPCError
 from mesh.inference.routes import RouteError
-from mesh.net.rpc import CallContext, MeshCaller, Reply
+from mesh.net.callers import MeshCaller
+from mesh.net.rpc import CallContext, Reply
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
 

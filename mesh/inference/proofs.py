@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import RPCError
-from mesh.net.rpc import MeshCaller
+from mesh.net.callers import MeshCaller
 from runtimes.errors import ModelError
 
 __all__ = ["MAX_CHALLENGE_BYTES", "challenge_digest", "check_challenge", "prove_holds"]

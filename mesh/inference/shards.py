@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mesh.inference.models import CapacityError, ComputeConfig, ModelRegistry, ShardObjects
-from mesh.net.rpc import MeshCaller as Caller
+from mesh.net.callers import MeshCaller as Caller
 from mesh.storage.fetch import FetchState
 from mesh.storage.quota import disk_shortfall
 from runtimes.errors import ModelError

@@ -36,9 +36,9 @@ from mesh.inference.sampling import (
     top_logits,
 )
 from mesh.inference.stats import Rate
+from mesh.net.callers import MeshCaller as Caller
 from mesh.net.identity import verify
 from mesh.net.rpc import CallContext, Reply
-from mesh.net.rpc import MeshCaller as Caller
 from runtimes.base import Session
 from runtimes.errors import ModelError
 

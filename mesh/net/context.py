@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from mesh.net.callers import MeshCaller
 from mesh.net.identity import Identity
 from mesh.net.peers import PeerTable
-from mesh.net.rpc import Link, MeshCaller
+from mesh.net.rpc import Link
 
 __all__ = ["PeerContext"]
 

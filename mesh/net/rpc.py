@@ -49,8 +49,6 @@ __all__ = [
     "Handler",
     "handlers_of",
     "Service",
-    "Caller",
-    "MeshCaller",
 ]
 
 log = logging.getLogger(__name__)
@@ -254,8 +252,10 @@ class Link:
 
     @property
     def path_ms(self) -> float | None:
-        """The fastest quiet ping of the last ``path_window`` seconds: the path as it is."""
-        return self.stall_watch.path.value
+        """The fastest quiet ping of the last ``path_window`` seconds: the path as it is (or,
+        after seconds of bulk with no quiet ping, the fastest of ``rtt_floor_window``)."""
+        path = self.stall_watch.path.value
+        return path if path is not None else self.rtt_min_ms
 
     @property
     def frame_size(self) -> int | None:
@@ -554,46 +554,3 @@ class Link:
     def __repr__(self) -> str:
         state = "open" if self.is_open else f"closed ({self.close_reason})"
         return f"Link({self.peer_id[:12]}, {state})"
-
-
-class Caller(Protocol):
-    """Something that calls a peer's RPC by peer id (a Node; tests pass fakes)."""
-
-    async def call(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> Reply: ...
-
-
-class MeshCaller(Caller, Protocol):
-    """A Caller that also knows itself and its links, and can send one-way calls."""
-
-    me: str
-
-    def connected_peer_ids(self) -> list[str]: ...
-
-    async def notify(
-        self,
-        peer_id: str,
-        method: str,
-        params: dict[str, Any] | None = None,
-        payload: bytes = b"",
-        timeout: float | None = None,
-    ) -> None: ...
-
-    def sign(self, message: bytes) -> bytes:
-        """This node's Ed25519 signature over ``message``."""
-        ...
-
-    def peer_key(self, peer_id: str) -> bytes:
-        """The public key a linked peer proved in its handshake (ours for ``me``); raises
-        :class:`PeerUnavailable` without a link."""
-        ...
-
-    def ban(self, peer_id: str, reason: str) -> None:
-        """Stop trusting ``peer_id``: drop its link, refuse it, ignore its records."""
-        ...

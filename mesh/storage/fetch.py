@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.errors import RPCError
-from mesh.net.rpc import Caller
+from mesh.net.callers import Caller
 from mesh.storage.store import CHUNK_MAX, StoreError
 
 __all__ = ["FetchState", "fetch_chunks", "Caller"]
