@@ -1,3 +1,4 @@
+import asyncio
 import time
 
 import msgpack
@@ -159,3 +160,80 @@ async def test_a_late_broker_answer_to_an_offer_answered_by_another_route_is_dro
     stray = seal(peer, "answer", me.peer_id, {"sdp": "x", "re": b"oid-never"})
     with pytest.raises(SignalingError, match="no offer of ours"):
         mqtt._handle_inbox(stray)
+
+
+def _mqtt(me, on_offer=None, answer_timeout=5.0):
+    from mesh.discovery.mqtt import MqttConfig, MqttSignaling
+
+    async def no_offers(env):
+        raise AssertionError("no offer is delivered here")
+
+    return MqttSignaling(
+        me,
+        MqttConfig(url="mqtt://127.0.0.1:1", answer_timeout=answer_timeout),
+        on_offer=on_offer or no_offers,
+        on_presence=lambda pid, body: None,
+        on_absence=lambda pid: None,
+        presence_body=dict,
+        guard=ReplayGuard(),
+    )
+
+
+async def test_an_offer_goes_again_when_its_peer_comes_back_to_the_broker():
+    """A peer away from the broker (a network outage) misses an offer published meanwhile:
+    its new broker session's presence has the offer published again, not the dialer's 10 s
+    timeout. The same session's periodic presence does not."""
+    from mesh.launch.localmesh import wait_for
+
+    me, peer = Identity.generate(), Identity.generate()
+    mqtt = _mqtt(me)
+    sent: list[tuple[str, bytes]] = []
+
+    async def published(to, data):
+        sent.append((to, data))
+
+    mqtt._publish = published
+
+    def presence(session: bytes) -> bytes:
+        return seal(peer, "presence", "*", {"s": session})
+
+    mqtt._handle_presence(peer.peer_id, presence(b"session-1"))
+    dial = asyncio.ensure_future(mqtt.exchange(peer.peer_id, b"the offer", b"oid-1"))
+    await wait_for(lambda: sent, 5, "the offer")
+    mqtt._handle_presence(peer.peer_id, presence(b"session-1"))  # its periodic re-announce
+    mqtt._handle_presence(peer.peer_id, presence(b"session-2"))  # back after an outage
+    await wait_for(lambda: len(sent) >= 2 or None, 5, "the offer again")
+    assert sent == [(peer.peer_id, b"the offer")] * 2
+    mqtt._handle_inbox(seal(peer, "answer", me.peer_id, {"sdp": "x", "re": b"oid-1"}))
+    assert parse_envelope(await asyncio.wait_for(dial, 5)).body["re"] == b"oid-1"
+
+
+async def test_an_answer_the_broker_did_not_take_goes_on_the_next_connection():
+    """The dialer's offer, republished after an outage, is a replay to us: the answer we
+    could not send is kept, and sent on the next broker connection while it is awaited."""
+    from mesh.launch.localmesh import wait_for
+
+    me, peer = Identity.generate(), Identity.generate()
+
+    async def answer(env):
+        return b"our answer"
+
+    mqtt = _mqtt(me, on_offer=answer)
+    sent: list[tuple[str, bytes]] = []
+
+    async def broken(to, data):
+        raise SignalingError("not connected to the broker")
+
+    async def published(to, data):
+        sent.append((to, data))
+
+    mqtt._publish = broken
+    mqtt._handle_inbox(seal(peer, "offer", me.peer_id, {"sdp": "x"}))
+    await wait_for(lambda: mqtt._unsent, 5, "the answer kept")
+    # An offer 5.1 s old: its dialer (5 s timeout) no longer waits for our answer.
+    mqtt._handle_inbox(seal(peer, "offer", me.peer_id, {"sdp": "y"}, now=time.time() - 5.1))
+    await wait_for(lambda: len(mqtt._unsent) == 2 or None, 5, "both answers kept")
+    mqtt._publish = published
+    mqtt._on_connected()
+    await wait_for(lambda: sent, 5, "the kept answer")
+    assert sent == [(peer.peer_id, b"our answer")] and mqtt._unsent == []

@@ -130,6 +130,9 @@ class MqttSignaling:
         # offers of ours no longer waiting (answered by another route, or given up): their
         # late answers are dropped quietly (insertion-ordered, bounded)
         self._finished: dict[bytes, None] = {}
+        # answers our broken connection did not send, (to, answer, until): published on the
+        # next one while the dialer still waits (its offer, republished, is a replay to us)
+        self._unsent: list[tuple[str, bytes, float]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self.rejected = 0
         self._session = os.urandom(8)  # ours, renewed per broker connection
@@ -191,12 +194,7 @@ class MqttSignaling:
                     await client.subscribe(f"{self.prefix}/presence/+", qos=1)
                     await client.subscribe(f"{self.prefix}/inbox/{self.identity.peer_id}", qos=1)
                     await self._publish_presence()
-                    for to, offer in list(self._outbox.values()):  # not awaited: see exchange
-                        task = asyncio.get_running_loop().create_task(
-                            self._publish_offer(to, offer)
-                        )
-                        self._handlers.add(task)
-                        task.add_done_callback(self._handlers.discard)
+                    self._on_connected()
                     self._connected.set()
                     delay = 0.5
                     log.info("joined mesh %r on broker %s", self.config.mesh, self.config.url)
@@ -213,6 +211,21 @@ class MqttSignaling:
                 self._client = None
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, 30.0)
+
+    def _on_connected(self) -> None:
+        """A new broker connection: what the last one may have lost goes out again, our
+        offers still awaiting answers and our answers still awaited."""
+        self._republish(list(self._outbox.values()))
+        now, unsent, self._unsent = time.time(), self._unsent, []
+        self._republish([(to, answer) for to, answer, until in unsent if until > now])
+
+    def _republish(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish (to, message) pairs again, each on its own task: not awaited, see
+        ``exchange``."""
+        for to, data in messages:
+            task = asyncio.get_running_loop().create_task(self._publish_soon(to, data))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     async def _refresh(self) -> None:
         while True:
@@ -284,8 +297,12 @@ class MqttSignaling:
         )
         session = env.body.get("s")
         if isinstance(session, bytes):
-            self._sessions.pop(peer_id, None)
+            before = self._sessions.pop(peer_id, None)
             self._sessions[peer_id] = session
+            if before is not None and before != session:
+                # It reconnected to the broker: an offer we published while it was away was
+                # lost with its old session (the broker keeps none for it).
+                self._republish([(to, o) for to, o in self._outbox.values() if to == peer_id])
             while len(self._sessions) > _MAX_SESSIONS:
                 self._sessions.pop(next(iter(self._sessions)))
         self.on_presence(peer_id, env.body)
@@ -338,7 +355,9 @@ class MqttSignaling:
         try:
             await self._publish(env.sender, answer)
         except SignalingError as exc:  # e.g. the broker dropped us (a network outage)
-            log.warning("answer to %s not sent: %s", env.sender[:12], exc)
+            log.warning("answer to %s not sent yet: %s", env.sender[:12], exc)
+            until = env.time + self.config.answer_timeout  # when the dialer stops waiting
+            self._unsent = [*self._unsent, (env.sender, answer, until)][-_MAX_WAITING:]
 
     async def _publish(self, to: str, data: bytes) -> None:
         client = self._client
@@ -349,11 +368,11 @@ class MqttSignaling:
         except aiomqtt.MqttError as exc:
             raise SignalingError(f"broker: {exc}") from None
 
-    async def _publish_offer(self, to: str, offer: bytes) -> None:
+    async def _publish_soon(self, to: str, data: bytes) -> None:
         try:
-            await self._publish(to, offer)
-        except SignalingError as exc:  # the next connection publishes it, if in time
-            log.info("offer to %s waits for the broker: %s", to[:12], exc)
+            await self._publish(to, data)
+        except SignalingError as exc:  # an offer: the next connection publishes it, in time
+            log.info("message to %s waits for the broker: %s", to[:12], exc)
 
     # -- sending ---------------------------------------------------------------------------
     async def exchange(self, to: str, offer: bytes, oid: bytes) -> bytes:
@@ -366,7 +385,7 @@ class MqttSignaling:
         # Not awaited before the answer: a publish on a connection broken by an outage
         # hangs for aiomqtt's 10 s timeout, while the next connection republishes the offer
         # (and the answer to that copy arrives).
-        publish = asyncio.ensure_future(self._publish_offer(to, offer))
+        publish = asyncio.ensure_future(self._publish_soon(to, offer))
         try:
             return await asyncio.wait_for(fut, self.config.answer_timeout)
         except TimeoutError:
