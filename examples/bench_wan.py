@@ -89,6 +89,7 @@ def figures(
         "tokens": len(run["tokens"]),
         "tokens_per_s": run["tokens_per_s"],
         "ttft_ms": run["ttft_ms"],
+        "phases_ms": run.get("phases_ms", {}),
         "step_ms": round(step, 2),
         "compute_ms": round(compute, 2),
         "crossings": hops,
@@ -179,7 +180,7 @@ async def one_lab(
             say(
                 f"  {n} stage(s), {delay_ms:g} ms, loss {loss:g}: {row['tokens_per_s']} tok/s, "
                 f"step {row['step_ms']} ms (floor {row['floor_ms']}), TTFT {row['ttft_ms']} ms, "
-                f"max gap {row['max_gap_ms']} ms"
+                f"max gap {row['max_gap_ms']} ms, phases {row['phases_ms']}"
             )
     return out
 

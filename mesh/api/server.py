@@ -8,7 +8,7 @@
 ``GET /v1/mesh``    every member's summary (hardware, memory, shards, stages, tokens/s,
                     generations and routes) and the links each reports (mesh/meshview.py)
 ``GET /v1/dht/peer/{id}``  a peer's verified DHT record
-``POST /v1/bench/rtt``   {peer, size, count}: round trips of an echo RPC, in ms
+``POST /v1/bench/rtt``   {peer, size, count, gap_ms}: round trips of an echo RPC, in ms
 ``POST /v1/bench/bulk``  {peer, bytes, message_size}: one-way transfer rate to a sink RPC
 ``POST /v1/bench/oneway``  {peer, size, count}: one-way latency of a request, in ms (a peer
                     on the same machine only: both ends read one monotonic clock)
@@ -150,12 +150,16 @@ async def _bench_rtt(request: web.Request) -> web.Response:
     body = await json_body(request)
     size = int_field(body, "size", 4096, 0, 1 << 20)
     count = int_field(body, "count", 200, 1, 100_000)
+    gap = int_field(body, "gap_ms", 0, 0, 10_000) / 1000  # idle before each: a token's wait
     payload = os.urandom(size)  # random: lz4 must not make the figure look better
     try:
         link = node.link(str(body.get("peer", "")))
-        await link.call("node.echo", {}, payload)  # warm-up
+        if body.get("warm", True) is not False:
+            await link.call("node.echo", {}, payload)  # warm-up
         samples = []
         for _ in range(count):
+            if gap:
+                await asyncio.sleep(gap)  # the path idle, as between a user's requests
             t0 = time.perf_counter()
             await link.call("node.echo", {}, payload)
             samples.append((time.perf_counter() - t0) * 1000)

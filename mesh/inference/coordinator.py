@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from mesh.inference.prompts import MAX_PIECE_BYTES
 from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.inference.sampling import MAX_DRAFT
+from mesh.inference.viewcache import ViewCache
 from mesh.net.callers import MeshCaller as Mesh
 from mesh.net.rpc import CallContext, Reply
 from runtimes.errors import ModelError
@@ -53,6 +55,7 @@ class Coordinator:
         return {
             "steps_awaited": len(self.waiting),
             "peers_measured": len(self.measured),
+            "views_kept": {"hits": self.kept.hits, "misses": self.kept.misses},
             "generations": running[:MAX_SHOWN],  # running now, each with its route
             "recent": list(self.recent),  # finished: model, tokens, decode rate
         }
@@ -75,6 +78,8 @@ class Coordinator:
         self.measured = Measured()  # peers' bandwidth as routes showed it, over their claims
         self.running: dict[int, GenerationRun] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=MAX_SHOWN)
+        self.kept = ViewCache()  # peers' views for the next route (a round trip less)
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     async def rpc_stage_token(
         self, ctx: CallContext, params: dict[str, Any], payload: bytes
@@ -152,24 +157,9 @@ class Coordinator:
         views: list[PeerView] = []
         manifest: Manifest | None = self.compute.manifests.get(mid)
         source = None
-
-        async def ask(pid: str) -> tuple[str, PeerView | None, bool]:
-            try:
-                # side by side: a route's first token waits for the slowest peer's answers
-                cap_reply, models_reply = await asyncio.gather(
-                    self.mesh.call(pid, "compute.capacity", timeout=5),
-                    self.mesh.call(pid, "compute.models", timeout=5),
-                )
-                models = models_of(models_reply)
-                return pid, *peer_view(pid, mid, cap_reply.result, models, self._rtt(pid))
-            except RPCError as exc:
-                log.info("peer %s left out of the route: %s", pid[:12], exc)
-            except Exception as exc:  # a peer's malformed answer must not stop the route
-                log.warning("peer %s sent a malformed capacity/models reply: %r", pid[:12], exc)
-            return pid, None, False
-
-        asked = [p for p in [self.mesh.me, *self.mesh.connected_peer_ids()] if p not in exclude]
-        for pid, view, knows in await asyncio.gather(*(ask(p) for p in asked)):
+        me = self.mesh.me
+        asked = [p for p in [me, *self.mesh.connected_peer_ids()] if p not in exclude]
+        for pid, view, knows in await asyncio.gather(*(self._ask(p, mid) for p in asked)):
             if view is not None:
                 views.append(self.measured.apply(view))
                 if knows and source is None:
@@ -178,7 +168,55 @@ class Coordinator:
             if source is None:
                 raise RouteError(f"no reachable peer knows model {mid[:12]}")
             manifest = await self.compute._manifest(mid, source)
+        if not exclude:  # every peer's: what the next route may be planned from
+            remote = [v for v in views if v.peer_id != me]
+            self.kept.put(mid, [p for p in asked if p != me], remote, manifest)
         return views, manifest
+
+    async def route_views(self, mid: str) -> tuple[list[PeerView], Manifest, bool]:
+        """The views a new route is planned from: the remote peers' as kept (fresh, of the
+        same connected peers) with this node's own asked now, or all asked now. Third:
+        whether kept ones were used (see :mod:`mesh.inference.viewcache`)."""
+        kept = self.kept.get(mid, self.mesh.connected_peer_ids())
+        if kept is None:
+            return *await self.views(mid, set()), False
+        remote, manifest = kept
+        pid, mine, _ = await self._ask(self.mesh.me, mid)
+        views = [self.measured.apply(mine)] if mine is not None else []
+        views += [self.measured.apply(replace(v, rtt_ms=self._rtt(v.peer_id))) for v in remote]
+        return views, manifest, True
+
+    def refresh_views(self, mid: str) -> None:
+        """Ask the peers' views of ``mid`` again, in the background (a generation ended)."""
+        if mid in self._refreshing:
+            return
+
+        async def refresh() -> None:
+            try:
+                await self.views(mid, set())
+            except Exception as exc:  # the next route asks again itself
+                self.kept.drop(mid)
+                log.info("views of %s not refreshed: %s", mid[:12], exc)
+            finally:
+                self._refreshing.pop(mid, None)
+
+        self._refreshing[mid] = asyncio.get_running_loop().create_task(refresh())
+
+    async def _ask(self, pid: str, mid: str) -> tuple[str, PeerView | None, bool]:
+        """``pid``'s view of ``mid`` (None: left out of the route), and whether it knows it."""
+        try:
+            # side by side: a route's first token waits for the slowest peer's answers
+            cap_reply, models_reply = await asyncio.gather(
+                self.mesh.call(pid, "compute.capacity", timeout=5),
+                self.mesh.call(pid, "compute.models", timeout=5),
+            )
+            models = models_of(models_reply)
+            return pid, *peer_view(pid, mid, cap_reply.result, models, self._rtt(pid))
+        except RPCError as exc:
+            log.info("peer %s left out of the route: %s", pid[:12], exc)
+        except Exception as exc:  # a peer's malformed answer must not stop the route
+            log.warning("peer %s sent a malformed capacity/models reply: %r", pid[:12], exc)
+        return pid, None, False
 
     def _rtt(self, pid: str) -> float:
         if pid == self.mesh.me:

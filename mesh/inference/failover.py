@@ -12,7 +12,11 @@ peers it names.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 from mesh.errors import RemoteError, RPCError
 from mesh.inference.compute import CapacityError, StageUnavailable
@@ -38,6 +42,8 @@ class Failover:
         # chunks fed so far, each with the token it gave (None: a prompt chunk before the
         # last) and, for a verify step, how many of its positions were kept (its tokens)
         self.fed: list[tuple[list[int], int | None, int | None]] = []
+        # the route's first step, sent with its opens: (its end position, its reply to be)
+        self._sent: tuple[int, asyncio.Future[Reply]] | None = None
 
     @property
     def tokens_out(self) -> int:
@@ -53,14 +59,30 @@ class Failover:
         """A generation starting over (after a spot check) has no history to replay."""
         self.fed = []
 
-    async def open(self, stages: list[Stage]) -> None:
-        """Open the route's sessions; a peer short of memory is replaced (re-planned)."""
+    async def open(self, stages: list[Stage], first: tuple[list[int], int] | None = None) -> None:
+        """Open the route's sessions; a peer short of memory is replaced (re-planned).
+        ``first``: the route's first step (feed, end position), sent with the opens; ``step``
+        then takes its reply. The first token pays no round trip for the opens."""
+        self.drop_sent()
+        then: Callable[[], Awaitable[Reply]] | None = None
+        if first is not None:
+            then = functools.partial(self.steps.forward, first[0], first[1])
         for _ in range(MAX_FAILOVERS + 1):
             try:
-                await self.route.open(stages)
+                sent = await self.route.open(stages, then)
+                if first is not None and sent is not None:
+                    self._sent = (first[1], sent)
                 return
-            except (RemoteError, CapacityError) as exc:
-                if isinstance(exc, RemoteError) and exc.code != "CapacityError":
+            except (RPCError, CapacityError) as exc:
+                if self.planner.from_kept:  # the views may be out of date: no peer is blamed
+                    log.info("a route from kept views did not open (%s): asking again", exc)
+                    self.planner.from_kept = False
+                    stages = await self.planner.replan()
+                    continue
+                short_of_memory = isinstance(exc, CapacityError) or (
+                    isinstance(exc, RemoteError) and exc.code == "CapacityError"
+                )
+                if not short_of_memory:
                     raise
                 short = self.route.last_opened
                 log.warning("%s lacked memory (%s): re-planning", short[:12], exc)
@@ -72,8 +94,15 @@ class Failover:
         """The step's reply; a stage's fault (also during a re-route or its replay) is
         re-routed around, at most MAX_FAILOVERS times for this step."""
         failovers = 0
+        sent, self._sent = self._sent, None
+        if sent is not None and (sent[0] != pos or draft):
+            sent[1].cancel()  # not this step's (a run never asks so)
+            sent = None
         while True:
             try:
+                if sent is not None:
+                    reply, sent = sent[1], None
+                    return await reply
                 return await self.steps.forward(feed, pos, draft)
             except (RPCError, StageUnavailable) as exc:
                 failure: RPCError | StageUnavailable = exc
@@ -91,6 +120,13 @@ class Failover:
                     break
                 except (RPCError, StageUnavailable) as again:
                     failure = again
+
+    def drop_sent(self) -> None:
+        """A first step sent with the opens and never taken (the run ended before it)."""
+        if self._sent is not None:
+            self._sent[1].cancel()
+            self._sent[1].add_done_callback(_retrieved)
+            self._sent = None
 
     async def reroute(self, failed: str, why: str) -> None:
         """Move ``failed``'s units to another peer and replay the history on the new route."""
@@ -137,3 +173,9 @@ class Failover:
         why = f"spot check: {exc.reason}"
         self.planner.record(exc.peer, [], replacement, self.tokens_out, why)
         await self.open(stages)
+
+
+def _retrieved(fut: asyncio.Future[Reply]) -> None:
+    """Its outcome is not wanted: read, so asyncio does not log it as never retrieved."""
+    with contextlib.suppress(BaseException):
+        fut.result()

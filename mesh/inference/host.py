@@ -108,6 +108,13 @@ class RunHost(PlanHost, CheckHost, StepHost, Protocol):
 
     async def resolve(self, model: str) -> str: ...
 
+    async def route_views(self, mid: str) -> tuple[list[PeerView], Manifest, bool]:
+        """The views a new route is planned from, and whether they were kept ones."""
+        ...
+
+    def refresh_views(self, mid: str) -> None:
+        """Ask the peers' views again in the background: a generation ended."""
+
     async def tokenizer(self, mid: str) -> Any | None:
         """This node's tokenizer of ``mid`` (it holds an end blob), or None."""
         ...

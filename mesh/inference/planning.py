@@ -67,6 +67,8 @@ class RoutePlanner:
         self.excluded: set[str] = set()  # never planned again in this run
         self.reroutes: list[dict[str, Any]] = []  # what the summary reports
         self.seen: dict[str, PeerView] = {}  # each peer's latest view (what planning used)
+        # the route was planned from views kept from an earlier one (mesh.inference.viewcache)
+        self.from_kept = False
 
     async def views(self) -> list[PeerView]:
         views, _ = await self.host.views(self.mid, self.excluded)

@@ -154,7 +154,10 @@ class GenerationRun:
         self.stats = RunStats()
         p = self.parts = await self._prepare()
         n_layers = p.manifest.n_layers
-        await p.failover.open(p.route.stages)
+        chunks = self._chunks(p.prompt)
+        # the first chunk goes with the opens: each stage holds it until its session is open
+        await p.failover.open(p.route.stages, (chunks[0], len(chunks[0])) if chunks else None)
+        self.stats.mark("opened")
         try:
             yield {"route": [s.as_dict(n_layers) for s in p.route.stages], "model_id": p.mid}
             for restarts in range(MAX_FAILOVERS + 1):
@@ -182,13 +185,21 @@ class GenerationRun:
             host.observe(p.route.stages, unit_bytes, p.planner.seen, self.stats.decode_ms)
             yield self._summary(p)
         finally:
+            p.failover.drop_sent()
             await p.route.close()
+            self.host.refresh_views(p.mid)  # its pulls and loads changed what peers hold
+
+    def _chunks(self, prompt: list[int]) -> list[list[int]]:
+        """The prompt in the steps that feed it (``prefill_chunk`` positions each)."""
+        size = max(1, self.req.prefill_chunk)
+        return [prompt[i : i + size] for i in range(0, len(prompt), size)]
 
     async def _prepare(self) -> _Parts:
         """Resolve the model, plan the route and tokenize the prompt, before any session
         opens: each reserves its KV cache for the prompt and the output."""
         req, host = self.req, self.host
         mid = await host.resolve(req.model)
+        self.stats.mark("resolved")
         checker, verify = None, req.verify
         if req.verify.rate > 0 and req.mode != "push":
             raise ModelError("spot checks need push mode")
@@ -198,10 +209,12 @@ class GenerationRun:
             verify = replace(verify, strangers=host.stranger_checks)
         if verify.rate > 0 or verify.strangers > 0:
             checker = SpotChecker(host, mid, verify)
-        views, manifest = await host.views(mid, set())
+        views, manifest, kept = await host.route_views(mid)
         planner = RoutePlanner(host, mid, manifest, split=req.split, runtime=req.runtime)
+        planner.from_kept = kept
         planner.seen.update((v.peer_id, v) for v in views)
         stages = self._first_route(planner, views, manifest)
+        self.stats.mark("planned")
         tok = await host.tokenizer(mid)
         ends, first = tokenizer_blobs(manifest), stages[0].peer_id
         holders = sorted(
@@ -210,6 +223,7 @@ class GenerationRun:
         )
         pieces = Pieces(host.mesh, mid, tok, holders)
         prompt = await self._prompt(manifest, tok, holders, mid)
+        self.stats.mark("tokenized")
         context = manifest.chat.context_length if manifest.chat is not None else 0
         if context and req.clip_to_context and len(prompt) < context:
             self.req = req = replace(req, max_tokens=min(req.max_tokens, context - len(prompt)))
@@ -264,8 +278,7 @@ class GenerationRun:
         failover.forget()
         self.spec = SpecStats()
         self.stats.decode_ms = []  # the rate of this run (a spot-check restart starts over)
-        size = max(1, req.prefill_chunk)
-        chunks = [prompt[i : i + size] for i in range(0, len(prompt), size)]
+        chunks = self._chunks(prompt)
         end = 0
         for chunk in chunks[:-1]:  # the tokens these give are not wanted
             end += len(chunk)

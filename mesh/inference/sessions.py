@@ -1,19 +1,25 @@
 """The open route of one generation: a stage session per stage, all opened at once (each is
 told its next stage's session id up front, and a stage pushes only once a step comes, so no
 open waits for another: a route's set-up costs one round trip, and its stages pull their
-shards side by side), and closed together (a dead stage has nothing left to free)."""
+shards side by side), and closed together (a dead stage has nothing left to free). The
+route's first step may go out with the opens (``then``): each stage holds it until its own
+session is open (:mod:`mesh.inference.early`), so the set-up's round trip overlaps it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from mesh.errors import RPCError
 from mesh.inference.host import SessionHost
 from mesh.inference.routes import Stage
 
 __all__ = ["RouteSessions"]
+
+T = TypeVar("T")
 
 
 class RouteSessions:
@@ -31,25 +37,40 @@ class RouteSessions:
         self.bytes_pulled = 0  # shard bytes the stages pulled to open
         self.last_opened = ""  # the first stage (in route order) whose open failed
 
-    async def open(self, stages: list[Stage]) -> None:
-        """Open sessions on ``stages``; on any failure those already opened are closed."""
+    async def open(
+        self, stages: list[Stage], then: Callable[[], Awaitable[T]] | None = None
+    ) -> asyncio.Future[T] | None:
+        """Open sessions on ``stages``; on any failure those already opened are closed.
+        ``then``: started once the opens are sent, not awaited here (its future is returned,
+        cancelled if an open fails)."""
         self.stages = list(stages)
         # Independent random ids: a stage cannot derive the other stages' sessions.
         self.sids = [os.urandom(12).hex() for _ in self.stages]
         self.warm = 0
+        after: asyncio.Future[T] | None = None
         try:
-            await self._open_stages()
+            opens = self._open_stages()  # its calls are tasks already: they go out first
+            if then is not None:
+                after = asyncio.ensure_future(then())
+            self._check(await opens)
         except BaseException:
+            if after is not None:
+                after.cancel()
+                with contextlib.suppress(BaseException):
+                    await after
             await self.close()  # the stages already opened must not wait for their TTL
             raise
+        return after
 
-    async def _open_stages(self) -> None:
+    def _open_stages(self) -> asyncio.Future[list[Any]]:
         mesh = self.host.mesh
         calls = [
             mesh.call(st.peer_id, "compute.stage_open", self._params(i), timeout=600)
             for i, st in enumerate(self.stages)
         ]
-        replies = await asyncio.gather(*calls, return_exceptions=True)
+        return asyncio.gather(*calls, return_exceptions=True)
+
+    def _check(self, replies: list[Any]) -> None:
         for st, reply in zip(self.stages, replies, strict=True):
             if isinstance(reply, BaseException):
                 self.last_opened = st.peer_id  # the first stage, in route order, that failed

@@ -24,6 +24,7 @@ import numpy as np
 
 from mesh.errors import EXPECTED, Error, IdentityError, RemoteError, RPCError
 from mesh.inference.audit import MAX_AUDIT_BYTES, AuditEntry, AuditLog, step_message
+from mesh.inference.early import EarlySteps, State
 from mesh.inference.memory import LoadedShards, ShardKey
 from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, StageUnavailable
 from mesh.inference.sampling import (
@@ -87,6 +88,7 @@ class StageSessions(LoadedShards):
         super().__init__(caller, me, root, config, objects)
         self.sessions: dict[str, StageSession] = {}
         self._opening: dict[str, str] = {}  # session ids being opened -> owner
+        self.early = EarlySteps()  # steps sent with their route's opens, held until open
         self.throughput = Rate()  # rows (token positions) this node's stages ran
         self._janitor: asyncio.Task[None] | None = None
 
@@ -146,6 +148,7 @@ class StageSessions(LoadedShards):
             )
         finally:
             self._opening.pop(sid, None)
+            self.early.ended(sid)
 
     async def _open_stage(
         self,
@@ -229,6 +232,7 @@ class StageSessions(LoadedShards):
         """One step, one way: compute, push to the next stage; the last stage sends the token
         straight to the coordinator (the session's owner). Failures are reported to it too."""
         sid, rid = params.get("sid"), params.get("rid")
+        await self._until_open(params, ctx.peer_id)
         st = self.sessions.get(sid) if isinstance(sid, str) else None
         owner = st.owner if st is not None else ctx.peer_id
         trace = params.get("trace", [])
@@ -271,6 +275,21 @@ class StageSessions(LoadedShards):
                 await self.caller.notify(owner, "coordinator.stage_failed", report, timeout=5)
             except EXPECTED:
                 log.warning("could not report a failed step to %s", owner[:12])
+
+    async def _until_open(self, params: dict[str, Any], sender: str) -> None:
+        """A route's first step, sent with its opens, waits for its own (:mod:`.early`).
+        Only a first step (from position 0): a later one of an unknown session fails at
+        once, so a stage that lost its sessions is routed around without a wait."""
+        sid, pos, n = params.get("sid"), params.get("pos"), params.get("n")
+        if not isinstance(sid, str) or not _SID.match(sid) or type(pos) is not int or pos != n:
+            return  # refused, or failed, as it was before
+
+        def state() -> State:
+            if sid in self.sessions:
+                return "open"
+            return "opening" if sid in self._opening else "unknown"
+
+        await self.early.until_open(sid, sender, state)
 
     async def _compute(
         self,
@@ -357,6 +376,7 @@ class StageSessions(LoadedShards):
     ) -> Reply:
         """One step as a chain of calls (each stage awaits the rest): simpler to debug than
         ``stage_push`` and one more traversal per step."""
+        await self._until_open(params, ctx.peer_id)
         st, spec, out, own = await self._compute(params, payload, ctx.peer_id)
         if spec.is_last:
             return self._finish(st.key[0], out, params, own)

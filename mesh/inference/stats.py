@@ -62,6 +62,8 @@ class RunStats:
     ttft: float | None = None
     rate: Rate = field(default_factory=Rate)  # decode steps, for the page's plot
     extra_tokens: int = 0  # decode steps' tokens beyond one each (accepted drafts)
+    # ms from the start at which each phase before the first token ended (where TTFT goes)
+    phases: dict[str, float] = field(default_factory=dict)
 
     def account(self, reply: Reply, ms: float, stages: int, decode: bool) -> None:
         """One step that took ``ms`` over ``stages`` stages; ``decode``: a step of the
@@ -84,6 +86,10 @@ class RunStats:
         self.extra_tokens += n
         self.rate.add(n)
 
+    def mark(self, phase: str) -> None:
+        """``phase`` ended now (the first time only: a failover's re-open is not TTFT's)."""
+        self.phases.setdefault(phase, round((time.perf_counter() - self.t_start) * 1000, 2))
+
     def first_token(self) -> None:
         if self.ttft is None:
             self.ttft = (time.perf_counter() - self.t_start) * 1000
@@ -97,6 +103,7 @@ class RunStats:
         decode = self.decode_ms
         return {
             "ttft_ms": round(self.ttft or 0.0, 2),
+            "phases_ms": dict(self.phases),
             "tokens_per_s": (
                 round((len(decode) + self.extra_tokens) / (sum(decode) / 1000), 2)
                 if decode
