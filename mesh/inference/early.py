@@ -22,8 +22,8 @@ __all__ = ["EarlySteps", "EARLY_WAIT_S", "MAX_EARLY", "MAX_EARLY_PER_PEER"]
 log = logging.getLogger(__name__)
 
 EARLY_WAIT_S = 2.0  # for an open not yet arrived: it was sent with the step, so it is close
-MAX_EARLY = 32  # steps waiting for their sessions, from all peers
-MAX_EARLY_PER_PEER = 4  # from one peer: a route has one step in flight while it opens
+MAX_EARLY = 64  # steps waiting for their sessions, from all peers (a stage's sessions)
+MAX_EARLY_PER_PEER = 16  # from one peer (the sessions one peer may hold on a stage)
 
 State = Literal["open", "opening", "unknown"]
 

@@ -88,7 +88,11 @@ class StageSessions(LoadedShards):
         super().__init__(caller, me, root, config, objects)
         self.sessions: dict[str, StageSession] = {}
         self._opening: dict[str, str] = {}  # session ids being opened -> owner
-        self.early = EarlySteps()  # steps sent with their route's opens, held until open
+        # steps sent with their route's opens, held until open: as many as sessions may be
+        # opening (a coordinator opens many routes at once, a stage forwards their steps)
+        self.early = EarlySteps(
+            max_waiting=config.max_sessions, per_peer=config.max_sessions_per_peer
+        )
         self.throughput = Rate()  # rows (token positions) this node's stages ran
         self._janitor: asyncio.Task[None] | None = None
 
