@@ -156,7 +156,11 @@ class GenerationRun:
         n_layers = p.manifest.n_layers
         chunks = self._chunks(p.prompt)
         # the first chunk goes with the opens: each stage holds it until its session is open
-        await p.failover.open(p.route.stages, (chunks[0], len(chunks[0])) if chunks else None)
+        # Not in a chain (its call has its RPC deadline), nor to this node's own stage (a
+        # call to itself runs in place, and would wait out the open's pulls).
+        own = p.route.stages[0].peer_id == self.host.mesh.me
+        push = chunks and self.req.mode == "push" and not own
+        await p.failover.open(p.route.stages, (chunks[0], len(chunks[0])) if push else None)
         self.stats.mark("opened")
         try:
             yield {"route": [s.as_dict(n_layers) for s in p.route.stages], "model_id": p.mid}

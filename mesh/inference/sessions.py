@@ -34,6 +34,8 @@ class RouteSessions:
         self.stages: list[Stage] = []
         self.sids: list[str] = []
         self.warm = 0  # steps since the route was (re)opened
+        # the opens under way (a step sent with them waits for them before its deadline runs)
+        self.opening: asyncio.Future[list[Any]] | None = None
         self.bytes_pulled = 0  # shard bytes the stages pulled to open
         self.last_opened = ""  # the first stage (in route order) whose open failed
 
@@ -49,7 +51,7 @@ class RouteSessions:
         self.warm = 0
         after: asyncio.Future[T] | None = None
         try:
-            opens = self._open_stages()  # its calls are tasks already: they go out first
+            opens = self.opening = self._open_stages()  # tasks already: they go out first
             if then is not None:
                 after = asyncio.ensure_future(then())
             self._check(await opens)

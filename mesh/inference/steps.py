@@ -119,6 +119,10 @@ class StepRunner:
         """The step's token. While the deadline is long (warm-up, a long prefill) the route is
         probed every PROBE_EVERY s: a dead stage is found in seconds, a slow live one (its
         event loop answers while its compute thread works) is waited for."""
+        opening = self.route.opening  # sent with the opens: pulls may take long, no deadline
+        if opening is not None and not opening.done():
+            waits: list[asyncio.Future[Any]] = [fut, opening]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         end = time.monotonic() + self._deadline()
         while True:
             try:
