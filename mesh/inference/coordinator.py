@@ -159,9 +159,12 @@ class Coordinator:
         source = None
         me = self.mesh.me
         asked = [p for p in [me, *self.mesh.connected_peer_ids()] if p not in exclude]
+        remote: list[PeerView] = []  # as the peers claim (kept: measurements change)
         for pid, view, knows in await asyncio.gather(*(self._ask(p, mid) for p in asked)):
             if view is not None:
                 views.append(self.measured.apply(view))
+                if pid != me:
+                    remote.append(view)
                 if knows and source is None:
                     source = pid
         if manifest is None:
@@ -169,7 +172,6 @@ class Coordinator:
                 raise RouteError(f"no reachable peer knows model {mid[:12]}")
             manifest = await self.compute._manifest(mid, source)
         if not exclude:  # every peer's: what the next route may be planned from
-            remote = [v for v in views if v.peer_id != me]
             self.kept.put(mid, [p for p in asked if p != me], remote, manifest)
         return views, manifest
 

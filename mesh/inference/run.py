@@ -155,11 +155,9 @@ class GenerationRun:
         p = self.parts = await self._prepare()
         n_layers = p.manifest.n_layers
         chunks = self._chunks(p.prompt)
-        # the first chunk goes with the opens: each stage holds it until its session is open
-        # Not in a chain (its call has its RPC deadline), nor to this node's own stage (a
-        # call to itself runs in place, and would wait out the open's pulls).
-        own = p.route.stages[0].peer_id == self.host.mesh.me
-        push = chunks and self.req.mode == "push" and not own
+        # The first chunk goes with the opens (each stage holds it until its session is
+        # open); not in a chain, whose call has its RPC deadline.
+        push = chunks and self.req.mode == "push"
         await p.failover.open(p.route.stages, (chunks[0], len(chunks[0])) if push else None)
         self.stats.mark("opened")
         try:

@@ -44,7 +44,8 @@ class RouteSessions:
     ) -> asyncio.Future[T] | None:
         """Open sessions on ``stages``; on any failure those already opened are closed.
         ``then``: started once the opens are sent, not awaited here (its future is returned,
-        cancelled if an open fails)."""
+        cancelled if an open fails). Not when the first stage is this node: a call to
+        itself runs in place, through the open's pulls; ``then`` is left to the caller."""
         self.stages = list(stages)
         # Independent random ids: a stage cannot derive the other stages' sessions.
         self.sids = [os.urandom(12).hex() for _ in self.stages]
@@ -52,7 +53,7 @@ class RouteSessions:
         after: asyncio.Future[T] | None = None
         try:
             opens = self.opening = self._open_stages()  # tasks already: they go out first
-            if then is not None:
+            if then is not None and self.stages[0].peer_id != self.host.mesh.me:
                 after = asyncio.ensure_future(then())
             self._check(await opens)
         except BaseException:
