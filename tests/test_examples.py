@@ -138,8 +138,10 @@ async def test_bench_wan_in_the_lab_puts_each_figure_beside_its_floor(
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["same_tokens"], r
         assert r["crossings"] == (0 if r["stages"] == 1 else 2), r
-        # the floor counts the delay once per crossing; a 2-stage token pays it twice
-        assert r["floor_ms"] == pytest.approx(r["compute_ms"] + r["crossings"] * r["delay_ms"])
+        # the floor counts the delay once per crossing; a 2-stage token pays it twice (each
+        # figure is rounded to 0.01 ms on its own, so the sum may differ by one in the last place)
+        want = r["compute_ms"] + r["crossings"] * r["delay_ms"]
+        assert r["floor_ms"] == pytest.approx(want, abs=0.0101)
     delayed = next(r for r in rows if r["stages"] == 2 and r["delay_ms"] == 4 and not r["loss"])
     assert delayed["step_ms"] >= 2 * 4  # the lab's delay is real: two crossings of 4 ms
     md = (docs / "benchmarks.md").read_text()
