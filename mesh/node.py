@@ -326,6 +326,7 @@ class Node:
         if self.dht is not None:
             self.dht.stop()
         await self.trust.stop()
+        await self.coordinator.stop()  # its refreshes call peers over the links going next
         await self.conns.stop()  # says bye on every link, waits for their connections to close
         await self.compute.stop()
         await self.objects.stop()

@@ -109,6 +109,35 @@ def test_kept_views_are_bounded_least_recently_used_first() -> None:
         ViewCache(max_models=0)
 
 
+class _SilentMesh:
+    """A mesh whose peers never answer: a refresh of views hangs until it is cancelled."""
+
+    me = "me"
+
+    def connected_peer_ids(self) -> list[str]:
+        return ["p1", "p2"]
+
+    async def call(self, pid: str, method: str, **_: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+class _NoModels:
+    manifests: dict[str, Any] = {}
+
+
+async def test_stopping_the_coordinator_cancels_its_view_refreshes() -> None:
+    from mesh.inference.coordinator import Coordinator
+
+    c = Coordinator(_SilentMesh(), _NoModels())  # type: ignore[arg-type]
+    c.refresh_views("m")
+    c.refresh_views("m")  # one refresh per model at a time
+    (task,) = c._refreshing.values()
+    await asyncio.sleep(0)  # the refresh is now waiting on the peers
+    assert not task.done()
+    await asyncio.wait_for(c.stop(), 2)
+    assert task.cancelled() and not c._refreshing
+
+
 # -- on a mesh of compute services ------------------------------------------------------------
 async def test_the_first_step_reaches_a_stage_before_its_open_and_the_tokens_are_clean(
     tmp_path: Path,

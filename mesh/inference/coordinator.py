@@ -204,6 +204,13 @@ class Coordinator:
 
         self._refreshing[mid] = asyncio.get_running_loop().create_task(refresh())
 
+    async def stop(self) -> None:
+        """Cancel the background refreshes (a node stopping: its links are about to go)."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _ask(self, pid: str, mid: str) -> tuple[str, PeerView | None, bool]:
         """``pid``'s view of ``mid`` (None: left out of the route), and whether it knows it."""
         try:
