@@ -253,3 +253,54 @@ async def test_a_route_from_kept_views_that_fails_to_open_is_planned_again_blami
     assert run.parts is not None and run.parts.planner.excluded == set()
     assert not run.parts.planner.from_kept  # planned again from views asked then
     assert mesh.sessions_left() == {}
+
+
+class _OpeningMesh:
+    """Opens answered on a signal each (this node's own, then the remote one)."""
+
+    me = "me"
+
+    def __init__(self) -> None:
+        self.done = {"me": asyncio.Event(), "p1": asyncio.Event()}
+        self.log: list[str] = []
+
+    async def call(self, pid: str, method: str, params: Any, **_: Any) -> Any:
+        await self.done[pid].wait()
+        self.log.append(f"opened {pid}")
+        return type("Reply", (), {"result": {"pulled": 0}})()
+
+
+class _Host:
+    def __init__(self) -> None:
+        self.mesh = _OpeningMesh()
+
+    def holds_manifest(self, mid: str) -> bool:
+        return True
+
+
+async def test_with_this_node_first_the_first_step_goes_once_its_own_open_is_done() -> None:
+    """This node's own stage first: the first step does not wait for the remote opens, only
+    for its own (a call to itself runs in place, and would run through the open's pulls)."""
+    from mesh.inference.routes import Stage
+    from mesh.inference.sessions import RouteSessions
+
+    host = _Host()
+    route = RouteSessions(host, "m", 16, audit=False)  # type: ignore[arg-type]
+    stages = [Stage("me", (0, 2), "fake"), Stage("p1", (2, 4), "fake")]
+
+    stepped = asyncio.Event()
+
+    async def first() -> str:
+        host.mesh.log.append("step")
+        stepped.set()
+        return "token"
+
+    opening = asyncio.ensure_future(route.open(stages, first))
+    await asyncio.sleep(0)
+    assert host.mesh.log == []  # nothing goes before this node's own open
+    host.mesh.done["me"].set()
+    await asyncio.wait_for(stepped.wait(), 2)  # while the remote open is still under way
+    host.mesh.done["p1"].set()
+    sent = await asyncio.wait_for(opening, 2)
+    assert sent is not None and await sent == "token"
+    assert host.mesh.log == ["opened me", "step", "opened p1"]

@@ -22,6 +22,13 @@ __all__ = ["RouteSessions"]
 T = TypeVar("T")
 
 
+async def _after(own: asyncio.Future[Any], then: Callable[[], Awaitable[T]]) -> T:
+    """``then`` once this node's own open is done (its failure fails the opening anyway)."""
+    await asyncio.wait([own])
+    own.result()
+    return await then()
+
+
 class RouteSessions:
     """The route's stages and their session ids. ``max_tokens``: the prompt and the output,
     which each stage reserves KV cache for (capped at its context)."""
@@ -44,17 +51,21 @@ class RouteSessions:
     ) -> asyncio.Future[T] | None:
         """Open sessions on ``stages``; on any failure those already opened are closed.
         ``then``: started once the opens are sent, not awaited here (its future is returned,
-        cancelled if an open fails). Not when the first stage is this node: a call to
-        itself runs in place, through the open's pulls; ``then`` is left to the caller."""
+        cancelled if an open fails). When the first stage is this node, ``then`` starts once
+        this node's own open is done: a call to itself runs in place, and would otherwise
+        run through the open's pulls; the remote opens are still under way."""
         self.stages = list(stages)
         # Independent random ids: a stage cannot derive the other stages' sessions.
         self.sids = [os.urandom(12).hex() for _ in self.stages]
         self.warm = 0
         after: asyncio.Future[T] | None = None
         try:
-            opens = self.opening = self._open_stages()  # tasks already: they go out first
+            calls = self._open_stages()  # tasks already: they go out first
+            opens = self.opening = asyncio.gather(*calls, return_exceptions=True)
             if then is not None and self.stages[0].peer_id != self.host.mesh.me:
                 after = asyncio.ensure_future(then())
+            elif then is not None:
+                after = asyncio.ensure_future(_after(calls[0], then))
             self._check(await opens)
         except BaseException:
             if after is not None:
@@ -65,13 +76,14 @@ class RouteSessions:
             raise
         return after
 
-    def _open_stages(self) -> asyncio.Future[list[Any]]:
+    def _open_stages(self) -> list[asyncio.Future[Any]]:
         mesh = self.host.mesh
-        calls = [
-            mesh.call(st.peer_id, "compute.stage_open", self._params(i), timeout=600)
+        return [
+            asyncio.ensure_future(
+                mesh.call(st.peer_id, "compute.stage_open", self._params(i), timeout=600)
+            )
             for i, st in enumerate(self.stages)
         ]
-        return asyncio.gather(*calls, return_exceptions=True)
 
     def _check(self, replies: list[Any]) -> None:
         for st, reply in zip(self.stages, replies, strict=True):
