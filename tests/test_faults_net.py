@@ -95,6 +95,8 @@ async def test_broker_restart_keeps_links_and_admits_new_nodes(
         after = text.split("joined mesh", 1)[1]
         assert not re.search(r"link to \S+ closed", after), text
         assert text.count("joined mesh") >= 2  # it rejoined the restarted broker
+        # a broker going away is expected: our own warning says so, nothing logs an error
+        assert " ERROR " not in text, text
     log.warning("FAULT broker restarted: new node connected to the old ones in %.1f s", joined_s)
 
 

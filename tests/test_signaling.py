@@ -1,4 +1,5 @@
 import asyncio
+import logging
 import time
 
 import msgpack
@@ -237,3 +238,20 @@ async def test_an_answer_the_broker_did_not_take_goes_on_the_next_connection():
     mqtt._on_connected()
     await wait_for(lambda: sent, 5, "the kept answer")
     assert sent == [(peer.peer_id, b"our answer")] and mqtt._unsent == []
+
+
+def test_paho_reports_a_lost_broker_as_info_and_its_other_errors_as_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker going away is expected (the reconnect loop warns itself); an exception in a
+    callback is a bug and stays an error."""
+    from mesh.discovery.mqtt import _paho_logger
+
+    paho = _paho_logger()
+    assert _paho_logger() is paho and len(paho.filters) == 1  # added once
+    with caplog.at_level(logging.DEBUG, logger=paho.name):
+        paho.error("failed to receive on socket: %s", BrokenPipeError(32, "Broken pipe"))
+        paho.error("timeout on socket: %s", TimeoutError())
+        paho.error("Caught exception in on_message: %s", ValueError("x"))
+    levels = [r.levelname for r in caplog.records]
+    assert levels == ["INFO", "INFO", "ERROR"], levels

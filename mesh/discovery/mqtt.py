@@ -56,6 +56,27 @@ _MAX_WAITING = 64  # offers of ours awaiting an answer
 _MAX_SESSIONS = 4096  # peers whose presence session we remember (for their absence)
 
 
+class _ConnectionLost(logging.Filter):
+    """paho logs a broker going away (its socket's error or timeout) at ERROR; that is an
+    expected event, which the reconnect loop reports itself as a warning: demoted to INFO.
+    Every other paho error (an exception in a callback of ours) stays an error."""
+
+    LOST = ("failed to receive on socket", "timeout on socket")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith(self.LOST):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+def _paho_logger() -> logging.Logger:
+    """The logger paho (through aiomqtt) writes to, with its connection losses demoted."""
+    paho = logging.getLogger(f"{__name__}.paho")
+    if not any(isinstance(f, _ConnectionLost) for f in paho.filters):
+        paho.addFilter(_ConnectionLost())
+    return paho
+
+
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -179,6 +200,7 @@ class MqttSignaling:
             protocol=aiomqtt.ProtocolVersion.V5,
             properties=props,
             will=aiomqtt.Will(self.presence_topic, self.absence_payload(), qos=1, retain=True),
+            logger=_paho_logger(),
         )
         if tls:
             args["tls_params"] = aiomqtt.TLSParameters(ca_certs=self.config.ca_file)
