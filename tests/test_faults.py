@@ -156,6 +156,35 @@ async def test_stage_killed_same_tokens(tmp_path: Path, tiny: Path, phase: str) 
         await sessions_freed(mesh, [n for n in nodes if n is not victim])
 
 
+async def test_a_mesh_of_two_losing_its_other_stage_goes_on_alone(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """Two nodes, a two-stage route; the node that is not the coordinator is SIGKILLed after
+    5 tokens. No spare peer is left for its layers, so the coordinator takes the whole model
+    (it has the memory), replays the history, and the tokens are the fault-free ones."""
+    async with LocalMesh(tmp_path / "mesh") as mesh:
+        nodes = await start_route_mesh(mesh, tiny, n=2)
+        body = {"model": "tiny", "tokens": PROMPT, "max_tokens": 16, "split": 2}
+        clean = (await generate(mesh, nodes[0], body))[-1]
+        assert {s["peer_id"] for s in clean["stages"]} == {n.peer_id for n in nodes}
+        victim = nodes[1]
+        tokens: list[dict[str, Any]] = []
+
+        def fault(event: dict[str, Any]) -> None:
+            if "token" in event:
+                tokens.append(event)
+                if len(tokens) == 5:
+                    mesh.kill(victim, signal.SIGKILL)
+
+        summary = (await generate(mesh, nodes[0], body, fault))[-1]
+        assert len(tokens) >= 5, "the fault was never injected"
+        assert summary["tokens"] == clean["tokens"]
+        (reroute,) = summary["reroutes"]
+        assert reroute["failed"] == victim.peer_id and reroute["after_tokens"] == 5
+        assert [s["peer_id"] for s in summary["stages"]] == [nodes[0].peer_id]
+        await sessions_freed(mesh, nodes[:1])
+
+
 async def test_slow_stage_past_its_deadline_is_routed_around(tmp_path: Path, tiny: Path) -> None:
     """A middle stage frozen (SIGSTOP) mid-decode for longer than the step deadline, then
     woken: the generation re-routes around it without waiting for it, gives the fault-free

@@ -452,3 +452,26 @@ async def test_stage_failed_may_name_only_the_reporters_next_hop(
     assert run.parts is not None
     assert run.parts.planner.excluded == set()
     assert run.parts.planner.reroutes == []
+
+
+async def test_a_two_peer_route_losing_a_stage_goes_on_on_the_survivor(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """Both peers of a mesh are stages and one is lost: no spare peer is left for its
+    units alone, so the route is planned again over the peers left, the split given up (the
+    survivor has the memory for the whole model). The tokens are the fault-free ones."""
+    clean, _ = await clean_run(tmp_path, tiny, split=2)
+    mesh = await Mesh.start(tmp_path / "faulty", tiny, n=2)
+    run = GenerationRun(mesh.coord, mesh.request(split=2))
+    mesh.net.fault = nth_step_at(1, 6, "kill")(run)
+    try:
+        summary = (await mesh.generate(run))[-1]
+    finally:
+        await mesh.stop()
+    assert summary["tokens"] == clean["tokens"]
+    (victim,) = mesh.net.dead
+    (survivor,) = set(mesh.peers) - {victim}
+    (reroute,) = summary["reroutes"]
+    assert reroute["failed"] == victim and reroute["replacement"] == [survivor]
+    assert [s["peer_id"] for s in summary["stages"]] == [survivor]
+    assert mesh.sessions_left() == {}

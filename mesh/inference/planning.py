@@ -3,7 +3,9 @@ excluded, who is to blame for a failed step, and which peer takes over a failed 
 
 The exact planner (:func:`~mesh.inference.routes.plan_with_scheduler`) places the first
 route; a contiguous split by memory is its fallback and re-plans a single failed stage's range
-on the peers left (so the rest of the route, and its caches, stay as they are).
+on the peers left (so the rest of the route, and its caches, stay as they are). When no peer
+off the route can take that range (a mesh of two), the whole route is planned again over the
+peers left, the requested split given up if it must be.
 """
 
 from __future__ import annotations
@@ -104,12 +106,7 @@ class RoutePlanner:
         """A whole new route over the peers not excluded; ``relax``: if the requested split
         is no longer possible, any route will do."""
         views = await self.views()
-        try:
-            return self.plan(views)
-        except RouteError:
-            if not relax:
-                raise
-            return self.plan(views, relax=True)
+        return self._plan_relaxing(views) if relax else self.plan(views)
 
     async def replace(
         self, stages: list[Stage], index: int, why: str, after_tokens: int
@@ -122,16 +119,33 @@ class RoutePlanner:
         on_route = {s.peer_id for i, s in enumerate(stages) if i != index}
         spare = [v for v in views if v.peer_id not in on_route]
         old = stages[index]
-        replacement = plan_route(
-            self.manifest,
-            spare,
-            split=None,
-            prefer=self.host.mesh.me,
-            runtime=old.runtime,
-            units=old.units,
-        )
+        try:
+            replacement = plan_route(
+                self.manifest,
+                spare,
+                split=None,
+                prefer=self.host.mesh.me,
+                runtime=old.runtime,
+                units=old.units,
+            )
+        except RouteError as exc:
+            # No peer off the route can take these units (a mesh of two, or spares short of
+            # memory): the whole route is planned again over the peers left, the requested
+            # split given up if it must be. The replay feeds every stage from the start
+            # anyway, so stages that move lose nothing a replacement would have kept.
+            log.info("no spare peer for units %s (%s): planning the route again", old.units, exc)
+            route = self._plan_relaxing(views)
+            self.record(failed, list(old.units), [s.peer_id for s in route], after_tokens, why)
+            return route
         self.record(failed, list(old.units), [s.peer_id for s in replacement], after_tokens, why)
         return stages[:index] + replacement + stages[index + 1 :]
+
+    def _plan_relaxing(self, views: list[PeerView]) -> list[Stage]:
+        """The requested split if the peers allow it, else any route."""
+        try:
+            return self.plan(views)
+        except RouteError:
+            return self.plan(views, relax=True)
 
     def record(
         self, failed: str, units: list[int], replacement: list[str], after_tokens: int, why: str
