@@ -58,11 +58,10 @@ def worker(name: str, threads: int, prompt_len: int, decode: int) -> dict[str, A
     t0 = time.perf_counter()
     rt = load_runtime(name, shard, **opts)
     load_s = time.perf_counter() - t0
-    # the same token ids for everyone: Gemma's tokenizer via llama.cpp's vocab-only load
-    import llama_cpp
+    # the same token ids for everyone: the GGUF's own tokenizer, as a node builds it
+    from runtimes.tokenizer import Tokenizer
 
-    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    ids = vocab.tokenize(PROMPT_TEXT, add_bos=True)
+    ids = Tokenizer(path).encode(PROMPT_TEXT.decode())
     while len(ids) < prompt_len:
         ids += ids[1:]
     ids = ids[:prompt_len]
