@@ -164,10 +164,7 @@ async def test_the_first_step_reaches_a_stage_before_its_open_and_the_tokens_are
 
     mesh.net.handlers[slow].update({"compute.stage_open": late_open, "compute.stage_push": push})
     run = GenerationRun(mesh.coord, mesh.request(split=3))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert summary["tokens"] == clean["tokens"]
     assert order[:2] == ["step", "open"]
     assert mesh.computes[slow].early.held == 1
@@ -245,10 +242,7 @@ async def test_a_route_from_kept_views_that_fails_to_open_is_planned_again_blami
 
     mesh.net.handlers[short]["compute.stage_open"] = once_full
     run = GenerationRun(mesh.coord, mesh.request(split=3))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert refused == [1] and summary["tokens"] == clean["tokens"]
     assert run.parts is not None and run.parts.planner.excluded == set()
     assert not run.parts.planner.from_kept  # planned again from views asked then

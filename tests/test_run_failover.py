@@ -190,6 +190,13 @@ class Mesh:
     def request(self, **kw: Any) -> GenerationRequest:
         return GenerationRequest(model="tiny", **{"tokens": PROMPT, "max_tokens": 12, **kw})
 
+    async def finish(self, run: GenerationRun) -> dict[str, Any]:
+        """The run's summary (its last event); the mesh is stopped either way."""
+        try:
+            return (await self.generate(run))[-1]
+        finally:
+            await self.stop()
+
     async def stop(self) -> None:
         for task in list(self.net.tasks):
             task.cancel()
@@ -203,10 +210,7 @@ class Mesh:
 async def clean_run(root: Path, tiny: Path, **kw: Any) -> tuple[dict[str, Any], FakeNet]:
     """The fault-free run of the same request, on a mesh of its own."""
     mesh = await Mesh.start(root / "clean", tiny)
-    try:
-        summary = (await mesh.generate(GenerationRun(mesh.coord, mesh.request(**kw))))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(GenerationRun(mesh.coord, mesh.request(**kw)))
     return summary, mesh.net
 
 
@@ -270,10 +274,7 @@ async def test_lost_stage_is_replaced_and_replayed_in_the_original_chunks(
     mesh = await Mesh.start(tmp_path / "faulty", tiny)
     run = GenerationRun(mesh.coord, mesh.request(**kw))
     mesh.net.fault = nth_step_at(position, nth, how)(run)
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
 
     assert summary["tokens"] == clean["tokens"]
     route = [s["peer_id"] for s in clean["stages"]]
@@ -344,10 +345,7 @@ async def test_fault_during_the_replay_counts_and_is_routed_around(
         return None
 
     mesh.net.fault = fault
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert len(deaths) == 2
     assert summary["tokens"] == clean["tokens"]
     assert [r["failed"] for r in summary["reroutes"]] == deaths
@@ -417,10 +415,7 @@ async def test_stage_short_of_memory_at_open_is_replaced(tmp_path: Path, tiny: P
 
     mesh.net.handlers[short]["compute.stage_open"] = full
     run = GenerationRun(mesh.coord, mesh.request(split=3))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert summary["tokens"] == clean["tokens"]
     assert short not in {s["peer_id"] for s in summary["stages"]}
     assert len(summary["stages"]) == 3
@@ -464,10 +459,7 @@ async def test_a_two_peer_route_losing_a_stage_goes_on_on_the_survivor(
     mesh = await Mesh.start(tmp_path / "faulty", tiny, n=2)
     run = GenerationRun(mesh.coord, mesh.request(split=2))
     mesh.net.fault = nth_step_at(1, 6, "kill")(run)
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert summary["tokens"] == clean["tokens"]
     (victim,) = mesh.net.dead
     (survivor,) = set(mesh.peers) - {victim}

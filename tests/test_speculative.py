@@ -221,10 +221,7 @@ async def test_failover_replays_verify_steps(
     mesh = await Mesh.start(tmp_path / "faulty", tiny)
     run = GenerationRun(mesh.coord, mesh.request(speculative=SPEC, **kw))
     mesh.net.fault = nth_step_at(position, nth, how)(run)
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert summary["tokens"] == clean["tokens"]
     (reroute,) = summary["reroutes"]
     assert reroute["failed"] == clean["stages"][position]["peer_id"]

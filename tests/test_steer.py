@@ -123,10 +123,7 @@ async def test_a_lying_tokenizer_does_not_set_the_prompt(
     mesh = await Mesh.start(tmp_path / "m", tiny)
     lie_tokenize(mesh, mesh.peers)
     run = GenerationRun(mesh.coord, mesh.request(split=3, tokens=None, prompt="hello world"))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert run.parts is not None
     assert run.parts.prompt == Tokenizer(tiny).encode("hello world")
     assert summary["prompt_tokens"] == len(run.parts.prompt)
@@ -206,10 +203,7 @@ async def test_a_forged_early_prefill_chunk_is_caught(tmp_path: Path, tiny: Path
     forger = clean["stages"][0]["peer_id"]  # the same route is planned here
     forge_at(mesh.computes[forger], {4})
     run = GenerationRun(mesh.coord, mesh.request(verify=VerifyParams(rate=1.0, seed=1), **kw))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     assert run.parts is not None
     verification = summary["verification"]
     assert [b["peer"] for b in verification["banned"]] == [forger], verification
@@ -315,10 +309,7 @@ async def test_two_colluding_verifiers_cannot_get_an_honest_stage_banned(
     mesh.coord.views = views  # type: ignore[method-assign]
     monkeypatch.setattr(_SybilsFirst, "sybils", sybils)
     monkeypatch.setattr(verify.random, "SystemRandom", _SybilsFirst)
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     v = summary["verification"]
     assert not v["banned"] and not mesh.coord.mesh.banned, v  # type: ignore[attr-defined]
     assert v["disputes"] and set(v["disputes"][0]["accusers"]) == set(sybils), v
@@ -345,10 +336,7 @@ async def test_strangers_of_an_open_mesh_are_spot_checked_by_default(
     # every stranger step checked (0.25 by default): the test must not depend on a draw
     monkeypatch.setattr(coordinator, "STRANGER_CHECKS", 1.0)
     run = GenerationRun(mesh.coord, mesh.request(**kw))
-    try:
-        summary = (await mesh.generate(run))[-1]
-    finally:
-        await mesh.stop()
+    summary = await mesh.finish(run)
     verification = summary.get("verification") or {}
     assert [b["peer"] for b in verification.get("banned", [])] == [forger], verification
     assert summary["tokens"] == clean["tokens"]
