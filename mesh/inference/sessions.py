@@ -62,10 +62,9 @@ class RouteSessions:
         try:
             calls = self._open_stages()  # tasks already: they go out first
             opens = self.opening = asyncio.gather(*calls, return_exceptions=True)
-            if then is not None and self.stages[0].peer_id != self.host.mesh.me:
-                after = asyncio.ensure_future(then())
-            elif then is not None:
-                after = asyncio.ensure_future(_after(calls[0], then))
+            if then is not None:
+                mine = self.stages[0].peer_id == self.host.mesh.me
+                after = asyncio.ensure_future(_after(calls[0], then) if mine else then())
             self._check(await opens)
         except BaseException:
             if after is not None:
