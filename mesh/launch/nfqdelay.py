@@ -5,7 +5,10 @@ qdisc. Instead iptables hands every packet crossing a lab router to queue N (``-
 and this process, run inside that router's namespace, gives each packet its ACCEPT verdict
 ``delay`` seconds after it arrived. The delay is constant, so packets keep their order. One
 thread reads and stamps packets, another sleeps to each verdict's time (to the microsecond,
-where event-loop timers would be up to a millisecond late).
+where event-loop timers would be up to a millisecond late). Both run at a real-time priority
+where the kernel allows it: a lab router shares the CPU with the lab's nodes, and a node
+computing on every core would otherwise hold each packet a millisecond or more past its time
+(a real router has its own CPU).
 
 It speaks nfnetlink_queue directly over a netlink socket (no libnetfilter_queue binding is
 needed): bind the queue, ask for packet metadata only, read packet ids, answer verdicts.
@@ -21,6 +24,7 @@ import asyncio
 import ctypes
 import errno
 import logging
+import os
 import queue
 import signal
 import socket
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 NETLINK_NETFILTER = 12
 PR_SET_TIMERSLACK = 29
+RT_PRIORITY = 50  # SCHED_FIFO: ahead of every ordinary process (the nodes, their threads)
 _MAX_EARLY = 200e-6  # a sleep is cut short by at most this; the rest is a short spin
 NETLINK_NO_ENOBUFS = 5
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in the socket module
@@ -83,6 +88,19 @@ def _fine_timer_slack() -> None:
         libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the default slack, a little later
         pass
+
+
+def realtime_priority() -> bool:
+    """Run this process's threads (and those it starts) before every ordinary process:
+    SCHED_FIFO. False where the kernel refuses (no CAP_SYS_NICE) or has no such policy.
+    Linux's real-time throttling (95 % of each second by default) keeps a runaway from
+    freezing the machine; the threads sleep or block between packets."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+    except (OSError, AttributeError) as exc:
+        log.info("nfqdelay: no real-time priority (%s); delays will stretch under load", exc)
+        return False
+    return True
 
 
 class NfqDelay:
@@ -207,6 +225,7 @@ class NfqDelay:
 async def _amain(queue: int, delay: float) -> None:
     delayer = NfqDelay(queue, delay)
     delayer.bind()
+    realtime_priority()  # before the threads start: they inherit it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
