@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,6 +153,32 @@ async def test_bench_wan_in_the_lab_puts_each_figure_beside_its_floor(
     assert all(set(r["echo_ms"]) == {"2560", "21000", "84000", "330000"} for r in echoed)
     assert all(r["echo_ms"]["2560"] >= 2 * r["delay_ms"] for r in echoed), echoed
     assert "by message size" in md
+
+
+async def test_natlab_delay_precision_probes_the_router_idle_and_loaded() -> None:
+    from mesh.launch.natlab import lab_unavailable
+
+    why = lab_unavailable()
+    if why:
+        pytest.skip(f"the NAT lab needs root and its tools: {why}")
+    code, out, err = await run(
+        str(EXAMPLES / "natlab.py"), "--homes", "cone", "--hosts", "1", "--delay-ms", "3",
+        "--delay-precision", "20", "--json", timeout=120,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    got = json.loads(out)
+    assert got["nominal_ms"] == 6 and got["busy_processes"] == 3 * (os.cpu_count() or 1)
+    for half in ("idle", "loaded"):
+        # every probe answered, none faster than the two 3 ms passes through the router
+        assert got[half]["answered"] == 20 and got[half]["median_ms"] >= 6, got
+        assert got[half]["median_ms"] <= got[half]["p90_ms"] <= got[half]["p99_ms"], got
+    assert await asyncio.to_thread(busy_left) == [], "the load's processes outlived the run"
+
+
+def busy_left() -> list[str]:
+    """Processes still running the probe's load (examples/natlab.py's BUSY)."""
+    ps = subprocess.run(["pgrep", "-f", "while True: pass"], capture_output=True, text=True)
+    return ps.stdout.split()
 
 
 async def test_edgemesh_bench_quick_runs_sim_egress_and_refreshes_the_docs(
