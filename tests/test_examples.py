@@ -155,6 +155,25 @@ async def test_bench_wan_in_the_lab_puts_each_figure_beside_its_floor(
     assert "by message size" in md
 
 
+async def test_bench_stage_idle_times_each_stage_back_to_back_and_after_its_wait(
+    tiny: Path,
+) -> None:
+    code, out, err = await run(
+        str(EXAMPLES / "bench_stage_idle.py"), "--model", str(tiny), "--bounds", "0,1,4",
+        "--steps", "4", "--json", timeout=120,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    got = json.loads(out)
+    assert [s["units"] for s in got["stages"]] == [[0, 1], [1, 4]]
+    alone = [s["back_to_back_ms"] for s in got["stages"]]
+    assert all(ms > 0 for ms in alone)
+    assert got["sum_back_to_back_ms"] == pytest.approx(sum(alone), abs=0.002)  # each rounded
+    # each stage waits what the others took back to back: the pipeline's wait
+    assert [s["wait_ms"] for s in got["stages"]] == pytest.approx(alone[::-1], abs=0.002)
+    code, _, err = await run(str(EXAMPLES / "bench_stage_idle.py"), "--bounds", "3,1")
+    assert code == 2 and "increasing units" in err
+
+
 async def test_natlab_delay_precision_probes_the_router_idle_and_loaded() -> None:
     from mesh.launch.natlab import lab_unavailable
 
