@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,39 +34,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aioice import stun  # noqa: E402
+from mesh.launch.natlab import Host, NatLab, lab_unavailable  # noqa: E402
+from mesh.launch.stunprobe import stun_bindings  # noqa: E402
 
-from mesh.launch.natlab import WAN_IP, Host, NatLab, in_netns, lab_unavailable  # noqa: E402
-
-STUN_PORT = 3478
 BUSY = "while True: pass"
 
 
 async def stun_rtts(host: Host, count: int) -> list[float]:
-    """Round trips (ms) of ``count`` STUN bindings from ``host`` to the lab's coturn, one at a
-    time, 4 ms apart; unanswered ones (1 s) are left out."""
-    sock = in_netns(host.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    out = []
-    try:
-        for _ in range(count):
-            req = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-            t0 = time.perf_counter()
-            await loop.sock_sendto(sock, bytes(req), (WAN_IP, STUN_PORT))
-            try:
-                async with asyncio.timeout(1):
-                    while stun.parse_message(await loop.sock_recv(sock, 2048)).transaction_id != (
-                        req.transaction_id
-                    ):
-                        pass
-            except TimeoutError:
-                continue
-            out.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(0.004)
-    finally:
-        sock.close()
-    return out
+    """Round trips (ms) of ``count`` STUN bindings from ``host``, 4 ms apart (unanswered
+    ones, after 1 s, left out)."""
+    return [rtt * 1000 for rtt, _ in await stun_bindings(host, count, gap=0.004)]
 
 
 async def _realtime(pids: list[int]) -> None:

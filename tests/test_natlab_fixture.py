@@ -10,53 +10,26 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from aioice import stun
 
 from mesh.launch.natlab import WAN_IP, Host, NatLab, in_netns, ns_connect
+from mesh.launch.stunprobe import stun_bindings
 
 pytestmark = [pytest.mark.network, pytest.mark.natlab]
 
 
-async def stun_probes(host: Host, count: int, timeout: float = 1.0) -> list[tuple[float, str]]:
-    """``count`` STUN bindings to the lab's coturn from ``host``: (RTT s, mapped address)
-    of each answered one."""
-    sock = in_netns(host.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    out = []
-    try:
-        for _ in range(count):
-            req = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-            t0 = time.monotonic()
-            await loop.sock_sendto(sock, bytes(req), (WAN_IP, 3478))
-            try:
-                async with asyncio.timeout(timeout):
-                    while True:
-                        reply = stun.parse_message(await loop.sock_recv(sock, 2048))
-                        if reply.transaction_id == req.transaction_id:
-                            break
-            except TimeoutError:
-                continue
-            mapped = reply.attributes["XOR-MAPPED-ADDRESS"]
-            out.append((time.monotonic() - t0, f"{mapped[0]}:{mapped[1]}"))
-    finally:
-        sock.close()
-    return out
-
-
 async def test_routers_translate_delay_and_drop(natlab: NatLab) -> None:
     home = await natlab.add_home("cone")
-    (rtt, mapped), *_ = await stun_probes(home.hosts[0], 3)
+    (rtt, mapped), *_ = await stun_bindings(home.hosts[0], 3)
     assert mapped.startswith(home.public_ip + ":")  # seen at the router's public address
     assert rtt < 0.05
     await natlab.set_link(home, delay_ms=30, loss=0)
-    rtts = [r for r, _ in await stun_probes(home.hosts[0], 5)]
+    rtts = [r for r, _ in await stun_bindings(home.hosts[0], 5)]
     assert len(rtts) == 5 and min(rtts) >= 0.06  # 30 ms each way through the router
     await natlab.set_link(home, delay_ms=0, loss=0.3)
-    answered = len(await stun_probes(home.hosts[0], 200, timeout=0.3))
+    answered = len(await stun_bindings(home.hosts[0], 200, timeout=0.3))
     # each way 30 % lost: 49 % answered; 200 draws put it in 70..130 with p > 0.999
     assert 70 <= answered <= 130, answered
 
