@@ -20,7 +20,7 @@ from mesh.inference import steps
 from mesh.inference.audit import AuditEntry, AuditLog, pack_entries, unpack_entries
 from mesh.inference.run import GenerationRun
 from mesh.inference.sampling import MAX_DRAFT, SamplingParams, sample, sample_rows, target_probs
-from mesh.inference.speculate import PromptLookup, SpecParams, accepted_prefix
+from mesh.inference.speculate import ROW_RECORD, PromptLookup, SpecParams, accepted_prefix
 from runtimes.testmodels import write_test_model
 from tests.test_run_failover import COORD, Mesh, clean_run, nth_step_at
 
@@ -76,13 +76,14 @@ def test_requests_parse_speculative() -> None:
     for bad in ("yes", 99, {"draft": "4"}):
         with pytest.raises(ApiError, match="speculative"):
             parse_generation({"model": "m", "speculative": bad})
-    with pytest.raises(ApiError, match="top logits"):
-        parse_generation({"model": "m", "speculative": True, "top": 4})
+    # the rows of a verify step carry top logits and logprobs as plain steps do
+    both = parse_generation({"model": "m", "speculative": True, "top": 4})
+    assert both.speculative.on and both.top == 4
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     o = parse_openai(dict(chat, speculative={"draft": 5, "ngram": 2}), chat=True)
     assert o.req.speculative == SpecParams(5, 2)
-    with pytest.raises(ApiError, match="logprobs"):
-        parse_openai(dict(chat, speculative=True, logprobs=True), chat=True)
+    o = parse_openai(dict(chat, speculative=True, logprobs=True, top_logprobs=3), chat=True)
+    assert o.req.speculative.on and o.req.logprobs == 3
 
 
 # A tiny "model" over a vocabulary of V tokens: the logits after a token are a fixed random row.
@@ -189,6 +190,77 @@ async def test_greedy_speculative_gives_the_plain_tokens(
     assert spec["decode_steps"] < plain["decode_steps"]  # fewer trips around the ring
     assert "speculative" not in plain
     assert mesh.sessions_left() == {}
+
+
+@pytest.mark.parametrize("mode", ["push", "chain"])
+async def test_speculative_gives_the_plain_top_logits_and_logprobs(
+    tmp_path: Path, tiny: Path, mode: str
+) -> None:
+    """Each token of a verify step carries its own row's top logits and logprobs, those a
+    plain step gives for it (the fake runtime computes every row as a one-row step would)."""
+    mesh = await Mesh.start(tmp_path / "m", tiny)
+    try:
+        kw: dict[str, Any] = {"split": 3, "max_tokens": 40, "mode": mode, "top": 5}
+        kw["logprobs"] = 3
+        plain, plain_events = await _run(mesh, **kw)
+        spec, spec_events = await _run(mesh, speculative=SPEC, **kw)
+    finally:
+        await mesh.stop()
+    assert spec["tokens"] == plain["tokens"]
+    assert spec["speculative"]["accepted"] > 0  # tokens came from inner rows
+    plain_tokens = [e for e in plain_events if "token" in e]
+    spec_tokens = [e for e in spec_events if "token" in e]
+    assert len(spec_tokens) == len(plain_tokens) == 40
+    for a, b in zip(plain_tokens, spec_tokens, strict=True):
+        assert [t for t, _ in b["top"]] == [t for t, _ in a["top"]]
+        assert np.allclose([v for _, v in b["top"]], [v for _, v in a["top"]], atol=1e-5)
+        assert b["logprobs"]["logprob"] == pytest.approx(a["logprobs"]["logprob"], abs=1e-5)
+        assert [x["id"] for x in b["logprobs"]["top"]] == [x["id"] for x in a["logprobs"]["top"]]
+        assert [x["bytes"] for x in b["logprobs"]["top"]] == [
+            x["bytes"] for x in a["logprobs"]["top"]
+        ]
+        assert len(b["logprobs"]["top"]) == 3
+
+
+def test_a_verify_reply_s_rows_of_logits_are_checked() -> None:
+    """What a last stage sends after a verify step's text is a peer's word: counts out of
+    range, a block that does not match them, negative ids or non-finite values are refused
+    before use; a well-formed block gives each row its ``top`` and ``logprobs``."""
+    from mesh.inference.speculate import BadVerifyReply, pack_row_extras, verified_tokens
+    from mesh.net.rpc import Reply
+
+    rows = np.log(np.random.default_rng(3).dirichlet(np.ones(V), size=3)).astype(np.float32)
+    tokens = [int(np.argmax(r)) for r in rows]
+    block, n_top, n_alt = pack_row_extras(rows, tokens, 2, 3)
+    assert (n_top, n_alt) == (2, 3) and len(block) == 3 * (2 + 1 + 3) * 12
+    head = {"tokens": tokens, "lens": [1, 2, 0], "row_top": 2, "row_logprobs": 3}
+    v = verified_tokens(Reply(head, b"abc" + block), 3)
+    assert v.pieces == [b"a", b"bc", b""]
+    for row, token, extra in zip(rows, tokens, v.extras, strict=True):
+        assert [t for t, _ in extra["top"]] == list(np.argsort(-row)[:2])
+        lp, alts = extra["logprobs"]
+        assert lp == pytest.approx(float(row[token]), abs=1e-6)  # the rows are log-softmaxed
+        assert len(alts) == 3 and alts[0][0] == token
+    plain = verified_tokens(Reply({"tokens": tokens}), 3)
+    assert plain.extras == [{}, {}, {}]
+
+    nan = np.frombuffer(block, dtype=ROW_RECORD).copy()
+    nan["v"][4] = np.nan
+    negative = np.frombuffer(block, dtype=ROW_RECORD).copy()
+    negative["id"][0] = -1
+    bad = [
+        (dict(head, row_top=65), block, "top count"),
+        (dict(head, row_logprobs=21), block, "logprobs count"),
+        (dict(head, row_logprobs="3"), block, "logprobs count"),
+        (head, block[:-12], "do not match"),
+        (dict(head, row_top=3), block, "do not match"),
+        (head, nan.tobytes(), "bad token or value"),
+        (head, negative.tobytes(), "bad token or value"),
+        (dict(head, lens=[200, 200, 200]), block, "does not match its lengths"),
+    ]
+    for result, body, match in bad:
+        with pytest.raises(BadVerifyReply, match=match):
+            verified_tokens(Reply(result, b"abc" + body), 3)
 
 
 async def test_sampled_speculative_gives_the_plain_tokens_for_a_seed(

@@ -36,8 +36,8 @@ def inject_text(compute: ComputeService, extra: bytes) -> None:
     """As a last stage, ``compute`` appends ``extra`` to every token's text."""
     real = compute._finish
 
-    def lying(mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Any:
-        reply = real(mid, out, params, own)
+    async def lying(mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Any:
+        reply = await real(mid, out, params, own)
         return type(reply)(reply.result, reply.payload + extra)
 
     compute._finish = lying  # type: ignore[method-assign]

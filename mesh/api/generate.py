@@ -29,7 +29,7 @@ from mesh.api.errors import ApiError
 from mesh.errors import EXPECTED
 from mesh.inference.compute import MAX_STEP_ROWS, PREFILL_CHUNK
 from mesh.inference.run import GenerationRequest
-from mesh.inference.sampling import SamplingParams
+from mesh.inference.sampling import MAX_TOP, SamplingParams
 from mesh.inference.speculate import SpecParams
 from mesh.inference.verify import VerifyParams
 from runtimes.chat_template import MAX_MESSAGES
@@ -153,8 +153,8 @@ def parse_generation(body: dict[str, Any]) -> GenerationRequest:
         raise ApiError(400, "split must be an integer in 1..64")
     if runtime is not None and not isinstance(runtime, str):
         raise ApiError(400, "runtime must be a string")
-    if type(top) is not int or not 0 <= top <= 64:
-        raise ApiError(400, "top must be in 0..64")
+    if type(top) is not int or not 0 <= top <= MAX_TOP:
+        raise ApiError(400, f"top must be in 0..{MAX_TOP}")
     seed = body.get("seed")
     if seed is None:  # a random one: the summary gives it, so a run can be repeated
         seed = secrets.randbits(31)
@@ -185,8 +185,6 @@ def parse_generation(body: dict[str, Any]) -> GenerationRequest:
         speculative = SpecParams.from_json(body.get("speculative"))
     except ValueError as exc:
         raise ApiError(400, str(exc), param="speculative") from None
-    if speculative.on and top:
-        raise ApiError(400, "speculative decoding returns no top logits", param="speculative")
     req = GenerationRequest(
         model, prompt, tokens, max_tokens, sampling, stop, split, runtime, top, mode, verify, chunk
     )

@@ -114,8 +114,6 @@ def parse_openai(body: dict[str, Any], *, chat: bool) -> OpenAIRequest:
         if fields.get("max_tokens") is None:
             fields["max_tokens"] = COMPLETION_MAX_TOKENS
     req = parse_generation(fields)
-    if logprobs and req.speculative.on:
-        raise ApiError(400, "speculative decoding returns no logprobs", param="speculative")
     req = replace(req, logprobs=k if logprobs else None)
     if chat:
         messages = parse_messages(body.get("messages"))

@@ -23,6 +23,7 @@ from mesh.inference.prompts import MAX_PIECE_BYTES
 from mesh.inference.routes import PairRtt, PeerView, RouteError, Stage, peer_view
 from mesh.inference.run import GenerationRequest, GenerationRun
 from mesh.inference.sampling import MAX_DRAFT
+from mesh.inference.speculate import MAX_ROW_RECORDS, ROW_RECORD
 from mesh.inference.viewcache import ViewCache
 from mesh.net.callers import MeshCaller as Mesh
 from mesh.net.rpc import CallContext, Reply
@@ -90,9 +91,13 @@ class Coordinator:
             return
         if not w.future.done() and type(params.get("token")) is int:
             # Only a token's worth of text is kept (the run detokenizes it itself anyway),
-            # a verify step's: one per row (speculate.verified_tokens checks the rest).
+            # a verify step's: one per row with its logits' records, if asked
+            # (speculate.verified_tokens checks the rest).
             rows = len(params["tokens"]) if isinstance(params.get("tokens"), list) else 1
-            cap = (MAX_PIECE_BYTES + 1) * min(rows, MAX_DRAFT + 1)
+            per_row = MAX_PIECE_BYTES + 1
+            if rows > 1:
+                per_row += MAX_ROW_RECORDS * ROW_RECORD.itemsize
+            cap = per_row * min(rows, MAX_DRAFT + 1)
             w.future.set_result(Reply(params, payload[:cap]))
 
     async def rpc_stage_failed(

@@ -55,7 +55,6 @@ from mesh.inference.stats import RunStats
 from mesh.inference.steps import StepParams, StepRunner
 from mesh.inference.stops import StopFilter
 from mesh.inference.verify import SpotChecker, Step, VerificationFailed, VerifyParams
-from mesh.net.rpc import Reply
 from runtimes.chat_template import render_messages
 from runtimes.errors import ModelError
 from runtimes.shards import Manifest
@@ -75,7 +74,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_Out = tuple[int, bytes, bool, Reply]  # a generated token, its claimed text, eos, its step
+# a generated token, its claimed text, eos, and its step's ``top`` and ``logprobs`` if asked
+_Out = tuple[int, bytes, bool, dict[str, Any]]
 
 
 @dataclass
@@ -205,8 +205,6 @@ class GenerationRun:
         checker, verify = None, req.verify
         if req.verify.rate > 0 and req.mode != "push":
             raise ModelError("spot checks need push mode")
-        if req.speculative.on and (req.top or req.logprobs is not None):
-            raise ModelError("speculative decoding returns no top logits or logprobs")
         if host.stranger_checks > verify.strangers and req.mode == "push":
             verify = replace(verify, strangers=host.stranger_checks)
         if verify.rate > 0 or verify.strangers > 0:
@@ -309,8 +307,8 @@ class GenerationRun:
             else:
                 new = [await self._plain_step(p, feed, pos, i)]
                 self.spec.plain_steps += i > 0 and lookup is not None
-            for token, said, eos_flag, reply in new:
-                event, end = await self._emit(p, stops, token, said, eos_flag, reply)
+            for token, said, eos_flag, extras in new:
+                event, end = await self._emit(p, stops, token, said, eos_flag, extras)
                 i += 1
                 yield event
                 if end:
@@ -329,7 +327,7 @@ class GenerationRun:
             route, tokens = p.route, p.prompt + self.generated + [token]
             step = Step(route.stages, route.sids, tokens, pos, len(feed), req.sampling, i)
             await p.checker.after_step(step)
-        return token, reply.payload, bool(reply.result.get("eos")), reply
+        return token, reply.payload, bool(reply.result.get("eos")), reply.result
 
     async def _verify_step(
         self, p: _Parts, feed: list[int], drafts: list[int], pos: int, i: int
@@ -338,7 +336,8 @@ class GenerationRun:
         route; the tokens of the drafts that agree and the one after them."""
         chunk, end = feed + drafts, pos + len(drafts)
         reply = await p.failover.step(chunk, end, len(drafts))
-        tokens, pieces, eos = verified_tokens(reply, len(chunk))
+        verified = verified_tokens(reply, len(chunk))
+        tokens, pieces, eos = verified.tokens, verified.pieces, verified.eos
         m = accepted_prefix(drafts, tokens)
         p.failover.fed_chunk(chunk, tokens[m], m + 1)
         self.spec.record(len(drafts), m)
@@ -349,12 +348,20 @@ class GenerationRun:
             step = Step(route.stages, route.sids, history, end, len(chunk), sampling, i, tokens[-1])
             step = replace(step, claimed_rows=tuple(tokens))
             await p.checker.after_step(step)
-        return [(tokens[j], pieces[j], eos[j] if eos else False, reply) for j in range(m + 1)]
+        extras = verified.extras
+        return [(tokens[j], pieces[j], eos[j] if eos else False, extras[j]) for j in range(m + 1)]
 
     async def _emit(
-        self, p: _Parts, stops: StopFilter, token: int, claimed: bytes, eos_flag: bool, reply: Reply
+        self,
+        p: _Parts,
+        stops: StopFilter,
+        token: int,
+        claimed: bytes,
+        eos_flag: bool,
+        extras: dict[str, Any],
     ) -> tuple[dict[str, Any], bool]:
-        """A generated token's event, and whether the generation ends with it."""
+        """A generated token's event, and whether the generation ends with it. ``extras``:
+        its step's result, or a verify step's row (``top`` and ``logprobs``)."""
         req = self.req
         self.generated.append(token)
         self.stats.first_token()
@@ -370,10 +377,11 @@ class GenerationRun:
         self.text += piece
         self.finish = "stop" if eos or stops.stopped else "length"
         event: dict[str, Any] = {"token": token, "text": piece}
-        if "top" in reply.result:
-            event["top"] = reply.result["top"]
+        if "top" in extras:
+            event["top"] = extras["top"]
         if req.logprobs is not None:
-            event["logprobs"] = await _logprobs(p.pieces, reply, req.logprobs, last)
+            value = extras.get("logprobs")
+            event["logprobs"] = await _logprobs(p.pieces, value, req.logprobs, last)
         return event, end
 
     def _summary(self, p: _Parts) -> dict[str, Any]:
@@ -411,10 +419,11 @@ class ContextLengthExceeded(Error, ValueError):
         self.context = context
 
 
-async def _logprobs(pieces: Pieces, reply: Reply, k: int, last: str) -> dict[str, Any] | None:
-    """The event's ``logprobs``: the token's log-probability and up to ``k`` alternatives,
-    each with its text (UTF-8 bytes as a list, as OpenAI gives them)."""
-    checked = checked_logprobs(reply.result.get("logprobs"), k)
+async def _logprobs(pieces: Pieces, value: Any, k: int, last: str) -> dict[str, Any] | None:
+    """The event's ``logprobs`` from the last stage's ``value``: the token's log-probability
+    and up to ``k`` alternatives, each with its text (UTF-8 bytes as a list, as OpenAI gives
+    them)."""
+    checked = checked_logprobs(value, k)
     if checked is None:
         return None
     lp, alts = checked

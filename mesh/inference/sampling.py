@@ -15,6 +15,7 @@ import numpy.typing as npt
 __all__ = [
     "MAX_DRAFT",
     "MAX_LOGPROBS",
+    "MAX_TOP",
     "SamplingParams",
     "logprobs",
     "sample",
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 MAX_DRAFT = 16  # drafted tokens one verify step may carry (speculative decoding)
+MAX_TOP = 64  # top logits a step may return (the ``top`` request field)
 
 
 @dataclass(frozen=True)

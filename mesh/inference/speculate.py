@@ -21,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from mesh.errors import Error
 from mesh.inference.prompts import MAX_PIECE_BYTES
-from mesh.inference.sampling import MAX_DRAFT
+from mesh.inference.sampling import MAX_DRAFT, MAX_LOGPROBS, MAX_TOP, logprobs, top_logits
 from mesh.net.rpc import Reply
 
 __all__ = [
@@ -32,12 +35,20 @@ __all__ = [
     "SpecParams",
     "PromptLookup",
     "SpecStats",
+    "MAX_ROW_RECORDS",
+    "ROW_RECORD",
+    "Verified",
     "accepted_prefix",
+    "pack_row_extras",
     "verified_tokens",
 ]
 
 DEFAULT_DRAFT = 6  # drafted tokens per verify step when the request says only "true"
 MAX_NGRAM = 4  # longest suffix looked up
+# A verify step's per-row top logits and logprobs travel after its text in the payload (17
+# rows of 20 alternatives outgrow the 4 KiB header): fixed records, the rows one after another.
+ROW_RECORD = np.dtype([("id", "<i4"), ("v", "<f8")])
+MAX_ROW_RECORDS = MAX_TOP + 1 + MAX_LOGPROBS  # a row's top, its token's logprob, alternatives
 
 
 class BadVerifyReply(Error, ValueError):
@@ -146,9 +157,68 @@ def accepted_prefix(drafts: list[int], tokens: list[int]) -> int:
     return m
 
 
-def verified_tokens(reply: Reply, rows: int) -> tuple[list[int], list[bytes], list[bool] | None]:
+@dataclass(frozen=True)
+class Verified:
+    """A verify step's answer, checked: per row its token, the text the last stage claims
+    for it (empty where it sent none), its end-of-sequence flag (None: none sent) and what
+    a plain step's result would carry for it (``top``, ``logprobs``; empty if not asked)."""
+
+    tokens: list[int]
+    pieces: list[bytes]
+    eos: list[bool] | None
+    extras: list[dict[str, Any]]
+
+
+def pack_row_extras(
+    rows: npt.NDArray[np.float32], tokens: list[int], top: int, k: int | None
+) -> tuple[bytes, int, int | None]:
+    """Each row's ``top`` largest logits and, when ``k`` is not None, its token's logprob
+    and ``k`` alternatives, as :data:`ROW_RECORD` records; with the counts each row holds
+    (a vocabulary smaller than ``top`` or ``k`` gives fewer)."""
+    out: list[tuple[int, float]] = []
+    n_top, n_alt = 0, None
+    for row, token in zip(rows, tokens, strict=True):
+        pairs = top_logits(row, top) if top else []
+        n_top = len(pairs)
+        if k is not None:
+            lp, alts = logprobs(row, token, k)
+            n_alt = len(alts)
+            pairs += [(token, lp)] + [(int(t), float(v)) for t, v in alts]
+        out.extend(pairs)
+    return np.array(out, dtype=ROW_RECORD).tobytes(), n_top, n_alt
+
+
+def _row_extras(result: dict[str, Any], block: bytes, rows: int) -> list[dict[str, Any]]:
+    """The rows' ``top`` and ``logprobs`` from the records after a verify step's text."""
+    n_top, n_alt = result.get("row_top", 0), result.get("row_logprobs")
+    if type(n_top) is not int or not 0 <= n_top <= MAX_TOP:
+        raise BadVerifyReply("a verify step's top count is out of range")
+    if n_alt is not None and (type(n_alt) is not int or not 0 <= n_alt <= MAX_LOGPROBS):
+        raise BadVerifyReply("a verify step's logprobs count is out of range")
+    width = n_top + (0 if n_alt is None else 1 + n_alt)
+    if len(block) != rows * width * ROW_RECORD.itemsize:
+        raise BadVerifyReply("a verify step's rows of logits do not match their counts")
+    if not width:
+        return [{} for _ in range(rows)]
+    recs = np.frombuffer(block, dtype=ROW_RECORD).reshape(rows, width)
+    if (recs["id"] < 0).any() or not np.isfinite(recs["v"]).all():
+        raise BadVerifyReply("a verify step's rows of logits hold a bad token or value")
+    ids, values = recs["id"].tolist(), recs["v"].tolist()
+    extras: list[dict[str, Any]] = []
+    for r_ids, r_vals in zip(ids, values, strict=True):
+        pairs = [[t, v] for t, v in zip(r_ids, r_vals, strict=True)]
+        extra: dict[str, Any] = {}
+        if n_top:
+            extra["top"] = pairs[:n_top]
+        if n_alt is not None:
+            extra["logprobs"] = [pairs[n_top][1], pairs[n_top + 1 :]]
+        extras.append(extra)
+    return extras
+
+
+def verified_tokens(reply: Reply, rows: int) -> Verified:
     """The last stage's verify answer, checked (it is a peer's word): a token per row, the
-    text it claims for each (empty where it sent none) and its end-of-sequence flags."""
+    text it claims for each, its end-of-sequence flags and the rows' logits asked for."""
     r = reply.result
     tokens, lens, eos = r.get("tokens"), r.get("lens"), r.get("eos")
     if (
@@ -157,17 +227,19 @@ def verified_tokens(reply: Reply, rows: int) -> tuple[list[int], list[bytes], li
         or not all(type(t) is int and 0 <= t < 1 << 31 for t in tokens)
     ):
         raise BadVerifyReply(f"a verify step of {rows} rows got no {rows} token ids back")
-    pieces = [b""] * rows
+    pieces, text = [b""] * rows, 0
     if isinstance(lens, list) and len(lens) == rows:
         if not all(type(n) is int and 0 <= n <= MAX_PIECE_BYTES for n in lens):
             raise BadVerifyReply("a verify step's text lengths are out of range")
-        if sum(lens) != len(reply.payload):
+        text = sum(lens)
+        if text > len(reply.payload):
             raise BadVerifyReply("a verify step's text does not match its lengths")
         at = 0
         for j, n in enumerate(lens):
             pieces[j] = reply.payload[at : at + n]
             at += n
+    extras = _row_extras(r, reply.payload[text:], rows)
     flags = None
     if isinstance(eos, list) and len(eos) == rows and all(isinstance(e, bool) for e in eos):
         flags = [bool(e) for e in eos]
-    return tokens, pieces, flags
+    return Verified(tokens, pieces, flags, extras)

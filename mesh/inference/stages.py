@@ -30,12 +30,14 @@ from mesh.inference.models import CapacityError, ComputeConfig, ShardObjects, St
 from mesh.inference.sampling import (
     MAX_DRAFT,
     MAX_LOGPROBS,
+    MAX_TOP,
     SamplingParams,
     logprobs,
     sample,
     sample_rows,
     top_logits,
 )
+from mesh.inference.speculate import pack_row_extras
 from mesh.inference.stats import Rate
 from mesh.net.callers import MeshCaller as Caller
 from mesh.net.identity import verify
@@ -245,7 +247,7 @@ class StageSessions(LoadedShards):
             cur, spec, out, own = await self._compute(params, payload, ctx.peer_id)
             trace.append(own)
             if spec.is_last:
-                reply = self._finish(cur.key[0], out, params, own)
+                reply = await self._finish(cur.key[0], out, params, own)
                 result = dict(reply.result, trace=trace, rid=rid, pos=params.get("pos"))
                 await self.caller.notify(owner, "coordinator.stage_token", result, reply.payload)
                 return
@@ -383,7 +385,7 @@ class StageSessions(LoadedShards):
         await self._until_open(params, ctx.peer_id)
         st, spec, out, own = await self._compute(params, payload, ctx.peer_id)
         if spec.is_last:
-            return self._finish(st.key[0], out, params, own)
+            return await self._finish(st.key[0], out, params, own)
         if st.next_peer is None or st.next_sid is None:
             raise ModelError("a middle stage without a next stage")
         body = np.ascontiguousarray(out, dtype="<f4").tobytes()
@@ -404,22 +406,23 @@ class StageSessions(LoadedShards):
         reply.result["trace"] = [own] + list(reply.result.get("trace", []))
         return reply
 
-    def _finish(self, mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]) -> Reply:
+    async def _finish(
+        self, mid: str, out: Any, params: dict[str, Any], own: dict[str, Any]
+    ) -> Reply:
         try:
             sp = SamplingParams.from_wire(params.get("sample", {}))
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         if params.get("draft"):  # a verify step: a token after every position
-            return self._finish_verify(mid, out, params, sp, own)
+            return await self._finish_verify(mid, out, params, sp, own)
         logits = np.asarray(out, dtype=np.float32)[-1]
         pos = params.get("pos", 0)
         token = sample(logits, sp, pos if type(pos) is int else 0)
         result: dict[str, Any] = {"token": token, "trace": [own]}
-        top = params.get("top", 0)
-        if type(top) is int and 0 < top <= 64:
+        top, k = _extras_asked(params)
+        if top:
             result["top"] = top_logits(logits, top)
-        k = params.get("logprobs")
-        if type(k) is int and 0 <= k <= MAX_LOGPROBS:
+        if k is not None:
             result["logprobs"] = logprobs(logits, token, k)
         tok = self.tokenizers.cached(mid)
         if tok is not None:
@@ -427,23 +430,32 @@ class StageSessions(LoadedShards):
             return Reply(result, tok.token_bytes(token))
         return Reply(result)
 
-    def _finish_verify(
+    async def _finish_verify(
         self, mid: str, out: Any, params: dict[str, Any], sp: SamplingParams, own: dict[str, Any]
     ) -> Reply:
         """A verify step's answer: the token each of its positions gives, each sampled with
         the stream of its own position (:func:`sample_rows`), so the coordinator keeps the
-        drafts up to the first that differs; their text, concatenated (``lens`` splits it)."""
+        drafts up to the first that differs; their text, concatenated (``lens`` splits it),
+        then each row's top logits and logprobs where asked (:func:`pack_row_extras`)."""
         rows = np.asarray(out, dtype=np.float32)
         end = int(params["pos"])  # checked by _compute
         tokens = sample_rows(rows, sp, end - rows.shape[0] + 1)
         result: dict[str, Any] = {"token": tokens[-1], "tokens": tokens, "trace": [own]}
+        text = b""
         tok = self.tokenizers.cached(mid)
-        if tok is None:
-            return Reply(result)
-        pieces = [bytes(tok.token_bytes(t)) for t in tokens]
-        result["lens"] = [len(b) for b in pieces]
-        result["eos"] = [t == tok.eos_id for t in tokens]
-        return Reply(result, b"".join(pieces))
+        if tok is not None:
+            pieces = [bytes(tok.token_bytes(t)) for t in tokens]
+            result["lens"] = [len(b) for b in pieces]
+            result["eos"] = [t == tok.eos_id for t in tokens]
+            text = b"".join(pieces)
+        top, k = _extras_asked(params)
+        if not top and k is None:
+            return Reply(result, text)
+        # a log-softmax over the vocabulary per row: off the event loop
+        block, result["row_top"], result["row_logprobs"] = await asyncio.to_thread(
+            pack_row_extras, rows, tokens, top, k
+        )
+        return Reply(result, text + block)
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _evict_loop(self) -> None:
@@ -470,3 +482,11 @@ class StageSessions(LoadedShards):
                 log.info("evicting session %s: %s", sid[:8], why)
                 del self.sessions[sid]
                 await self._close(st)
+
+
+def _extras_asked(params: dict[str, Any]) -> tuple[int, int | None]:
+    """The step's ``top`` (0: none) and ``logprobs`` (None: none), each ignored when out of
+    range (the coordinator's API refused those already)."""
+    top, k = params.get("top", 0), params.get("logprobs")
+    top = top if type(top) is int and 0 < top <= MAX_TOP else 0
+    return top, (k if type(k) is int and 0 <= k <= MAX_LOGPROBS else None)
