@@ -174,6 +174,28 @@ async def test_bench_stage_idle_times_each_stage_back_to_back_and_after_its_wait
     assert code == 2 and "increasing units" in err
 
 
+async def test_bench_decode_parts_times_blocks_and_head_against_bandwidth_and_llama_cpp(
+    tiny: Path,
+) -> None:
+    code, out, err = await run(
+        str(EXAMPLES / "bench_decode_parts.py"), "--model", str(tiny), "--steps", "4",
+        "--bandwidth-mib", "16", "--json", "--no-docs", timeout=180,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    got = json.loads(out)
+    n = 4  # the tiny model's units: embedding, two blocks, head
+    assert [p["units"] for p in got["parts"]] == [[1, n - 1], [n - 1, n]]
+    assert all(got["bandwidth_gb_s"][k] > 0 for k in ("1", "2"))
+    for p in got["parts"]:
+        assert p["ms"] > 0 and p["mb"] > 0
+        assert p["gb_s"] == pytest.approx(p["mb"] / p["ms"], rel=0.05)  # MB per ms is GB/s
+    assert got["onnx_vs_llamacpp"] == pytest.approx(
+        got["llamacpp_ms"] / got["onnx_ms"], rel=0.01
+    )
+    code, _, err = await run(str(EXAMPLES / "bench_decode_parts.py"), "--steps", "1")
+    assert code == 2 and "--steps at least 2" in err
+
+
 async def test_natlab_delay_precision_probes_the_router_idle_and_loaded() -> None:
     from mesh.launch.natlab import lab_unavailable
 
