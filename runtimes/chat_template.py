@@ -9,8 +9,8 @@ it in a sandboxed Jinja environment with ``trim_blocks`` and ``lstrip_blocks``, 
 
 The template comes from a GGUF someone added to the mesh: it is data, not code. The
 sandbox (no attribute access to internals, immutable containers) is bounded further here:
-``range`` and string repetition have budgets, and the output is capped, so a hostile
-template cannot spin or grow the node.
+``range``, every ``for`` loop's items and string repetition have budgets, and the output is
+capped, so a hostile template cannot spin or grow the node.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import functools
 import json
 import operator
 import re
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -38,6 +39,11 @@ __all__ = [
 MAX_RENDERED = 1 << 20  # the prompt cap of the API
 MAX_MESSAGES = 1024
 _MAX_ITERATIONS = 100_000  # every range() of one render together
+# Every item every ``for`` of one render takes: nested loops over long strings or lists
+# (``'x' * 65536``) ran for days in the sandbox before this bound.
+_MAX_LOOP_ITEMS = 200_000
+_LOOP_BUDGET = "_em_loop_items"  # the compiled templates' name of the loop budget
+_render = threading.local()  # the budget of the render running on this thread
 _MAX_REPEAT = 1 << 16  # a string or list repeated by "*" at most this long
 _WIDE_BRACE = re.compile(r"\{[^}]*:[^}]*\d{6,}")  # "{0:>999999999}".format(x)
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})")  # "%1000000000s" % x
@@ -63,6 +69,18 @@ def _environment() -> Any:
 
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
+            """Every ``for`` iterates through the render's loop budget. The budget is an
+            internal name of the compiled code, which no template can assign or shadow."""
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(jinja2.nodes.For):
+                # InternalName refuses construction (the parser makes them): built bare
+                budget = object.__new__(jinja2.nodes.InternalName)
+                budget.name, budget.lineno, budget.environment = _LOOP_BUDGET, loop.lineno, self
+                call = jinja2.nodes.Call(budget, [loop.iter], [], None, None, lineno=loop.lineno)
+                loop.iter = call.set_environment(self)
+            return tree
 
         def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
             if operator_ == "**":
@@ -159,7 +177,17 @@ def _compiled(template: str) -> Any:
     namespace = compiled.root_render_func.__globals__
     namespace["str_join"] = _bounded_join
     namespace["markup_join"] = _bounded_join
+    namespace[_LOOP_BUDGET] = _loop_items
     return compiled
+
+
+def _loop_items(seq: Any) -> Any:
+    """A ``for`` loop's items, each counted against this thread's render's budget."""
+    for item in seq:
+        _render.loop_items -= 1
+        if _render.loop_items < 0:
+            raise ChatTemplateError("chat template: loops too long")
+        yield item
 
 
 def render_chat(
@@ -187,6 +215,7 @@ def render_chat(
     def raise_exception(message: str) -> None:
         raise ChatTemplateError(f"the chat template refused the messages: {message}"[:500])
 
+    _render.loop_items = _MAX_LOOP_ITEMS
     try:
         compiled = _compiled(template)
         out: list[str] = []

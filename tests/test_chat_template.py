@@ -3,6 +3,8 @@ template is data from whoever added the model, and must not spin or grow the nod
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from runtimes.chat_template import ChatTemplateError, render_chat
@@ -76,16 +78,39 @@ HOSTILE = {
     "power": "{{ 10 ** 100000000 }}",
     "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
     "internals": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    # loops over long strings or lists, nested: ~10**7 s before every loop had a budget
+    "nested string loops": "{% for a in 'x' * 65536 %}{% for b in 'x' * 65536 %}"
+    "{% for c in 'x' * 65536 %}{% endfor %}{% endfor %}{% endfor %}",
+    "nested list loops": "{% set l = [0] * 65536 %}{% for a in l %}{% for b in l %}"
+    "{{ loop.index if false }}{% endfor %}{% endfor %}",
+    "nested loops over items": "{% set d = {'a': 'x' * 65536} %}{% for k, v in d.items() %}"
+    "{% for a in v %}{% for b in v %}{% endfor %}{% endfor %}{% endfor %}",
+    "budget shadowed": "{% set _em_loop_items = none %}{% set em_loop_items = none %}"
+    "{% for a in 'x' * 65536 %}{% for b in 'x' * 65536 %}{% endfor %}{% endfor %}",
+    "macro loops": "{% macro f(s) %}{% for a in s %}{% endfor %}{% endmacro %}"
+    "{% for a in 'x' * 65536 %}{{ f('x' * 65536) }}{% endfor %}",
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_a_hostile_template_is_refused_within_its_bounds(name: str) -> None:
     """Each of these ran (or would run) for minutes or took gigabytes in a plain sandbox
-    (the doubling ones reach 2**40 characters over 40 messages)."""
+    (the doubling ones reach 2**40 characters over 40 messages). Each is refused within
+    seconds: a render holds one of the node's worker threads while it runs."""
     many = [{"role": "user", "content": "hi"}] * 40
-    with pytest.raises(ChatTemplateError):
-        render_chat(HOSTILE[name], many, bos_token="", eos_token="")
+    outcome: list[BaseException | str] = []
+
+    def render() -> None:
+        try:
+            outcome.append(render_chat(HOSTILE[name], many, bos_token="", eos_token=""))
+        except BaseException as exc:  # noqa: BLE001 (judged below, on the test's thread)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=render, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the render was still running after 10 s"
+    assert isinstance(outcome[0], ChatTemplateError), outcome[0]
 
 
 GEMMA_CHATS = [
