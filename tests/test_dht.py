@@ -112,7 +112,8 @@ def test_newer_seq_replaces_older():
     store.accept(key, msgpack.packb([peer_rec(seq=1, body={"v": 1})]))
     store.accept(key, msgpack.packb([peer_rec(seq=5, body={"v": 5})]))
     store.accept(key, msgpack.packb([peer_rec(seq=3, body={"v": 3})]))
-    assert [r.body["v"] for r in store.records(key)] == [5]
+    assert [r.seq for r in store.records(key)] == [5]
+    assert [r.body["v"] for r in parse_value(store.get(key), key)[0]] == [5]
 
 
 def test_provider_records_merge_and_are_bounded():
@@ -222,3 +223,51 @@ def test_a_request_must_name_its_signers_id():
     assert contacts == [(other, "127.0.0.1", 9)]  # a hostname is no contact
     with pytest.raises(DiscoveryError, match="does not give"):
         parse_answer("ping", open_datagram(seal_datagram(A, RESPONSE, b"m" * 20, other), MAX_VALUE))
+
+
+def _widest_body(ident: Identity, key: str) -> dict:
+    """The body that decodes to the most Python objects a record allows: lists of empty
+    lists (one byte each on the wire, ~56 bytes each in memory)."""
+    n = 1
+    while True:
+        body = {"x": [[[] for _ in range(63)] for _ in range(n + 1)]}
+        try:
+            make_record(ident, "prov", key, body, 3600)
+        except DiscoveryError:
+            return {"x": [[[] for _ in range(63)] for _ in range(n)]}
+        n += 1
+
+
+def test_a_store_holds_its_records_at_their_wire_size():
+    """The store keeps what it serves (the signed bytes), not the decoded bodies: a value
+    of 32 records whose bodies decode to ~50x their size held 1.5 MiB (the store's cap of
+    4096 keys x 32 records: ~6 GiB); now about the wire size. Lookups still return bodies
+    (re-read from the signed bytes)."""
+    import tracemalloc
+
+    key = "prov:mesh:wide"
+    signers = [Identity.generate() for _ in range(MAX_RECORDS_PER_KEY)]
+    raws = [make_record(s, "prov", key, _widest_body(s, key), 3600) for s in signers]
+    value = encode_value([parse_record(r) for r in raws])
+    store = RecordStore(quota=10**9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert store.accept(dht_key(key), value, ("10.0.0.9", 4000))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(store.records(dht_key(key))) == MAX_RECORDS_PER_KEY
+    assert held < 3 * len(value), f"{held} bytes held for a {len(value)}-byte value"
+
+
+async def test_a_lookup_of_stored_records_gives_their_bodies():
+    dht = MeshDHT(A)
+    await dht.start("127.0.0.1", 0, [])
+    try:
+        raw = peer_rec(A, body={"addrs": ["1.2.3.4:5"], "mesh": "m"})
+        dht.store.accept(dht_key(f"peer:{A.peer_id}"), encode_value([parse_record(raw)]))
+        (rec,) = await dht.lookup(f"peer:{A.peer_id}")
+        assert rec.body == {"addrs": ["1.2.3.4:5"], "mesh": "m"} and rec.raw == raw
+    finally:
+        dht.stop()

@@ -32,7 +32,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -72,6 +73,7 @@ MAX_TTL = 24 * 3600.0
 MAX_KEYS = 4096  # keys one node stores for others
 SIGNER_SHARE = 8  # one signer may hold records under at most 1/8 of those keys
 MAX_SEQ_AHEAD = 60.0  # seconds a record's seq (milliseconds of its signer's clock) may lead ours
+_NO_BODY: Any = MappingProxyType({})  # a stored record's body (RecordStore keeps the bytes)
 RECORD = Format(
     what="record",
     context=b"edgemesh/dht/v1\x00",
@@ -255,6 +257,10 @@ class RecordStore(IStorage):  # type: ignore[misc]
             return False
         records, bad = parse_value(value, dkey)
         self.refused += bad
+        # What the store serves is the signed bytes: a decoded body can hold ~50x its size
+        # in Python objects (lists of empty lists), which over the store's 4096 x 32 records
+        # came to gigabytes. Bodies are read again from the bytes where a lookup needs them.
+        records = [replace(r, body=_NO_BODY) for r in records]
         if dkey not in self._data:
             per_signer = max(1, MAX_KEYS // SIGNER_SHARE)
             fresh = [r for r in records if self._signer_keys.get(r.peer_id, 0) < per_signer]
@@ -407,7 +413,7 @@ class MeshDHT(Server):  # type: ignore[misc]
     async def lookup(self, key: str) -> list[Record]:
         """Valid records under ``key``: ours merged with what the network returns."""
         dkey = dht_key(key)
-        records = list(self.store.records(dkey))
+        records, _ = parse_value(encode_value(self.store.records(dkey)), dkey)  # their bodies
         target = KadNode(dkey)
         nearest = self.protocol.router.find_neighbors(target)
         if nearest:
