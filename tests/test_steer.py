@@ -267,6 +267,55 @@ def lying_verifier(real: Handler) -> Handler:
     return recompute
 
 
+# What a hostile verifier may answer instead of a recomputation: each raised TypeError or
+# ValueError out of the check (ending the generation), or counted as an accusation.
+MALFORMED: list[tuple[dict[str, Any], bytes]] = [
+    ({"top": [5], "token": 1, "token_logit": 1.0, "claimed_logit": 1.0}, b""),
+    ({"top": [], "token": "x", "token_logit": 1.0, "claimed_logit": 1.0}, b""),
+    ({"top": [[1, 2, 3]], "token": 1, "token_logit": 1.0, "claimed_logit": 1.0}, b""),
+    ({"top": [], "token": 1, "token_logit": float("nan"), "claimed_logit": 1.0}, b""),
+    ({"rows": [{"top": [[1, 2, 3]]}]}, b""),
+    ({"rows": "x"}, b""),
+    ({}, b"\x00" * 7),
+]
+
+
+def malformed_verifier(real: Handler, answers: list[tuple[dict[str, Any], bytes]]) -> Handler:
+    """``compute.stage_recompute`` answering each call with the next malformed answer."""
+
+    async def recompute(ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
+        await real(ctx, params, payload)
+        result, body = answers[len(calls) % len(answers)]
+        calls.append(1)
+        return Reply(result, body)
+
+    calls: list[int] = []
+    return recompute
+
+
+async def test_a_verifier_s_malformed_answers_leave_its_checks_unchecked(
+    tmp_path: Path,
+    tiny: Path,  # noqa: F811
+) -> None:
+    """Every peer answers recomputations with malformed results. Before, a
+    TypeError or ValueError from judging them ended the generation (or a malformed answer
+    counted as an accusation of the honest stage); now each such check is unchecked, the
+    verifier is named in the summary, nobody is banned and the tokens are the honest ones."""
+    kw = {"split": 2, "max_tokens": 6}
+    clean, _ = await clean_run(tmp_path, tiny, **kw)
+    mesh = await signing_mesh(tmp_path / "m", tiny, n=4)
+    for peer in mesh.peers:  # every verifier drawn, on the route or off it
+        handlers = mesh.net.handlers[peer]
+        real = handlers["compute.stage_recompute"]
+        handlers["compute.stage_recompute"] = malformed_verifier(real, MALFORMED)
+    run = GenerationRun(mesh.coord, mesh.request(verify=VerifyParams(rate=1.0, seed=1), **kw))
+    summary = await mesh.finish(run)
+    v = summary["verification"]
+    assert summary["tokens"] == clean["tokens"]
+    assert not v["banned"] and not v["disputes"] and not mesh.coord.mesh.banned, v  # type: ignore[attr-defined]
+    assert any("malformed" in u for u in v["unchecked"]), v
+
+
 class _SybilsFirst(random.Random):
     """The worst draw for the honest: every jury lists the Sybils first."""
 

@@ -465,12 +465,21 @@ class SpotChecker:
                     await mesh.call(verifier, "compute.stage_close", {"sid": sid}, timeout=5)
                 except RPCError:
                     pass
-        return self._judge(reply.result, reply.payload, claimed)
+        try:
+            return self._judge(reply.result, reply.payload, claimed)
+        except _Malformed as exc:
+            # The verifier's failure, not the stage's: no accusation, the check stands
+            # unchecked and the next check asks the mesh for verifiers again.
+            self.stats.unchecked.append(f"verifier {verifier[:12]}: malformed answer: {exc}")
+            self._candidates.pop(stage.units, None)
+            return None
 
     def _judge(self, result: dict[str, Any], payload: bytes, claimed: Any) -> _Outcome:
+        """The verifier's answer against the claim; :class:`_Malformed` where it is no
+        answer at all (it is a peer's word, type-checked before use)."""
         if isinstance(claimed, np.ndarray):
             if len(payload) != claimed.nbytes:
-                return _Outcome(False, math.inf, "verifier returned a different shape")
+                raise _Malformed("a different shape")
             ref = np.frombuffer(payload, dtype="<f4").reshape(claimed.shape)
             err = relative_error(ref, claimed)
             ok = err <= self.params.tolerance
@@ -480,28 +489,40 @@ class SpotChecker:
         if isinstance(claimed, list):  # a verify step: every row, the worst one counts
             rows = result.get("rows")
             if not isinstance(rows, list) or len(rows) != len(claimed):
-                return _Outcome(False, math.inf, "verifier returned no rows")
+                raise _Malformed("no rows")
             outcomes = [
                 self._judge(r if isinstance(r, dict) else {}, b"", c)
                 for r, c in zip(rows, claimed, strict=True)
             ]
             return max(outcomes, key=lambda o: (not o.ok, o.deviation))
-        top = result.get("top")
-        pairs = [
-            (int(t), float(v))
-            for t, v in (top if isinstance(top, list) else [])
-            if isinstance(t, int) and isinstance(v, int | float)
-        ][:8]
+        top, token = result.get("top"), result.get("token")
         ref_logit, claimed_logit = result.get("token_logit"), result.get("claimed_logit")
-        if not isinstance(ref_logit, int | float) or not isinstance(claimed_logit, int | float):
-            return _Outcome(False, math.inf, "verifier returned no logits")
-        dev = token_deviation(
-            pairs, int(result.get("token", -1)), float(ref_logit), float(claimed_logit)
-        )
+        if not (isinstance(ref_logit, int | float) and isinstance(claimed_logit, int | float)):
+            raise _Malformed("no logits")
+        if not (_finite(ref_logit) and _finite(claimed_logit)):
+            raise _Malformed("non-finite logits")
+        if type(token) is not int or not isinstance(top, list):
+            raise _Malformed("no token or no top logits")
+        top = top[:8]
+        if not all(
+            isinstance(p, list | tuple) and len(p) == 2 and type(p[0]) is int and _finite(p[1])
+            for p in top
+        ):
+            raise _Malformed("top logits that are not (token, logit) pairs")
+        pairs = [(int(p[0]), float(p[1])) for p in top]
+        dev = token_deviation(pairs, token, float(ref_logit), float(claimed_logit))
         ok = dev <= self.params.token_tolerance
         return _Outcome(
             ok, dev, f"token {claimed} deviates {dev:.3f} from the verifier's {result.get('token')}"
         )
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class _Malformed(Exception):
+    """Internal: a verifier's answer is no answer (wrong types, shapes or non-finite values)."""
 
 
 class _Skip(Exception):
