@@ -11,8 +11,9 @@ Topics under ``edgemesh/v1/<mesh>/``:
 
 The broker is never trusted: every envelope is verified (and offers are checked for
 freshness and replay by the node); a forged or altered offer fails the signature or, signed
-by another key, the transport handshake. With a mesh key every payload is sealed (XSalsa20-
-Poly1305), so the broker learns nothing but topic names.
+by another key, the transport handshake. An answer is taken only when signed by the peer its
+offer went to: anyone else's, first or not, is refused and the offer waits on. With a mesh
+key every payload is sealed (XSalsa20-Poly1305), so the broker learns nothing but topic names.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiomqtt
 import nacl.exceptions
@@ -35,7 +36,7 @@ import nacl.utils
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mesh.errors import SignalingError
+from mesh.errors import Error, SignalingError
 from mesh.net.identity import Identity
 from mesh.net.signaling import (
     MAX_ENVELOPE,
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 _MAX_PAYLOAD = MAX_ENVELOPE + 64  # sealing adds 40 bytes
 _MAX_WAITING = 64  # offers of ours awaiting an answer
 _MAX_SESSIONS = 4096  # peers whose presence session we remember (for their absence)
+# Ids a message names: an offer's (os.urandom(16) in ConnectionManager._dial; the answerer
+# takes up to 32) and a broker session's (8 bytes, new_session). Anything else is refused
+# before it is hashed, compared or kept.
+_MAX_ID = 32
 
 
 class _ConnectionLost(logging.Filter):
@@ -144,13 +149,15 @@ class MqttSignaling:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        # offers of ours awaiting an answer: oid -> (the peer it went to, its answer)
+        self._waiting: dict[bytes, tuple[str, asyncio.Future[bytes]]] = {}
         # offers awaiting answers, (to, sealed offer): published again on a new connection
         # (one published as the old one broke, in a network outage, was lost with it)
         self._outbox: dict[bytes, tuple[str, bytes]] = {}
-        # offers of ours no longer waiting (answered by another route, or given up): their
-        # late answers are dropped quietly (insertion-ordered, bounded)
-        self._finished: dict[bytes, None] = {}
+        # offers of ours no longer waiting (answered by another route, or given up), oid ->
+        # the peer it went to: that peer's late answers are dropped quietly (insertion-
+        # ordered, bounded)
+        self._finished: dict[bytes, str] = {}
         # answers our broken connection did not send, (to, answer, until): published on the
         # next one while the dialer still waits (its offer, republished, is a replay to us)
         self._unsent: list[tuple[str, bytes, float]] = []
@@ -228,6 +235,10 @@ class MqttSignaling:
                         refresher.cancel()
             except aiomqtt.MqttError as exc:
                 log.warning("broker %s: %s (reconnecting in %.1f s)", self.config.url, exc, delay)
+            except Exception:
+                # A bug: without this the task ended and the node lost the broker for good
+                # (presence, offers, answers); it reconnects like after a broker error.
+                log.exception("broker %s: unexpected error (reconnecting)", self.config.url)
             finally:
                 self._connected.clear()
                 self._client = None
@@ -287,16 +298,34 @@ class MqttSignaling:
 
     # -- receiving -------------------------------------------------------------------------
     def _handle(self, message: aiomqtt.Message) -> None:
+        """One message from the broker. Whatever it holds, it is refused or dropped alone:
+        one message that raised here used to end the connection's loop for good."""
         topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes) else b""
+        sender = "?"  # the signer, once known (a presence names its peer in the topic)
         try:
             if topic.startswith(f"{self.prefix}/presence/"):
-                self._handle_presence(topic.rsplit("/", 1)[-1], payload)
+                sender = topic.rsplit("/", 1)[-1]
+                self._handle_presence(sender, payload)
             elif topic == f"{self.prefix}/inbox/{self.identity.peer_id}":
-                self._handle_inbox(payload)
-        except SignalingError as exc:
+                raw = self._unseal(payload)
+                env = parse_envelope(raw)
+                sender = env.sender
+                self._on_inbox(raw, env)
+        except Error as exc:
             self.rejected += 1
-            log.warning("refused MQTT message on %s: %s", topic, exc)
+            log.warning("refused MQTT message on %s from %s: %s", topic, sender[:12], exc)
+        except Exception as exc:
+            # A bug, or an input no check foresaw: that message is dropped, not the broker
+            # connection; the traceback stays in the log for whoever fixes it.
+            self.rejected += 1
+            log.warning(
+                "dropped MQTT message on %s from %s: unexpected %s",
+                topic,
+                sender[:12],
+                type(exc).__name__,
+                exc_info=True,
+            )
 
     def _handle_presence(self, peer_id: str, payload: bytes) -> None:
         if peer_id == self.identity.peer_id:
@@ -318,7 +347,9 @@ class MqttSignaling:
             what=f"presence of {peer_id[:12]}",
         )
         session = env.body.get("s")
-        if isinstance(session, bytes):
+        if session is not None and not _is_id(session):
+            raise SignalingError(f"presence of {peer_id[:12]} has a malformed session id")
+        if session is not None:
             before = self._sessions.pop(peer_id, None)
             self._sessions[peer_id] = session
             if before is not None and before != session:
@@ -341,23 +372,16 @@ class MqttSignaling:
 
     def _handle_inbox(self, payload: bytes) -> None:
         raw = self._unseal(payload)
-        env = parse_envelope(raw)
+        self._on_inbox(raw, parse_envelope(raw))
+
+    def _on_inbox(self, raw: bytes, env: Envelope) -> None:
         if env.to != self.identity.peer_id:
             raise SignalingError("inbox message addressed to another peer")
         if env.kind == "offer":
             # freshness and replay: the same checks as the direct endpoint
             accept_envelope(env, me=self.identity.peer_id, kind="offer", guard=self.guard)
         if env.kind == "answer":
-            # checked for freshness and replay by the dialer, which matched it to its offer
-            re = env.body.get("re")
-            fut = self._waiting.get(re)  # type: ignore[arg-type]
-            if (fut is None or fut.done()) and re in self._finished:
-                # our offer went by another route too, and that answer came first
-                log.debug("late answer from %s via the broker", env.sender[:12])
-                return
-            if fut is None or fut.done():
-                raise SignalingError("answer to no offer of ours")
-            fut.set_result(raw)
+            self._on_answer(raw, env)
         elif env.kind == "offer":
             if len(self._handlers) >= _MAX_WAITING:
                 raise SignalingError("too many offers in progress")
@@ -366,6 +390,30 @@ class MqttSignaling:
             task.add_done_callback(self._handlers.discard)
         else:
             raise SignalingError(f"unexpected {env.kind!r} in inbox")
+
+    def _on_answer(self, raw: bytes, env: Envelope) -> None:
+        """Resolve the offer an answer names, if its peer signed it. Freshness and replay
+        are the dialer's checks, once it has the answer."""
+        re = env.body.get("re")
+        if not _is_id(re):
+            raise SignalingError("answer names no offer id")
+        waiting = self._waiting.get(re)
+        if waiting is not None and not waiting[1].done():
+            to, fut = waiting
+            if env.sender != to:
+                # Anyone on the broker may answer (without a mesh key anyone reads the offer
+                # and its id): the first answer used to win, and the peer's, later, was
+                # dropped as late, failing the dial. Refused; the offer waits for its peer.
+                raise SignalingError(f"answer to our offer to {to[:12]} signed by another key")
+            fut.set_result(raw)
+            return
+        # answered already, or given up
+        peer = waiting[0] if waiting is not None else self._finished.get(re)
+        if peer == env.sender:
+            # our offer went by another route too, and that answer came first
+            log.debug("late answer from %s via the broker", env.sender[:12])
+            return
+        raise SignalingError("answer to no offer of ours")
 
     async def _answer(self, raw: bytes, env: Envelope) -> None:
         try:
@@ -402,7 +450,7 @@ class MqttSignaling:
         if len(self._waiting) >= _MAX_WAITING:
             raise SignalingError("too many offers awaiting answers")
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[oid] = fut
+        self._waiting[oid] = (to, fut)  # only `to` may answer it
         self._outbox[oid] = (to, offer)
         # Not awaited before the answer: a publish on a connection broken by an outage
         # hangs for aiomqtt's 10 s timeout, while the next connection republishes the offer
@@ -416,6 +464,11 @@ class MqttSignaling:
             publish.cancel()
             self._waiting.pop(oid, None)
             self._outbox.pop(oid, None)
-            self._finished[oid] = None
+            self._finished[oid] = to
             while len(self._finished) > _MAX_WAITING:
                 self._finished.pop(next(iter(self._finished)))
+
+
+def _is_id(value: object) -> TypeGuard[bytes]:
+    """An offer or session id as we make them: bytes, at most ``_MAX_ID`` long."""
+    return isinstance(value, bytes) and 0 < len(value) <= _MAX_ID
