@@ -267,6 +267,8 @@ class Manifest:
             m = _parse_manifest(doc)
         except (ValueError, TypeError, KeyError) as exc:
             raise MalformedModelError(f"malformed manifest: {exc}") from exc
+        except RecursionError:  # "[" nested 200,000 deep decodes into a RecursionError
+            raise MalformedModelError("malformed manifest: nested too deeply") from None
         if m.to_json() != data and expected_id is not None:
             raise MalformedModelError("manifest is not in canonical form")
         return m

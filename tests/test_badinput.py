@@ -528,3 +528,20 @@ def test_corpus_replay(path: Path) -> None:
 def test_corpus_covers_every_parser() -> None:
     have = {p.name.split("-", 1)[0] for p in CORPUS.glob("*.bin")}
     assert set(REPLAY) <= have, f"no corpus file for {sorted(set(REPLAY) - have)}"
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"top_k": float("inf")}, "sampling"),  # int(Infinity): an OverflowError, a 500
+        ({"tokens": [1, 2**40]}, "tokens"),  # past every vocabulary and the wire's int32
+        ({"tokens": [-1]}, "tokens"),
+    ],
+)
+def test_generation_bodies_out_of_range_are_400s(body: dict[str, Any], match: str) -> None:
+    from mesh.api.errors import ApiError
+    from mesh.api.generate import parse_generation
+
+    with pytest.raises(ApiError, match=match) as raised:
+        parse_generation({"model": "m", **body})
+    assert raised.value.status == 400

@@ -189,9 +189,7 @@ async def test_bench_decode_parts_times_blocks_and_head_against_bandwidth_and_ll
     for p in got["parts"]:
         assert p["ms"] > 0 and p["mb"] > 0
         assert p["gb_s"] == pytest.approx(p["mb"] / p["ms"], rel=0.05)  # MB per ms is GB/s
-    assert got["onnx_vs_llamacpp"] == pytest.approx(
-        got["llamacpp_ms"] / got["onnx_ms"], rel=0.01
-    )
+    assert got["onnx_vs_llamacpp"] == pytest.approx(got["llamacpp_ms"] / got["onnx_ms"], rel=0.01)
     code, _, err = await run(str(EXAMPLES / "bench_decode_parts.py"), "--steps", "1")
     assert code == 2 and "--steps at least 2" in err
 

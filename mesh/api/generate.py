@@ -137,7 +137,7 @@ def parse_generation(body: dict[str, Any]) -> GenerationRequest:
     if tokens is not None and (
         not isinstance(tokens, list)
         or not tokens
-        or not all(type(t) is int and t >= 0 for t in tokens)
+        or not all(type(t) is int and 0 <= t < 1 << 31 for t in tokens)
     ):
         raise ApiError(400, "tokens must be a non-empty list of token ids")
     max_tokens = body.get("max_tokens", 32)
@@ -167,7 +167,7 @@ def parse_generation(body: dict[str, Any]) -> GenerationRequest:
             float(body.get("top_p", 1.0) or 1.0),
             seed,
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # int(Infinity): OverflowError
         raise ApiError(400, f"bad sampling parameters: {exc}") from None
     mode = body.get("mode", "push")
     if mode not in ("push", "chain"):

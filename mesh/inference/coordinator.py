@@ -89,7 +89,8 @@ class Coordinator:
         if w is None or ctx.peer_id != w.last:
             log.info("ignored a token from %s for no step of ours", ctx.peer_id[:12])
             return
-        if not w.future.done() and type(params.get("token")) is int:
+        token = params.get("token")
+        if not w.future.done() and type(token) is int and 0 <= token < 1 << 31:
             # Only a token's worth of text is kept (the run detokenizes it itself anyway),
             # a verify step's: one per row with its logits' records, if asked
             # (speculate.verified_tokens checks the rest).

@@ -48,6 +48,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_MIN_INT, _MAX_INT = -(1 << 63), 1 << 64  # msgpack's integers
+
+
 @dataclass(frozen=True)
 class Field:
     """One field of a record: its name and type, and optionally an exact size or fixed values.
@@ -76,6 +79,10 @@ class Field:
             raise error(f"{what} carries no {self.describe()}")
         if self.kind is float and not math.isfinite(value):
             raise error(f"{what} {self.name} is not a finite number")
+        if type(value) is int and not _MIN_INT <= value < _MAX_INT:
+            # msgpack carries no more: from a text (an mDNS TXT value) a bigger one raised
+            # OverflowError where its signature's bytes are built, before any check
+            raise error(f"{what} {self.name} is out of range")
         if self.choices and value not in self.choices:
             raise error(f"{what} {self.name} {_short(value)} is not one of {self.choices}")
 

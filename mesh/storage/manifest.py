@@ -117,6 +117,8 @@ def parse_manifest(
         doc = json.loads(raw)
     except ValueError:
         raise StoreError("manifest is not JSON") from None
+    except RecursionError:  # "[" nested 200,000 deep is valid-looking JSON to the decoder
+        raise StoreError("manifest is nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("v") != 1:
         raise StoreError("unknown manifest version")
     chunks, size = doc.get("chunks"), doc.get("size")
