@@ -105,9 +105,15 @@ class LlmJobService:
             raise JobError("llm_task needs a model id")
         if type(max_tokens) is not int or not 0 < max_tokens <= MAX_JOB_TOKENS:
             raise JobError(f"max_tokens must be in 1..{MAX_JOB_TOKENS}")
+        async with self.jobs.slots.slot(ctx.peer_id):
+            return await self._llm_task(model, max_tokens, params, self.parse)
+
+    async def _llm_task(
+        self, model: str, max_tokens: int, params: dict[str, Any], parse: RequestParser
+    ) -> Reply:
         sha, size, sources = task_chunk(params)
         data, pulled_from = await self.jobs.pull_chunk(sha, size, sources)
-        reqs = await asyncio.to_thread(parse_prompts, data, model, sha, self.parse, max_tokens)
+        reqs = await asyncio.to_thread(parse_prompts, data, model, sha, parse, max_tokens)
         log.info("llm task: chunk %s, %d records", sha[:12], len(reqs))
         out, stats = await run_chunk(reqs, self.coordinator.generate, self.jobs.node.me)
         if len(out) > MAX_RESULT:

@@ -20,12 +20,14 @@ the bytes it moved, measured where they moved, and how many crossed zones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +50,15 @@ log = logging.getLogger(__name__)
 POLICIES = ("ours", "random")
 MAX_RESULT = 8 << 20
 MAX_JOB_RESULT = 256 << 20  # all of a job's results, joined here into one object
-PER_PEER = 2  # tasks in flight per peer
+PER_PEER = 2  # tasks in flight per peer (a worker refuses a peer's next)
+MAX_RUNNING = 4  # tasks a worker runs at once for all peers (each a sandboxed child of ~1 GiB)
+MAX_COUNT = 1 << 53  # a task reply's counters (bytes, records, tokens)
+# A task reply's counters: each an int in 0..MAX_COUNT where present, or the reply is refused
+# (and the task redone elsewhere) before a total adds it.
+COUNTERS = (
+    "pulled_bytes", "model_bytes", "model_cross_zone_bytes", "shard_bytes", "records",
+    "tokens", "local_records",
+)  # fmt: skip
 MAX_TRIES = 3
 MAX_CHECKED = 256  # model ids remembered as checked (then forgotten, and checked again)
 
@@ -131,6 +141,41 @@ class _Run:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
+class TaskSlots:
+    """The tasks a worker runs for its peers. One peer has at most ``PER_PEER`` in flight
+    here (what an honest coordinator sends) and is refused beyond that; all peers together
+    run at most ``running`` at once, the rest wait their turn. Without these a peer could
+    start 64 sandboxed children at once (the link's cap on calls), tens of GiB."""
+
+    def __init__(self, running: int) -> None:
+        self._running = asyncio.Semaphore(running)
+        self._by_peer: dict[str, int] = {}  # only peers with a task here (freed at zero)
+
+    def in_flight(self, peer: str) -> int:
+        return self._by_peer.get(peer, 0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, peer: str) -> AsyncIterator[None]:
+        if self._by_peer.get(peer, 0) >= PER_PEER:
+            raise JobError(f"{PER_PEER} tasks of this peer are in flight here already")
+        self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+        try:
+            async with self._running:
+                yield
+        finally:
+            left = self._by_peer.pop(peer) - 1
+            if left:
+                self._by_peer[peer] = left
+
+
+def check_counters(result: dict[str, Any]) -> None:
+    """A task reply's counters are a peer's word: ints in range, or :class:`JobError`."""
+    for key in COUNTERS:
+        value = result.get(key, 0)
+        if type(value) is not int or not 0 <= value <= MAX_COUNT:
+            raise JobError(f"a task reply's {key} is not a count")
+
+
 class JobService:
     name = "jobs"  # RPC namespace: peers call "jobs.<method>"
 
@@ -144,6 +189,7 @@ class JobService:
         self._checked: set[str] = set()  # models that passed check_model
         self.capable = objects.config.jobs and onnx_available()
         objects.net.config.compute = self.capable
+        self.slots = TaskSlots(max(1, min(MAX_RUNNING, os.cpu_count() or 1)))
 
     # -- worker side -----------------------------------------------------------------------
     async def _model(self, model: str) -> tuple[int, FetchState]:
@@ -222,6 +268,10 @@ class JobService:
         model = params.get("model")
         if not is_id(model):
             raise JobError("job_task needs model, sha and size")
+        async with self.slots.slot(ctx.peer_id):
+            return await self._job_task(model, params)
+
+    async def _job_task(self, model: str, params: dict[str, Any]) -> Reply:
         sha, size, sources = task_chunk(params)
         model_size, model_state = await self._model(model)
         me = self.node.me
@@ -441,6 +491,7 @@ class JobService:
             try:
                 async with sem:
                     reply = await self.node.call(peer, method, params(peer), timeout=timeout)
+                check_counters(reply.result)
                 if check is not None:
                     check(reply)
                 return peer, reply
