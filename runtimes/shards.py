@@ -39,6 +39,7 @@ __all__ = [
     "sha256_file",
     "layer_units",
     "MANIFEST_FORMAT",
+    "MODEL_MANIFEST_MAX",
     "ChatInfo",
     "chat_info",
     "MAX_CHAT_TEMPLATE",
@@ -51,7 +52,7 @@ from gguf import GGMLQuantizationType, GGUFValueType  # noqa: E402
 
 MANIFEST_FORMAT = "edgemesh-manifest/1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_MANIFEST = 4 << 20
+MODEL_MANIFEST_MAX = 4 << 20  # bytes of a model manifest's JSON
 MAX_CHAT_TEMPLATE = 64 << 10  # llama.cpp's largest templates are about 10 KiB
 _SKIP_KEYS = {"general.architecture", "general.alignment", SHARD_START_KEY, SHARD_END_KEY, TIED_KEY}
 
@@ -258,7 +259,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, expected_id: str | None = None) -> Manifest:
-        if len(data) > _MAX_MANIFEST:
+        if len(data) > MODEL_MANIFEST_MAX:
             raise MalformedModelError(f"manifest of {len(data)} bytes exceeds the cap")
         if expected_id is not None and hashlib.sha256(data).hexdigest() != expected_id:
             raise ShardIntegrityError(f"manifest does not hash to model id {expected_id}")

@@ -33,8 +33,8 @@ from mesh.net.rpc import CallContext, Reply
 from mesh.storage.fetch import FetchState
 from mesh.storage.store import PACKED, BlobStore, StoreError
 from mesh.storage.store import Manifest as ObjectManifest
-from runtimes.errors import ModelError
-from runtimes.shards import BlobInfo, Manifest, ShardStore
+from runtimes.errors import MalformedModelError, ModelError
+from runtimes.shards import MODEL_MANIFEST_MAX, BlobInfo, Manifest, ShardStore
 
 __all__ = [
     "ComputeConfig",
@@ -106,6 +106,8 @@ class ShardObjects(Protocol):
         self, oid: str, *, pin: bool = False, hint: list[str] | None = None
     ) -> FetchState: ...
 
+    async def manifest_of(self, oid: str, hint: list[str] | None = None) -> ObjectManifest: ...
+
 
 class LocalObjects:
     """A store with no mesh behind it (a compute service built on its own, e.g. in tests):
@@ -130,6 +132,12 @@ class LocalObjects:
         if m is None or self.store.missing(m):
             raise StoreError(f"object {oid[:12]} is not here and this store has no peers")
         return FetchState(oid, m.size, m.size, len(m.chunks), len(m.chunks))
+
+    async def manifest_of(self, oid: str, hint: list[str] | None = None) -> ObjectManifest:
+        m = self.store.manifest(oid)
+        if m is None:
+            raise StoreError(f"object {oid[:12]} is not here and this store has no peers")
+        return m
 
 
 class ModelRegistry:
@@ -305,7 +313,9 @@ class ModelRegistry:
 
     async def _manifest(self, mid: str, source: str) -> Manifest:
         """A model's manifest: known, or fetched as the object ``source`` names for it
-        (verified twice: the object by its chunks' hashes, the manifest by the model id)."""
+        (verified twice: the object by its chunks' hashes, the manifest by the model id).
+        The source may name any object of the mesh (someone's shard): its size is checked
+        before a chunk is pulled, and it is pinned only once it proved to be this manifest."""
         if mid in self.manifests:
             return self.manifests[mid]
         if not _HEX64.match(mid):
@@ -314,10 +324,35 @@ class ModelRegistry:
         oid = reply.result.get("object")
         if not isinstance(oid, str) or not _HEX64.match(oid):
             raise ModelError(f"{source[:12]} names no object for the manifest of {mid[:12]}")
-        await self.objects.fetch(oid, pin=True, hint=[source])
-        raw = b"".join(await asyncio.to_thread(lambda: list(self.objects.store.iter_object(oid))))
-        manifest = Manifest.from_json(raw, expected_id=mid)  # verified by its hash
+        store = self.objects.store
+        with store.hold(oid):  # not collected between its pull and its read
+            raw = await self._manifest_bytes(oid, mid, source)
+            manifest = Manifest.from_json(raw, expected_id=mid)  # verified by its hash
+            store.pin(oid)
         self.manifests[mid] = manifest
         self.model_objects[mid] = oid
         self._save_registry()
         return manifest
+
+    async def _manifest_bytes(self, oid: str, mid: str, source: str) -> bytes:
+        """The bytes of object ``oid``, pulled unpinned (a failure leaves it to GC) and only
+        when its manifest says it fits the cap of a model manifest."""
+        om = await self.objects.manifest_of(oid, hint=[source])
+        if om.size > MODEL_MANIFEST_MAX:
+            raise MalformedModelError(
+                f"{source[:12]} names object {oid[:12]} of {om.size} bytes as the manifest of "
+                f"{mid[:12]} (a manifest is at most {MODEL_MANIFEST_MAX})"
+            )
+        await self.objects.fetch(oid, hint=[source])
+        return await asyncio.to_thread(_read_capped, self.objects.store, oid, MODEL_MANIFEST_MAX)
+
+
+def _read_capped(store: BlobStore, oid: str, cap: int) -> bytes:
+    """A complete object's bytes, refused once they pass ``cap`` (at most one chunk over)."""
+    parts, total = [], 0
+    for data in store.iter_object(oid):
+        total += len(data)
+        if total > cap:
+            raise MalformedModelError(f"object {oid[:12]} is over {cap} bytes")
+        parts.append(data)
+    return b"".join(parts)

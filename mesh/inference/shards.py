@@ -19,7 +19,8 @@ from mesh.inference.models import CapacityError, ComputeConfig, ModelRegistry, S
 from mesh.net.callers import MeshCaller as Caller
 from mesh.storage.fetch import FetchState
 from mesh.storage.quota import disk_shortfall
-from runtimes.errors import ModelError
+from mesh.storage.store import PACKED
+from runtimes.errors import ModelError, ShardIntegrityError
 from runtimes.shards import BlobInfo, Manifest
 
 __all__ = ["ShardPulls"]
@@ -60,13 +61,31 @@ class ShardPulls(ModelRegistry):
             async with lock:  # two sessions wanting one shard pull it once
                 if self.has_blob(blob):
                     continue
-                self._disk_room(blob.size)
+                self._disk_room(blob.size)  # the claim first: no peer is asked for less
                 if not blob.object:
                     raise ModelError(f"the manifest names no store object for {blob.sha256[:12]}")
                 holders = [h for h in (hint or {}).get(blob.sha256, []) if h != self.me]
+                await self._check_object(blob, holders)
+                self._disk_room(blob.size)  # again: the store changed while we asked
                 await self.objects.fetch(blob.object, hint=holders)
                 pulled += blob.size
         return pulled
+
+    async def _check_object(self, blob: BlobInfo, holders: list[str]) -> None:
+        """Refuse a shard whose object is not what its manifest claims, before a chunk is
+        pulled: a self-consistent manifest may claim 1 byte for a huge object, and the disk
+        limit was checked against the claim (the bytes' hash is checked after the pull)."""
+        om = await self.objects.manifest_of(blob.object, hint=holders)
+        if om.size != blob.size:
+            raise ShardIntegrityError(
+                f"blob {blob.sha256[:12]}: the manifest says {blob.size} bytes, its object "
+                f"{blob.object[:12]} holds {om.size}"
+            )
+        if om.format != PACKED:  # a runtime opens only a packed object's one data file
+            raise ShardIntegrityError(
+                f"blob {blob.sha256[:12]}: its object {blob.object[:12]} is {om.format}, "
+                f"not a {PACKED} shard"
+            )
 
     @contextlib.contextmanager
     def holding(self, manifest: Manifest, start: int, end: int) -> Iterator[None]:

@@ -195,13 +195,14 @@ class JobService:
     async def _model(self, model: str) -> tuple[int, FetchState]:
         """Fetch a job's model (nearest holder; cached, unpinned) and check it once: a
         peer's graph runs only after :func:`check_model` and only in the sandbox."""
+        size = (await self.objects.manifest_of(model)).size
+        if size > self.limits.max_model:  # from its manifest: before a chunk is pulled
+            raise ModelRefused(f"model of {size} bytes is over {self.limits.max_model}")
         state = await self.objects.fetch(model)
         m = self.objects.store.manifest(model)
         if m is None:
             raise JobError(f"model {model[:12]} vanished from the store")
         if model not in self._checked:
-            if m.size > self.limits.max_model:  # before joining it to parse it
-                raise ModelRefused(f"model of {m.size} bytes is over {self.limits.max_model}")
             store = self.objects.store
             with store.hold(model):
                 data = await asyncio.to_thread(lambda: b"".join(store.iter_object(model)))

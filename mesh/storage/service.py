@@ -225,6 +225,23 @@ class ObjectService:
             ]
         return found
 
+    async def _sources(self, oid: str, hint: list[str] | None) -> list[str]:
+        """Peers to ask for ``oid``: those said to hold it (``hint``) and those found."""
+        found = await self.find_holders(oid)
+        return [h for h in dict.fromkeys([*(hint or []), *found]) if h != self.me]
+
+    async def manifest_of(self, oid: str, hint: list[str] | None = None) -> Manifest:
+        """An object's manifest (size, chunks, format), ours or a holder's, verified by its
+        hash; no chunk is pulled. A peer's claims about an object (a model manifest's size,
+        a shard's) are checked against it before a fetch commits disk and memory to them."""
+        m = self.store.manifest(oid)
+        if m is not None:
+            return m
+        holders = await self._sources(oid, hint)
+        if not holders:
+            raise StoreError(f"no live holder of object {oid[:12]} is known")
+        return await self.get_manifest(oid, holders)
+
     async def get_manifest(self, oid: str, holders: list[str]) -> Manifest:
         m = self.store.manifest(oid)
         if m is not None:
@@ -256,8 +273,7 @@ class ObjectService:
         (``hint``: peers said to hold it, tried along with those the records name)."""
         lock = self._locks.setdefault(oid, asyncio.Lock())
         async with lock:
-            found = await self.find_holders(oid)
-            holders = [h for h in dict.fromkeys([*(hint or []), *found]) if h != self.me]
+            holders = await self._sources(oid, hint)
             if self.store.manifest(oid) is None and not holders:
                 raise StoreError(f"no live holder of object {oid[:12]} is known")
             await self.net.ensure(holders)  # zones and prices before choosing sources
