@@ -50,6 +50,10 @@ class LoadedShards(ShardPulls):
         self.mem_gbps: float | None = None  # measured memory bandwidth (the node sets it)
         self._load_lock = asyncio.Lock()
 
+    def _in_use(self, mid: str) -> bool:
+        # A loaded shard (and so every session on it) keeps its model's manifest.
+        return super()._in_use(mid) or any(key[0] == mid for key in self.loaded)
+
     def memory_used(self) -> int:
         return sum(x.memory for x in self.loaded.values()) + self.kv_reserved
 

@@ -20,6 +20,8 @@ import json
 import logging
 import re
 import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MAX_MODELS_REPLY = 1 << 20
+MAX_FOREIGN = 32  # peers' model manifests kept (and pinned) here: at most 128 MiB of them
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -140,6 +143,78 @@ class LocalObjects:
         return m
 
 
+class ForeignManifests:
+    """The objects of peers' model manifests this node fetched (it added none of them), most
+    recently used last. Any peer may make us learn new ones, so the registry keeps at most
+    ``MAX_FOREIGN`` (evicting those no shard or stage uses); each object is pinned while kept
+    (peers may fetch it from us) by this cache unless it was pinned already, and unpinned,
+    so collectable, when evicted. ``path`` keeps the order and the pins this cache took."""
+
+    def __init__(self, path: Path, store: BlobStore) -> None:
+        self.path = path
+        self.store = store
+        self.objects: OrderedDict[str, str] = OrderedDict()  # model id -> manifest object
+        self.pinned: set[str] = set()  # objects this cache pinned
+
+    def __contains__(self, mid: object) -> bool:
+        return mid in self.objects
+
+    def get(self, mid: str) -> str | None:
+        return self.objects.get(mid)
+
+    def load(self) -> list[tuple[str, str]]:
+        """The (model id, object) pairs saved, oldest first (malformed entries skipped)."""
+        try:
+            doc = json.loads(self.path.read_text())
+        except (ValueError, OSError):
+            return []
+        out = []
+        for entry in doc if isinstance(doc, list) else []:
+            if isinstance(entry, list) and len(entry) == 3:
+                mid, oid, ours = entry
+                if isinstance(mid, str) and isinstance(oid, str) and ours is True:
+                    self.pinned.add(oid)
+                if isinstance(mid, str) and isinstance(oid, str):
+                    out.append((mid, oid))
+        return out
+
+    def save(self) -> None:
+        doc = [[mid, oid, oid in self.pinned] for mid, oid in self.objects.items()]
+        self.path.write_text(json.dumps(doc))
+
+    def add(self, mid: str, oid: str) -> None:
+        if oid not in self.store.pins:
+            self.store.pin(oid)
+            self.pinned.add(oid)
+        self.objects[mid] = oid
+        self.objects.move_to_end(mid)
+
+    def touch(self, mid: str) -> None:
+        if mid in self.objects:
+            self.objects.move_to_end(mid)
+
+    def forget(self, mid: str) -> str | None:
+        """Drop ``mid``; its object is unpinned if this cache pinned it. Returns the object."""
+        oid = self.objects.pop(mid, None)
+        if oid is not None and oid in self.pinned:
+            self.pinned.discard(oid)
+            self.store.unpin(oid)
+        return oid
+
+    def evict(self, cap: int, in_use: Callable[[str], bool]) -> list[str]:
+        """Forget the least recently used over ``cap``, never one in use; returns their ids."""
+        over = len(self.objects) - cap
+        gone = []
+        for mid in list(self.objects):
+            if over <= 0:
+                break
+            if not in_use(mid):
+                self.forget(mid)
+                gone.append(mid)
+                over -= 1
+        return gone
+
+
 class ModelRegistry:
     """Model names and manifests; the manifests are store objects."""
 
@@ -159,7 +234,9 @@ class ModelRegistry:
         self.store = ShardStore(self.root, locate=self._locate)
         self.names: dict[str, str] = {}
         self.manifests: dict[str, Manifest] = {}
-        self.model_objects: dict[str, str] = {}  # model id -> object of its manifest
+        self.model_objects: dict[str, str] = {}  # model id -> object of its manifest (own)
+        self.foreign = ForeignManifests(self.root / "foreign.json", self.objects.store)
+        self._using: dict[str, int] = {}  # model id -> stages being opened for it
         self.tokenizers = Tokenizers(self.manifests, self._held_path)
         self._names_file = self.root / "names.json"
         self._models_file = self.root / "models.json"
@@ -169,25 +246,71 @@ class ModelRegistry:
         with contextlib.suppress(ValueError, OSError):
             names = json.loads(self._names_file.read_text())
             self.names = {str(k): str(v) for k, v in names.items()}
+        models: dict[str, str] = {}
         with contextlib.suppress(ValueError, OSError):
-            models = json.loads(self._models_file.read_text())
-            for mid, oid in models.items():
-                with contextlib.suppress(ModelError, StoreError, OSError):
-                    raw = b"".join(self.objects.store.iter_object(oid))
-                    self.manifests[mid] = Manifest.from_json(raw, expected_id=mid)
-                    self.model_objects[mid] = oid
+            doc = json.loads(self._models_file.read_text())
+            models = {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+        # Registries older than the cache kept every peer's manifest here, pinned: those
+        # (never named, as every model added here is) join it, unpinned when they go.
+        named = set(self.names.values())
+        old = not self.foreign.path.exists()
+        legacy = [(mid, oid) for mid, oid in models.items() if old and mid not in named]
+        models = {mid: oid for mid, oid in models.items() if (mid, oid) not in legacy}
+        self.foreign.pinned.update(oid for _, oid in legacy)
+        for mid, oid in [*legacy, *self.foreign.load()]:
+            self.foreign.objects[mid] = oid
+            if (m := self._stored_manifest(mid, oid)) is not None:
+                self.manifests[mid] = m
+            else:
+                self.foreign.forget(mid)
+        for mid, oid in models.items():
+            if (m := self._stored_manifest(mid, oid)) is not None:
+                self.manifests[mid] = m
+                self.model_objects[mid] = oid
+        for mid in self.foreign.evict(MAX_FOREIGN, lambda mid: False):  # nothing in use yet
+            self.manifests.pop(mid, None)
+        if legacy:
+            self._save_registry()
+
+    def _stored_manifest(self, mid: str, oid: str) -> Manifest | None:
+        with contextlib.suppress(ModelError, StoreError, OSError):
+            raw = _read_capped(self.objects.store, oid, MODEL_MANIFEST_MAX)
+            return Manifest.from_json(raw, expected_id=mid)
+        return None
 
     def _save_registry(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._names_file.write_text(json.dumps(self.names))
         self._models_file.write_text(json.dumps(self.model_objects))
+        self.foreign.save()
+
+    @contextlib.contextmanager
+    def using(self, mid: str) -> Iterator[None]:
+        """Keep ``mid``'s manifest while a stage is opened for it (no eviction mid-open)."""
+        self._using[mid] = self._using.get(mid, 0) + 1
+        try:
+            yield
+        finally:
+            n = self._using.pop(mid) - 1
+            if n > 0:
+                self._using[mid] = n
+
+    def _in_use(self, mid: str) -> bool:
+        """Whether a foreign manifest must stay (the shard layer adds its loaded shards)."""
+        return mid in self._using
+
+    def _evict_foreign(self) -> None:
+        for mid in self.foreign.evict(MAX_FOREIGN, self._in_use):
+            self.manifests.pop(mid, None)
+            log.info("foreign manifest %s evicted", mid[:12])
 
     async def _keep_manifest(self, manifest: Manifest) -> str:
         """Store a model manifest as an object (pinned: manifests are small and say what the
         shards are) and remember it."""
         raw = manifest.to_json()
-        obj = await self.objects.put_bytes(raw, f"model {manifest.name}"[:200], "raw")
         mid = manifest.model_id
+        self.foreign.forget(mid)  # a peer's manifest we now add ourselves: ours, pinned below
+        obj = await self.objects.put_bytes(raw, f"model {manifest.name}"[:200], "raw")
         self.manifests[mid] = manifest
         self.model_objects[mid] = obj.id
         self._save_registry()
@@ -239,7 +362,7 @@ class ModelRegistry:
         mid = self.find(model)
         manifest = self.manifests.pop(mid)
         own = {b.object for b in manifest.blobs if b.object}
-        if (oid := self.model_objects.pop(mid, None)) is not None:
+        if (oid := self.model_objects.pop(mid, None) or self.foreign.forget(mid)) is not None:
             own.add(oid)
         for other in self.manifests.values():
             own -= {b.object for b in other.blobs if b.object}
@@ -286,30 +409,45 @@ class ModelRegistry:
 
     async def rpc_models(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         """The models we know, as a msgpack list in the payload (a header holds only 4 KiB;
-        a few models with their held blobs outgrow it)."""
-        by_id = {mid: n for n, mid in self.names.items()}
-        listing = [
-            {
-                "model_id": mid,
-                "name": by_id.get(mid, m.name),
-                "arch": m.architecture,
-                "n_layers": m.n_layers,
-                "n_units": len(m.units),
-                "unit_bytes": [u.nbytes for u in m.units],
-                "held": self.held_blobs(mid),
-                "context_length": m.chat.context_length if m.chat is not None else None,
-                "chat_template": bool(m.chat is not None and m.chat.template),
-            }
-            for mid, m in self.manifests.items()
-        ]
-        return Reply({"n": len(listing)}, bytes(msgpack.packb(listing, use_bin_type=True)))
+        a few models with their held blobs outgrow it). Ours first, then peers' manifests
+        most recently used first, as many as fit the cap a peer reads: peers' manifests
+        cannot crowd ours out (a listing over the cap would be read as none at all)."""
+        foreign = list(reversed(self.foreign.objects))
+        order = [m for m in self.manifests if m not in self.foreign] + foreign
+        listing, room = [], MAX_MODELS_REPLY - 5  # a msgpack list's header: at most 5 bytes
+        for mid in order:
+            m = self.manifests.get(mid)
+            if m is None:
+                continue
+            entry = bytes(msgpack.packb(self._listing(mid, m), use_bin_type=True))
+            if len(entry) > room:
+                continue
+            listing.append(entry)
+            room -= len(entry)
+        head = bytes(msgpack.Packer().pack_array_header(len(listing)))
+        return Reply({"n": len(listing)}, head + b"".join(listing))
+
+    def _listing(self, mid: str, m: Manifest) -> dict[str, Any]:
+        names = [n for n, v in self.names.items() if v == mid]
+        return {
+            "model_id": mid,
+            "name": names[-1] if names else m.name,
+            "arch": m.architecture,
+            "n_layers": m.n_layers,
+            "n_units": len(m.units),
+            "unit_bytes": [u.nbytes for u in m.units],
+            "held": self.held_blobs(mid),
+            "context_length": m.chat.context_length if m.chat is not None else None,
+            "chat_template": bool(m.chat is not None and m.chat.template),
+        }
 
     async def rpc_manifest(self, ctx: CallContext, params: dict[str, Any], payload: bytes) -> Reply:
         """A model manifest's bytes, and the store object carrying them (``object``)."""
         mid = params.get("model_id")
         if not isinstance(mid, str) or mid not in self.manifests:
             raise ModelError(f"no manifest for {str(mid)[:70]!r}")
-        return Reply({"object": self.model_objects.get(mid)}, self.manifests[mid].to_json())
+        oid = self.model_objects.get(mid) or self.foreign.get(mid)
+        return Reply({"object": oid}, self.manifests[mid].to_json())
 
     async def _manifest(self, mid: str, source: str) -> Manifest:
         """A model's manifest: known, or fetched as the object ``source`` names for it
@@ -317,6 +455,7 @@ class ModelRegistry:
         The source may name any object of the mesh (someone's shard): its size is checked
         before a chunk is pulled, and it is pinned only once it proved to be this manifest."""
         if mid in self.manifests:
+            self.foreign.touch(mid)
             return self.manifests[mid]
         if not _HEX64.match(mid):
             raise ModelError("malformed model id")
@@ -328,9 +467,10 @@ class ModelRegistry:
         with store.hold(oid):  # not collected between its pull and its read
             raw = await self._manifest_bytes(oid, mid, source)
             manifest = Manifest.from_json(raw, expected_id=mid)  # verified by its hash
-            store.pin(oid)
+            self.foreign.add(mid, oid)  # pinned now that it proved to be this manifest
         self.manifests[mid] = manifest
-        self.model_objects[mid] = oid
+        with self.using(mid):  # the one just asked for is not the one to go
+            self._evict_foreign()
         self._save_registry()
         return manifest
 

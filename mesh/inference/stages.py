@@ -149,9 +149,10 @@ class StageSessions(LoadedShards):
         # The slot is taken before the first await: concurrent opens cannot overrun the caps.
         self._opening[sid] = ctx.peer_id
         try:
-            return await self._open_stage(
-                ctx, params, sid, mid, units, runtime, max_tokens, nxt, next_sid, prev
-            )
+            with self.using(mid):  # its manifest stays until the shard is loaded
+                return await self._open_stage(
+                    ctx, params, sid, mid, units, runtime, max_tokens, nxt, next_sid, prev
+                )
         finally:
             self._opening.pop(sid, None)
             self.early.ended(sid)
