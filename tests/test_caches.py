@@ -284,3 +284,33 @@ def test_signed_mqtt_absence_of_the_current_session_only() -> None:
     assert absent == []
     me._handle_presence(HONEST.peer_id, peer.absence_payload())  # its will, or its goodbye
     assert absent == [HONEST.peer_id]
+
+
+def test_accounting_tables_stay_bounded_under_fresh_zones_and_peers() -> None:
+    """A peer that names a new zone at every net_info (and serves one chunk read after each)
+    grew ``by_zone_pair`` by a key each time, for good; free identities grew the per-peer
+    tables. Past MAX_ACCOUNTED keys the rest is counted under OTHER: the totals still hold."""
+    from mesh.net import view as view_mod
+
+    acc = view_mod.Accounting()
+    for i in range(3 * view_mod.MAX_ACCOUNTED):
+        acc.record(f"peer{i}", "me", f"zone{i}", "home", 10, "fetch")
+    out = acc.as_dict()
+    for table in ("by_source", "by_zone_pair"):
+        assert len(out[table]) == view_mod.MAX_ACCOUNTED, table
+        assert sum(out[table].values()) == out["total_bytes"] == 30 * view_mod.MAX_ACCOUNTED
+    assert out["by_source"][view_mod.OTHER] == 10 * (2 * view_mod.MAX_ACCOUNTED + 1)
+
+
+def test_the_net_view_forgets_peers_no_longer_linked_past_its_bound() -> None:
+    from mesh.net import view as view_mod
+
+    net = object.__new__(view_mod.NetView)
+    net.peers = {}
+    for i in range(view_mod.MAX_VIEWED + 500):
+        net.peers[f"p{i}"] = view_mod.PeerNet(updated=float(i))
+    linked = {"p0", "p1", f"p{view_mod.MAX_VIEWED + 499}"}  # the oldest two still linked
+    net._forget_gone(linked)
+    assert len(net.peers) == view_mod.MAX_VIEWED
+    assert linked <= set(net.peers)
+    assert "p2" not in net.peers and f"p{view_mod.MAX_VIEWED + 498}" in net.peers

@@ -41,6 +41,11 @@ __all__ = ["NetView", "PeerNet", "Accounting", "Penalties"]
 
 log = logging.getLogger(__name__)
 MAX_ZONE = 63
+# Keys one accounting table keeps (peers, zone pairs, kinds); more go to OTHER. A peer picks
+# its zone anew at every net_info, and identities are free in an open mesh: unbounded before.
+MAX_ACCOUNTED = 1024
+OTHER = "(other)"
+MAX_VIEWED = 1024  # peers' net info kept; over it, that of peers no longer linked goes
 DEFAULT_BANDWIDTH = 15e6  # bytes/s of one WebRTC link here (docs/benchmarks.md)
 PENALTY_MS = 2000.0
 CONFIDENT_ERROR = 0.5  # a coordinate's relative error under which its estimates are used
@@ -167,10 +172,10 @@ class Accounting:
         self.total = 0
 
     def record(self, src: str, dst: str, zsrc: str, zdst: str, n: int, kind: str) -> None:
-        self.by_source[src] += n
-        self.by_destination[dst] += n
-        self.by_zone_pair[f"{zsrc}->{zdst}"] += n
-        self.by_kind[kind] += n
+        _add(self.by_source, src, n)
+        _add(self.by_destination, dst, n)
+        _add(self.by_zone_pair, f"{zsrc}->{zdst}", n)
+        _add(self.by_kind, kind, n)
         self.total += n
         if zsrc != zdst:
             self.cross_zone += n
@@ -184,6 +189,14 @@ class Accounting:
             "by_zone_pair": dict(self.by_zone_pair),
             "by_kind": dict(self.by_kind),
         }
+
+
+def _add(table: dict[str, int], key: str, n: int) -> None:
+    """Count ``n`` under ``key``, or under OTHER once the table is full (OTHER included, it
+    holds MAX_ACCOUNTED keys)."""
+    if key not in table and len(table) >= MAX_ACCOUNTED - 1:
+        key = OTHER
+    table[key] += n
 
 
 @dataclass
@@ -248,6 +261,7 @@ class NetView:
             await asyncio.gather(*(self._exchange(link.peer_id) for link in links))
             live = {id(link) for link in links}
             self._hooked &= live
+            self._forget_gone({link.peer_id for link in links})
             await asyncio.sleep(self.config.refresh)  # refresh period of the peer view
 
     async def ensure(self, pids: list[str]) -> None:
@@ -265,6 +279,18 @@ class NetView:
             return
         self._learn(pid, info)
         self.observe_rtt(pid, (time.monotonic() - t0) * 1000)
+
+    def _forget_gone(self, linked: set[str]) -> None:
+        """Over MAX_VIEWED, the info of peers no longer linked goes, the stalest first (any
+        peer that links may call net_info: one entry per identity that ever did, before)."""
+        over = len(self.peers) - MAX_VIEWED
+        if over <= 0:
+            return
+        gone = sorted(
+            (p for p in self.peers if p not in linked), key=lambda p: self.peers[p].updated
+        )
+        for pid in gone[:over]:
+            del self.peers[pid]
 
     def _learn(self, pid: str, info: PeerNet) -> None:
         old = self.peers.get(pid)
