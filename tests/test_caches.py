@@ -314,3 +314,60 @@ def test_the_net_view_forgets_peers_no_longer_linked_past_its_bound() -> None:
     assert len(net.peers) == view_mod.MAX_VIEWED
     assert linked <= set(net.peers)
     assert "p2" not in net.peers and f"p{view_mod.MAX_VIEWED + 498}" in net.peers
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def sendto(self, data: bytes, address: Any) -> None:
+        self.sent.append(address)
+
+
+async def _delivered(proto: _Protocol, honest: Identity, address: Any) -> bool:
+    """Whether ``honest``'s answer to our ping, from ``address``, reaches us."""
+    from mesh.discovery.dhtwire import RESPONSE, node_id_of_key, seal_datagram
+
+    fut = proto.ping(address, proto.source_node.id)
+    msg_id = list(proto._calls)[-1]
+    answer = seal_datagram(honest, RESPONSE, msg_id, node_id_of_key(honest.public_key))
+    proto.datagram_received(answer, address)
+    return bool((await asyncio.wait_for(fut, 5))[0])
+
+
+async def test_a_replayed_or_spoofed_store_flood_bans_no_honest_address() -> None:
+    """Before: one captured store datagram, sent again 257 times with an honest contact's
+    address as its UDP source, got that address banned for 5 minutes, and the honest
+    contact's answers were dropped. Now a request is good once (its id carries its time):
+    replays and stale requests are ignored; and a member's own fresh flood in another's
+    name bans the member's key, not the address it claimed."""
+    from mesh.discovery.dhtwire import REQUEST, node_id_of_key, request_id, seal_datagram
+
+    member, honest = Identity.generate(), Identity.generate()
+    proto = _protocol()
+    proto.transport = _Sent()
+    store = proto.storage
+    assert isinstance(store, RecordStore)
+    honest_ip = ("192.0.2.7", 4001)
+
+    def store_datagram(msg_id: bytes) -> bytes:
+        args = [node_id_of_key(member.public_key), os.urandom(20), b"junk"]
+        return seal_datagram(member, REQUEST, msg_id, ["store", args])
+
+    captured = store_datagram(request_id())
+    for _ in range(store.quota + 1):
+        proto.datagram_received(captured, honest_ip)
+    stale = store_datagram(request_id(time.time() - 120))
+    proto.datagram_received(stale, honest_ip)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert proto.replayed == store.quota + 1  # every copy after the first, and the stale one
+    assert not store.is_banned(honest_ip)
+    assert await _delivered(proto, honest, honest_ip)
+
+    for _ in range(store.quota + 1):  # fresh, each a new request: the member's own flood
+        proto.datagram_received(store_datagram(request_id()), honest_ip)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert store.is_banned(member.peer_id) and not store.is_banned(honest_ip)
+    assert await _delivered(proto, honest, honest_ip)

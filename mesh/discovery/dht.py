@@ -10,12 +10,15 @@ The package stores any value from anyone, so validation is ours, on store and on
 * a stored **value** is a msgpack list of records under one key (merged per peer), capped at
   ``MAX_RECORDS_PER_KEY`` and ``MAX_VALUE`` bytes.
 * a record's ``seq`` is its signer's clock in ms and may lead ours by ``MAX_SEQ_AHEAD`` at most;
-  a full key evicts from the sender address that delivered the most of its records, so one
-  address displaces its own records, not the honest ones; a signer holds records under at most
+  a full key evicts from the sender that delivered the most of its records, so one sender
+  displaces its own records, not the honest ones; a signer holds records under at most
   ``MAX_KEYS // SIGNER_SHARE`` keys.
-* every sender address (IP; ports are free) has a **quota** of stores per window; one that
-  exceeds it is cut off (all its datagrams dropped) for ``ban_seconds``. A datagram over
-  ``MAX_DATAGRAM`` is dropped without penalty: its source address may be spoofed.
+* every sender (the key that signed the store datagram; an IP for stores made here) has a
+  **quota** of stores per window; one that exceeds it is cut off (all its datagrams dropped)
+  for ``ban_seconds``. Never its source address: UDP sources can be spoofed, and a captured
+  datagram replayed from an honest contact's address got that contact banned. Requests carry
+  their time and are refused stale or replayed (:mod:`dhtwire`). A datagram over
+  ``MAX_DATAGRAM`` is dropped without penalty.
 * a contact that sent us a request (its address unverified) is pinged back before it enters
   the routing table and is handed the records it should hold.
 

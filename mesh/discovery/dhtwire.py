@@ -24,6 +24,8 @@ import hashlib
 import ipaddress
 import logging
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +43,7 @@ __all__ = [
     "RESPONSE",
     "seal_datagram",
     "open_datagram",
+    "request_id",
     "parse_request",
     "parse_answer",
     "node_id_of_key",
@@ -52,6 +55,11 @@ MAX_RECORDS_PER_KEY = 32
 MAX_VALUE = MAX_RECORDS_PER_KEY * MAX_RECORD + 64
 MAX_DATAGRAM = MAX_VALUE + 1024
 MAX_VERIFYING = 64  # unverified DHT contacts being pinged back at once
+# A request's 20-byte message id starts with its sending time (ms, 8 bytes big-endian), which
+# its signature covers: one outside MAX_SKEW of our clock is refused, and one seen within it
+# is a replay (a captured datagram sent again, from any source address), refused too.
+MAX_SKEW = 60.0
+MAX_SEEN = 16384  # request ids remembered (the newest; each is good for 2 x MAX_SKEW)
 MAGIC = b"\x02"
 REQUEST, RESPONSE = 0, 1
 _KEY, _SIG, _MSG_ID = 32, 64, 20
@@ -119,6 +127,12 @@ def open_datagram(data: bytes, max_value: int) -> Datagram:
     return Datagram(
         node_id_of_key(pk), peer_id_from_key(pk), kind, inner[1 : 1 + _MSG_ID], body, cert or None
     )
+
+
+def request_id(now: float | None = None) -> bytes:
+    """A request's message id: its sending time (ms) and 12 random bytes."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return ms.to_bytes(8, "big") + os.urandom(_MSG_ID - 8)
 
 
 def parse_request(dg: Datagram) -> tuple[str, list[Any]]:
@@ -214,10 +228,10 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         self._verifying: set[tuple[str, int]] = set()
         self._calls: dict[bytes, _Call] = {}
         self.ignored = 0  # datagrams unsigned, malformed, or naming an id not their key's
+        self.replayed = 0  # requests refused as stale or seen already
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # request id -> when it came
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.storage.is_banned(addr):
-            return
         if len(data) > MAX_DATAGRAM:
             # Dropped without penalty: UDP source addresses can be spoofed, and a ban here
             # would let anyone cut an honest contact off.
@@ -267,15 +281,38 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
             self.ignored += 1
             log.debug("ignored a DHT datagram from %s: %s", address, exc)
             return
-        if not self._admitted(dg):
+        # Bans and quotas are the signer's: a UDP source address can be spoofed, and one
+        # banned for a flood sent in its name (or replayed from it) cut an honest contact off.
+        if self.storage.is_banned(dg.peer_id) or not self._admitted(dg):
             return
         if dg.kind == RESPONSE:
             self._answered(dg)
             return
-        response = getattr(self, f"rpc_{name}")(address, *args)
+        if not self._fresh(dg.msg_id):
+            self.replayed += 1
+            log.debug("ignored a stale or replayed DHT %s from %s", name, address)
+            return
+        if name == "store":
+            nodeid, key, value = args
+            response: Any = self.rpc_store(address, nodeid, key, value, signer=dg.peer_id)
+        else:
+            response = getattr(self, f"rpc_{name}")(address, *args)
         if asyncio.iscoroutine(response):
             response = await response
         self.transport.sendto(self._seal(RESPONSE, dg.msg_id, response), address)
+
+    def _fresh(self, msg_id: bytes) -> bool:
+        """Whether a request's id is from within MAX_SKEW and not seen before (noted)."""
+        now = time.time()
+        sent = int.from_bytes(msg_id[:8], "big") / 1000
+        if abs(now - sent) > MAX_SKEW or msg_id in self._seen:
+            return False
+        while self._seen and (
+            len(self._seen) >= MAX_SEEN or next(iter(self._seen.values())) < now - 2 * MAX_SKEW
+        ):
+            self._seen.popitem(last=False)
+        self._seen[msg_id] = now
+        return True
 
     def _seal(self, kind: int, msg_id: bytes, body: Any) -> bytes:
         cert = self.gate.credential if self.gate is not None else None
@@ -316,7 +353,7 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     ) -> asyncio.Future[tuple[bool, Any]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        msg_id = os.urandom(20)
+        msg_id = request_id()
         data = self._seal(REQUEST, msg_id, [name, list(args)])
         if len(data) > MAX_DATAGRAM:
             future.set_result((False, None))  # the receiver would drop it
@@ -362,8 +399,11 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
     async def call_find_value(self, node_to_ask: KadNode, node_to_find: KadNode) -> Any:
         return await self._call(node_to_ask, "find_value", node_to_find.id)
 
-    def rpc_store(self, sender: Any, nodeid: Any, key: Any, value: Any) -> bool:
+    def rpc_store(
+        self, sender: Any, nodeid: Any, key: Any, value: Any, signer: str | None = None
+    ) -> bool:
+        """Store for ``signer`` (the request's key; its quota), from ``sender`` (address)."""
         if not isinstance(nodeid, bytes) or len(nodeid) != 20:
             return False
         self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
-        return self.storage.accept(key, value, sender)
+        return self.storage.accept(key, value, signer if signer is not None else sender)
