@@ -36,6 +36,7 @@ from kademlia.protocol import KademliaProtocol
 from mesh.errors import DiscoveryError, IdentityError, NotAMember
 from mesh.net.handshake import Gate
 from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.net.wire import check_depth
 
 __all__ = [
     "Datagram",
@@ -124,6 +125,7 @@ def open_datagram(data: bytes, max_value: int) -> Datagram:
         )
     except Exception:  # msgpack raises several unrelated types on bad input
         raise DiscoveryError("malformed DHT datagram body") from None
+    check_depth(body, DiscoveryError, "DHT datagram body")
     return Datagram(
         node_id_of_key(pk), peer_id_from_key(pk), kind, inner[1 : 1 + _MSG_ID], body, cert or None
     )

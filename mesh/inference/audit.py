@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mesh.errors import Error
+from mesh.net.wire import check_depth
 
 __all__ = [
     "AuditError",
@@ -153,6 +154,7 @@ def unpack_entries(
         obj = msgpack.unpackb(data, raw=False, max_ext_len=0, max_array_len=MAX_AUDIT_ENTRIES)
     except Exception as exc:  # msgpack raises several types on bad input
         raise AuditError(f"malformed audit reply: {type(exc).__name__}") from None
+    check_depth(obj, AuditError, "audit reply")
     if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
         raise AuditError("audit reply has no entry list")
     out: list[AuditEntry] = []

@@ -32,6 +32,7 @@ from mesh.errors import Error
 from mesh.inference.prompts import Tokenizers
 from mesh.net.callers import MeshCaller as Caller
 from mesh.net.rpc import CallContext, Reply
+from mesh.net.wire import check_depth
 from mesh.storage.fetch import FetchState
 from mesh.storage.store import PACKED, BlobStore, StoreError
 from mesh.storage.store import Manifest as ObjectManifest
@@ -60,6 +61,7 @@ def models_of(reply: Reply) -> list[dict[str, Any]]:
         return []
     try:
         items = msgpack.unpackb(reply.payload, raw=False, max_ext_len=0)
+        check_depth(items, what="models listing")  # the API shows peers' names as they are
     except Exception:  # msgpack raises several types on bad input
         return []
     return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []

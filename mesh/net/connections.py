@@ -527,12 +527,14 @@ class Connections:
     async def _finish_inbound(self, pid: str, pending: PendingConnection) -> None:
         try:
             link = await pending.establish(self.handlers, self._on_link_closed, self.teardowns)
-        except EXPECTED as exc:
+        except Exception as exc:  # a bug too ends here: nobody awaits this task
             entry = self.peers.get(pid)
             if entry is not None:
                 self.counters["handshake_failures"] += entry.failed(exc)
             elif isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1
+            if not isinstance(exc, EXPECTED):
+                log.exception("inbound connection from %s failed unexpectedly", pid[:12])
             log.warning("inbound connection from %s failed: %s", pid[:12], exc)
             return
         finally:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from mesh.errors import HandshakeError, NotAMember
 from mesh.net.identity import Identity
 from mesh.net.signed import Field, check_binding, check_fields, signed_bytes, verify_signature
+from mesh.net.wire import brief
 
 __all__ = [
     "Gate",
@@ -82,9 +83,9 @@ _PROOF = (Field("sig", bytes, size=64),)
 
 def parse_hello(header: dict[str, Any]) -> Hello:
     if header.get("t") != "hello":
-        raise HandshakeError(f"expected hello, got {header.get('t')!r}")
+        raise HandshakeError(f"expected hello, got {brief(header.get('t'))}")
     if header.get("v") != 1:
-        raise HandshakeError(f"unsupported handshake version {header.get('v')!r}")
+        raise HandshakeError(f"unsupported handshake version {brief(header.get('v'))}")
     f = check_fields(_HELLO, [header.get(f.name) for f in _HELLO], HandshakeError, "hello")
     check_binding(f["pk"], f["id"], HandshakeError, "hello")
     return Hello(f["id"], f["pk"], f["nonce"])
@@ -92,7 +93,7 @@ def parse_hello(header: dict[str, Any]) -> Hello:
 
 def parse_proof(header: dict[str, Any]) -> bytes:
     if header.get("t") != "proof":
-        raise HandshakeError(f"expected proof, got {header.get('t')!r}")
+        raise HandshakeError(f"expected proof, got {brief(header.get('t'))}")
     sig: bytes = check_fields(_PROOF, [header.get("sig")], HandshakeError, "proof")["sig"]
     return sig
 

@@ -38,7 +38,7 @@ from mesh.errors import (
     WireError,
 )
 from mesh.net.stalls import StallWatch
-from mesh.net.wire import Encoder, Limits, Message, Reassembler, SendBudget
+from mesh.net.wire import Encoder, Limits, Message, Reassembler, SendBudget, brief
 
 __all__ = [
     "Channel",
@@ -52,6 +52,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Characters of an error reply's code or text that we keep (we send at most 500 of the text).
+_MAX_ERROR_TEXT = 500
+
+
+def _text(value: Any) -> str:
+    """An error reply's code or text, from the peer: a string (cut), else shown briefly."""
+    return value[:_MAX_ERROR_TEXT] if isinstance(value, str) else brief(value)
 
 
 class Channel(Protocol):
@@ -364,7 +371,7 @@ class Link:
         finally:
             self._pending.pop(call_id, None)
         if msg.header.get("t") == "err":
-            code, text = str(msg.header.get("c", "Error")), str(msg.header.get("e", ""))
+            code, text = _text(msg.header.get("c", "Error")), _text(msg.header.get("e", ""))
             if code == "DeadlineExceeded":  # the remote side ran out of our budget first
                 raise DeadlineExceeded(f"{method} to {self.peer_id[:12]}: {text}")
             if code == "TooManyRequests":

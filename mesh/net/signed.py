@@ -29,6 +29,7 @@ import msgpack
 
 from mesh.errors import Error, IdentityError
 from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.net.wire import check_depth
 
 __all__ = [
     "Field",
@@ -214,6 +215,7 @@ class Format:
             )
         except Exception as exc:  # msgpack raises a handful of types for bad input
             raise self.error(f"malformed {self.what}: {type(exc).__name__}") from None
+        check_depth(items, self.error, self.what)
         if not isinstance(items, list) or len(items) != len(self.fields) + 1:
             raise self.error(f"{self.what} must be a list of {len(self.fields) + 1} fields")
         return self.check(items[:-1], items[-1], raw)

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from mesh.errors import EXPECTED, HandshakeError, TransportError, WireError
+from mesh.errors import HandshakeError, TransportError, WireError
 from mesh.net import engine_aiortc
 from mesh.net.copies import COPY_MODES, CopySender, Resequencer
 from mesh.net.engine import Engine, IceStats, RtcChannel, RtcPeer
@@ -261,20 +261,21 @@ class PendingConnection:
     ) -> Link:
         """Wait for the channel, run the handshake, return the authenticated link.
 
-        Closes the peer connection on any failure and raises HandshakeError / TransportError.
-        Once the link closes, its peer connection closes through ``teardowns`` (default: this
-        connection's own).
+        Closes the peer connection on any failure, and raises HandshakeError / TransportError
+        (a bug or a cancel: what it was, re-raised once closed). Once the link closes, its
+        peer connection closes through ``teardowns`` (default: this connection's own).
         """
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 channel = await self._channel_ready
             async with asyncio.timeout(self.config.handshake_timeout):
                 hello = await self._handshake(channel)
-        except TimeoutError:
+        except BaseException as exc:
+            # Whatever failed, a bug or a cancel too: left open, the connection would hold
+            # its sockets and DTLS state while the peer's side stays up.
             await self.pc.close()
-            raise TransportError("connection or handshake timed out") from None
-        except EXPECTED:
-            await self.pc.close()
+            if isinstance(exc, TimeoutError):
+                raise TransportError("connection or handshake timed out") from None
             raise
         pc = self.pc
         closer = teardowns if teardowns is not None else Teardowns()

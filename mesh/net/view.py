@@ -277,6 +277,9 @@ class NetView:
         except (RPCError, NetViewError) as exc:
             log.debug("net_info with %s: %s", pid[:12], exc)
             return
+        except Exception:  # a bug in one peer's exchange must not end the view's loop
+            log.exception("net_info with %s failed unexpectedly", pid[:12])
+            return
         self._learn(pid, info)
         self.observe_rtt(pid, (time.monotonic() - t0) * 1000)
 

@@ -13,7 +13,9 @@ message whose sender gave up, so the receiver frees its partial bytes at once. A
 payload declares its raw size in ``_z``. Keys starting with ``_`` are reserved.
 
 Every length field is checked against :class:`Limits` before anything is allocated or
-decompressed; parsers are pure functions that raise :class:`~mesh.errors.WireError` only.
+decompressed; parsers are pure functions that raise :class:`~mesh.errors.WireError` only. A
+header may nest containers at most :data:`MAX_DEPTH` deep (:func:`check_depth`, which every
+decoder of peer msgpack applies), and :func:`brief` shows a peer's value in an error message.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import lz4.block
 import msgpack
 
-from mesh.errors import WireError
+from mesh.errors import Error, WireError
 
 __all__ = [
     "SendBudget",
@@ -44,6 +46,9 @@ __all__ = [
     "FLAG_LZ4",
     "FLAG_CHUNK",
     "PREFIX_SIZE",
+    "MAX_DEPTH",
+    "check_depth",
+    "brief",
 ]
 
 MAGIC = b"EM"
@@ -55,6 +60,13 @@ _PREFIX = struct.Struct(">2sBBHI")
 PREFIX_SIZE = _PREFIX.size
 # Room kept in every chunk frame for the chunk bookkeeping keys.
 _CHUNK_META_ROOM = 64
+# Containers nested in one decoded value. msgpack decodes 1024 levels, but repr() and str()
+# of a value some 990 deep raise RecursionError, which no caller expects. The project's own
+# headers nest 6 levels at most (measured: a chunk's _h, a request, its params, the trace
+# list, an entry of it), its signed records and payloads fewer.
+MAX_DEPTH = 32
+# Characters of a peer's value that an error message shows.
+_BRIEF = 60
 # Compress only when a sample shrinks at least this much: quantized weights and float
 # activations do not compress, and trying costs time on every hop.
 _SAMPLE = 4096
@@ -156,7 +168,39 @@ def _unpack_header(raw: bytes) -> dict[str, Any]:
         raise WireError(f"malformed header: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise WireError(f"header must be a map, got {type(header).__name__}")
+    check_depth(header)
     return header
+
+
+def check_depth(
+    value: Any, error: type[Error] = WireError, what: str = "header", limit: int = MAX_DEPTH
+) -> None:
+    """Raise ``error`` when containers in ``value`` (a decoded msgpack value) nest more
+    than ``limit`` deep: a map or list is one level, a scalar none. An explicit stack, not
+    recursion: the value is what recursion cannot take. Each element costs one step, and a
+    decoder caps the elements by the bytes it read."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = (*item.keys(), *item.values())
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise error(f"{what} nests containers deeper than {limit} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+
+
+def brief(value: Any) -> str:
+    """A peer's value for an error message: a container by its type and size only (its repr
+    may be long), a string or bytes cut to a few dozen characters."""
+    if isinstance(value, dict | list | tuple):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, str | bytes) and len(value) > _BRIEF:
+        return f"{value[:_BRIEF]!r}..."
+    return repr(value)
 
 
 def _int_field(header: dict[str, Any], key: str, low: int, high: int) -> int:

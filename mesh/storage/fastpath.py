@@ -47,6 +47,7 @@ from nacl.exceptions import CryptoError
 from mesh.errors import EXPECTED, Error, IdentityError, PeerUnavailable
 from mesh.net.identity import verify
 from mesh.net.signaling import format_endpoint, parse_endpoint
+from mesh.net.wire import check_depth
 from mesh.storage.store import CHUNK_MAX, StoreError
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def parse_request(data: bytes) -> dict[str, Any]:
         )
     except Exception as exc:  # msgpack raises several types on bad input
         raise FastPathError(f"malformed request: {type(exc).__name__}") from None
+    check_depth(req, FastPathError, "request")
     if not isinstance(req, dict):
         raise FastPathError("a request must be a map")
     sha = req.get("sha")

@@ -29,6 +29,7 @@ import msgpack
 from mesh.discovery.dht import MAX_RECORD, MeshDHT, Record, make_record, parse_record
 from mesh.errors import EXPECTED, DiscoveryError, RPCError
 from mesh.net.rpc import CallContext
+from mesh.net.wire import check_depth
 
 if TYPE_CHECKING:
     from mesh.net.context import PeerContext
@@ -220,6 +221,7 @@ class Providers:
             )
         except Exception:
             raise DiscoveryError("malformed provider sync") from None
+        check_depth(raws, DiscoveryError, "provider sync")
         if not isinstance(raws, list):
             raise DiscoveryError("provider sync must be a list")
         n = sum(1 for r in raws if isinstance(r, bytes) and self.accept(r, sender=ctx.peer_id))

@@ -23,6 +23,7 @@ import msgpack
 
 from mesh.errors import IdentityError, NotAMember
 from mesh.net.identity import Identity, verify
+from mesh.net.wire import brief, check_depth
 from mesh.trust.keys import mesh_id_bytes, peer_id_bytes, peer_id_text
 
 __all__ = [
@@ -91,8 +92,9 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(raw: bytes, cap: int) -> Any:
+    """The decoded value, None if malformed (nested too deep included)."""
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             raw,
             raw=False,
             max_str_len=cap,
@@ -101,8 +103,10 @@ def _unpack(raw: bytes, cap: int) -> Any:
             max_map_len=0,
             max_ext_len=0,
         )
+        check_depth(value, what="certificate")
     except Exception:  # msgpack raises several unrelated types on bad input
         return None
+    return value
 
 
 def _check_roles(roles: Any) -> tuple[str, ...]:
@@ -163,7 +167,7 @@ def parse_cert(raw: bytes) -> MemberCert:
         raise NotAMember("malformed", "certificate is not a list of 8 fields")
     v, mesh, peer, serial, issued, expires, roles, sig = items
     if v != 1:
-        raise NotAMember("malformed", f"unsupported certificate version {v!r}")
+        raise NotAMember("malformed", f"unsupported certificate version {brief(v)}")
     if not (isinstance(mesh, bytes) and len(mesh) == 10 and isinstance(peer, bytes)):
         raise NotAMember("malformed", "bad mesh or peer field")
     if len(peer) != 20 or not isinstance(sig, bytes) or len(sig) != 64:

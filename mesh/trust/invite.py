@@ -33,6 +33,7 @@ import nacl.signing
 
 from mesh.errors import IdentityError, InviteError
 from mesh.net.identity import verify
+from mesh.net.wire import brief, check_depth
 from mesh.trust.keys import INVITES_FILE, OwnerKey, mesh_id_from_key, read_capped, write_private
 
 __all__ = ["Invite", "InviteStore", "create_invite", "parse_invite", "MAX_INVITE_TEXT"]
@@ -132,6 +133,7 @@ def _decode(text: str) -> list[Any]:
         )
     except (binascii.Error, ValueError, Exception):  # msgpack raises several unrelated types
         raise InviteError("invite is corrupt (not base64url msgpack)") from None
+    check_depth(items, InviteError, "invite")
     if not isinstance(items, list) or len(items) != 8:
         raise InviteError("invite is corrupt (wrong number of fields)")
     return items
@@ -141,7 +143,7 @@ def parse_invite(text: str, *, now: float | None = None) -> Invite:
     """Decode an invite and check the owner's signature and the expiry."""
     v, owner, iid, secret, expires, uses, addrs, sig = _decode(text)
     if v != 1:
-        raise InviteError(f"unsupported invite version {v!r}")
+        raise InviteError(f"unsupported invite version {brief(v)}")
     for value, size in ((owner, 32), (iid, 12), (secret, 32), (sig, 64)):
         if not isinstance(value, bytes) or len(value) != size:
             raise InviteError("invite is corrupt (bad key, id, secret or signature)")

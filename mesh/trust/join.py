@@ -28,6 +28,7 @@ from aiohttp import web
 
 from mesh.errors import IdentityError, InviteError, NotAMember
 from mesh.net.identity import Identity, peer_id_from_key, verify
+from mesh.net.wire import check_depth
 from mesh.trust.cert import CLOCK_SKEW, MemberCert, issue_cert, verify_cert
 from mesh.trust.invite import Invite, InviteStore
 from mesh.trust.keys import Anchor, OwnerKey, mesh_id_bytes
@@ -104,6 +105,7 @@ class Redeemer:
             )
         except Exception:  # msgpack raises several unrelated types on bad input
             raise InviteError("malformed join request") from None
+        check_depth(items, InviteError, "join request")
         if not isinstance(items, list) or len(items) != 7 or items[0] != 1:
             raise InviteError("malformed join request")
         _, iid, pk, ts, nonce, sig_invite, sig_peer = items
@@ -156,6 +158,7 @@ def _parse_reply(data: bytes, invite: Invite, identity: Identity) -> tuple[Ancho
         )
     except Exception:  # msgpack raises several unrelated types on bad input
         raise InviteError("the owner's node sent a malformed reply") from None
+    check_depth(obj, InviteError, "the owner's node's reply")
     if not isinstance(obj, dict) or obj.get("owner") != invite.owner_key:
         raise InviteError("the reply does not come from the invite's mesh owner")
     anchor = Anchor(invite.owner_key, obj.get("open") is True)

@@ -20,6 +20,7 @@ import msgpack
 from mesh.errors import EXPECTED, NotAMember, WireError
 from mesh.net.context import PeerContext
 from mesh.net.rpc import CallContext, Handler
+from mesh.net.wire import check_depth
 from mesh.trust.cert import MAX_REVOCATION, Revocation
 from mesh.trust.policy import MAX_REVOCATIONS, MembershipPolicy
 
@@ -49,6 +50,7 @@ def _decode(payload: bytes) -> list[bytes]:
         )
     except Exception:  # msgpack raises several unrelated types on bad input
         raise WireError("malformed revocations payload") from None
+    check_depth(items, WireError, "revocations payload")
     if not isinstance(items, list):
         raise WireError("revocations payload is not a list")
     return [x for x in items if isinstance(x, bytes)]
