@@ -193,9 +193,8 @@ class Connections:
             unproven = [e for e in self.peers if not e.proven]
             full = len(unproven) >= self.params.max_unproven
             if full and not self.peers.evict_unproven(unproven, self._busy):
-                log.warning(
-                    "ignoring %s from %s: %d unproven peers", peer_id[:12], source, len(unproven)
-                )
+                n = len(unproven)
+                log.warning("ignoring %s from %s: %d unproven peers", peer_id[:12], source, n)
                 return None
             if full:
                 self.counters["unproven_evicted"] += 1
@@ -484,9 +483,8 @@ class Connections:
             self._pending_from[pid] = remote
         answer = self._answer_later(pid, oid)
         try:
-            pending, answer_sdp = await accept_offer(
-                self.identity, self.transport, sdp, pid, self.gate
-            )
+            accepted = accept_offer(self.identity, self.transport, sdp, pid, self.gate)
+            pending, answer_sdp = await accepted
         except EXPECTED as exc:
             del self._pending_inbound[pid]
             self._pending_from.pop(pid, None)
@@ -533,9 +531,8 @@ class Connections:
                 self.counters["handshake_failures"] += entry.failed(exc)
             elif isinstance(exc, HandshakeError):
                 self.counters["handshake_failures"] += 1
-            if not isinstance(exc, EXPECTED):
-                log.exception("inbound connection from %s failed unexpectedly", pid[:12])
-            log.warning("inbound connection from %s failed: %s", pid[:12], exc)
+            bug = not isinstance(exc, EXPECTED)  # its traceback goes to the log
+            log.warning("inbound connection from %s failed: %s", pid[:12], exc, exc_info=bug)
             return
         finally:
             if self._pending_inbound.get(pid) is pending:  # not a newer offer's (_supersede)
