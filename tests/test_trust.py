@@ -242,6 +242,41 @@ def test_invite_store_counts_uses(owner, tmp_path):
         store.consume(os.urandom(12), c, now=NOW)
 
 
+def test_looking_an_invite_up_does_not_rewrite_the_store(owner, tmp_path):
+    """Every join request, unsigned and well-formed, looks its invite up: that rewrote
+    invites.json each time (a file write and a worker thread per request). Now only a
+    change writes."""
+    store = InviteStore(tmp_path / "owner")
+    inv = create_invite(owner, ttl=600, uses=1, addresses=["127.0.0.1:1"], now=NOW)
+    store.record(inv, now=NOW)
+    before = store.path.stat().st_mtime_ns
+    os.utime(store.path, ns=(before - 10**9, before - 10**9))  # so a rewrite would show
+    stamped = store.path.stat().st_mtime_ns
+    for _ in range(3):
+        store.invite_key(inv.invite_id)
+    with pytest.raises(InviteError, match="unknown"):
+        store.invite_key(os.urandom(12))
+    assert store.path.stat().st_mtime_ns == stamped
+
+
+def test_forged_revocations_log_one_line_a_message(owner, caplog):
+    """1024 forged revocation records in one message made 1024 warning lines (the log grew
+    with the attacker's bandwidth); now one line says how many were ignored."""
+    import logging
+
+    from mesh.trust.cert import issue_revocation
+
+    forger = Identity.generate()  # not the owner: every record fails its signature
+    forged = [
+        issue_revocation(forger, owner.mesh_id, Identity.generate().peer_id).raw for _ in range(50)
+    ]
+    revs = Revocations(Anchor(owner.public_key, False))
+    with caplog.at_level(logging.WARNING, logger="mesh.trust.policy"):
+        assert revs.add_raw(forged) == []
+    lines = [r for r in caplog.records if "revocation" in r.getMessage()]
+    assert len(lines) == 1 and "ignored 50" in lines[0].getMessage()
+
+
 # -- the trust service -----------------------------------------------------------------------
 
 

@@ -174,7 +174,9 @@ class InviteStore:
         self._lock_path = Path(data_dir) / (INVITES_FILE + ".lock")
 
     @contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
+    def _locked(self, write: bool = True) -> Iterator[dict[str, Any]]:
+        """The invites under the file's lock; written back after unless ``write`` is False
+        (a lookup: an unsigned join request must not make us rewrite the file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -185,8 +187,9 @@ class InviteStore:
             except (IdentityError, ValueError) as exc:
                 raise InviteError(f"{self.path} is unreadable: {exc}") from None
             yield invites
-            body = json.dumps({"invites": invites}, indent=1) + "\n"
-            write_private(self.path, body.encode())
+            if write:
+                body = json.dumps({"invites": invites}, indent=1) + "\n"
+                write_private(self.path, body.encode())
         finally:
             os.close(fd)  # releases the lock
 
@@ -205,7 +208,7 @@ class InviteStore:
             }
 
     def invite_key(self, invite_id: bytes) -> bytes:
-        with self._locked() as invites:
+        with self._locked(write=False) as invites:
             entry = invites.get(invite_id.hex())
         if not isinstance(entry, dict):
             raise InviteError("unknown invite")

@@ -59,17 +59,19 @@ class Revocations:
 
     def add_raw(self, items: Iterable[bytes]) -> list[Revocation]:
         """Verify and keep ``items``; return those that are new (forged ones are skipped)."""
-        new = []
+        new, forged, reason = [], 0, ""
         for raw in items:
             try:
                 rev = parse_revocation(raw, self.anchor.owner_key, self.anchor.mesh_id)
             except NotAMember as exc:
-                log.warning("ignoring a revocation: %s", exc)
+                forged, reason = forged + 1, reason or str(exc)
                 continue
             if rev.peer_id in self.by_peer or len(self.by_peer) >= MAX_REVOCATIONS:
                 continue
             self.by_peer[rev.peer_id] = rev
             new.append(rev)
+        if forged:  # one line a message: 1024 forged records made 1024 warnings (log growth)
+            log.warning("ignored %d revocation(s), the first because: %s", forged, reason)
         return new
 
     def reload(self) -> list[Revocation]:
