@@ -371,3 +371,31 @@ async def test_a_replayed_or_spoofed_store_flood_bans_no_honest_address() -> Non
         await asyncio.sleep(0)
     assert store.is_banned(member.peer_id) and not store.is_banned(honest_ip)
     assert await _delivered(proto, honest, honest_ip)
+
+
+async def test_per_object_locks_go_with_their_last_user() -> None:
+    """ObjectService and the shard pulls kept an asyncio.Lock for every object id or shard
+    hash any peer ever named, for good. A key's lock now lives only while used."""
+    from mesh.storage.locks import KeyedLocks
+
+    locks = KeyedLocks()
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def user(key: str, name: str) -> None:
+        async with locks.hold(key):
+            order.append(name)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(user("a", "a1")), asyncio.create_task(user("a", "a2"))]
+    tasks.append(asyncio.create_task(user("b", "b1")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert order == ["a1", "b1"] and len(locks) == 2  # a2 waits on a1's lock
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["a1", "b1", "a2"] and len(locks) == 0
+    for i in range(1000):  # a peer naming 1000 ids, one after another
+        async with locks.hold(f"id{i}"):
+            pass
+    assert len(locks) == 0

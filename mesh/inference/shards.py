@@ -9,7 +9,6 @@ added here, holds keep loaded shards and pulls under way, the rest may be collec
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from mesh.inference.models import CapacityError, ComputeConfig, ModelRegistry, ShardObjects
 from mesh.net.callers import MeshCaller as Caller
 from mesh.storage.fetch import FetchState
+from mesh.storage.locks import KeyedLocks
 from mesh.storage.quota import disk_shortfall
 from mesh.storage.store import PACKED
 from runtimes.errors import ModelError, ShardIntegrityError
@@ -40,7 +40,7 @@ class ShardPulls(ModelRegistry):
         objects: ShardObjects | None = None,
     ) -> None:
         super().__init__(caller, me, root, config, objects)
-        self._shard_locks: dict[str, asyncio.Lock] = {}
+        self._shard_locks = KeyedLocks()
 
     @property
     def transfers(self) -> dict[str, FetchState]:
@@ -57,8 +57,7 @@ class ShardPulls(ModelRegistry):
         ``hint``: holders by shard sha256 (the coordinator's view)."""
         pulled = 0
         for blob in manifest.blobs_for(start, end):
-            lock = self._shard_locks.setdefault(blob.sha256, asyncio.Lock())
-            async with lock:  # two sessions wanting one shard pull it once
+            async with self._shard_locks.hold(blob.sha256):  # one pull for two sessions
                 if self.has_blob(blob):
                     continue
                 self._disk_room(blob.size)  # the claim first: no peer is asked for less

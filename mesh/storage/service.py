@@ -25,6 +25,7 @@ from mesh.net.rpc import CallContext, Reply, Service
 from mesh.net.view import NetConfig, NetView
 from mesh.storage.fastpath import FastPath
 from mesh.storage.fetch import FetchState, fetch_chunks
+from mesh.storage.locks import KeyedLocks
 from mesh.storage.providers import Providers
 from mesh.storage.replication import Replicator
 from mesh.storage.store import (
@@ -112,7 +113,7 @@ class ObjectService:
         self.providers = Providers(node, config.zone)
         self.transfers: dict[str, FetchState] = {}
         self.pacer = _Pacer(config.serve_rate)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()  # one fetch of an object at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.fast: FastPath | None = None  # when enabled
@@ -271,8 +272,7 @@ class ObjectService:
     ) -> FetchState:
         """Make object ``oid`` complete here, pulling what is missing from its holders
         (``hint``: peers said to hold it, tried along with those the records name)."""
-        lock = self._locks.setdefault(oid, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(oid):
             holders = await self._sources(oid, hint)
             if self.store.manifest(oid) is None and not holders:
                 raise StoreError(f"no live holder of object {oid[:12]} is known")
