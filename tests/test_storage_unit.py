@@ -116,6 +116,31 @@ def test_quota_collects_unpinned_lru_and_refuses_when_all_pinned(tmp_path: Path)
     assert store.complete(kept.id)  # pinned objects are never collected
 
 
+def test_manifests_peers_make_us_learn_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer asking for replicas of objects whose chunks it never serves (or naming them as
+    shards) made us keep each one's manifest, on disk and parsed, for good: GC ran only when
+    a quota needed room, and manifests count toward none. Past MAX_OBJECTS, unpinned and
+    unused objects go, least recently used first; pinned and held ones stay."""
+    from mesh.storage import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MAX_OBJECTS", 64)
+    monkeypatch.setattr(store_mod, "MAX_OBJECTS_KEPT", 56)
+    store = BlobStore(tmp_path)
+    pinned = store.put_bytes(b"kept" * 100)
+    held = store.put_bytes(b"used" * 100)
+    store.unpin(held.id)
+    with store.hold(held.id):
+        for i in range(200):  # manifests of objects we hold no chunk of
+            m = build_manifest([(sha256(b"%d" % i), 100)], f"junk {i}")
+            store.add_manifest(m.raw, m.id)
+            assert store.manifest(m.id) is not None  # the one just added stays
+        assert len(store._manifests) <= 64
+        assert len(list(store.manifest_dir.iterdir())) <= 64
+        assert store.complete(pinned.id) and store.complete(held.id)
+
+
 def test_gc_keeps_pinned_and_held_objects(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     pinned = store.put_bytes(b"a" * 1000)

@@ -75,6 +75,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Objects the store knows (a manifest each). Peers make us learn manifests (replicas asked
+# for, objects named as shards or model manifests) whose pulls may never happen: past this,
+# unpinned and unused objects go, least recently used first, down to MAX_OBJECTS_KEPT.
+MAX_OBJECTS = 8192
+MAX_OBJECTS_KEPT = MAX_OBJECTS * 7 // 8
 
 
 class BlobStore:
@@ -294,7 +299,18 @@ class BlobStore:
             tmp.write_bytes(raw)
             os.replace(tmp, path)
             self._manifests[oid] = m
+            if len(self._manifests) > MAX_OBJECTS:
+                self._trim(keep=oid)
         return m
+
+    def _trim(self, keep: str) -> None:
+        """Drop unpinned, unused objects (least recently used first) down to the bound."""
+        over = len(self._manifests) - MAX_OBJECTS_KEPT
+        victims = [oid for oid in self.collectable() if oid != keep][:over]
+        for oid in victims:
+            self._forget(oid)
+        self._sweep(self._protected_chunks())  # once for them all
+        log.info("the store knew over %d objects: dropped %d unused", MAX_OBJECTS, len(victims))
 
     def missing(self, m: Manifest) -> list[int]:
         if m.format == PACKED:  # only its own data file counts: a runtime opens that
@@ -438,6 +454,10 @@ class BlobStore:
 
     def drop(self, oid: str) -> int:
         """Remove an object and the chunks nothing else references; returns bytes freed."""
+        return self._forget(oid) + self._sweep(self._protected_chunks())
+
+    def _forget(self, oid: str) -> int:
+        """Remove an object's manifest (and packed file); its chunks stay for a sweep."""
         m = self._manifests.pop(oid)
         (self.manifest_dir / oid).unlink(missing_ok=True)
         freed = 0
@@ -447,7 +467,7 @@ class BlobStore:
                 self.packed_path(oid).unlink()
                 self.used -= m.size
                 freed += m.size
-        return freed + self._sweep(self._protected_chunks())
+        return freed
 
     def gc(self, target: int | None = None) -> dict[str, int]:
         """Collect unpinned objects, least recently used first, until ``used <= target``
