@@ -20,6 +20,7 @@ import json
 import operator
 import re
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -43,6 +44,7 @@ _MAX_ITERATIONS = 100_000  # every range() of one render together
 # (``'x' * 65536``) ran for days in the sandbox before this bound.
 _MAX_LOOP_ITEMS = 200_000
 _LOOP_BUDGET = "_em_loop_items"  # the compiled templates' name of the loop budget
+_MAX_SECONDS = 2.0  # one render's wall clock (real templates take milliseconds)
 _render = threading.local()  # the budget of the render running on this thread
 _MAX_REPEAT = 1 << 16  # a string or list repeated by "*" at most this long
 _WIDE_BRACE = re.compile(r"\{[^}]*:[^}]*\d{6,}")  # "{0:>999999999}".format(x)
@@ -83,6 +85,7 @@ def _environment() -> Any:
             return tree
 
         def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
+            _check_deadline()
             if operator_ == "**":
                 if isinstance(right, int | float) and abs(right) > 64:
                     raise ChatTemplateError("chat template: exponent too large")
@@ -105,6 +108,10 @@ def _environment() -> Any:
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             _check_args(args, kwargs)
+            _check_deadline()
+            if isinstance(__obj, jinja2.runtime.LoopContext) and args:
+                # a recursive loop's loop(x): its items count like the first iterable's
+                args = (_loop_items(args[0]), *args[1:])
             # the sandbox wraps str.format (functools.wraps: the bound method is __wrapped__)
             fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
             if isinstance(fmt, str) and _WIDE_BRACE.search(fmt):
@@ -129,6 +136,7 @@ def _bounded_filter(f: Any) -> Any:
     @functools.wraps(f)  # keeps jinja_pass_arg: context/environment filters stay so
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _check_args(args[1:], kwargs)
+        _check_deadline()
         out = f(*args, **kwargs)
         _check_size(out)
         return out
@@ -187,7 +195,15 @@ def _loop_items(seq: Any) -> Any:
         _render.loop_items -= 1
         if _render.loop_items < 0:
             raise ChatTemplateError("chat template: loops too long")
+        _check_deadline()
         yield item
+
+
+def _check_deadline() -> None:
+    """Each loop item and call checks the render's clock: counted items may each do work
+    that is not counted (a filter over a 64 KiB string), and that work must end too."""
+    if time.monotonic() > _render.deadline:
+        raise ChatTemplateError(f"chat template: rendering took over {_MAX_SECONDS} s")
 
 
 def render_chat(
@@ -216,6 +232,7 @@ def render_chat(
         raise ChatTemplateError(f"the chat template refused the messages: {message}"[:500])
 
     _render.loop_items = _MAX_LOOP_ITEMS
+    _render.deadline = time.monotonic() + _MAX_SECONDS
     try:
         compiled = _compiled(template)
         out: list[str] = []

@@ -89,6 +89,12 @@ HOSTILE = {
     "{% for a in 'x' * 65536 %}{% for b in 'x' * 65536 %}{% endfor %}{% endfor %}",
     "macro loops": "{% macro f(s) %}{% for a in s %}{% endfor %}{% endmacro %}"
     "{% for a in 'x' * 65536 %}{{ f('x' * 65536) }}{% endfor %}",
+    # a recursive loop's loop(x) iterated x uncounted: 300 characters 3 deep took 56 s
+    "recursive loop": "{% set s = 'x' * 300 %}{% for a in s recursive %}"
+    "{% if loop.depth < 6 %}{{ loop(s) }}{% endif %}{% endfor %}",
+    # each counted item doing uncounted work in a filter: bounded by the render's clock
+    "filters in a loop": "{% set s = 'x' * 65536 %}{% for a in s %}"
+    "{{ s | map('upper') | list | length }}{% endfor %}",
 }
 
 
