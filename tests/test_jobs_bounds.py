@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from mesh.jobs.sandbox import JobError
-from mesh.jobs.service import PER_PEER, JobService, TaskSlots, check_counters
+from mesh.jobs.service import MAX_QUEUED, PER_PEER, JobService, TaskSlots, check_counters
 from mesh.net.rpc import Reply
 
 pytestmark = pytest.mark.badinput
 
 
-async def test_a_peer_gets_per_peer_slots_and_all_peers_share_the_running_ones() -> None:
-    slots = TaskSlots(running=2)
+async def test_a_peer_runs_its_share_queues_a_few_more_and_is_refused_beyond() -> None:
+    slots = TaskSlots(running=3)
     entered, release = asyncio.Queue[str](), asyncio.Event()
 
     async def task(peer: str) -> None:
@@ -28,34 +28,40 @@ async def test_a_peer_gets_per_peer_slots_and_all_peers_share_the_running_ones()
             await entered.put(peer)
             await release.wait()
 
-    mine = [asyncio.create_task(task("a")) for _ in range(PER_PEER)]
-    await asyncio.wait_for(entered.get(), 5)
-    await asyncio.wait_for(entered.get(), 5)
-    with pytest.raises(JobError, match="in flight here already"):
+    mine = [asyncio.create_task(task("a")) for _ in range(MAX_QUEUED)]
+    other = asyncio.create_task(task("b"))
+    for _ in range(PER_PEER + 1):
+        await asyncio.wait_for(entered.get(), 5)
+    assert entered.empty()  # a's others wait for a's own slots, b got the third
+    assert slots.in_flight("a") == MAX_QUEUED
+    with pytest.raises(JobError, match="here already"):
         async with slots.slot("a"):
             pass  # pragma: no cover (refused before)
-    other = asyncio.create_task(task("b"))  # admitted, but waits for a running slot
-    await asyncio.sleep(0)
-    assert slots.in_flight("b") == 1 and entered.empty()
     release.set()
     await asyncio.wait_for(asyncio.gather(*mine, other), 5)
-    assert await entered.get() == "b"
     assert slots.in_flight("a") == slots.in_flight("b") == 0
     assert not slots._by_peer  # nothing kept for peers with no task here
 
 
-async def test_a_worker_refuses_a_peers_task_past_its_share(
+async def test_a_worker_holds_a_peers_tasks_to_its_share(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``rpc_job_task`` itself, with the task's work held: a peer's third call in flight is
-    refused at once, and the running count never passes the node's bound."""
+    """``rpc_job_task`` itself, with the task's work held: of a peer's calls, PER_PEER run,
+    the next queue and the rest are refused at once; the running count never passes the
+    node's bound."""
     running, peak, hold = [0], [0], asyncio.Event()
+    by_peer: dict[str, int] = {}
+    peak_by_peer: dict[str, int] = {}
 
     async def held(self: JobService, model: str, params: dict[str, Any]) -> Reply:
+        peer = params["peer"]
         running[0] += 1
+        by_peer[peer] = by_peer.get(peer, 0) + 1
         peak[0] = max(peak[0], running[0])
+        peak_by_peer[peer] = max(peak_by_peer.get(peer, 0), by_peer[peer])
         await hold.wait()
         running[0] -= 1
+        by_peer[peer] -= 1
         return Reply({})
 
     monkeypatch.setattr(JobService, "_job_task", held)
@@ -66,19 +72,19 @@ async def test_a_worker_refuses_a_peers_task_past_its_share(
         def __init__(self, peer: str) -> None:
             self.peer_id = peer
 
-    params = {"model": "ab" * 32}
+    peers = ["hostile"] * 20 + ["x", "y", "z"]
     calls = [
-        asyncio.create_task(jobs.rpc_job_task(Ctx(p), params, b""))  # type: ignore[arg-type]
-        for p in ["hostile"] * 8 + ["x", "y", "z"]
+        asyncio.create_task(jobs.rpc_job_task(Ctx(p), {"model": "ab" * 32, "peer": p}, b""))  # type: ignore[arg-type]
+        for p in peers
     ]
     await asyncio.sleep(0.05)
     refused = [c for c in calls if c.done() and isinstance(c.exception(), JobError)]
-    assert len(refused) == 8 - PER_PEER
-    assert peak[0] <= 3
+    assert len(refused) == 20 - MAX_QUEUED
+    assert peak[0] <= 3 and peak_by_peer["hostile"] <= PER_PEER
     hold.set()
     done = await asyncio.gather(*calls, return_exceptions=True)
-    assert sum(isinstance(d, Reply) for d in done) == PER_PEER + 3
-    assert peak[0] == 3
+    assert sum(isinstance(d, Reply) for d in done) == MAX_QUEUED + 3
+    assert peak[0] == 3 and peak_by_peer["hostile"] == PER_PEER
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ MAX_RESULT = 8 << 20
 MAX_JOB_RESULT = 256 << 20  # all of a job's results, joined here into one object
 PER_PEER = 2  # tasks in flight per peer (a worker refuses a peer's next)
 MAX_RUNNING = 4  # tasks a worker runs at once for all peers (each a sandboxed child of ~1 GiB)
+MAX_QUEUED = 4 * PER_PEER  # tasks of one peer a worker holds, running or waiting
 MAX_COUNT = 1 << 53  # a task reply's counters (bytes, records, tokens)
 # A task reply's counters: each an int in 0..MAX_COUNT where present, or the reply is refused
 # (and the task redone elsewhere) before a total adds it.
@@ -142,30 +143,35 @@ class _Run:
 
 
 class TaskSlots:
-    """The tasks a worker runs for its peers. One peer has at most ``PER_PEER`` in flight
-    here (what an honest coordinator sends) and is refused beyond that; all peers together
-    run at most ``running`` at once, the rest wait their turn. Without these a peer could
-    start 64 sandboxed children at once (the link's cap on calls), tens of GiB."""
+    """The tasks a worker runs for its peers. One peer runs at most ``PER_PEER`` at once
+    here (what one of its job runs sends) and may queue up to ``MAX_QUEUED`` in all (two
+    runs at once, a retry racing a cancel), refused beyond; all peers together run at most
+    ``running`` at once. Without these a peer could start 64 sandboxed children at once
+    (the link's cap on calls), tens of GiB."""
 
     def __init__(self, running: int) -> None:
         self._running = asyncio.Semaphore(running)
-        self._by_peer: dict[str, int] = {}  # only peers with a task here (freed at zero)
+        # only peers with a task here (freed at zero): (tasks here, its own semaphore)
+        self._by_peer: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     def in_flight(self, peer: str) -> int:
-        return self._by_peer.get(peer, 0)
+        return self._by_peer.get(peer, (0, None))[0]
 
     @contextlib.asynccontextmanager
     async def slot(self, peer: str) -> AsyncIterator[None]:
-        if self._by_peer.get(peer, 0) >= PER_PEER:
-            raise JobError(f"{PER_PEER} tasks of this peer are in flight here already")
-        self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+        n, own = self._by_peer.get(peer, (0, asyncio.Semaphore(PER_PEER)))
+        if n >= MAX_QUEUED:
+            raise JobError(f"{MAX_QUEUED} tasks of this peer are here already")
+        self._by_peer[peer] = (n + 1, own)
         try:
-            async with self._running:
+            async with own, self._running:
                 yield
         finally:
-            left = self._by_peer.pop(peer) - 1
+            left = self._by_peer[peer][0] - 1
             if left:
-                self._by_peer[peer] = left
+                self._by_peer[peer] = (left, own)
+            else:
+                del self._by_peer[peer]
 
 
 def check_counters(result: dict[str, Any]) -> None:
