@@ -399,3 +399,52 @@ async def test_per_object_locks_go_with_their_last_user() -> None:
         async with locks.hold(f"id{i}"):
             pass
     assert len(locks) == 0
+
+
+async def test_one_address_rotating_keys_is_rate_limited_but_never_banned() -> None:
+    """Where keys are free (no gate), a quota per key alone let one address store without
+    limit under fresh keys: its stores past the quota are dropped, and the address (which
+    may be spoofed) is not banned."""
+    from mesh.discovery.dhtwire import REQUEST, node_id_of_key, request_id, seal_datagram
+
+    proto = _protocol()
+    proto.transport = _Sent()
+    store = proto.storage
+    assert isinstance(store, RecordStore)
+    address = ("192.0.2.9", 4002)
+    for i in range(store.quota + 50):
+        minted = Identity.generate()
+        key = f"prov:flood{i}"
+        record = make_record(minted, "prov", key, {}, 60)
+        args = [node_id_of_key(minted.public_key), dht_key(key), msgpack.packb([record])]
+        proto.datagram_received(
+            seal_datagram(minted, REQUEST, request_id(), ["store", args]), address
+        )
+    for _ in range(store.quota + 100):
+        await asyncio.sleep(0)
+    assert len(store._data) == store.quota and store.refused >= 50
+    assert not store.is_banned(address) and not store.banned
+
+
+async def test_the_replay_window_cannot_be_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of fresh pings used to push remembered ids out while still good for a
+    replay; when the window is full of live ids, new requests are dropped instead."""
+    from mesh.discovery import dhtwire
+    from mesh.discovery.dhtwire import request_id
+
+    monkeypatch.setattr(dhtwire, "MAX_SEEN", 8)
+    proto = _protocol()
+    first = request_id()
+    assert proto._fresh(first)
+    assert all(proto._fresh(request_id()) for _ in range(7))
+    assert not proto._fresh(request_id())  # full of live ids: dropped, nothing evicted
+    assert not proto._fresh(first)  # still remembered: a replay of it is refused
+
+
+def test_a_datagram_of_the_previous_version_is_refused_as_such() -> None:
+    from mesh.discovery.dhtwire import REQUEST, open_datagram, seal_datagram
+    from mesh.errors import DiscoveryError
+
+    raw = seal_datagram(ME, REQUEST, os.urandom(20), ["ping", [b"x" * 20]])
+    with pytest.raises(DiscoveryError, match="not a signed DHT datagram"):
+        open_datagram(b"\x02" + raw[1:], MAX_DATAGRAM)  # version 2: random, timeless ids

@@ -231,7 +231,7 @@ class RecordStore(IStorage):  # type: ignore[misc]
             return False
         return True
 
-    def _over_quota(self, address: Any) -> bool:
+    def _over_quota(self, address: Any, ban: bool = True) -> bool:
         now = time.monotonic()
         recent = [t for t in self._stores.get(address, []) if now - t < self.window]
         recent.append(now)
@@ -240,6 +240,8 @@ class RecordStore(IStorage):  # type: ignore[misc]
         self._stores[address] = recent
         if len(recent) <= self.quota:
             return False
+        if not ban:
+            return True
         self.banned[address] = now + self.ban_seconds
         log.warning(
             "DHT sender %s exceeded its quota of %d stores per %.0f s: cut off",
@@ -249,12 +251,21 @@ class RecordStore(IStorage):  # type: ignore[misc]
         )
         return True
 
-    def accept(self, dkey: bytes, value: Any, sender: Any = None) -> bool:
-        """Store ``value`` under ``dkey`` if it is valid; count it against ``sender``'s quota."""
+    def accept(
+        self, dkey: bytes, value: Any, sender: Any = None, *, source: Any = None, origin: Any = None
+    ) -> bool:
+        """Store ``value`` under ``dkey`` if it is valid; count it against ``sender``'s quota
+        (banned past it). ``source``: the UDP address it came from, whose stores past the
+        quota are dropped but never banned (it may be spoofed). ``origin``: who delivered
+        it, for the fairness of a full key (default: the sender)."""
         address = _address(sender)
         if address is not None and self._over_quota(address):
             self.refused += 1
             return False
+        if source is not None and self._over_quota(("ip", _address(source)), ban=False):
+            self.refused += 1
+            return False
+        address = _address(origin) if origin is not None else address
         if not isinstance(dkey, bytes) or len(dkey) != 20:
             self.refused += 1
             return False

@@ -61,7 +61,9 @@ MAX_VERIFYING = 64  # unverified DHT contacts being pinged back at once
 # is a replay (a captured datagram sent again, from any source address), refused too.
 MAX_SKEW = 60.0
 MAX_SEEN = 16384  # request ids remembered (the newest; each is good for 2 x MAX_SKEW)
-MAGIC = b"\x02"
+# 3: requests' ids carry their time (MAX_SKEW below). A node of version 2 sends random ids,
+# which this version would refuse as stale: its datagrams are refused as another version's.
+MAGIC = b"\x03"
 REQUEST, RESPONSE = 0, 1
 _KEY, _SIG, _MSG_ID = 32, 64, 20
 _HEADER = 1 + _KEY + _SIG
@@ -194,7 +196,9 @@ class Storage(Protocol):
 
     def is_banned(self, sender: Any) -> bool: ...
 
-    def accept(self, dkey: bytes, value: Any, sender: Any = None) -> bool: ...
+    def accept(
+        self, dkey: bytes, value: Any, sender: Any = None, *, source: Any = None, origin: Any = None
+    ) -> bool: ...
 
 
 @dataclass
@@ -309,10 +313,12 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         sent = int.from_bytes(msg_id[:8], "big") / 1000
         if abs(now - sent) > MAX_SKEW or msg_id in self._seen:
             return False
-        while self._seen and (
-            len(self._seen) >= MAX_SEEN or next(iter(self._seen.values())) < now - 2 * MAX_SKEW
-        ):
+        while self._seen and next(iter(self._seen.values())) < now - 2 * MAX_SKEW:
             self._seen.popitem(last=False)
+        if len(self._seen) >= MAX_SEEN:
+            # Full of ids still good for a replay: evicting one would let a flood of cheap
+            # pings reopen the window for a captured store, so the new request waits.
+            return False
         self._seen[msg_id] = now
         return True
 
@@ -408,4 +414,9 @@ class _Protocol(KademliaProtocol):  # type: ignore[misc]
         if not isinstance(nodeid, bytes) or len(nodeid) != 20:
             return False
         self.welcome_if_new(KadNode(nodeid, sender[0], sender[1]))
-        return self.storage.accept(key, value, signer if signer is not None else sender)
+        if signer is None:
+            return self.storage.accept(key, value, sender)
+        # A full key displaces records of whoever delivered the most: a member's key where
+        # a gate admits members, the address where keys are free (an open mesh's Sybils).
+        origin = signer if self.gate is not None else sender
+        return self.storage.accept(key, value, signer, source=sender, origin=origin)
