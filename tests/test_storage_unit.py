@@ -440,3 +440,27 @@ def test_puts_pinning_from_several_threads_at_once_keep_every_pin(tmp_path: Path
     assert not errors, errors[:3]
     saved = json.loads((tmp_path / "pins.json").read_text())
     assert set(saved) == {o.id for o in objects} == set(BlobStore(tmp_path).pins)
+
+
+def test_a_store_of_pinned_objects_past_the_bound_trims_rarely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_OBJECTS with nothing to collect, every new manifest ran a full trim (a stat
+    of every object, a listing of every chunk); now the next waits for 1/8 more objects."""
+    from mesh.storage import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MAX_OBJECTS", 16)
+    monkeypatch.setattr(store_mod, "MAX_OBJECTS_KEPT", 14)
+    store = BlobStore(tmp_path)
+    trims: list[int] = []
+    real = store._trim
+
+    def counted(keep: str) -> None:
+        trims.append(len(store._manifests))
+        real(keep)
+
+    monkeypatch.setattr(store, "_trim", counted)
+    for i in range(40):
+        store.put_bytes(b"pinned %d" % i)  # put pins: nothing is collectable
+    assert len(store._manifests) == 40
+    assert len(trims) <= 40 // 2, trims  # each trim waits 2 more objects

@@ -91,6 +91,7 @@ class BlobStore:
         for d in (self.chunk_dir, self.manifest_dir, self.packed_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.quota = quota
+        self._trim_at = 0  # objects known past which the next trim runs (past MAX_OBJECTS)
         self._pins_file = self.root / "pins.json"
         self.pins: dict[str, dict[str, Any]] = {}
         # Puts run on the API's worker threads and each pins its object: pins change and
@@ -299,17 +300,21 @@ class BlobStore:
             tmp.write_bytes(raw)
             os.replace(tmp, path)
             self._manifests[oid] = m
-            if len(self._manifests) > MAX_OBJECTS:
+            if len(self._manifests) > max(MAX_OBJECTS, self._trim_at):
                 self._trim(keep=oid)
         return m
 
     def _trim(self, keep: str) -> None:
-        """Drop unpinned, unused objects (least recently used first) down to the bound."""
+        """Drop unpinned, unused objects (least recently used first) down to the bound. If
+        too few can go (pinned or in use), the next try waits for 1/8 more objects: each
+        try stats every object and lists the chunks."""
         over = len(self._manifests) - MAX_OBJECTS_KEPT
         victims = [oid for oid in self.collectable() if oid != keep][:over]
         for oid in victims:
             self._forget(oid)
-        self._sweep(self._protected_chunks())  # once for them all
+        if victims:
+            self._sweep(self._protected_chunks())  # once for them all
+        self._trim_at = len(self._manifests) + (MAX_OBJECTS - MAX_OBJECTS_KEPT)
         log.info("the store knew over %d objects: dropped %d unused", MAX_OBJECTS, len(victims))
 
     def missing(self, m: Manifest) -> list[int]:
