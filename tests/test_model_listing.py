@@ -119,3 +119,23 @@ async def test_a_registry_from_before_the_cache_unpins_what_peers_made_it_keep(
     assert big.id not in again.objects.store.pins and small.id in again.objects.store.pins
     assert list(again.foreign.objects) == [junk.model_id]
     assert again.model_objects == {own: reg.model_objects[own]}
+
+
+async def test_a_running_generation_keeps_its_models_manifest(tmp_path: Path) -> None:
+    """A coordinator that runs no stage of the route had nothing keeping the model's
+    manifest in its cache: 32 new manifests from a peer mid-generation evicted it, and the
+    failover re-opens and spot checks that fetch it from us failed. A run now holds it."""
+    from mesh.inference.run import GenerationRun
+    from tests.test_run_failover import Mesh
+
+    mesh = await Mesh.start(tmp_path / "m", write_test_model(tmp_path / "t.gguf", "llama"))
+    try:
+        run = GenerationRun(mesh.coord, mesh.request(split=2, max_tokens=4))
+        events = run.run()
+        first = await events.__anext__()  # the route: planned and opened
+        registry = mesh.coord.compute
+        assert registry._in_use(first["model_id"])
+        rest = [e async for e in events]
+        assert rest[-1].get("done") and not registry._in_use(first["model_id"])
+    finally:
+        await mesh.stop()

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,10 @@ class Coordinator:
 
     def holds_manifest(self, mid: str) -> bool:
         return mid in self.compute.manifests
+
+    def using_model(self, mid: str) -> AbstractContextManager[None]:
+        using: AbstractContextManager[None] = self.compute.using(mid)
+        return using
 
     async def views(self, mid: str, exclude: set[str]) -> tuple[list[PeerView], Manifest]:
         """What every reachable peer (and this node) can hold, and the model's manifest."""

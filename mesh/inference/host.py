@@ -7,6 +7,7 @@ each part of a run takes only the one it uses, so a test can drive a part with a
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,6 +115,11 @@ class RunHost(PlanHost, CheckHost, StepHost, Protocol):
 
     def refresh_views(self, mid: str) -> None:
         """Ask the peers' views again in the background: a generation ended."""
+
+    def using_model(self, mid: str) -> AbstractContextManager[None]:
+        """Keep ``mid``'s manifest here while the run lasts (stages, failovers and spot
+        checks fetch it from us; peers' manifests are otherwise a bounded cache)."""
+        ...
 
     async def tokenizer(self, mid: str) -> Any | None:
         """This node's tokenizer of ``mid`` (it holds an end blob), or None."""

@@ -153,6 +153,11 @@ class GenerationRun:
     async def run(self) -> AsyncGenerator[dict[str, Any], None]:
         self.stats = RunStats()
         p = self.parts = await self._prepare()
+        with self.host.using_model(p.mid):  # its manifest stays here while the run lasts
+            async for event in self._run(p):
+                yield event
+
+    async def _run(self, p: _Parts) -> AsyncGenerator[dict[str, Any], None]:
         n_layers = p.manifest.n_layers
         chunks = self._chunks(p.prompt)
         # The first chunk goes with the opens (each stage holds it until its session is
