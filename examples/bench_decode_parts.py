@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -32,14 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples.bench_stage_idle import PROMPT_ROWS, steps_ms  # noqa: E402
 from examples.benchlib import machine, markdown_table, update_benchmarks_md  # noqa: E402
-from runtimes.base import Runtime, load_runtime  # noqa: E402
+from runtimes.base import load_runtime  # noqa: E402
 from runtimes.models import gemma3_270m_path  # noqa: E402
 from runtimes.quant import onnx_weight_bytes  # noqa: E402
 from runtimes.shards import ShardSpec  # noqa: E402
 
 SECTION = "Where a decode step's time goes (examples/bench_decode_parts.py)"
-PROMPT_ROWS = 8
 
 
 def read_bandwidth(threads: int, mib: int = 512) -> float:
@@ -61,26 +60,6 @@ def read_bandwidth(threads: int, mib: int = 512) -> float:
     return sum(p.nbytes for p in parts) / best / 1e9
 
 
-def step_ms(rt: Runtime, steps: int) -> float:
-    """Median ms of single-row steps after a short prompt (the first few steps left out)."""
-    spec, rng = rt.shard, np.random.default_rng(0)
-
-    def rows(n: int) -> Any:
-        if spec.is_first:
-            return rng.integers(1, spec.config.vocab_size, size=n, dtype=np.int64)
-        return rng.standard_normal((n, spec.config.d_model)).astype(np.float32)
-
-    session = rt.open_session(PROMPT_ROWS + steps + 1)
-    rt.forward(session, rows(PROMPT_ROWS))
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        rt.forward(session, rows(1))
-        out.append((time.perf_counter() - t0) * 1000)
-    rt.close_session(session)
-    return float(statistics.median(out[min(5, steps - 1) :]))
-
-
 def held_bytes(shard: ShardSpec) -> int:
     """The weight bytes the onnx runtime reads a step for this shard: its matrices as
     re-laid out; the embedding table only where it is the (tied) head."""
@@ -97,7 +76,7 @@ def _part(model: Path, units: tuple[int, int], runtime: str, threads: int, steps
     shard = ShardSpec.open(model, *units)
     rt = load_runtime(runtime, shard, threads=threads)
     try:
-        return step_ms(rt, steps)
+        return steps_ms(rt, steps, 0.0, np.random.default_rng(0))
     finally:
         rt.close()
 

@@ -50,6 +50,7 @@ from mesh.trust.join import Redeemer, _parse_reply
 from mesh.trust.service import _decode as revocations
 
 from .memchannel import until
+from .test_copies import Sink
 
 FP1, FP2 = ":".join(["AA"] * 32), ":".join(["BB"] * 32)
 DEEP = 1015  # lists in the attack's hello: its frame (1029 bytes) fits the handshake's caps
@@ -115,19 +116,8 @@ def test_a_chunked_message_with_a_deep_inner_header_is_refused() -> None:
 
 
 # -- the handshake -------------------------------------------------------------------------
-class Channel(RtcChannel):
-    label = "edgemesh"
-    bufferedAmount = 0  # noqa: N815 - the WebRTC name
-    readyState = "open"  # noqa: N815 - the WebRTC name
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        pass
+class Channel(Sink, RtcChannel):
+    """The copies tests' open channel that keeps what is sent, bound as a transport's."""
 
     def bind(self, *, on_message: Any, on_open: Any, **_: Any) -> None:
         self.on_message = on_message
