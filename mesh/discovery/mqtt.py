@@ -74,6 +74,30 @@ class _ConnectionLost(logging.Filter):
         return True
 
 
+def quiet_closed_sockets(loop: asyncio.AbstractEventLoop) -> None:
+    """aiomqtt asks the loop, from paho's thread, to watch the socket (``call_soon_threadsafe
+    (loop.add_writer, fd, ...)``); when the broker goes away in between, the socket is closed
+    by then and the loop logs the failed callback at ERROR (uvloop: "the handler is closed").
+    That is a broker going away, which the reconnect loop reports: demoted to INFO. Every
+    other callback error reaches the handler the loop had."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_closed_sockets", False):
+        return  # installed already (a loop with several brokers' signaling)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        callback = f"{context.get('message', '')} {context.get('handle', '')!r}"
+        lost = isinstance(context.get("exception"), RuntimeError | OSError | ValueError)
+        if lost and ("add_writer" in callback or "add_reader" in callback):
+            log.info("broker socket closed before it was watched: %s", context.get("exception"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.quiets_closed_sockets = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
+
+
 def _paho_logger() -> logging.Logger:
     """The logger paho (through aiomqtt) writes to, with its connection losses demoted."""
     paho = logging.getLogger(f"{__name__}.paho")
@@ -172,7 +196,9 @@ class MqttSignaling:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, wait: float = 10.0) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        quiet_closed_sockets(loop)
+        self._task = loop.create_task(self._run())
         try:
             await asyncio.wait_for(self._connected.wait(), wait)
         except TimeoutError:
